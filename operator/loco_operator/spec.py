@@ -1,0 +1,194 @@
+"""The TrainingJob API (``loco.dev/v1alpha1``): the single source of truth.
+
+``crds/trainingjob.yaml`` is generated from these models (``make crds``); a test fails when the
+file and the models drift. The training sections (model, data, training, algorithm, checkpoint)
+are the trainer's own config models, so the API and the trainer cannot disagree.
+
+Every field carries a description: ``kubectl explain trainingjob.spec`` reads them.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from loco_trainer.config import (
+    AlgorithmSpec,
+    CheckpointSpec,
+    DataSpec,
+    FaultInjection,
+    Model,
+    ModelSpec,
+    TrainingSpec,
+)
+
+GROUP = "loco.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "TrainingJob"
+PLURAL = "trainingjobs"
+SINGULAR = "trainingjob"
+SHORT_NAMES = ["tj"]
+
+#: Marks a free-form Kubernetes object (tolerations, affinity, volumes...) in the generated schema.
+FREE_FORM: dict[str, Any] = {"x-kubernetes-preserve-unknown-fields": True}
+
+DEFAULT_IMAGE = "ghcr.io/loco-dev/loco-trainer:0.1.0"
+
+
+class ElasticSpec(Model):
+    """Bounds for elastic resizing (stored and validated now; acted on by the elastic controller)."""
+
+    min_replicas: int | None = Field(None, ge=1, description="Fewest workers the job keeps running with (default: replicas).")
+    max_replicas: int | None = Field(None, ge=1, description="Most workers the job may grow to (default: replicas).")
+    scale_up_delay_seconds: int = Field(
+        30, ge=0, description="Wait this long after capacity returns before growing (avoids flapping)."
+    )
+
+
+class TemplateSpec(Model):
+    """Merged into every worker pod."""
+
+    image: str = Field(DEFAULT_IMAGE, description="Trainer container image (recorded, not pulled, in the embedded cluster).")
+    image_pull_policy: str | None = Field(None, description="Always | IfNotPresent | Never.")
+    resources: dict[str, dict[str, int | str]] = Field(
+        default_factory=dict,
+        description="Container resources: {requests: {...}, limits: {...}}; e.g. limits: {nvidia.com/gpu: 1}.",
+        json_schema_extra=FREE_FORM,
+    )
+    env: list[dict[str, Any]] = Field(
+        default_factory=list, description="Extra container environment variables (Kubernetes EnvVar objects).",
+        json_schema_extra={"items": {"type": "object", **FREE_FORM}},
+    )
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Pod nodeSelector.")
+    tolerations: list[dict[str, Any]] = Field(
+        default_factory=list, description="Pod tolerations.", json_schema_extra={"items": {"type": "object", **FREE_FORM}}
+    )
+    affinity: dict[str, Any] | None = Field(None, description="Pod affinity (node/pod affinity and anti-affinity).", json_schema_extra=FREE_FORM)
+    priority_class_name: str | None = Field(None, description="PriorityClass of the worker pods.")
+    scheduler_name: str | None = Field(None, description="Scheduler of the worker pods (e.g. a gang scheduler).")
+    volumes: list[dict[str, Any]] = Field(
+        default_factory=list, description="Extra pod volumes (e.g. the checkpoint PVC).",
+        json_schema_extra={"items": {"type": "object", **FREE_FORM}},
+    )
+    volume_mounts: list[dict[str, Any]] = Field(
+        default_factory=list, description="Extra container volumeMounts (e.g. the checkpoint PVC at checkpoint.path).",
+        json_schema_extra={"items": {"type": "object", **FREE_FORM}},
+    )
+    labels: dict[str, str] = Field(default_factory=dict, description="Extra labels on the worker pods.")
+    annotations: dict[str, str] = Field(default_factory=dict, description="Extra annotations on the worker pods.")
+    command: list[str] | None = Field(
+        None, description="Override of the container command (default: python -m loco_trainer --config /etc/loco/config.json)."
+    )
+
+
+class CleanPodPolicy(str, Enum):
+    all = "All"
+    running = "Running"
+    none = "None"
+
+
+class RunPolicy(Model):
+    """Restarts, deadlines and clean-up."""
+
+    backoff_limit: int = Field(3, ge=0, description="Restarts from the last checkpoint before the job is Failed.")
+    active_deadline_seconds: int | None = Field(None, ge=1, description="Fail the job when it has run longer than this.")
+    ttl_seconds_after_finished: int | None = Field(
+        None, ge=0, description="Delete the TrainingJob this long after it Succeeded or Failed (None: keep)."
+    )
+    clean_pod_policy: CleanPodPolicy = Field(
+        CleanPodPolicy.running,
+        description="Which pods to delete when the job finishes: All, Running (still running ones), None.",
+    )
+    suspend: bool = Field(False, description="Suspend the job: delete its pods, keep its checkpoint; unsuspend resumes.")
+
+
+class TrainingJobSpec(Model):
+    """Desired state of a TrainingJob."""
+
+    replicas: int = Field(2, ge=1, le=10_000, description="Worker pods (data-parallel replicas).")
+    nproc_per_worker: int = Field(1, ge=1, le=64, description="Trainer processes per pod (one per GPU).")
+    elastic: ElasticSpec | None = Field(None, description="Elastic bounds; requires minReplicas <= replicas <= maxReplicas.")
+    template: TemplateSpec = Field(default_factory=TemplateSpec, description="Pod template merged into every worker pod.")
+    algorithm: AlgorithmSpec = Field(default_factory=AlgorithmSpec, description="Distributed algorithm (see docs/algorithms.md).")
+    model: ModelSpec = Field(default_factory=ModelSpec, description="Model to train.")
+    data: DataSpec = Field(default_factory=DataSpec, description="Training data.")
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="Inner training loop.")
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpoint location and cadence.")
+    run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Restarts, deadlines, clean-up and suspension.")
+    fault_injection: FaultInjection | None = Field(None, description="Faults injected into the trainer, for tests and demos only.")
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "TrainingJobSpec":
+        if self.elastic is not None:
+            lo = self.elastic.min_replicas if self.elastic.min_replicas is not None else self.replicas
+            hi = self.elastic.max_replicas if self.elastic.max_replicas is not None else self.replicas
+            if lo > hi:
+                raise ValueError(f"elastic.minReplicas ({lo}) must be <= elastic.maxReplicas ({hi})")
+            if not lo <= self.replicas <= hi:
+                raise ValueError(
+                    f"replicas ({self.replicas}) must lie within elastic.minReplicas..maxReplicas ({lo}..{hi}); "
+                    f"change replicas or the elastic bounds"
+                )
+        if self.model.name == "gpt" and self.training.seq_len > self.model.gpt.block_size:
+            raise ValueError(
+                f"training.seqLen ({self.training.seq_len}) exceeds model.gpt.blockSize ({self.model.gpt.block_size}); "
+                f"lower seqLen or raise blockSize"
+            )
+        return self
+
+
+# ------------------------------------------------------------------------------------- status
+
+
+class Phase(str, Enum):
+    pending = "Pending"
+    running = "Running"
+    restarting = "Restarting"
+    succeeded = "Succeeded"
+    failed = "Failed"
+    suspended = "Suspended"
+
+
+class Condition(Model):
+    """A Kubernetes-style condition."""
+
+    type: str = Field(description="Created | Running | Restarting | Succeeded | Failed | Suspended | ...")
+    status: str = Field(description="True | False | Unknown.")
+    reason: str = Field("", description="CamelCase reason.")
+    message: str = Field("", description="Human-readable detail.")
+    last_transition_time: str | None = Field(None, description="RFC 3339 time of the last status change.")
+
+
+class WorkersStatus(Model):
+    desired: int = Field(0, description="Worker pods wanted in this epoch.")
+    ready: int = Field(0, description="Worker pods running and reporting progress.")
+
+
+class CheckpointStatus(Model):
+    step: int = Field(description="Inner step of the last committed checkpoint.")
+    path: str = Field(description="Its directory.")
+    time: str | None = Field(None, description="Its commit time.")
+
+
+class TrainingJobStatus(Model):
+    """Observed state, kept in the object so a restarted operator carries on."""
+
+    phase: Phase | None = Field(None, description="Pending | Running | Restarting | Succeeded | Failed | Suspended.")
+    conditions: list[Condition] = Field(default_factory=list, description="Kubernetes-style conditions.")
+    workers: WorkersStatus | None = Field(None, description="Desired and ready worker pods.")
+    step: int | None = Field(None, description="Inner steps completed (slowest reporting worker).")
+    total_steps: int | None = Field(None, description="Inner steps to run in all.")
+    loss: float | None = Field(None, description="Latest training loss (worker 0).")
+    eval_loss: float | None = Field(None, description="Latest held-out loss (worker 0).")
+    tokens_per_second: float | None = Field(None, description="Tokens/s summed over the workers.")
+    algorithm: str | None = Field(None, description="Algorithm in use.")
+    last_checkpoint: CheckpointStatus | None = Field(None, description="Last committed checkpoint; every restart resumes from it.")
+    restarts: int = Field(0, description="Restarts so far (counted against runPolicy.backoffLimit).")
+    membership_epoch: int = Field(0, description="Bumped on every restart or resize; pods carry it as label loco.dev/epoch.")
+    start_time: str | None = Field(None, description="When the first workers were created.")
+    completion_time: str | None = Field(None, description="When the job Succeeded or Failed.")
+    observed_generation: int | None = Field(None, description="metadata.generation the status reflects.")
+    message: str | None = Field(None, description="One-line summary of the current state.")

@@ -1,0 +1,395 @@
+"""The trainer configuration: the contract between the operator and the trainer.
+
+This module is imported by both sides, so it must never import torch, kopf or kubernetes
+(a test enforces it). The sections below are also the ``spec.model``, ``spec.data``,
+``spec.training``, ``spec.algorithm`` and ``spec.checkpoint`` sections of a TrainingJob: the
+CRD is generated from these models, so the API, the validation and the trainer cannot drift.
+
+Field names are snake_case in Python and camelCase on the wire (``sync_every`` <-> ``syncEvery``);
+both spellings are accepted when parsing, the camelCase one is written.
+
+How a config reaches a worker: the operator renders one :class:`TrainerConfig` per job as JSON into
+the ConfigMap ``<job>-trainer`` (key ``config.json``) mounted at ``/etc/loco/config.json``; what
+differs per pod (replica index, epoch, resume path, rendezvous address) arrives as environment
+variables, listed in :class:`RuntimeEnv`. ``python -m loco_trainer --config FILE --nproc N`` builds the
+same runtime locally, without Kubernetes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+CONFIG_FORMAT_VERSION = 1
+
+
+class Model(BaseModel):
+    """Base for every wire model: camelCase aliases, unknown fields refused, defaults kept."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_assignment=True,
+    )
+
+    def to_wire(self) -> dict[str, Any]:
+        """The JSON-ready camelCase dict (what goes into the CRD object or the ConfigMap)."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+# --------------------------------------------------------------------------------------- model
+
+
+class GPTSpec(Model):
+    """Size knobs of the built-in GPT (a nanoGPT-style decoder-only transformer)."""
+
+    n_layer: int = Field(2, ge=1, le=256, description="Number of transformer blocks.")
+    n_head: int = Field(2, ge=1, le=256, description="Attention heads per block; must divide nEmbd.")
+    n_embd: int = Field(64, ge=8, le=65536, description="Width of the residual stream.")
+    vocab_size: int = Field(
+        256,
+        ge=2,
+        le=1_000_000,
+        description="Vocabulary size. The built-in corpus is byte-level, so 256 (the default) is enough.",
+    )
+    block_size: int = Field(
+        256, ge=8, le=1_048_576, description="Longest context the model accepts (positional table size); must be >= training.seqLen."
+    )
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability (0 disables dropout).")
+    bias: bool = Field(False, description="Use bias terms in linear and LayerNorm layers.")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "GPTSpec":
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(
+                f"nEmbd ({self.n_embd}) must be a multiple of nHead ({self.n_head}); "
+                f"for example set nEmbd to {self.n_head * max(1, round(self.n_embd / self.n_head))}"
+            )
+        return self
+
+
+_FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class ModelSpec(Model):
+    """Which model to train: the built-in GPT, or an importable factory."""
+
+    name: Literal["gpt", "custom"] = Field(
+        "gpt", description="'gpt' for the built-in GPT (sized by 'gpt'), 'custom' for 'factory'."
+    )
+    gpt: GPTSpec = Field(default_factory=GPTSpec, description="Size of the built-in GPT (used when name is 'gpt').")
+    factory: str | None = Field(
+        None,
+        description=(
+            "Importable 'package.module:callable' returning a torch.nn.Module whose forward(idx, targets)"
+            " returns (logits, loss); required when name is 'custom'. It is called with 'kwargs'."
+        ),
+    )
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments passed to 'factory'.")
+
+    @model_validator(mode="after")
+    def _factory_matches_name(self) -> "ModelSpec":
+        if self.name == "custom" and not self.factory:
+            raise ValueError("name is 'custom' but 'factory' is empty: set factory to 'package.module:callable'")
+        if self.factory and self.name != "custom":
+            raise ValueError("'factory' is set but name is 'gpt': set name to 'custom' to use the factory, or remove factory")
+        if self.factory and not _FACTORY_RE.match(self.factory):
+            raise ValueError(f"factory {self.factory!r} is not of the form 'package.module:callable'")
+        return self
+
+
+# ---------------------------------------------------------------------------------------- data
+
+
+class DataSpec(Model):
+    """Training data: the built-in corpus (no download) or a directory of token shards."""
+
+    source: Literal["builtin", "shards"] = Field(
+        "builtin",
+        description=(
+            "'builtin': the Python standard library's own source files, byte-level (ships with every Python,"
+            " needs no download). 'shards': *.bin files of little-endian uint16 tokens under 'path'."
+        ),
+    )
+    path: str | None = Field(None, description="Directory of token shards (required when source is 'shards').")
+    eval_fraction: float = Field(
+        0.05, gt=0.0, lt=0.5, description="Share of the corpus held out for eval loss (the tail of the token stream)."
+    )
+    max_bytes: int | None = Field(
+        None, ge=1024, description="Cap on the built-in corpus size in bytes (None: the whole standard library)."
+    )
+
+    @model_validator(mode="after")
+    def _path_for_shards(self) -> "DataSpec":
+        if self.source == "shards" and not self.path:
+            raise ValueError("source is 'shards' but 'path' is empty: set path to the directory of *.bin token shards")
+        return self
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+class BatchRule(str, Enum):
+    """How the per-worker batch and the learning rate follow a change of worker count."""
+
+    keep_global_batch = "keepGlobalBatch"
+    keep_worker_batch = "keepWorkerBatch"
+
+
+class TrainingSpec(Model):
+    """The inner training loop, identical for every algorithm."""
+
+    steps: int = Field(200, ge=1, description="Total inner optimizer steps per worker.")
+    batch_size: int = Field(8, ge=1, description="Sequences per process per step (micro-batch).")
+    seq_len: int = Field(128, ge=2, description="Tokens per sequence; must be <= model.gpt.blockSize.")
+    lr: float = Field(3e-3, gt=0.0, le=10.0, description="Peak learning rate of the inner AdamW optimizer.")
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Final lr of the cosine schedule as a fraction of lr.")
+    warmup_steps: int = Field(20, ge=0, description="Linear lr warm-up steps.")
+    weight_decay: float = Field(0.1, ge=0.0, description="AdamW weight decay.")
+    beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW beta1.")
+    beta2: float = Field(0.95, ge=0.0, lt=1.0, description="AdamW beta2.")
+    grad_clip: float = Field(1.0, ge=0.0, description="Clip the gradient norm to this value (0 disables clipping).")
+    eval_every: int = Field(50, ge=0, description="Evaluate every N steps (0: only at the end).")
+    eval_batches: int = Field(4, ge=1, description="Batches per evaluation.")
+    log_every: int = Field(10, ge=1, description="Log a progress line every N steps.")
+    seed: int = Field(1337, description="Seed for model init, data order and dropout.")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Autocast dtype of forward/backward.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' uses CUDA when present, else CPU.")
+    batch_rule: BatchRule = Field(
+        BatchRule.keep_worker_batch,
+        description=(
+            "When the worker count changes: keepWorkerBatch keeps batchSize per process (global batch follows"
+            " the worker count); keepGlobalBatch divides the global batch among the workers."
+        ),
+    )
+
+
+# ----------------------------------------------------------------------------------- algorithm
+
+
+class AlgorithmName(str, Enum):
+    ddp = "ddp"
+    diloco = "diloco"
+    streaming_diloco = "streaming-diloco"
+    noloco = "noloco"
+    co2 = "co2"
+
+
+class Quantization(str, Enum):
+    none = "none"
+    bf16 = "bf16"
+    e3m0 = "e3m0"
+
+
+#: Which parameters apply to which algorithm (anything else set is refused with the field named).
+ALGORITHM_PARAMETERS: dict[str, set[str]] = {
+    "ddp": set(),
+    "diloco": {"sync_every", "outer_lr", "outer_momentum", "nesterov"},
+    "streaming-diloco": {
+        "sync_every", "outer_lr", "outer_momentum", "nesterov",
+        "fragments", "overlap_steps", "mixing_factor", "quantization",
+    },
+    "noloco": {"sync_every", "outer_lr", "outer_momentum", "group_size"},
+    "co2": {"sync_every", "outer_lr", "outer_momentum", "staleness_penalty", "clip_threshold"},
+}
+
+#: Paper defaults, applied by :meth:`AlgorithmSpec.resolved` for fields left unset.
+ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ddp": {},
+    # DiLoCo (Douillard et al. 2023): H=500 in the paper; our tiny demo models use a smaller H.
+    "diloco": {"sync_every": 50, "outer_lr": 0.7, "outer_momentum": 0.9, "nesterov": True},
+    # Streaming DiLoCo (Douillard et al. 2025): alpha=0.5, tau small, 4-bit E3M0 exchange.
+    "streaming-diloco": {
+        "sync_every": 50, "outer_lr": 0.7, "outer_momentum": 0.9, "nesterov": True,
+        "fragments": 2, "overlap_steps": 1, "mixing_factor": 0.5, "quantization": "e3m0",
+    },
+    # NoLoCo (2025): alpha (outer lr) 0.7, beta (momentum) 0.5, groups of 2.
+    "noloco": {"sync_every": 50, "outer_lr": 0.7, "outer_momentum": 0.5, "group_size": 2},
+    # CO2 (ICLR 2024): eta 1.0, beta 0.5 in the released code; penalty and clipping from the paper.
+    "co2": {"sync_every": 50, "outer_lr": 1.0, "outer_momentum": 0.5, "staleness_penalty": 1.0, "clip_threshold": 1.0},
+}
+
+
+class AlgorithmSpec(Model):
+    """The distributed algorithm and its parameters. Unset parameters take the paper's default
+    for the chosen algorithm; a parameter that does not apply to the algorithm is refused."""
+
+    name: AlgorithmName = Field(
+        AlgorithmName.diloco, description="ddp | diloco | streaming-diloco | noloco | co2 (see docs/algorithms.md)."
+    )
+    sync_every: int | None = Field(
+        None, ge=1, description="H: inner steps between outer synchronisations (diloco family; default 50)."
+    )
+    outer_lr: float | None = Field(None, gt=0.0, le=10.0, description="Outer learning rate (diloco 0.7, co2 1.0, noloco 0.7).")
+    outer_momentum: float | None = Field(None, ge=0.0, lt=1.0, description="Outer momentum (diloco 0.9, co2 0.5, noloco 0.5).")
+    nesterov: bool | None = Field(None, description="Use Nesterov momentum in the outer SGD (diloco, streaming-diloco).")
+    fragments: int | None = Field(None, ge=1, description="P: parameter fragments synchronised on a staggered schedule (streaming-diloco).")
+    overlap_steps: int | None = Field(
+        None, ge=0, description="tau: inner steps the fragment exchange overlaps before it is merged (streaming-diloco)."
+    )
+    mixing_factor: float | None = Field(
+        None, ge=0.0, le=1.0, description="alpha: local share when merging, theta <- (1-alpha)*global + alpha*local (streaming-diloco)."
+    )
+    quantization: Quantization | None = Field(None, description="Precision of exchanged outer gradients: none | bf16 | e3m0 (streaming-diloco).")
+    group_size: int | None = Field(None, ge=2, description="Ranks per gossip group (noloco; the paper uses 2).")
+    staleness_penalty: float | None = Field(None, gt=0.0, description="lambda: staleness-gap penalty of the outer update (co2).")
+    clip_threshold: float | None = Field(None, gt=0.0, description="c: outer momentum is clipped to [-c, c] (co2).")
+
+    @model_validator(mode="after")
+    def _only_applicable(self) -> "AlgorithmSpec":
+        allowed = ALGORITHM_PARAMETERS[self.name.value]
+        for field_name in type(self).model_fields:
+            if field_name == "name" or getattr(self, field_name) is None:
+                continue
+            if field_name not in allowed:
+                alias = to_camel(field_name)
+                users = sorted(a for a, params in ALGORITHM_PARAMETERS.items() if field_name in params)
+                raise ValueError(
+                    f"'{alias}' does not apply to algorithm '{self.name.value}' (it is used by: {', '.join(users)}); "
+                    f"remove it or change algorithm.name"
+                )
+        return self
+
+    def resolved(self) -> "AlgorithmSpec":
+        """A copy with every applicable parameter filled from the paper defaults."""
+        values = dict(ALGORITHM_DEFAULTS[self.name.value])
+        values.update({k: v for k, v in self.model_dump().items() if v is not None and k != "name"})
+        return AlgorithmSpec(name=self.name, **values)
+
+
+# ---------------------------------------------------------------------------------- checkpoint
+
+
+class CheckpointSpec(Model):
+    """Where and how often checkpoints are written."""
+
+    path: str = Field(
+        "/checkpoints",
+        description=(
+            "Directory for checkpoints, shared by all workers (mount a PersistentVolumeClaim there through"
+            " template.volumes/volumeMounts). Each job writes under <path>/<namespace>/<job>."
+        ),
+    )
+    every_steps: int = Field(50, ge=0, description="Save every N inner steps (0: only at the end).")
+    keep: int = Field(3, ge=1, description="Keep the newest N committed checkpoints; older ones are deleted.")
+    async_save: bool = Field(True, description="Write in the background; training stalls only for the copy to host memory.")
+
+
+# ------------------------------------------------------------------------------ fault injection
+
+
+class FaultInjection(Model):
+    """Faults the trainer injects into itself, for tests and demos (never set this in production)."""
+
+    crash_at_step: int | None = Field(None, ge=0, description="Exit with 'exitCode' when reaching this step.")
+    exit_code: int = Field(1, ge=1, le=255, description="Exit code of an injected crash.")
+    ranks: list[int] = Field(default_factory=list, description="Global ranks the fault applies to.")
+    only_first_attempt: bool = Field(
+        True, description="Inject only on the job's first attempt (restart count 0), so the restarted job can succeed."
+    )
+    step_delay_s: float = Field(0.0, ge=0.0, description="Sleep this long before every step (a slow trainer, for demos).")
+
+
+# ------------------------------------------------------------------------------- whole config
+
+
+class TrainerConfig(Model):
+    """Everything a trainer process needs besides its per-pod environment (see RuntimeEnv)."""
+
+    format_version: int = Field(CONFIG_FORMAT_VERSION, description="Version of this config format.")
+    job_name: str = Field("local", description="Name of the TrainingJob (labels metrics and checkpoints).")
+    namespace: str = Field("default", description="Namespace of the TrainingJob.")
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    algorithm: AlgorithmSpec = Field(default_factory=AlgorithmSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    fault_injection: FaultInjection | None = Field(None, description="Test/demo fault injection (off by default).")
+
+    @model_validator(mode="after")
+    def _seq_fits_model(self) -> "TrainerConfig":
+        if self.model.name == "gpt" and self.training.seq_len > self.model.gpt.block_size:
+            raise ValueError(
+                f"training.seqLen ({self.training.seq_len}) exceeds model.gpt.blockSize ({self.model.gpt.block_size}); "
+                f"lower seqLen or raise blockSize"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------- per-pod runtime env
+
+
+class EnvVar(str, Enum):
+    """Environment variables the operator sets on every worker container (the per-pod contract)."""
+
+    CONFIG = "LOCO_CONFIG"  # path of the TrainerConfig JSON (default /etc/loco/config.json)
+    JOB_NAME = "LOCO_JOB_NAME"
+    NAMESPACE = "LOCO_NAMESPACE"
+    REPLICA_INDEX = "LOCO_REPLICA_INDEX"  # this pod's index among the workers, 0-based
+    NUM_REPLICAS = "LOCO_NUM_REPLICAS"  # workers (pods) in this epoch
+    NPROC_PER_WORKER = "LOCO_NPROC_PER_WORKER"  # processes per pod
+    EPOCH = "LOCO_EPOCH"  # membership epoch (bumped on every restart/resize)
+    RESTART_COUNT = "LOCO_RESTART_COUNT"  # restarts of the job so far
+    RESUME_FROM = "LOCO_RESUME_FROM"  # last committed checkpoint known to the operator ("" for none)
+    MASTER_ADDR = "MASTER_ADDR"  # rendezvous host: replica 0's stable DNS name
+    MASTER_PORT = "MASTER_PORT"
+    STATUS_PORT = "LOCO_STATUS_PORT"  # port of the progress endpoint (/status, /metrics)
+    POD_NAME = "POD_NAME"
+    POD_IP = "POD_IP"
+    NODE_NAME = "NODE_NAME"
+    LOCAL_ROOT = "LOCO_LOCAL_ROOT"  # embedded cluster only: the pod's emulated container root
+
+
+DEFAULT_CONFIG_PATH = "/etc/loco/config.json"
+DEFAULT_STATUS_PORT = 8080
+TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+
+
+class RuntimeEnv(Model):
+    """The per-pod values, read from the environment (see :class:`EnvVar`)."""
+
+    job_name: str = "local"
+    namespace: str = "default"
+    replica_index: int = 0
+    num_replicas: int = 1
+    nproc_per_worker: int = 1
+    epoch: int = 0
+    restart_count: int = 0
+    resume_from: str = ""
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    status_port: int = DEFAULT_STATUS_PORT
+    pod_name: str = ""
+    pod_ip: str = ""
+    node_name: str = ""
+    local_root: str = ""
+
+    @classmethod
+    def from_environ(cls, environ: dict[str, str] | None = None) -> "RuntimeEnv":
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for member in EnvVar:
+            if member is EnvVar.CONFIG:
+                continue
+            if member.value in env and env[member.value] != "":
+                values[member.name.lower()] = env[member.value]
+        if EnvVar.RESUME_FROM.value in env:
+            values["resume_from"] = env[EnvVar.RESUME_FROM.value]
+        return cls.model_validate(values)
+
+    @property
+    def world_size(self) -> int:
+        return self.num_replicas * self.nproc_per_worker
+
+    def resolve_path(self, path: str) -> str:
+        """A container path as this process sees it: under the emulated root in the embedded
+        cluster (``LOCO_LOCAL_ROOT``), unchanged in a real container."""
+        if self.local_root and os.path.isabs(path):
+            return os.path.join(self.local_root, path.lstrip("/"))
+        return path

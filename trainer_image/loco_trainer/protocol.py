@@ -1,0 +1,63 @@
+"""The progress protocol: the only channel from the workers to the operator.
+
+Every worker pod serves, on ``LOCO_STATUS_PORT`` (default 8080) of its pod IP:
+
+* ``GET /status``  -> a :class:`ProgressReport` as JSON (this module; ``protocolVersion`` 1);
+* ``GET /metrics`` -> Prometheus text format (the same numbers, for scraping).
+
+The operator polls ``/status`` of every worker pod of a job while it runs. When a worker's
+trainer exits it writes the same :class:`ProgressReport` JSON (``state`` finished or failed) to
+the container's termination message file (``/dev/termination-log``), so the final numbers reach
+the operator through the pod status even if no poll caught the last seconds. The document is the
+same on both paths; see docs/progress-protocol.md.
+
+Torch-free by contract: the operator imports this module.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from pydantic import Field
+
+from loco_trainer.config import Model
+
+PROTOCOL_VERSION = 1
+STATUS_PATH = "/status"
+METRICS_PATH = "/metrics"
+
+
+class WorkerState(str, Enum):
+    starting = "starting"  # process up, rendezvous / model build / resume in progress
+    running = "running"  # training steps are being taken
+    finished = "finished"  # all steps done, final checkpoint committed
+    failed = "failed"  # the trainer hit an error it could not recover from
+
+
+class CheckpointRef(Model):
+    """A committed checkpoint."""
+
+    step: int = Field(description="Inner step the checkpoint was taken after.")
+    path: str = Field(description="Directory of the checkpoint (container path).")
+    time: str = Field(description="Commit time, RFC 3339 UTC.")
+
+
+class ProgressReport(Model):
+    """What a worker pod reports about itself (rank 0 of the pod speaks for the pod)."""
+
+    protocol_version: int = PROTOCOL_VERSION
+    job_name: str
+    namespace: str = "default"
+    replica_index: int = Field(description="Pod index among the workers.")
+    epoch: int = Field(0, description="Membership epoch the worker runs in.")
+    state: WorkerState
+    step: int = Field(0, description="Inner steps completed.")
+    total_steps: int = Field(0, description="Inner steps to run in all.")
+    loss: float | None = Field(None, description="Training loss, smoothed over the last log interval.")
+    eval_loss: float | None = Field(None, description="Latest held-out loss.")
+    tokens_per_second: float | None = Field(None, description="Tokens/s of this pod over the last log interval.")
+    algorithm: str = ""
+    bytes_sent: int = Field(0, description="Bytes this pod's ranks sent through collectives so far.")
+    last_checkpoint: CheckpointRef | None = None
+    message: str = Field("", description="Human-readable detail (the error when state is failed).")
+    time: str = Field("", description="When this report was made, RFC 3339 UTC.")
