@@ -343,7 +343,10 @@ class EnvVar(str, Enum):
     POD_NAME = "POD_NAME"
     POD_IP = "POD_IP"
     NODE_NAME = "NODE_NAME"
-    LOCAL_ROOT = "LOCO_LOCAL_ROOT"  # embedded cluster only: the pod's emulated container root
+    # Embedded cluster only (see docs/local-cluster.md): the local kubelet runs pods as processes on
+    # one host, so it emulates the container filesystem root and cluster DNS for them.
+    LOCAL_ROOT = "LOCO_LOCAL_ROOT"  # the pod's emulated container root (volumes are mounted under it)
+    LOCAL_HOSTS = "LOCO_LOCAL_HOSTS"  # a hosts file (one "IP NAME..." per line) standing in for cluster DNS
 
 
 DEFAULT_CONFIG_PATH = "/etc/loco/config.json"
@@ -369,6 +372,7 @@ class RuntimeEnv(Model):
     pod_ip: str = ""
     node_name: str = ""
     local_root: str = ""
+    local_hosts: str = ""
 
     @classmethod
     def from_environ(cls, environ: dict[str, str] | None = None) -> "RuntimeEnv":
