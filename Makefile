@@ -1,0 +1,48 @@
+# Loco: every set-up step lives here, so a fresh clone needs only `make demo` or `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+LOCO := $(VENV)/bin/loco
+STAMP := $(VENV)/.installed
+# The CPU wheel of torch 2.13.0 lies on the build machines; the pin keeps pip from pulling a CUDA build.
+PIP_INSTALL := $(PY) -m pip install --disable-pip-version-check -q
+
+.PHONY: install test test-fast e2e demo demo-fault crds bench clean help
+
+help:
+	@echo "make demo   - create .venv, install, run a real TrainingJob on the embedded local cluster"
+	@echo "make test   - create .venv, install, run the whole suite (unit, multi-process, e2e)"
+	@echo "make crds   - regenerate crds/trainingjob.yaml from the pydantic models"
+	@echo "make bench  - run the CPU benchmarks and update docs/benchmarks.md"
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP_INSTALL) -e '.[operator,trainer,dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m pytest -q -ra tests e2e
+
+test-fast: install
+	$(PY) -m pytest -q -ra tests -m "not multiproc"
+
+e2e: install
+	$(PY) -m pytest -q -ra e2e
+
+demo: install
+	$(LOCO) local demo examples/quickstart.yaml
+
+demo-fault: install
+	$(LOCO) local demo examples/quickstart-fault.yaml
+
+crds: install
+	$(LOCO) crds --write
+
+bench: install
+	$(PY) bench/bench_trainer.py
+
+clean:
+	rm -rf $(VENV) .loco .pytest_cache

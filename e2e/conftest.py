@@ -1,0 +1,87 @@
+"""End-to-end scenarios: the embedded cluster, a real operator process and real worker processes."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import yaml
+
+from loco_local.stack import LocalStack, default_nodes
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "/e2e/" in str(item.fspath):
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    state = tmp_path_factory.mktemp("loco-e2e")
+    with LocalStack(state, default_nodes(3)) as s:
+        yield s
+
+
+def small_job(name: str, *, replicas: int = 2, steps: int = 40, algorithm: str = "diloco", **overrides: Any) -> dict[str, Any]:
+    """A TrainingJob small enough for a 2-core CI machine, checkpointing to a shared PVC."""
+    doc = {
+        "apiVersion": "loco.dev/v1alpha1",
+        "kind": "TrainingJob",
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": replicas,
+            "algorithm": {"name": algorithm, **({"syncEvery": 10} if algorithm != "ddp" else {})},
+            "model": {"gpt": {"nLayer": 1, "nHead": 2, "nEmbd": 32, "blockSize": 32}},
+            "data": {"maxBytes": 300_000},
+            "training": {"steps": steps, "batchSize": 4, "seqLen": 32, "warmupSteps": 2, "evalEvery": 20,
+                         "evalBatches": 2, "logEvery": 5},
+            "checkpoint": {"path": "/checkpoints", "everySteps": 10, "keep": 2},
+            "runPolicy": {"backoffLimit": 2},
+            "template": {
+                "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}},
+                "volumes": [{"name": "ckpt", "persistentVolumeClaim": {"claimName": "e2e-checkpoints"}}],
+                "volumeMounts": [{"name": "ckpt", "mountPath": "/checkpoints"}],
+            },
+        },
+    }
+    spec = doc["spec"]
+    for dotted, value in overrides.items():
+        node = spec
+        keys = dotted.split("__")
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = copy.deepcopy(value)
+    return doc
+
+
+def worker_processes(job: str) -> list[psutil.Process]:
+    """The trainer processes of a job (found by the env the operator injected)."""
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            env = proc.environ()
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+        if env.get("LOCO_JOB_NAME") == job and proc.pid != os.getpid():
+            found.append(proc)
+    return found
+
+
+def dump_debug(stack: LocalStack, job: str) -> str:
+    """Everything useful when a scenario fails: job status, events, pods, operator log tail."""
+    parts = [yaml.safe_dump(stack.get_job(job) or {}, sort_keys=False)]
+    parts += [f"{e.get('type')} {e.get('reason')}: {e.get('message')}" for e in stack.events(job)]
+    for pod in stack.list_pods(job):
+        parts.append(f"pod {pod['metadata']['name']}: {(pod.get('status') or {}).get('phase')}")
+    log = stack.operator_log
+    if log.exists():
+        parts.append("--- operator log (tail) ---\n" + "\n".join(log.read_text(errors="replace").splitlines()[-60:]))
+    return "\n".join(parts)

@@ -1,0 +1,118 @@
+"""Foundation scenarios: quickstart, worker crash -> restart from checkpoint, invalid spec refused,
+deletion cleans up, operator restart carries the job on."""
+
+from __future__ import annotations
+
+import math
+import signal
+from pathlib import Path
+
+import yaml
+
+from e2e.conftest import REPO, dump_debug, small_job, worker_processes
+from loco_local.stack import LocalStack
+
+TIMEOUT_S = 420
+
+
+def _status(stack: LocalStack, name: str) -> dict:
+    return (stack.get_job(name) or {}).get("status") or {}
+
+
+def test_quickstart_succeeds_with_checkpoint_on_disk(stack: LocalStack) -> None:
+    stack.apply_file(REPO / "examples" / "quickstart.yaml")
+    try:
+        job = stack.wait_for_phase("quickstart", {"Succeeded", "Failed"}, timeout_s=TIMEOUT_S)
+    except TimeoutError:
+        raise AssertionError(dump_debug(stack, "quickstart")) from None
+    status = job["status"]
+    assert status["phase"] == "Succeeded", dump_debug(stack, "quickstart")
+    spec = yaml.safe_load_all((REPO / "examples" / "quickstart.yaml").read_text())
+    steps = [d for d in spec if d and d["kind"] == "TrainingJob"][0]["spec"]["training"]["steps"]
+    assert status["step"] == steps
+    assert status["lastCheckpoint"]["step"] == steps
+    # a byte-level model starts at ln(256) = 5.55 nats; training must have learned something
+    assert status["loss"] < math.log(256) - 1.0, status
+    assert status["restarts"] == 0
+    # the checkpoint is really on the shared volume
+    ckpt_dirs = list((stack.state_dir / "volumes").rglob(f"step-{steps:08d}"))
+    assert ckpt_dirs, f"no step-{steps:08d} checkpoint under {stack.state_dir / 'volumes'}"
+    assert any(p.name == "meta.json" for p in ckpt_dirs[0].iterdir())
+    reasons = [e["reason"] for e in stack.events("quickstart")]
+    assert "Succeeded" in reasons, reasons
+    # kubectl shows the printer columns
+    out = stack.kubectl("get", "tj", "quickstart").stdout
+    assert "PHASE" in out and "Succeeded" in out and f"{steps}" in out, out
+
+
+def test_worker_killed_mid_run_restarts_from_last_checkpoint(stack: LocalStack) -> None:
+    name = "crash"
+    stack.apply(small_job(name, steps=60, faultInjection={"stepDelayS": 0.05}))
+    try:
+        stack.wait_for(lambda: (_status(stack, name).get("lastCheckpoint") or {}).get("step", 0) >= 10,
+                       timeout_s=TIMEOUT_S, what="a first checkpoint")
+        victims = [p for p in worker_processes(name) if p.environ().get("LOCO_REPLICA_INDEX") == "1"]
+        assert victims, "no worker process of replica 1 found"
+        for proc in victims:
+            proc.send_signal(signal.SIGKILL)
+        job = stack.wait_for_phase(name, {"Succeeded", "Failed"}, timeout_s=TIMEOUT_S)
+    except TimeoutError:
+        raise AssertionError(dump_debug(stack, name)) from None
+    status = job["status"]
+    assert status["phase"] == "Succeeded", dump_debug(stack, name)
+    assert status["restarts"] == 1, dump_debug(stack, name)
+    assert status["membershipEpoch"] >= 1
+    messages = " | ".join(f"{e['reason']}: {e['message']}" for e in stack.events(name))
+    assert "Restarting" in messages and "from step" in messages, messages
+
+
+def test_invalid_job_is_refused_with_the_field_named(stack: LocalStack, tmp_path: Path) -> None:
+    bad = small_job("bad-spec", replicas=0)
+    bad["spec"]["elastic"] = {"minReplicas": 3, "maxReplicas": 4}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    result = stack.kubectl("apply", "-f", str(path), check=False)
+    assert result.returncode != 0
+    assert "spec.replicas" in result.stderr, result.stderr
+    assert stack.get_job("bad-spec") is None
+    assert stack.list_pods("bad-spec") == []
+
+    cross = small_job("bad-cross", replicas=2)
+    cross["spec"]["elastic"] = {"minReplicas": 3, "maxReplicas": 4}
+    path.write_text(yaml.safe_dump(cross))
+    result = stack.kubectl("apply", "-f", str(path), check=False)
+    assert result.returncode != 0
+    assert "minReplicas" in result.stderr, result.stderr
+    assert stack.get_job("bad-cross") is None
+
+
+def test_deleting_a_job_removes_its_pods_and_service(stack: LocalStack) -> None:
+    name = "deleteme"
+    stack.apply(small_job(name, steps=2000))
+    stack.wait_for(lambda: len(stack.list_pods(name)) == 2, timeout_s=120, what="2 worker pods")
+    stack.kubectl("delete", "tj", name, "--wait=true", timeout_s=120)
+
+    def gone() -> bool:
+        services = stack.resource("v1", "Service").get(namespace="default", label_selector=f"loco.dev/job={name}").items
+        return not stack.list_pods(name) and not services and not worker_processes(name)
+
+    stack.wait_for(gone, timeout_s=120, what="pods, service and processes of the deleted job to go away")
+
+
+def test_operator_killed_and_restarted_carries_the_job_on(stack: LocalStack) -> None:
+    name = "survivor"
+    stack.apply(small_job(name, steps=60, faultInjection={"stepDelayS": 0.05}))
+    try:
+        stack.wait_for(lambda: (_status(stack, name).get("step") or 0) >= 5, timeout_s=TIMEOUT_S, what="training to start")
+        pods_before = {p["metadata"]["uid"] for p in stack.list_pods(name)}
+        stack.restart_operator(kill=True)
+        job = stack.wait_for_phase(name, {"Succeeded", "Failed"}, timeout_s=TIMEOUT_S)
+    except TimeoutError:
+        raise AssertionError(dump_debug(stack, name)) from None
+    status = job["status"]
+    assert status["phase"] == "Succeeded", dump_debug(stack, name)
+    assert status["restarts"] == 0
+    assert status["step"] == 60
+    pods_after = {p["metadata"]["uid"] for p in stack.list_pods(name)}
+    # cleanPodPolicy Running keeps finished pods: the same pods ran to the end, none was recreated
+    assert pods_after <= pods_before, (pods_before, pods_after)

@@ -1,0 +1,197 @@
+"""The whole Loco stack on one machine: the embedded cluster plus a real operator process.
+
+``make demo`` and the end-to-end tests use it::
+
+    with LocalStack(state_dir, nodes=default_nodes(3)) as stack:
+        stack.apply_file("examples/quickstart.yaml")
+        job = stack.wait_for_phase("quickstart", {"Succeeded"}, timeout_s=600)
+
+The operator runs as its own process (``loco operator run``), exactly as it would next to a real
+cluster, so killing and restarting it (``stack.restart_operator()``) is a real operator restart.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from loco_local.cluster import LocalCluster
+from loco_local.nodes import NodeSpec
+
+TJ_GROUP, TJ_VERSION, TJ_PLURAL = "loco.dev", "v1alpha1", "trainingjobs"
+
+
+def default_nodes(count: int = 3, *, cpu: str = "4", memory: str = "16Gi", gpus: int = 0) -> list[NodeSpec]:
+    """``count`` identical fake nodes named node-0, node-1, ..."""
+    return [NodeSpec(name=f"node-{i}", cpu=cpu, memory=memory, gpus=gpus) for i in range(count)]
+
+
+class LocalStack:
+    """Embedded cluster + operator process; a context manager that always cleans up."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        nodes: list[NodeSpec] | None = None,
+        *,
+        namespace: str = "default",
+        operator_args: Iterable[str] = (),
+        operator_env: dict[str, str] | None = None,
+    ) -> None:
+        self.state_dir = Path(state_dir)
+        self.namespace = namespace
+        self.cluster = LocalCluster(self.state_dir, nodes or default_nodes())
+        self._operator_args = list(operator_args)
+        self._operator_env = dict(operator_env or {})
+        self._operator: subprocess.Popen[bytes] | None = None
+        self._operator_log_count = 0
+        self._api: Any = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def __enter__(self) -> "LocalStack":
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.cluster.__enter__()
+        try:
+            self.start_operator()
+        except BaseException:
+            self.cluster.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.stop_operator()
+        finally:
+            self.cluster.__exit__(*exc)
+
+    @property
+    def kubeconfig(self) -> Path:
+        return Path(self.cluster.kubeconfig)
+
+    @property
+    def operator_log(self) -> Path:
+        return self.state_dir / f"operator-{self._operator_log_count}.log"
+
+    def start_operator(self) -> None:
+        """Start ``loco operator run`` against the cluster (a separate process, as in production)."""
+        if self._operator is not None and self._operator.poll() is None:
+            return
+        self._operator_log_count += 1
+        log = open(self.operator_log, "wb")  # noqa: SIM115 - owned by the child until it exits
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1", **self._operator_env}
+        cmd = [
+            sys.executable, "-c", "import loco_cli; loco_cli.main()", "operator", "run",
+            "--kubeconfig", str(self.kubeconfig), "--namespace", self.namespace, "--metrics-port", "0",
+            *self._operator_args,
+        ]
+        self._operator = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        log.close()
+
+    def stop_operator(self, *, kill: bool = False) -> None:
+        """Stop the operator: SIGTERM (graceful) or SIGKILL (``kill=True``, a crash)."""
+        proc, self._operator = self._operator, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+    def restart_operator(self, *, kill: bool = True) -> None:
+        self.stop_operator(kill=kill)
+        self.start_operator()
+
+    def operator_alive(self) -> bool:
+        return self._operator is not None and self._operator.poll() is None
+
+    # ------------------------------------------------------------------ API access
+
+    @property
+    def api(self) -> Any:
+        """A ``kubernetes.dynamic.DynamicClient`` for the cluster."""
+        if self._api is None:
+            from kubernetes import config, dynamic
+            from kubernetes.client import api_client
+
+            client = config.new_client_from_config(config_file=str(self.kubeconfig))
+            self._api = dynamic.DynamicClient(api_client.ApiClient(configuration=client.configuration))
+        return self._api
+
+    def resource(self, api_version: str, kind: str) -> Any:
+        return self.api.resources.get(api_version=api_version, kind=kind)
+
+    def apply_file(self, path: str | Path, *, namespace: str | None = None) -> list[dict[str, Any]]:
+        """Create (or merge-patch) every object of a multi-document YAML file; returns the objects."""
+        docs = [d for d in yaml.safe_load_all(Path(path).read_text()) if d]
+        return [self.apply(doc, namespace=namespace) for doc in docs]
+
+    def apply(self, obj: dict[str, Any], *, namespace: str | None = None) -> dict[str, Any]:
+        from kubernetes.dynamic.exceptions import ConflictError
+
+        ns = namespace or obj.get("metadata", {}).get("namespace") or self.namespace
+        res = self.resource(obj["apiVersion"], obj["kind"])
+        try:
+            return res.create(body=obj, namespace=ns).to_dict()
+        except ConflictError:
+            return res.patch(
+                body=obj, name=obj["metadata"]["name"], namespace=ns, content_type="application/merge-patch+json"
+            ).to_dict()
+
+    def get_job(self, name: str) -> dict[str, Any] | None:
+        from kubernetes.dynamic.exceptions import NotFoundError
+
+        try:
+            return self.resource(f"{TJ_GROUP}/{TJ_VERSION}", "TrainingJob").get(name=name, namespace=self.namespace).to_dict()
+        except NotFoundError:
+            return None
+
+    def list_pods(self, job: str | None = None) -> list[dict[str, Any]]:
+        selector = f"loco.dev/job={job}" if job else None
+        pods = self.resource("v1", "Pod").get(namespace=self.namespace, label_selector=selector)
+        return [p.to_dict() for p in pods.items]
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        selector = f"involvedObject.name={name}" if name else None
+        items = self.resource("v1", "Event").get(namespace=self.namespace, field_selector=selector).items
+        events = [e.to_dict() for e in items]
+        return sorted(events, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
+
+    def wait_for(
+        self, predicate: Callable[[], Any], *, timeout_s: float, interval_s: float = 0.5, what: str = "condition"
+    ) -> Any:
+        """Poll ``predicate`` until it returns a truthy value; raise TimeoutError naming ``what``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+            time.sleep(interval_s)
+
+    def wait_for_phase(self, name: str, phases: set[str], *, timeout_s: float) -> dict[str, Any]:
+        def current() -> dict[str, Any] | None:
+            job = self.get_job(name)
+            if job and (job.get("status") or {}).get("phase") in phases:
+                return job
+            return None
+
+        return self.wait_for(current, timeout_s=timeout_s, what=f"TrainingJob {name} to reach {sorted(phases)}")
+
+    def kubectl(self, *args: str, check: bool = True, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
+        """Run the real ``kubectl`` against the cluster."""
+        return subprocess.run(
+            ["kubectl", "--kubeconfig", str(self.kubeconfig), *args],
+            capture_output=True, text=True, check=check, timeout=timeout_s,
+        )
