@@ -39,7 +39,7 @@ demo-fault: install
 	$(LOCO) local demo examples/quickstart-fault.yaml
 
 crds: install
-	$(LOCO) crds --write
+	$(LOCO) crds --write --docs
 
 bench: install
 	$(PY) bench/bench_trainer.py

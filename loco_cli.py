@@ -11,7 +11,7 @@ subcommand      defined in                            needs extra
 ``crds``        ``loco_operator.cli:crds``            (none)
 ``ckpt``        ``loco_trainer.cli:ckpt``             ``trainer``
 ``train``       ``loco_trainer.cli:train``            ``trainer``
-``diagnose``    ``loco_trainer.cli:diagnose``         (none)
+``diagnose``    ``loco_operator.faults.cli``          ``operator``
 ==============  ====================================  =================================
 """
 
@@ -28,6 +28,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "crds": ("loco_operator.cli", "crds", "Print or write the generated TrainingJob CRD."),
     "ckpt": ("loco_trainer.cli", "ckpt", "Inspect, verify and convert checkpoints."),
     "train": ("loco_trainer.cli", "train", "Run the trainer locally (same as python -m loco_trainer)."),
+    "diagnose": ("loco_operator.faults.cli", "diagnose", "Find the faulty rank, link or node in a collective-timing trace."),
 }
 
 

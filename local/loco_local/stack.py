@@ -24,14 +24,14 @@ from typing import Any
 import yaml
 
 from loco_local.cluster import LocalCluster
-from loco_local.nodes import NodeSpec
+from loco_local.nodes import NodeSpec, uniform_nodes
 
 TJ_GROUP, TJ_VERSION, TJ_PLURAL = "loco.dev", "v1alpha1", "trainingjobs"
 
 
 def default_nodes(count: int = 3, *, cpu: str = "4", memory: str = "16Gi", gpus: int = 0) -> list[NodeSpec]:
-    """``count`` identical fake nodes named node-0, node-1, ..."""
-    return [NodeSpec(name=f"node-{i}", cpu=cpu, memory=memory, gpus=gpus) for i in range(count)]
+    """``count`` identical fake nodes named node-0, node-1, ... sized for the demo and the e2e tests."""
+    return uniform_nodes(count, cpu=cpu, memory=memory, gpus=gpus)
 
 
 class LocalStack:

@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
+from loco_operator.faults.types import DetectorConfig
 from loco_trainer.config import (
     AlgorithmSpec,
     CheckpointSpec,
@@ -85,6 +86,8 @@ class TemplateSpec(Model):
 
 
 class CleanPodPolicy(str, Enum):
+    """Which pods are deleted when the job finishes."""
+
     all = "All"
     running = "Running"
     none = "None"
@@ -119,6 +122,10 @@ class TrainingJobSpec(Model):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpoint location and cadence.")
     run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Restarts, deadlines, clean-up and suspension.")
     fault_injection: FaultInjection | None = Field(None, description="Faults injected into the trainer, for tests and demos only.")
+    fault_detection: DetectorConfig | None = Field(
+        None,
+        description="C4-style fault detection thresholds (hangs, stragglers, slow links/nodes); defaults when omitted. See docs/fault-detection.md.",
+    )
 
     @model_validator(mode="after")
     def _cross_field(self) -> "TrainingJobSpec":
@@ -144,6 +151,8 @@ class TrainingJobSpec(Model):
 
 
 class Phase(str, Enum):
+    """Lifecycle phase of a TrainingJob."""
+
     pending = "Pending"
     running = "Running"
     restarting = "Restarting"
@@ -163,6 +172,8 @@ class Condition(Model):
 
 
 class WorkersStatus(Model):
+    """Worker pod counts of the current membership epoch."""
+
     desired: int = Field(0, description="Worker pods wanted in this epoch.")
     ready: int = Field(0, description="Worker pods running and reporting progress.")
 
@@ -192,3 +203,6 @@ class TrainingJobStatus(Model):
     completion_time: str | None = Field(None, description="When the job Succeeded or Failed.")
     observed_generation: int | None = Field(None, description="metadata.generation the status reflects.")
     message: str | None = Field(None, description="One-line summary of the current state.")
+    # Added for the CRD: the scale subresource reads `selector`, the Workers printer column `workersReady`.
+    selector: str | None = Field(None, description="Label selector of the worker pods (the scale subresource reads it).")
+    workers_ready: str | None = Field(None, description="Ready/desired workers, e.g. '2/3' (the Workers printer column).")

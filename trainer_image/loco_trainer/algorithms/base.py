@@ -59,6 +59,10 @@ class Strategy(abc.ABC):
         if state:
             raise ValueError(f"{self.name}: unexpected algorithm state keys {sorted(state)}")
 
+    def metrics(self) -> dict[str, float]:
+        """Algorithm-specific gauges for logs and /metrics (e.g. outer rounds, worker spread)."""
+        return {}
+
     def bytes_per_inner_step(self, num_params: int, world_size: int) -> float:
         """Expected bytes sent per rank per inner step (the formula in docs/algorithms.md)."""
         raise NotImplementedError

@@ -1,0 +1,173 @@
+"""Object storage with one global resourceVersion counter and a bounded watch history.
+
+The store knows nothing about API semantics (generation, finalizers, validation live in
+:mod:`.operations`); it keeps JSON objects per collection, stamps each write with the next
+resourceVersion, records the change in a bounded history and fans it out to watchers.
+
+All methods are synchronous and never await, so in the single-threaded asyncio server every
+write, and every "replay history then subscribe", is atomic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import gone
+
+Key = tuple[str, str]  # (group, plural): one stored collection
+
+
+@dataclass(frozen=True)
+class Change:
+    """One write: ``type`` is ADDED, MODIFIED or DELETED; ``old`` is the object before it (None on ADDED)."""
+
+    resource_version: int
+    key: Key
+    type: str
+    object: dict[str, Any]
+    old: dict[str, Any] | None
+
+
+class Watcher:
+    """A subscription to the changes of one collection; :meth:`get` yields them in order.
+
+    A ``None`` from the queue means the store closed the watch (server stopping).
+    """
+
+    def __init__(self, key: Key):
+        self.key = key
+        self.queue: asyncio.Queue[Change | None] = asyncio.Queue()
+
+    async def get(self, timeout_s: float | None) -> Change | None:
+        """The next change; raises ``TimeoutError`` after ``timeout_s``; ``None`` when closed."""
+        return await asyncio.wait_for(self.queue.get(), timeout_s)
+
+
+class Store:
+    """Collections of objects keyed by ``(namespace, name)``; namespace is ``""`` for cluster-scoped kinds."""
+
+    def __init__(self, history_size: int = 10_000):
+        self._collections: dict[Key, dict[tuple[str, str], dict[str, Any]]] = {}
+        self._resource_version = 0
+        self._history: deque[Change] = deque(maxlen=history_size)
+        self._watchers: set[Watcher] = set()
+        self._closed = False
+
+    # ---- reads ------------------------------------------------------------------------------
+    @property
+    def resource_version(self) -> int:
+        """The resourceVersion of the latest write (a list's ``metadata.resourceVersion``)."""
+        return self._resource_version
+
+    def get(self, key: Key, namespace: str, name: str) -> dict[str, Any] | None:
+        obj = self._collections.get(key, {}).get((namespace, name))
+        return copy.deepcopy(obj) if obj is not None else None
+
+    def list(self, key: Key, namespace: str | None = None) -> list[dict[str, Any]]:
+        """Objects of a collection (one namespace, or all when ``namespace`` is None), sorted by namespace/name."""
+        items = self._collections.get(key, {})
+        return [copy.deepcopy(obj) for (ns, _), obj in sorted(items.items()) if namespace is None or ns == namespace]
+
+    def scan(self) -> list[tuple[Key, dict[str, Any]]]:
+        """Every stored object, NOT copied: for read-only scans (garbage collection); never mutate them."""
+        return [(key, obj) for key, items in self._collections.items() for obj in items.values()]
+
+    def keys(self) -> list[Key]:
+        return list(self._collections)
+
+    def find_by_uid(self, uid: str) -> tuple[Key, dict[str, Any]] | None:
+        for key, items in self._collections.items():
+            for obj in items.values():
+                if obj["metadata"].get("uid") == uid:
+                    return key, copy.deepcopy(obj)
+        return None
+
+    def uids(self) -> set[str]:
+        return {obj["metadata"]["uid"] for items in self._collections.values() for obj in items.values()}
+
+    # ---- writes -----------------------------------------------------------------------------
+    def put(self, key: Key, obj: dict[str, Any]) -> dict[str, Any]:
+        """Create or replace ``obj``; stamps ``metadata.resourceVersion`` and returns a copy of what is stored."""
+        meta = obj["metadata"]
+        ident = (meta.get("namespace", ""), meta["name"])
+        collection = self._collections.setdefault(key, {})
+        old = collection.get(ident)
+        self._resource_version += 1
+        stored = copy.deepcopy(obj)
+        stored["metadata"]["resourceVersion"] = str(self._resource_version)
+        collection[ident] = stored
+        self._emit(Change(self._resource_version, key, "MODIFIED" if old else "ADDED", stored, old))
+        return copy.deepcopy(stored)
+
+    def remove(self, key: Key, namespace: str, name: str) -> dict[str, Any] | None:
+        """Delete an object; the DELETED event carries a fresh resourceVersion (as etcd's delete revision)."""
+        old = self._collections.get(key, {}).pop((namespace, name), None)
+        if old is None:
+            return None
+        self._resource_version += 1
+        final = copy.deepcopy(old)
+        final["metadata"]["resourceVersion"] = str(self._resource_version)
+        self._emit(Change(self._resource_version, key, "DELETED", final, old))
+        return copy.deepcopy(final)
+
+    def drop_collection(self, key: Key) -> list[dict[str, Any]]:
+        """Remove every object of a collection (a deleted CRD), emitting DELETED for each."""
+        removed = []
+        for namespace, name in list(self._collections.get(key, {})):
+            obj = self.remove(key, namespace, name)
+            if obj is not None:
+                removed.append(obj)
+        self._collections.pop(key, None)
+        return removed
+
+    # ---- watch ------------------------------------------------------------------------------
+    def watch(self, key: Key, since: int | None) -> tuple[Watcher, list[Change]]:
+        """Subscribe to ``key``; returns the watcher and the recorded changes after resourceVersion ``since``.
+
+        Raises 410 Gone when ``since`` is older than the history still held (or newer than any
+        version issued, e.g. a client of a previous server instance). ``since=None``
+        replays nothing (the caller sends the current state as synthetic ADDED events).
+        """
+        replay: list[Change] = []
+        if since is not None and since > self._resource_version:
+            # a version this store never issued (the client watched an earlier server): make it relist
+            raise gone(f"too large resource version: {since}, current: {self._resource_version}")
+        if since is not None and since < self._resource_version:
+            oldest = self._history[0].resource_version if self._history else self._resource_version + 1
+            if since < oldest - 1:
+                raise gone(f"too old resource version: {since} ({oldest - 1})")
+            replay = [c for c in self._history if c.resource_version > since and c.key == key]
+        watcher = Watcher(key)
+        if self._closed:
+            watcher.queue.put_nowait(None)
+        else:
+            self._watchers.add(watcher)
+        return watcher, replay
+
+    def unwatch(self, watcher: Watcher) -> None:
+        self._watchers.discard(watcher)
+
+    def open(self) -> None:
+        """Accept watches again after :meth:`close` (a restarted server keeps its objects)."""
+        self._closed = False
+
+    def close(self) -> None:
+        """End every watch (server shutdown)."""
+        self._closed = True
+        for watcher in self._watchers:
+            watcher.queue.put_nowait(None)
+        self._watchers.clear()
+
+    @property
+    def watcher_count(self) -> int:
+        return len(self._watchers)
+
+    def _emit(self, change: Change) -> None:
+        self._history.append(change)
+        for watcher in self._watchers:
+            if watcher.key == change.key:
+                watcher.queue.put_nowait(change)

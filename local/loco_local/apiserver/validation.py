@@ -1,0 +1,359 @@
+"""Custom resources against their CRD: defaults, unknown fields, OpenAPI schema and CEL rules.
+
+:func:`prepare_custom_object` does what the real apiserver does on every write of a custom
+resource, in the same order: apply schema ``default``s, reject (or with ``fieldValidation=Ignore``
+/``Warn`` prune) fields the schema does not declare, validate with ``jsonschema``, then evaluate
+each ``x-kubernetes-validations`` CEL rule (``celpy``). Every problem is collected with its field
+path; the message matches kube-apiserver's, e.g.::
+
+    TrainingJob.loco.dev "bad" is invalid: [spec.replicas: Invalid value: 0: spec.replicas in body
+    should be greater than or equal to 1, spec: Invalid value: "object": elastic.minReplicas must be <= replicas]
+
+:func:`validate_crd` checks a ``CustomResourceDefinition`` itself (names, versions, schema, rules).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+from typing import Any, Iterator
+
+import celpy
+import jsonschema
+from celpy import celtypes
+
+from . import errors
+from .resources import ResourceType
+
+Cause = tuple[str, str]  # (field path, full message)
+_ROOT_META = ("apiVersion", "kind", "metadata")
+
+
+# ---- paths and values -----------------------------------------------------------------------
+def _join(path: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else key
+
+
+def _go_value(value: Any) -> str:
+    """How kube-apiserver prints a bad value (``0``, ``"text"``, ``"object"``)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return json.dumps(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, dict):
+        return '"object"'
+    if isinstance(value, list):
+        return '"array"'
+    return "null"
+
+
+def _type_name(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, dict):
+        return "object"
+    if isinstance(value, list):
+        return "array"
+    return "null"
+
+
+def _prefix(path: str) -> str:
+    return f"{path}: " if path else ""
+
+
+# ---- schema walking -------------------------------------------------------------------------
+def _children(schema: dict[str, Any], value: Any, path: str, root: bool = False
+              ) -> Iterator[tuple[dict[str, Any], Any, str, str | int, Any]]:
+    """(child schema, child value, child path, key, container) for each value the schema describes."""
+    if isinstance(value, dict):
+        props = schema.get("properties") or {}
+        extra = schema.get("additionalProperties")
+        for key, child in value.items():
+            if root and key in _ROOT_META:
+                continue
+            if key in props:
+                yield props[key], child, _join(path, key), key, value
+            elif isinstance(extra, dict):
+                yield extra, child, _join(path, key), key, value
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for index, child in enumerate(value):
+            yield schema["items"], child, _join(path, index), index, value
+
+
+def apply_defaults(schema: dict[str, Any], value: Any, root: bool = True) -> None:
+    """Fill in missing properties that declare a ``default`` (recursively, in place)."""
+    if isinstance(value, dict):
+        for key, prop in (schema.get("properties") or {}).items():
+            if root and key in _ROOT_META:
+                continue
+            if key not in value and "default" in prop:
+                value[key] = copy.deepcopy(prop["default"])
+    for child_schema, child, _, _, _ in _children(schema, value, "", root):
+        apply_defaults(child_schema, child, root=False)
+
+
+def unknown_fields(schema: dict[str, Any], value: Any, path: str = "", root: bool = True) -> list[str]:
+    """Paths of fields the schema neither declares nor preserves."""
+    found: list[str] = []
+    preserve = schema.get("x-kubernetes-preserve-unknown-fields") is True
+    embedded = schema.get("x-kubernetes-embedded-resource") is True
+    if isinstance(value, dict) and not preserve:
+        props = schema.get("properties") or {}
+        extra = schema.get("additionalProperties")
+        for key in value:
+            if (root or embedded) and key in _ROOT_META:
+                continue
+            if key not in props and not extra:
+                found.append(_join(path, key))
+    for child_schema, child, child_path, _, _ in _children(schema, value, path, root):
+        found += unknown_fields(child_schema, child, child_path, root=False)
+    return found
+
+
+def prune(schema: dict[str, Any], value: Any, root: bool = True) -> None:
+    """Drop unknown fields in place (``fieldValidation=Ignore``/``Warn``, the real default)."""
+    if isinstance(value, dict) and schema.get("x-kubernetes-preserve-unknown-fields") is not True:
+        props = schema.get("properties") or {}
+        if not schema.get("additionalProperties"):
+            for key in [k for k in value if k not in props and not (root and k in _ROOT_META)]:
+                del value[key]
+    for child_schema, child, _, _, _ in _children(schema, value, "", root):
+        prune(child_schema, child, root=False)
+
+
+def _to_json_schema(schema: Any) -> Any:
+    """OpenAPI v3 -> JSON Schema (draft 4): ``nullable`` becomes a ``null`` type; int-or-string allowed."""
+    if isinstance(schema, list):
+        return [_to_json_schema(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _to_json_schema(v) for k, v in schema.items()
+           if not k.startswith("x-kubernetes-") and k not in ("default", "example", "externalDocs")}
+    if schema.get("x-kubernetes-int-or-string"):
+        out.pop("type", None)
+        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if schema.get("nullable") and "type" in out:
+        out["type"] = [out["type"], "null"]
+    out.pop("nullable", None)
+    if "properties" in out:
+        out["properties"] = {k: _to_json_schema(v) for k, v in schema["properties"].items()}
+    return out
+
+
+def _schema_causes(schema: dict[str, Any], obj: dict[str, Any]) -> list[Cause]:
+    body_schema = dict(schema)
+    body_schema["properties"] = {k: v for k, v in (schema.get("properties") or {}).items() if k not in _ROOT_META}
+    body = {k: v for k, v in obj.items() if k not in _ROOT_META}
+    validator = jsonschema.Draft4Validator(_to_json_schema(body_schema))
+    causes = []
+    for error in sorted(validator.iter_errors(body), key=lambda e: [str(p) for p in e.absolute_path]):
+        path = ""
+        for key in error.absolute_path:
+            path = _join(path, key)
+        causes.append(_describe(error, path))
+    return causes
+
+
+def _describe(error: jsonschema.ValidationError, path: str) -> Cause:
+    kind, limit, value = error.validator, error.validator_value, error.instance
+    where = f"{path} in body" if path else "body"
+    bad = f"{_prefix(path)}Invalid value: {_go_value(value)}: "
+    if kind == "required":
+        missing = error.message.split("'")[1] if "'" in error.message else str(limit)
+        field = _join(path, missing)
+        return field, f"{field}: Required value"
+    if kind == "type":
+        expected = limit if isinstance(limit, str) else " or ".join(limit)
+        return path, (f'{_prefix(path)}Invalid value: "{_type_name(value)}": {where} must be of type {expected}: '
+                      f'"{_type_name(value)}"')
+    if kind == "enum":
+        supported = ", ".join(json.dumps(v) for v in limit)
+        return path, f"{_prefix(path)}Unsupported value: {_go_value(value)}: supported values: {supported}"
+    exclusive = error.schema.get("exclusiveMinimum" if kind == "minimum" else "exclusiveMaximum") is True
+    texts = {
+        "minimum": f"should be greater than {'' if exclusive else 'or equal to '}{limit}",
+        "maximum": f"should be less than {'' if exclusive else 'or equal to '}{limit}",
+        "pattern": f"should match '{limit}'",
+        "minLength": f"should be at least {limit} chars long",
+        "maxLength": f"may not be longer than {limit}",
+        "minItems": f"should have at least {limit} items",
+        "maxItems": f"must have at most {limit} items",
+        "minProperties": f"should have at least {limit} properties",
+        "maxProperties": f"must have at most {limit} properties",
+        "multipleOf": f"should be a multiple of {limit}",
+        "uniqueItems": "shouldn't contain duplicates",
+    }
+    if kind in texts:
+        return path, f"{bad}{where} {texts[kind]}"
+    return path, f"{bad}{error.message}"
+
+
+# ---- CEL ------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=512)
+def compile_rule(rule: str) -> celpy.Runner:
+    """Compile a CEL expression once (pure; cached by its text). Raises ``celpy.CELParseError``."""
+    env = celpy.Environment()
+    return env.program(env.compile(rule))
+
+
+def _evaluate(rule: str, value: Any, old: Any) -> Any:
+    activation = {"self": celpy.json_to_cel(value)}
+    if old is not None:
+        activation["oldSelf"] = celpy.json_to_cel(old)
+    return compile_rule(rule).evaluate(activation)
+
+
+def _cel_causes(schema: dict[str, Any], value: Any, old: Any, path: str, root: bool = True) -> list[Cause]:
+    causes: list[Cause] = []
+    for rule_spec in schema.get("x-kubernetes-validations") or []:
+        rule = rule_spec.get("rule", "")
+        if "oldSelf" in rule and old is None:
+            continue  # transition rules only apply to updates of an existing value
+        field = path
+        if rule_spec.get("fieldPath"):
+            field = path + rule_spec["fieldPath"] if rule_spec["fieldPath"].startswith(("[", ".")) \
+                else _join(path, rule_spec["fieldPath"])
+            field = field.lstrip(".")
+        try:
+            result = _evaluate(rule, value, old)
+            failed_eval = isinstance(result, celpy.CELEvalError)
+        except Exception as exc:  # noqa: BLE001 - any evaluation failure is reported on the field
+            result, failed_eval = exc, True
+        if failed_eval:
+            causes.append((field, f"{_prefix(field)}Invalid value: {_go_value(value)}: "
+                                  f"rule evaluation error: {rule}: {_short(result)}"))
+            continue
+        if result is True or (isinstance(result, celtypes.BoolType) and bool(result)):
+            continue
+        message = rule_spec.get("message") or f"failed rule: {rule}"
+        if rule_spec.get("messageExpression"):
+            try:
+                message = str(_evaluate(rule_spec["messageExpression"], value, old))
+            except Exception:  # noqa: BLE001 - the static message is the fallback, as in Kubernetes
+                pass
+        causes.append((field, _rule_message(field, rule_spec.get("reason"), value, message)))
+    for child_schema, child, child_path, key, _ in _children(schema, value, path, root):
+        old_child = None
+        if isinstance(old, dict) and isinstance(key, str):
+            old_child = old.get(key)
+        causes += _cel_causes(child_schema, child, old_child, child_path, root=False)
+    return causes
+
+
+def _rule_message(field: str, reason: str | None, value: Any, message: str) -> str:
+    """A failed rule's message in the form its ``reason`` selects (default FieldValueInvalid)."""
+    if reason == "FieldValueRequired":
+        return f"{_prefix(field)}Required value: {message}"
+    if reason == "FieldValueForbidden":
+        return f"{_prefix(field)}Forbidden: {message}"
+    if reason == "FieldValueDuplicate":
+        return f"{_prefix(field)}Duplicate value: {message}"
+    return f"{_prefix(field)}Invalid value: {_go_value(value)}: {message}"
+
+
+def _short(error: Any) -> str:
+    text = str(error.args[0] if getattr(error, "args", None) else error)
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+# ---- entry points ---------------------------------------------------------------------------
+def prepare_custom_object(rt: ResourceType, obj: dict[str, Any], old: dict[str, Any] | None,
+                          field_validation: str | None) -> list[str]:
+    """Default, check unknown fields, validate schema and CEL rules of a custom resource (in place).
+
+    Unknown fields are a 400 BadRequest naming them with ``field_validation=Strict`` (what kubectl
+    sends); otherwise they are pruned, as kube-apiserver does (its default is ``Warn``), and their paths
+    are returned so the caller can send ``Warning`` headers. Schema and rule violations are one 422
+    Invalid listing every cause.
+    """
+    name = obj.get("metadata", {}).get("name", "")
+    schema = rt.schema
+    if not schema:
+        return []
+    apply_defaults(schema, obj)
+    unknown = unknown_fields(schema, obj)
+    if unknown:
+        if field_validation != "Strict":
+            prune(schema, obj)
+        else:
+            listed = ", ".join(f'unknown field "{u}"' for u in unknown)
+            raise errors.APIError(400, "BadRequest", (
+                f'{rt.kind} in version "{rt.version}" cannot be handled as a {rt.kind}: strict decoding error: '
+                f"{listed} (remove it, or fix its spelling; `kubectl explain {rt.plural}` lists the fields)"))
+    causes = _schema_causes(schema, obj)
+    causes += _cel_causes(schema, _cel_root(obj), _cel_root(old) if old else None, "")
+    if causes:
+        raise errors.invalid(rt.kind, rt.group, name, causes)
+    return unknown if field_validation != "Ignore" else []
+
+
+def _cel_root(obj: dict[str, Any]) -> dict[str, Any]:
+    """``self`` of root-level rules: the object, with only ``metadata.name``/``generateName`` visible."""
+    root = {k: v for k, v in obj.items() if k != "metadata"}
+    meta = obj.get("metadata") or {}
+    root["metadata"] = {k: meta[k] for k in ("name", "generateName") if k in meta}
+    return root
+
+
+def validate_crd(crd: dict[str, Any]) -> list[Cause]:
+    """Problems of a CustomResourceDefinition (empty when it can be registered)."""
+    causes: list[Cause] = []
+    spec = crd.get("spec")
+    if not isinstance(spec, dict):
+        return [("spec", "spec: Required value")]
+    group = spec.get("group") or ""
+    names = spec.get("names") or {}
+    if not group or "." not in group:
+        causes.append(("spec.group", f'spec.group: Invalid value: "{group}": should be a domain with at least one dot'))
+    for key in ("plural", "kind"):
+        if not names.get(key):
+            causes.append((f"spec.names.{key}", f"spec.names.{key}: Required value"))
+    if names.get("plural") and group and crd["metadata"].get("name") != f"{names['plural']}.{group}":
+        causes.append(("metadata.name", f'metadata.name: Invalid value: "{crd["metadata"].get("name")}": '
+                                        f'must be spec.names.plural+"."+spec.group'))
+    if spec.get("scope", "Namespaced") not in ("Namespaced", "Cluster"):
+        causes.append(("spec.scope", f'spec.scope: Unsupported value: "{spec.get("scope")}": '
+                                     f'supported values: "Cluster", "Namespaced"'))
+    versions = spec.get("versions") or []
+    if not versions:
+        causes.append(("spec.versions", "spec.versions: Invalid value: []: must have exactly one version marked as storage version"))
+    elif sum(1 for v in versions if v.get("storage")) != 1:
+        causes.append(("spec.versions", "spec.versions: Invalid value: \"array\": must have exactly one version marked as storage version"))
+    for index, version in enumerate(versions):
+        schema = (version.get("schema") or {}).get("openAPIV3Schema")
+        where = f"spec.versions[{index}].schema.openAPIV3Schema"
+        if schema is None:
+            continue
+        try:
+            jsonschema.Draft4Validator.check_schema(_to_json_schema(schema))
+        except jsonschema.SchemaError as exc:
+            causes.append((where, f"{where}: Invalid value: \"object\": {exc.message}"))
+        for rule_path, rule in _rules(schema, where):
+            try:
+                compile_rule(rule)
+            except Exception as exc:  # noqa: BLE001 - report any compile failure on the rule's path
+                causes.append((rule_path, f"{rule_path}: Invalid value: {json.dumps(rule)}: compilation failed: {_short(exc)}"))
+    return causes
+
+
+def _rules(schema: Any, path: str) -> Iterator[tuple[str, str]]:
+    if not isinstance(schema, dict):
+        return
+    for index, rule in enumerate(schema.get("x-kubernetes-validations") or []):
+        yield f"{path}.x-kubernetes-validations[{index}].rule", rule.get("rule", "")
+    for key, child in (schema.get("properties") or {}).items():
+        yield from _rules(child, f"{path}.properties[{key}]")
+    for key in ("items", "additionalProperties"):
+        if isinstance(schema.get(key), dict):
+            yield from _rules(schema[key], f"{path}.{key}")

@@ -1,0 +1,300 @@
+"""``loco local``: run and drive the embedded local cluster.
+
+::
+
+    loco local up [--nodes 3] [--gpus-per-node 0] [--cpu 8] [--memory 32Gi] [--nodes-file F]
+                  [--port 0] [--state-dir ./.loco/local] [--detach]
+    loco local status
+    loco local node not-ready node-1      # simulate a node failure (ready / cordon / uncordon too)
+    loco local down
+
+``up`` runs in the foreground until Ctrl-C (or with ``--detach`` as a background daemon: pid file
+``cluster.pid``, log ``cluster.log``). While it runs, ``<state-dir>/cluster.json`` records the
+API URL and the daemon's pid; ``status``, ``node`` and ``down`` find the cluster through it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import click
+import psutil
+
+from loco_local import procs
+from loco_local.nodes import NodeSpec, cordon_patch, load_nodes_file, ready_patch, uniform_nodes
+
+DEFAULT_STATE_DIR = Path(".loco/local")
+INFO_FILE = "cluster.json"
+PID_FILE = "cluster.pid"
+LOG_FILE = "cluster.log"
+
+_state_dir_option = click.option(
+    "--state-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_STATE_DIR, show_default=True,
+    envvar="LOCO_LOCAL_STATE_DIR", help="Cluster state: kubeconfig, pod roots and logs, volumes.")
+
+
+@click.group("local")
+def local() -> None:
+    """Run the embedded local cluster (API server, scheduler, kubelet running pods as processes)."""
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+def _running_info(state_dir: Path) -> dict[str, Any] | None:
+    """``cluster.json`` of a live cluster in ``state_dir`` (None when none runs)."""
+    try:
+        info = json.loads((state_dir / INFO_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return info if procs.read_pid_file(state_dir / PID_FILE) is not None else None
+
+
+def _require_running(state_dir: Path) -> dict[str, Any]:
+    info = _running_info(state_dir)
+    if info is None:
+        raise click.ClickException(
+            f"no local cluster is running with state dir {state_dir}; start one with 'loco local up --state-dir {state_dir}'")
+    return info
+
+
+def _http(url: str, method: str = "GET", body: Any = None) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers={
+        "Accept": "application/json", "Content-Type": "application/merge-patch+json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read() or b"{}")
+
+
+def _node_specs(nodes: int, gpus_per_node: int, cpu: str, memory: str, nodes_file: Path | None) -> list[NodeSpec]:
+    try:
+        if nodes_file is not None:
+            return load_nodes_file(nodes_file)
+        return uniform_nodes(nodes, cpu=cpu, memory=memory, gpus=gpus_per_node)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _print_how_to(kubeconfig: Path, url: str) -> None:
+    click.echo(f"local cluster up at {url}")
+    click.echo(f"kubeconfig: {kubeconfig}")
+    click.echo("point kubectl and the operator at it with:")
+    click.echo(f"  export KUBECONFIG={kubeconfig}")
+    click.echo("  kubectl get nodes")
+    click.echo("  loco operator run   # in another shell, with KUBECONFIG set")
+
+
+# ------------------------------------------------------------------------------------------ up
+
+
+@local.command("up")
+@click.option("--nodes", type=click.IntRange(min=1), default=3, show_default=True, help="Number of identical fake nodes.")
+@click.option("--gpus-per-node", type=click.IntRange(min=0), default=0, show_default=True,
+              help="nvidia.com/gpu capacity of each node (fake: for scheduling only).")
+@click.option("--cpu", default="8", show_default=True, help="CPU capacity of each node (a Kubernetes quantity).")
+@click.option("--memory", default="32Gi", show_default=True, help="Memory capacity of each node (a Kubernetes quantity).")
+@click.option("--nodes-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="YAML list of nodes (name, cpu, memory, gpus, labels, taints, count); overrides --nodes.")
+@click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True, help="API port (0: any free port).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="API listen address.")
+@click.option("--pod-eviction-timeout", "pod_eviction_timeout_s", type=float, default=10.0, show_default=True,
+              help="Seconds after a node fails before its pods are marked NodeLost.")
+@_state_dir_option
+@click.option("--detach", is_flag=True, help="Run as a background daemon and return once the API answers.")
+def up(nodes: int, gpus_per_node: int, cpu: str, memory: str, nodes_file: Path | None, port: int, host: str,
+       pod_eviction_timeout_s: float, state_dir: Path, detach: bool) -> None:
+    """Start the local cluster."""
+    specs = _node_specs(nodes, gpus_per_node, cpu, memory, nodes_file)
+    state_dir = state_dir.resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    running = _running_info(state_dir)
+    if running is not None:
+        raise click.ClickException(
+            f"a local cluster already runs with state dir {state_dir} (pid {running['pid']}, {running['url']}); "
+            f"stop it with 'loco local down --state-dir {state_dir}'")
+    (state_dir / INFO_FILE).unlink(missing_ok=True)
+    if detach:
+        argv = ["up", "--port", str(port), "--host", host, "--pod-eviction-timeout", str(pod_eviction_timeout_s),
+                "--state-dir", str(state_dir)]
+        if nodes_file is not None:
+            argv += ["--nodes-file", str(nodes_file.resolve())]
+        else:
+            argv += ["--nodes", str(nodes), "--gpus-per-node", str(gpus_per_node), "--cpu", cpu, "--memory", memory]
+        _up_detached(state_dir, argv)
+    else:
+        try:
+            asyncio.run(_serve(state_dir, specs, host, port, pod_eviction_timeout_s))
+        except OSError as exc:
+            raise click.ClickException(f"cannot start the local cluster on {host}:{port}: {exc}") from None
+        except ValueError as exc:  # e.g. a CRD manifest the API server refuses
+            raise click.ClickException(str(exc)) from None
+
+
+def _up_detached(state_dir: Path, up_args: list[str]) -> None:
+    """Start ``python -m loco_local.cli <up_args>`` as a daemon; return once it serves."""
+    argv = [sys.executable, "-m", "loco_local.cli", *up_args]
+    log_path = state_dir / LOG_FILE
+    with open(log_path, "ab") as log:
+        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True, cwd=os.getcwd())
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        info = _running_info(state_dir)
+        if info is not None and info.get("pid") == child.pid:
+            _print_how_to(Path(info["kubeconfig"]), info["url"])
+            click.echo(f"running in the background (pid {child.pid}, log {log_path}); stop it with: "
+                       f"loco local down --state-dir {state_dir}")
+            return
+        if child.poll() is not None:
+            tail = log_path.read_text(errors="replace").splitlines()[-20:]
+            raise click.ClickException("the local cluster failed to start:\n" + "\n".join(tail))
+        time.sleep(0.2)
+    child.kill()
+    raise click.ClickException(f"the local cluster did not come up within 120s; see {log_path}")
+
+
+async def _serve(state_dir: Path, specs: list[NodeSpec], host: str, port: int, pod_eviction_timeout_s: float) -> None:
+    from loco_local.cluster import LocalCluster
+
+    cluster = LocalCluster(state_dir, specs, host=host, port=port, pod_eviction_timeout_s=pod_eviction_timeout_s)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await cluster.start()
+    try:
+        procs.write_pid_file(state_dir / PID_FILE, os.getpid())
+        info = {"pid": os.getpid(), "url": cluster.url, "kubeconfig": str(cluster.kubeconfig),
+                "nodes": [s.name for s in specs]}
+        tmp = state_dir / (INFO_FILE + ".tmp")
+        tmp.write_text(json.dumps(info, indent=2))
+        tmp.replace(state_dir / INFO_FILE)
+        _print_how_to(cluster.kubeconfig, cluster.url)
+        click.echo("press Ctrl-C to stop", err=True)
+        await stop.wait()
+        click.echo("stopping the local cluster (killing its pods)...", err=True)
+    finally:
+        await cluster.stop()
+        for name in (INFO_FILE, PID_FILE):
+            (state_dir / name).unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------- down
+
+
+@local.command("down")
+@_state_dir_option
+@click.option("--timeout", "timeout_s", type=float, default=30.0, show_default=True,
+              help="Seconds to wait for a clean stop before killing.")
+def down(state_dir: Path, timeout_s: float) -> None:
+    """Stop the local cluster and kill every pod process it left."""
+    state_dir = state_dir.resolve()
+    proc = procs.read_pid_file(state_dir / PID_FILE)
+    if proc is None:
+        click.echo(f"no local cluster is running with state dir {state_dir}")
+    else:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+            click.echo(f"local cluster (pid {proc.pid}) stopped")
+        except psutil.TimeoutExpired:
+            proc.kill()
+            click.echo(f"local cluster (pid {proc.pid}) did not stop within {timeout_s:g}s: killed")
+    leftovers = procs.kill_pid_files(sorted((state_dir / "pods").glob("*/*/*.pid")))
+    if leftovers:
+        click.echo(f"killed {leftovers} leftover pod process group(s)")
+    for name in (INFO_FILE, PID_FILE):
+        (state_dir / name).unlink(missing_ok=True)
+
+
+# -------------------------------------------------------------------------------------- status
+
+
+@local.command("status")
+@_state_dir_option
+def status(state_dir: Path) -> None:
+    """Show the cluster's nodes and pods, and how to point kubectl at it."""
+    from rich.console import Console
+    from rich.table import Table
+
+    state_dir = state_dir.resolve()
+    info = _require_running(state_dir)
+    console = Console(width=None if sys.stdout.isatty() else 200)  # piped: no wrapping or cut names
+    click.echo(f"local cluster running (pid {info['pid']}) at {info['url']}")
+    click.echo(f"kubeconfig: {info['kubeconfig']}\n  export KUBECONFIG={info['kubeconfig']}")
+    try:
+        nodes = _http(info["url"] + "/api/v1/nodes").get("items", [])
+        pods = _http(info["url"] + "/api/v1/pods").get("items", [])
+    except (urllib.error.URLError, OSError) as exc:
+        raise click.ClickException(f"the API at {info['url']} does not answer: {exc}") from None
+    table = Table("NODE", "READY", "SCHEDULABLE", "CPU", "MEMORY", "GPUS", "PODS")
+    for node in nodes:
+        name = node["metadata"]["name"]
+        ready = next((c["status"] for c in node["status"].get("conditions", []) if c["type"] == "Ready"), "Unknown")
+        cap = node["status"].get("capacity", {})
+        on_node = sum(1 for p in pods if p["spec"].get("nodeName") == name
+                      and p.get("status", {}).get("phase") not in ("Succeeded", "Failed"))
+        table.add_row(name, ready, "no" if node["spec"].get("unschedulable") else "yes", cap.get("cpu", ""),
+                      cap.get("memory", ""), cap.get("nvidia.com/gpu", "0"), str(on_node))
+    console.print(table)
+    table = Table("NAMESPACE", "POD", "PHASE", "NODE", "IP", "RESTARTS")
+    for pod in pods:
+        st = pod.get("status", {})
+        restarts = sum(c.get("restartCount", 0) for c in st.get("containerStatuses", []))
+        table.add_row(pod["metadata"].get("namespace", ""), pod["metadata"]["name"], st.get("phase", ""),
+                      pod["spec"].get("nodeName", "") or "<pending>", st.get("podIP", ""), str(restarts))
+    console.print(table)
+
+
+# ---------------------------------------------------------------------------------------- node
+
+
+@local.command("node")
+@click.argument("action", type=click.Choice(["ready", "not-ready", "cordon", "uncordon"]))
+@click.argument("name")
+@_state_dir_option
+def node(action: str, name: str, state_dir: Path) -> None:
+    """Fail (not-ready) or revive (ready) a node, or cordon/uncordon it.
+
+    A not-ready node stops its heartbeats and gets the node.kubernetes.io/not-ready taint; after the
+    pod eviction timeout its pods fail with reason NodeLost and their processes are killed.
+    """
+    info = _require_running(state_dir.resolve())
+    patch = {"ready": ready_patch(True), "not-ready": ready_patch(False),
+             "cordon": cordon_patch(True), "uncordon": cordon_patch(False)}[action]
+    try:
+        _http(f"{info['url']}/api/v1/nodes/{name}", "PATCH", patch)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            raise click.ClickException(f"no node named {name!r}; nodes are {info.get('nodes')}") from None
+        raise click.ClickException(f"patching node {name} failed: HTTP {exc.code} {exc.read().decode(errors='replace')}")
+    click.echo(f"node/{name} {action}")
+
+
+@local.command("demo")
+@click.argument("manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                default=Path("examples/quickstart.yaml"))
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=Path(".loco/demo"),
+              show_default=True, help="Where the demo's cluster keeps its state (wiped at start).")
+@click.option("--nodes", type=click.IntRange(min=1), default=3, show_default=True, help="Fake nodes.")
+@click.option("--timeout", "timeout_s", type=float, default=900.0, show_default=True, help="Give up after this long.")
+@click.option("--keep", is_flag=True, help="Keep the cluster up after the job ends (Ctrl-C to stop).")
+def demo(manifest: Path, state_dir: Path, nodes: int, timeout_s: float, keep: bool) -> None:
+    """Run MANIFEST's TrainingJob end to end: cluster, operator, live progress, summary."""
+    from loco_local.demo import run_demo
+
+    sys.exit(run_demo(manifest, state_dir.resolve(), nodes=nodes, timeout_s=timeout_s, keep=keep))
+
+
+if __name__ == "__main__":  # ``python -m loco_local.cli up ...`` (how --detach starts the daemon)
+    local()

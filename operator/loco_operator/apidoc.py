@@ -1,0 +1,127 @@
+"""Generate ``docs/api.md`` (the TrainingJob reference) from the CRD schema, so the reference,
+the CRD and the models cannot disagree. ``loco crds --docs`` writes it; a test fails on drift."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .crd import build_crd
+from .rules import RULES
+from .spec import API_VERSION, KIND
+
+API_DOC_PATH = Path("docs") / "api.md"
+
+_INTRO = f"""# TrainingJob API reference (`{API_VERSION}`)
+
+<!-- Generated from operator/loco_operator/spec.py by `loco crds --docs`: do not edit by hand. -->
+
+A `{KIND}` trains a model on `spec.replicas` worker pods with a low-communication algorithm and
+restarts it from the last committed checkpoint when a worker fails. Field names are camelCase.
+`kubectl explain trainingjob.spec` shows the same descriptions.
+
+```yaml
+apiVersion: {API_VERSION}
+kind: {KIND}
+metadata:
+  name: gpt-diloco
+spec:
+  replicas: 4
+  algorithm: {{name: diloco, syncEvery: 50}}
+  model: {{gpt: {{nLayer: 4, nHead: 4, nEmbd: 128}}}}
+  training: {{steps: 1000, seqLen: 128}}
+  checkpoint: {{path: /checkpoints, everySteps: 100}}
+  runPolicy: {{backoffLimit: 3, cleanPodPolicy: Running}}
+```
+"""
+
+
+def _type(node: dict[str, Any]) -> str:
+    if node.get("x-kubernetes-int-or-string"):
+        return "int or string"
+    kind = node.get("type", "object")
+    if kind == "array":
+        kind = f"[]{_type(node.get('items', {}))}"
+    elif kind == "object" and isinstance(node.get("additionalProperties"), dict):
+        kind = f"map[string]{_type(node['additionalProperties'])}"
+    if node.get("x-kubernetes-preserve-unknown-fields"):
+        kind += " (free-form)"
+    return kind
+
+
+def _constraints(node: dict[str, Any]) -> str:
+    parts = []
+    if "enum" in node:
+        parts.append("one of " + ", ".join(f"`{v}`" for v in node["enum"]))
+    if "minimum" in node:
+        parts.append((">" if node.get("exclusiveMinimum") else ">=") + f" {node['minimum']}")
+    if "maximum" in node:
+        parts.append(("<" if node.get("exclusiveMaximum") else "<=") + f" {node['maximum']}")
+    if node.get("nullable"):
+        parts.append("optional")
+    return "; ".join(parts)
+
+
+def _default(node: dict[str, Any]) -> str:
+    if "default" not in node or node["default"] == {}:
+        return ""
+    return f"`{json.dumps(node['default'])}`"
+
+
+def _sections(node: dict[str, Any], path: str, out: list[str]) -> None:
+    props = node.get("properties") or {}
+    if not props:
+        return
+    out.append(f"\n## `{path}`\n")
+    if node.get("description"):
+        out.append(node["description"] + "\n")
+    out.append("| Field | Type | Default | Constraints | Description |")
+    out.append("|---|---|---|---|---|")
+    nested = []
+    for name, prop in props.items():
+        if prop.get("properties"):
+            nested.append((name, prop))
+        elif prop.get("type") == "array" and (prop.get("items") or {}).get("properties"):
+            nested.append((name + "[]", prop["items"]))
+        desc = prop.get("description", "").replace("|", "\\|")
+        out.append(f"| `{name}` | {_type(prop)} | {_default(prop)} | {_constraints(prop)} | {desc} |")
+    for name, prop in nested:
+        _sections(prop, f"{path}.{name}", out)
+
+
+def render_api_markdown() -> str:
+    """The Markdown text of docs/api.md."""
+    version = build_crd()["spec"]["versions"][0]
+    schema = version["schema"]["openAPIV3Schema"]
+    out = [_INTRO]
+    _sections(schema["properties"]["spec"], "spec", out)
+    out.append("\n## Cross-field rules\n")
+    out.append("Enforced by the API server (CEL `x-kubernetes-validations`) and again by the operator.\n")
+    out.append("| Field | Rule (CEL) | Message |")
+    out.append("|---|---|---|")
+    for rule in RULES:
+        cel, message = rule.cel.replace("|", r"\|"), rule.message.replace("|", r"\|")
+        out.append(f"| `{rule.path}` | `{cel}` | {message} |")
+    _sections(schema["properties"]["status"], "status", out)
+    out.append("\n## `kubectl get trainingjobs` columns\n")
+    out.append("| Column | JSONPath | Shown |")
+    out.append("|---|---|---|")
+    for col in version["additionalPrinterColumns"]:
+        out.append(f"| {col['name']} | `{col['jsonPath']}` | {'-o wide' if col.get('priority') else 'always'} |")
+    out.append(
+        "\nThe `scale` subresource maps `spec.replicas` and `status.workers.ready` "
+        "(`kubectl scale trainingjob/NAME --replicas=N`); a change of replicas starts a new membership "
+        "epoch without counting as a restart.\n"
+    )
+    return "\n".join(out)
+
+
+def write_api_doc(path: Path) -> bool:
+    """Write docs/api.md; returns True when the file changed."""
+    text = render_api_markdown()
+    if path.exists() and path.read_text() == text:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return True

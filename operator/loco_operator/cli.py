@@ -1,0 +1,162 @@
+"""``loco operator run`` and ``loco crds``.
+
+``loco operator run`` embeds Kopf (``kopf.operator``) with the handlers of
+:mod:`loco_operator.handlers`: standalone by default (one operator per cluster, no peering),
+watching one namespace, several, or all; Prometheus metrics on ``--metrics-port``; an optional
+liveness endpoint. ``loco crds`` prints the generated CRD; ``--write`` writes crds/trainingjob.yaml.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .apidoc import API_DOC_PATH, write_api_doc
+from .crd import CRD_PATH, render_crd_yaml, write_crd
+
+
+def load_api_client(kubeconfig: str | None, context: str | None = None) -> Any:
+    """An ApiClient for the cluster: ``--kubeconfig``/$KUBECONFIG/~/.kube/config, else in-cluster."""
+    from kubernetes import client, config
+
+    configuration = client.Configuration()
+    try:
+        config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=configuration)
+    except (config.ConfigException, FileNotFoundError, TypeError) as exc:
+        if kubeconfig:
+            raise click.ClickException(f"cannot load --kubeconfig {kubeconfig}: {exc}") from exc
+        try:
+            config.load_incluster_config(client_configuration=configuration)
+        except config.ConfigException as exc2:
+            raise click.ClickException(
+                "no cluster credentials: pass --kubeconfig, set KUBECONFIG, or run inside a pod "
+                f"({exc}; {exc2})"
+            ) from exc2
+    return client.ApiClient(configuration)
+
+
+async def run_operator(
+    api_client: Any,
+    *,
+    namespaces: tuple[str, ...] = (),
+    all_namespaces: bool = False,
+    metrics_port: int | None = 9090,
+    liveness: str | None = None,
+    standalone: bool = True,
+    peering_name: str | None = None,
+    status_port: int | None = None,
+    ready_flag: asyncio.Event | threading.Event | None = None,
+    stop_flag: asyncio.Event | threading.Event | None = None,
+) -> None:
+    """Run the operator until ``stop_flag`` is set (or forever). Embeddable: tests call it directly.
+
+    ``metrics_port`` None disables metrics; 0 picks a free port (logged). ``status_port`` overrides
+    the workers' progress port (tests serve fake workers on a free port).
+    """
+    import kopf
+
+    from .handlers import OperatorContext, registry
+
+    ctx = OperatorContext(api_client=api_client)
+    if status_port is not None:
+        ctx.status_port = status_port
+    if metrics_port is not None:
+        port = ctx.metrics.serve(metrics_port)
+        logging.getLogger(__name__).info(f"operator metrics on :{port}/metrics")
+    try:
+        await kopf.operator(
+            registry=registry,
+            memo=kopf.Memo(loco=ctx),
+            clusterwide=all_namespaces,
+            namespaces=() if all_namespaces else (namespaces or ("default",)),
+            standalone=standalone,
+            peering_name=peering_name,
+            liveness_endpoint=liveness,
+            ready_flag=ready_flag,
+            stop_flag=stop_flag,
+        )
+    finally:
+        ctx.metrics.close()
+
+
+@click.group("operator")
+def operator() -> None:
+    """The TrainingJob operator."""
+
+
+@operator.command("run")
+@click.option("--kubeconfig", type=click.Path(dir_okay=False), envvar="KUBECONFIG", help="Kubeconfig file (default: $KUBECONFIG, ~/.kube/config, in-cluster).")
+@click.option("--context", default=None, help="Kubeconfig context (default: the current one).")
+@click.option("--namespace", "-n", "namespaces", multiple=True, help="Namespace to watch (repeatable; default: 'default').")
+@click.option("--all-namespaces", "-A", is_flag=True, help="Watch every namespace (cluster-wide).")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=9090, show_default=True, help="Port of /metrics (0: any free port).")
+@click.option("--liveness", default="", help="Liveness endpoint URL, e.g. http://0.0.0.0:8081/healthz (default: none).")
+@click.option("--peering", "peering_name", default=None, help="Use Kopf peering with this name instead of --standalone.")
+@click.option("--verbose", "-v", is_flag=True, help="Debug logging.")
+def run(
+    kubeconfig: str | None, context: str | None, namespaces: tuple[str, ...], all_namespaces: bool,
+    metrics_port: int, liveness: str, peering_name: str | None, verbose: bool,
+) -> None:
+    """Run the operator until interrupted."""
+    if all_namespaces and namespaces:
+        raise click.UsageError("use either --namespace or --all-namespaces, not both")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not verbose:
+        logging.getLogger("kubernetes").setLevel(logging.WARNING)
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+        logging.getLogger("kopf.objects").addFilter(_quiet_routine_success)
+    api_client = load_api_client(kubeconfig, context)
+    # A liveness URL with port 0 is not supported by Kopf; '' disables the endpoint.
+    asyncio.run(
+        run_operator(
+            api_client,
+            namespaces=namespaces,
+            all_namespaces=all_namespaces,
+            metrics_port=metrics_port,
+            liveness=liveness or None,
+            standalone=peering_name is None,
+            peering_name=peering_name,
+        )
+    )
+
+
+def _quiet_routine_success(record: logging.LogRecord) -> bool:
+    """Drop Kopf's "Timer 'on_timer' succeeded." lines (one per job every 2 s) unless --verbose."""
+    message = record.getMessage()
+    return not (message.endswith("succeeded.") and ("'on_timer'" in message or "'on_pod_event'" in message))
+
+
+@click.command("crds")
+@click.option("--write", is_flag=True, help=f"Write {CRD_PATH} instead of printing.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None, help=f"File for --write (default: {CRD_PATH} in the repository).")
+@click.option("--docs", "docs_path", is_flag=False, flag_value=str(API_DOC_PATH), default=None,
+              help=f"Also write the API reference (default path: {API_DOC_PATH} in the repository).")
+def crds(write: bool, output: Path | None, docs_path: str | None) -> None:
+    """Print (or write) the TrainingJob CRD generated from the API models."""
+    if docs_path is not None:
+        doc = Path(docs_path) if Path(docs_path).is_absolute() else _repo_root() / docs_path
+        click.echo(f"{'wrote' if write_api_doc(doc) else 'unchanged'} {doc}")
+    if not write:
+        if docs_path is None:
+            click.echo(render_crd_yaml(), nl=False)
+        return
+    path = output or _repo_root() / CRD_PATH
+    changed = write_crd(path)
+    click.echo(f"{'wrote' if changed else 'unchanged'} {path}")
+
+
+def _repo_root() -> Path:
+    """The repository root (the directory holding pyproject.toml), else the current directory."""
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        if (parent / "pyproject.toml").exists() and (parent / "crds").is_dir():
+            return parent
+    return Path.cwd()

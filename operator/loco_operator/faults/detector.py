@@ -1,0 +1,742 @@
+"""C4-style fault detector: collective timings in, verdicts with evidence out.
+
+Collective communication is periodic and homogeneous: every rank issues the same collectives
+in the same order with the same sizes, so a rank whose timing departs from its peers' is the
+fault, not noise (C4, arXiv 2406.04594). The detector applies four rules:
+
+1. **hang-noncomm** - all ranks but some entered collective #n and the others never do, for
+   longer than the hang timeout: blame the missing ranks (a rank that also stopped reporting
+   is blamed the same way, see ``silenceTimeoutSeconds``).
+2. **hang-comm** - every rank entered #n, it never completes: blame the stalled connection
+   (``LinkSample.seconds = inf``, or the peers of unfinished send/recv), or its endpoint when
+   all stalled connections share one rank or node.
+3. **slow-noncomm** - a rank keeps *entering* collectives late: lateness
+   ``enter - median(enter)`` above ``max(minLatenessSeconds, madMultiplier * 1.4826 * MAD)``
+   in ``consecutive`` informative collectives in a row. Only entry times are judged, so the
+   ranks that *waited* for the straggler (long in-collective time) are never blamed.
+4. **slow-comm** - per connection (source x destination), a sample slower than
+   ``linkSlownessFactor`` x the median sample of the same size and class (intra- or
+   cross-node) in ``consecutive`` samples in a row is slow. A node whose row or column of
+   cross-node connections is (mostly) slow is a slow node; a rank whose own cross-node (or
+   intra-node) row and column are slow is a slow NIC; any other slow connection is a slow link.
+
+Hang timeouts follow NVIDIA's resiliency extension: ``max(floor, multiplier x longest healthy
+interval after warm-up)``; the interval is the arrival spread (latest healthy entry minus the
+median entry) for hang-noncomm, and the transfer time (median exit minus last entry) for
+hang-comm; the hang-noncomm timeout is also at least ``hangTimeoutMinIntervals`` times the
+longest healthy interval between consecutive collectives, so a straggler is reported slow, not
+hung; before warm-up ends ``warmupHangTimeoutSeconds`` applies.
+
+Contract: :class:`Detector` is pure and deterministic. It performs no I/O and reads no clock:
+``observe(records, links, now_s)`` folds a batch into its state and returns the verdicts that
+became true at ``now_s``; each fault is reported once (a slow fault again only after it
+recovered). Work per call is vectorised numpy over ranks and links: O(batch + world size).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from loco_operator.faults.types import (
+    KINDS,
+    CollectiveRecord,
+    DetectorConfig,
+    LinkBatch,
+    LinkSample,
+    RankHeartbeat,
+    RecordBatch,
+    Topology,
+    Verdict,
+    VerdictKind,
+)
+from loco_operator.faults.trace import Trace
+
+#: Scale of the MAD that makes it a consistent estimator of a normal standard deviation.
+MAD_TO_SIGMA = 1.4826
+#: Samples a (size, class) reference needs before connections are judged against it.
+MIN_REFERENCE_SAMPLES = 16
+#: Recent samples kept per (size, class) reference.
+REFERENCE_SAMPLES = 1024
+_SEND, _RECV = KINDS.index("send"), KINDS.index("recv")
+
+
+@dataclasses.dataclass
+class _OpenCollective:
+    """Entry/exit times of one collective across ranks (NaN: not seen yet)."""
+
+    seq: int
+    kind: int
+    nbytes: int
+    enter_s: np.ndarray  # float64[world]
+    exit_s: np.ndarray  # float64[world]
+    peer: np.ndarray | None = None  # int64[world], -1 none (only allocated for p2p)
+    rank_kind: np.ndarray | None = None  # int64[world] kind per rank (only allocated with peers)
+
+
+def _p(values: np.ndarray | float, digits: int = 4) -> Any:
+    """Round for evidence: plain Python numbers a human can read."""
+    if isinstance(values, np.ndarray):
+        return [round(float(v), digits) for v in values]
+    return round(float(values), digits)
+
+
+class Detector:
+    """Streaming fault detector for one communicator group (see the module docstring).
+
+    Args:
+        config: thresholds (``spec.faultDetection``); defaults when None.
+        topology: where each rank runs (``Topology`` or ``{rank: node}``); its size is the world size.
+    """
+
+    def __init__(self, config: DetectorConfig | None = None, topology: Topology | Mapping[int, str] | None = None) -> None:
+        if topology is None:
+            raise ValueError("topology is required: pass Topology.uniform(world_size, ranks_per_node) or {rank: node}")
+        self.config = config or DetectorConfig()
+        self.topology = topology if isinstance(topology, Topology) else Topology.from_mapping(topology)
+        n = self.topology.world_size
+        self._n = n
+        self._node_of = self.topology.node_index
+        self._node_sizes = np.bincount(self._node_of)
+        window = self.config.window
+        # collectives
+        self._open: dict[int, _OpenCollective] = {}
+        self._finalized_below = 0  # seqs below this are judged or dropped; their late records are ignored
+        self._finalized_above: set[int] = set()  # judged seqs above the watermark (async completions out of order)
+        self._rank_max_seq = np.full(n, -1, dtype=np.int64)
+        self._rank_max_exit_seq = np.full(n, -1, dtype=np.int64)
+        self._judged = 0  # completed collectives seen (warm-up counts them)
+        self._last_progress_s = -math.inf  # latest exit seen
+        # stragglers
+        self._late_streak = np.zeros(n, dtype=np.int64)
+        self._lateness = np.full((window, n), np.nan)  # ring over collectives, one row per collective
+        self._lateness_ptr = 0
+        self._straggling = np.zeros(n, dtype=bool)
+        # hang baselines (after warm-up)
+        self._max_healthy_spread_s = 0.0
+        self._max_transfer_s = 0.0
+        self._max_interval_s = 0.0
+        self._prev_median_enter_s: float | None = None
+        # links
+        self._link_keys = np.zeros(0, dtype=np.int64)  # sorted src * n + dst
+        self._link_id_of_key = np.zeros(0, dtype=np.int64)
+        self._link_src = np.zeros(0, dtype=np.int64)  # by link id
+        self._link_dst = np.zeros(0, dtype=np.int64)
+        self._link_streak = np.zeros(0, dtype=np.int64)
+        self._link_count = np.zeros(0, dtype=np.int64)
+        self._link_ratio = np.zeros(0)  # flat ring: link i's samples at [i * window, (i + 1) * window)
+        self._link_blamed = np.zeros(0, dtype=bool)
+        self._references: dict[tuple[int, bool], np.ndarray] = {}
+        empty = np.zeros(0, np.int64)
+        self._last_link_lookup: tuple[np.ndarray, ...] = (empty, empty, empty, empty, empty)
+        self._stalled: dict[tuple[int, int], float] = {}
+        self._slow_active: dict[tuple[Any, ...], np.ndarray] = {}  # verdict key -> link ids it covers
+        # liveness
+        self._last_heard = np.full(n, np.nan)
+        self._emitted: set[tuple[Any, ...]] = set()
+        self.history: list[Verdict] = []
+        self._now_s = -math.inf
+        self.stats = {"records": 0, "late_records_ignored": 0, "incomplete_dropped": 0, "link_samples": 0}
+
+    # ---------------------------------------------------------------------------------- API
+
+    @property
+    def world_size(self) -> int:
+        return self._n
+
+    def observe(
+        self,
+        records: RecordBatch | Iterable[CollectiveRecord] = (),
+        links: LinkBatch | Iterable[LinkSample] = (),
+        now_s: float = 0.0,
+        *,
+        heartbeats: Iterable[RankHeartbeat] = (),
+    ) -> list[Verdict]:
+        """Fold one batch in and return the verdicts that became true at ``now_s``.
+
+        ``records`` may repeat a ``(rank, seq)`` seen in flight, now completed; ``now_s`` is the
+        caller's clock (same clock as the records) and must not go backwards.
+        """
+        if now_s < self._now_s:
+            raise ValueError(f"now_s went backwards ({now_s} < {self._now_s}): pass a monotonic clock")
+        self._now_s = now_s
+        batch = records if isinstance(records, RecordBatch) else RecordBatch.from_records(records)
+        link_batch = links if isinstance(links, LinkBatch) else LinkBatch.from_samples(links)
+        verdicts: list[Verdict] = []
+        for hb in heartbeats:
+            self._check_rank(hb.rank, "heartbeat.rank")
+            prev = self._last_heard[hb.rank]
+            self._last_heard[hb.rank] = hb.last_report_s if np.isnan(prev) else max(prev, hb.last_report_s)
+        if len(batch):
+            self._ingest(batch)
+        verdicts += self._finalize_complete(now_s)
+        if len(link_batch):
+            verdicts += self._ingest_links(link_batch, now_s)
+        verdicts += self._check_hangs(now_s)
+        verdicts += self._check_silence(now_s)
+        self.history.extend(verdicts)
+        return verdicts
+
+    # ----------------------------------------------------------------------------- ingest
+
+    def _check_rank(self, rank: int, field: str) -> None:
+        if not 0 <= rank < self._n:
+            raise ValueError(f"{field} {rank} is outside the topology's ranks 0..{self._n - 1}; fix the trace or the topology")
+
+    def _ingest(self, b: RecordBatch) -> None:
+        n = self._n
+        if b.rank.min() < 0 or b.rank.max() >= n:
+            bad = int(b.rank[(b.rank < 0) | (b.rank >= n)][0])
+            raise ValueError(f"record.rank {bad} is outside the topology's ranks 0..{n - 1}; fix the trace or the topology")
+        if b.seq.min() < 0:
+            raise ValueError(f"record.seq {int(b.seq.min())} is negative; seq counts collectives from 0")
+        self.stats["records"] += len(b)
+        keep = b.seq >= self._finalized_below
+        if self._finalized_above:
+            keep &= ~np.isin(b.seq, np.fromiter(self._finalized_above, dtype=np.int64))
+        if not keep.all():
+            self.stats["late_records_ignored"] += int((~keep).sum())
+            b = b.take(keep)
+            if not len(b):
+                return
+        np.maximum.at(self._rank_max_seq, b.rank, b.seq)
+        done = ~np.isnan(b.exit_s)
+        if done.any():
+            np.maximum.at(self._rank_max_exit_seq, b.rank[done], b.seq[done])
+            self._last_progress_s = max(self._last_progress_s, float(b.exit_s[done].max()))
+        lo, hi = int(b.seq.min()), int(b.seq.max())
+        seqs = [lo] if lo == hi else np.unique(b.seq).tolist()
+        for s in seqs:
+            part = b if lo == hi else b.take(b.seq == s)
+            col = self._open.get(s)
+            if col is None:
+                col = self._open[s] = _OpenCollective(
+                    s, int(part.kind[0]), int(part.nbytes[0]), np.full(n, np.nan), np.full(n, np.nan)
+                )
+            col.enter_s[part.rank] = part.enter_s
+            finished = ~np.isnan(part.exit_s)
+            col.exit_s[part.rank[finished]] = part.exit_s[finished]
+            has_peer = part.peer >= 0
+            if has_peer.any():
+                if col.peer is None:
+                    col.peer = np.full(n, -1, dtype=np.int64)
+                    col.rank_kind = np.full(n, col.kind, dtype=np.int64)
+                col.peer[part.rank[has_peer]] = part.peer[has_peer]
+                col.rank_kind[part.rank[has_peer]] = part.kind[has_peer]
+
+    # ------------------------------------------------------------------------ stragglers
+
+    def _finalize_complete(self, now_s: float) -> list[Verdict]:
+        verdicts: list[Verdict] = []
+        for s in sorted(self._open):
+            col = self._open[s]
+            entered = ~np.isnan(col.enter_s)
+            exited = ~np.isnan(col.exit_s)
+            if entered.all() and exited.all():
+                del self._open[s]
+                verdicts += self._judge(col, now_s)
+            elif not (entered & ~exited).any() and (self._rank_max_seq > s).all() and (self._rank_max_exit_seq > s).all():
+                # every rank moved past it, none is still inside, but some records were lost: nothing to judge safely
+                del self._open[s]
+                self.stats["incomplete_dropped"] += 1
+            else:
+                continue
+            self._mark_finalized(s)
+        return verdicts
+
+    def _mark_finalized(self, s: int) -> None:
+        """Move the watermark past ``s`` when nothing older is still open, else remember ``s``."""
+        if any(o < s for o in self._open):
+            self._finalized_above.add(s)
+            return
+        self._finalized_below = max(self._finalized_below, s + 1)
+        self._finalized_above = {d for d in self._finalized_above if d >= self._finalized_below}
+        while self._finalized_below in self._finalized_above:
+            self._finalized_above.discard(self._finalized_below)
+            self._finalized_below += 1
+
+    def _judge(self, col: _OpenCollective, now_s: float) -> list[Verdict]:
+        """Judge the entry times of one completed collective (stragglers) and update baselines."""
+        cfg = self.config
+        self._judged += 1
+        enter = col.enter_s
+        median = float(np.median(enter))
+        prev_median, self._prev_median_enter_s = self._prev_median_enter_s, median
+        if self._judged <= cfg.warmup_collectives:
+            return []
+        if prev_median is not None:
+            self._max_interval_s = max(self._max_interval_s, median - prev_median)
+        lateness = enter - median
+        mad = float(np.median(np.abs(lateness)))
+        threshold = max(cfg.min_lateness_seconds, cfg.mad_multiplier * MAD_TO_SIGMA * mad)
+        late = lateness > threshold
+        informative = float(enter.max() - enter.min()) > cfg.min_lateness_seconds
+        self._lateness[self._lateness_ptr % cfg.window] = lateness
+        self._lateness_ptr += 1
+        # hang baselines from the healthy part of this collective
+        healthy = lateness[~late]
+        if healthy.size:
+            self._max_healthy_spread_s = max(self._max_healthy_spread_s, float(healthy.max()))
+        transfer = float(np.median(col.exit_s)) - float(enter.max())
+        self._max_transfer_s = max(self._max_transfer_s, transfer)
+        if not informative:
+            return []  # everyone arrived together (e.g. back-to-back buckets): says nothing about anyone
+        self._late_streak = np.where(late, self._late_streak + 1, 0)
+        self._straggling &= self._late_streak > 0  # recovered ranks may be blamed again later
+        new = (self._late_streak >= cfg.consecutive) & ~self._straggling
+        if not new.any():
+            return []
+        self._straggling |= new
+        return self._straggler_verdicts(np.flatnonzero(new), col, median, mad, threshold, now_s)
+
+    def _straggler_verdicts(
+        self, ranks: np.ndarray, col: _OpenCollective, median: float, mad: float, threshold: float, now_s: float
+    ) -> list[Verdict]:
+        cfg = self.config
+        recent = min(self._lateness_ptr, cfg.window)
+        verdicts = []
+        nodes = self._node_of[ranks]
+        for node_idx in np.unique(nodes):
+            on_node = ranks[nodes == node_idx]
+            whole_node = self._node_sizes[node_idx] > 1 and on_node.size == self._node_sizes[node_idx]
+            groups = [on_node] if whole_node else [np.array([r]) for r in on_node]
+            for group in groups:
+                hist = self._lateness[:recent, group]
+                node = self.topology.node_names[int(node_idx)]
+                evidence = {
+                    "lateness_s": _p(float(np.median(col.enter_s[group] - median))),
+                    "median_lateness_window_s": _p(float(np.nanmedian(hist))),
+                    "threshold_s": _p(threshold),
+                    "mad_s": _p(mad),
+                    "consecutive": int(self._late_streak[group].min()),
+                    "window": recent,
+                    "median_enter_s": _p(median),
+                }
+                who = f"node {node} (all {group.size} ranks)" if whole_node else f"rank {int(group[0])} on {node}"
+                verdicts.append(self._verdict(
+                    VerdictKind.slow_noncomm, group, None, node, col.seq, evidence, now_s,
+                    f"{who} entered {evidence['consecutive']} consecutive collectives late "
+                    f"(last {evidence['lateness_s']} s after the median rank, threshold {evidence['threshold_s']} s); "
+                    f"the ranks that waited for it are not at fault",
+                    scope="node" if whole_node else "rank",
+                ))
+        return verdicts
+
+    # ----------------------------------------------------------------------------- hangs
+
+    def _hang_timeouts(self) -> tuple[float, float]:
+        cfg = self.config
+        if self._judged <= cfg.warmup_collectives:
+            return cfg.warmup_hang_timeout_seconds, cfg.warmup_hang_timeout_seconds
+        floor, mult = cfg.hang_timeout_floor_seconds, cfg.hang_timeout_multiplier
+        noncomm = max(floor, mult * self._max_healthy_spread_s, cfg.hang_timeout_min_intervals * self._max_interval_s)
+        return noncomm, max(floor, mult * self._max_transfer_s)
+
+    def _check_hangs(self, now_s: float) -> list[Verdict]:
+        verdicts: list[Verdict] = []
+        if not self._open:
+            return verdicts
+        noncomm_timeout, comm_timeout = self._hang_timeouts()
+        for s in sorted(self._open):
+            col = self._open[s]
+            seen = ~np.isnan(col.enter_s)
+            entered = seen | (self._rank_max_seq > s)
+            if not entered.all():
+                waited = now_s - float(np.median(col.enter_s[seen]))
+                if waited > noncomm_timeout:
+                    verdicts += self._noncomm_hang(col, np.flatnonzero(~entered), int(entered.sum()), waited, noncomm_timeout, now_s)
+                continue
+            stuck = np.isnan(col.exit_s) & (self._rank_max_exit_seq <= s)
+            if not stuck.any() or (self._rank_max_exit_seq > s).any():
+                continue  # some rank completed a later collective: this one is not what blocks the job
+            waited = now_s - float(np.nanmax(col.enter_s))
+            if waited > comm_timeout:
+                verdicts += self._comm_hang(col, stuck, waited, comm_timeout, now_s)
+        return verdicts
+
+    def _noncomm_hang(
+        self, col: _OpenCollective, missing: np.ndarray, n_entered: int, waited: float, timeout: float, now_s: float
+    ) -> list[Verdict]:
+        silent = [int(r) for r in missing if not np.isnan(self._last_heard[r])
+                  and now_s - self._last_heard[r] > self.config.silence_timeout_seconds]
+        node = self._single_node(missing)
+        evidence = {
+            "collective": KINDS[col.kind], "nbytes": col.nbytes,
+            "entered": n_entered, "missing": int(missing.size),
+            "waited_s": _p(waited), "timeout_s": _p(timeout),
+            "silent_ranks": silent[:32],
+        }
+        shown = ", ".join(str(int(r)) for r in missing[:16]) + (" ..." if missing.size > 16 else "")
+        where = f" (node {node})" if node else ""
+        return self._once(self._verdict(
+            VerdictKind.hang_noncomm, missing, None, node, col.seq, evidence, now_s,
+            f"rank(s) {shown}{where} never entered collective #{col.seq} ({KINDS[col.kind]}) while {n_entered} peers "
+            f"have waited {evidence['waited_s']} s (timeout {evidence['timeout_s']} s)",
+        ))
+
+    def _comm_hang(self, col: _OpenCollective, stuck: np.ndarray, waited: float, timeout: float, now_s: float) -> list[Verdict]:
+        evidence: dict[str, Any] = {
+            "collective": KINDS[col.kind], "nbytes": col.nbytes,
+            "in_collective": int(stuck.sum()), "waited_s": _p(waited), "timeout_s": _p(timeout),
+        }
+        links = sorted(self._stalled)
+        source = "stalled connections"
+        if not links and col.peer is not None:
+            source = "unfinished point-to-point calls"
+            pairs = set()
+            for r in np.flatnonzero(stuck & (col.peer >= 0)).tolist():
+                p, kind = int(col.peer[r]), int(col.rank_kind[r])
+                if kind in (_SEND, _RECV):  # a broadcast's peer is its source, not a connection
+                    pairs.add((r, p) if kind == _SEND else (p, r))
+            links = sorted(pairs)
+        evidence["evidence_from"] = source
+        evidence["stalled_links"] = [list(link) for link in links[:32]]
+        msg_tail = f"collective #{col.seq} ({KINDS[col.kind]}) entered by every rank never completed after {evidence['waited_s']} s (timeout {evidence['timeout_s']} s)"
+        if not links:
+            ranks = np.flatnonzero(stuck)
+            evidence["evidence_from"] = "ranks still inside the collective (no per-connection data)"
+            node = self._single_node(ranks)
+            return self._once(self._verdict(
+                VerdictKind.hang_comm, ranks, None, node, col.seq, evidence, now_s,
+                f"{msg_tail}; no per-connection data to localise it: {ranks.size} rank(s) still inside",
+            ))
+        ends = [set(link) for link in links]
+        common = set.intersection(*ends)
+        if len(links) > 1 and len(common) == 1:
+            r = common.pop()
+            node = self.topology.nodes[r]
+            return self._once(self._verdict(
+                VerdictKind.hang_comm, np.array([r]), None, node, col.seq, evidence, now_s,
+                f"{msg_tail}; all {len(links)} stalled connections touch rank {r} on {node}: its endpoint is at fault",
+                scope="endpoint",
+            ))
+        link_nodes = [{int(self._node_of[a]), int(self._node_of[b])} for a, b in links]
+        common_nodes = set.intersection(*link_nodes)
+        if len(links) > 1 and len(common_nodes) == 1:
+            node_idx = common_nodes.pop()
+            node = self.topology.node_names[node_idx]
+            return self._once(self._verdict(
+                VerdictKind.hang_comm, np.flatnonzero(self._node_of == node_idx), None, node, col.seq, evidence, now_s,
+                f"{msg_tail}; all {len(links)} stalled connections touch node {node}: the node is at fault",
+                scope="node",
+            ))
+        out: list[Verdict] = []
+        for a, b in links:
+            out += self._once(self._verdict(
+                VerdictKind.hang_comm, np.array([a, b]), (a, b), None, col.seq, evidence, now_s,
+                f"{msg_tail}; connection {a} -> {b} stopped progressing", scope="link",
+            ))
+        return out
+
+    def _check_silence(self, now_s: float) -> list[Verdict]:
+        heard = self._last_heard
+        timeout = self.config.silence_timeout_seconds
+        silent = (now_s - heard) > timeout  # NaN (never heard) compares False
+        if not silent.any() or now_s - self._last_progress_s <= timeout:
+            return []  # collectives still complete: a quiet rank is still taking part
+        if silent.sum() * 2 > self._n:
+            return []  # most ranks unreachable: the observer is cut off, not the ranks
+
+        out: list[Verdict] = []
+        for r in np.flatnonzero(silent):
+            evidence = {
+                "last_report_s": _p(heard[r]), "silent_s": _p(now_s - heard[r]),
+                "timeout_s": self.config.silence_timeout_seconds,
+                "last_progress_s": None if math.isinf(self._last_progress_s) else _p(self._last_progress_s),
+                "reason": "stopped reporting while no collective completes",
+            }
+            out += self._once(self._verdict(
+                VerdictKind.hang_noncomm, np.array([r]), None, self.topology.nodes[r], None, evidence, now_s,
+                f"rank {r} on {self.topology.nodes[r]} stopped reporting {evidence['silent_s']} s ago and no collective "
+                f"has completed for over {timeout} s",
+            ))
+        return out
+
+    # ----------------------------------------------------------------------------- links
+
+    def _link_ids_and_classes(self, lb: LinkBatch) -> tuple[np.ndarray | slice, np.ndarray]:
+        """Link ids (a slice when the batch is every known link in id order) and reference classes
+        (``2 * log2 size bucket + is cross-node``) of a batch."""
+        last_src, last_dst, last_nbytes, ids, classes = self._last_link_lookup
+        if last_src.shape == lb.src.shape and np.array_equal(last_src, lb.src) and np.array_equal(last_dst, lb.dst) \
+                and np.array_equal(last_nbytes, lb.nbytes) and last_src.size == self._link_src.size:
+            return ids, classes  # steady state: every collective reports the same connections in the same order
+        ids = self._lookup_link_ids(lb.src * self._n + lb.dst)
+        cross = self._node_of[lb.src] != self._node_of[lb.dst]
+        bucket = np.floor(np.log2(np.maximum(lb.nbytes, 1))).astype(np.int64)
+        classes = bucket * 2 + cross
+        if ids.size == self._link_src.size and np.array_equal(ids, np.arange(ids.size)):
+            ids = slice(None)  # type: ignore[assignment]  # whole arrays: no gather/scatter
+        self._last_link_lookup = (lb.src.copy(), lb.dst.copy(), lb.nbytes.copy(), ids, classes)
+        return ids, classes
+
+    def _lookup_link_ids(self, keys: np.ndarray) -> np.ndarray:
+        pos = np.searchsorted(self._link_keys, keys)
+        pos_c = np.minimum(pos, max(self._link_keys.size - 1, 0))
+        found = (self._link_keys.size > 0) & (self._link_keys[pos_c] == keys) if self._link_keys.size else np.zeros(keys.size, bool)
+        if not found.all():
+            uniq, first = np.unique(keys[~found], return_index=True)
+            new_keys = uniq[np.argsort(first)]  # ids in order of first appearance: steady batches map to 0..L-1
+            first = self._link_src.size
+            new_ids = np.arange(first, first + new_keys.size, dtype=np.int64)
+            all_keys = np.concatenate([self._link_keys, new_keys])
+            all_ids = np.concatenate([self._link_id_of_key, new_ids])
+            order = np.argsort(all_keys)
+            self._link_keys, self._link_id_of_key = all_keys[order], all_ids[order]
+            self._link_src = np.concatenate([self._link_src, new_keys // self._n])
+            self._link_dst = np.concatenate([self._link_dst, new_keys % self._n])
+            grow = new_keys.size
+            self._link_streak = np.concatenate([self._link_streak, np.zeros(grow, np.int64)])
+            self._link_count = np.concatenate([self._link_count, np.zeros(grow, np.int64)])
+            self._link_blamed = np.concatenate([self._link_blamed, np.zeros(grow, bool)])
+            self._link_ratio = np.concatenate([self._link_ratio, np.full(grow * self.config.window, np.nan)])
+            pos = np.searchsorted(self._link_keys, keys)
+        return self._link_id_of_key[pos]
+
+    def _ingest_links(self, lb: LinkBatch, now_s: float) -> list[Verdict]:
+        n = self._n
+        for field, arr in (("link.src", lb.src), ("link.dst", lb.dst)):
+            if arr.min() < 0 or arr.max() >= n:
+                self._check_rank(int(arr[(arr < 0) | (arr >= n)][0]), field)
+        self.stats["link_samples"] += len(lb)
+        stalled = np.isinf(lb.seconds)
+        if stalled.any():
+            for a, b, t in zip(lb.src[stalled].tolist(), lb.dst[stalled].tolist(), lb.at_s[stalled].tolist()):
+                self._stalled.setdefault((a, b), t)
+            lb = lb.take(~stalled)
+            if not len(lb):
+                return []
+        if self._stalled:  # a connection that moves data again is no longer stalled
+            stalled_keys = np.array([a * n + b for a, b in self._stalled], dtype=np.int64)
+            for key in np.intersect1d(stalled_keys, lb.src * n + lb.dst).tolist():
+                self._stalled.pop((key // n, key % n), None)
+        ids, classes = self._link_ids_and_classes(lb)
+        ratio = np.full(len(lb), np.nan)
+        lo, hi = int(classes.min()), int(classes.max())
+        present = [lo] if lo == hi else (lo + np.flatnonzero(np.bincount(classes - lo))).tolist()
+        for c in present:
+            sel = slice(None) if lo == hi else classes == c
+            key = (c // 2, bool(c % 2))
+            ref = np.concatenate([self._references.get(key, np.zeros(0)), lb.seconds[sel]])[-REFERENCE_SAMPLES:]
+            self._references[key] = ref
+            if ref.size >= MIN_REFERENCE_SAMPLES:
+                ratio[sel] = lb.seconds[sel] / max(float(np.median(ref)), 1e-12)
+        judged = ~np.isnan(ratio)
+        if not judged.any():
+            return []
+        if not judged.all():
+            ids = (np.arange(self._link_src.size) if isinstance(ids, slice) else ids)[judged]
+            ratio = ratio[judged]
+        slow = ratio > self.config.link_slowness_factor
+        self._link_streak[ids] = np.where(slow, self._link_streak[ids] + 1, 0)
+        w = self.config.window
+        base = np.arange(0, self._link_src.size * w, w) if isinstance(ids, slice) else ids * w
+        self._link_ratio[base + self._link_count[ids] % w] = ratio
+        self._link_count[ids] += 1
+        if self._slow_active:
+            for key in [k for k, covered in self._slow_active.items() if (self._link_streak[covered] == 0).all()]:
+                self._link_blamed[self._slow_active.pop(key)] = False
+                self._emitted.discard(key)
+        candidates = (self._link_streak >= self.config.consecutive) & ~self._link_blamed
+        if not candidates.any():
+            return []
+        return self._classify_slow_links(np.flatnonzero(candidates), now_s)
+
+    def _classify_slow_links(self, candidates: np.ndarray, now_s: float) -> list[Verdict]:
+        """Explain the candidate slow links by slow nodes, then slow NICs, then single links."""
+        cfg = self.config
+        src, dst = self._link_src, self._link_dst
+        observed = self._link_count > 0
+        slow_now = (self._link_streak >= 1) & observed  # siblings lagging a little behind the first to trip
+        unexplained = slow_now.copy()
+        cross = self._node_of[src] != self._node_of[dst]
+        verdicts: list[Verdict] = []
+        n_nodes = len(self.topology.node_names)
+
+        def endpoint_rule(out_obs, out_slow, in_obs, in_slow):  # noqa: ANN001,ANN202 - arrays
+            f = cfg.slow_endpoint_fraction
+            with np.errstate(divide="ignore", invalid="ignore"):
+                row = (out_obs >= 2) & (out_slow >= f * out_obs)
+                col = (in_obs >= 2) & (in_slow >= f * in_obs)
+            both = (out_obs >= 1) & (in_obs >= 1) & (out_slow == out_obs) & (in_slow == in_obs)
+            return (row | col | both) & ((out_slow + in_slow) > 0)
+
+        def greedy(owner_src, owner_dst, size, mask_links):  # noqa: ANN001,ANN202
+            while True:
+                obs = observed & mask_links
+                bad = unexplained & mask_links
+                out_obs = np.bincount(owner_src[obs], minlength=size)
+                out_slow = np.bincount(owner_src[bad], minlength=size)
+                in_obs = np.bincount(owner_dst[obs], minlength=size)
+                in_slow = np.bincount(owner_dst[bad], minlength=size)
+                ok = endpoint_rule(out_obs, out_slow, in_obs, in_slow)
+                if not ok.any():
+                    return
+                score = np.where(ok, out_slow + in_slow, -1)
+                best = int(score.argmax())
+                covered = np.flatnonzero(mask_links & slow_now & ((owner_src == best) | (owner_dst == best)))
+                # another endpoint explaining the very same slow links equally well: cannot tell them apart
+                twins = [int(o) for o in np.flatnonzero(score == score[best]) if o != best and np.array_equal(
+                    covered, np.flatnonzero(mask_links & slow_now & ((owner_src == o) | (owner_dst == o))))]
+                unexplained[covered] = False
+                yield [best, *twins], covered, (int(out_slow[best]), int(out_obs[best]), int(in_slow[best]), int(in_obs[best]))
+
+        cand_mask = np.zeros(src.size, dtype=bool)
+        cand_mask[candidates] = True
+        # 1. slow nodes: rows/columns of the node-level cross-node matrix
+        for node_ids, covered, (os_, oo, is_, io) in greedy(self._node_of[src], self._node_of[dst], n_nodes, cross):
+            if not cand_mask[covered].any():
+                continue
+            names = [self.topology.node_names[i] for i in node_ids]
+            ranks = np.flatnonzero(np.isin(self._node_of, node_ids))
+            if len(names) == 1:
+                msg = f"node {names[0]}: {os_}/{oo} outgoing and {is_}/{io} incoming cross-node connections are slow"
+            else:
+                msg = (f"nodes {', '.join(names)}: every slow connection runs between them, so the slow one cannot be "
+                       f"told apart ({os_}/{oo} outgoing and {is_}/{io} incoming slow)")
+            verdicts += self._slow_endpoint(
+                ranks, names[0] if len(names) == 1 else None, covered, (os_, oo, is_, io),
+                "node" if len(names) == 1 else "ambiguous-nodes", now_s, msg,
+            )
+        # 2. slow NICs (a rank's own cross-node row/column), then slow intra-node endpoints
+        for mask_links, what in ((cross, "cross-node"), (~cross, "intra-node")):
+            for rs, covered, (os_, oo, is_, io) in greedy(src, dst, self._n, mask_links):
+                if not cand_mask[covered].any():
+                    continue
+                r = rs[0]
+                node = self.topology.nodes[r] if len(rs) == 1 else None
+                who = f"rank {r} on {node}" if len(rs) == 1 else f"ranks {', '.join(map(str, rs))} (cannot be told apart)"
+                verdicts += self._slow_endpoint(
+                    np.array(sorted(rs)), node, covered, (os_, oo, is_, io),
+                    ("nic" if what == "cross-node" else "rank") if len(rs) == 1 else "ambiguous-ranks", now_s,
+                    f"{who}: {os_}/{oo} outgoing and {is_}/{io} incoming {what} connections are slow (its NIC/link endpoint)",
+                )
+        # 3. what is left: single slow links
+        for link_id in candidates[unexplained[candidates]]:
+            a, b = int(src[link_id]), int(dst[link_id])
+            evidence = {
+                "median_ratio": _p(float(np.nanmedian(self._streak_ratios(link_id)))),
+                "factor": cfg.link_slowness_factor,
+                "consecutive": int(self._link_streak[link_id]),
+                "samples": int(self._link_count[link_id]),
+                "class": "cross-node" if cross[link_id] else "intra-node",
+            }
+            v = self._verdict(
+                VerdictKind.slow_comm_link, np.array([a, b]), (a, b), None, None, evidence, now_s,
+                f"connection {a} -> {b} is {evidence['median_ratio']}x slower than connections of the same size "
+                f"({evidence['consecutive']} slow samples in a row; other connections of both ends are healthy)",
+                scope="link",
+            )
+            self._link_blamed[link_id] = True
+            self._slow_active[v.key()] = np.array([link_id])
+            verdicts += self._once(v)
+        return verdicts
+
+    def _streak_ratios(self, link_ids: np.ndarray) -> np.ndarray:
+        """Each link's ratios over its current slow streak (at most ``window`` samples back)."""
+        w = self.config.window
+        out = []
+        for i in np.atleast_1d(link_ids).tolist():
+            k = int(min(max(self._link_streak[i], 1), w, self._link_count[i]))
+            idx = (self._link_count[i] - 1 - np.arange(k)) % w
+            out.append(self._link_ratio[i * w + idx])
+        return np.concatenate(out) if out else np.zeros(0)
+
+    def _slow_endpoint(
+        self, ranks: np.ndarray, node: str | None, covered: np.ndarray, counts: tuple[int, int, int, int], scope: str,
+        now_s: float, message: str,
+    ) -> list[Verdict]:
+        os_, oo, is_, io = counts
+        evidence = {
+            "slow_out": os_, "observed_out": oo, "slow_in": is_, "observed_in": io,
+            "median_ratio": _p(float(np.nanmedian(self._streak_ratios(covered)))),
+            "factor": self.config.link_slowness_factor,
+            "consecutive": int(self._link_streak[covered].max()),
+        }
+        v = self._verdict(VerdictKind.slow_comm_node, ranks, None, node, None, evidence, now_s,
+                          f"{message} (median {evidence['median_ratio']}x the reference)", scope=scope)
+        self._link_blamed[covered] = True
+        self._slow_active[v.key()] = covered
+        return self._once(v)
+
+    # ---------------------------------------------------------------------------- helpers
+
+    def _single_node(self, ranks: np.ndarray) -> str | None:
+        nodes = np.unique(self._node_of[ranks])
+        return self.topology.node_names[int(nodes[0])] if nodes.size == 1 else None
+
+    def _verdict(
+        self, kind: VerdictKind, ranks: np.ndarray | Sequence[int], link: tuple[int, int] | None, node: str | None,
+        seq: int | None, evidence: dict[str, Any], now_s: float, message: str, *, scope: str | None = None,
+    ) -> Verdict:
+        if scope is not None:
+            evidence = {"scope": scope, **evidence}
+        return Verdict(kind, tuple(int(r) for r in ranks), link, node, seq, evidence, message, at_s=float(now_s))
+
+    def _once(self, verdict: Verdict) -> list[Verdict]:
+        key = verdict.key()
+        if key in self._emitted:
+            return []
+        self._emitted.add(key)
+        return [verdict]
+
+
+# ------------------------------------------------------------------------------- offline
+
+
+def replay(trace: Trace, config: DetectorConfig | None = None, *, tick_s: float | None = None) -> Detector:
+    """Feed a recorded trace to a fresh :class:`Detector` as the operator would have seen it live.
+
+    Time advances in ticks of ``tick_s`` (default: a tenth of the hang-timeout floor, at most
+    1 s, coarser for very long traces) up to ``trace.end_s``; at each tick the detector gets the
+    records entered since the last tick (with ``exit_s`` hidden until it has happened), the
+    completions since the last tick, and the connection samples and heartbeats taken meanwhile.
+    Returns the detector; its ``history`` holds every verdict with the tick it was reached at.
+    """
+    cfg = config or DetectorConfig()
+    det = Detector(cfg, trace.topology)
+    rb, lb = trace.records, trace.links
+    start = trace.start_s
+    end = trace.end_s if trace.end_s is not None else trace.last_event_s
+    if end < start:
+        raise ValueError(f"trace endS ({end}) is before its first event ({start}); fix the header's endS")
+    if tick_s is None:
+        tick_s = max(min(1.0, cfg.hang_timeout_floor_seconds / 10), (end - start) / 50_000)
+    if tick_s <= 0:
+        raise ValueError(f"tick_s must be > 0, got {tick_s}")
+    ticks = start + tick_s * np.arange(1, int(math.ceil((end - start) / tick_s)) + 1)
+    ticks = np.append(ticks[ticks < end], end)
+    enter_order = np.argsort(rb.enter_s, kind="stable")
+    enter_sorted = rb.enter_s[enter_order]
+    exit_idx = np.flatnonzero(~np.isnan(rb.exit_s))
+    exit_order = exit_idx[np.argsort(rb.exit_s[exit_idx], kind="stable")]
+    exit_sorted = rb.exit_s[exit_order]
+    link_order = np.argsort(lb.at_s, kind="stable")
+    link_sorted = lb.at_s[link_order]
+    heartbeats = sorted(trace.heartbeats, key=lambda h: h.last_report_s)
+    hb_next = 0
+    prev = -math.inf
+    for t in ticks.tolist():
+        entered = enter_order[np.searchsorted(enter_sorted, prev, "right"): np.searchsorted(enter_sorted, t, "right")]
+        exited = exit_order[np.searchsorted(exit_sorted, prev, "right"): np.searchsorted(exit_sorted, t, "right")]
+        rows = np.union1d(entered, exited) if exited.size else entered
+        batch = rb.take(rows)
+        if len(batch):
+            batch = dataclasses.replace(batch, exit_s=np.where(batch.exit_s <= t, batch.exit_s, np.nan))
+        links = lb.take(link_order[np.searchsorted(link_sorted, prev, "right"): np.searchsorted(link_sorted, t, "right")])
+        hbs = []
+        while hb_next < len(heartbeats) and heartbeats[hb_next].last_report_s <= t:
+            hbs.append(heartbeats[hb_next])
+            hb_next += 1
+        det.observe(batch, links, t, heartbeats=hbs)
+        prev = t
+    return det
+
+
+def diagnose(trace: Trace, config: DetectorConfig | None = None, *, tick_s: float | None = None) -> list[Verdict]:
+    """Every verdict a live detector would have reached on ``trace`` (see :func:`replay`)."""
+    return replay(trace, config, tick_s=tick_s).history

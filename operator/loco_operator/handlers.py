@@ -1,0 +1,350 @@
+"""Thin Kopf handlers: observe, plan, apply, patch status.
+
+All decisions live in :func:`loco_operator.planner.plan`; this module only does I/O:
+
+1. **observe** the job's children with the official ``kubernetes`` client (label selector
+   ``loco.dev/job=<name>``, through ``asyncio.to_thread`` so the event loop never blocks) and poll
+   every running worker's ``GET http://<podIP>:8080/status`` concurrently with a short timeout
+   (aiohttp);
+2. **plan** (pure);
+3. **apply** the actions idempotently: AlreadyExists on create and NotFound on delete count as
+   success; other API errors are counted, the remaining actions still run, the status is still
+   written, and the handler then raises :class:`kopf.TemporaryError` so Kopf retries;
+4. **patch** ``status`` (the status subresource) only when it changed.
+
+Triggers: create/resume/update of a TrainingJob, a timer every :data:`RECONCILE_INTERVAL_S` per
+job, and every event of a pod labelled ``loco.dev/job`` (fast reaction to a worker's exit). A
+per-job :class:`asyncio.Lock` serialises reconciles of one job; each reconcile re-reads the job so
+it always plans from the latest stored status.
+
+Handlers are registered on :data:`registry` (not Kopf's global default registry); shared state
+travels in the operator memo as ``memo.loco`` (:class:`OperatorContext`), never in globals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import aiohttp
+import kopf
+from kubernetes import client as k8s
+from kubernetes.client.rest import ApiException
+
+from loco_trainer.config import DEFAULT_STATUS_PORT
+from loco_trainer.protocol import STATUS_PATH, ProgressReport
+
+from .metrics import OperatorMetrics
+from .planner import (
+    Action,
+    CreateConfigMap,
+    CreatePod,
+    CreateService,
+    DeleteJob,
+    DeletePod,
+    EmitEvent,
+    Observed,
+    ObservedPod,
+    UpdateConfigMap,
+    parse_report,
+    plan,
+)
+from .render import CONFIG_KEY, LABEL_JOB, JobRef
+from .spec import GROUP, PLURAL, VERSION
+
+log = logging.getLogger(__name__)
+
+#: How often every TrainingJob is reconciled even without events (progress polling cadence).
+RECONCILE_INTERVAL_S = 2.0
+#: Timeout of one ``/status`` poll; a worker that does not answer in time is simply not "ready".
+POLL_TIMEOUT_S = 1.0
+#: Progress storage prefix: Kopf's bookkeeping annotations live under this domain.
+ANNOTATION_PREFIX = "loco.dev"
+
+registry = kopf.OperatorRegistry()
+
+
+@dataclass
+class OperatorContext:
+    """Everything the handlers share, created by :func:`loco_operator.cli.run_operator` and passed in
+    the operator memo (``memo.loco``)."""
+
+    api_client: k8s.ApiClient
+    metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
+    status_port: int = DEFAULT_STATUS_PORT
+    poll_timeout_s: float = POLL_TIMEOUT_S
+    locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    http: aiohttp.ClientSession | None = None
+
+    def lock(self, key: str) -> asyncio.Lock:
+        return self.locks.setdefault(key, asyncio.Lock())
+
+    @property
+    def core(self) -> k8s.CoreV1Api:
+        return k8s.CoreV1Api(self.api_client)
+
+    @property
+    def custom(self) -> k8s.CustomObjectsApi:
+        return k8s.CustomObjectsApi(self.api_client)
+
+
+def _ctx(memo: Any) -> OperatorContext:
+    return memo["loco"]
+
+
+# ------------------------------------------------------------------------------------ activities
+
+
+@kopf.on.startup(registry=registry)
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    """Kopf settings: Normal-level events posted, bookkeeping under loco.dev annotations."""
+    settings.posting.level = logging.INFO
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=ANNOTATION_PREFIX, key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.watching.server_timeout = 300
+    # Let the per-job timer finish its current reconcile on shutdown instead of being orphaned.
+    settings.background.instant_exit_timeout = 1.0
+    settings.networking.request_timeout = 60
+    ctx = _ctx(memo)
+    ctx.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=ctx.poll_timeout_s))
+
+
+@kopf.on.cleanup(registry=registry)
+async def close(memo: kopf.Memo, **_: Any) -> None:
+    ctx = _ctx(memo)
+    if ctx.http is not None:
+        await ctx.http.close()
+        ctx.http = None
+
+
+@kopf.on.login(registry=registry)
+def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
+    """Kopf talks to the same cluster, with the same credentials, as the handlers' client."""
+    cfg: k8s.Configuration = _ctx(memo).api_client.configuration
+    auth = (cfg.api_key or {}).get("authorization") or ""
+    token = auth[len("bearer "):] if auth.lower().startswith("bearer ") else (auth or None)
+    return kopf.ConnectionInfo(
+        server=cfg.host,
+        ca_path=cfg.ssl_ca_cert,
+        insecure=not cfg.verify_ssl,
+        token=token,
+        username=cfg.username or None,
+        password=cfg.password or None,
+        certificate_path=cfg.cert_file,
+        private_key_path=cfg.key_file,
+    )
+
+
+# ------------------------------------------------------------------------------------- triggers
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry)
+@kopf.on.create(GROUP, VERSION, PLURAL, registry=registry)
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec", registry=registry)
+async def on_change(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    await reconcile(_ctx(memo), namespace, name)
+
+
+def _needs_timer(spec: Any, status: Any, **_: Any) -> bool:
+    """Finished jobs need the timer only to honour ttlSecondsAfterFinished."""
+    if (status or {}).get("phase") not in ("Succeeded", "Failed"):
+        return True
+    return ((spec or {}).get("runPolicy") or {}).get("ttlSecondsAfterFinished") is not None
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=RECONCILE_INTERVAL_S, sharp=False, when=_needs_timer, registry=registry)
+async def on_timer(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    await reconcile(_ctx(memo), namespace, name)
+
+
+@kopf.on.event("", "v1", "pods", labels={LABEL_JOB: kopf.PRESENT}, registry=registry)
+async def on_pod_event(
+    namespace: str, labels: dict[str, str], memo: kopf.Memo, **_: Any
+) -> None:
+    """A worker pod changed: reconcile its job now rather than at the next timer tick."""
+    try:
+        await reconcile(_ctx(memo), namespace, labels[LABEL_JOB])
+    except kopf.TemporaryError as exc:  # event handlers are not retried: the timer will be
+        log.warning(f"reconcile after pod event failed, retrying on the next tick: {exc}")
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, optional=True, registry=registry)
+async def on_delete(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    """Children go with the job (owner references); only forget it in the metrics."""
+    ctx = _ctx(memo)
+    ctx.metrics.forget_job(f"{namespace}/{name}")
+    ctx.locks.pop(f"{namespace}/{name}", None)
+
+
+# ------------------------------------------------------------------------------------ reconcile
+
+
+async def reconcile(ctx: OperatorContext, namespace: str, name: str) -> None:
+    """One observe-plan-apply-patch round for the TrainingJob ``namespace/name``.
+
+    Raises :class:`kopf.TemporaryError` when an API call failed (after writing what it could).
+    """
+    key = f"{namespace}/{name}"
+    async with ctx.lock(key):
+        started = time.monotonic()
+        try:
+            job = await _call(ctx, "get_job", ctx.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return  # deleted meanwhile
+            raise kopf.TemporaryError(f"reading TrainingJob {key}: {exc.reason}", delay=RECONCILE_INTERVAL_S) from exc
+        if (job.get("metadata") or {}).get("deletionTimestamp"):
+            return
+        observed = await observe(ctx, job)
+        result = plan(job, observed, datetime.now(timezone.utc))
+        errors = await apply(ctx, job, result.actions)
+        old_status = job.get("status") or {}
+        if result.status != old_status:
+            try:
+                await _call(
+                    ctx, "patch_status", ctx.custom.patch_namespaced_custom_object_status,
+                    GROUP, VERSION, namespace, PLURAL, name, {"status": _merge_patch(old_status, result.status)},
+                )
+            except ApiException as exc:
+                if exc.status != 404:
+                    errors.append(f"patching status: {exc.status} {exc.reason}")
+        ctx.metrics.observe_job(
+            key, old_status.get("phase"), result.status.get("phase"),
+            restarts_added=int(result.status.get("restarts", 0)) - int(old_status.get("restarts", 0)),
+        )
+        ctx.metrics.reconcile_duration.observe(time.monotonic() - started)
+        if errors:
+            raise kopf.TemporaryError("; ".join(errors), delay=RECONCILE_INTERVAL_S)
+
+
+def _merge_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """A JSON merge patch turning ``old`` into ``new`` at the top level (removed keys become null)."""
+    patch: dict[str, Any] = {k: v for k, v in new.items() if old.get(k) != v}
+    patch.update({k: None for k in old if k not in new})
+    return patch
+
+
+async def _call(ctx: OperatorContext, operation: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """A blocking client call in a thread; the result as a plain camelCase dict. Counts failures
+    other than NotFound/AlreadyExists (which callers treat as success or absence)."""
+    try:
+        result = await asyncio.to_thread(fn, *args, **kwargs)
+    except ApiException as exc:
+        if exc.status not in (404, 409):
+            ctx.metrics.api_errors.labels(operation=operation).inc()
+        raise
+    return ctx.api_client.sanitize_for_serialization(result)
+
+
+async def observe(ctx: OperatorContext, job: dict[str, Any]) -> Observed:
+    """The job's pods (ours only), Service, ConfigMap and the running workers' progress reports."""
+    ref = JobRef.from_body(job)
+
+    async def _get(operation: str, fn: Any, *args: Any) -> dict[str, Any] | None:
+        try:
+            return await _call(ctx, operation, fn, *args)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise kopf.TemporaryError(f"{operation} for {ref.namespace}/{ref.name}: {exc.reason}", delay=RECONCILE_INTERVAL_S) from exc
+
+    pod_list, service, configmap = await asyncio.gather(
+        _get("list_pods", lambda: ctx.core.list_namespaced_pod(ref.namespace, label_selector=ref.selector)),
+        _get("get_service", ctx.core.read_namespaced_service, ref.name, ref.namespace),
+        _get("get_configmap", ctx.core.read_namespaced_config_map, ref.configmap_name, ref.namespace),
+    )
+    pods: list[ObservedPod] = []
+    foreign: set[str] = set()
+    for manifest in (pod_list or {}).get("items", []):
+        meta = manifest.get("metadata") or {}
+        if ref.uid and not any(o.get("uid") == ref.uid for o in meta.get("ownerReferences") or []):
+            foreign.add(meta.get("name", ""))  # labelled like ours, owned by someone else (a previous job of that name?)
+            continue
+        observed_pod = ObservedPod.from_manifest(manifest)
+        if observed_pod is not None:
+            pods.append(observed_pod)
+    reports = await poll_reports(ctx, pods)
+    return Observed(
+        pods=tuple(pods),
+        service_exists=service is not None,
+        configmap_data=None if configmap is None else (configmap.get("data") or {}).get(CONFIG_KEY, ""),
+        reports=reports,
+        foreign_pods=frozenset(foreign),
+    )
+
+
+async def poll_reports(ctx: OperatorContext, pods: Sequence[ObservedPod]) -> dict[str, ProgressReport]:
+    """``GET /status`` of every running worker, concurrently; silent workers are left out."""
+    targets = [pod for pod in pods if pod.phase == "Running" and not pod.deleting and pod.pod_ip]
+    if not targets or ctx.http is None:
+        return {}
+
+    async def one(pod: ObservedPod) -> tuple[str, ProgressReport | None]:
+        host = f"[{pod.pod_ip}]" if ":" in (pod.pod_ip or "") else pod.pod_ip
+        url = f"http://{host}:{ctx.status_port}{STATUS_PATH}"
+        try:
+            async with ctx.http.get(url) as response:  # type: ignore[union-attr]
+                if response.status != 200:
+                    return pod.name, None
+                return pod.name, parse_report(await response.text())
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return pod.name, None
+
+    results = await asyncio.gather(*(one(pod) for pod in targets))
+    return {name: report for name, report in results if report is not None}
+
+
+async def apply(ctx: OperatorContext, job: dict[str, Any], actions: Sequence[Action]) -> list[str]:
+    """Perform the actions in order; returns the errors (empty when all succeeded)."""
+    ref = JobRef.from_body(job)
+    core, custom = ctx.core, ctx.custom
+    errors: list[str] = []
+    for action in actions:
+        try:
+            if isinstance(action, EmitEvent):
+                kopf.event(job, type=action.type, reason=action.reason, message=action.message)
+                # Logged on the module logger, not Kopf's object logger, which would post it again.
+                log.log(logging.WARNING if action.type == "Warning" else logging.INFO,
+                        f"[{ref.namespace}/{ref.name}] {action.reason}: {action.message}")
+            elif isinstance(action, CreateService):
+                await _create(ctx, "create_service", core.create_namespaced_service, ref.namespace, action.body)
+            elif isinstance(action, CreateConfigMap):
+                await _create(ctx, "create_configmap", core.create_namespaced_config_map, ref.namespace, action.body)
+            elif isinstance(action, UpdateConfigMap):
+                await _call(ctx, "patch_configmap", core.patch_namespaced_config_map, ref.configmap_name, ref.namespace,
+                            {"data": action.body["data"]})
+            elif isinstance(action, CreatePod):
+                await _create(ctx, "create_pod", core.create_namespaced_pod, ref.namespace, action.body)
+            elif isinstance(action, DeletePod):
+                log.info(f"[{ref.namespace}/{ref.name}] deleting pod {action.name}: {action.reason}")
+                await _delete(ctx, "delete_pod", core.delete_namespaced_pod, action.name, ref.namespace)
+            elif isinstance(action, DeleteJob):
+                log.info(f"[{ref.namespace}/{ref.name}] deleting the TrainingJob: {action.reason}")
+                await _delete(ctx, "delete_job", custom.delete_namespaced_custom_object, GROUP, VERSION, ref.namespace, PLURAL, ref.name)
+        except ApiException as exc:
+            errors.append(f"{type(action).__name__}: HTTP {exc.status} {exc.reason}")
+    return errors
+
+
+async def _create(ctx: OperatorContext, operation: str, fn: Any, namespace: str, body: dict[str, Any]) -> None:
+    try:
+        await _call(ctx, operation, fn, namespace, body)
+    except ApiException as exc:
+        if exc.status != 409:  # AlreadyExists: it is there, which is what we wanted
+            raise
+
+
+async def _delete(ctx: OperatorContext, operation: str, fn: Any, *args: Any) -> None:
+    try:
+        await _call(ctx, operation, fn, *args, propagation_policy="Background")
+    except ApiException as exc:
+        if exc.status != 404:  # NotFound: already gone
+            raise

@@ -1,0 +1,590 @@
+"""The pure reconcile function: ``plan(job, observed, now) -> Plan``.
+
+No I/O, no clock, no randomness: the planner takes the TrainingJob body (metadata, spec, status),
+what the handler observed (the job's pods, whether its Service and ConfigMap exist, the progress
+reports polled from the workers) and the current time, and returns the ordered actions to take
+plus the new status. :mod:`loco_operator.handlers` observes, calls :func:`plan`, applies the
+actions and patches the status. Everything the planner needs to carry on lives in ``status`` (the
+phase, the membership epoch, the restart count, the last checkpoint), so a restarted operator
+continues from the object alone.
+
+Lifecycle (``status.phase``)::
+
+    (new) -> Pending -> Running -> Succeeded
+                \\         |
+                 \\        v  a worker failed / vanished / was evicted (restarts < backoffLimit)
+                  +--> Restarting: epoch += 1, delete every worker, wait until all are gone,
+                         |          recreate them with LOCO_RESUME_FROM = status.lastCheckpoint.path
+                         +--> Running ...
+    any -> Failed     (backoffLimit exhausted, activeDeadlineSeconds passed, invalid spec)
+    any -> Suspended  (runPolicy.suspend: pods deleted, status kept) -> Pending on unsuspend
+
+Idempotence: when the children match the status, the plan has no actions and the same status.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from enum import Enum
+from typing import Any
+
+from pydantic import ValidationError
+
+from loco_trainer.protocol import ProgressReport
+
+from .render import (
+    LABEL_EPOCH,
+    LABEL_RANK,
+    JobRef,
+    config_json,
+    render_configmap,
+    render_pod,
+    render_service,
+)
+from .spec import (
+    CheckpointStatus,
+    CleanPodPolicy,
+    Condition,
+    Phase,
+    TrainingJobSpec,
+    TrainingJobStatus,
+    WorkersStatus,
+)
+from .validation import FieldError, validate_job
+
+TERMINAL = (Phase.succeeded, Phase.failed)
+
+
+class Reason(str, Enum):
+    """Event and condition reasons (CamelCase, as Kubernetes expects)."""
+
+    workers_created = "WorkersCreated"
+    running = "Running"
+    checkpoint_committed = "CheckpointCommitted"
+    worker_failed = "WorkerFailed"
+    restarting = "Restarting"
+    resizing = "Resizing"
+    succeeded = "Succeeded"
+    backoff_limit_exceeded = "BackoffLimitExceeded"
+    deadline_exceeded = "DeadlineExceeded"
+    invalid_spec = "InvalidSpec"
+    suspended = "Suspended"
+    resumed = "Resumed"
+    config_updated = "ConfigUpdated"
+    ttl_expired = "TTLExpired"
+    cleanup = "CleanPodPolicy"
+    stale_epoch = "StaleEpoch"
+
+
+class ConditionType(str, Enum):
+    created = "Created"
+    running = "Running"
+    restarting = "Restarting"
+    succeeded = "Succeeded"
+    failed = "Failed"
+    suspended = "Suspended"
+
+
+class EventType(str, Enum):
+    normal = "Normal"
+    warning = "Warning"
+
+
+# ------------------------------------------------------------------------------------ observed
+
+
+@dataclass(frozen=True)
+class ObservedPod:
+    """What the planner needs to know about one worker pod."""
+
+    name: str
+    rank: int
+    epoch: int
+    phase: str = "Pending"  # Pending | Running | Succeeded | Failed | Unknown
+    deleting: bool = False  # metadata.deletionTimestamp is set
+    exit_code: int | None = None
+    termination_reason: str | None = None
+    termination_report: ProgressReport | None = None  # parsed termination message, if it was one
+    node_name: str | None = None
+    pod_ip: str | None = None
+
+    @classmethod
+    def from_manifest(cls, pod: Mapping[str, Any]) -> "ObservedPod | None":
+        """From a pod as the API returns it (camelCase dict); None when it is not a worker pod."""
+        meta = pod.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        try:
+            rank, epoch = int(labels[LABEL_RANK]), int(labels[LABEL_EPOCH])
+        except (KeyError, TypeError, ValueError):
+            return None
+        status = pod.get("status") or {}
+        exit_code = reason = report = None
+        for cs in status.get("containerStatuses") or []:
+            terminated = (cs.get("state") or {}).get("terminated")
+            if terminated:
+                exit_code = terminated.get("exitCode")
+                reason = terminated.get("reason")
+                report = parse_report(terminated.get("message"))
+                break
+        return cls(
+            name=meta.get("name", ""),
+            rank=rank,
+            epoch=epoch,
+            phase=status.get("phase") or "Pending",
+            deleting=meta.get("deletionTimestamp") is not None,
+            exit_code=exit_code,
+            termination_reason=reason,
+            termination_report=report,
+            node_name=(pod.get("spec") or {}).get("nodeName"),
+            pod_ip=status.get("podIP"),
+        )
+
+    @property
+    def live(self) -> bool:
+        """Running or about to run (not finished, not being deleted)."""
+        return not self.deleting and self.phase in ("Pending", "Running", "Unknown")
+
+
+def parse_report(text: Any) -> ProgressReport | None:
+    """A ProgressReport from JSON text (a termination message or a /status body); None if it is not one."""
+    if not text:
+        return None
+    try:
+        data = json.loads(text) if isinstance(text, (str, bytes)) else text
+        return ProgressReport.model_validate(data)
+    except (ValueError, ValidationError, TypeError):
+        return None
+
+
+@dataclass(frozen=True)
+class Observed:
+    """The job's children as observed just now, plus the latest progress reports by pod name."""
+
+    pods: tuple[ObservedPod, ...] = ()
+    service_exists: bool = False
+    configmap_data: str | None = None  # config.json of the ConfigMap, None when it does not exist
+    reports: Mapping[str, ProgressReport] = field(default_factory=dict)
+    #: Names of pods that carry the job's label but belong to someone else (e.g. a deleted job of the
+    #: same name whose pods are still terminating): a worker with such a name cannot be created yet.
+    foreign_pods: frozenset[str] = frozenset()
+
+
+# ------------------------------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True)
+class CreateService:
+    body: dict[str, Any] = field(default_factory=dict, compare=False, repr=False, hash=False)
+
+
+@dataclass(frozen=True)
+class CreateConfigMap:
+    body: dict[str, Any] = field(default_factory=dict, compare=False, repr=False, hash=False)
+
+
+@dataclass(frozen=True)
+class UpdateConfigMap:
+    """Replace the ConfigMap's data (a spec change; running workers see it after their next restart)."""
+
+    body: dict[str, Any] = field(default_factory=dict, compare=False, repr=False, hash=False)
+
+
+@dataclass(frozen=True)
+class CreatePod:
+    name: str
+    rank: int
+    epoch: int
+    body: dict[str, Any] = field(default_factory=dict, compare=False, repr=False, hash=False)
+
+
+@dataclass(frozen=True)
+class DeletePod:
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class DeleteJob:
+    reason: str
+
+
+@dataclass(frozen=True)
+class EmitEvent:
+    type: str
+    reason: str
+    message: str
+
+
+Action = CreateService | CreateConfigMap | UpdateConfigMap | CreatePod | DeletePod | DeleteJob | EmitEvent
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Ordered actions and the new status (camelCase wire dict).
+
+    ``requeue_after_s``: reconcile again after this long at the latest (a TTL or deadline falls due).
+    """
+
+    actions: tuple[Action, ...]
+    status: dict[str, Any]
+    requeue_after_s: float | None = None
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+def rfc3339(t: datetime) -> str:
+    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def parse_status(raw: Any) -> TrainingJobStatus:
+    """The stored status, salvaging what can be read: unknown keys and unreadable fields (someone
+    else's, or hand-edited) are dropped one by one, never the whole status, so the restart count
+    and the last checkpoint survive."""
+    if not isinstance(raw, Mapping):
+        return TrainingJobStatus()
+    known = {f.alias or name for name, f in TrainingJobStatus.model_fields.items()} | set(TrainingJobStatus.model_fields)
+    data = {k: v for k, v in raw.items() if k in known}
+    for _ in range(len(data) + 1):
+        try:
+            return TrainingJobStatus.model_validate(data)
+        except ValidationError as exc:
+            bad = {err["loc"][0] for err in exc.errors() if err["loc"]}
+            if not bad & set(data):
+                break
+            data = {k: v for k, v in data.items() if k not in bad}
+    return TrainingJobStatus()
+
+
+class _Planner:
+    """Accumulates actions and status changes for one :func:`plan` call (never outlives it)."""
+
+    def __init__(self, body: Mapping[str, Any], observed: Observed, now: datetime):
+        self.body = body
+        self.ref = JobRef.from_body(dict(body))
+        self.observed = observed
+        self.now = now
+        self.status = parse_status(body.get("status"))
+        self.actions: list[Action] = []
+        self.requeue_after_s: float | None = None
+
+    # -- status helpers
+    def event(self, type_: EventType, reason: Reason, message: str) -> None:
+        self.actions.append(EmitEvent(type_.value, reason.value, message))
+
+    def condition(self, type_: ConditionType, status: bool, reason: Reason, message: str) -> None:
+        """Set a condition; lastTransitionTime changes only when its status does."""
+        value = "True" if status else "False"
+        conditions = list(self.status.conditions)
+        for i, cond in enumerate(conditions):
+            if cond.type == type_.value:
+                if cond.status == value and cond.reason == reason.value and cond.message == message:
+                    return
+                changed = cond.status != value
+                conditions[i] = Condition(
+                    type=type_.value, status=value, reason=reason.value, message=message,
+                    last_transition_time=rfc3339(self.now) if changed else cond.last_transition_time,
+                )
+                break
+        else:
+            if not status:
+                return  # a condition that never held is not worth recording as False
+            conditions.append(
+                Condition(type=type_.value, status=value, reason=reason.value, message=message,
+                          last_transition_time=rfc3339(self.now))
+            )
+        self.status.conditions = conditions
+
+    def delete_pods(self, pods: Sequence[ObservedPod], reason: str) -> None:
+        for pod in sorted(pods, key=lambda p: (p.rank, p.name)):
+            if not pod.deleting:
+                self.actions.append(DeletePod(pod.name, reason))
+
+    def cleanup(self, policy: CleanPodPolicy) -> None:
+        """Delete pods of a finished job per runPolicy.cleanPodPolicy (idempotent)."""
+        pods = self.observed.pods
+        if policy is CleanPodPolicy.all:
+            self.delete_pods(pods, f"{Reason.cleanup.value}=All")
+        elif policy is CleanPodPolicy.running:
+            self.delete_pods([p for p in pods if p.live], f"{Reason.cleanup.value}=Running")
+
+    def fail(self, reason: Reason, message: str, policy: CleanPodPolicy) -> None:
+        self.status.phase = Phase.failed
+        self.status.completion_time = rfc3339(self.now)
+        self.status.message = message
+        self.condition(ConditionType.failed, True, reason, message)
+        for cond_type in (ConditionType.running, ConditionType.restarting):
+            if any(c.type == cond_type.value and c.status == "True" for c in self.status.conditions):
+                self.condition(cond_type, False, reason, "Job failed")
+        self.event(EventType.warning, reason, message)
+        self.cleanup(policy)
+
+
+def _progress(p: _Planner, spec: TrainingJobSpec, current: Sequence[ObservedPod]) -> None:
+    """Fold the progress reports into the status: numbers from the current epoch's workers (the
+    final termination message wins over a poll), checkpoints from any worker (never backwards)."""
+    st = p.status
+    st.total_steps = spec.training.steps
+    reports: list[ProgressReport] = []
+    for pod in current:
+        report = pod.termination_report or p.observed.reports.get(pod.name)
+        if report is not None:
+            reports.append(report)
+    if reports:
+        st.step = min(r.step for r in reports)
+        st.total_steps = max([spec.training.steps, *(r.total_steps for r in reports)])
+        by_rank = sorted(reports, key=lambda r: r.replica_index)
+        st.loss = next((r.loss for r in by_rank if r.loss is not None), st.loss)
+        st.eval_loss = next((r.eval_loss for r in by_rank if r.eval_loss is not None), st.eval_loss)
+        rates = [r.tokens_per_second for r in reports if r.tokens_per_second is not None]
+        if rates:
+            st.tokens_per_second = round(sum(rates), 3)
+    candidates = [r.last_checkpoint for r in p.observed.reports.values() if r.last_checkpoint is not None]
+    candidates += [pod.termination_report.last_checkpoint for pod in p.observed.pods
+                   if pod.termination_report is not None and pod.termination_report.last_checkpoint is not None]
+    if candidates:
+        best = max(candidates, key=lambda c: c.step)
+        if st.last_checkpoint is None or best.step > st.last_checkpoint.step:
+            st.last_checkpoint = CheckpointStatus(step=best.step, path=best.path, time=best.time)
+            p.event(EventType.normal, Reason.checkpoint_committed, f"Checkpoint committed at step {best.step}: {best.path}")
+
+
+def _failure_message(pod: ObservedPod, phase: Phase | None) -> str:
+    node = f" on node {pod.node_name}" if pod.node_name else ""
+    if pod.deleting:
+        return f"{pod.name} was deleted while {pod.phase}{node} (evicted or preempted?)"
+    if pod.phase == "Failed":
+        code = f"exited with code {pod.exit_code}" if pod.exit_code is not None else "failed"
+        detail = pod.termination_report.message if pod.termination_report and pod.termination_report.message else ""
+        detail = detail or (pod.termination_reason or "")
+        return f"{pod.name} {code}{node}" + (f": {detail}" if detail else "")
+    return f"{pod.name} disappeared while the job was {phase.value if phase else 'starting'}"
+
+
+def _summary(st: TrainingJobStatus, desired: int) -> None:
+    ready = st.workers.ready if st.workers else 0
+    st.workers_ready = f"{ready}/{desired}"
+
+
+def plan(job: Mapping[str, Any], observed: Observed, now: datetime) -> Plan:
+    """Decide what to do for one TrainingJob. Pure: same inputs, same plan.
+
+    ``job`` is the TrainingJob body (camelCase dict with metadata, spec, status); ``observed`` the
+    job's children and progress reports; ``now`` an aware datetime. Returns the ordered actions and
+    the complete new status (apply the actions, then write the status if it changed).
+    """
+    p = _Planner(job, observed, now)
+    st = p.status
+    meta = job.get("metadata") or {}
+    st.observed_generation = meta.get("generation", st.observed_generation)
+    st.selector = p.ref.selector
+    errors = validate_job(job)
+    spec = None if errors else TrainingJobSpec.model_validate(job.get("spec") or {})
+
+    if spec is None and st.phase not in TERMINAL:
+        _invalid(p, errors)
+    elif st.phase in TERMINAL:
+        _finished(p, spec)
+    else:
+        assert spec is not None
+        _reconcile(p, spec)
+    desired = spec.replicas if spec else 0
+    if st.workers is None:
+        st.workers = WorkersStatus(desired=desired, ready=0)
+    _summary(st, st.workers.desired)
+    return Plan(actions=tuple(p.actions), status=st.to_wire(), requeue_after_s=p.requeue_after_s)
+
+
+def _invalid(p: _Planner, errors: list[FieldError]) -> None:
+    message = "invalid spec: " + "; ".join(str(e) for e in errors)
+    p.status.workers = WorkersStatus(desired=0, ready=0)
+    p.fail(Reason.invalid_spec, message, CleanPodPolicy.all)
+
+
+def _finished(p: _Planner, spec: TrainingJobSpec | None) -> None:
+    """Succeeded or Failed: keep cleaning up per policy, and delete the job once its TTL passed."""
+    policy = spec.run_policy.clean_pod_policy if spec else CleanPodPolicy.all
+    p.cleanup(policy)
+    ttl = spec.run_policy.ttl_seconds_after_finished if spec else None
+    done = parse_time(p.status.completion_time)
+    if ttl is not None and done is not None:
+        due = done + timedelta(seconds=ttl)
+        if p.now >= due:
+            p.actions.append(DeleteJob(f"{Reason.ttl_expired.value}: finished {ttl}s ago"))
+        else:
+            p.requeue_after_s = (due - p.now).total_seconds()
+    if p.status.workers:
+        ready = sum(1 for pod in p.observed.pods if pod.live and pod.phase == "Running" and pod.epoch == p.status.membership_epoch)
+        p.status.workers = WorkersStatus(desired=p.status.workers.desired, ready=ready)
+
+
+def _restart(p: _Planner, spec: TrainingJobSpec, failures: list[str], resize_from: int | None = None) -> None:
+    """Start a new membership epoch: delete every worker; they are recreated once all are gone."""
+    st = p.status
+    for message in failures:
+        p.event(EventType.warning, Reason.worker_failed, message)
+    ckpt = st.last_checkpoint
+    origin = f"step {ckpt.step}" if ckpt else "scratch (no checkpoint yet)"
+    if resize_from is not None:
+        reason = Reason.resizing
+        message = f"Resizing from {resize_from} to {spec.replicas} workers, resuming from {origin}"
+    else:
+        st.restarts += 1
+        reason = Reason.restarting
+        message = f"Restarting from {origin} (restart {st.restarts}/{spec.run_policy.backoff_limit})"
+        if failures:
+            message += f": {failures[0]}"
+    st.membership_epoch += 1
+    st.phase = Phase.restarting
+    st.message = message
+    p.condition(ConditionType.restarting, True, reason, message)
+    p.condition(ConditionType.running, False, reason, message)
+    p.event(EventType.warning if resize_from is None else EventType.normal, reason, message)
+    p.delete_pods(p.observed.pods, f"{reason.value}: epoch {st.membership_epoch}")
+    st.workers = WorkersStatus(desired=spec.replicas, ready=0)
+
+
+def _reconcile(p: _Planner, spec: TrainingJobSpec) -> None:
+    st = p.status
+    st.algorithm = spec.algorithm.name.value
+    policy = spec.run_policy
+    epoch = st.membership_epoch
+    current = [pod for pod in p.observed.pods if pod.epoch == epoch and pod.rank < spec.replicas]
+    stale = [pod for pod in p.observed.pods if pod not in current]
+    _progress(p, spec, current)
+
+    # 1. suspension
+    if policy.suspend:
+        if st.phase is not Phase.suspended:
+            st.phase = Phase.suspended
+            st.message = "Suspended: workers deleted, status and checkpoint kept"
+            p.condition(ConditionType.suspended, True, Reason.suspended, st.message)
+            p.condition(ConditionType.running, False, Reason.suspended, st.message)
+            p.event(EventType.normal, Reason.suspended, f"Job suspended: deleting {sum(not x.deleting for x in p.observed.pods)} workers")
+        p.delete_pods(p.observed.pods, Reason.suspended.value)
+        st.workers = WorkersStatus(desired=spec.replicas, ready=0)
+        return
+    if st.phase is Phase.suspended:
+        st.membership_epoch = epoch = epoch + 1
+        st.phase = Phase.pending
+        st.start_time = None  # activeDeadlineSeconds counts from the resumed start, like a Job
+        ckpt = st.last_checkpoint
+        st.message = f"Resumed: recreating workers from {'step %d' % ckpt.step if ckpt else 'scratch'}"
+        p.condition(ConditionType.suspended, False, Reason.resumed, st.message)
+        p.event(EventType.normal, Reason.resumed, st.message)
+        current, stale = [], list(p.observed.pods)
+
+    # 2. deadline
+    started = parse_time(st.start_time)
+    if policy.active_deadline_seconds is not None and started is not None:
+        due = started + timedelta(seconds=policy.active_deadline_seconds)
+        if p.now >= due:
+            p.fail(Reason.deadline_exceeded,
+                   f"Job ran longer than activeDeadlineSeconds ({policy.active_deadline_seconds}s)", policy.clean_pod_policy)
+            return
+        p.requeue_after_s = (due - p.now).total_seconds()
+
+    # 3. shared children
+    if not p.observed.service_exists:
+        p.actions.append(CreateService(render_service(p.ref)))
+    if p.observed.configmap_data is None:
+        p.actions.append(CreateConfigMap(render_configmap(p.ref, spec)))
+    elif p.observed.configmap_data != config_json(p.ref, spec):
+        p.actions.append(UpdateConfigMap(render_configmap(p.ref, spec)))
+        p.event(EventType.normal, Reason.config_updated, "Trainer config changed; workers pick it up on their next restart")
+
+    # 4. resize (spec.replicas changed under live workers)
+    desired_before = st.workers.desired if st.workers else 0
+    if desired_before and desired_before != spec.replicas and any(pod.live for pod in current):
+        _restart(p, spec, [], resize_from=desired_before)
+        return
+
+    # 5. failures of the current epoch
+    by_rank = {pod.rank: pod for pod in current}
+    failures = [_failure_message(pod, st.phase) for pod in sorted(current, key=lambda x: x.rank)
+                if pod.phase == "Failed" or (pod.deleting and pod.phase != "Succeeded")]
+    if st.phase is Phase.running and not stale:
+        failures += [_failure_message(ObservedPod(p.ref.pod_name(r), r, epoch), st.phase)
+                     for r in range(spec.replicas) if r not in by_rank]
+    if failures:
+        if st.restarts + 1 > policy.backoff_limit:
+            for message in failures:
+                p.event(EventType.warning, Reason.worker_failed, message)
+            p.fail(Reason.backoff_limit_exceeded,
+                   f"{failures[0]}; backoffLimit ({policy.backoff_limit}) reached after {st.restarts} restarts",
+                   policy.clean_pod_policy)
+            st.workers = WorkersStatus(desired=spec.replicas, ready=0)
+        else:
+            _restart(p, spec, failures)
+        return
+
+    # 6. success: every worker of this epoch exited 0
+    if len(by_rank) == spec.replicas and all(pod.phase == "Succeeded" for pod in by_rank.values()):
+        st.phase = Phase.succeeded
+        st.completion_time = rfc3339(p.now)
+        st.message = f"All {spec.replicas} workers finished at step {st.step if st.step is not None else '?'}"
+        p.condition(ConditionType.succeeded, True, Reason.succeeded, st.message)
+        for cond_type in (ConditionType.running, ConditionType.restarting):
+            if any(c.type == cond_type.value and c.status == "True" for c in st.conditions):
+                p.condition(cond_type, False, Reason.succeeded, st.message)
+        p.event(EventType.normal, Reason.succeeded, st.message)
+        p.cleanup(policy.clean_pod_policy)
+        st.workers = WorkersStatus(desired=spec.replicas, ready=0)
+        return
+
+    # 7. stale workers (an old epoch, or ranks beyond replicas) must be gone before new ones start
+    if stale:
+        p.delete_pods(stale, f"{Reason.stale_epoch.value}: epoch is {epoch}")
+        st.phase = st.phase or Phase.pending
+        st.message = f"Waiting for {len(stale)} old workers to terminate before starting epoch {epoch}"
+        st.workers = WorkersStatus(desired=spec.replicas, ready=0)
+        return
+
+    # 8. create missing workers
+    missing = [r for r in range(spec.replicas) if r not in by_rank]
+    blocked = [r for r in missing if p.ref.pod_name(r) in p.observed.foreign_pods]
+    if blocked:
+        st.phase = st.phase or Phase.pending
+        st.message = (f"Waiting for pod {p.ref.pod_name(blocked[0])}, which is not owned by this TrainingJob, "
+                      "to be deleted before creating workers")
+        st.workers = WorkersStatus(desired=spec.replicas, ready=0)
+        return
+    resume = st.last_checkpoint.path if st.last_checkpoint else ""
+    for rank in missing:
+        body = render_pod(p.ref, spec, rank, epoch, restarts=st.restarts, resume_from=resume)
+        p.actions.append(CreatePod(p.ref.pod_name(rank), rank, epoch, body))
+    if missing or current:
+        st.start_time = st.start_time or rfc3339(p.now)  # workers exist (or are about to) from now on
+    if missing:
+        message = f"Created {len(missing)} worker pods for epoch {epoch}" + (f", resuming from step {st.last_checkpoint.step}" if st.last_checkpoint else "")
+        p.condition(ConditionType.created, True, Reason.workers_created, f"Workers created for epoch {epoch}")
+        p.event(EventType.normal, Reason.workers_created, message)
+
+    # 9. phase from the workers
+    running = [pod for pod in current if pod.phase == "Running" and not pod.deleting]
+    ready = sum(1 for pod in running if pod.name in p.observed.reports)
+    st.workers = WorkersStatus(desired=spec.replicas, ready=ready)
+    if not missing and len(running) + sum(pod.phase == "Succeeded" for pod in current) == spec.replicas and running:
+        if st.phase is not Phase.running:
+            st.phase = Phase.running
+            st.message = f"All {spec.replicas} workers running (epoch {epoch})"
+            p.condition(ConditionType.running, True, Reason.running, st.message)
+            p.condition(ConditionType.restarting, False, Reason.running, st.message)
+            p.event(EventType.normal, Reason.running, st.message)
+    elif st.phase is None or (missing and st.phase is not Phase.restarting):
+        st.phase = Phase.pending
+        st.message = f"Waiting for {spec.replicas - len(running)} of {spec.replicas} workers to start"
+    elif st.phase is Phase.restarting:
+        st.message = st.message or f"Waiting for workers of epoch {epoch} to start"

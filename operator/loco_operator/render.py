@@ -1,0 +1,237 @@
+"""Render a TrainingJob's children: the headless Service, the trainer ConfigMap and the worker pods.
+
+Pure functions from (job identity, validated spec, per-pod values) to Kubernetes manifests (plain
+dicts), following the pod contract in docs/CONTRACTS.md. Every child carries the job's labels and a
+controller owner reference, so Kubernetes garbage-collects it with the job.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from loco_trainer.config import (
+    DEFAULT_CONFIG_PATH,
+    DEFAULT_STATUS_PORT,
+    TERMINATION_MESSAGE_PATH,
+    EnvVar,
+    TrainerConfig,
+)
+
+from .spec import API_VERSION, KIND, TrainingJobSpec
+
+LABEL_JOB = "loco.dev/job"
+LABEL_RANK = "loco.dev/rank"
+LABEL_EPOCH = "loco.dev/epoch"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGED_BY = "loco"
+CONTAINER_NAME = "trainer"
+CONFIG_VOLUME = "loco-config"
+CONFIG_DIR = DEFAULT_CONFIG_PATH.rsplit("/", 1)[0]  # /etc/loco
+CONFIG_KEY = DEFAULT_CONFIG_PATH.rsplit("/", 1)[1]  # config.json
+MASTER_PORT = 29500
+RUN_AS_USER = 1000
+DEFAULT_COMMAND = ["python", "-m", "loco_trainer", "--config", DEFAULT_CONFIG_PATH]
+
+
+@dataclass(frozen=True)
+class JobRef:
+    """Identity of a TrainingJob: what every child needs to name and own itself."""
+
+    name: str
+    namespace: str
+    uid: str
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> "JobRef":
+        meta = body.get("metadata") or {}
+        return cls(name=meta["name"], namespace=meta.get("namespace") or "default", uid=meta.get("uid") or "")
+
+    @property
+    def selector(self) -> str:
+        """Label selector of the job's worker pods."""
+        return f"{LABEL_JOB}={self.name}"
+
+    @property
+    def configmap_name(self) -> str:
+        return f"{self.name}-trainer"
+
+    def pod_name(self, rank: int) -> str:
+        return f"{self.name}-worker-{rank}"
+
+    def pod_dns(self, rank: int) -> str:
+        """Stable DNS name of a worker (hostname + subdomain through the headless Service)."""
+        return f"{self.pod_name(rank)}.{self.name}.{self.namespace}.svc"
+
+    def owner_reference(self) -> dict[str, Any]:
+        return {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+def job_labels(job: JobRef) -> dict[str, str]:
+    return {LABEL_JOB: job.name, LABEL_MANAGED_BY: MANAGED_BY}
+
+
+def _metadata(job: JobRef, name: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": job.namespace,
+        "labels": {**job_labels(job), **(labels or {})},
+        "ownerReferences": [job.owner_reference()],
+    }
+
+
+def render_service(job: JobRef) -> dict[str, Any]:
+    """Headless Service ``<job>``: gives each worker a stable DNS name, ready or not."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(job, job.name),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {LABEL_JOB: job.name},
+            "ports": [
+                {"name": "status", "port": DEFAULT_STATUS_PORT, "targetPort": DEFAULT_STATUS_PORT, "protocol": "TCP"},
+                {"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT, "protocol": "TCP"},
+            ],
+        },
+    }
+
+
+def trainer_config(job: JobRef, spec: TrainingJobSpec) -> TrainerConfig:
+    """The trainer's config: the spec's training sections plus the job's identity."""
+    return TrainerConfig(
+        job_name=job.name,
+        namespace=job.namespace,
+        model=spec.model,
+        data=spec.data,
+        training=spec.training,
+        algorithm=spec.algorithm,
+        checkpoint=spec.checkpoint,
+        fault_injection=spec.fault_injection,
+    )
+
+
+def config_json(job: JobRef, spec: TrainingJobSpec) -> str:
+    """The ConfigMap's ``config.json`` text (deterministic: sorted keys)."""
+    return json.dumps(trainer_config(job, spec).to_wire(), indent=2, sort_keys=True)
+
+
+def render_configmap(job: JobRef, spec: TrainingJobSpec) -> dict[str, Any]:
+    """ConfigMap ``<job>-trainer`` holding ``config.json``, mounted at /etc/loco in every worker."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(job, job.configmap_name),
+        "data": {CONFIG_KEY: config_json(job, spec)},
+    }
+
+
+def _field_ref(path: str) -> dict[str, Any]:
+    return {"valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}}
+
+
+def worker_env(job: JobRef, spec: TrainingJobSpec, rank: int, epoch: int, restarts: int, resume_from: str) -> list[dict[str, Any]]:
+    """The container environment: the contract variables (EnvVar), then template.env.
+
+    A template variable with the same name as a contract variable replaces it (the user's explicit
+    choice wins); every other template variable is appended in order.
+    """
+    values: dict[EnvVar, str] = {
+        EnvVar.CONFIG: DEFAULT_CONFIG_PATH,
+        EnvVar.JOB_NAME: job.name,
+        EnvVar.NAMESPACE: job.namespace,
+        EnvVar.REPLICA_INDEX: str(rank),
+        EnvVar.NUM_REPLICAS: str(spec.replicas),
+        EnvVar.NPROC_PER_WORKER: str(spec.nproc_per_worker),
+        EnvVar.EPOCH: str(epoch),
+        EnvVar.RESTART_COUNT: str(restarts),
+        EnvVar.RESUME_FROM: resume_from,
+        EnvVar.MASTER_ADDR: job.pod_dns(0),
+        EnvVar.MASTER_PORT: str(MASTER_PORT),
+        EnvVar.STATUS_PORT: str(DEFAULT_STATUS_PORT),
+    }
+    env: list[dict[str, Any]] = [{"name": k.value, "value": v} for k, v in values.items()]
+    env += [
+        {"name": EnvVar.POD_NAME.value, **_field_ref("metadata.name")},
+        {"name": EnvVar.POD_IP.value, **_field_ref("status.podIP")},
+        {"name": EnvVar.NODE_NAME.value, **_field_ref("spec.nodeName")},
+    ]
+    index = {item["name"]: i for i, item in enumerate(env)}
+    for item in spec.template.env:
+        if item.get("name") in index:
+            env[index[item["name"]]] = dict(item)
+        else:
+            env.append(dict(item))
+    return env
+
+
+def render_pod(
+    job: JobRef, spec: TrainingJobSpec, rank: int, epoch: int, restarts: int = 0, resume_from: str = ""
+) -> dict[str, Any]:
+    """Worker pod ``<job>-worker-<rank>`` of membership epoch ``epoch``.
+
+    ``resume_from`` is the last committed checkpoint known to the operator (``""``: none); it
+    reaches the trainer as ``LOCO_RESUME_FROM``. Contract labels win over template labels.
+    """
+    tpl = spec.template
+    labels = {**tpl.labels, **job_labels(job), LABEL_RANK: str(rank), LABEL_EPOCH: str(epoch)}
+    container: dict[str, Any] = {
+        "name": CONTAINER_NAME,
+        "image": tpl.image,
+        "command": list(tpl.command) if tpl.command else list(DEFAULT_COMMAND),
+        "env": worker_env(job, spec, rank, epoch, restarts, resume_from),
+        "ports": [
+            {"name": "status", "containerPort": DEFAULT_STATUS_PORT, "protocol": "TCP"},
+            {"name": "rendezvous", "containerPort": MASTER_PORT, "protocol": "TCP"},
+        ],
+        "volumeMounts": [{"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": True}, *tpl.volume_mounts],
+        "terminationMessagePath": TERMINATION_MESSAGE_PATH,
+        "terminationMessagePolicy": "File",
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS_USER,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    if tpl.image_pull_policy:
+        container["imagePullPolicy"] = tpl.image_pull_policy
+    if tpl.resources:
+        container["resources"] = {k: dict(v) for k, v in tpl.resources.items()}
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "hostname": job.pod_name(rank),
+        "subdomain": job.name,
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS_USER, "runAsGroup": RUN_AS_USER, "fsGroup": RUN_AS_USER},
+        "containers": [container],
+        "volumes": [
+            {"name": CONFIG_VOLUME, "configMap": {"name": job.configmap_name, "items": [{"key": CONFIG_KEY, "path": CONFIG_KEY}]}},
+            *tpl.volumes,
+        ],
+    }
+    if tpl.node_selector:
+        pod_spec["nodeSelector"] = dict(tpl.node_selector)
+    if tpl.tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in tpl.tolerations]
+    if tpl.affinity:
+        pod_spec["affinity"] = dict(tpl.affinity)
+    if tpl.priority_class_name:
+        pod_spec["priorityClassName"] = tpl.priority_class_name
+    if tpl.scheduler_name:
+        pod_spec["schedulerName"] = tpl.scheduler_name
+    metadata = _metadata(job, job.pod_name(rank))
+    metadata["labels"] = labels
+    if tpl.annotations:
+        metadata["annotations"] = dict(tpl.annotations)
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}

@@ -1,0 +1,192 @@
+"""NoLoCo (gossip, no collective) and CO2 (one-round-stale async outer step with clipping)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dist_helpers import rank_pool, flat_params, run_loop, tiny_batch, tiny_model
+from loco_trainer.algorithms import CO2, NoLoCo, num_parameters
+from loco_trainer.algorithms.noloco import gossip_groups
+from loco_trainer.comm import Comm
+
+COLLECTIVES = ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "barrier")
+
+
+def _noloco(rank: int, world_size: int) -> dict:
+    h, rounds = 2, 3
+    model = tiny_model(seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    comm = Comm()
+    strategy = NoLoCo(model, opt, comm, sync_every=h, outer_lr=0.7, outer_momentum=0.5, mean_pull=0.3, seed=5)
+    strategy.setup()
+    after_setup = comm.stats()["by_kind"]
+    seen = []  # per round: inputs (φ, θ, m) and outputs (group, φ, θ, spread)
+    for step in range(h * rounds):
+        x, y = tiny_batch(step, rank)
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        if (step + 1) % h == 0:
+            seen.append({"phi": torch.cat([o.reshape(-1) for o in strategy.outer_params]).clone(),
+                         "theta": flat_params(model),
+                         "m": torch.cat([m.reshape(-1) for m in strategy.momentum]).clone()})
+        strategy.after_inner_step(step)
+        if (step + 1) % h == 0:
+            seen[-1].update(group=strategy.last_group, phi_after=torch.cat([o.reshape(-1) for o in strategy.outer_params]).clone(),
+                            theta_after=flat_params(model), spread=strategy.last_spread)
+    stats = comm.stats()["by_kind"]
+    peers = [(r.kind, r.peer) for r in comm.records() if r.kind in ("send", "recv")]
+    return {"seen": seen, "after_setup": after_setup, "stats": stats, "peers": peers,
+            "formula": strategy.bytes_per_inner_step(num_parameters(model), world_size) * h * rounds}
+
+
+@pytest.mark.multiproc
+def test_noloco_gossips_in_seeded_pairs_without_any_collective(rank_pool) -> None:
+    n, rounds = 4, 3
+    results = rank_pool.run(_noloco, n)
+    expected_groups = [gossip_groups(n, 2, r, seed=5) for r in range(1, rounds + 1)]
+    assert len({str(g) for g in expected_groups}) > 1, "the pairing must change between rounds"
+    for rank, res in enumerate(results):
+        # no collective after setup's one-time broadcast: only point-to-point traffic
+        for kind in COLLECTIVES:
+            assert res["stats"][kind]["calls"] == res["after_setup"][kind]["calls"], kind
+        assert res["stats"]["send"]["bytes_sent"] == res["formula"]
+        for r, seen in enumerate(res["seen"]):
+            group = next(g for g in expected_groups[r] if rank in g)
+            assert seen["group"] == group
+            peer = next(x for x in group if x != rank)
+            assert res["peers"][2 * r : 2 * r + 2] == [("send", peer), ("recv", peer)]
+            # the modified Nesterov step, recomputed from both members' inputs
+            mine, other = seen, results[peer]["seen"][r]
+            mean_phi = (mine["phi"] + other["phi"]) / 2
+            mean_delta = (mine["theta"] - mine["phi"] + other["theta"] - other["phi"]) / 2
+            m = 0.5 * mine["m"] + 0.7 * mean_delta + 0.3 * (mean_phi - mine["phi"])
+            torch.testing.assert_close(seen["phi_after"], mine["phi"] + m, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(seen["theta_after"], seen["phi_after"], rtol=0, atol=0)
+            expected_spread = (mine["phi"] - mean_phi).pow(2).mean().sqrt()  # both members are equally far
+            assert seen["spread"] == pytest.approx(float(expected_spread), rel=1e-4, abs=1e-9)
+    # the workers are not identical (that is NoLoCo), yet each pair moved towards its mean
+    assert not torch.equal(results[0]["seen"][-1]["phi_after"], results[1]["seen"][-1]["phi_after"])
+    assert results[0]["seen"][-1]["spread"] > 0
+
+
+def test_gossip_groups_are_a_partition_and_odd_counts_make_a_triple() -> None:
+    for n in (2, 4, 5, 8):
+        for r in range(4):
+            groups = gossip_groups(n, 2, r, seed=1)
+            assert sorted(x for g in groups for x in g) == list(range(n))
+            assert all(len(g) in (2, 3) for g in groups)
+            assert groups == gossip_groups(n, 2, r, seed=1)  # pure: the same on every rank
+    assert sorted(len(g) for g in gossip_groups(5, 2, 0)) == [2, 3]
+
+
+# -------------------------------------------------------------------------------------- CO2
+
+
+def _co2(rank: int, world_size: int) -> dict:
+    h, rounds = 2, 4
+    model = tiny_model(seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    comm = Comm()
+    strategy = CO2(model, opt, comm, sync_every=h, outer_lr=0.9, outer_momentum=0.5, staleness_penalty=2.0, clip_threshold=0.05)
+    strategy.setup()
+    setup_bytes = comm.stats()["bytes_sent"]
+    phi0 = strategy.outer_params.clone()
+    thetas, phis, moms = [], [], []
+    for step in range(h * rounds):
+        x, y = tiny_batch(step, rank)
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        if (step + 1) % h == 0:
+            thetas.append(flat_params(model))
+        strategy.after_inner_step(step)
+        if (step + 1) % h == 0:
+            phis.append(strategy.outer_params.clone())
+            moms.append(strategy.momentum.clone())
+            assert torch.equal(flat_params(model), strategy.outer_params)
+    pending = strategy._pending is not None
+    stats_bytes = comm.stats()["bytes_sent"] - setup_bytes
+    strategy.finish()
+    return {"phi0": phi0, "thetas": thetas, "phis": phis, "moms": moms, "pending": pending, "final": flat_params(model),
+            "phi_final": strategy.outer_params.clone(), "bytes": stats_bytes,
+            "formula": strategy.bytes_per_inner_step(num_parameters(model), world_size) * h * rounds}
+
+
+@pytest.mark.multiproc
+def test_co2_applies_each_round_exactly_one_round_late_with_clipped_momentum(rank_pool) -> None:
+    results = rank_pool.run(_co2, 2)
+    eta, beta, lam, c = 0.9, 0.5, 2.0, 0.05
+    phi = results[0]["phi0"].clone()
+    m = torch.zeros_like(phi)
+    previous = None
+    expected_phis = []
+    for r in range(4):
+        average = phi - (results[0]["thetas"][r] + results[1]["thetas"][r]) / 2  # Δ̄ of round r, from this φ
+        if previous is not None:  # round r applies round r-1's average
+            m = (beta * m + previous / lam).clamp(-c, c)
+            phi = phi - eta * m
+        expected_phis.append(phi.clone())
+        previous = average
+    for res in results:
+        assert res["pending"]  # the last round's all-reduce was still outstanding at the end
+        torch.testing.assert_close(res["phis"][0], res["phi0"], rtol=0, atol=0)  # round 1 changes nothing
+        for got, want in zip(res["phis"], expected_phis):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert max(float(mm.abs().max()) for mm in res["moms"]) <= c + 1e-7
+        assert res["bytes"] == res["formula"]
+        torch.testing.assert_close(res["final"], results[0]["final"], rtol=0, atol=0)
+    # finish() applied the last round too (its progress is not lost)
+    m_last = (beta * m + previous / lam).clamp(-c, c)
+    torch.testing.assert_close(results[0]["phi_final"], phi - eta * m_last, rtol=1e-5, atol=1e-6)
+
+
+def test_co2_clipping_really_bounds_the_momentum() -> None:
+    def run(clip: float) -> CO2:
+        model = tiny_model(seed=0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        strategy = CO2(model, opt, Comm(), sync_every=2, outer_lr=1.0, outer_momentum=0.9, clip_threshold=clip)
+        strategy.setup()
+        peaks = []
+        run_loop(strategy, model, opt, 0, 0, 12, on_step=lambda s: peaks.append(float(strategy.momentum.abs().max())))
+        strategy.peak = max(peaks)
+        return strategy
+
+    unclipped = run(clip=1e6)
+    assert unclipped.peak > 0.01  # without clipping the momentum grows past the threshold below
+    clipped = run(clip=0.01)
+    assert clipped.peak <= 0.01 + 1e-7
+    assert clipped.metrics()["outer_momentum_clipped_fraction"] > 0
+
+
+def _co2_resume(rank: int, world_size: int) -> dict:
+    def make(seed: int):
+        model = tiny_model(seed=seed)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        return model, opt, CO2(model, opt, Comm(), sync_every=2, outer_lr=1.0, outer_momentum=0.5)
+
+    model, opt, strategy = make(0)
+    strategy.setup()
+    run_loop(strategy, model, opt, rank, 0, 5)  # after round 2: round 2's all-reduce is in flight
+    saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(), "algo": strategy.state_dict()})
+    run_loop(strategy, model, opt, rank, 5, 10)
+    strategy.finish()
+    model2, opt2, strategy2 = make(3)
+    model2.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    strategy2.load_state_dict(saved["algo"])
+    strategy2.setup()
+    run_loop(strategy2, model2, opt2, rank, 5, 10)
+    strategy2.finish()
+    return {"pending_saved": saved["algo"]["pending_average"] is not None, "a": flat_params(model), "b": flat_params(model2)}
+
+
+@pytest.mark.multiproc
+def test_co2_state_dict_keeps_the_pending_round(rank_pool) -> None:
+    for res in rank_pool.run(_co2_resume, 2):
+        assert res["pending_saved"]
+        torch.testing.assert_close(res["b"], res["a"], rtol=0, atol=0)

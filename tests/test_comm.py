@@ -1,0 +1,155 @@
+"""Comm: results of the collectives, byte accounting against the cost model, the flight recorder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dist_helpers import free_port, rank_pool, run_ranks
+from loco_trainer.comm import Comm, all_reduce_flat, buckets
+
+
+def _collectives(rank: int, world_size: int) -> dict:
+    comm = Comm()
+    n = world_size
+    t = torch.full((10,), float(rank + 1))  # 40 bytes
+    comm.all_reduce(t, op="avg")
+    s = torch.full((10,), float(rank + 1))
+    comm.all_reduce(s, op="sum")
+    b = torch.full((4,), float(rank))  # 16 bytes
+    comm.broadcast(b, src=1)
+    gathered = comm.all_gather(torch.tensor([float(rank)] * 2))  # 8 bytes in, 8n out
+    h = comm.all_reduce(torch.ones(3), op="sum", async_op=True)
+    async_result = h.wait()
+    # ring p2p: send to the right, receive from the left, posted together
+    got = torch.zeros(5)
+    handles = comm.batch_isend_irecv([("send", torch.full((5,), float(rank)), (rank + 1) % n), ("recv", got, (rank - 1) % n)])
+    for handle in handles:
+        handle.wait()
+    comm.barrier()
+    return {
+        "avg": t.tolist(),
+        "sum": s.tolist(),
+        "bcast": b.tolist(),
+        "gathered": [g.tolist() for g in gathered],
+        "async": async_result.tolist(),
+        "p2p": got.tolist(),
+        "stats": comm.stats(),
+        "records": [(r.seq, r.kind, r.nbytes, r.enter_ns, r.exit_ns, r.peer) for r in comm.records()],
+    }
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("n", [2, 3])
+def test_collectives_give_right_results_and_bytes_follow_cost_model(rank_pool, n: int) -> None:
+    results = rank_pool.run(_collectives, n)
+    mean = sum(range(1, n + 1)) / n
+    for rank, res in enumerate(results):
+        assert res["avg"] == pytest.approx([mean] * 10)
+        assert res["sum"] == pytest.approx([mean * n] * 10)
+        assert res["bcast"] == [1.0] * 4
+        assert res["gathered"] == [[float(r)] * 2 for r in range(n)]
+        assert res["async"] == [float(n)] * 3
+        assert res["p2p"] == [float((rank - 1) % n)] * 5
+
+        kinds = res["stats"]["by_kind"]
+        ring = 2 * (n - 1) / n
+        ar_sent = round(ring * 40) * 2 + round(ring * 12)
+        assert kinds["all_reduce"] == {"calls": 3, "bytes_sent": ar_sent, "bytes_received": ar_sent}
+        if rank == 1:
+            assert kinds["broadcast"] == {"calls": 1, "bytes_sent": (n - 1) * 16, "bytes_received": 0}
+        else:
+            assert kinds["broadcast"] == {"calls": 1, "bytes_sent": 0, "bytes_received": 16}
+        ag = round((n - 1) / n * 8 * n)
+        assert kinds["all_gather"] == {"calls": 1, "bytes_sent": ag, "bytes_received": ag}
+        assert kinds["send"] == {"calls": 1, "bytes_sent": 20, "bytes_received": 0}
+        assert kinds["recv"] == {"calls": 1, "bytes_sent": 0, "bytes_received": 20}
+        assert kinds["barrier"]["calls"] == 1 and kinds["barrier"]["bytes_sent"] == 0
+        assert res["stats"]["bytes_sent"] == sum(k["bytes_sent"] for k in kinds.values())
+
+        # the flight recorder: every call, in issue order, completed, with monotonic times
+        records = res["records"]
+        assert [r[1] for r in records] == [
+            "all_reduce", "all_reduce", "broadcast", "all_gather", "all_reduce", "send", "recv", "barrier",
+        ]
+        assert [r[0] for r in records] == list(range(len(records)))
+        assert [r[2] for r in records][:5] == [40, 40, 16, 8 * n, 12]
+        assert records[2][5] == 1 and records[5][5] == (rank + 1) % n and records[6][5] == (rank - 1) % n
+        assert all(r[4] is not None and r[4] >= r[3] for r in records)
+        assert all(a[3] <= b[3] for a, b in zip(records, records[1:]))
+
+
+def test_single_rank_issues_nothing_and_counts_nothing() -> None:
+    comm = Comm()  # torch.distributed not initialised: a group of one
+    assert (comm.rank, comm.world_size) == (0, 1)
+    t = torch.arange(4.0)
+    assert comm.all_reduce(t, op="avg") is t and t.tolist() == [0, 1, 2, 3]
+    assert comm.all_reduce(t, op="sum", async_op=True).wait() is t
+    assert comm.broadcast(t, src=0) is t
+    assert [g.tolist() for g in comm.all_gather(t)] == [[0, 1, 2, 3]]
+    assert comm.all_reduce_future(t).wait() is t
+    comm.barrier()
+    all_reduce_flat(comm, [t])
+    assert comm.records() == []
+    assert comm.stats()["bytes_sent"] == 0 and comm.stats()["calls"] == 0
+
+
+def test_bad_arguments_are_refused_with_the_argument_named() -> None:
+    comm = Comm()
+    with pytest.raises(ValueError, match="op must be one of"):
+        comm.all_reduce(torch.ones(1), op="mean")
+    with pytest.raises(ValueError, match="src=3"):
+        comm.broadcast(torch.ones(1), src=3)
+    with pytest.raises(ValueError, match="dst=0 is this rank"):
+        comm.isend(torch.ones(1), dst=0)
+    with pytest.raises(ValueError, match="history"):
+        Comm(history=0)
+
+
+def test_buckets_respect_the_cap_and_keep_order() -> None:
+    ts = [torch.zeros(n) for n in (10, 10, 30, 5, 5)]  # 40, 40, 120, 20, 20 bytes
+    assert buckets(ts, 80) == [[0, 1], [2], [3, 4]]
+    assert buckets(ts, 1) == [[0], [1], [2], [3], [4]]
+    assert [i for b in buckets(ts, 1000) for i in b] == [0, 1, 2, 3, 4]
+
+
+def _ring_buffer(rank: int, world_size: int) -> tuple[int, list[int], dict]:
+    comm = Comm(history=4)
+    for _ in range(10):
+        comm.all_reduce(torch.ones(2))
+    sub = Comm.from_ranks([0, 1])
+    sub_stats = None
+    if sub.is_member:
+        sub.all_reduce(torch.ones(8), op="sum")
+        sub_stats = (sub.world_size, sub.stats()["by_kind"]["all_reduce"])
+    return len(comm.records()), [r.seq for r in comm.records()], sub_stats
+
+
+@pytest.mark.multiproc
+def test_ring_buffer_is_bounded_and_subgroups_count_their_own_bytes(rank_pool) -> None:
+    results = rank_pool.run(_ring_buffer, 3)
+    for rank, (count, seqs, sub_stats) in enumerate(results):
+        assert count == 4 and seqs == [6, 7, 8, 9]
+        if rank in (0, 1):
+            assert sub_stats == (2, {"calls": 1, "bytes_sent": 32, "bytes_received": 32})
+        else:
+            assert sub_stats is None
+
+
+def _rejoin(rank: int, world_size: int, port: int) -> dict:
+    old = Comm()
+    old.all_reduce(torch.ones(4))
+    # the worker set changed: ranks swap places in a new default group (the elastic path)
+    new = Comm.new_membership(rank=world_size - 1 - rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}")
+    t = torch.tensor([float(rank)])
+    new.broadcast(t, src=0)  # new rank 0 is old rank world_size-1
+    return {"new_rank": new.rank, "value": t.item(), "new_calls": new.stats()["calls"], "old_calls": old.stats()["calls"]}
+
+
+@pytest.mark.multiproc
+def test_new_membership_reforms_the_default_group_with_fresh_counters() -> None:
+    results = run_ranks(_rejoin, 2, args=(free_port(),))
+    for rank, res in enumerate(results):
+        assert res["new_rank"] == 1 - rank
+        assert res["value"] == 1.0
+        assert (res["old_calls"], res["new_calls"]) == (1, 1)

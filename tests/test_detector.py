@@ -1,0 +1,346 @@
+"""The C4-style detector on synthetic traces: each fault class blames exactly the right component.
+
+Traces are built here step by step (numpy, seeded) so each scenario states its timing plainly:
+every rank computes ``period`` seconds (+- jitter), enters the collective, and all ranks leave
+it together once the last one arrived. Time is the detector's injected clock: nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from loco_operator.faults import (
+    CollectiveRecord,
+    Detector,
+    DetectorConfig,
+    LinkBatch,
+    LinkSample,
+    RankHeartbeat,
+    RecordBatch,
+    Topology,
+    VerdictKind,
+)
+
+RPN = 8  # ranks per node
+
+
+class Job:
+    """A synthetic data-parallel job: one all-reduce per step over a rail-aligned ring."""
+
+    def __init__(self, world: int = 64, *, period_s: float = 1.0, jitter: float = 0.2, seed: int = 0) -> None:
+        self.world, self.period_s, self.jitter = world, period_s, jitter
+        self.rng = np.random.default_rng(seed)
+        self.topology = Topology.uniform(world, RPN)
+        self.ready_s = np.zeros(world)
+        self.seq = 0
+        ranks = np.arange(world)
+        base = ranks - ranks % RPN
+        self.src = np.concatenate([ranks, ranks])
+        self.dst = np.concatenate([base + (ranks % RPN + 1) % RPN, (ranks + RPN) % world])
+        self.link_slow = np.ones(self.src.size)
+
+    def link_index(self, src: int, dst: int) -> int:
+        return int(np.flatnonzero((self.src == src) & (self.dst == dst))[0])
+
+    def step(self, *, slow: dict[int, float] | None = None, missing: tuple[int, ...] = (),
+             complete: bool = True) -> tuple[RecordBatch, LinkBatch, float]:
+        """One collective: records (and connection samples when it completes) and its end time."""
+        compute = self.period_s * self.rng.uniform(1 - self.jitter, 1 + self.jitter, self.world)
+        for rank, factor in (slow or {}).items():
+            compute[rank] *= factor
+        enter = self.ready_s + compute
+        keep = np.setdiff1d(np.arange(self.world), missing)
+        start = float(enter.max())
+        seq = self.seq
+        if missing or not complete:
+            return RecordBatch.from_arrays(rank=keep, seq=seq, enter_s=enter[keep], nbytes=1 << 20), LinkBatch.empty(), start
+        exit_s = start + 0.01 + self.rng.uniform(0, 1e-3, self.world)
+        self.ready_s = exit_s
+        self.seq += 1
+        seconds = 1e-3 * self.rng.uniform(1 - self.jitter, 1 + self.jitter, self.src.size) * self.link_slow
+        links = LinkBatch.from_arrays(src=self.src, dst=self.dst, seconds=seconds, nbytes=4096, at_s=float(exit_s.max()))
+        records = RecordBatch.from_arrays(rank=np.arange(self.world), seq=seq, enter_s=enter, exit_s=exit_s, nbytes=1 << 20)
+        return records, links, float(exit_s.max())
+
+
+def run(job: Job, det: Detector, steps: int, **step_kwargs) -> list:  # noqa: ANN003
+    verdicts = []
+    for _ in range(steps):
+        records, links, now = job.step(**step_kwargs)
+        verdicts += det.observe(records, links, now)
+    return verdicts
+
+
+def test_healthy_64_ranks_1000_steps_with_20_percent_jitter_give_no_verdict() -> None:
+    job = Job(64, jitter=0.2, seed=1)
+    det = Detector(DetectorConfig(), job.topology)
+    assert run(job, det, 1000) == []
+    assert det.stats["records"] == 64_000 and det.stats["link_samples"] == 128_000
+
+
+def test_straggler_is_blamed_and_the_ranks_that_waited_for_it_never_are() -> None:
+    job = Job(64, seed=2)
+    det = Detector(DetectorConfig(), job.topology)
+    assert run(job, det, 20) == []
+    verdicts = run(job, det, 10, slow={37: 2.0})
+    assert [(v.kind, v.ranks, v.node) for v in verdicts] == [(VerdictKind.slow_noncomm, (37,), "node-4")]
+    v = verdicts[0]
+    assert v.evidence["consecutive"] == 3 and v.evidence["lateness_s"] > v.evidence["threshold_s"]
+    assert v.seq == 22  # the third late collective (20, 21, 22)
+    # the 63 others spent ~0.6 s waiting inside each collective: still never blamed
+    assert all(set(v.ranks) == {37} for v in det.history)
+
+
+def test_late_arrivals_short_of_k_consecutive_collectives_are_not_blamed() -> None:
+    job = Job(64, seed=3)
+    det = Detector(DetectorConfig(consecutive=3), job.topology)
+    run(job, det, 20)
+    verdicts = run(job, det, 2, slow={5: 2.0}) + run(job, det, 1) + run(job, det, 2, slow={5: 2.0}) + run(job, det, 5)
+    assert verdicts == []
+
+
+def test_a_whole_node_of_stragglers_is_one_verdict_naming_the_node() -> None:
+    job = Job(64, seed=4)
+    det = Detector(DetectorConfig(), job.topology)
+    run(job, det, 20)
+    verdicts = run(job, det, 5, slow={r: 2.0 for r in range(16, 24)})
+    assert [(v.kind, v.ranks, v.node, v.evidence["scope"]) for v in verdicts] == [
+        (VerdictKind.slow_noncomm, tuple(range(16, 24)), "node-2", "node")
+    ]
+
+
+def test_noncomm_hang_blames_exactly_the_rank_that_never_entered_after_the_timeout() -> None:
+    job = Job(64, seed=5)
+    cfg = DetectorConfig(hang_timeout_floor_seconds=3.0)
+    det = Detector(cfg, job.topology)
+    run(job, det, 20)
+    records, _, _ = job.step(missing=(11,))
+    median_enter = float(np.median(records.enter_s))
+    noncomm_timeout = max(3.0, cfg.hang_timeout_multiplier * det._max_healthy_spread_s, det._max_interval_s)
+    assert det.observe(records, (), median_enter + noncomm_timeout - 0.01) == []  # not yet: could be a straggler
+    verdicts = det.observe((), (), median_enter + noncomm_timeout + 0.01)
+    assert [(v.kind, v.ranks, v.node, v.seq) for v in verdicts] == [(VerdictKind.hang_noncomm, (11,), "node-1", 20)]
+    assert verdicts[0].evidence["entered"] == 63 and verdicts[0].evidence["missing"] == 1
+    assert det.observe((), (), median_enter + 1000) == []  # reported once
+
+
+def test_a_straggler_one_period_late_is_slow_not_hung() -> None:
+    job = Job(64, jitter=0.1, seed=6)
+    det = Detector(DetectorConfig(hang_timeout_floor_seconds=0.5), job.topology)
+    run(job, det, 20)
+    verdicts = []
+    for _ in range(6):  # poll finely while rank 3 is 0.45 to 0.75 periods late each step
+        records, links, end = job.step(slow={3: 1.6})
+        for t in np.arange(records.enter_s.min(), end + 0.1, 0.05):
+            visible = records.take(records.enter_s <= t)
+            visible = RecordBatch.from_arrays(rank=visible.rank, seq=visible.seq, enter_s=visible.enter_s,
+                                              exit_s=np.where(visible.exit_s <= t, visible.exit_s, np.nan), nbytes=1 << 20)
+            verdicts += det.observe(visible, links if t >= end else (), float(t))
+    assert {v.kind for v in verdicts} == {VerdictKind.slow_noncomm} and {v.ranks for v in verdicts} == {(3,)}
+
+
+def test_comm_hang_blames_the_stalled_connection() -> None:
+    job = Job(64, seed=7)
+    det = Detector(DetectorConfig(hang_timeout_floor_seconds=2.0), job.topology)
+    run(job, det, 20)
+    records, _, start = job.step(complete=False)
+    stalled = [LinkSample(15, 23, math.inf, 4096, start + 0.1)]
+    assert det.observe(records, stalled, start + 1.0) == []
+    verdicts = det.observe((), (), start + 2.5)
+    assert [(v.kind, v.link, v.ranks, v.seq) for v in verdicts] == [(VerdictKind.hang_comm, (15, 23), (15, 23), 20)]
+    assert verdicts[0].evidence["evidence_from"] == "stalled connections"
+
+
+def test_comm_hang_blames_the_endpoint_all_stalled_connections_share() -> None:
+    job = Job(64, seed=8)
+    det = Detector(DetectorConfig(hang_timeout_floor_seconds=2.0), job.topology)
+    run(job, det, 20)
+    records, _, start = job.step(complete=False)
+    stalled = [LinkSample(9, 17, math.inf, 4096, start), LinkSample(1, 9, math.inf, 4096, start)]
+    verdicts = det.observe(records, stalled, start + 3.0)
+    assert [(v.kind, v.ranks, v.link, v.node, v.evidence["scope"]) for v in verdicts] == [
+        (VerdictKind.hang_comm, (9,), None, "node-1", "endpoint")
+    ]
+
+
+def test_comm_hang_on_point_to_point_blames_the_unfinished_pair() -> None:
+    topo = Topology.uniform(4, 2)
+    cfg = DetectorConfig(warmup_collectives=0, hang_timeout_floor_seconds=1.0, warmup_hang_timeout_seconds=1.0)
+    det = Detector(cfg, topo)
+    # seq 0: 0 -> 1 and 2 -> 3 exchange; 2 -> 3 completes, 0 -> 1 never does
+    recs = [
+        CollectiveRecord(0, 0, "send", 64, 10.0, None, peer=1),
+        CollectiveRecord(1, 0, "recv", 64, 10.0, None, peer=0),
+        CollectiveRecord(2, 0, "send", 64, 10.0, 10.1, peer=3),
+        CollectiveRecord(3, 0, "recv", 64, 10.0, 10.1, peer=2),
+    ]
+    verdicts = det.observe(recs, (), 12.0)
+    assert [(v.kind, v.link) for v in verdicts] == [(VerdictKind.hang_comm, (0, 1))]
+    assert verdicts[0].evidence["evidence_from"] == "unfinished point-to-point calls"
+
+
+def test_slow_link_blames_one_cell_of_the_matrix() -> None:
+    job = Job(64, seed=9)
+    det = Detector(DetectorConfig(), job.topology)
+    run(job, det, 10)
+    job.link_slow[job.link_index(20, 28)] = 4.0
+    verdicts = run(job, det, 6)
+    assert [(v.kind, v.link, v.ranks, v.node) for v in verdicts] == [(VerdictKind.slow_comm_link, (20, 28), (20, 28), None)]
+    assert verdicts[0].evidence["median_ratio"] > 2.0 and verdicts[0].evidence["consecutive"] == 3
+
+
+def test_slow_node_blames_the_node_whose_row_and_column_are_slow() -> None:
+    job = Job(64, seed=10)
+    det = Detector(DetectorConfig(), job.topology)
+    run(job, det, 10)
+    node = job.topology.node_index
+    cross = node[job.src] != node[job.dst]
+    job.link_slow[cross & ((node[job.src] == 5) | (node[job.dst] == 5))] = 4.0
+    verdicts = run(job, det, 6)
+    assert [(v.kind, v.node, v.ranks, v.evidence["scope"]) for v in verdicts] == [
+        (VerdictKind.slow_comm_node, "node-5", tuple(range(40, 48)), "node")
+    ]
+    # its neighbours' rows/columns point at node-5 only: explained away, not blamed
+    assert verdicts[0].evidence["slow_out"] == 8 and verdicts[0].evidence["slow_in"] == 8
+
+
+def test_slow_nic_of_one_rank_blames_that_rank() -> None:
+    job = Job(64, seed=11)
+    det = Detector(DetectorConfig(), job.topology)
+    run(job, det, 10)
+    job.link_slow[job.link_index(42, 50)] = 4.0
+    job.link_slow[job.link_index(34, 42)] = 4.0
+    verdicts = run(job, det, 6)
+    assert [(v.kind, v.ranks, v.node, v.evidence["scope"]) for v in verdicts] == [
+        (VerdictKind.slow_comm_node, (42,), "node-5", "nic")
+    ]
+
+
+def test_slow_link_recovers_and_can_be_blamed_again() -> None:
+    job = Job(16, seed=12)
+    det = Detector(DetectorConfig(), job.topology)
+    run(job, det, 10)
+    i = job.link_index(3, 11)
+    job.link_slow[i] = 4.0
+    assert len(run(job, det, 5)) == 1
+    job.link_slow[i] = 1.0
+    assert run(job, det, 5) == []
+    job.link_slow[i] = 4.0
+    assert [v.link for v in run(job, det, 5)] == [(3, 11)]
+
+
+def test_silent_rank_is_blamed_only_when_the_job_stops_progressing() -> None:
+    job = Job(16, seed=13)
+    det = Detector(DetectorConfig(silence_timeout_seconds=5.0), job.topology)
+    records, links, now = job.step()
+    det.observe(records, links, now, heartbeats=[RankHeartbeat(r, now) for r in range(16)])
+    # rank 4 goes quiet but collectives keep completing: it still takes part
+    for _ in range(8):
+        records, links, t = job.step()
+        assert det.observe(records, links, t, heartbeats=[RankHeartbeat(r, t) for r in range(16) if r != 4]) == []
+    # now nothing completes any more
+    verdicts = det.observe((), (), t + 6.0, heartbeats=[RankHeartbeat(r, t + 6.0) for r in range(16) if r != 4])
+    assert [(v.kind, v.ranks) for v in verdicts] == [(VerdictKind.hang_noncomm, (4,))]
+    assert verdicts[0].evidence["reason"].startswith("stopped reporting")
+
+
+def test_detector_is_deterministic() -> None:
+    def once() -> list:
+        job = Job(32, seed=14)
+        det = Detector(DetectorConfig(), job.topology)
+        return [v.to_dict() for v in run(job, det, 15) + run(job, det, 6, slow={7: 2.0})]
+
+    first = once()
+    assert first and first == once()
+
+
+def test_records_outside_the_topology_are_refused_with_the_field_named() -> None:
+    det = Detector(DetectorConfig(), Topology.uniform(4, 2))
+    with pytest.raises(ValueError, match=r"record.rank 7 is outside the topology's ranks 0..3"):
+        det.observe([CollectiveRecord(7, 0, "all_reduce", 8, 1.0, 2.0)], (), 2.0)
+    with pytest.raises(ValueError, match=r"link.dst 9"):
+        det.observe((), [LinkSample(0, 9, 0.1, 8)], 2.0)
+    with pytest.raises(ValueError, match=r"record kind 'allreduce' is not one of"):
+        det.observe([CollectiveRecord(0, 0, "allreduce", 8, 1.0, 2.0)], (), 2.0)
+
+
+def test_config_is_camel_case_and_rejects_inconsistent_values() -> None:
+    cfg = DetectorConfig.model_validate({"consecutive": 4, "madMultiplier": 6, "hangTimeoutFloorSeconds": 20})
+    assert (cfg.consecutive, cfg.mad_multiplier, cfg.hang_timeout_floor_seconds) == (4, 6.0, 20.0)
+    with pytest.raises(ValueError, match=r"consecutive \(40\) must be <= window \(32\)"):
+        DetectorConfig(consecutive=40)
+    with pytest.raises(ValueError, match="linkSlownessFactor|link_slowness_factor"):
+        DetectorConfig.model_validate({"linkSlownessFactor": 0.5})
+    with pytest.raises(ValueError, match="madMultipler"):
+        DetectorConfig.model_validate({"madMultipler": 3})
+
+
+def test_collectives_completing_out_of_order_are_judged_once_and_never_look_hung() -> None:
+    det = Detector(DetectorConfig(warmup_collectives=0, warmup_hang_timeout_seconds=10.0, hang_timeout_floor_seconds=1.0),
+                   Topology.uniform(4, 2))
+    # async all-reduce #0 is issued, #1 is issued and completes first, then #0 completes
+    issued = [CollectiveRecord(r, 0, "all_reduce", 8, 1.0 + 0.01 * r, None) for r in range(4)]
+    second = [CollectiveRecord(r, 1, "all_reduce", 8, 1.5 + 0.01 * r, 2.0) for r in range(4)]
+    first_done = [CollectiveRecord(r, 0, "all_reduce", 8, 1.0 + 0.01 * r, 2.5) for r in range(4)]
+    assert det.observe(issued + second, (), 2.1) == []
+    assert det.observe(first_done, (), 2.6) == []
+    assert det._open == {} and det._finalized_below == 2
+    # a duplicate report of #1 arriving late is ignored, not mistaken for a new, half-entered collective
+    assert det.observe(second[:1], (), 100.0) == [] and det._open == {}
+    assert det.stats["late_records_ignored"] == 1
+
+
+def test_a_lost_record_is_not_mistaken_for_a_hang() -> None:
+    job = Job(16, seed=15)
+    det = Detector(DetectorConfig(hang_timeout_floor_seconds=1.0), job.topology)
+    run(job, det, 10)
+    records, links, now = job.step()
+    det.observe(records.take(records.rank != 2), links, now)  # rank 2's record of #10 never arrives
+    records, links, now = job.step()
+    det.observe(records, links, now)  # but rank 2 went on to #11, so it did enter #10
+    assert det.observe((), (), now + 1000.0) == []
+    assert det.stats["incomplete_dropped"] == 1 and det._open == {}
+
+
+def test_back_to_back_collectives_neither_hide_nor_reset_a_straggler() -> None:
+    """DDP-style buckets: after the first all-reduce of a step everyone arrives together; those
+    collectives say nothing about anyone, so the straggler's streak carries over them."""
+    job = Job(32, jitter=0.1, seed=16)
+    det = Detector(DetectorConfig(), job.topology)
+    verdicts = []
+    for step in range(20):
+        records, links, now = job.step(slow={9: 2.0} if step >= 12 else None)
+        verdicts += det.observe(records, links, now)
+        for _ in range(2):  # two more buckets, entered right after the previous one
+            t0 = job.ready_s + job.rng.uniform(0, 1e-3, job.world)
+            bucket = RecordBatch.from_arrays(rank=np.arange(job.world), seq=job.seq, enter_s=t0, exit_s=t0.max() + 0.01)
+            job.ready_s = np.full(job.world, t0.max() + 0.01)
+            job.seq += 1
+            verdicts += det.observe(bucket, (), float(job.ready_s[0]))
+    assert [(v.kind, v.ranks) for v in verdicts] == [(VerdictKind.slow_noncomm, (9,))]
+    assert verdicts[0].seq == 3 * 14  # first collective of the third slow step (12, 13, 14)
+
+
+def test_comm_hang_without_connection_data_is_reported_but_not_localised() -> None:
+    job = Job(16, seed=17)
+    det = Detector(DetectorConfig(hang_timeout_floor_seconds=2.0), job.topology)
+    run(job, det, 10)
+    records, _, start = job.step(complete=False)
+    verdicts = det.observe(records, (), start + 3.0)
+    assert [(v.kind, v.ranks, v.link) for v in verdicts] == [(VerdictKind.hang_comm, tuple(range(16)), None)]
+    assert "no per-connection data" in verdicts[0].evidence["evidence_from"]
+
+
+def test_two_node_job_names_both_nodes_when_the_slow_one_cannot_be_told_apart() -> None:
+    job = Job(16, seed=18)
+    det = Detector(DetectorConfig(), job.topology)
+    run(job, det, 10)
+    node = job.topology.node_index
+    job.link_slow[node[job.src] != node[job.dst]] = 4.0  # every cross-node connection touches both nodes
+    verdicts = run(job, det, 4)
+    assert [(v.kind, v.node, v.ranks, v.evidence["scope"]) for v in verdicts] == [
+        (VerdictKind.slow_comm_node, None, tuple(range(16)), "ambiguous-nodes")
+    ]

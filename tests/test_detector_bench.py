@@ -1,0 +1,41 @@
+"""The fault simulator (bench/simulate_faults.py): it injects what it claims and the detector finds it."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def sim():  # noqa: ANN201 - the benchmark module
+    spec = importlib.util.spec_from_file_location("simulate_faults", REPO / "bench" / "simulate_faults.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["simulate_faults"] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("kind", ["hang-noncomm", "hang-comm", "slow-noncomm", "slow-comm-link", "slow-comm-node"])
+def test_simulated_fault_is_blamed_exactly_at_64_ranks(sim, kind: str) -> None:  # noqa: ANN001
+    result = sim.run_trial(sim.SimConfig(world=64, seed=3), kind)
+    assert result["found"], [v.message for v, _ in result["verdicts"]]
+    assert result["wrong"] == 0, [v.message for v, _ in result["verdicts"]]
+    assert result["latency_collectives"] >= 1 and result["latency_s"] > 0
+
+
+def test_simulated_healthy_run_gives_no_verdict(sim) -> None:  # noqa: ANN001
+    result = sim.run_trial(sim.SimConfig(world=64, seed=4), None, steps=300)
+    assert result["verdicts"] == []
+    assert len(result["step_cpu_s"]) == 300
+
+
+def test_benchmark_section_replaces_only_its_own_section(sim, tmp_path: Path) -> None:  # noqa: ANN001
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\n## Trainer\n\nkeep me\n\n## Fault detection (simulator)\n\nold\n\n## Later\n\nkeep too\n")
+    sim.write_section(doc, "## Fault detection (simulator)\n\nnew\n")
+    assert doc.read_text() == "# Benchmarks\n\n## Trainer\n\nkeep me\n\n## Fault detection (simulator)\n\nnew\n\n## Later\n\nkeep too\n"

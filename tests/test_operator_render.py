@@ -1,0 +1,112 @@
+"""The rendered children follow the pod contract (docs/CONTRACTS.md)."""
+
+from __future__ import annotations
+
+import json
+
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client import generate_latest
+
+from loco_operator.metrics import OperatorMetrics
+from loco_operator.render import JobRef, render_configmap, render_pod, render_service
+from loco_operator.spec import TrainingJobSpec
+from loco_trainer.config import EnvVar, TrainerConfig
+
+REF = JobRef("gpt", "team-a", "uid-9")
+
+
+def spec(**template) -> TrainingJobSpec:
+    return TrainingJobSpec.model_validate({"replicas": 3, "nprocPerWorker": 2, "template": template})
+
+
+def test_pod_has_contract_labels_env_and_security():
+    pod = render_pod(REF, spec(), rank=2, epoch=5, restarts=1, resume_from="/ckpt/team-a/gpt/step-40")
+    meta, pod_spec = pod["metadata"], pod["spec"]
+    assert meta["name"] == "gpt-worker-2" and meta["namespace"] == "team-a"
+    assert meta["labels"] == {
+        "loco.dev/job": "gpt", "loco.dev/rank": "2", "loco.dev/epoch": "5", "app.kubernetes.io/managed-by": "loco",
+    }
+    assert meta["ownerReferences"] == [{
+        "apiVersion": "loco.dev/v1alpha1", "kind": "TrainingJob", "name": "gpt", "uid": "uid-9",
+        "controller": True, "blockOwnerDeletion": True,
+    }]
+    assert (pod_spec["hostname"], pod_spec["subdomain"], pod_spec["restartPolicy"]) == ("gpt-worker-2", "gpt", "Never")
+    assert pod_spec["automountServiceAccountToken"] is False
+    assert pod_spec["securityContext"]["runAsNonRoot"] is True and pod_spec["securityContext"]["runAsUser"] == 1000
+    (container,) = pod_spec["containers"]
+    assert container["name"] == "trainer"
+    assert container["command"] == ["python", "-m", "loco_trainer", "--config", "/etc/loco/config.json"]
+    assert container["terminationMessagePath"] == "/dev/termination-log"
+    assert {"name": "status", "containerPort": 8080, "protocol": "TCP"} in container["ports"]
+    env = {e["name"]: e for e in container["env"]}
+    values = {k: v["value"] for k, v in env.items() if "value" in v}
+    assert values[EnvVar.REPLICA_INDEX.value] == "2"
+    assert values[EnvVar.NUM_REPLICAS.value] == "3"
+    assert values[EnvVar.NPROC_PER_WORKER.value] == "2"
+    assert values[EnvVar.EPOCH.value] == "5" and values[EnvVar.RESTART_COUNT.value] == "1"
+    assert values[EnvVar.RESUME_FROM.value] == "/ckpt/team-a/gpt/step-40"
+    assert values["MASTER_ADDR"] == "gpt-worker-0.gpt.team-a.svc" and values["MASTER_PORT"] == "29500"
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts == {"loco-config": "/etc/loco"}
+    assert pod_spec["volumes"][0]["configMap"]["name"] == "gpt-trainer"
+
+
+def test_template_is_merged_and_contract_labels_win():
+    tpl = {
+        "image": "registry/loco:2", "imagePullPolicy": "IfNotPresent",
+        "resources": {"limits": {"nvidia.com/gpu": 1}},
+        "env": [{"name": "NCCL_DEBUG", "value": "INFO"}, {"name": "MASTER_PORT", "value": "29600"}],
+        "nodeSelector": {"pool": "gpu"},
+        "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "affinity": {"nodeAffinity": {"x": 1}},
+        "priorityClassName": "high", "schedulerName": "volcano",
+        "volumes": [{"name": "ckpt", "persistentVolumeClaim": {"claimName": "ckpt"}}],
+        "volumeMounts": [{"name": "ckpt", "mountPath": "/checkpoints"}],
+        "labels": {"team": "a", "loco.dev/rank": "99"}, "annotations": {"note": "x"},
+    }
+    pod = render_pod(REF, spec(**tpl), rank=0, epoch=0)
+    pod_spec, container = pod["spec"], pod["spec"]["containers"][0]
+    assert container["image"] == "registry/loco:2" and container["imagePullPolicy"] == "IfNotPresent"
+    assert container["resources"] == {"limits": {"nvidia.com/gpu": 1}}
+    env = [(e["name"], e.get("value")) for e in container["env"]]
+    assert ("NCCL_DEBUG", "INFO") in env and ("MASTER_PORT", "29600") in env and ("MASTER_PORT", "29500") not in env
+    assert pod_spec["nodeSelector"] == {"pool": "gpu"} and pod_spec["tolerations"][0]["key"] == "gpu"
+    assert pod_spec["affinity"] == {"nodeAffinity": {"x": 1}}
+    assert (pod_spec["priorityClassName"], pod_spec["schedulerName"]) == ("high", "volcano")
+    assert [v["name"] for v in pod_spec["volumes"]] == ["loco-config", "ckpt"]
+    assert [m["mountPath"] for m in container["volumeMounts"]] == ["/etc/loco", "/checkpoints"]
+    assert pod["metadata"]["labels"]["team"] == "a" and pod["metadata"]["labels"]["loco.dev/rank"] == "0"
+    assert pod["metadata"]["annotations"] == {"note": "x"}
+
+
+def test_service_is_headless_and_configmap_holds_trainer_config():
+    svc = render_service(REF)
+    assert svc["metadata"]["name"] == "gpt"
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
+    assert svc["spec"]["selector"] == {"loco.dev/job": "gpt"}
+    cm = render_configmap(REF, spec())
+    assert cm["metadata"]["name"] == "gpt-trainer"
+    config = TrainerConfig.model_validate(json.loads(cm["data"]["config.json"]))
+    assert (config.job_name, config.namespace) == ("gpt", "team-a")
+
+
+def test_operator_metrics_track_phases_transitions_and_restarts():
+    metrics = OperatorMetrics()
+    metrics.observe_job("ns/a", None, "Pending")
+    metrics.observe_job("ns/a", "Pending", "Running")
+    metrics.observe_job("ns/b", None, "Running")
+    metrics.observe_job("ns/a", "Running", "Restarting", restarts_added=1)
+    metrics.forget_job("ns/b")
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+        for s in family.samples
+    }
+    assert samples[("loco_operator_jobs", (("phase", "Restarting"),))] == 1
+    assert samples[("loco_operator_jobs", (("phase", "Running"),))] == 0
+    assert samples[("loco_operator_job_transitions_total", (("from", "Pending"), ("to", "Running")))] == 1
+    assert samples[("loco_operator_job_transitions_total", (("from", ""), ("to", "Pending")))] == 1
+    assert samples[("loco_operator_restarts_total", ())] == 1

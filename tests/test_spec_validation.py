@@ -1,0 +1,99 @@
+"""TrainingJob validation: every problem reported, with the field's path, the value and the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from loco_operator.spec import TrainingJobSpec
+from loco_operator.validation import FieldError, InvalidSpecError, parse_spec, validate_job
+
+
+def errors_of(spec, name: str = "job") -> dict[str, FieldError]:
+    return {e.path: e for e in validate_job({"metadata": {"name": name}, "spec": spec})}
+
+
+def test_defaults_and_full_examples_are_valid():
+    assert validate_job({"metadata": {"name": "job"}, "spec": {}}) == []
+    full = {
+        "replicas": 4, "nprocPerWorker": 2,
+        "elastic": {"minReplicas": 2, "maxReplicas": 8},
+        "template": {"image": "x:1", "resources": {"limits": {"nvidia.com/gpu": 1, "memory": "8Gi"}},
+                     "tolerations": [{"key": "gpu", "operator": "Exists"}], "nodeSelector": {"pool": "gpu"}},
+        "algorithm": {"name": "streaming-diloco", "syncEvery": 20, "fragments": 4, "quantization": "e3m0"},
+        "model": {"gpt": {"nLayer": 4, "nHead": 4, "nEmbd": 128, "blockSize": 256}},
+        "training": {"steps": 100, "seqLen": 256},
+        "data": {"source": "shards", "path": "/data"},
+        "runPolicy": {"backoffLimit": 5, "cleanPodPolicy": "All", "ttlSecondsAfterFinished": 60},
+    }
+    assert validate_job({"metadata": {"name": "gpt-diloco"}, "spec": full}) == []
+    assert parse_spec({"metadata": {"name": "gpt-diloco"}, "spec": full}).replicas == 4
+
+
+@pytest.mark.parametrize(
+    ("spec", "path", "words"),
+    [
+        ({"replicas": 0}, "spec.replicas", ["greater than or equal to 1"]),
+        ({"replicas": "two"}, "spec.replicas", ["valid integer"]),
+        ({"replica": 2}, "spec.replica", ["unknown field", "remove it"]),
+        ({"algorithm": {"name": "adam"}}, "spec.algorithm.name", ["ddp", "diloco"]),
+        ({"algorithm": {"name": "ddp", "syncEvery": 5}}, "spec.algorithm.syncEvery", ["applies only to", "remove"]),
+        ({"algorithm": {"name": "diloco", "groupSize": 2}}, "spec.algorithm.groupSize", ["noloco", "remove"]),
+        ({"algorithm": {"outerLr": 0}}, "spec.algorithm.outerLr", ["greater than 0"]),
+        ({"elastic": {"minReplicas": 3}}, "spec.replicas", ["elastic.minReplicas", "raise replicas"]),
+        ({"elastic": {"maxReplicas": 1}}, "spec.replicas", ["elastic.maxReplicas", "lower replicas"]),
+        ({"training": {"seqLen": 1024}}, "spec.training.seqLen", ["blockSize", "lower"]),
+        ({"model": {"gpt": {"nEmbd": 100, "nHead": 3}}}, "spec.model.gpt.nEmbd", ["multiple of", "nHead"]),
+        ({"model": {"name": "custom"}}, "spec.model.factory", ["required", "package.module:callable"]),
+        ({"model": {"factory": "a.b:c"}}, "spec.model.factory", ["set name to 'custom'"]),
+        ({"data": {"source": "shards"}}, "spec.data.path", ["required", "directory"]),
+        ({"runPolicy": {"cleanPodPolicy": "Some"}}, "spec.runPolicy.cleanPodPolicy", ["All", "Running", "None"]),
+        ({"template": {"nodeSelector": {"a": 1}}}, "spec.template.nodeSelector.a", ["valid string"]),
+    ],
+)
+def test_each_bad_input_names_the_field_and_the_fix(spec, path, words):
+    errors = errors_of(spec)
+    assert path in errors, errors
+    text = str(errors[path])
+    assert text.startswith(path + ":")
+    for word in words:
+        assert word in text, text
+
+
+def test_every_problem_is_reported_at_once():
+    spec = {
+        "replicas": 0,
+        "algorithm": {"name": "ddp", "syncEvery": 5, "outerLr": 0.5},
+        "model": {"gpt": {"nEmbd": 100, "nHead": 3}},
+        "data": {"source": "shards"},
+        "bogus": True,
+    }
+    paths = set(errors_of(spec))
+    assert paths == {
+        "spec.replicas", "spec.algorithm.syncEvery", "spec.algorithm.outerLr", "spec.model.gpt.nEmbd",
+        "spec.data.path", "spec.bogus",
+    }
+
+
+def test_value_is_carried_and_bad_name_is_refused():
+    assert errors_of({"replicas": -3})["spec.replicas"].value == -3
+    errors = errors_of({}, name="My_Job")
+    assert errors["metadata.name"].value == "My_Job"
+    assert "DNS-1035" in errors["metadata.name"].message
+    assert "metadata.name" in errors_of({}, name="a" * 60)
+
+
+def test_parse_spec_raises_with_all_errors():
+    with pytest.raises(InvalidSpecError) as info:
+        parse_spec({"metadata": {"name": "job"}, "spec": {"replicas": 0, "training": {"steps": 0}}})
+    assert {e.path for e in info.value.errors} == {"spec.replicas", "spec.training.steps"}
+    assert "spec.replicas" in str(info.value)
+
+
+def test_spec_that_is_not_an_object_is_refused():
+    (error,) = validate_job({"metadata": {"name": "job"}, "spec": [1, 2]})
+    assert error.path == "spec" and "object" in error.message
+
+
+def test_python_spec_model_agrees_on_cross_field_rules():
+    with pytest.raises(ValueError, match="seqLen"):
+        TrainingJobSpec.model_validate({"training": {"seqLen": 1024}})

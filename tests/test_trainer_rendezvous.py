@@ -1,0 +1,71 @@
+"""Rank arithmetic, master resolution and the local address choice."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from loco_trainer.config import RuntimeEnv
+from loco_trainer.launcher import env_to_environ, local_runtime_env
+from loco_trainer.config import TrainerConfig
+from loco_trainer.rendezvous import (
+    RendezvousError,
+    local_address,
+    lookup_hosts_file,
+    rank_info,
+    resolve_master,
+)
+
+
+def test_global_rank_is_replica_times_nproc_plus_local_rank():
+    env = RuntimeEnv(replica_index=2, num_replicas=3, nproc_per_worker=4)
+    info = rank_info(env, 1)
+    assert (info.rank, info.world_size, info.is_pod_leader) == (9, 12, False)
+    assert rank_info(env, 0).is_pod_leader
+    with pytest.raises(RendezvousError, match="LOCO_NPROC_PER_WORKER"):
+        rank_info(env, 4)
+    with pytest.raises(RendezvousError, match="LOCO_REPLICA_INDEX"):
+        rank_info(RuntimeEnv(replica_index=3, num_replicas=3), 0)
+
+
+def test_hosts_file_lookup_matches_any_alias(tmp_path):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("# embedded cluster\n127.0.10.2 j-worker-0.j.ns.svc j-worker-0.j.ns.svc.cluster.local j-worker-0.j\n")
+    assert lookup_hosts_file("j-worker-0.j", str(hosts)) == "127.0.10.2"
+    assert lookup_hosts_file("j-worker-1.j", str(hosts)) is None
+    assert lookup_hosts_file("x", str(tmp_path / "missing")) is None
+
+
+def test_master_resolution_waits_for_the_hosts_entry(tmp_path):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("")
+
+    def publish_later():
+        time.sleep(0.5)
+        hosts.write_text("127.0.10.7 j-worker-0.j.ns.svc\n")
+
+    threading.Thread(target=publish_later, daemon=True).start()
+    assert resolve_master("j-worker-0.j.ns.svc", str(hosts), timeout_s=60, poll_s=0.05) == "127.0.10.7"
+
+
+def test_master_resolution_times_out_naming_the_host_and_source(tmp_path):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("")
+    with pytest.raises(RendezvousError, match="MASTER_ADDR 'j-worker-0.j' .*LOCO_LOCAL_HOSTS"):
+        resolve_master("j-worker-0.j", str(hosts), timeout_s=0.2, poll_s=0.05)
+    assert resolve_master("10.1.2.3") == "10.1.2.3"
+    assert resolve_master("localhost", timeout_s=5) in ("127.0.0.1", "::1")
+
+
+def test_local_address_prefers_pod_ip_then_loopback():
+    assert local_address("127.0.5.5", pod_ip="127.0.9.9") == "127.0.9.9"
+    assert local_address("127.0.5.5") == "127.0.0.1"
+
+
+def test_local_runtime_env_round_trips_through_the_environment():
+    env = local_runtime_env(3, TrainerConfig(job_name="j", namespace="n"), environ={})
+    assert (env.num_replicas, env.nproc_per_worker, env.master_addr, env.job_name) == (1, 3, "127.0.0.1", "j")
+    assert env.master_port > 0 and env.status_port == 0
+    assert RuntimeEnv.from_environ(env_to_environ(env)) == env

@@ -1,0 +1,208 @@
+"""NoLoCo: No-all-reduce Low Communication training (Kolehmainen et al., 2025, arXiv:2506.10911).
+
+No collective at all: every H inner steps the ranks are split into random groups of G (2 in the
+paper) by a permutation drawn from an RNG seeded with (seed, round) — identical on every rank
+without any communication — and each group exchanges its members' outer weights φⱼ and outer
+gradients (θⱼ − φⱼ) point-to-point. Worker i then applies the modified Nesterov step
+
+    m  ← β·m + α·meanⱼ(θⱼ − φⱼ) + γ·(meanⱼ φⱼ − φᵢ)        j over i's group (i included)
+    φᵢ ← φᵢ + m
+    θᵢ ← φᵢ                                                  inner optimizer state is kept
+
+The γ term pulls the worker towards its group's mean and is what keeps the replicas from drifting
+apart; the authors' code uses γ = α, the paper writes it as a separate coefficient, so both are
+exposed. Workers never hold identical weights; :attr:`last_spread` (RMS distance of the group's
+outer weights from their mean, before the step) reports how far apart they are.
+
+Symbols -> arguments: H -> ``sync_every``, α -> ``outer_lr`` (0.7), β -> ``outer_momentum`` (0.5),
+γ -> ``mean_pull`` (default α), G -> ``group_size`` (2), seed -> ``seed``.
+
+Bytes per inner step per rank: (G−1) · 2 · 4N / H (φ and θ−φ in fp32 to each peer), independent of
+the number of workers (exact when G divides n; a rank in the one larger group sends G · 8N / H).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from loco_trainer.algorithms.base import Strategy
+from loco_trainer.comm import Comm, broadcast_flat, flatten, unflatten_into
+
+STATE_FORMAT = 1
+
+
+def gossip_groups(world_size: int, group_size: int, round_index: int, seed: int = 0) -> list[list[int]]:
+    """The groups of round ``round_index``: a permutation of the ranks from ``torch.Generator``
+    seeded with (seed, round), cut into consecutive groups of ``group_size``; a remainder too small
+    to form a group (fewer than 2 ranks) joins the last group. Pure: identical on every rank."""
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2 (got {group_size})")
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + round_index)
+    perm = torch.randperm(world_size, generator=gen).tolist()
+    groups = [perm[i : i + group_size] for i in range(0, world_size, group_size)]
+    if len(groups) > 1 and len(groups[-1]) < 2:
+        groups[-2].extend(groups.pop())
+    return [sorted(g) for g in groups]
+
+
+class NoLoCo(Strategy):
+    """NoLoCo (see the module docstring).
+
+    Args:
+        model, inner_optimizer, comm: as for every strategy.
+        sync_every: H. outer_lr: α. outer_momentum: β. mean_pull: γ (None: = α). group_size: G.
+        seed: seed of the group permutation (the same on all ranks).
+        init_sync: ``setup()`` broadcasts rank 0's initial parameters (a one-time broadcast, before
+            training; False relies on identically seeded initialisation and issues no collective at all).
+    """
+
+    name = "noloco"
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        inner_optimizer: torch.optim.Optimizer | None,
+        comm: Comm,
+        *,
+        sync_every: int,
+        outer_lr: float,
+        outer_momentum: float,
+        group_size: int = 2,
+        mean_pull: float | None = None,
+        seed: int = 0,
+        init_sync: bool = True,
+    ) -> None:
+        if sync_every < 1:
+            raise ValueError(f"sync_every (H) must be >= 1 (got {sync_every})")
+        if outer_lr <= 0:
+            raise ValueError(f"outer_lr must be > 0 (got {outer_lr})")
+        if not 0 <= outer_momentum < 1:
+            raise ValueError(f"outer_momentum must be in [0, 1) (got {outer_momentum})")
+        if group_size < 2:
+            raise ValueError(f"groupSize must be >= 2 (got {group_size})")
+        self.model = model
+        self.inner_optimizer = inner_optimizer
+        self.comm = comm
+        self.sync_every = sync_every
+        self.outer_lr = outer_lr
+        self.outer_momentum = outer_momentum
+        self.mean_pull = outer_lr if mean_pull is None else mean_pull
+        self.group_size = group_size
+        self.seed = seed
+        self.init_sync = init_sync
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.param_names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        #: φᵢ, this worker's outer weights (fp32, CPU)
+        self.outer_params = [p.detach().to("cpu", torch.float32, copy=True) for p in self.params]
+        #: m, the outer momentum
+        self.momentum = [torch.zeros_like(o) for o in self.outer_params]
+        self.steps_since_sync = 0
+        #: inner steps taken so far
+        self.t = 0
+        self.rounds = 0
+        #: RMS distance of the group's outer weights from their mean at the last round (0 before any)
+        self.last_spread = 0.0
+        #: the group of the last round (group ranks)
+        self.last_group: list[int] = []
+        self._loaded = False
+
+    @classmethod
+    def from_spec(cls, spec: Any, model: torch.nn.Module, inner_optimizer: Any, comm: Comm) -> "NoLoCo":
+        return cls(model, inner_optimizer, comm, sync_every=spec.sync_every, outer_lr=spec.outer_lr,
+                   outer_momentum=spec.outer_momentum, group_size=spec.group_size)
+
+    def setup(self) -> None:
+        """Fresh start: (with ``init_sync``) every rank adopts rank 0's parameters, then φ = θ."""
+        if self._loaded:
+            return
+        if self.init_sync:
+            broadcast_flat(self.comm, [p.data for p in self.model.parameters()] + list(self.model.buffers()), src=0)
+        with torch.no_grad():
+            for o, p in zip(self.outer_params, self.params):
+                o.copy_(p.detach())
+
+    def after_inner_step(self, step: int) -> None:
+        """After step s with (s+1) % H == 0: one gossip round (round index (s+1)//H)."""
+        self.steps_since_sync += 1
+        self.t = step + 1
+        if (step + 1) % self.sync_every == 0:
+            self.gossip((step + 1) // self.sync_every)
+
+    def finish(self) -> None:
+        """One last gossip round over a partial round, if any. Workers still differ afterwards (that
+        is NoLoCo); the loop saves rank 0's model."""
+        if self.steps_since_sync > 0:
+            self.gossip(self.t // self.sync_every + 1)  # the index the partial round would have had
+
+    @torch.no_grad()
+    def gossip(self, round_index: int) -> None:
+        """Exchange φ and θ−φ with this round's group and apply the modified Nesterov step."""
+        n = self.comm.world_size
+        local = [p.detach().to("cpu", torch.float32) for p in self.params]
+        deltas = [t - o for t, o in zip(local, self.outer_params)]
+        mine = torch.cat([flatten(self.outer_params), flatten(deltas)])  # [φ | θ−φ], 2N floats
+        if n == 1:
+            group, received = [0], []
+        else:
+            group = next(g for g in gossip_groups(n, self.group_size, round_index, self.seed) if self.comm.rank in g)
+            peers = [r for r in group if r != self.comm.rank]
+            buffers = [torch.empty_like(mine) for _ in peers]
+            ops = [("send", mine, r) for r in peers] + [("recv", b, r) for b, r in zip(buffers, peers)]
+            for handle in self.comm.batch_isend_irecv(ops):
+                handle.wait()
+            received = buffers
+        everyone = [mine] + received
+        mean = torch.stack(everyone).mean(dim=0)
+        numel = mine.numel() // 2
+        mean_phi, mean_delta = mean[:numel], mean[numel:]
+        my_phi = mine[:numel]
+        self.last_spread = float(torch.stack([e[:numel] - mean_phi for e in everyone]).pow(2).mean().sqrt())
+        flat_m = flatten(self.momentum)
+        flat_m.mul_(self.outer_momentum).add_(mean_delta, alpha=self.outer_lr).add_(mean_phi - my_phi, alpha=self.mean_pull)
+        unflatten_into(flat_m, self.momentum)
+        for o, m, p in zip(self.outer_params, self.momentum, self.params):
+            o.add_(m)
+            p.copy_(o.to(p.device, p.dtype))
+        self.last_group = group
+        self.steps_since_sync = 0
+        self.rounds += 1
+
+    def metrics(self) -> dict[str, float]:
+        return {"outer_rounds": float(self.rounds), "worker_spread": self.last_spread}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": STATE_FORMAT,
+            "algorithm": self.name,
+            "outer_params": {n: o.clone() for n, o in zip(self.param_names, self.outer_params)},
+            "momentum": {n: m.clone() for n, m in zip(self.param_names, self.momentum)},
+            "steps_since_sync": self.steps_since_sync,
+            "t": self.t,
+            "rounds": self.rounds,
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("algorithm") != self.name:
+            raise ValueError(f"checkpoint holds algorithm state of {state.get('algorithm')!r}, not {self.name!r}")
+        for key, targets in (("outer_params", self.outer_params), ("momentum", self.momentum)):
+            saved = state[key]
+            if set(saved) != set(self.param_names):
+                raise ValueError(f"noloco checkpoint {key} does not match the model's parameters")
+            for name, t in zip(self.param_names, targets):
+                if saved[name].shape != t.shape:
+                    raise ValueError(f"noloco checkpoint: {key}[{name!r}] has shape {tuple(saved[name].shape)}, "
+                                     f"the model's has {tuple(t.shape)}")
+                t.copy_(saved[name])
+        self.steps_since_sync = int(state["steps_since_sync"])
+        self.t = int(state["t"])
+        self.rounds = int(state["rounds"])
+        self._loaded = True
+
+    def bytes_per_inner_step(self, num_params: int, world_size: int) -> float:
+        if world_size <= 1:
+            return 0.0
+        return (min(self.group_size, world_size) - 1) * 2 * 4 * num_params / self.sync_every

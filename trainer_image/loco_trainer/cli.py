@@ -1,0 +1,109 @@
+"""Command line: ``loco train`` (= ``python -m loco_trainer``) and ``loco ckpt``."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from loco_trainer.launcher import (
+    EXIT_CONFIG,
+    ConfigError,
+    LaunchOptions,
+    default_config_path,
+    fallback_report,
+    launch,
+    load_config,
+    local_runtime_env,
+    run_rank,
+)
+
+
+@click.command("train", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", default=default_config_path, show_default="$LOCO_CONFIG or /etc/loco/config.json",
+              help="TrainerConfig file (JSON or YAML).")
+@click.option("--nproc", type=click.IntRange(min=1), default=None,
+              help="Local mode: run N ranks on this machine (no Kubernetes needed).")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.FIELD=VALUE",
+              help="Override a config field, e.g. --set training.steps=10 (repeatable).")
+@click.option("--history", "history_path", default=None, type=click.Path(dir_okay=False),
+              help="Rank 0 appends one JSON line per step (step, loss, lr, evalLoss) to this file.")
+@click.option("--status-port", type=int, default=None,
+              help="Port of /status and /metrics (default $LOCO_STATUS_PORT, 8080 in a pod, a free port locally; -1: off).")
+@click.option("--status-host", default=None, help="Address the endpoint binds to (default POD_IP, else all; 127.0.0.1 with --nproc).")
+@click.option("--local-rank", type=int, default=None, hidden=True)
+@click.option("--termination-message/--no-termination-message", default=None, hidden=True)
+def train(config_path: str, nproc: int | None, overrides: tuple[str, ...], history_path: str | None,
+          status_port: int | None, status_host: str | None, local_rank: int | None, termination_message: bool | None) -> None:
+    """Train: in a pod, this pod's LOCO_NPROC_PER_WORKER ranks; with --nproc N, N local ranks."""
+    from loco_trainer.config import RuntimeEnv
+    from loco_trainer.progress import write_termination_message
+
+    env = RuntimeEnv.from_environ()
+    try:
+        # the config path is a container path (the ConfigMap mount); resolve it like every other
+        config = load_config(env.resolve_path(config_path), overrides)
+    except ConfigError as exc:
+        if nproc is None and local_rank is None and termination_message is not False:
+            write_termination_message(fallback_report(LaunchOptions(config_path, None, env), str(exc)), env)  # type: ignore[arg-type]
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    if nproc is not None:
+        env = local_runtime_env(nproc, config)
+        # a local run writes no termination message unless it emulates a pod root
+        termination_message = bool(env.local_root) if termination_message is None else termination_message
+        status_host = status_host or env.pod_ip or "127.0.0.1"
+    options = LaunchOptions(config_path, config, env, history_path=os.path.abspath(history_path) if history_path else None,
+                            status_port=status_port, status_host=status_host, termination_message=termination_message is not False)
+    if local_rank is not None:
+        sys.exit(run_rank(options, local_rank))
+    sys.exit(launch(options))
+
+
+@click.group("ckpt", context_settings={"help_option_names": ["-h", "--help"]})
+def ckpt() -> None:
+    """Inspect checkpoints: `ls` for the simple per-rank format; inspect, verify and convert for
+    the universal checkpoint (registered from loco_trainer.ckpt_cli)."""
+
+
+@ckpt.command("ls")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def ckpt_ls(directory: str, as_json: bool) -> None:
+    """List the committed checkpoints under DIRECTORY (a job's <path>/<namespace>/<job>)."""
+    from loco_trainer import checkpoint
+
+    found = checkpoint.list_checkpoints(directory)
+    incomplete = sorted(n for n in os.listdir(directory) if n.startswith(".tmp-"))
+    if as_json:
+        click.echo(json.dumps({"checkpoints": [{"step": c.step, "path": c.path, **c.meta} for c in found],
+                               "incomplete": incomplete}, indent=2))
+        return
+    if not found:
+        click.echo(f"no committed checkpoints in {directory}")
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("step", "world size", "algorithm", "time", "size", "path")
+        for c in found:
+            size = sum(os.path.getsize(os.path.join(c.path, f)) for f in os.listdir(c.path))
+            table.add_row(str(c.step), str(c.meta.get("worldSize", "?")), str(c.meta.get("algorithm", "?")),
+                          str(c.meta.get("time", "?")), f"{size / 1e6:.1f} MB", c.path)
+        Console(width=200).print(table)
+    for name in incomplete:
+        click.echo(f"incomplete (ignored, cleaned at the next start): {name}")
+
+
+# universal checkpoint commands (inspect, verify, convert) live in loco_trainer.ckpt_cli
+from loco_trainer.ckpt_cli import register as _register_ucp_commands  # noqa: E402
+
+_register_ucp_commands(ckpt)
+
+
+# The universal checkpoint's commands (inspect, verify, convert) live with their format.
+from loco_trainer.ckpt_cli import register as _register_universal_commands  # noqa: E402
+
+_register_universal_commands(ckpt)

@@ -1,0 +1,515 @@
+"""The communication layer: every byte a strategy exchanges goes through :class:`Comm`.
+
+:class:`Comm` wraps one ``torch.distributed`` process group and adds two things the raw API lacks:
+
+* **Accounting.** Every call counts the bytes this rank sends and receives, per kind of operation,
+  following the cost model below, so the metrics and the benchmarks can compare algorithms by
+  communication volume rather than by guesswork.
+* **A flight recorder.** Every call appends a :class:`CollectiveRecord` (sequence number, kind,
+  payload bytes, enter/exit times from :func:`time.monotonic_ns`, peer) to a bounded ring buffer.
+  A record is appended when the call is *entered*; its ``exit_ns`` is filled when the operation
+  completes (at once for a blocking call, at ``wait()``/future completion for an async one), so a
+  record whose ``exit_ns`` is ``None`` is an operation still in flight — what a hang detector reads.
+
+Cost model (bytes per rank for a payload of ``S`` bytes in a group of ``n`` ranks; the usual
+bandwidth-optimal algorithms, see Thakur et al. 2005 / Patarasuk & Yuan 2009):
+
+=============== ===================================== =========================================
+kind            sent                                  received
+=============== ===================================== =========================================
+all_reduce      2(n-1)/n · S (ring)                   2(n-1)/n · S
+reduce_scatter  (n-1)/n · S_input                     (n-1)/n · S_input
+all_gather      (n-1)/n · S_output (ring)             (n-1)/n · S_output
+broadcast       (n-1) · S on the source (flat tree)   S on every other rank
+send / recv     S (exact)                             S (exact)
+barrier         0                                     0
+=============== ===================================== =========================================
+
+With a group of one rank no collective is issued, nothing is recorded and no byte is counted.
+
+Thread-safety: async completions may run on the backend's thread; counters are updated on the
+calling thread at enter time, and the completion only writes ``exit_ns`` of its own record.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+
+#: Reduction names accepted by :meth:`Comm.all_reduce` (``avg`` is a sum divided by the group size,
+#: because gloo has no native average).
+REDUCE_OPS = ("avg", "sum", "max", "min")
+
+_NATIVE_OPS = {
+    "sum": dist.ReduceOp.SUM,
+    "avg": dist.ReduceOp.SUM,
+    "max": dist.ReduceOp.MAX,
+    "min": dist.ReduceOp.MIN,
+}
+
+KINDS = ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "send", "recv", "barrier")
+
+
+@dataclasses.dataclass(slots=True)
+class CollectiveRecord:
+    """One communication call as seen by this rank.
+
+    ``seq`` counts this Comm's calls from 0 (identical on every rank of a healthy group, since all
+    ranks issue collectives in the same order); ``nbytes`` is the payload size (the tensor's bytes,
+    the output's for all_gather); ``enter_ns``/``exit_ns`` are :func:`time.monotonic_ns` values,
+    ``exit_ns`` is ``None`` while the operation is in flight; ``peer`` is the group rank of the other
+    side of a send/recv, or the source of a broadcast.
+    """
+
+    seq: int
+    kind: str
+    nbytes: int
+    enter_ns: int
+    exit_ns: int | None = None
+    peer: int | None = None
+
+    @property
+    def duration_ns(self) -> int | None:
+        return None if self.exit_ns is None else self.exit_ns - self.enter_ns
+
+
+class CommHandle:
+    """Handle of an async operation: ``wait()`` blocks until it completes and returns the result
+    tensor (averaged for ``op="avg"``). Waiting twice is harmless."""
+
+    __slots__ = ("_work", "_result", "_post", "_record", "_done")
+
+    def __init__(
+        self,
+        work: Any | None,
+        result: Any,
+        record: CollectiveRecord | None,
+        post: Callable[[], None] | None = None,
+    ) -> None:
+        self._work = work
+        self._result = result
+        self._post = post
+        self._record = record
+        self._done = work is None
+        if self._done and record is not None and record.exit_ns is None:
+            record.exit_ns = time.monotonic_ns()
+
+    def wait(self) -> Any:
+        if not self._done:
+            self._work.wait()
+            if self._post is not None:
+                self._post()
+            if self._record is not None:
+                self._record.exit_ns = time.monotonic_ns()
+            self._done = True
+        return self._result
+
+    def is_completed(self) -> bool:
+        """True once the operation finished (``wait()`` then returns at once)."""
+        return self._done or bool(self._work.is_completed())
+
+
+class _Counter:
+    __slots__ = ("calls", "sent", "recv")
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.sent = 0
+        self.recv = 0
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class Comm:
+    """A process group with byte accounting and a flight recorder (see the module docstring).
+
+    ``Comm()`` uses the default group when ``torch.distributed`` is initialised and otherwise acts as
+    a group of one (every collective is a no-op), so single-process training needs no special case.
+    All ranks of the group must issue the same collectives in the same order (as with any
+    ``torch.distributed`` group). Ranks passed to ``src``/``dst`` are ranks *within this group*.
+    """
+
+    def __init__(self, group: Any | None = None, *, history: int = 4096) -> None:
+        if history < 1:
+            raise ValueError(f"history must be >= 1 (got {history})")
+        self._group = group
+        if group is None and not dist.is_initialized():
+            self._rank, self._world_size = 0, 1
+        else:
+            self._rank = dist.get_rank(group)
+            self._world_size = dist.get_world_size(group)
+            if self._rank < 0:
+                raise ValueError("this process is not a member of the given process group")
+        self._records: collections.deque[CollectiveRecord] = collections.deque(maxlen=history)
+        self._counters = {kind: _Counter() for kind in KINDS}
+        self._seq = 0
+        self._lock = threading.Lock()
+
+    # ----------------------------------------------------------------------------- membership
+
+    @classmethod
+    def from_ranks(cls, ranks: Sequence[int], *, history: int = 4096, backend: str | None = None) -> "Comm":
+        """A Comm over a subset of the default group's ranks (``dist.new_group``).
+
+        Must be called by **every** rank of the default group (a torch requirement), including the
+        ranks not in ``ranks``; those get a Comm whose ``is_member`` is False and must not use it.
+        """
+        ranks = sorted(set(int(r) for r in ranks))
+        if not ranks:
+            raise ValueError("ranks must name at least one rank")
+        group = dist.new_group(ranks=ranks, backend=backend)
+        if dist.get_rank() not in ranks:
+            return _NonMember(ranks)
+        return cls(group, history=history)
+
+    @classmethod
+    def new_membership(
+        cls,
+        *,
+        rank: int,
+        world_size: int,
+        init_method: str,
+        backend: str = "gloo",
+        timeout_s: float = 300.0,
+        history: int = 4096,
+    ) -> "Comm":
+        """Tear down the default group (if any) and join a new one: the elastic path, used when the
+        set of workers changes. Returns a Comm over the new default group."""
+        import datetime
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        dist.init_process_group(
+            backend,
+            init_method=init_method,
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+        return cls(None, history=history)
+
+    @property
+    def group(self) -> Any | None:
+        """The wrapped ``torch.distributed`` group (``None`` = the default group)."""
+        return self._group
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return self._world_size
+
+    @property
+    def is_member(self) -> bool:
+        return True
+
+    # ----------------------------------------------------------------------------- accounting
+
+    def _enter(self, kind: str, nbytes: int, sent: float, recv: float, peer: int | None = None) -> CollectiveRecord:
+        with self._lock:
+            counter = self._counters[kind]
+            counter.calls += 1
+            counter.sent += int(round(sent))
+            counter.recv += int(round(recv))
+            record = CollectiveRecord(self._seq, kind, nbytes, time.monotonic_ns(), None, peer)
+            self._seq += 1
+            self._records.append(record)
+        return record
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: ``{"bytes_sent", "bytes_received", "calls", "by_kind": {kind: {calls, bytes_sent,
+        bytes_received}}}`` (totals over this Comm's life; kinds never used are included as zeros)."""
+        with self._lock:
+            by_kind = {
+                kind: {"calls": c.calls, "bytes_sent": c.sent, "bytes_received": c.recv}
+                for kind, c in self._counters.items()
+            }
+        return {
+            "rank": self._rank,
+            "world_size": self._world_size,
+            "calls": sum(k["calls"] for k in by_kind.values()),
+            "bytes_sent": sum(k["bytes_sent"] for k in by_kind.values()),
+            "bytes_received": sum(k["bytes_received"] for k in by_kind.values()),
+            "by_kind": by_kind,
+        }
+
+    def records(self) -> list[CollectiveRecord]:
+        """A snapshot of the most recent records (at most ``history``), oldest first, in issue order.
+        A record still in flight at the time of the call has ``exit_ns`` None in the snapshot."""
+        with self._lock:
+            return [dataclasses.replace(r) for r in self._records]
+
+    # ------------------------------------------------------------------------------ collectives
+
+    def all_reduce(self, t: torch.Tensor, op: str = "avg", *, async_op: bool = False) -> Any:
+        """Reduce ``t`` in place across the group (``avg``, ``sum``, ``max`` or ``min``).
+
+        Returns ``t`` (blocking) or a :class:`CommHandle` whose ``wait()`` returns ``t`` (async).
+        """
+        native = _op(op)
+        if self._world_size == 1:
+            return CommHandle(None, t, None) if async_op else t
+        n = self._world_size
+        size = _nbytes(t)
+        record = self._enter("all_reduce", size, 2 * (n - 1) / n * size, 2 * (n - 1) / n * size)
+        post = (lambda: t.div_(n)) if op == "avg" else None
+        work = dist.all_reduce(t, op=native, group=self._group, async_op=async_op)
+        if async_op:
+            return CommHandle(work, t, record, post)
+        if post is not None:
+            post()
+        record.exit_ns = time.monotonic_ns()
+        return t
+
+    def all_reduce_future(self, t: torch.Tensor, op: str = "avg") -> torch.futures.Future:
+        """Async all-reduce as a ``torch.futures.Future`` resolving to ``t`` (for DDP comm hooks).
+        The record's ``exit_ns`` is set when the future completes."""
+        native = _op(op)
+        if self._world_size == 1:
+            fut: torch.futures.Future = torch.futures.Future()
+            fut.set_result(t)
+            return fut
+        n = self._world_size
+        size = _nbytes(t)
+        record = self._enter("all_reduce", size, 2 * (n - 1) / n * size, 2 * (n - 1) / n * size)
+        work = dist.all_reduce(t, op=native, group=self._group, async_op=True)
+
+        def done(fut: torch.futures.Future) -> torch.Tensor:
+            out = fut.value()[0]
+            if op == "avg":
+                out.div_(n)
+            record.exit_ns = time.monotonic_ns()
+            return out
+
+        return work.get_future().then(done)
+
+    def broadcast(self, t: torch.Tensor, src: int = 0, *, async_op: bool = False) -> Any:
+        """Overwrite ``t`` on every rank with the group rank ``src``'s ``t``."""
+        self._check_rank(src, "src")
+        if self._world_size == 1:
+            return CommHandle(None, t, None) if async_op else t
+        n = self._world_size
+        size = _nbytes(t)
+        is_src = self._rank == src
+        record = self._enter("broadcast", size, (n - 1) * size if is_src else 0, 0 if is_src else size, peer=src)
+        work = dist.broadcast(t, src=self._global_rank(src), group=self._group, async_op=async_op)
+        return self._finish(work, t, record, async_op)
+
+    def all_gather(self, t: torch.Tensor, *, async_op: bool = False) -> Any:
+        """Gather ``t`` from every rank: returns a list of ``world_size`` tensors (or a handle whose
+        ``wait()`` returns it), entry ``i`` from group rank ``i``."""
+        if self._world_size == 1:
+            out = [t.clone()]
+            return CommHandle(None, out, None) if async_op else out
+        n = self._world_size
+        out = [torch.empty_like(t) for _ in range(n)]
+        total = _nbytes(t) * n
+        record = self._enter("all_gather", total, (n - 1) / n * total, (n - 1) / n * total)
+        work = dist.all_gather(out, t.contiguous(), group=self._group, async_op=async_op)
+        return self._finish(work, out, record, async_op)
+
+    def reduce_scatter(self, output: torch.Tensor, inputs: list[torch.Tensor], op: str = "avg", *, async_op: bool = False) -> Any:
+        """Reduce ``inputs`` (one tensor per rank) and leave chunk ``rank`` in ``output``."""
+        native = _op(op)
+        if len(inputs) != self._world_size:
+            raise ValueError(f"reduce_scatter needs {self._world_size} input tensors (one per rank), got {len(inputs)}")
+        if self._world_size == 1:
+            output.copy_(inputs[0])
+            return CommHandle(None, output, None) if async_op else output
+        n = self._world_size
+        total = sum(_nbytes(x) for x in inputs)
+        record = self._enter("reduce_scatter", total, (n - 1) / n * total, (n - 1) / n * total)
+        work = dist.reduce_scatter(output, inputs, op=native, group=self._group, async_op=async_op)
+        post = (lambda: output.div_(n)) if op == "avg" else None
+        if async_op:
+            return CommHandle(work, output, record, post)
+        if post is not None:
+            post()
+        record.exit_ns = time.monotonic_ns()
+        return output
+
+    def send(self, t: torch.Tensor, dst: int) -> None:
+        """Blocking send of ``t`` to group rank ``dst``."""
+        self.isend(t, dst).wait()
+
+    def recv(self, t: torch.Tensor, src: int) -> torch.Tensor:
+        """Blocking receive into ``t`` from group rank ``src``; returns ``t``."""
+        return self.irecv(t, src).wait()
+
+    def isend(self, t: torch.Tensor, dst: int) -> CommHandle:
+        self._check_peer(dst, "dst")
+        size = _nbytes(t)
+        record = self._enter("send", size, size, 0, peer=dst)
+        work = dist.isend(t, dst=self._global_rank(dst), group=self._group)
+        return CommHandle(work, t, record)
+
+    def irecv(self, t: torch.Tensor, src: int) -> CommHandle:
+        self._check_peer(src, "src")
+        size = _nbytes(t)
+        record = self._enter("recv", size, 0, size, peer=src)
+        work = dist.irecv(t, src=self._global_rank(src), group=self._group)
+        return CommHandle(work, t, record)
+
+    def batch_isend_irecv(self, ops: Iterable[tuple[str, torch.Tensor, int]]) -> list[CommHandle]:
+        """Post several point-to-point operations at once: ``ops`` are ``("send"|"recv", tensor,
+        peer)`` triples. Returns one handle per op; wait on all of them. Posting sends and receives
+        together avoids the deadlock of two ranks both blocking in ``send`` first."""
+        p2p, records, tensors = [], [], []
+        for kind, t, peer in ops:
+            if kind not in ("send", "recv"):
+                raise ValueError(f"batch_isend_irecv op kind must be 'send' or 'recv', got {kind!r}")
+            self._check_peer(peer, "peer")
+            size = _nbytes(t)
+            records.append(self._enter(kind, size, size if kind == "send" else 0, size if kind == "recv" else 0, peer=peer))
+            fn = dist.isend if kind == "send" else dist.irecv
+            p2p.append(dist.P2POp(fn, t, self._global_rank(peer), group=self._group))
+            tensors.append(t)
+        if not p2p:
+            return []
+        works = dist.batch_isend_irecv(p2p)
+        if len(works) == len(p2p):
+            return [CommHandle(w, t, r) for w, t, r in zip(works, tensors, records)]
+        # some backends return a single work for the whole batch: every handle waits on it
+        return [CommHandle(works[0], t, r) for t, r in zip(tensors, records)]
+
+    def barrier(self) -> None:
+        """Block until every rank of the group reached the barrier."""
+        if self._world_size == 1:
+            return
+        record = self._enter("barrier", 0, 0, 0)
+        dist.barrier(group=self._group)
+        record.exit_ns = time.monotonic_ns()
+
+    # ------------------------------------------------------------------------------- helpers
+
+    def _finish(self, work: Any, result: Any, record: CollectiveRecord, async_op: bool) -> Any:
+        if async_op:
+            return CommHandle(work, result, record)
+        record.exit_ns = time.monotonic_ns()
+        return result
+
+    def _check_rank(self, r: int, what: str) -> None:
+        if not 0 <= r < self._world_size:
+            raise ValueError(f"{what}={r} is not a rank of this group (0..{self._world_size - 1})")
+
+    def _check_peer(self, r: int, what: str) -> None:
+        self._check_rank(r, what)
+        if r == self._rank:
+            raise ValueError(f"{what}={r} is this rank itself: point-to-point needs another rank")
+
+    def _global_rank(self, group_rank: int) -> int:
+        if self._group is None:
+            return group_rank
+        return dist.get_global_rank(self._group, group_rank)
+
+    def __repr__(self) -> str:
+        return f"Comm(rank={self._rank}, world_size={self._world_size})"
+
+
+class _NonMember(Comm):
+    """What :meth:`Comm.from_ranks` returns on a rank outside the subgroup: any use is an error."""
+
+    def __init__(self, ranks: Sequence[int]) -> None:  # noqa: D107 - deliberately not calling super
+        self._ranks = list(ranks)
+
+    @property
+    def is_member(self) -> bool:
+        return False
+
+    def __getattribute__(self, name: str) -> Any:
+        if name in ("is_member", "_ranks", "__class__", "__repr__"):
+            return object.__getattribute__(self, name)
+        raise RuntimeError(
+            f"this rank is not a member of the group {object.__getattribute__(self, '_ranks')}; "
+            f"check comm.is_member before using it"
+        )
+
+    def __repr__(self) -> str:
+        return f"Comm(non-member of ranks {self._ranks})"
+
+
+def _op(op: str) -> Any:
+    try:
+        return _NATIVE_OPS[op]
+    except KeyError:
+        raise ValueError(f"op must be one of {', '.join(REDUCE_OPS)} (got {op!r})") from None
+
+
+@torch.no_grad()
+def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One contiguous 1-D tensor holding ``tensors`` back to back (all must share dtype/device)."""
+    return torch.cat([t.reshape(-1) for t in tensors]) if tensors else torch.empty(0)
+
+
+@torch.no_grad()
+def unflatten_into(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
+    """Copy the consecutive slices of ``flat`` back into ``tensors`` (inverse of :func:`flatten`)."""
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset : offset + n].view_as(t))
+        offset += n
+
+
+def buckets(tensors: Sequence[torch.Tensor], bucket_bytes: int) -> list[list[int]]:
+    """Split tensor indices into consecutive buckets of at most ``bucket_bytes`` (a tensor larger
+    than the cap gets a bucket of its own). Pure function of the sizes, so identical on all ranks."""
+    if bucket_bytes < 1:
+        raise ValueError(f"bucket_bytes must be >= 1 (got {bucket_bytes})")
+    out: list[list[int]] = []
+    current: list[int] = []
+    size = 0
+    for i, t in enumerate(tensors):
+        nb = _nbytes(t)
+        if current and size + nb > bucket_bytes:
+            out.append(current)
+            current, size = [], 0
+        current.append(i)
+        size += nb
+    if current:
+        out.append(current)
+    return out
+
+
+@torch.no_grad()
+def all_reduce_flat(comm: Comm, tensors: Sequence[torch.Tensor], op: str = "avg", bucket_bytes: int = 32 << 20) -> None:
+    """All-reduce ``tensors`` in place through few large collectives: tensors are grouped by
+    (dtype, device), packed into buckets of at most ``bucket_bytes``, reduced and unpacked."""
+    if comm.world_size == 1 or not tensors:
+        return
+    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    for group in groups.values():
+        for idx in buckets(group, bucket_bytes):
+            members = [group[i] for i in idx]
+            flat = flatten(members)
+            comm.all_reduce(flat, op=op)
+            unflatten_into(flat, members)
+
+
+@torch.no_grad()
+def broadcast_flat(comm: Comm, tensors: Sequence[torch.Tensor], src: int = 0, bucket_bytes: int = 32 << 20) -> None:
+    """Overwrite ``tensors`` on every rank with group rank ``src``'s values, packed into few large
+    broadcasts (grouped by dtype/device, buckets of at most ``bucket_bytes``)."""
+    if comm.world_size == 1 or not tensors:
+        return
+    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    for group in groups.values():
+        for idx in buckets(group, bucket_bytes):
+            members = [group[i] for i in idx]
+            flat = flatten(members)
+            comm.broadcast(flat, src=src)
+            unflatten_into(flat, members)

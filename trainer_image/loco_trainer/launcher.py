@@ -1,0 +1,359 @@
+"""Starting the trainer: config loading, the per-pod process launcher, and one rank's main.
+
+``python -m loco_trainer --config FILE`` (in a pod) runs ``LOCO_NPROC_PER_WORKER`` local ranks of
+replica ``LOCO_REPLICA_INDEX``; ``--nproc N`` (locally) builds the same runtime for one replica of
+N ranks on 127.0.0.1 with a free port. One rank runs in this process; several run as child
+processes (``python -m loco_trainer --local-rank i``, same config file and environment).
+
+Exit codes: 0 success; a child's code when a local rank fails (the others are terminated);
+``faultInjection.exitCode`` for an injected crash; 143 after SIGTERM; 2 for a bad config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import yaml
+from pydantic import ValidationError
+from pydantic.alias_generators import to_camel
+
+from loco_trainer.config import DEFAULT_CONFIG_PATH, EnvVar, RuntimeEnv, TrainerConfig
+from loco_trainer.protocol import ProgressReport, WorkerState
+
+log = logging.getLogger("loco_trainer")
+
+EXIT_SIGTERM = 143
+EXIT_CONFIG = 2
+#: seconds local ranks get to stop after SIGTERM before they are killed
+CHILD_GRACE_S = 20.0
+
+
+class ConfigError(ValueError):
+    """The config file cannot be used; the message names the file, the field and the fix."""
+
+
+# ------------------------------------------------------------------------------------- config
+
+
+def _format_validation_error(source: str, exc: ValidationError) -> str:
+    lines = [f"invalid trainer config {source}:"]
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        got = f" (got {err['input']!r})" if err["type"] not in ("missing",) and not isinstance(err.get("input"), dict) else ""
+        lines.append(f"  {where}: {msg}{got}")
+    return "\n".join(lines)
+
+
+def apply_overrides(wire: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """A copy of ``wire`` with ``section.field=value`` overrides applied (values parsed as YAML,
+    field names in either spelling: ``training.seqLen=64`` or ``training.seq_len=64``)."""
+    result = json.loads(json.dumps(wire))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected section.field=value, for example training.steps=10")
+        parts = key.split(".")
+        node = result
+        for part in parts[:-1]:
+            camel = to_camel(part)
+            if part != camel and part in node:
+                node[camel] = node.pop(part)
+            child = node.setdefault(camel, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {camel!r} is not a section")
+            node = child
+        leaf = to_camel(parts[-1])
+        node.pop(parts[-1], None)
+        node[leaf] = yaml.safe_load(raw)
+    return result
+
+
+def load_config(path: str, overrides: Sequence[str] = ()) -> TrainerConfig:
+    """The :class:`TrainerConfig` in ``path`` (JSON or YAML) with ``overrides`` applied.
+    Raises :class:`ConfigError` naming the file and each bad field."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read trainer config {path}: {exc.strerror}; pass --config FILE") from exc
+    try:
+        wire = yaml.safe_load(text) if text.strip() else {}  # YAML is a superset of JSON
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"trainer config {path} is neither JSON nor YAML: {exc}") from exc
+    if not isinstance(wire, dict):
+        raise ConfigError(f"trainer config {path} must hold a mapping (got {type(wire).__name__})")
+    wire = apply_overrides(wire, overrides)
+    try:
+        return TrainerConfig.model_validate(wire)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(path, exc)) from None
+
+
+# ------------------------------------------------------------------------------------ options
+
+
+@dataclass
+class LaunchOptions:
+    """How to run: the config and the per-pod environment plus local-run knobs."""
+
+    config_path: str
+    config: TrainerConfig
+    env: RuntimeEnv
+    history_path: str | None = None
+    status_port: int | None = None  # None: the env's (8080 in a pod); 0: any free port; <0: no endpoint
+    status_host: str | None = None  # None: POD_IP when set, else all interfaces
+    termination_message: bool = True
+    extra_environ: dict[str, str] = field(default_factory=dict)
+
+
+def local_runtime_env(nproc: int, config: TrainerConfig, environ: dict[str, str] | None = None) -> RuntimeEnv:
+    """The runtime env of a local ``--nproc N`` run: one replica of ``nproc`` ranks on 127.0.0.1."""
+    from loco_trainer.rendezvous import free_port
+
+    base = RuntimeEnv.from_environ(environ)
+    env_map = os.environ if environ is None else environ
+    return base.model_copy(update=dict(
+        job_name=config.job_name, namespace=config.namespace, replica_index=0, num_replicas=1,
+        nproc_per_worker=nproc, master_addr="127.0.0.1",
+        master_port=int(env_map.get(EnvVar.MASTER_PORT.value) or free_port()),
+        status_port=int(env_map.get(EnvVar.STATUS_PORT.value) or 0),
+    ))
+
+
+def env_to_environ(env: RuntimeEnv) -> dict[str, str]:
+    """The environment variables that reproduce ``env`` in a child process."""
+    out = {}
+    for member in EnvVar:
+        if member is EnvVar.CONFIG:
+            continue
+        value = getattr(env, member.name.lower())
+        out[member.value] = str(value)
+    return out
+
+
+def _configure_logging(rank: int | None) -> None:
+    prefix = f"[rank {rank}] " if rank is not None else "[launcher] "
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {prefix}%(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stdout, force=True)
+
+
+# ------------------------------------------------------------------------------- one rank
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived (raised from the signal handler in the main thread)."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
+def run_rank(options: LaunchOptions, local_rank: int) -> int:
+    """Run local rank ``local_rank`` of this pod to the end; returns the process exit code.
+
+    The pod leader (local rank 0) serves the progress endpoint and writes the final report to
+    the termination message file. Never raises (errors become a failed report and exit code 1).
+    """
+    import torch.distributed as dist
+
+    from loco_trainer.faults import InjectedCrash
+    from loco_trainer.metrics import TrainerMetrics
+    from loco_trainer.progress import ProgressServer, ProgressState, write_termination_message
+    from loco_trainer.rendezvous import init_process_group, pick_backend, rank_info
+    from loco_trainer.train import Trainer, resolve_device
+
+    cfg, env = options.config, options.env
+    info = rank_info(env, local_rank)
+    _configure_logging(info.rank)
+    if not info.is_pod_leader:  # one voice per pod; progress lines come from global rank 0 only
+        logging.getLogger().setLevel(logging.WARNING)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    metrics = TrainerMetrics(cfg.job_name, cfg.namespace, info.replica_index, info.rank)
+    progress = server = None
+    if info.is_pod_leader:
+        progress = ProgressState(ProgressReport(
+            job_name=cfg.job_name, namespace=cfg.namespace, replica_index=info.replica_index, epoch=env.epoch,
+            state=WorkerState.starting, total_steps=cfg.training.steps, algorithm=cfg.algorithm.name.value,
+        ))
+        port = env.status_port if options.status_port is None else options.status_port
+        if port >= 0:
+            host = options.status_host or env.pod_ip or "0.0.0.0"
+            server = ProgressServer(progress, metrics.render, host, port).start()
+            host, bound = server.address
+            log.info("progress endpoint: http://%s:%d/status and /metrics", host, bound)
+
+    code = 0
+    try:
+        import torch
+
+        device = resolve_device(cfg.training, local_rank)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        init_process_group(env, info, pick_backend(device))
+        Trainer(cfg, env, info, device, progress=progress, metrics=metrics,
+                history_path=options.history_path).run()
+        if progress:
+            progress.update(state=WorkerState.finished, message="training finished")
+    except InjectedCrash as exc:
+        code = int(exc.code)
+        if progress:
+            progress.update(state=WorkerState.failed, message=f"injected crash (faultInjection) with exit code {code}")
+    except _Terminated:
+        code = EXIT_SIGTERM
+        log.warning("SIGTERM: stopping")
+        if progress:
+            progress.update(state=WorkerState.failed, message="terminated by SIGTERM")
+    except Exception as exc:  # noqa: BLE001 - every failure must reach the report
+        code = 1
+        log.exception("rank %d failed", info.rank)
+        if progress:
+            progress.update(state=WorkerState.failed, message=f"rank {info.rank}: {type(exc).__name__}: {exc}")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if progress and options.termination_message:
+            write_termination_message(progress.snapshot(), env)
+    if server:
+        server.stop()
+    if code == 0:
+        dist.destroy_process_group()
+    else:
+        # Peers may be blocked in a collective with us: leave without any cleanup collective.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+# ------------------------------------------------------------------------------- launcher
+
+
+def _child_command(options: LaunchOptions, config_path: str, local_rank: int) -> list[str]:
+    cmd = [sys.executable, "-m", "loco_trainer", "--config", config_path, "--local-rank", str(local_rank)]
+    if options.history_path:
+        cmd += ["--history", options.history_path]
+    if options.status_port is not None:
+        cmd += ["--status-port", str(options.status_port)]
+    if options.status_host:
+        cmd += ["--status-host", options.status_host]
+    if not options.termination_message:
+        cmd += ["--no-termination-message"]
+    return cmd
+
+
+def _exit_code(returncode: int) -> int:
+    return 128 + (-returncode) if returncode < 0 else returncode
+
+
+def launch(options: LaunchOptions) -> int:
+    """Run this pod's ``nproc_per_worker`` ranks; returns the exit code (see module docstring)."""
+    nproc = options.env.nproc_per_worker
+    if nproc == 1:
+        return run_rank(options, 0)
+    _configure_logging(None)
+    with tempfile.TemporaryDirectory(prefix="loco-launch-") as tmp:
+        config_path = os.path.join(tmp, "config.json")
+        with open(config_path, "w", encoding="utf-8") as fh:
+            json.dump(options.config.to_wire(), fh)
+        environ = {**os.environ, **options.extra_environ, **env_to_environ(options.env)}
+        # Like torchrun: local ranks share the cores instead of each spawning one thread per core.
+        environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+        children = [
+            subprocess.Popen(_child_command(options, config_path, i), env=environ) for i in range(nproc)
+        ]
+        log.info("started %d local ranks (pids %s)", nproc, ", ".join(str(c.pid) for c in children))
+        terminated = []
+
+        def on_sigterm(signum: int, frame: Any) -> None:
+            terminated.append(signum)
+
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+        try:
+            code, failed_rank = _supervise(children, terminated)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    if failed_rank not in (None, 0) and options.termination_message:
+        _amend_termination_message(options, f"local rank {failed_rank} exited with code {code}")
+    return code
+
+
+def _amend_termination_message(options: LaunchOptions, cause: str) -> None:
+    """Put the root cause into the pod leader's final report (the leader only saw being stopped)."""
+    from loco_trainer.progress import termination_message_path, write_termination_message
+
+    path = termination_message_path(options.env)
+    report = None
+    if path and os.path.isfile(path):
+        try:
+            report = ProgressReport.model_validate_json(open(path, encoding="utf-8").read())
+        except (OSError, ValueError):
+            report = None
+    report = report or fallback_report(options, cause)
+    message = cause if not report.message or report.message == cause else f"{cause} ({report.message})"
+    write_termination_message(report.model_copy(update={"state": WorkerState.failed, "message": message}), options.env)
+
+
+def _stop(children: list[subprocess.Popen], grace_s: float = CHILD_GRACE_S) -> None:
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for child in children:
+        try:
+            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+def _supervise(children: list[subprocess.Popen], terminated: list[int]) -> tuple[int, int | None]:
+    """Wait for the children: all succeed -> (0, None); one fails -> stop the rest, return (its
+    code, its local rank); SIGTERM -> stop all, (143, None).
+
+    When several fail, the first to exit is the root cause (its peers fail after it, on a broken
+    collective), so exit times are taken by one waiter thread per child.
+    """
+    exited: dict[int, float] = {}
+
+    def waiter(index: int, child: subprocess.Popen) -> None:
+        child.wait()
+        exited.setdefault(index, time.monotonic())
+
+    for i, child in enumerate(children):
+        threading.Thread(target=waiter, args=(i, child), daemon=True, name=f"loco-wait-{i}").start()
+    while True:
+        if terminated:
+            log.warning("SIGTERM: stopping %d local ranks", len(children))
+            _stop(children)
+            return EXIT_SIGTERM, None
+        failed = sorted((t, i) for i, t in list(exited.items()) if children[i].returncode != 0)
+        if failed:
+            local_rank = failed[0][1]
+            code = _exit_code(children[local_rank].returncode)
+            log.error("local rank %d exited with code %d: stopping the other ranks", local_rank, code)
+            _stop(children)
+            return code, local_rank
+        if len(exited) == len(children):
+            return 0, None
+        time.sleep(0.1)
+
+
+def fallback_report(options: LaunchOptions, message: str) -> ProgressReport:
+    """A failed report for failures before any rank could make one (bad config, launch error)."""
+    env = options.env if options else RuntimeEnv.from_environ()
+    return ProgressReport(job_name=env.job_name, namespace=env.namespace, replica_index=env.replica_index,
+                          epoch=env.epoch, state=WorkerState.failed, message=message[:3000])
+
+
+def default_config_path() -> str:
+    return os.environ.get(EnvVar.CONFIG.value) or DEFAULT_CONFIG_PATH

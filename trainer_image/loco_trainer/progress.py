@@ -1,0 +1,128 @@
+"""The progress endpoint of a worker pod and its final report.
+
+Local rank 0 of every pod runs a :class:`ProgressServer` on a background thread:
+
+* ``GET /status``  -> the current :class:`loco_trainer.protocol.ProgressReport` as JSON;
+* ``GET /metrics`` -> the Prometheus text of :class:`loco_trainer.metrics.TrainerMetrics`.
+
+The state moves starting -> running -> finished | failed. When the trainer exits it writes the
+final report to the termination message file (:func:`write_termination_message`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+
+from loco_trainer.config import TERMINATION_MESSAGE_PATH, RuntimeEnv
+from loco_trainer.protocol import METRICS_PATH, STATUS_PATH, ProgressReport
+
+log = logging.getLogger(__name__)
+
+
+def utc_now() -> str:
+    """Current time, RFC 3339 UTC."""
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+class ProgressState:
+    """Thread-safe holder of the pod's current :class:`ProgressReport` (the loop writes, the
+    HTTP thread reads)."""
+
+    def __init__(self, report: ProgressReport) -> None:
+        self._lock = threading.Lock()
+        self._report = report
+
+    def update(self, **fields: Any) -> None:
+        """Replace the given fields (snake_case names of ProgressReport)."""
+        with self._lock:
+            self._report = self._report.model_copy(update=fields)
+
+    def snapshot(self) -> ProgressReport:
+        """The current report, stamped with the current time."""
+        with self._lock:
+            return self._report.model_copy(update={"time": utc_now()})
+
+
+def _handler(state: ProgressState, render_metrics: Callable[[], bytes]) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+            path = self.path.split("?", 1)[0]
+            if path == STATUS_PATH:
+                body, ctype = state.snapshot().model_dump_json(by_alias=True).encode(), "application/json"
+            elif path == METRICS_PATH:
+                body, ctype = render_metrics(), "text/plain; version=0.0.4; charset=utf-8"
+            elif path == "/healthz":
+                body, ctype = b"ok", "text/plain"
+            else:
+                self.send_error(404, f"unknown path {path}; try {STATUS_PATH} or {METRICS_PATH}")
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:  # quiet: the operator polls often
+            log.debug("progress endpoint: " + format, *args)
+
+    return Handler
+
+
+class ProgressServer:
+    """HTTP server for ``/status`` and ``/metrics`` on a daemon thread. ``port`` 0 picks a free
+    port (read :attr:`port` after :meth:`start`)."""
+
+    def __init__(self, state: ProgressState, render_metrics: Callable[[], bytes], host: str, port: int) -> None:
+        self.state = state
+        self._httpd = ThreadingHTTPServer((host, port), _handler(state, render_metrics))
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="loco-progress", daemon=True)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self._httpd.server_address[:2]  # type: ignore[return-value]
+
+    @property
+    def port(self) -> int:
+        return self.address[1]
+
+    def start(self) -> "ProgressServer":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+def termination_message_path(env: RuntimeEnv, path: str = TERMINATION_MESSAGE_PATH) -> str | None:
+    """Where the final report goes, or None when it must not be written: under
+    ``LOCO_LOCAL_ROOT`` in the embedded cluster (directories created), else the container path
+    when its directory exists."""
+    resolved = env.resolve_path(path)
+    if env.local_root:
+        return resolved
+    return resolved if os.path.isdir(os.path.dirname(resolved)) else None
+
+
+def write_termination_message(report: ProgressReport, env: RuntimeEnv, path: str = TERMINATION_MESSAGE_PATH) -> str | None:
+    """Write ``report`` as JSON to the termination message file; returns the path written or None.
+    Never raises: a failure to write is logged (the exit code still tells the story)."""
+    target = termination_message_path(env, path)
+    if target is None:
+        return None
+    try:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        # Written in place, not tmp + rename: in a real pod the file is a bind mount.
+        # Kubernetes keeps at most 4096 bytes of it; the report is far smaller.
+        with open(target, "w", encoding="utf-8") as fh:
+            fh.write(report.model_dump_json(by_alias=True, exclude_none=True))
+        return target
+    except OSError as exc:
+        log.warning("could not write the termination message to %s: %s", target, exc)
+        return None

@@ -1,0 +1,23 @@
+"""Loco's universal checkpoint (UCP): one format every layout saves to and loads from.
+
+* :mod:`.format`   the versioned, FQN-keyed manifest/atom/fragment dataclasses (pure, no I/O)
+* :mod:`.storage`  the fsspec storage layer (local path, PVC, object stores later)
+* :mod:`.engine`   :class:`CheckpointEngine`: async sharded save, all-ranks commit, reshard-on-load
+* :mod:`.tools`    inspect / verify / convert (DCP import, consolidated torch export)
+
+The format is specified in ``docs/checkpoint-format.md``.
+"""
+
+from .engine import (
+    CheckpointEngine, CheckpointInfo, CheckpointLoadError, CheckpointSaveError, LoadedState, Reason, SaveHandle,
+    list_checkpoints, load_into, map_algorithm_state, read_info,
+)
+from .format import FORMAT_VERSION, Atom, FormatError, Fragment, Manifest, WorldLayout
+from .storage import Storage
+from .tensorio import CorruptCheckpointError
+
+__all__ = [
+    "FORMAT_VERSION", "Atom", "CheckpointEngine", "CheckpointInfo", "CheckpointLoadError", "CheckpointSaveError",
+    "CorruptCheckpointError", "FormatError", "Fragment", "LoadedState", "Manifest", "Reason", "SaveHandle", "Storage",
+    "WorldLayout", "list_checkpoints", "load_into", "map_algorithm_state", "read_info",
+]

@@ -1,0 +1,173 @@
+"""Storage for universal checkpoints: one small interface over fsspec.
+
+The format never touches a filesystem directly; the engine, the CLI and the tools go through
+:class:`Storage`, so a local path, a mounted PVC (``/checkpoints``, ``file:///...``) and, later, an
+object store (``s3://...`` with its fsspec driver installed) all work without format changes.
+
+Call order of one save (ranks named; every path is relative to the storage root)::
+
+    rank 0:      remove_incomplete()                       # at engine start, before any save
+    every rank:  makedirs(".tmp-step-N/data"), open_write(".tmp-step-N/data/rank-R.safetensors")
+                 -> write, then close (fsync on local filesystems)
+                 write_bytes(".tmp-step-N/index/rank-R.json")
+    rank 0:      (after every rank reported success)
+                 write_bytes(".tmp-step-N/manifest.json")  # tmp name + rename
+                 commit(".tmp-step-N", "step-N")           # rename: the commit point
+                 write_bytes("latest")                     # tmp name + rename
+                 remove("step-M") for retention
+
+Call order of one load: ``read_bytes("step-N/manifest.json")``, then ``read_range`` per fragment.
+
+On object stores a directory rename is not atomic; there the manifest itself is the commit marker
+(a ``step-N`` directory without a readable manifest is never considered committed), which keeps
+the rule "a checkpoint exists only when its manifest does" true on every backend.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from typing import IO, Iterator
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+
+class Storage:
+    """A checkpoint root (``url``) on some fsspec filesystem.
+
+    ``url`` is a local path or any fsspec URL; ``fs`` overrides the filesystem (tests pass an
+    in-memory one). Paths given to the methods are relative to the root, ``/``-separated.
+    """
+
+    def __init__(self, url: str, fs: fsspec.AbstractFileSystem | None = None) -> None:
+        if fs is None:
+            fs, root = fsspec.core.url_to_fs(url)
+        else:
+            root = url
+        self.fs = fs
+        self.url = url
+        self.root = root.rstrip("/") or "/"
+        self.is_local = isinstance(fs, LocalFileSystem)
+
+    def path(self, rel: str = "") -> str:
+        """The filesystem path of ``rel`` (what ``fs`` methods take)."""
+        return posixpath.join(self.root, rel) if rel else self.root
+
+    def makedirs(self, rel: str) -> None:
+        self.fs.makedirs(self.path(rel), exist_ok=True)
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.path(rel))
+
+    def listdir(self, rel: str = "") -> list[str]:
+        """Names (not paths) directly under ``rel``; empty when it does not exist."""
+        try:
+            entries = self.fs.ls(self.path(rel), detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
+
+    def size(self, rel: str) -> int:
+        return int(self.fs.size(self.path(rel)))
+
+    def open_write(self, rel: str) -> IO[bytes]:
+        """A binary file for writing. Close it with :meth:`close_durable` so local data is fsynced."""
+        return self.fs.open(self.path(rel), "wb")
+
+    def close_durable(self, fh: IO[bytes]) -> None:
+        """Flush, fsync (local filesystems) and close ``fh``."""
+        fh.flush()
+        if self.is_local:
+            try:
+                os.fsync(fh.fileno())
+            except (OSError, AttributeError, ValueError):
+                pass
+        fh.close()
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write ``data`` under a temporary name, make it durable, then rename it to ``rel``: readers
+        see the old content or the new, never a torn file."""
+        tmp = f"{rel}.{uuid.uuid4().hex[:8]}.partial"
+        fh = self.open_write(tmp)
+        try:
+            fh.write(data)
+        finally:
+            self.close_durable(fh)
+        self.fs.mv(self.path(tmp), self.path(rel))
+        self.sync_dir(posixpath.dirname(rel))
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self.fs.open(self.path(rel), "rb") as fh:
+            return fh.read()
+
+    def read_range(self, rel: str, start: int, length: int) -> bytes:
+        """``length`` bytes of ``rel`` from byte ``start``; raises OSError when the file is short."""
+        with self.fs.open(self.path(rel), "rb") as fh:
+            fh.seek(start)
+            data = fh.read(length)
+        if len(data) != length:
+            raise OSError(f"{self.path(rel)}: wanted {length} bytes at offset {start}, the file ends after {len(data)}")
+        return data
+
+    def read_range_into(self, rel: str, start: int, buf: memoryview) -> None:
+        """Fill ``buf`` with ``len(buf)`` bytes of ``rel`` from byte ``start`` (no intermediate copy
+        where the file object supports ``readinto``); raises OSError when the file is short."""
+        with self.fs.open(self.path(rel), "rb") as fh:
+            fh.seek(start)
+            got = 0
+            readinto = getattr(fh, "readinto", None)
+            while got < len(buf):
+                if readinto is not None:
+                    n = readinto(buf[got:])
+                else:
+                    chunk = fh.read(len(buf) - got)
+                    n = len(chunk)
+                    buf[got:got + n] = chunk
+                if not n:
+                    break
+                got += n
+        if got != len(buf):
+            raise OSError(f"{self.path(rel)}: wanted {len(buf)} bytes at offset {start}, the file ends after {got}")
+
+    def open_read(self, rel: str) -> IO[bytes]:
+        return self.fs.open(self.path(rel), "rb")
+
+    def commit(self, src: str, dst: str) -> None:
+        """Rename directory ``src`` to ``dst`` (atomic on POSIX filesystems), replacing a stale ``dst``."""
+        if self.exists(dst):
+            self.fs.rm(self.path(dst), recursive=True)
+        if self.is_local:
+            os.replace(self.path(src), self.path(dst))
+        else:
+            self.fs.mv(self.path(src), self.path(dst), recursive=True)
+        self.sync_dir("")
+
+    def remove(self, rel: str) -> None:
+        """Delete ``rel`` (file or directory tree); missing is fine."""
+        try:
+            self.fs.rm(self.path(rel), recursive=True)
+        except FileNotFoundError:
+            pass
+
+    def sync_dir(self, rel: str) -> None:
+        """fsync a local directory so renames inside it survive a power loss (no-op elsewhere)."""
+        if not self.is_local:
+            return
+        try:
+            fd = os.open(self.path(rel), os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    def walk_files(self, rel: str) -> Iterator[str]:
+        """Relative paths of the files under ``rel``."""
+        base = self.path(rel)
+        for f in self.fs.find(base):
+            yield posixpath.relpath(f, self.root)
