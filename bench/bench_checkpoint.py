@@ -254,7 +254,9 @@ def render(res: dict, disk: tuple[float, float], reshard: list[dict], args: argp
     lines += [
         "",
         f"Machine: {_cpu()}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()} "
-        f"({datetime.date.today().isoformat()}). Command: `python bench/bench_checkpoint.py "
+        f"({datetime.date.today().isoformat()}); 1-minute load average {args.load_before:.1f} before, "
+        f"{os.getloadavg()[0]:.1f} after the run (the machine is shared: above 2 the timings include contention, "
+        "and the eager stall, a pure memory copy, suffers most). Command: `python bench/bench_checkpoint.py "
         f"--params-m {args.params_m} --reshard-params-m {args.reshard_params_m} --batch {args.batch}`.",
         "",
         "On CPU the \"device -> host\" copy is a host memcpy into the reused staging buffers; with CUDA tensors it "
@@ -294,6 +296,7 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="scratch directory (default: a temporary one under the repo's filesystem)")
     parser.add_argument("--no-write", action="store_true", help="print the section instead of updating docs/benchmarks.md")
     args = parser.parse_args()
+    args.load_before = os.getloadavg()[0]
     workdir = args.dir or tempfile.mkdtemp(prefix="loco-bench-ckpt-")
     os.makedirs(workdir, exist_ok=True)
     try:

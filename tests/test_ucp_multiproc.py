@@ -6,15 +6,13 @@ import datetime
 import os
 import pickle
 import signal
-import sys
 import time
 import traceback
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from dist_helpers import free_port, run_ranks  # noqa: E402
+from dist_helpers import free_port, run_ranks
 
 pytestmark = pytest.mark.multiproc
 

@@ -35,8 +35,8 @@ def _job_table(job: dict[str, Any]) -> Table:
     workers = status.get("workers") or {}
     ckpt = status.get("lastCheckpoint") or {}
     table = Table(show_header=True, header_style="bold", expand=False)
-    for col in ("phase", "workers", "step", "loss", "eval loss", "tokens/s", "restarts", "checkpoint"):
-        table.add_column(col)
+    for col in ("phase", "workers", "step", "loss", "eval", "tok/s", "restarts", "ckpt"):
+        table.add_column(col, no_wrap=True)
     table.add_row(
         _fmt(status.get("phase"), ""),
         f"{workers.get('ready', 0)}/{workers.get('desired', job['spec'].get('replicas', '?'))}",
@@ -45,9 +45,19 @@ def _job_table(job: dict[str, Any]) -> Table:
         _fmt(status.get("evalLoss"), ".4f"),
         _fmt(status.get("tokensPerSecond"), ",.0f"),
         _fmt(status.get("restarts", 0)),
-        f"step {ckpt['step']}" if ckpt else "-",
+        str(ckpt["step"]) if ckpt else "-",
     )
     return table
+
+
+def _progress_line(job: dict[str, Any]) -> str:
+    status = job.get("status") or {}
+    workers = status.get("workers") or {}
+    return (
+        f"{_fmt(status.get('phase'))} | workers {workers.get('ready', 0)}/{workers.get('desired', '?')}"
+        f" | step {_fmt(status.get('step'))}/{_fmt(status.get('totalSteps'))} | loss {_fmt(status.get('loss'), '.4f')}"
+        f" | {_fmt(status.get('tokensPerSecond'), ',.0f')} tok/s | restarts {status.get('restarts', 0)}"
+    )
 
 
 def _events_table(events: list[dict[str, Any]], limit: int = 8) -> Table:
@@ -86,7 +96,9 @@ def run_demo(manifest: Path, state_dir: Path, *, nodes: int = 3, timeout_s: floa
         task = progress.add_task("steps", total=jobs[0]["spec"].get("training", {}).get("steps", 1))
         job: dict[str, Any] | None = None
         deadline = time.monotonic() + timeout_s
-        with Live(console=console, refresh_per_second=4) as live:
+        last_line = ""
+        # A terminal gets a live table; a log (CI, a pipe) gets one line per change instead.
+        with Live(console=console, refresh_per_second=4, transient=True, auto_refresh=console.is_terminal) as live:
             while time.monotonic() < deadline:
                 job = stack.get_job(name)
                 if job is None:
@@ -94,7 +106,13 @@ def run_demo(manifest: Path, state_dir: Path, *, nodes: int = 3, timeout_s: floa
                     continue
                 status = job.get("status") or {}
                 progress.update(task, completed=status.get("step") or 0, total=status.get("totalSteps") or progress.tasks[0].total)
-                live.update(Group(_job_table(job), progress, Panel(_events_table(stack.events(name)), title="events")))
+                if console.is_terminal:
+                    live.update(Group(_job_table(job), progress, Panel(_events_table(stack.events(name)), title="events")))
+                else:
+                    line = _progress_line(job)
+                    if line != last_line:
+                        console.print(line, highlight=False)
+                        last_line = line
                 if status.get("phase") in TERMINAL:
                     break
                 time.sleep(1.0)
@@ -137,6 +155,7 @@ def _summary(console: Console, stack: LocalStack, name: str, job: dict[str, Any]
             table.add_row("on disk", f"{host_dir} ({len(files)} files, {size / 1e6:.1f} MB)")
     console.print(Panel(table, title="summary"))
     console.print(Panel(_events_table(stack.events(name), limit=20), title=f"events of {name}"))
+    console.print("[dim]Explore: loco local up, then kubectl get tj / describe tj; docs/local-cluster.md[/dim]")
 
 
 def _checkpoint_on_disk(stack: LocalStack, container_path: str) -> Path | None:

@@ -397,3 +397,15 @@ class RuntimeEnv(Model):
         if self.local_root and os.path.isabs(path):
             return os.path.join(self.local_root, path.lstrip("/"))
         return path
+
+    def container_path(self, path: str) -> str:
+        """The inverse of :meth:`resolve_path`: how a container sees a path this process uses
+        (what reports and the operator's status show)."""
+        if self.local_root:
+            root = os.path.normpath(self.local_root)
+            normalized = os.path.normpath(path)
+            if normalized == root:
+                return "/"
+            if normalized.startswith(root + os.sep):
+                return "/" + os.path.relpath(normalized, root)
+        return path

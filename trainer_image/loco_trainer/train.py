@@ -468,7 +468,7 @@ class Trainer:
         return saved
 
     def _ref(self, saved: ckpt.CheckpointInfo) -> CheckpointRef:
-        return CheckpointRef(step=saved.step, path=saved.path, time=str(saved.meta.get("time", "")))
+        return CheckpointRef(step=saved.step, path=self.env.container_path(saved.path), time=str(saved.meta.get("time", "")))
 
     def _set_progress(self, **fields: Any) -> None:
         if self.progress is not None:
