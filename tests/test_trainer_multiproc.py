@@ -45,6 +45,15 @@ def write_config(tmp_path, config: dict, name="config.yaml") -> str:
     return str(path)
 
 
+def write_pod_config(root, config: dict) -> str:
+    """Put the config where a pod sees its ConfigMap (/etc/loco under the emulated container root)
+    and return the container path, as the operator passes it."""
+    path = root / "etc" / "loco" / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    return "/etc/loco/config.yaml"
+
+
 def train(config_path: str, *args: str, env: dict | None = None, history=None, timeout=RUN_TIMEOUT_S):
     cmd = [sys.executable, "-m", "loco_trainer", "--config", config_path, *args]
     if history:
@@ -158,7 +167,7 @@ def test_pod_serves_progress_and_metrics_while_training_and_writes_termination_m
     cfg["checkpoint"]["path"] = "/checkpoints"  # a container path: lands under LOCO_LOCAL_ROOT
     cfg["faultInjection"] = {"stepDelayS": 0.1}
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "loco_trainer", "--config", write_config(tmp_path, cfg)],
+    proc = subprocess.Popen([sys.executable, "-m", "loco_trainer", "--config", write_pod_config(tmp_path / "podroot", cfg)],
                             env={**os.environ, **_pod_env(tmp_path, port)}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
@@ -206,7 +215,7 @@ def test_sigterm_stops_all_local_ranks_with_143(tmp_path):
 
 
 def test_bad_config_in_a_pod_exits_2_and_reports_the_field(tmp_path):
-    path = write_config(tmp_path, {"training": {"steps": -1}})
+    path = write_pod_config(tmp_path / "podroot", {"training": {"steps": -1}})
     result = train(path, env=_pod_env(tmp_path, free_port()))
     assert result.returncode == 2
     assert "training.steps" in result.stderr
@@ -219,7 +228,6 @@ def test_two_pods_rendezvous_through_the_hosts_file_and_bind_their_own_ips(tmp_p
     finds replica 0 by its DNS name in the LOCO_LOCAL_HOSTS file."""
     cfg = tiny_config(tmp_path, {"name": "ddp"}, steps=6, evalEvery=0, logEvery=2)
     cfg["checkpoint"]["path"] = "/checkpoints"
-    path = write_config(tmp_path, cfg)
     hosts = tmp_path / "hosts"
     ips = ["127.0.77.2", "127.0.77.3"]
     hosts.write_text("".join(f"{ip} tiny-worker-{i}.tiny.test.svc tiny-worker-{i}.tiny\n" for i, ip in enumerate(ips)))
@@ -235,6 +243,7 @@ def test_two_pods_rendezvous_through_the_hosts_file_and_bind_their_own_ips(tmp_p
         (root / "checkpoints").parent.mkdir(parents=True)
         shared.mkdir(exist_ok=True)
         (root / "checkpoints").symlink_to(shared)  # the PVC both pods mount
+        path = write_pod_config(root, cfg)  # the ConfigMap both pods mount
         env = {**_pod_env(tmp_path, status_port), "LOCO_LOCAL_ROOT": str(root), "POD_IP": ip,
                "LOCO_LOCAL_HOSTS": str(hosts), "MASTER_ADDR": "tiny-worker-0.tiny.test.svc",
                "MASTER_PORT": str(master_port), "LOCO_REPLICA_INDEX": str(i), "LOCO_NUM_REPLICAS": "2"}
@@ -261,7 +270,7 @@ def test_a_failing_local_rank_stops_the_pod_and_is_named_in_the_report(tmp_path)
     cfg = tiny_config(tmp_path, {"name": "ddp"}, steps=20, evalEvery=0)
     cfg["faultInjection"] = {"crashAtStep": 2, "exitCode": 9, "ranks": [1]}
     env = {**_pod_env(tmp_path, free_port()), "LOCO_NPROC_PER_WORKER": "2"}
-    result = train(write_config(tmp_path, cfg), env=env)
+    result = train(write_pod_config(tmp_path / "podroot", cfg), env=env)
     assert result.returncode == 9, result.stdout[-3000:]
     report = ProgressReport.model_validate_json((tmp_path / "podroot" / "dev" / "termination-log").read_text())
     assert report.state == WorkerState.failed and "local rank 1 exited with code 9" in report.message

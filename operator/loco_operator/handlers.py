@@ -104,6 +104,7 @@ def _ctx(memo: Any) -> OperatorContext:
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     """Kopf settings: Normal-level events posted, bookkeeping under loco.dev annotations."""
     settings.posting.level = logging.INFO
+    settings.posting.reporting_component = "loco-operator"  # the FROM column of `kubectl describe`
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=ANNOTATION_PREFIX, key="last-handled-configuration"
@@ -193,6 +194,14 @@ async def reconcile(ctx: OperatorContext, namespace: str, name: str) -> None:
     Raises :class:`kopf.TemporaryError` when an API call failed (after writing what it could).
     """
     key = f"{namespace}/{name}"
+    ctx.metrics.reconciles_in_flight.inc()
+    try:
+        await _reconcile_locked(ctx, namespace, name, key)
+    finally:
+        ctx.metrics.reconciles_in_flight.dec()
+
+
+async def _reconcile_locked(ctx: OperatorContext, namespace: str, name: str, key: str) -> None:
     async with ctx.lock(key):
         started = time.monotonic()
         try:
@@ -204,7 +213,8 @@ async def reconcile(ctx: OperatorContext, namespace: str, name: str) -> None:
         if (job.get("metadata") or {}).get("deletionTimestamp"):
             return
         observed = await observe(ctx, job)
-        result = plan(job, observed, datetime.now(timezone.utc))
+        now = datetime.now(timezone.utc)
+        result = plan(job, observed, now)
         errors = await apply(ctx, job, result.actions)
         old_status = job.get("status") or {}
         if result.status != old_status:
@@ -216,9 +226,9 @@ async def reconcile(ctx: OperatorContext, namespace: str, name: str) -> None:
             except ApiException as exc:
                 if exc.status != 404:
                     errors.append(f"patching status: {exc.status} {exc.reason}")
-        ctx.metrics.observe_job(
-            key, old_status.get("phase"), result.status.get("phase"),
-            restarts_added=int(result.status.get("restarts", 0)) - int(old_status.get("restarts", 0)),
+        ctx.metrics.observe_reconcile(
+            job, old_status, result.status,
+            events=[(a.reason, a.message) for a in result.actions if isinstance(a, EmitEvent)], now_s=now.timestamp(),
         )
         ctx.metrics.reconcile_duration.observe(time.monotonic() - started)
         if errors:

@@ -35,6 +35,8 @@ from pydantic import ValidationError
 
 from loco_trainer.protocol import ProgressReport
 
+from .faults.live import FaultFinding, blamed_nodes
+
 from .render import (
     LABEL_EPOCH,
     LABEL_RANK,
@@ -48,6 +50,7 @@ from .spec import (
     CheckpointStatus,
     CleanPodPolicy,
     Condition,
+    FaultRecord,
     Phase,
     TrainingJobSpec,
     TrainingJobStatus,
@@ -77,6 +80,8 @@ class Reason(str, Enum):
     ttl_expired = "TTLExpired"
     cleanup = "CleanPodPolicy"
     stale_epoch = "StaleEpoch"
+    fault_detected = "FaultDetected"
+    node_cordoned = "NodeCordoned"
 
 
 class ConditionType(str, Enum):
@@ -170,6 +175,8 @@ class Observed:
     #: Names of pods that carry the job's label but belong to someone else (e.g. a deleted job of the
     #: same name whose pods are still terminating): a worker with such a name cannot be created yet.
     foreign_pods: frozenset[str] = frozenset()
+    #: New verdicts of the live fault detector (loco_operator.faults.live), resolved to pods and nodes.
+    findings: tuple[FaultFinding, ...] = ()
 
 
 # ------------------------------------------------------------------------------------- actions
@@ -212,13 +219,26 @@ class DeleteJob:
 
 
 @dataclass(frozen=True)
+class CordonNode:
+    """Mark ``node`` unschedulable, taint it ``loco.dev/fault=<kind>:NoSchedule`` and annotate it
+    with ``reason`` (spec.faultDetection.cordonNodes)."""
+
+    node: str
+    kind: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class EmitEvent:
     type: str
     reason: str
     message: str
 
 
-Action = CreateService | CreateConfigMap | UpdateConfigMap | CreatePod | DeletePod | DeleteJob | EmitEvent
+Action = CreateService | CreateConfigMap | UpdateConfigMap | CreatePod | DeletePod | DeleteJob | EmitEvent | CordonNode
+
+#: How many status.faults entries are kept (oldest dropped first).
+MAX_FAULT_RECORDS = 20
 
 
 @dataclass(frozen=True)
@@ -346,11 +366,12 @@ def _progress(p: _Planner, spec: TrainingJobSpec, current: Sequence[ObservedPod]
         st.step = min(r.step for r in reports)
         st.total_steps = max([spec.training.steps, *(r.total_steps for r in reports)])
         by_rank = sorted(reports, key=lambda r: r.replica_index)
-        st.loss = next((r.loss for r in by_rank if r.loss is not None), st.loss)
-        st.eval_loss = next((r.eval_loss for r in by_rank if r.eval_loss is not None), st.eval_loss)
+        # rounded for display (`kubectl get tj` prints numbers as stored)
+        st.loss = next((round(r.loss, 4) for r in by_rank if r.loss is not None), st.loss)
+        st.eval_loss = next((round(r.eval_loss, 4) for r in by_rank if r.eval_loss is not None), st.eval_loss)
         rates = [r.tokens_per_second for r in reports if r.tokens_per_second is not None]
         if rates:
-            st.tokens_per_second = round(sum(rates), 3)
+            st.tokens_per_second = round(sum(rates), 1)
     candidates = [r.last_checkpoint for r in p.observed.reports.values() if r.last_checkpoint is not None]
     candidates += [pod.termination_report.last_checkpoint for pod in p.observed.pods
                    if pod.termination_report is not None and pod.termination_report.last_checkpoint is not None]
@@ -430,7 +451,9 @@ def _finished(p: _Planner, spec: TrainingJobSpec | None) -> None:
         p.status.workers = WorkersStatus(desired=p.status.workers.desired, ready=ready)
 
 
-def _restart(p: _Planner, spec: TrainingJobSpec, failures: list[str], resize_from: int | None = None) -> None:
+def _restart(
+    p: _Planner, spec: TrainingJobSpec, failures: list[str], resize_from: int | None = None, cause: str | None = None
+) -> None:
     """Start a new membership epoch: delete every worker; they are recreated once all are gone."""
     st = p.status
     for message in failures:
@@ -444,8 +467,8 @@ def _restart(p: _Planner, spec: TrainingJobSpec, failures: list[str], resize_fro
         st.restarts += 1
         reason = Reason.restarting
         message = f"Restarting from {origin} (restart {st.restarts}/{spec.run_policy.backoff_limit})"
-        if failures:
-            message += f": {failures[0]}"
+        if failures or cause:
+            message += f": {failures[0] if failures else cause}"
     st.membership_epoch += 1
     st.phase = Phase.restarting
     st.message = message
@@ -530,6 +553,12 @@ def _reconcile(p: _Planner, spec: TrainingJobSpec) -> None:
             _restart(p, spec, failures)
         return
 
+    # 5b. faults the live detector found in this epoch: record, isolate the node, restart
+    findings = [f for f in p.observed.findings if f.epoch == epoch]
+    if findings and st.phase is Phase.running:
+        _act_on_faults(p, spec, findings)
+        return
+
     # 6. success: every worker of this epoch exited 0
     if len(by_rank) == spec.replicas and all(pod.phase == "Succeeded" for pod in by_rank.values()):
         st.phase = Phase.succeeded
@@ -563,7 +592,7 @@ def _reconcile(p: _Planner, spec: TrainingJobSpec) -> None:
         return
     resume = st.last_checkpoint.path if st.last_checkpoint else ""
     for rank in missing:
-        body = render_pod(p.ref, spec, rank, epoch, restarts=st.restarts, resume_from=resume)
+        body = render_pod(p.ref, spec, rank, epoch, restarts=st.restarts, resume_from=resume, avoid_nodes=st.avoid_nodes)
         p.actions.append(CreatePod(p.ref.pod_name(rank), rank, epoch, body))
     if missing or current:
         st.start_time = st.start_time or rfc3339(p.now)  # workers exist (or are about to) from now on
@@ -588,3 +617,60 @@ def _reconcile(p: _Planner, spec: TrainingJobSpec) -> None:
         st.message = f"Waiting for {spec.replicas - len(running)} of {spec.replicas} workers to start"
     elif st.phase is Phase.restarting:
         st.message = st.message or f"Waiting for workers of epoch {epoch} to start"
+
+
+def _act_on_faults(p: _Planner, spec: TrainingJobSpec, findings: Sequence[FaultFinding]) -> None:
+    """Turn detector verdicts into actions: a ``FaultDetected`` Warning event and a
+    ``status.faults`` entry per verdict, the blamed nodes onto ``status.avoidNodes`` (the new pods
+    get a required node anti-affinity against them), optionally a cordon, and a restart of the job
+    in a new epoch from the last committed checkpoint (which deletes the faulty pods). The restart
+    counts against ``runPolicy.backoffLimit`` like any other."""
+    st = p.status
+    cordon = bool(spec.fault_detection and spec.fault_detection.cordon_nodes)
+    causes = []
+    for finding in findings:
+        v = finding.verdict
+        nodes = list(blamed_nodes(finding))
+        where = ", ".join(f"{pod} on {node}" for pod, node in zip(finding.pods, finding.nodes)) or "unknown pods"
+        at = f" at collective #{v.seq}" if v.seq is not None else ""
+        text = f"{v.kind.value}{at}: blamed rank(s) {', '.join(map(str, v.ranks))} ({where}): {v.message}"
+        if nodes:
+            text += f"; avoiding node(s) {', '.join(nodes)} for the replacement pods"
+        p.event(EventType.warning, Reason.fault_detected, text)
+        for node in nodes:
+            if node not in st.avoid_nodes:
+                st.avoid_nodes = [*st.avoid_nodes, node]
+            if cordon:
+                p.actions.append(CordonNode(node, v.kind.value, f"{p.ref.namespace}/{p.ref.name}: {v.kind.value}: {v.message}"))
+                p.event(EventType.warning, Reason.node_cordoned, f"Cordoned node {node}: {v.kind.value} blamed it")
+        record = FaultRecord(
+            kind=v.kind.value, ranks=list(v.ranks), pods=list(finding.pods), nodes=nodes, epoch=finding.epoch,
+            seq=v.seq, message=v.message, evidence=_plain(v.evidence), cordoned=cordon and bool(nodes),
+            time=rfc3339(p.now),
+        )
+        st.faults = [*st.faults, record][-MAX_FAULT_RECORDS:]
+        causes.append(f"{v.kind.value} blamed {where}")
+    if st.restarts + 1 > spec.run_policy.backoff_limit:
+        p.fail(Reason.backoff_limit_exceeded,
+               f"{causes[0]}; backoffLimit ({spec.run_policy.backoff_limit}) reached after {st.restarts} restarts",
+               spec.run_policy.clean_pod_policy)
+        st.workers = WorkersStatus(desired=spec.replicas, ready=0)
+        return
+    _restart(p, spec, [], cause="; ".join(causes))
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe copy of verdict evidence (numpy scalars, tuples, inf/nan -> plain JSON values)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if number != number or number in (float("inf"), float("-inf")):
+        return str(number)
+    return int(number) if float(number).is_integer() and not isinstance(value, float) else number

@@ -26,6 +26,8 @@ from loco_trainer.launcher import (
               help="TrainerConfig file (JSON or YAML).")
 @click.option("--nproc", type=click.IntRange(min=1), default=None,
               help="Local mode: run N ranks on this machine (no Kubernetes needed).")
+@click.option("--nproc-per-worker", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Local mode: group the --nproc ranks into pods of this many processes (FSDP-sharded inside a pod).")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.FIELD=VALUE",
               help="Override a config field, e.g. --set training.steps=10 (repeatable).")
 @click.option("--history", "history_path", default=None, type=click.Path(dir_okay=False),
@@ -35,7 +37,7 @@ from loco_trainer.launcher import (
 @click.option("--status-host", default=None, help="Address the endpoint binds to (default POD_IP, else all; 127.0.0.1 with --nproc).")
 @click.option("--local-rank", type=int, default=None, hidden=True)
 @click.option("--termination-message/--no-termination-message", default=None, hidden=True)
-def train(config_path: str, nproc: int | None, overrides: tuple[str, ...], history_path: str | None,
+def train(config_path: str, nproc: int | None, nproc_per_worker: int, overrides: tuple[str, ...], history_path: str | None,
           status_port: int | None, status_host: str | None, local_rank: int | None, termination_message: bool | None) -> None:
     """Train: in a pod, this pod's LOCO_NPROC_PER_WORKER ranks; with --nproc N, N local ranks."""
     from loco_trainer.config import RuntimeEnv
@@ -43,20 +45,26 @@ def train(config_path: str, nproc: int | None, overrides: tuple[str, ...], histo
 
     env = RuntimeEnv.from_environ()
     try:
-        # the config path is a container path (the ConfigMap mount); resolve it like every other
-        config = load_config(env.resolve_path(config_path), overrides)
+        # In a pod the config path is a container path (the ConfigMap mount): resolve it like every
+        # other. A local rank started by the launcher gets the launcher's own (host) copy.
+        config = load_config(config_path if local_rank is not None else env.resolve_path(config_path), overrides)
     except ConfigError as exc:
         if nproc is None and local_rank is None and termination_message is not False:
             write_termination_message(fallback_report(LaunchOptions(config_path, None, env), str(exc)), env)  # type: ignore[arg-type]
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
     if nproc is not None:
-        env = local_runtime_env(nproc, config)
+        try:
+            env = local_runtime_env(nproc, config, nproc_per_worker=nproc_per_worker)
+        except ConfigError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_CONFIG)
         # a local run writes no termination message unless it emulates a pod root
         termination_message = bool(env.local_root) if termination_message is None else termination_message
         status_host = status_host or env.pod_ip or "127.0.0.1"
     options = LaunchOptions(config_path, config, env, history_path=os.path.abspath(history_path) if history_path else None,
-                            status_port=status_port, status_host=status_host, termination_message=termination_message is not False)
+                            status_port=status_port, status_host=status_host, termination_message=termination_message is not False,
+                            local_pods=env.num_replicas if nproc is not None else 1)
     if local_rank is not None:
         sys.exit(run_rank(options, local_rank))
     sys.exit(launch(options))
