@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # The CPU wheel of torch 2.13.0 lies on the build machines; the pin keeps pip from pulling a CUDA build.
 PIP_INSTALL := $(PY) -m pip install --disable-pip-version-check -q
 
-.PHONY: install test test-fast e2e demo demo-fault crds bench clean help
+.PHONY: install tools test test-fast e2e demo demo-fault crds bench clean help
 
 help:
 	@echo "make demo   - create .venv, install, run a real TrainingJob on the embedded local cluster"
@@ -23,7 +23,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: install
+# promtool (metrics lint) and prometheus (e2e/test_prometheus.py, loco local up --prometheus): Debian's package.
+# Needs root for apt; without it, say so and go on (those tests then skip and name the reason).
+tools:
+	@command -v promtool >/dev/null || { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -q && apt-get install -y -q --no-install-recommends prometheus; \
+		else echo "note: promtool/prometheus missing and no root apt-get: install Debian's 'prometheus' package"; fi; }
+
+test: install tools
 	$(PY) -m pytest -q -ra tests e2e
 
 test-fast: install

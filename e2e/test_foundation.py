@@ -37,7 +37,7 @@ def test_quickstart_succeeds_with_checkpoint_on_disk(stack: LocalStack) -> None:
     # the checkpoint is really on the shared volume
     ckpt_dirs = list((stack.state_dir / "volumes").rglob(f"step-{steps:08d}"))
     assert ckpt_dirs, f"no step-{steps:08d} checkpoint under {stack.state_dir / 'volumes'}"
-    assert any(p.name == "meta.json" for p in ckpt_dirs[0].iterdir())
+    assert any(p.name == "manifest.json" for p in ckpt_dirs[0].iterdir())  # the commit record of the universal checkpoint
     reasons = [e["reason"] for e in stack.events("quickstart")]
     assert "Succeeded" in reasons, reasons
     # kubectl shows the printer columns

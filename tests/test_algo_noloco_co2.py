@@ -190,3 +190,75 @@ def test_co2_state_dict_keeps_the_pending_round(rank_pool) -> None:
     for res in rank_pool.run(_co2_resume, 2):
         assert res["pending_saved"]
         torch.testing.assert_close(res["b"], res["a"], rtol=0, atol=0)
+
+
+# ------------------------------------------------------------- NoLoCo parameters from the spec
+
+
+def test_noloco_spec_passes_mean_pull_and_group_seed_to_the_strategy() -> None:
+    from loco_trainer.algorithms import make_strategy
+    from loco_trainer.config import AlgorithmSpec
+
+    model = tiny_model(seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    spec = AlgorithmSpec.model_validate({"name": "noloco", "meanPull": 0.25, "groupSeed": 7, "outerLr": 0.9})
+    strategy = make_strategy(spec, model, opt, Comm())
+    assert isinstance(strategy, NoLoCo)
+    assert (strategy.mean_pull, strategy.seed, strategy.outer_lr) == (0.25, 7, 0.9)
+    # unset: gamma follows the (resolved) outer lr, the group seed is 0
+    follows = make_strategy(AlgorithmSpec.model_validate({"name": "noloco", "outerLr": 0.4}), model, opt, Comm())
+    assert (follows.mean_pull, follows.seed) == (0.4, 0)
+    assert AlgorithmSpec.model_validate({"name": "noloco"}).resolved().mean_pull == 0.7
+
+
+@pytest.mark.parametrize("bad, words", [
+    ({"name": "diloco", "meanPull": 0.5}, ["meanPull", "noloco", "remove"]),
+    ({"name": "co2", "groupSeed": 3}, ["groupSeed", "noloco"]),
+    ({"name": "noloco", "meanPull": -0.1}, ["meanPull", "greater than or equal to 0"]),
+    ({"name": "noloco", "groupSeed": -1}, ["groupSeed", "greater than or equal to 0"]),
+])
+def test_noloco_parameters_are_refused_where_they_do_not_apply(bad, words) -> None:
+    from pydantic import ValidationError
+
+    from loco_trainer.config import AlgorithmSpec
+
+    with pytest.raises(ValidationError) as err:
+        AlgorithmSpec.model_validate(bad)
+    text = str(err.value)
+    assert all(w in text for w in words), text
+
+
+def _noloco_from_spec(rank: int, world_size: int, group_seed: int, mean_pull: float) -> dict:
+    from loco_trainer.algorithms import make_strategy
+    from loco_trainer.config import AlgorithmSpec
+
+    model = tiny_model(seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    spec = AlgorithmSpec.model_validate({"name": "noloco", "syncEvery": 1, "outerLr": 0.7, "outerMomentum": 0.5,
+                                         "meanPull": mean_pull, "groupSeed": group_seed})
+    strategy = make_strategy(spec, model, opt, Comm())
+    strategy.setup()
+    groups = []
+    for step in range(3):
+        x, y = tiny_batch(step, rank)
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        strategy.after_inner_step(step)
+        groups.append(strategy.last_group)
+    return {"groups": groups, "spread": strategy.last_spread, "phi": torch.cat([o.reshape(-1) for o in strategy.outer_params])}
+
+
+@pytest.mark.multiproc
+def test_noloco_group_seed_and_mean_pull_from_the_spec_drive_the_gossip(rank_pool) -> None:
+    n = 4
+    seeds = (0, 11)
+    assert [gossip_groups(n, 2, r, seed=seeds[0]) for r in (1, 2, 3)] != [gossip_groups(n, 2, r, seed=seeds[1]) for r in (1, 2, 3)]
+    for seed in seeds:
+        for rank, res in enumerate(rank_pool.run(_noloco_from_spec, n, (seed, 0.7))):
+            expected = [next(g for g in gossip_groups(n, 2, r, seed=seed) if rank in g) for r in (1, 2, 3)]
+            assert res["groups"] == expected
+    # gamma reaches the update: the same run without the pull towards the group mean ends elsewhere
+    pulled = rank_pool.run(_noloco_from_spec, n, (0, 0.7))
+    free = rank_pool.run(_noloco_from_spec, n, (0, 0.0))
+    assert not torch.equal(pulled[0]["phi"], free[0]["phi"])

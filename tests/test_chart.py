@@ -408,6 +408,7 @@ def test_monitors_are_optional_and_scrape_the_right_ports() -> None:
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert monitor["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
     assert monitor["metadata"]["labels"]["release"] == "prom"
+    assert monitor["spec"]["endpoints"][0]["honorLabels"] is True, "per-job operator series carry their own job label"
     pods = one(objects, "PodMonitor")
     endpoint = pods["spec"]["podMetricsEndpoints"][0]
     # the worker pod contract (docs/CONTRACTS.md): port `status`, labels loco.dev/job and managed-by loco

@@ -1,14 +1,13 @@
 """The Grafana dashboards in charts/loco-operator/dashboards: generated, well-formed, and honest.
 
 Honest means every PromQL expression parses (promql-parser) and references only metrics that Loco's
-code really exports: the exported names are read from the source (every prometheus_client
-``Counter``/``Gauge``/``Histogram``/``Summary``/``Info``/``Enum`` constructed under operator/,
-trainer_image/ and local/), expanded to the series Prometheus sees (``_total``, ``_bucket``...).
+code really exports: the exported names are read from the live registries of ``OperatorMetrics`` and
+``TrainerMetrics``, expanded to the series Prometheus sees (``_total``, ``_bucket``...).
+``e2e/test_prometheus.py`` goes further and has a real Prometheus evaluate every query.
 """
 
 from __future__ import annotations
 
-import ast
 import importlib.util
 import json
 import re
@@ -24,7 +23,6 @@ from grafana_foundation_sdk.models.dashboard import Dashboard  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARD_DIR = REPO / "charts" / "loco-operator" / "dashboards"
-SOURCE_DIRS = [REPO / "operator", REPO / "trainer_image", REPO / "local"]
 TITLES = {"training-jobs.json": "Loco / Training jobs", "operator.json": "Loco / Operator"}
 
 #: Grafana's built-in interval variables, replaced by a sample value before parsing PromQL.
@@ -50,21 +48,19 @@ def _generator() -> Any:
 
 
 def exported_series() -> dict[str, str]:
-    """Series name -> where its metric is defined, for every metric constructed in Loco's code."""
+    """Series name -> the class exporting it, for every metric family Loco's metric classes register
+    (read from live registries, so helpers that build the metric objects are seen too)."""
+    from loco_operator.metrics import OperatorMetrics
+    from loco_trainer.metrics import TrainerMetrics
+
     series: dict[str, str] = {}
-    for root in SOURCE_DIRS:
-        for path in sorted(root.rglob("*.py")):
-            tree = ast.parse(path.read_text(), filename=str(path))
-            for node in ast.walk(tree):
-                if not (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)):
-                    continue
-                kind = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", None)
-                if kind not in SERIES_SUFFIXES or not isinstance(node.args[0].value, str):
-                    continue
-                name = node.args[0].value
-                base = name.removesuffix("_total") if kind == "Counter" else name
-                for suffix in SERIES_SUFFIXES[kind]:
-                    series[base + suffix] = f"{path.relative_to(REPO)}:{node.lineno}"
+    for owner in (OperatorMetrics(), TrainerMetrics("job", "ns", 0, 0)):
+        for family in owner.registry.collect():
+            kind = {"counter": "Counter", "gauge": "Gauge", "histogram": "Histogram", "summary": "Summary",
+                    "info": "Info", "stateset": "Enum"}.get(family.type, "Gauge")
+            base = family.name if kind != "Info" else family.name.removesuffix("_info")
+            for suffix in SERIES_SUFFIXES[kind]:
+                series[base + suffix] = type(owner).__name__
     return series
 
 

@@ -255,6 +255,21 @@ def test_last_checkpoint_never_goes_backwards():
     assert list(result.actions) == [EmitEvent("Normal", "CheckpointCommitted", "Checkpoint committed at step 120: /ckpt/ns/j/step-120")]
 
 
+def test_failed_checkpoint_save_emits_one_warning_and_keeps_the_resume_point():
+    status = running_status(lastCheckpoint={"step": 40, "path": "/c/40", "time": "t"})
+    error = "checkpoint step 60 failed: rank 1: OSError: [Errno 28] No space left on device"
+    reports = {"j-worker-0": report(0, 61, ckpt=40, checkpoint_failures=1, checkpoint_error=error),
+               "j-worker-1": report(1, 61, ckpt=40, checkpoint_failures=1, checkpoint_error=error)}
+    result = plan(job(status=status), children(pod(0), pod(1), reports=reports), NOW)
+    warnings = [a for a in result.actions if isinstance(a, EmitEvent) and a.reason == "CheckpointFailed"]
+    assert len(warnings) == 1 and warnings[0].type == "Warning"
+    assert "step 60" in warnings[0].message and "resume point stays step 40" in warnings[0].message
+    assert result.status["lastCheckpoint"]["step"] == 40 and result.status["lastCheckpointError"] == error
+    # the next reconcile sees the same reports: no second event
+    again = plan(job(status=result.status), children(pod(0), pod(1), reports=reports), NOW)
+    assert not any(isinstance(a, EmitEvent) and a.reason == "CheckpointFailed" for a in again.actions)
+
+
 def test_operator_restart_plans_from_status_alone():
     """A fresh operator (no memory) given the stored status and the same world changes nothing."""
     status = running_status(restarts=2, membershipEpoch=2, lastCheckpoint={"step": 40, "path": "/c/40", "time": "t"})

@@ -1,95 +1,88 @@
-"""The simple checkpoint format: atomic commit, latest, keep, cleaning, ``loco ckpt ls``."""
+"""The training loop on the universal checkpoint: commit, latest, keep, cleaning, ``loco ckpt ls``,
+and a failed background save (reported in the progress report and a metric, never committed)."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
-import torch
+import yaml
 from click.testing import CliRunner
 
-from loco_trainer import checkpoint as ckpt
 from loco_trainer.cli import ckpt as ckpt_cli
+from loco_trainer.config import RuntimeEnv, TrainerConfig
+from loco_trainer.protocol import ProgressReport, WorkerState
 
 
-def _save(directory, step, world_size=1, keep=3):
-    result = None
-    # Simulate the ranks in one process: each "rank" writes, the barrier is a no-op, rank 0 commits last.
-    for rank in reversed(range(world_size)):
-        if rank == 0:
-            result = ckpt.save(str(directory), step, {"w": torch.full((2,), float(step)), "rank": rank},
-                               rank=0, world_size=world_size, barrier=lambda: None, meta={"algorithm": "ddp"}, keep=keep)
-        else:
-            tmp = directory / (".tmp-" + ckpt.step_dir_name(step))
-            tmp.mkdir(parents=True, exist_ok=True)
-            torch.save({"rank": rank}, tmp / ckpt.rank_file_name(rank))
-    return result
+def tiny(tmp_path, steps: int = 6, keep: int = 2) -> dict:
+    return {
+        "jobName": "tiny", "namespace": "test",
+        "model": {"gpt": {"nLayer": 1, "nHead": 2, "nEmbd": 32, "blockSize": 32}},
+        "data": {"maxBytes": 50_000},
+        "training": {"steps": steps, "batchSize": 2, "seqLen": 32, "warmupSteps": 1, "logEvery": 2, "evalEvery": 0,
+                     "evalBatches": 1},
+        "algorithm": {"name": "ddp"},
+        "checkpoint": {"path": str(tmp_path / "ckpt"), "everySteps": 2, "keep": keep},
+    }
 
 
-def test_save_commits_a_complete_directory_and_latest(tmp_path):
-    info = _save(tmp_path, 40, world_size=2)
-    assert info.step == 40 and info.world_size == 2
-    assert sorted(os.listdir(info.path)) == ["meta.json", "rank-00000.pt", "rank-00001.pt"]
-    meta = json.loads((tmp_path / "step-00000040" / "meta.json").read_text())
-    assert meta["files"] == ["rank-00000.pt", "rank-00001.pt"] and meta["algorithm"] == "ddp"
-    assert (tmp_path / "latest").read_text().strip() == "step-00000040"
-    assert not any(n.startswith(".tmp-") for n in os.listdir(tmp_path))
-    assert ckpt.load(info.path, 1)["rank"] == 1
-    assert torch.equal(ckpt.load(info.path, 0)["w"], torch.full((2,), 40.0))
+def test_loop_commits_universal_checkpoints_keeps_the_newest_and_cleans_incomplete(tmp_path):
+    job = tmp_path / "ckpt" / "test" / "tiny"
+    (job / ".tmp-step-00000099" / "data").mkdir(parents=True)  # a save a crash interrupted
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(tiny(tmp_path)))
+    result = subprocess.run([sys.executable, "-m", "loco_trainer", "--config", str(path), "--nproc", "1"],
+                            capture_output=True, text=True, timeout=150)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert sorted(os.listdir(job)) == ["latest", "step-00000004", "step-00000006"]  # keep=2, .tmp removed
+    assert (job / "latest").read_text().strip() == "step-00000006"
+    assert sorted(os.listdir(job / "step-00000006")) == ["data", "index", "manifest.json"]
+    manifest = json.loads((job / "step-00000006" / "manifest.json").read_text())
+    assert manifest["step"] == 6 and manifest["algorithm"] == "ddp"
+    assert manifest["extra"]["data"] == {"sequences": 12}  # 6 steps x 2 sequences: the data position
 
-
-def test_latest_ignores_incomplete_saves_and_cleaning_removes_them(tmp_path):
-    _save(tmp_path, 10)
-    (tmp_path / ".tmp-step-00000020").mkdir()
-    (tmp_path / ".tmp-step-00000020" / "rank-00000.pt").write_bytes(b"partial")
-    (tmp_path / "step-00000030").mkdir()  # no meta.json: never committed
-    assert ckpt.latest(str(tmp_path)).step == 10
-    removed = ckpt.clean_incomplete(str(tmp_path))
-    assert [os.path.basename(p) for p in removed] == [".tmp-step-00000020"]
-    assert ckpt.latest(str(tmp_path)).step == 10
-
-
-def test_only_the_newest_keep_checkpoints_survive(tmp_path):
-    for step in (5, 10, 15, 20):
-        _save(tmp_path, step, keep=2)
-    assert [c.step for c in ckpt.list_checkpoints(str(tmp_path))] == [15, 20]
-
-
-def test_commit_refuses_when_a_rank_file_is_missing(tmp_path):
-    with pytest.raises(ckpt.CheckpointError, match="rank-00001.pt missing"):
-        ckpt.save(str(tmp_path), 5, {}, rank=0, world_size=2, barrier=lambda: None)
-    assert ckpt.latest(str(tmp_path)) is None
-
-
-def test_load_of_a_rank_the_checkpoint_lacks_explains(tmp_path):
-    info = _save(tmp_path, 5)
-    with pytest.raises(ckpt.CheckpointError, match="no rank-00003.pt"):
-        ckpt.load(info.path, 3)
-
-
-def test_ckpt_ls_lists_committed_and_incomplete(tmp_path):
-    _save(tmp_path, 10, world_size=2)
-    (tmp_path / ".tmp-step-00000020").mkdir()
-    out = CliRunner().invoke(ckpt_cli, ["ls", str(tmp_path), "--json"])
+    out = CliRunner().invoke(ckpt_cli, ["ls", str(job), "--json"])
     assert out.exit_code == 0, out.output
-    doc = json.loads(out.output)
-    assert [c["step"] for c in doc["checkpoints"]] == [10] and doc["checkpoints"][0]["worldSize"] == 2
-    assert doc["incomplete"] == [".tmp-step-00000020"]
-    table = CliRunner().invoke(ckpt_cli, ["ls", str(tmp_path)])
-    assert "step-00000010" in table.output and "incomplete" in table.output
+    rows = json.loads(out.output)["checkpoints"]
+    assert [(r["step"], r["worldSize"], r["algorithm"]) for r in rows] == [(4, 1, "ddp"), (6, 1, "ddp")]
+    assert all(r["bytes"] > 0 for r in rows)
+    table = CliRunner().invoke(ckpt_cli, ["ls", str(job)])
+    assert "step-00000006" in table.output and "1x1" in table.output
 
 
-def test_async_save_writes_a_snapshot_and_commits_on_finish(tmp_path):
-    weights = torch.zeros(3)
-    saver = ckpt.AsyncSaver()
-    saver.start(str(tmp_path), 7, {"w": weights, "nested": [weights]}, rank=0,
-                commit_kwargs=dict(rank=0, world_size=1, barrier=lambda: None))
-    weights += 1  # training goes on while the file is written
-    assert saver.pending_step == 7 and ckpt.latest(str(tmp_path)) is None
-    with pytest.raises(ckpt.CheckpointError, match="still pending"):
-        saver.start(str(tmp_path), 8, {}, rank=0, commit_kwargs={})
-    info = saver.finish()
-    assert info.step == 7 and saver.pending_step is None and saver.finish() is None
-    state = ckpt.load(info.path, 0)
-    assert torch.equal(state["w"], torch.zeros(3)) and torch.equal(state["nested"][0], torch.zeros(3))
+def test_failed_background_save_is_reported_and_never_committed(tmp_path, monkeypatch):
+    """Step 2's background write fails: the run goes on, the pod's report and the metric say so, no
+    step-2 directory (complete or temporary) exists, and the later saves commit."""
+    from loco_trainer import ucp
+    from loco_trainer.metrics import TrainerMetrics
+    from loco_trainer.progress import ProgressState
+    from loco_trainer.rendezvous import RankInfo
+    from loco_trainer.train import Trainer
+
+    real_write = ucp.CheckpointEngine._write_local
+
+    def failing_write(self, tmp, staged):
+        if staged.step == 2:
+            raise OSError(28, "No space left on device")
+        return real_write(self, tmp, staged)
+
+    monkeypatch.setattr(ucp.CheckpointEngine, "_write_local", failing_write)
+    config = TrainerConfig.model_validate(tiny(tmp_path, steps=4, keep=3))
+    env = RuntimeEnv.from_environ({}).model_copy(update={"job_name": "tiny", "namespace": "test"})
+    progress = ProgressState(ProgressReport(job_name="tiny", namespace="test", replica_index=0, state=WorkerState.starting))
+    metrics = TrainerMetrics("tiny", "test", 0, 0)
+    import torch
+
+    result = Trainer(config, env, RankInfo(0, 0, 1, 0, 1), torch.device("cpu"), progress=progress, metrics=metrics).run()
+    report = progress.snapshot()
+    assert report.checkpoint_failures == 1
+    assert "step 2" in report.checkpoint_error and "No space left on device" in report.checkpoint_error
+    assert report.last_checkpoint.step == 4 and result.last_checkpoint.step == 4
+    job = tmp_path / "ckpt" / "test" / "tiny"
+    assert sorted(os.listdir(job)) == ["latest", "step-00000004"]
+    text = metrics.render().decode()
+    assert 'loco_checkpoint_saves_total{outcome="failed"} 1.0' in text
+    assert 'loco_checkpoint_saves_total{outcome="committed"} 1.0' in text

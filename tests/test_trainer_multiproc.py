@@ -18,7 +18,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from loco_trainer import checkpoint as ckpt
+from loco_trainer import ucp
 from loco_trainer.protocol import ProgressReport, WorkerState
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.timeout(180)]
@@ -65,6 +65,11 @@ def read_history(path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, open(path)) if "loss" in r}
 
 
+def committed(directory) -> list:
+    """The committed universal checkpoints under a job's checkpoint directory, oldest first."""
+    return ucp.list_checkpoints(ucp.Storage(str(directory)))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -86,10 +91,11 @@ def test_local_run_learns_and_checkpoints(tmp_path, nproc, algorithm):
     first, last = sum(losses[s] for s in (1, 2, 3)) / 3, sum(losses[s] for s in (22, 23, 24)) / 3
     assert last < first - 0.5, losses
     assert "step 24/24 | loss" in result.stdout
-    found = ckpt.list_checkpoints(str(tmp_path / "ckpt" / "test" / "tiny"))
+    found = committed(tmp_path / "ckpt" / "test" / "tiny")
     assert [c.step for c in found] == [8, 16, 24]
-    assert found[-1].world_size == nproc and found[-1].meta["algorithm"] == algorithm["name"]
-    assert sorted(os.listdir(found[-1].path)) == ["meta.json"] + [f"rank-{r:05d}.pt" for r in range(nproc)]
+    assert found[-1].layout.world_size == nproc and found[-1].manifest.algorithm == algorithm["name"]
+    assert sorted(os.listdir(found[-1].url)) == ["data", "index", "manifest.json"]
+    assert sorted(os.listdir(os.path.join(found[-1].url, "data"))) == [f"rank-{r:05d}.safetensors" for r in range(nproc)]
 
 
 def test_crash_then_rerun_resumes_and_reproduces_the_uninterrupted_run(tmp_path):
@@ -98,6 +104,9 @@ def test_crash_then_rerun_resumes_and_reproduces_the_uninterrupted_run(tmp_path)
     def config(root, **extra):
         cfg = tiny_config(root, algorithm, steps=12, evalEvery=0)
         cfg["checkpoint"]["everySteps"] = 4
+        # synchronous saves: step 4 is committed before the crash at step 7 (an async save may still be
+        # writing when the process dies, and then correctly never commits)
+        cfg["checkpoint"]["asyncSave"] = False
         return {**cfg, **extra}
 
     reference = tmp_path / "reference.jsonl"
@@ -110,7 +119,7 @@ def test_crash_then_rerun_resumes_and_reproduces_the_uninterrupted_run(tmp_path)
     result = train(path, "--nproc", "2", history=first)
     assert result.returncode == 7, result.stdout[-3000:] + result.stderr[-3000:]
     ckpt_dir = str(tmp_path / "b" / "ckpt" / "test" / "tiny")
-    assert ckpt.latest(ckpt_dir).step == 4
+    assert committed(ckpt_dir)[-1].step == 4
     assert max(read_history(first)) < 12  # rank 0 may run ahead to the next DiLoCo sync, never to the end
 
     second = tmp_path / "second.jsonl"
@@ -122,16 +131,17 @@ def test_crash_then_rerun_resumes_and_reproduces_the_uninterrupted_run(tmp_path)
     assert [resumed[s] for s in range(5, 13)] == [expected[s] for s in range(5, 13)]
 
 
-def test_resume_with_another_world_size_is_refused_clearly(tmp_path):
+def test_resume_into_another_model_is_refused_naming_the_tensor(tmp_path):
+    """Any layout loads into any other, but not into another model: the error names the tensor and shapes."""
+    from loco_trainer.model import build_model
+    from loco_trainer.config import ModelSpec
+
     cfg = tiny_config(tmp_path, {"name": "ddp"}, steps=8, evalEvery=0)
-    ckpt_dir = tmp_path / "ckpt" / "test" / "tiny"
-    tmp = ckpt_dir / ".tmp-step-00000004"
-    tmp.mkdir(parents=True)
-    (tmp / "rank-00001.pt").write_bytes(b"")  # rank 1 of a 2-rank run; rank 0 commits below
-    ckpt.save(str(ckpt_dir), 4, {}, rank=0, world_size=2, barrier=lambda: None)
+    other = build_model(ModelSpec.model_validate({"gpt": {**cfg["model"]["gpt"], "nEmbd": 16}}))
+    ucp.CheckpointEngine(str(tmp_path / "ckpt" / "test" / "tiny"), algorithm="ddp").save(4, other)
     result = train(write_config(tmp_path, cfg), "--nproc", "1")
     assert result.returncode == 1
-    assert "saved by 2 ranks but this run has 1" in result.stdout
+    assert "model/" in result.stdout and "16" in result.stdout and "32" in result.stdout, result.stdout[-3000:]
 
 
 def _poll(predicate, timeout_s=120.0, what="condition"):
@@ -263,7 +273,7 @@ def test_two_pods_rendezvous_through_the_hosts_file_and_bind_their_own_ips(tmp_p
     for i in range(2):
         report = ProgressReport.model_validate_json((tmp_path / f"pod{i}" / "dev" / "termination-log").read_text())
         assert (report.state, report.replica_index, report.step) == (WorkerState.finished, i, 6)
-    assert ckpt.latest(str(shared / "test" / "tiny")).world_size == 2
+    assert committed(shared / "test" / "tiny")[-1].layout.world_size == 2
 
 
 def test_a_failing_local_rank_stops_the_pod_and_is_named_in_the_report(tmp_path):

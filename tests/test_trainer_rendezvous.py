@@ -66,6 +66,11 @@ def test_local_address_prefers_pod_ip_then_loopback():
 
 def test_local_runtime_env_round_trips_through_the_environment():
     env = local_runtime_env(3, TrainerConfig(job_name="j", namespace="n"), environ={})
-    assert (env.num_replicas, env.nproc_per_worker, env.master_addr, env.job_name) == (1, 3, "127.0.0.1", "j")
+    # --nproc N: N emulated pods of one process; --nproc-per-worker P groups them into pods of P
+    assert (env.num_replicas, env.nproc_per_worker, env.master_addr, env.job_name) == (3, 1, "127.0.0.1", "j")
     assert env.master_port > 0 and env.status_port == 0
     assert RuntimeEnv.from_environ(env_to_environ(env)) == env
+    pods = local_runtime_env(4, TrainerConfig(job_name="j", namespace="n"), environ={}, nproc_per_worker=2)
+    assert (pods.num_replicas, pods.nproc_per_worker, pods.replica_index) == (2, 2, 0)
+    with pytest.raises(ValueError, match="--nproc-per-worker 2 must be >= 1 and divide --nproc 3"):
+        local_runtime_env(3, TrainerConfig(job_name="j", namespace="n"), environ={}, nproc_per_worker=2)

@@ -4,6 +4,7 @@
 
     loco local up [--nodes 3] [--gpus-per-node 0] [--cpu 8] [--memory 32Gi] [--nodes-file F]
                   [--port 0] [--state-dir ./.loco/local] [--detach]
+                  [--prometheus [--prometheus-port 9091] [--operator-metrics 127.0.0.1:9090]]
     loco local status
     loco local node not-ready node-1      # simulate a node failure (ready / cordon / uncordon too)
     loco local down
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -85,13 +87,25 @@ def _node_specs(nodes: int, gpus_per_node: int, cpu: str, memory: str, nodes_fil
         raise click.BadParameter(str(exc)) from None
 
 
-def _print_how_to(kubeconfig: Path, url: str) -> None:
+def _print_how_to(kubeconfig: Path, url: str, info: dict[str, Any] | None = None) -> None:
     click.echo(f"local cluster up at {url}")
     click.echo(f"kubeconfig: {kubeconfig}")
     click.echo("point kubectl and the operator at it with:")
     click.echo(f"  export KUBECONFIG={kubeconfig}")
     click.echo("  kubectl get nodes")
     click.echo("  loco operator run   # in another shell, with KUBECONFIG set")
+    _print_scrape((info or {}).get("prometheus"), (info or {}).get("operatorMetrics", "127.0.0.1:9090"))
+
+
+def _print_scrape(prometheus_url: str | None, operator_metrics: str) -> None:
+    """Where the metrics are (docs/metrics.md): the operator's port and every worker pod's :8080."""
+    click.echo("metrics (docs/metrics.md):")
+    click.echo(f"  operator: http://{operator_metrics}/metrics   (loco operator run --metrics-port, default 9090)")
+    click.echo("  workers:  http://<podIP>:8080/metrics of each worker pod   (pod IPs: loco local status)")
+    if prometheus_url:
+        click.echo(f"  prometheus: {prometheus_url}   scraping both every 15s; e.g. "
+                   f"curl '{prometheus_url}/api/v1/query?query=loco_trainer_loss'")
+        click.echo("  dashboards: import charts/loco-operator/dashboards/*.json into Grafana with this Prometheus as data source")
 
 
 # ------------------------------------------------------------------------------------------ up
@@ -111,9 +125,25 @@ def _print_how_to(kubeconfig: Path, url: str) -> None:
               help="Seconds after a node fails before its pods are marked NodeLost.")
 @_state_dir_option
 @click.option("--detach", is_flag=True, help="Run as a background daemon and return once the API answers.")
+@click.option("--prometheus", "with_prometheus", is_flag=True,
+              help="Also run Debian's prometheus binary on loopback, scraping the operator and every worker pod "
+                   "(apt-get install prometheus).")
+@click.option("--prometheus-port", type=click.IntRange(0, 65535), default=9091, show_default=True,
+              help="Prometheus web/API port with --prometheus (0: any free port).")
+@click.option("--operator-metrics", default="127.0.0.1:9090", show_default=True, metavar="HOST:PORT",
+              help="Where the operator serves /metrics (loco operator run --metrics-port).")
 def up(nodes: int, gpus_per_node: int, cpu: str, memory: str, nodes_file: Path | None, port: int, host: str,
-       pod_eviction_timeout_s: float, state_dir: Path, detach: bool) -> None:
+       pod_eviction_timeout_s: float, state_dir: Path, detach: bool, with_prometheus: bool = False,
+       prometheus_port: int = 9091, operator_metrics: str = "127.0.0.1:9090") -> None:
     """Start the local cluster."""
+    if with_prometheus:
+        from loco_local.prometheus import INSTALL_HINT, find_binary
+
+        if find_binary() is None:
+            raise click.ClickException(f"--prometheus needs the prometheus binary on PATH: {INSTALL_HINT}")
+    if not re.fullmatch(r"[\w.\-\[\]:]+:\d{1,5}", operator_metrics):
+        raise click.BadParameter(f"{operator_metrics!r} is not HOST:PORT, e.g. 127.0.0.1:9090", param_hint="--operator-metrics")
+    prom_options = {"enabled": with_prometheus, "port": prometheus_port, "operator": operator_metrics}
     specs = _node_specs(nodes, gpus_per_node, cpu, memory, nodes_file)
     state_dir = state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -125,7 +155,9 @@ def up(nodes: int, gpus_per_node: int, cpu: str, memory: str, nodes_file: Path |
     (state_dir / INFO_FILE).unlink(missing_ok=True)
     if detach:
         argv = ["up", "--port", str(port), "--host", host, "--pod-eviction-timeout", str(pod_eviction_timeout_s),
-                "--state-dir", str(state_dir)]
+                "--state-dir", str(state_dir), "--operator-metrics", operator_metrics]
+        if with_prometheus:
+            argv += ["--prometheus", "--prometheus-port", str(prometheus_port)]
         if nodes_file is not None:
             argv += ["--nodes-file", str(nodes_file.resolve())]
         else:
@@ -133,7 +165,7 @@ def up(nodes: int, gpus_per_node: int, cpu: str, memory: str, nodes_file: Path |
         _up_detached(state_dir, argv)
     else:
         try:
-            asyncio.run(_serve(state_dir, specs, host, port, pod_eviction_timeout_s))
+            asyncio.run(_serve(state_dir, specs, host, port, pod_eviction_timeout_s, prom_options))
         except OSError as exc:
             raise click.ClickException(f"cannot start the local cluster on {host}:{port}: {exc}") from None
         except ValueError as exc:  # e.g. a CRD manifest the API server refuses
@@ -151,7 +183,7 @@ def _up_detached(state_dir: Path, up_args: list[str]) -> None:
     while time.monotonic() < deadline:
         info = _running_info(state_dir)
         if info is not None and info.get("pid") == child.pid:
-            _print_how_to(Path(info["kubeconfig"]), info["url"])
+            _print_how_to(Path(info["kubeconfig"]), info["url"], info)
             click.echo(f"running in the background (pid {child.pid}, log {log_path}); stop it with: "
                        f"loco local down --state-dir {state_dir}")
             return
@@ -163,7 +195,8 @@ def _up_detached(state_dir: Path, up_args: list[str]) -> None:
     raise click.ClickException(f"the local cluster did not come up within 120s; see {log_path}")
 
 
-async def _serve(state_dir: Path, specs: list[NodeSpec], host: str, port: int, pod_eviction_timeout_s: float) -> None:
+async def _serve(state_dir: Path, specs: list[NodeSpec], host: str, port: int, pod_eviction_timeout_s: float,
+                 prom_options: dict[str, Any] | None = None) -> None:
     from loco_local.cluster import LocalCluster
 
     cluster = LocalCluster(state_dir, specs, host=host, port=port, pod_eviction_timeout_s=pod_eviction_timeout_s)
@@ -172,21 +205,45 @@ async def _serve(state_dir: Path, specs: list[NodeSpec], host: str, port: int, p
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await cluster.start()
+    prom = follower = None
     try:
+        opts = prom_options or {}
+        if opts.get("enabled"):
+            prom, follower = await asyncio.to_thread(_start_prometheus, state_dir, cluster.url, opts)
         procs.write_pid_file(state_dir / PID_FILE, os.getpid())
         info = {"pid": os.getpid(), "url": cluster.url, "kubeconfig": str(cluster.kubeconfig),
-                "nodes": [s.name for s in specs]}
+                "nodes": [s.name for s in specs], "operatorMetrics": opts.get("operator", "127.0.0.1:9090"),
+                "prometheus": prom.url if prom else None}
         tmp = state_dir / (INFO_FILE + ".tmp")
         tmp.write_text(json.dumps(info, indent=2))
         tmp.replace(state_dir / INFO_FILE)
-        _print_how_to(cluster.kubeconfig, cluster.url)
+        _print_how_to(cluster.kubeconfig, cluster.url, info)
         click.echo("press Ctrl-C to stop", err=True)
         await stop.wait()
         click.echo("stopping the local cluster (killing its pods)...", err=True)
     finally:
+        if follower is not None:
+            follower.stop()
+        if prom is not None:
+            prom.stop()
         await cluster.stop()
         for name in (INFO_FILE, PID_FILE):
             (state_dir / name).unlink(missing_ok=True)
+
+
+def _start_prometheus(state_dir: Path, api_url: str, opts: dict[str, Any]) -> tuple[Any, Any]:
+    """Start Prometheus (data in ``<state-dir>/prometheus``) and the worker-target follower."""
+    from loco_local.prometheus import PodTargetFollower, Prometheus, PrometheusError
+
+    prom = Prometheus(state_dir / "prometheus", [opts["operator"]], port=int(opts["port"]), interval_s=15.0)
+    try:
+        prom.start()
+    except PrometheusError as exc:
+        raise click.ClickException(f"--prometheus: {exc}") from None
+    follower = PodTargetFollower(
+        lambda: _http(f"{api_url}/api/v1/pods?labelSelector=loco.dev%2Fjob").get("items", []), prom.workers_file,
+        interval_s=2.0).start()
+    return prom, follower
 
 
 # ---------------------------------------------------------------------------------------- down

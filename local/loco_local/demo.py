@@ -146,6 +146,12 @@ def _summary(console: Console, stack: LocalStack, name: str, job: dict[str, Any]
     table.add_row("final loss", f"train {_fmt(status.get('loss'), '.4f')}, eval {_fmt(status.get('evalLoss'), '.4f')}")
     table.add_row("throughput", f"{_fmt(status.get('tokensPerSecond'), ',.0f')} tokens/s")
     table.add_row("restarts", _fmt(status.get("restarts", 0)))
+    for fault in status.get("faults") or []:  # what the fault detector found and did (docs/fault-detection.md)
+        where = ", ".join(f"{pod} on {node}" for pod, node in zip(fault.get("pods") or [], fault.get("nodes") or []))
+        table.add_row("fault", f"[red]{fault.get('kind')}[/red] in epoch {fault.get('epoch')}: {where or 'ranks ' + str(fault.get('ranks'))}"
+                               f"{' (node cordoned)' if fault.get('cordoned') else ''}")
+    if status.get("avoidNodes"):
+        table.add_row("avoided nodes", ", ".join(status["avoidNodes"]))
     if ckpt:
         host_dir = _checkpoint_on_disk(stack, ckpt.get("path", ""))
         table.add_row("checkpoint", f"step {ckpt.get('step')} at {ckpt.get('path')}")

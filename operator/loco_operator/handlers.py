@@ -40,8 +40,11 @@ from loco_trainer.config import DEFAULT_STATUS_PORT
 from loco_trainer.protocol import STATUS_PATH, ProgressReport
 
 from .metrics import OperatorMetrics
+from .faults.live import LiveDetectors
+from .faults.types import DetectorConfig
 from .planner import (
     Action,
+    CordonNode,
     CreateConfigMap,
     CreatePod,
     CreateService,
@@ -80,6 +83,8 @@ class OperatorContext:
     poll_timeout_s: float = POLL_TIMEOUT_S
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     http: aiohttp.ClientSession | None = None
+    #: Per-job live fault detectors (docs/fault-detection.md); rebuilt from scratch after a restart.
+    faults: LiveDetectors = field(default_factory=LiveDetectors)
 
     def lock(self, key: str) -> asyncio.Lock:
         return self.locks.setdefault(key, asyncio.Lock())
@@ -183,6 +188,7 @@ async def on_delete(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> Non
     ctx = _ctx(memo)
     ctx.metrics.forget_job(f"{namespace}/{name}")
     ctx.locks.pop(f"{namespace}/{name}", None)
+    ctx.faults.forget(f"{namespace}/{name}")
 
 
 # ------------------------------------------------------------------------------------ reconcile
@@ -281,18 +287,47 @@ async def observe(ctx: OperatorContext, job: dict[str, Any]) -> Observed:
         observed_pod = ObservedPod.from_manifest(manifest)
         if observed_pod is not None:
             pods.append(observed_pod)
-    reports = await poll_reports(ctx, pods)
+    epoch = int((job.get("status") or {}).get("membershipEpoch") or 0)
+    key = f"{ref.namespace}/{ref.name}"
+    reports = await poll_reports(ctx, pods, cursors=lambda pod: ctx.faults.cursor(key, epoch, pod.name))
+    findings = feed_detector(ctx, job, epoch, pods, reports)
     return Observed(
         pods=tuple(pods),
         service_exists=service is not None,
         configmap_data=None if configmap is None else (configmap.get("data") or {}).get(CONFIG_KEY, ""),
         reports=reports,
         foreign_pods=frozenset(foreign),
+        findings=tuple(findings),
     )
 
 
-async def poll_reports(ctx: OperatorContext, pods: Sequence[ObservedPod]) -> dict[str, ProgressReport]:
-    """``GET /status`` of every running worker, concurrently; silent workers are left out."""
+def feed_detector(ctx: OperatorContext, job: dict[str, Any], epoch: int, pods: Sequence[ObservedPod],
+                  reports: dict[str, ProgressReport]) -> list[Any]:
+    """Fold this round's records into the job's live detector (only while the job is Running, with
+    a valid ``spec.faultDetection``); returns its new findings for the planner."""
+    status = job.get("status") or {}
+    if status.get("phase") != "Running":
+        return []
+    try:
+        config = DetectorConfig.model_validate((job.get("spec") or {}).get("faultDetection") or {})
+    except ValueError:
+        return []  # the planner reports an invalid spec
+    ref = JobRef.from_body(job)
+    placement = {pod.rank: (pod.name, pod.node_name) for pod in pods
+                 if pod.epoch == epoch and pod.live}
+    findings = ctx.faults.feed(f"{ref.namespace}/{ref.name}", config, epoch, placement, reports, time.time())
+    for finding in findings:
+        log.warning(f"[{ref.namespace}/{ref.name}] fault detector: {finding.verdict.message}")
+    return findings
+
+
+async def poll_reports(
+    ctx: OperatorContext, pods: Sequence[ObservedPod], cursors: Any = None
+) -> dict[str, ProgressReport]:
+    """``GET /status`` of every running worker, concurrently; silent workers are left out.
+
+    ``cursors(pod) -> (sinceSeq, sinceLink)`` adds the fault-detection cursors to the query, so the
+    answer carries the collective records and probe samples after them."""
     targets = [pod for pod in pods if pod.phase == "Running" and not pod.deleting and pod.pod_ip]
     if not targets or ctx.http is None:
         return {}
@@ -300,6 +335,9 @@ async def poll_reports(ctx: OperatorContext, pods: Sequence[ObservedPod]) -> dic
     async def one(pod: ObservedPod) -> tuple[str, ProgressReport | None]:
         host = f"[{pod.pod_ip}]" if ":" in (pod.pod_ip or "") else pod.pod_ip
         url = f"http://{host}:{ctx.status_port}{STATUS_PATH}"
+        if cursors is not None:
+            since_seq, since_link = cursors(pod)
+            url += f"?sinceSeq={since_seq}&sinceLink={since_link}"
         try:
             async with ctx.http.get(url) as response:  # type: ignore[union-attr]
                 if response.status != 200:
@@ -336,6 +374,8 @@ async def apply(ctx: OperatorContext, job: dict[str, Any], actions: Sequence[Act
             elif isinstance(action, DeletePod):
                 log.info(f"[{ref.namespace}/{ref.name}] deleting pod {action.name}: {action.reason}")
                 await _delete(ctx, "delete_pod", core.delete_namespaced_pod, action.name, ref.namespace)
+            elif isinstance(action, CordonNode):
+                await cordon_node(ctx, action)
             elif isinstance(action, DeleteJob):
                 log.info(f"[{ref.namespace}/{ref.name}] deleting the TrainingJob: {action.reason}")
                 await _delete(ctx, "delete_job", custom.delete_namespaced_custom_object, GROUP, VERSION, ref.namespace, PLURAL, ref.name)
@@ -358,3 +398,27 @@ async def _delete(ctx: OperatorContext, operation: str, fn: Any, *args: Any) -> 
     except ApiException as exc:
         if exc.status != 404:  # NotFound: already gone
             raise
+
+
+#: Taint key (and annotation) a cordoned node gets: ``loco.dev/fault=<verdict kind>:NoSchedule``.
+FAULT_TAINT = "loco.dev/fault"
+
+
+async def cordon_node(ctx: OperatorContext, action: CordonNode) -> None:
+    """Cordon ``action.node``: ``spec.unschedulable``, a ``loco.dev/fault`` NoSchedule taint (added to
+    the existing ones) and an annotation with the reason. Forbidden (the chart's RBAC without
+    node patching) or a vanished node is logged, not retried: the avoid-list still applies."""
+    try:
+        node = await _call(ctx, "read_node", ctx.core.read_node, action.node)
+        taints = [t for t in ((node.get("spec") or {}).get("taints") or []) if t.get("key") != FAULT_TAINT]
+        taints.append({"key": FAULT_TAINT, "value": action.kind, "effect": "NoSchedule"})
+        body = {"metadata": {"annotations": {FAULT_TAINT: action.reason[:1000]}},
+                "spec": {"unschedulable": True, "taints": taints}}
+        await _call(ctx, "patch_node", ctx.core.patch_node, action.node, body)
+        log.warning(f"cordoned node {action.node}: {action.reason}")
+    except ApiException as exc:
+        if exc.status in (403, 404):
+            log.warning(f"could not cordon node {action.node} (HTTP {exc.status} {exc.reason}); "
+                        "it stays on the job's avoid-list")
+            return
+        raise

@@ -25,6 +25,7 @@ Idempotence: when the children match the status, the plan has no actions and the
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -67,6 +68,7 @@ class Reason(str, Enum):
     workers_created = "WorkersCreated"
     running = "Running"
     checkpoint_committed = "CheckpointCommitted"
+    checkpoint_failed = "CheckpointFailed"
     worker_failed = "WorkerFailed"
     restarting = "Restarting"
     resizing = "Resizing"
@@ -81,6 +83,7 @@ class Reason(str, Enum):
     cleanup = "CleanPodPolicy"
     stale_epoch = "StaleEpoch"
     fault_detected = "FaultDetected"
+    fault_suspected = "FaultSuspected"
     node_cordoned = "NodeCordoned"
 
 
@@ -380,6 +383,20 @@ def _progress(p: _Planner, spec: TrainingJobSpec, current: Sequence[ObservedPod]
         if st.last_checkpoint is None or best.step > st.last_checkpoint.step:
             st.last_checkpoint = CheckpointStatus(step=best.step, path=best.path, time=best.time)
             p.event(EventType.normal, Reason.checkpoint_committed, f"Checkpoint committed at step {best.step}: {best.path}")
+    # a failed background save: the workers go on and the previous checkpoint stays the resume point
+    errors = [r.checkpoint_error for r in p.observed.reports.values() if r.checkpoint_error]
+    newest = max(errors, key=_checkpoint_error_order, default=None)
+    if newest is not None and newest != st.last_checkpoint_error:
+        st.last_checkpoint_error = newest
+        p.event(EventType.warning, Reason.checkpoint_failed,
+                f"Checkpoint save failed (training continues; resume point stays "
+                f"{'step ' + str(st.last_checkpoint.step) if st.last_checkpoint else 'the start'}): {newest}")
+
+
+def _checkpoint_error_order(message: str) -> tuple[int, str]:
+    """Order of worker checkpoint errors: by the step in ``checkpoint step N failed: ...``, then text."""
+    match = re.search(r"checkpoint step (\d+)", message)
+    return (int(match.group(1)) if match else -1, message)
 
 
 def _failure_message(pod: ObservedPod, phase: Phase | None) -> str:
@@ -554,8 +571,14 @@ def _reconcile(p: _Planner, spec: TrainingJobSpec) -> None:
         return
 
     # 5b. faults the live detector found in this epoch: record, isolate the node, restart
-    findings = [f for f in p.observed.findings if f.epoch == epoch]
-    if findings and st.phase is Phase.running:
+    findings = [f for f in p.observed.findings if f.epoch == epoch] if st.phase is Phase.running else []
+    for f in findings:
+        if not f.actionable:  # a straggler too mild to be worth a restart: say so, do nothing
+            p.event(EventType.warning, Reason.fault_suspected,
+                    f"{f.kind}: {f.verdict.message}; it costs {f.slowdown:.0%} of the collective interval, below "
+                    f"faultDetection.minSlowdownToAct ({f.min_slowdown:.0%}): not acted on")
+    findings = [f for f in findings if f.actionable]
+    if findings:
         _act_on_faults(p, spec, findings)
         return
 

@@ -7,7 +7,9 @@ controller owner reference, so Kubernetes garbage-collects it with the job.
 
 from __future__ import annotations
 
+import copy
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +34,7 @@ CONFIG_DIR = DEFAULT_CONFIG_PATH.rsplit("/", 1)[0]  # /etc/loco
 CONFIG_KEY = DEFAULT_CONFIG_PATH.rsplit("/", 1)[1]  # config.json
 MASTER_PORT = 29500
 RUN_AS_USER = 1000
+HOSTNAME_LABEL = "kubernetes.io/hostname"  # what status.avoidNodes is matched against
 DEFAULT_COMMAND = ["python", "-m", "loco_trainer", "--config", DEFAULT_CONFIG_PATH]
 
 
@@ -174,13 +177,37 @@ def worker_env(job: JobRef, spec: TrainingJobSpec, rank: int, epoch: int, restar
     return env
 
 
+def avoid_nodes_affinity(affinity: dict[str, Any] | None, avoid_nodes: Sequence[str]) -> dict[str, Any] | None:
+    """``affinity`` with a required node anti-affinity against ``avoid_nodes`` merged in.
+
+    Kubernetes ORs the ``nodeSelectorTerms`` of a required node affinity and ANDs the expressions
+    inside a term, so the ``kubernetes.io/hostname NotIn avoid_nodes`` expression is added to
+    *every* term (one new term when there is none). The input is not modified; with no nodes to
+    avoid it is returned as is.
+    """
+    if not avoid_nodes:
+        return affinity
+    expression = {"key": HOSTNAME_LABEL, "operator": "NotIn", "values": sorted(set(avoid_nodes))}
+    out = copy.deepcopy(affinity) if affinity else {}
+    node_affinity = out.setdefault("nodeAffinity", {})
+    required = node_affinity.setdefault("requiredDuringSchedulingIgnoredDuringExecution", {})
+    terms = required.get("nodeSelectorTerms") or [{}]
+    required["nodeSelectorTerms"] = [
+        {**term, "matchExpressions": [*(term.get("matchExpressions") or []), expression]} for term in terms
+    ]
+    return out
+
+
 def render_pod(
-    job: JobRef, spec: TrainingJobSpec, rank: int, epoch: int, restarts: int = 0, resume_from: str = ""
+    job: JobRef, spec: TrainingJobSpec, rank: int, epoch: int, restarts: int = 0, resume_from: str = "",
+    avoid_nodes: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Worker pod ``<job>-worker-<rank>`` of membership epoch ``epoch``.
 
     ``resume_from`` is the last committed checkpoint known to the operator (``""``: none); it
     reaches the trainer as ``LOCO_RESUME_FROM``. Contract labels win over template labels.
+    ``avoid_nodes`` (``status.avoidNodes``: nodes blamed for faults) become a required node
+    anti-affinity merged into the template's affinity (:func:`avoid_nodes_affinity`).
     """
     tpl = spec.template
     labels = {**tpl.labels, **job_labels(job), LABEL_RANK: str(rank), LABEL_EPOCH: str(epoch)}
@@ -224,8 +251,9 @@ def render_pod(
         pod_spec["nodeSelector"] = dict(tpl.node_selector)
     if tpl.tolerations:
         pod_spec["tolerations"] = [dict(t) for t in tpl.tolerations]
-    if tpl.affinity:
-        pod_spec["affinity"] = dict(tpl.affinity)
+    affinity = avoid_nodes_affinity(dict(tpl.affinity) if tpl.affinity else None, avoid_nodes)
+    if affinity:
+        pod_spec["affinity"] = affinity
     if tpl.priority_class_name:
         pod_spec["priorityClassName"] = tpl.priority_class_name
     if tpl.scheduler_name:

@@ -184,6 +184,21 @@ class CheckpointStatus(Model):
     time: str | None = Field(None, description="Its commit time.")
 
 
+class FaultRecord(Model):
+    """A fault the detector found and the operator acted on (docs/fault-detection.md)."""
+
+    kind: str = Field(description="hang-noncomm | hang-comm | slow-noncomm | slow-comm-link | slow-comm-node.")
+    ranks: list[int] = Field(default_factory=list, description="Blamed worker ranks (replica indices).")
+    pods: list[str] = Field(default_factory=list, description="Their pods (deleted and replaced).")
+    nodes: list[str] = Field(default_factory=list, description="Their nodes (added to avoidNodes).")
+    epoch: int = Field(0, description="Membership epoch the fault was found in.")
+    seq: int | None = Field(None, description="Collective the verdict was reached at.")
+    message: str = Field("", description="The detector's one-sentence explanation.")
+    evidence: dict[str, Any] = Field(default_factory=dict, description="Plain numbers behind the verdict (medians, thresholds, counts).")
+    cordoned: bool = Field(False, description="Whether the node was cordoned (faultDetection.cordonNodes).")
+    time: str = Field(description="When the operator acted, RFC 3339 UTC.")
+
+
 class TrainingJobStatus(Model):
     """Observed state, kept in the object so a restarted operator carries on."""
 
@@ -197,6 +212,9 @@ class TrainingJobStatus(Model):
     tokens_per_second: float | None = Field(None, description="Tokens/s summed over the workers.")
     algorithm: str | None = Field(None, description="Algorithm in use.")
     last_checkpoint: CheckpointStatus | None = Field(None, description="Last committed checkpoint; every restart resumes from it.")
+    last_checkpoint_error: str | None = Field(
+        None, description="Why the newest failed checkpoint save failed (reported by a worker; a CheckpointFailed Warning event says so)."
+    )
     restarts: int = Field(0, description="Restarts so far (counted against runPolicy.backoffLimit).")
     membership_epoch: int = Field(0, description="Bumped on every restart or resize; pods carry it as label loco.dev/epoch.")
     start_time: str | None = Field(None, description="When the first workers were created.")
@@ -206,3 +224,7 @@ class TrainingJobStatus(Model):
     # Added for the CRD: the scale subresource reads `selector`, the Workers printer column `workersReady`.
     selector: str | None = Field(None, description="Label selector of the worker pods (the scale subresource reads it).")
     workers_ready: str | None = Field(None, description="Ready/desired workers, e.g. '2/3' (the Workers printer column).")
+    faults: list[FaultRecord] = Field(default_factory=list, description="Faults detected and acted on, oldest first (the last 20).")
+    avoid_nodes: list[str] = Field(
+        default_factory=list, description="Nodes blamed for faults; worker pods get a required node anti-affinity against them."
+    )

@@ -72,8 +72,7 @@ def train(config_path: str, nproc: int | None, nproc_per_worker: int, overrides:
 
 @click.group("ckpt", context_settings={"help_option_names": ["-h", "--help"]})
 def ckpt() -> None:
-    """Inspect checkpoints: `ls` for the simple per-rank format; inspect, verify and convert for
-    the universal checkpoint (registered from loco_trainer.ckpt_cli)."""
+    """Inspect universal checkpoints: ls, inspect, verify, convert (see docs/checkpoint-format.md)."""
 
 
 @ckpt.command("ls")
@@ -81,13 +80,16 @@ def ckpt() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def ckpt_ls(directory: str, as_json: bool) -> None:
     """List the committed checkpoints under DIRECTORY (a job's <path>/<namespace>/<job>)."""
-    from loco_trainer import checkpoint
+    from loco_trainer import ucp
 
-    found = checkpoint.list_checkpoints(directory)
+    storage = ucp.Storage(directory)
+    found = ucp.list_checkpoints(storage)
     incomplete = sorted(n for n in os.listdir(directory) if n.startswith(".tmp-"))
+    rows = [{"step": c.step, "path": c.url, "layout": c.layout.to_json(), "worldSize": c.layout.world_size,
+             "algorithm": c.manifest.algorithm, "time": c.manifest.time,
+             "bytes": sum(c.manifest.files.values())} for c in found]
     if as_json:
-        click.echo(json.dumps({"checkpoints": [{"step": c.step, "path": c.path, **c.meta} for c in found],
-                               "incomplete": incomplete}, indent=2))
+        click.echo(json.dumps({"checkpoints": rows, "incomplete": incomplete}, indent=2))
         return
     if not found:
         click.echo(f"no committed checkpoints in {directory}")
@@ -95,11 +97,10 @@ def ckpt_ls(directory: str, as_json: bool) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        table = Table("step", "world size", "algorithm", "time", "size", "path")
-        for c in found:
-            size = sum(os.path.getsize(os.path.join(c.path, f)) for f in os.listdir(c.path))
-            table.add_row(str(c.step), str(c.meta.get("worldSize", "?")), str(c.meta.get("algorithm", "?")),
-                          str(c.meta.get("time", "?")), f"{size / 1e6:.1f} MB", c.path)
+        table = Table("step", "layout", "algorithm", "time", "size", "path")
+        for c, row in zip(found, rows):
+            table.add_row(str(c.step), c.layout.describe(), row["algorithm"] or "?", row["time"],
+                          f"{row['bytes'] / 1e6:.1f} MB", c.url)
         Console(width=200).print(table)
     for name in incomplete:
         click.echo(f"incomplete (ignored, cleaned at the next start): {name}")
@@ -110,8 +111,3 @@ from loco_trainer.ckpt_cli import register as _register_ucp_commands  # noqa: E4
 
 _register_ucp_commands(ckpt)
 
-
-# The universal checkpoint's commands (inspect, verify, convert) live with their format.
-from loco_trainer.ckpt_cli import register as _register_universal_commands  # noqa: E402
-
-_register_universal_commands(ckpt)

@@ -11,6 +11,13 @@
   completes (at once for a blocking call, at ``wait()``/future completion for an async one), so a
   record whose ``exit_ns`` is ``None`` is an operation still in flight — what a hang detector reads.
 
+**Fault detection** (docs/fault-detection.md). :meth:`Comm.sync_clock` estimates this rank's clock
+offset against global rank 0's wall clock, so :meth:`Comm.export_records` can ship entry/exit times
+on one common clock; :meth:`Comm.probe` times a small ring exchange between every pair of ranks over
+successive calls (the connection matrix when the algorithm has no point-to-point traffic); a
+``fault_hook`` (:class:`loco_trainer.faults.CommFaults`) injects hangs, stragglers and slow links
+for tests and demos, and costs one ``is None`` test per call when absent.
+
 Cost model (bytes per rank for a payload of ``S`` bytes in a group of ``n`` ranks; the usual
 bandwidth-optimal algorithms, see Thakur et al. 2005 / Patarasuk & Yuan 2009):
 
@@ -73,6 +80,7 @@ class CollectiveRecord:
     enter_ns: int
     exit_ns: int | None = None
     peer: int | None = None
+    probe: bool = False  # a fault-detection probe (Comm.probe): kept out of export_records
 
     @property
     def duration_ns(self) -> int | None:
@@ -137,7 +145,7 @@ class Comm:
     ``torch.distributed`` group). Ranks passed to ``src``/``dst`` are ranks *within this group*.
     """
 
-    def __init__(self, group: Any | None = None, *, history: int = 4096) -> None:
+    def __init__(self, group: Any | None = None, *, history: int = 4096, fault_hook: Any | None = None) -> None:
         if history < 1:
             raise ValueError(f"history must be >= 1 (got {history})")
         self._group = group
@@ -152,6 +160,13 @@ class Comm:
         self._counters = {kind: _Counter() for kind in KINDS}
         self._seq = 0
         self._lock = threading.Lock()
+        self._fault_hook = fault_hook
+        #: seconds to add to ``monotonic_ns / 1e9`` to get global rank 0's wall clock (see sync_clock)
+        self.clock_offset_s = time.time() - time.monotonic()
+        self.clock_error_s: float | None = None
+        self._links: collections.deque[tuple[int, int, int, float, int, float]] = collections.deque(maxlen=history)
+        self._link_id = 0
+        self._probes = 0
 
     # ----------------------------------------------------------------------------- membership
 
@@ -215,12 +230,19 @@ class Comm:
 
     # ----------------------------------------------------------------------------- accounting
 
-    def _enter(self, kind: str, nbytes: int, sent: float, recv: float, peer: int | None = None) -> CollectiveRecord:
+    def _enter(
+        self, kind: str, nbytes: int, sent: float, recv: float, peer: int | None = None, *, count: bool = True
+    ) -> CollectiveRecord:
+        """Record a call being entered (``count=False``: recorded, but kept out of the byte counters,
+        for the fault-detection probes, so algorithms are still compared on their own traffic)."""
+        if self._fault_hook is not None:
+            self._fault_hook.before_enter(self._seq, kind, peer)
         with self._lock:
-            counter = self._counters[kind]
-            counter.calls += 1
-            counter.sent += int(round(sent))
-            counter.recv += int(round(recv))
+            if count:
+                counter = self._counters[kind]
+                counter.calls += 1
+                counter.sent += int(round(sent))
+                counter.recv += int(round(recv))
             record = CollectiveRecord(self._seq, kind, nbytes, time.monotonic_ns(), None, peer)
             self._seq += 1
             self._records.append(record)
@@ -350,6 +372,7 @@ class Comm:
         self._check_peer(dst, "dst")
         size = _nbytes(t)
         record = self._enter("send", size, size, 0, peer=dst)
+        self._transfer_delay("send", dst)
         work = dist.isend(t, dst=self._global_rank(dst), group=self._group)
         return CommHandle(work, t, record)
 
@@ -371,6 +394,7 @@ class Comm:
             self._check_peer(peer, "peer")
             size = _nbytes(t)
             records.append(self._enter(kind, size, size if kind == "send" else 0, size if kind == "recv" else 0, peer=peer))
+            self._transfer_delay(kind, peer)
             fn = dist.isend if kind == "send" else dist.irecv
             p2p.append(dist.P2POp(fn, t, self._global_rank(peer), group=self._group))
             tensors.append(t)
@@ -389,6 +413,124 @@ class Comm:
         record = self._enter("barrier", 0, 0, 0)
         dist.barrier(group=self._group)
         record.exit_ns = time.monotonic_ns()
+
+    # ------------------------------------------------------------------------- fault detection
+
+    def _transfer_delay(self, kind: str, peer: int) -> None:
+        if self._fault_hook is not None:
+            delay = self._fault_hook.transfer_delay_s(kind, self._global_rank(peer))
+            if delay:
+                time.sleep(delay)
+
+    def sync_clock(self, rounds: int = 5) -> float:
+        """Estimate this rank's offset to global rank 0's wall clock; collective (every rank calls it).
+
+        Each round, all ranks leave a barrier together; rank 0's wall clock and every rank's
+        monotonic clock are read at that moment and gathered; the offset is the median over the
+        rounds of ``rank0_wall - my_monotonic``. Its error is the spread with which ranks leave a
+        barrier (sub-millisecond on one host, about one network latency across hosts), far below
+        the detector's ``minLatenessSeconds``. The calls go through plain ``torch.distributed`` so
+        they leave no record. Returns and stores :attr:`clock_offset_s`; :attr:`clock_error_s` is the
+        spread of the rounds (max - min of the estimates).
+        """
+        if self._world_size == 1:
+            self.clock_offset_s = time.time() - time.monotonic()
+            self.clock_error_s = 0.0
+            return self.clock_offset_s
+        estimates = []
+        root = self._global_rank(0)
+        for _ in range(max(1, rounds)):
+            dist.barrier(group=self._group)
+            mono = time.monotonic()
+            wall = time.time()
+            t = torch.tensor([wall if self._rank == 0 else 0.0], dtype=torch.float64)
+            dist.broadcast(t, src=root, group=self._group)
+            estimates.append(float(t.item()) - mono)
+        estimates.sort()
+        self.clock_offset_s = estimates[len(estimates) // 2]
+        self.clock_error_s = estimates[-1] - estimates[0]
+        return self.clock_offset_s
+
+    def probe(self, nbytes: int = 4096) -> None:
+        """Time one small transfer per rank around a ring; collective (every rank calls it).
+
+        Call ``k`` (counted from 0) shifts by ``1 + k % (n - 1)``: rank ``r`` sends to ``r + shift``
+        and receives from ``r - shift`` right after a common barrier, so ``n - 1`` calls cover every
+        ordered pair of ranks. The receive is recorded first, then the send, on every rank, so the
+        sequence numbers stay aligned; injected faults apply to both. The call does not wait for
+        the transfers: two helper threads wait for them (so a slow link delays neither this rank
+        nor its peer's training, as it would not in a real asynchronous probe) and the receive
+        time, barrier exit to arrival, becomes one connection sample ``(src, dst, seconds)`` in
+        global ranks for :meth:`export_links`. The next call first waits for the previous one. Probe
+        traffic is recorded but not counted in :meth:`stats`.
+        """
+        if self._world_size == 1:
+            return
+        self.finish_probe()
+        n = self._world_size
+        shift = 1 + self._probes % (n - 1)
+        self._probes += 1
+        out = torch.zeros(max(1, nbytes // 4), dtype=torch.float32)
+        inp = torch.empty_like(out)
+        dst, src = (self._rank + shift) % n, (self._rank - shift) % n
+        src_global, me_global = self._global_rank(src), self._global_rank(self._rank)
+        dist.barrier(group=self._group)
+        start = time.monotonic_ns()
+        recv_record = self._enter("recv", _nbytes(inp), 0, 0, peer=src, count=False)
+        recv_record.probe = True
+        receive = CommHandle(dist.irecv(inp, src=src_global, group=self._group), inp, recv_record)
+        send_record = self._enter("send", _nbytes(out), 0, 0, peer=dst, count=False)
+        send_record.probe = True
+
+        def do_send() -> None:
+            self._transfer_delay("send", dst)
+            CommHandle(dist.isend(out, dst=self._global_rank(dst), group=self._group), out, send_record).wait()
+
+        def do_receive() -> None:
+            receive.wait()
+            seconds = (time.monotonic_ns() - start) / 1e9
+            with self._lock:
+                self._links.append((self._link_id, src_global, me_global, seconds, _nbytes(inp), start / 1e9))
+                self._link_id += 1
+
+        self._probe_threads = [threading.Thread(target=fn, name=f"loco-probe-{fn.__name__}", daemon=True)
+                               for fn in (do_send, do_receive)]
+        for t in self._probe_threads:
+            t.start()
+
+    def finish_probe(self, timeout_s: float | None = None) -> None:
+        """Wait for the transfers of the last :meth:`probe` (a no-op when none is outstanding)."""
+        for t in getattr(self, "_probe_threads", ()):
+            t.join(timeout_s)
+        self._probe_threads = []
+
+    def export_records(self, since_seq: int = -1, limit: int = 512) -> list[dict[str, Any]]:
+        """Records (probes excluded: they are shipped as :meth:`export_links` samples) with
+        ``seq > since_seq`` (at most the ``limit`` oldest of them; with a negative
+        ``since_seq``, the ``limit`` newest records), as wire dicts
+        ``{seq, kind, nbytes, enterS, exitS, peer}`` with times on the common clock (seconds of rank
+        0's wall clock, see :meth:`sync_clock`); ``exitS`` is null while in flight."""
+        off = self.clock_offset_s
+        with self._lock:
+            # probes are left out: their entry times measure a barrier's exit, not a rank's work
+            if since_seq < 0:  # a reader with no cursor yet starts from the newest records
+                picked = [r for r in self._records if not r.probe][-limit:]
+            else:
+                picked = [r for r in self._records if r.seq > since_seq and not r.probe][:limit]
+            return [
+                {"seq": r.seq, "kind": r.kind, "nbytes": r.nbytes, "enterS": r.enter_ns / 1e9 + off,
+                 "exitS": None if r.exit_ns is None else r.exit_ns / 1e9 + off, "peer": r.peer}
+                for r in picked
+            ]
+
+    def export_links(self, since_id: int = -1, limit: int = 512) -> list[dict[str, Any]]:
+        """Probe samples with ``id > since_id`` (at most ``limit``), as wire dicts
+        ``{id, src, dst, seconds, nbytes, atS}`` (global ranks, common clock)."""
+        off = self.clock_offset_s
+        with self._lock:
+            picked = list(self._links)[-limit:] if since_id < 0 else [x for x in self._links if x[0] > since_id][:limit]
+        return [{"id": i, "src": s, "dst": d, "seconds": sec, "nbytes": nb, "atS": at + off}
+                for i, s, d, sec, nb, at in picked]
 
     # ------------------------------------------------------------------------------- helpers
 

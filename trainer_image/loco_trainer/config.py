@@ -195,7 +195,7 @@ ALGORITHM_PARAMETERS: dict[str, set[str]] = {
         "sync_every", "outer_lr", "outer_momentum", "nesterov",
         "fragments", "overlap_steps", "mixing_factor", "quantization",
     },
-    "noloco": {"sync_every", "outer_lr", "outer_momentum", "group_size"},
+    "noloco": {"sync_every", "outer_lr", "outer_momentum", "group_size", "mean_pull", "group_seed"},
     "co2": {"sync_every", "outer_lr", "outer_momentum", "staleness_penalty", "clip_threshold"},
 }
 
@@ -209,10 +209,13 @@ ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
         "sync_every": 50, "outer_lr": 0.7, "outer_momentum": 0.9, "nesterov": True,
         "fragments": 2, "overlap_steps": 1, "mixing_factor": 0.5, "quantization": "e3m0",
     },
-    # NoLoCo (2025): alpha (outer lr) 0.7, beta (momentum) 0.5, groups of 2.
-    "noloco": {"sync_every": 50, "outer_lr": 0.7, "outer_momentum": 0.5, "group_size": 2},
-    # CO2 (ICLR 2024): eta 1.0, beta 0.5 in the released code; penalty and clipping from the paper.
-    "co2": {"sync_every": 50, "outer_lr": 1.0, "outer_momentum": 0.5, "staleness_penalty": 1.0, "clip_threshold": 1.0},
+    # NoLoCo (2025): alpha (outer lr) 0.7, beta (momentum) 0.5, groups of 2; gamma (meanPull) is left
+    # unset here on purpose: resolved() sets it to the resolved outerLr, as the authors' code does.
+    "noloco": {"sync_every": 50, "outer_lr": 0.7, "outer_momentum": 0.5, "group_size": 2, "group_seed": 0},
+    # CO2 (ICLR 2024): beta 0.5 as in the released code, penalty and clipping from the paper; eta 0.5, not the
+    # released 1.0: the one-round-stale step oscillates at 1.0 (bench_convergence: gap vs DDP +25 % -> +20 % at
+    # H=10, +38 % -> +19 % at H=50; docs/algorithms.md "Convergence and the defaults").
+    "co2": {"sync_every": 50, "outer_lr": 0.5, "outer_momentum": 0.5, "staleness_penalty": 1.0, "clip_threshold": 1.0},
 }
 
 
@@ -226,7 +229,7 @@ class AlgorithmSpec(Model):
     sync_every: int | None = Field(
         None, ge=1, description="H: inner steps between outer synchronisations (diloco family; default 50)."
     )
-    outer_lr: float | None = Field(None, gt=0.0, le=10.0, description="Outer learning rate (diloco 0.7, co2 1.0, noloco 0.7).")
+    outer_lr: float | None = Field(None, gt=0.0, le=10.0, description="Outer learning rate (diloco 0.7, co2 0.5, noloco 0.7).")
     outer_momentum: float | None = Field(None, ge=0.0, lt=1.0, description="Outer momentum (diloco 0.9, co2 0.5, noloco 0.5).")
     nesterov: bool | None = Field(None, description="Use Nesterov momentum in the outer SGD (diloco, streaming-diloco).")
     fragments: int | None = Field(None, ge=1, description="P: parameter fragments synchronised on a staggered schedule (streaming-diloco).")
@@ -238,6 +241,13 @@ class AlgorithmSpec(Model):
     )
     quantization: Quantization | None = Field(None, description="Precision of exchanged outer gradients: none | bf16 | e3m0 (streaming-diloco).")
     group_size: int | None = Field(None, ge=2, description="Ranks per gossip group (noloco; the paper uses 2).")
+    mean_pull: float | None = Field(
+        None, ge=0.0, le=10.0,
+        description="gamma: pull of each worker towards its group's mean outer weights (noloco; default: = outerLr).",
+    )
+    group_seed: int | None = Field(
+        None, ge=0, description="Seed of the random gossip groups, identical on every rank (noloco; default 0)."
+    )
     staleness_penalty: float | None = Field(None, gt=0.0, description="lambda: staleness-gap penalty of the outer update (co2).")
     clip_threshold: float | None = Field(None, gt=0.0, description="c: outer momentum is clipped to [-c, c] (co2).")
 
@@ -260,6 +270,8 @@ class AlgorithmSpec(Model):
         """A copy with every applicable parameter filled from the paper defaults."""
         values = dict(ALGORITHM_DEFAULTS[self.name.value])
         values.update({k: v for k, v in self.model_dump().items() if v is not None and k != "name"})
+        if "mean_pull" in ALGORITHM_PARAMETERS[self.name.value] and values.get("mean_pull") is None:
+            values["mean_pull"] = values["outer_lr"]  # NoLoCo's gamma follows alpha unless set
         return AlgorithmSpec(name=self.name, **values)
 
 
@@ -284,6 +296,13 @@ class CheckpointSpec(Model):
 # ------------------------------------------------------------------------------ fault injection
 
 
+class LinkDelay(Model):
+    """A slow connection: every send from the faulty rank to ``peer`` takes ``seconds`` longer."""
+
+    peer: int = Field(ge=0, description="Global rank at the other end of the slow link.")
+    seconds: float = Field(gt=0.0, le=3600.0, description="Extra seconds per transfer on that link.")
+
+
 class FaultInjection(Model):
     """Faults the trainer injects into itself, for tests and demos (never set this in production)."""
 
@@ -294,6 +313,16 @@ class FaultInjection(Model):
         True, description="Inject only on the job's first attempt (restart count 0), so the restarted job can succeed."
     )
     step_delay_s: float = Field(0.0, ge=0.0, description="Sleep this long before every step (a slow trainer, for demos).")
+    # Communication-layer faults, honoured inside Comm (loco_trainer.faults.CommFaults); see docs/fault-detection.md.
+    hang_before_collective: int | None = Field(
+        None, ge=0, description="Stop forever before entering collective number N of the algorithm's Comm (a hang-noncomm fault)."
+    )
+    collective_delay_s: float = Field(
+        0.0, ge=0.0, le=3600.0, description="Sleep this long before entering every collective (a straggler: slow-noncomm)."
+    )
+    link_delay: LinkDelay | None = Field(
+        None, description="Add a delay to every transfer to one peer rank (a slow link: slow-comm-link)."
+    )
 
 
 # ------------------------------------------------------------------------------- whole config

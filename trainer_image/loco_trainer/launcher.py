@@ -20,7 +20,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import yaml
@@ -115,17 +115,30 @@ class LaunchOptions:
     status_host: str | None = None  # None: POD_IP when set, else all interfaces
     termination_message: bool = True
     extra_environ: dict[str, str] = field(default_factory=dict)
+    #: local mode only: emulate this many pods of ``env.nproc_per_worker`` processes each (child
+    #: ``i`` is local rank ``i % nproc`` of pod ``i // nproc``; only pod 0 serves /status and
+    #: writes the termination message). 1 in a real pod.
+    local_pods: int = 1
 
 
-def local_runtime_env(nproc: int, config: TrainerConfig, environ: dict[str, str] | None = None) -> RuntimeEnv:
-    """The runtime env of a local ``--nproc N`` run: one replica of ``nproc`` ranks on 127.0.0.1."""
+def local_runtime_env(nproc: int, config: TrainerConfig, environ: dict[str, str] | None = None,
+                      nproc_per_worker: int = 1) -> RuntimeEnv:
+    """The runtime env of pod 0 of a local ``--nproc N [--nproc-per-worker P]`` run on 127.0.0.1:
+    ``N / P`` emulated pods (replicas) of ``P`` processes each (P > 1: FSDP-sharded inside each pod).
+    Raises ConfigError when P does not divide N."""
     from loco_trainer.rendezvous import free_port
+
+    if nproc_per_worker < 1 or nproc % nproc_per_worker:
+        raise ConfigError(
+            f"--nproc-per-worker {nproc_per_worker} must be >= 1 and divide --nproc {nproc} (the ranks form "
+            f"nproc / nproc-per-worker pods)"
+        )
 
     base = RuntimeEnv.from_environ(environ)
     env_map = os.environ if environ is None else environ
     return base.model_copy(update=dict(
-        job_name=config.job_name, namespace=config.namespace, replica_index=0, num_replicas=1,
-        nproc_per_worker=nproc, master_addr="127.0.0.1",
+        job_name=config.job_name, namespace=config.namespace, replica_index=0, num_replicas=nproc // nproc_per_worker,
+        nproc_per_worker=nproc_per_worker, master_addr="127.0.0.1",
         master_port=int(env_map.get(EnvVar.MASTER_PORT.value) or free_port()),
         status_port=int(env_map.get(EnvVar.STATUS_PORT.value) or 0),
     ))
@@ -256,8 +269,10 @@ def _exit_code(returncode: int) -> int:
 
 
 def launch(options: LaunchOptions) -> int:
-    """Run this pod's ``nproc_per_worker`` ranks; returns the exit code (see module docstring)."""
-    nproc = options.env.nproc_per_worker
+    """Run this pod's ``nproc_per_worker`` ranks (locally: the ranks of all ``local_pods`` emulated
+    pods); returns the exit code (see module docstring)."""
+    per_pod = options.env.nproc_per_worker
+    nproc = per_pod * options.local_pods
     if nproc == 1:
         return run_rank(options, 0)
     _configure_logging(None)
@@ -268,9 +283,12 @@ def launch(options: LaunchOptions) -> int:
         environ = {**os.environ, **options.extra_environ, **env_to_environ(options.env)}
         # Like torchrun: local ranks share the cores instead of each spawning one thread per core.
         environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-        children = [
-            subprocess.Popen(_child_command(options, config_path, i), env=environ) for i in range(nproc)
-        ]
+        children = []
+        for i in range(nproc):
+            pod, local_rank = divmod(i, per_pod)
+            child_options = options if pod == 0 else replace(options, status_port=-1, termination_message=False)
+            children.append(subprocess.Popen(_child_command(child_options, config_path, local_rank),
+                                             env={**environ, EnvVar.REPLICA_INDEX.value: str(options.env.replica_index + pod)}))
         log.info("started %d local ranks (pids %s)", nproc, ", ".join(str(c.pid) for c in children))
         terminated = []
 

@@ -15,11 +15,12 @@ import datetime as dt
 import logging
 import os
 import threading
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
 from loco_trainer.config import TERMINATION_MESSAGE_PATH, RuntimeEnv
-from loco_trainer.protocol import METRICS_PATH, STATUS_PATH, ProgressReport
+from loco_trainer.protocol import METRICS_PATH, STATUS_PATH, CollectiveSummary, LinkSummary, ProgressReport
 
 log = logging.getLogger(__name__)
 
@@ -36,24 +37,60 @@ class ProgressState:
     def __init__(self, report: ProgressReport) -> None:
         self._lock = threading.Lock()
         self._report = report
+        self._fault_source: FaultSource | None = None
+
+    def set_fault_source(self, source: "FaultSource | None") -> None:
+        """Where :meth:`snapshot` takes collective records and probe samples from:
+        ``source(since_seq, since_link) -> (collectives, links, clock_error_s)`` as wire dicts
+        (``Comm.export_records``/``export_links``). Called on the HTTP thread."""
+        self._fault_source = source
 
     def update(self, **fields: Any) -> None:
         """Replace the given fields (snake_case names of ProgressReport)."""
         with self._lock:
             self._report = self._report.model_copy(update=fields)
 
-    def snapshot(self) -> ProgressReport:
-        """The current report, stamped with the current time."""
+    def snapshot(self, since_seq: int | None = None, since_link: int | None = None) -> ProgressReport:
+        """The current report, stamped with the current time. With ``since_seq``/``since_link``
+        (the operator's cursors) and a fault source set, it also carries the records after them."""
         with self._lock:
-            return self._report.model_copy(update={"time": utc_now()})
+            report = self._report.model_copy(update={"time": utc_now()})
+        source = self._fault_source
+        if source is not None and (since_seq is not None or since_link is not None):
+            collectives, links, clock_error = source(
+                -1 if since_seq is None else since_seq, -1 if since_link is None else since_link
+            )
+            report = report.model_copy(update={
+                "collectives": [CollectiveSummary.model_validate(c) for c in collectives],
+                "links": [LinkSummary.model_validate(x) for x in links],
+                "clock_error_s": clock_error,
+            })
+        return report
+
+
+#: ``(since_seq, since_link) -> (collective wire dicts, link wire dicts, clock error seconds or None)``
+FaultSource = Callable[[int, int], "tuple[list[dict[str, Any]], list[dict[str, Any]], float | None]"]
+
+
+def _cursor(query: dict[str, list[str]], name: str) -> int | None:
+    values = query.get(name)
+    if not values:
+        return None
+    try:
+        return int(values[0])
+    except ValueError:
+        return None
 
 
 def _handler(state: ProgressState, render_metrics: Callable[[], bytes]) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server naming)
-            path = self.path.split("?", 1)[0]
+            path, _, query_text = self.path.partition("?")
             if path == STATUS_PATH:
-                body, ctype = state.snapshot().model_dump_json(by_alias=True).encode(), "application/json"
+                query = urllib.parse.parse_qs(query_text)
+                report = state.snapshot(_cursor(query, "sinceSeq"), _cursor(query, "sinceLink"))
+                extra = {"collectives", "links", "clock_error_s"} if report.collectives is None else None
+                body, ctype = report.model_dump_json(by_alias=True, exclude=extra).encode(), "application/json"
             elif path == METRICS_PATH:
                 body, ctype = render_metrics(), "text/plain; version=0.0.4; charset=utf-8"
             elif path == "/healthz":
@@ -121,7 +158,8 @@ def write_termination_message(report: ProgressReport, env: RuntimeEnv, path: str
         # Written in place, not tmp + rename: in a real pod the file is a bind mount.
         # Kubernetes keeps at most 4096 bytes of it; the report is far smaller.
         with open(target, "w", encoding="utf-8") as fh:
-            fh.write(report.model_dump_json(by_alias=True, exclude_none=True))
+            fh.write(report.model_dump_json(by_alias=True, exclude_none=True,
+                                            exclude={"collectives", "links", "clock_error_s"}))
         return target
     except OSError as exc:
         log.warning("could not write the termination message to %s: %s", target, exc)

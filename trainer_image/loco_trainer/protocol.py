@@ -42,6 +42,28 @@ class CheckpointRef(Model):
     time: str = Field(description="Commit time, RFC 3339 UTC.")
 
 
+class CollectiveSummary(Model):
+    """One collective call of the pod leader's Comm (``loco_trainer.comm.Comm.export_records``)."""
+
+    seq: int = Field(description="Call number of the communicator, from 0 (the same on every rank).")
+    kind: str = Field(description="all_reduce, reduce_scatter, all_gather, broadcast, send, recv or barrier.")
+    nbytes: int = Field(0, description="Payload bytes.")
+    enter_s: float = Field(description="Entry time, seconds on the common clock (global rank 0's wall clock).")
+    exit_s: float | None = Field(None, description="Exit time on the common clock; null while in flight.")
+    peer: int | None = Field(None, description="Other end of a send/recv (group rank), or a broadcast's source.")
+
+
+class LinkSummary(Model):
+    """One probe transfer time from global rank ``src`` to global rank ``dst`` (``Comm.probe``)."""
+
+    id: int = Field(description="Sample number on this pod, from 0 (the cursor for the next poll).")
+    src: int
+    dst: int
+    seconds: float | None = Field(description="Transfer time; null for a stalled connection.")
+    nbytes: int = 0
+    at_s: float = Field(0.0, description="When the transfer started, common clock.")
+
+
 class ProgressReport(Model):
     """What a worker pod reports about itself (rank 0 of the pod speaks for the pod)."""
 
@@ -59,5 +81,14 @@ class ProgressReport(Model):
     algorithm: str = ""
     bytes_sent: int = Field(0, description="Bytes this pod's ranks sent through collectives so far.")
     last_checkpoint: CheckpointRef | None = None
+    checkpoint_failures: int = Field(0, description="Checkpoint saves of this pod that failed and were not committed.")
+    checkpoint_error: str = Field("", description="Why the latest failed checkpoint save failed (empty if none failed).")
     message: str = Field("", description="Human-readable detail (the error when state is failed).")
     time: str = Field("", description="When this report was made, RFC 3339 UTC.")
+    # Fault detection (docs/fault-detection.md): filled only when /status is asked with
+    # ?sinceSeq=S&sinceLink=L, and never in the termination message.
+    collectives: list[CollectiveSummary] | None = Field(
+        None, description="The pod leader's collective records with seq > sinceSeq (at most 512, oldest first)."
+    )
+    links: list[LinkSummary] | None = Field(None, description="Probe samples with id > sinceLink (at most 512).")
+    clock_error_s: float | None = Field(None, description="Spread of the clock-offset estimate against global rank 0.")

@@ -10,8 +10,11 @@ One :class:`Trainer` per process. :meth:`Trainer.run` is, in order::
         forward + backward (autocast when dtype is bfloat16)
         strategy.after_backward(step); clip; inner_optimizer.step(); strategy.after_inner_step(step)
         eval every evalEvery; log every logEvery
-        commit the checkpoint started one step ago (asyncSave); checkpoint every checkpoint.everySteps
+        note a finished background save; checkpoint every checkpoint.everySteps (universal format, loco_trainer.ucp)
     strategy.finish(); final eval; final checkpoint
+
+With ``nprocPerWorker > 1`` the pod's processes shard the model and inner optimizer with FSDP2 and
+the algorithm runs across pods on the shards (``loco_trainer.sharding``, docs/algorithms.md).
 
 The loop talks to the algorithm only through :class:`loco_trainer.algorithms.base.Strategy` and to
 the other ranks only through ``torch.distributed`` (the strategy's :class:`~loco_trainer.comm.Comm`
@@ -36,9 +39,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from loco_trainer import checkpoint as ckpt
+from loco_trainer import sharding, ucp
 from loco_trainer.config import BatchRule, RuntimeEnv, TrainerConfig, TrainingSpec
-from loco_trainer.faults import InjectedCrash, crash_step, step_delay_s
+from loco_trainer.faults import InjectedCrash, comm_faults, crash_step, step_delay_s
 from loco_trainer.data import Dataset, DataPosition, rank_slice
 from loco_trainer.metrics import TrainerMetrics
 from loco_trainer.model import build_model, num_params
@@ -141,7 +144,7 @@ class TrainResult:
     step: int
     loss: float | None
     eval_loss: float | None
-    last_checkpoint: ckpt.CheckpointInfo | None
+    last_checkpoint: ucp.CheckpointInfo | None
     resumed_from: str | None = None
     losses: list[float] = field(default_factory=list)
 
@@ -158,8 +161,9 @@ class Trainer:
         metrics: this process's metrics (optional).
         strategy_factory: builds the algorithm (default: ``loco_trainer.algorithms.make_strategy``).
         history_path: rank 0 appends one JSON line per step here: ``step`` (completed), ``loss``
-            (rank 0's), ``lr``, ``wallS`` (seconds since the loop started), ``evalLoss`` when evaluated;
-            a last line ``{"step", "evalLoss", "final": true}``.
+            (rank 0's), ``lr``, ``wallS`` (seconds since the loop started), ``bytesSent`` (cumulative bytes rank 0 sent
+            through the comm layer), ``evalLoss`` when evaluated;
+            a last line ``{"step", "evalLoss", "final": true, "bytesSent"}``.
     """
 
     def __init__(
@@ -188,8 +192,11 @@ class Trainer:
         self.strategy_factory = strategy_factory
         self.ckpt_dir = checkpoint_dir(config, env)
         self.config_hash = config_hash(config)
-        self.saver = ckpt.AsyncSaver()
-        self._save_stall_s = 0.0
+        self.engine: ucp.CheckpointEngine | None = None  # built in run() (a collective)
+        self._pending: ucp.SaveHandle | None = None
+        self._last_committed: ucp.CheckpointInfo | None = None
+        self._checkpoint_failures = 0
+        self._view: sharding.LocalView | None = None
 
     # ---------------------------------------------------------------- collective helpers
 
@@ -214,31 +221,32 @@ class Trainer:
 
     # ------------------------------------------------------------------------ resume
 
-    def choose_checkpoint(self) -> ckpt.CheckpointInfo | None:
-        """Rank 0 picks the newest committed checkpoint (the operator's LOCO_RESUME_FROM is only a
-        hint) and cleans abandoned ``.tmp-*`` directories; every rank gets the same answer."""
-        chosen_path = None
+    def choose_checkpoint(self) -> tuple[ucp.CheckpointInfo, ucp.Storage] | None:
+        """Rank 0 picks the newest committed checkpoint of this job (the operator's LOCO_RESUME_FROM
+        is only a hint, used when the job's directory holds none); every rank gets the same answer.
+        Incomplete ``.tmp-*`` directories were removed when the engine was built."""
+        assert self.engine is not None
+        chosen: str | None = None
         if self.info.rank == 0:
-            for removed in ckpt.clean_incomplete(self.ckpt_dir):
-                log.info("removed incomplete checkpoint %s", removed)
-            newest = ckpt.latest(self.ckpt_dir)
+            newest = self.engine.latest()
             hint = self.env.resume_from
             if newest is not None:
-                chosen_path = newest.path
+                chosen = newest.url
                 why = "newest committed checkpoint in " + self.ckpt_dir
-                if hint and os.path.normpath(self.env.resolve_path(hint)) != os.path.normpath(newest.path):
+                if hint and os.path.normpath(self.env.resolve_path(hint)) != os.path.normpath(newest.url):
                     why += f" (the operator hinted {hint}; the directory holds a newer or different one)"
-                log.info("resuming from %s: %s", newest.path, why)
+                log.info("resuming from %s: %s", newest.url, why)
             elif hint:
                 try:
-                    chosen_path = ckpt.info(self.env.resolve_path(hint)).path
-                    log.info("resuming from %s: LOCO_RESUME_FROM (no committed checkpoint in %s)", chosen_path, self.ckpt_dir)
-                except ckpt.CheckpointError as exc:
+                    _open_checkpoint(self.env.resolve_path(hint))
+                    chosen = self.env.resolve_path(hint)
+                    log.info("resuming from %s: LOCO_RESUME_FROM (no committed checkpoint in %s)", chosen, self.ckpt_dir)
+                except (ucp.FormatError, OSError) as exc:
                     log.warning("ignoring LOCO_RESUME_FROM=%s: %s; starting fresh", hint, exc)
             else:
                 log.info("no committed checkpoint in %s: starting from step 0", self.ckpt_dir)
-        chosen_path = self._agree(chosen_path)
-        return ckpt.info(chosen_path) if chosen_path else None
+        chosen = self._agree(chosen)
+        return _open_checkpoint(chosen) if chosen else None
 
     # --------------------------------------------------------------------------- run
 
@@ -249,6 +257,13 @@ class Trainer:
         data = Dataset(cfg.data, tr.seq_len, tr.seed, self.env.resolve_path)
         torch.manual_seed(tr.seed)  # identical init on every rank
         model = build_model(cfg.model).to(self.device)
+        nproc, num_replicas = info.nproc_per_worker, info.world_size // info.nproc_per_worker
+        sharding.check_shardable(cfg.algorithm.name.value, nproc)
+        mesh = None
+        if nproc > 1:  # FSDP2 inside the pod, the algorithm across pods (loco_trainer.sharding)
+            mesh = sharding.Mesh(self.device.type, num_replicas, nproc)
+            sharding.shard_model(model, mesh)
+            self._view = sharding.LocalView(model)
         if cfg.model.name == "gpt" and data.max_token >= cfg.model.gpt.vocab_size:
             raise ValueError(
                 f"the data holds token id {data.max_token} but model.gpt.vocabSize is {cfg.model.gpt.vocab_size}: "
@@ -259,36 +274,30 @@ class Trainer:
         )
         from loco_trainer.comm import Comm
 
-        comm = Comm()
-        strategy = self.strategy_factory(cfg.algorithm, model, optimizer, comm)
+        comm = Comm(mesh.replicate_group if mesh else None,
+                    fault_hook=comm_faults(cfg.fault_injection, info.rank, self.env.restart_count))
+        strategy = self.strategy_factory(cfg.algorithm, self._view or model, optimizer, comm)
+        self.engine = self._build_engine(num_replicas, nproc)
         seed_everything(tr.seed + info.rank)  # dropout etc. differ per rank
 
         start_step, position, reference_world = 0, DataPosition(0), info.world_size
-        last_ckpt = self.choose_checkpoint()
+        last_ckpt: ucp.CheckpointInfo | None = None
+        chosen = self.choose_checkpoint()
         resumed_from = None
-        if last_ckpt is not None:
-            if last_ckpt.world_size != info.world_size:
-                raise ckpt.CheckpointError(
-                    f"checkpoint {last_ckpt.path} was saved by {last_ckpt.world_size} ranks but this run has "
-                    f"{info.world_size}; the simple checkpoint format cannot reshard: run with "
-                    f"{last_ckpt.world_size} ranks, or start fresh in a new checkpoint.path"
-                )
-            state = ckpt.load(last_ckpt.path, info.rank)
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            strategy.load_state_dict(state["strategy"])
-            set_rng_state(state["rng"])
-            position = DataPosition.from_state_dict(state["data"])
-            start_step = int(state["step"])
-            reference_world = int(state.get("reference_world_size", info.world_size))
-            if state.get("config_hash") != self.config_hash:
-                log.warning("checkpoint %s was written with a different config (hash %s, now %s)",
-                            last_ckpt.path, state.get("config_hash"), self.config_hash)
-            resumed_from = last_ckpt.path
+        if chosen is not None:
+            last_ckpt, storage = chosen
+            start_step, position, reference_world = self.restore(last_ckpt, storage, model, optimizer, strategy)
+            resumed_from = last_ckpt.url
             self._set_progress(last_checkpoint=self._ref(last_ckpt), step=start_step)
 
-        wrapped = strategy.wrap(model)
+        wrapped = model if self._view is not None else strategy.wrap(model)  # sharded: FSDP is the wrapper
         strategy.setup()
+        # Fault detection: one common clock for the records, and the records on the progress channel.
+        comm.sync_clock()
+        if self.progress is not None:
+            self.progress.set_fault_source(
+                lambda since_seq, since_link: (comm.export_records(since_seq), comm.export_links(since_link),
+                                               comm.clock_error_s))
         global_batch = global_batch_size(tr, info.world_size, reference_world)
         tokens_per_step_local = rank_slice(global_batch, info.rank, info.world_size)[1] * tr.seq_len
 
@@ -303,6 +312,9 @@ class Trainer:
         if self.metrics:
             self.metrics.total_steps.set(tr.steps)
             self.metrics.step.set(start_step)
+            self.metrics.set_info(cfg.algorithm.name.value, self.device.type)
+            if last_ckpt is not None:
+                self.metrics.checkpoint_step.set(last_ckpt.step)
         log.info(
             "training %s: %d params, %d ranks, global batch %d x %d tokens, steps %d..%d, algorithm %s, device %s",
             cfg.model.name, num_params(model), info.world_size, global_batch, tr.seq_len, start_step, tr.steps,
@@ -333,12 +345,18 @@ class Trainer:
             with autocast:
                 _, loss = wrapped(x, y)
             loss.backward()
+            if self._view is not None:
+                self._view.pull_grads()  # the algorithm reduces this process's gradient shards
             strategy.after_backward(step)
             if tr.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tr.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            calls_before = _comm_calls(comm) if self.metrics else 0
+            hook_start = time.perf_counter()
             strategy.after_inner_step(step)
+            if self.metrics and _comm_calls(comm) != calls_before:  # it synchronised: an outer step
+                self.metrics.outer_sync_seconds.observe(time.perf_counter() - hook_start)
             position = position.advance(global_batch)
             completed = step + 1
 
@@ -360,6 +378,8 @@ class Trainer:
                                       "wallS": round(time.perf_counter() - loop_start, 6)}
             if tr.eval_every and completed % tr.eval_every == 0 and not is_last:
                 record["evalLoss"] = eval_loss
+            if self.history_path and hasattr(comm, "stats"):  # cumulative bytes this rank sent (convergence benchmark)
+                record["bytesSent"] = int(comm.stats().get("bytes_sent", 0))
             self._append_history(record)
 
             if completed % tr.log_every == 0 or is_last:
@@ -371,29 +391,36 @@ class Trainer:
                     log.info(format_progress_line(completed, tr.steps, mean_loss, eval_loss, global_tps,
                                                   1000 * elapsed / interval_steps))
                 self._report_interval(completed, mean_loss, eval_loss, local_tps, strategy, comm)
+                if not is_last:
+                    comm.probe()  # fills the connection matrix (docs/fault-detection.md); every rank logs together
                 interval_losses, interval_start, interval_steps = [], time.perf_counter(), 0
             else:
                 self._set_progress(step=completed)
 
-            if self.saver.pending_step is not None:  # started one step ago: commit it now
-                last_ckpt = self._commit_async()
+            last_ckpt = self._poll_save() or last_ckpt
             every = self.config.checkpoint.every_steps
             if every and completed % every == 0 and not is_last:
-                if self.config.checkpoint.async_save:
-                    self.save_async(completed, model, optimizer, strategy, position, reference_world)
-                else:
-                    last_ckpt = self.save(completed, model, optimizer, strategy, position, reference_world)
+                self.save_async(completed, model, optimizer, strategy, position, reference_world)
+                if not self.config.checkpoint.async_save:
+                    last_ckpt = self._finish_save() or last_ckpt
 
-        if self.saver.pending_step is not None:
-            last_ckpt = self._commit_async()
+        last_ckpt = self._finish_save() or last_ckpt
+        comm.finish_probe()
         strategy.finish()
         final_step = max(step + 1, start_step) if tr.steps > start_step else start_step
         eval_loss = self.evaluate(model, data, autocast)
-        self._append_history({"step": final_step, "evalLoss": eval_loss, "final": True})
+        final_record: dict[str, Any] = {"step": final_step, "evalLoss": eval_loss, "final": True}
+        if self.history_path and hasattr(comm, "stats"):
+            final_record["bytesSent"] = int(comm.stats().get("bytes_sent", 0))
+        self._append_history(final_record)
         if info.rank == 0:
             log.info("final eval loss %.4f at step %d", eval_loss, final_step)
-        if last_ckpt is None or last_ckpt.step != final_step:
-            last_ckpt = self.save(final_step, model, optimizer, strategy, position, reference_world)
+        # the job's directory always ends with its final state (also after resuming from a checkpoint elsewhere)
+        in_job_dir = last_ckpt is not None and os.path.dirname(os.path.normpath(last_ckpt.url)) == os.path.normpath(self.ckpt_dir)
+        if last_ckpt is None or last_ckpt.step != final_step or not in_job_dir:
+            self.save_async(final_step, model, optimizer, strategy, position, reference_world)
+            last_ckpt = self._finish_save() or last_ckpt
+        self.engine.close()
         self._set_progress(step=final_step, eval_loss=eval_loss,
                            loss=losses[-1] if losses else None)
         return TrainResult(final_step, losses[-1] if losses else None, eval_loss, last_ckpt, resumed_from, losses)
@@ -417,58 +444,128 @@ class Trainer:
         self._set_progress(eval_loss=value)
         return value
 
-    def rank_state(self, step: int, model, optimizer, strategy, position: DataPosition, reference_world: int) -> dict[str, Any]:
-        """Everything this rank needs to continue exactly where it is after ``step`` inner steps."""
-        return {
-            "version": CHECKPOINT_STATE_VERSION,
-            "step": step,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "strategy": strategy.state_dict(),
-            "rng": rng_state(),
-            "data": position.state_dict(),
-            "config_hash": self.config_hash,
-            "world_size": self.info.world_size,
-            "reference_world_size": reference_world,
-        }
+    # ------------------------------------------------------------------ checkpoints (universal format)
 
-    def _commit_kwargs(self) -> dict[str, Any]:
-        meta = {"algorithm": self.config.algorithm.name.value, "configHash": self.config_hash,
-                "job": self.config.job_name, "namespace": self.config.namespace}
-        return dict(rank=self.info.rank, world_size=self.info.world_size, barrier=self._barrier, meta=meta,
-                    keep=self.config.checkpoint.keep)
+    def _build_engine(self, num_replicas: int, nproc: int) -> ucp.CheckpointEngine:
+        """The job's checkpoint engine (collective; rank 0 removes incomplete ``.tmp-*`` saves).
+        Replicas that may differ at save time (every algorithm but DDP) save rank 0's copy of the
+        shared tensors; DDP spreads the writes of identical replicas over all ranks."""
+        algorithm = self.config.algorithm.name.value
+        return ucp.CheckpointEngine(
+            self.ckpt_dir, self.info.rank, self.info.world_size,
+            layout=ucp.WorldLayout(num_replicas, nproc, "fsdp-in-pod" if nproc > 1 else "replicated"),
+            keep=self.config.checkpoint.keep, algorithm=algorithm, on_event=self._on_checkpoint_event,
+            metrics_registry=self.metrics.registry if self.metrics else None,
+            balance_replicated_writes=not _replicas_diverge(algorithm),
+            dtensor_writer=self.info.replica_index == 0,  # sharded: every pod holds a copy, pod 0's is saved
+        )
+
+    def _on_checkpoint_event(self, reason: str, message: str) -> None:
+        """Engine events (any thread): a failed background save reaches the progress report."""
+        if reason == ucp.Reason.FAILED:
+            self._checkpoint_failures += 1
+            self._set_progress(checkpoint_failures=self._checkpoint_failures, checkpoint_error=message[:1000])
+
+    def restore(self, info: ucp.CheckpointInfo, storage: ucp.Storage, model, optimizer, strategy) -> tuple[int, DataPosition, int]:
+        """Load ``info`` (any saved layout) into this rank; returns (step, data position, reference world).
+
+        Model and inner optimizer: resharded from the atoms. Algorithm state: kept when the
+        algorithm is the same, else reset (logged, event). Replica-local state (algorithms whose
+        replicas differ between syncs, saved unsharded): this replica takes saved replica
+        ``rank mod N``'s parameters and inner optimizer state. RNG: restored when the layout is the
+        same, else reseeded from (seed, rank, step) and logged."""
+        cfg, tr, me = self.config, self.config.training, self.info
+        algorithm = cfg.algorithm.name.value
+        loaded = ucp.load_into(storage, info, model, optimizer, rank=me.rank, algorithm=algorithm,
+                               on_event=self._on_checkpoint_event)
+        saved, now = info.layout, (me.world_size // me.nproc_per_worker, me.nproc_per_worker)
+        same_layout = (saved.num_replicas, saved.nproc_per_worker) == now
+        extra = loaded.extra_state or {}
+        if loaded.algorithm_state is not None:
+            state = loaded.algorithm_state
+            strategy.load_state_dict(sharding.state_to_local(state, self._view) if self._view is not None else state)
+        rank_state = loaded.rank_state if same_layout else None
+        if rank_state is not None and "rng" in rank_state:
+            set_rng_state(rank_state["rng"])
+        else:
+            seed_everything(tr.seed + me.rank + 1_000_003 * loaded.step)
+            log.info("checkpoint saved at %s, running at %dx%d: RNG states reseeded from (seed, rank, step)",
+                     saved.describe(), *now)
+        if _replicas_diverge(algorithm) and loaded.algorithm_state is not None:
+            src = me.rank % saved.world_size
+            replica = None
+            if saved.nproc_per_worker == 1 and me.nproc_per_worker == 1:
+                saved_state = loaded.rank_state if src == me.rank else ucp.read_rank_state(storage, info, src)
+                replica = (saved_state or {}).get("replica")
+            if replica is not None:
+                with torch.no_grad():
+                    for name, p in model.named_parameters():
+                        p.copy_(replica["params"][name])
+                optimizer.load_state_dict(replica["optim"])
+                if src != me.rank or not same_layout:
+                    log.info("replica-local state (parameters, inner optimizer) taken from saved rank %d", src)
+            else:
+                log.info("replica-local state: every replica starts from replica 0's (saved at %s, running at %dx%d)",
+                         saved.describe(), *now)
+        if extra.get("configHash") not in (None, self.config_hash):
+            log.warning("checkpoint %s was written with a different config (hash %s, now %s)",
+                        info.url, extra.get("configHash"), self.config_hash)
+        position = DataPosition.from_state_dict(extra["data"]) if "data" in extra else DataPosition(0)
+        if self.metrics:
+            self.metrics.checkpoint_step.set(loaded.step)
+        log.info("resumed from %s (step %d, saved at %s, now %dx%d) in %.2fs", info.url, loaded.step,
+                 saved.describe(), *now, loaded.seconds)
+        return loaded.step, position, int(extra.get("referenceWorldSize", me.world_size))
 
     def save_async(self, step: int, model, optimizer, strategy, position: DataPosition, reference_world: int) -> None:
-        """Snapshot the state to CPU now, write it in the background; committed after the next step."""
-        start = time.perf_counter()
-        state = self.rank_state(step, model, optimizer, strategy, position, reference_world)
-        self.saver.start(self.ckpt_dir, step, state, self.info.rank, self._commit_kwargs())
-        self._save_stall_s = time.perf_counter() - start
+        """Start checkpoint ``step`` (collective). Waits for the previous save, stalls for the copy
+        to host memory only; the write and the all-ranks commit run in the background."""
+        assert self.engine is not None
+        self._finish_save()
+        algorithm = self.config.algorithm.name.value
+        algo_state = strategy.state_dict()
+        if self._view is not None:
+            algo_state = sharding.state_to_dtensors(algo_state, self._view)
+        rank_state: dict[str, Any] = {"rng": rng_state()}
+        if _replicas_diverge(algorithm) and self._view is None:  # this replica's own params and inner state
+            rank_state["replica"] = {"params": {n: p.detach() for n, p in model.named_parameters()},
+                                     "optim": optimizer.state_dict()}
+        extra = {"data": position.state_dict(), "referenceWorldSize": reference_world, "configHash": self.config_hash,
+                 "job": self.config.job_name, "namespace": self.config.namespace}
+        self._pending = self.engine.save_async(step, model, optimizer, algorithm_state=algo_state,
+                                               extra_state=extra, rank_state=rank_state)
 
-    def _commit_async(self) -> ckpt.CheckpointInfo:
-        start = time.perf_counter()
-        saved = self.saver.finish()
-        assert saved is not None
-        return self._saved(saved, self._save_stall_s + time.perf_counter() - start)
+    def _poll_save(self) -> ucp.CheckpointInfo | None:
+        """Record the save in flight if it has finished (no waiting); returns the last committed."""
+        if self._pending is not None and self._pending.done():
+            self._record_save()
+        return self._last_committed
 
-    def save(self, step: int, model, optimizer, strategy, position: DataPosition, reference_world: int) -> ckpt.CheckpointInfo:
-        """Collective, synchronous checkpoint of every rank's full state after ``step`` inner steps."""
-        start = time.perf_counter()
-        state = self.rank_state(step, model, optimizer, strategy, position, reference_world)
-        saved = ckpt.save(self.ckpt_dir, step, state, **self._commit_kwargs())
-        return self._saved(saved, time.perf_counter() - start)
+    def _finish_save(self) -> ucp.CheckpointInfo | None:
+        """Wait for the save in flight and record it; returns the last committed checkpoint."""
+        if self._pending is not None:
+            self._record_save()  # blocks until the background write and commit are done
+        return self._last_committed
 
-    def _saved(self, saved: ckpt.CheckpointInfo, seconds: float) -> ckpt.CheckpointInfo:
-        step = saved.step
+    def _record_save(self) -> None:
+        """Wait for the save in flight; a commit updates the metrics and the progress report."""
+        handle, self._pending = self._pending, None
+        assert handle is not None
+        try:
+            saved = handle.wait()
+        except ucp.CheckpointSaveError as exc:  # reported by the engine's event; the previous one stays good
+            log.error("%s", exc)
+            return
+        self._last_committed = saved
         if self.metrics:
-            self.metrics.checkpoint_save_seconds.observe(seconds)
+            self.metrics.checkpoint_committed(saved.step, handle.stall_s + handle.write_s, handle.stall_s)
         if self.info.rank == 0:
-            log.info("checkpoint step %d committed at %s (%.2fs)", step, saved.path, seconds)
+            log.info("checkpoint step %d committed at %s (stall %.3fs, write %.2fs)", saved.step, saved.url,
+                     handle.stall_s, handle.write_s)
         self._set_progress(last_checkpoint=self._ref(saved))
-        return saved
 
-    def _ref(self, saved: ckpt.CheckpointInfo) -> CheckpointRef:
-        return CheckpointRef(step=saved.step, path=self.env.container_path(saved.path), time=str(saved.meta.get("time", "")))
+    def _ref(self, saved: ucp.CheckpointInfo) -> CheckpointRef:
+        return CheckpointRef(step=saved.step, path=self.env.container_path(saved.url), time=saved.manifest.time)
 
     def _set_progress(self, **fields: Any) -> None:
         if self.progress is not None:
@@ -479,8 +576,12 @@ class Trainer:
         if self.metrics:
             self.metrics.loss.set(loss)
             self.metrics.tokens_per_second.set(local_tps)
-            by_kind = {k: v.get("bytes_sent", 0) for k, v in stats.get("by_kind", {}).items()}
-            self.metrics.set_comm_bytes(by_kind)
+            self.metrics.set_comm_stats(stats)
+            if hasattr(comm, "records"):
+                self.metrics.observe_collectives(comm.records())
+            if self.device.type == "cuda":
+                self.metrics.set_gpu_memory(torch.cuda.memory_allocated(self.device), torch.cuda.memory_reserved(self.device),
+                                            torch.cuda.max_memory_allocated(self.device))
             algorithm_metrics = getattr(strategy, "metrics", None)
             if callable(algorithm_metrics):
                 self.metrics.set_algorithm_metrics(algorithm_metrics())
@@ -496,3 +597,21 @@ class Trainer:
             return
         with open(self.history_path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
+
+
+def _replicas_diverge(algorithm: str) -> bool:
+    """True when replicas hold different parameters/inner optimizer state between syncs (all but DDP)."""
+    return algorithm != "ddp"
+
+
+def _open_checkpoint(path: str) -> tuple[ucp.CheckpointInfo, ucp.Storage]:
+    """The committed checkpoint at ``path`` (a ``step-N`` directory) and the storage of its parent."""
+    parent, name = os.path.split(os.path.normpath(path))
+    storage = ucp.Storage(parent)
+    return ucp.read_info(storage, name), storage
+
+
+def _comm_calls(comm: Any) -> int:
+    """Collectives issued so far by ``comm`` (0 for a stand-in without ``stats()``)."""
+    stats = getattr(comm, "stats", None)
+    return int(stats()["calls"]) if callable(stats) else 0

@@ -391,6 +391,14 @@ class DetectorConfig(Model):
         60.0, gt=0,
         description="A rank not heard from for this long, while the job makes no progress, is blamed as hung.",
     )
+    min_slowdown_to_act: float = Field(
+        0.2, ge=0, le=100,
+        description="The operator replaces pods and avoids the node for a slow-noncomm verdict only when the straggler's lateness is at least this fraction of the healthy interval between collectives (a restart costs more than a small slowdown); below it the verdict is only reported (FaultSuspected event). Hangs and slow connections are always acted on.",
+    )
+    cordon_nodes: bool = Field(
+        False,
+        description="Also cordon a blamed node (spec.unschedulable, a loco.dev/fault taint and an annotation with the reason); needs RBAC to patch nodes. Off: the node is only avoided by this job's pods.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> "DetectorConfig":

@@ -17,7 +17,8 @@ Round 1 has no previous average, so φ is unchanged after it; round r's progress
 of round r+1 ("exactly one round late"). The released code divides by λ as above; the paper's
 adaptive, gap-dependent penalty is not reproduced (λ is a constant here).
 
-Symbols -> arguments: H -> ``sync_every``, η -> ``outer_lr`` (1.0), β -> ``outer_momentum`` (0.5),
+Symbols -> arguments: H -> ``sync_every``, η -> ``outer_lr`` (0.5; the released code's 1.0 oscillates,
+see docs/algorithms.md "Convergence and the defaults"), β -> ``outer_momentum`` (0.5),
 λ -> ``staleness_penalty`` (1.0), c -> ``clip_threshold`` (1.0).
 
 Bytes per inner step per rank (N parameters, fp32): 2(n−1)/n · 4N / H — as DiLoCo, but hidden

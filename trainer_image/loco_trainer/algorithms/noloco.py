@@ -15,7 +15,9 @@ exposed. Workers never hold identical weights; :attr:`last_spread` (RMS distance
 outer weights from their mean, before the step) reports how far apart they are.
 
 Symbols -> arguments: H -> ``sync_every``, α -> ``outer_lr`` (0.7), β -> ``outer_momentum`` (0.5),
-γ -> ``mean_pull`` (default α), G -> ``group_size`` (2), seed -> ``seed``.
+γ -> ``mean_pull`` (default α), G -> ``group_size`` (2), seed -> ``seed``; in a TrainingJob
+``spec.algorithm`` these are ``syncEvery``, ``outerLr``, ``outerMomentum``, ``meanPull``, ``groupSize``
+and ``groupSeed``.
 
 Bytes per inner step per rank: (G−1) · 2 · 4N / H (φ and θ−φ in fp32 to each peer), independent of
 the number of workers (exact when G divides n; a rank in the one larger group sends G · 8N / H).
@@ -112,7 +114,8 @@ class NoLoCo(Strategy):
     @classmethod
     def from_spec(cls, spec: Any, model: torch.nn.Module, inner_optimizer: Any, comm: Comm) -> "NoLoCo":
         return cls(model, inner_optimizer, comm, sync_every=spec.sync_every, outer_lr=spec.outer_lr,
-                   outer_momentum=spec.outer_momentum, group_size=spec.group_size)
+                   outer_momentum=spec.outer_momentum, group_size=spec.group_size,
+                   mean_pull=spec.mean_pull, seed=spec.group_seed if spec.group_seed is not None else 0)
 
     def setup(self) -> None:
         """Fresh start: (with ``init_sync``) every rank adopts rank 0's parameters, then φ = θ."""

@@ -10,7 +10,7 @@ The format is specified in ``docs/checkpoint-format.md``.
 
 from .engine import (
     CheckpointEngine, CheckpointInfo, CheckpointLoadError, CheckpointSaveError, LoadedState, Reason, SaveHandle,
-    list_checkpoints, load_into, map_algorithm_state, read_info,
+    list_checkpoints, load_into, map_algorithm_state, read_info, read_rank_state,
 )
 from .format import FORMAT_VERSION, Atom, FormatError, Fragment, Manifest, WorldLayout
 from .storage import Storage
@@ -19,5 +19,5 @@ from .tensorio import CorruptCheckpointError
 __all__ = [
     "FORMAT_VERSION", "Atom", "CheckpointEngine", "CheckpointInfo", "CheckpointLoadError", "CheckpointSaveError",
     "CorruptCheckpointError", "FormatError", "Fragment", "LoadedState", "Manifest", "Reason", "SaveHandle", "Storage",
-    "WorldLayout", "list_checkpoints", "load_into", "map_algorithm_state", "read_info",
+    "WorldLayout", "list_checkpoints", "load_into", "map_algorithm_state", "read_info", "read_rank_state",
 ]

@@ -225,6 +225,9 @@ class CheckpointEngine:
             ``"lazy"``: parameters and optimizer states are copied in the background and the next
             ``optimizer.step()`` waits for that copy (needs the optimizer; parameters must change
             only inside ``optimizer.step()`` until then, which holds for every Loco strategy).
+        dtensor_writer: False when this rank's DTensors are a copy of another rank's, on a mesh
+            that does not span the replicas (FSDP inside each pod: only pod 0 writes its shards);
+            True (default) when the DTensors' own Replicate placements say who writes.
     """
 
     def __init__(
@@ -242,6 +245,7 @@ class CheckpointEngine:
         balance_replicated_writes: bool = True,
         fault_hook: Callable[[str], None] | None = None,
         staging: str = "eager",
+        dtensor_writer: bool = True,
     ) -> None:
         if staging not in ("eager", "lazy"):
             raise ValueError(f"staging must be 'eager' or 'lazy' (got {staging!r})")
@@ -261,6 +265,7 @@ class CheckpointEngine:
         self.balance_replicated_writes = balance_replicated_writes
         self.fault_hook = fault_hook
         self.staging = staging
+        self.dtensor_writer = dtensor_writer
         self._pool = StagingPool()
         self._gate: Any = None
         self._pending: SaveHandle | None = None
@@ -410,7 +415,7 @@ class CheckpointEngine:
         any_cuda = False
         for name, t in {**shared, **algo_tensors, **extra_tensors, **rank_tensors}.items():
             block, writes = local_block(name, t)
-            if block is None or not writes:
+            if block is None or not writes or (is_dtensor(t) and not self.dtensor_writer):
                 continue
             if not is_dtensor(t) and owners.get(name) != self.rank:
                 continue
@@ -718,6 +723,16 @@ def load_into(
     for n in notes:
         log.info("checkpoint load: %s", n)
     return loaded
+
+
+def read_rank_state(storage: Storage, info: CheckpointInfo, rank: int, *, verify: bool = True) -> Any:
+    """The private state saved by ``rank`` of ``info`` (any rank of the saved world, e.g. the
+    replica a new rank maps to), or None when that rank did not exist at save."""
+    m = info.manifest
+    if rank not in m.rank_states:
+        return None
+    reader = FragmentReader(storage, info.dir, m, verify=verify)
+    return tree.decode(m.rank_states[rank], reader.read_full)
 
 
 @dataclass(frozen=True)

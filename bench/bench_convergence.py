@@ -1,0 +1,439 @@
+"""Convergence benchmark: eval loss and bytes of DDP vs DiLoCo, Streaming DiLoCo, NoLoCo and CO2.
+
+Every run goes through the trainer's real code path, ``python -m loco_trainer --config FILE
+--nproc 4 --history FILE``, on the built-in GPT and the built-in corpus.
+
+Equal tokens. Every run has the same world size (4 ranks), the same per-rank batch
+(``training.batchSize`` sequences of ``training.seqLen`` tokens), the same number of inner steps and
+the same lr schedule, so every algorithm consumes exactly ``steps x 4 x batchSize x seqLen`` training
+tokens. DDP averages the 4 ranks' gradients every step, so its optimizer step sees the workers'
+batches together (global batch 4 x batchSize); the low-communication algorithms take their inner
+steps on one rank's batch each and synchronise every H steps.
+
+Measured per run, from the history rank 0 writes (one JSON line per step): ``evalLoss`` every
+``evalEvery`` steps (a multiple of H, so a DiLoCo eval sees the just-synchronised model; NoLoCo's and
+Streaming DiLoCo's workers never fully agree mid-run, so theirs is the mean over the ranks' own
+models, which is what ``evaluate`` reports) and after the run (every algorithm's ``finish`` leaves the
+model the job saves), and ``bytesSent``, the cumulative bytes rank 0 sent through the counting comm
+layer (``loco_trainer.comm.Comm``). All algorithms are symmetric, so total bytes = 4 x rank 0's.
+
+Results accumulate in ``bench/results/bench_convergence.json`` (one entry per run, written after
+each run, so an interrupted benchmark keeps what finished) and are rendered into the
+``## Convergence (CPU)`` section of ``docs/benchmarks.md`` and into ``docs/convergence.png``.
+
+    python bench/bench_convergence.py                  # the 2-core budget protocol (~30 min)
+    python bench/bench_convergence.py --full           # >= 100 outer steps at every H
+    python bench/bench_convergence.py --render-only    # re-render the doc and plot from the results
+    python bench/bench_convergence.py --h 50 --outer-steps 40 --algorithms diloco \\
+        --set algorithm.outerLr=1.0 --tag lr1.0       # a tuning run, kept apart from the main rows
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "bench_convergence.json"
+DOC = ROOT / "docs" / "benchmarks.md"
+PLOT = ROOT / "docs" / "convergence.png"
+START, END = "<!-- bench_convergence:start -->", "<!-- bench_convergence:end -->"
+
+WORLD = 4
+LOW_COMM = ("diloco", "streaming-diloco", "noloco", "co2")
+ALGORITHMS = ("ddp",) + LOW_COMM
+#: Fractions of a run at which the eval-loss gap is reported (gap vs run length).
+FRACTIONS = (0.25, 0.5, 1.0)
+
+#: The tiniest GPT that still learns the corpus in a few thousand steps on 2 cores.
+BASE_CONFIG: dict[str, Any] = {
+    "jobName": "bench-convergence",
+    "model": {"gpt": {"nLayer": 2, "nHead": 2, "nEmbd": 32, "blockSize": 32}},
+    "data": {"maxBytes": 6_000_000},
+    "training": {"batchSize": 8, "seqLen": 32, "lr": 3e-3, "logEvery": 500, "evalBatches": 8, "seed": 1337},
+    "algorithm": {"name": "ddp"},
+    "checkpoint": {"everySteps": 0},
+}
+
+#: Outer steps per H: the 2-core budget protocol, and --full (>= 100 outer steps everywhere).
+BUDGET_PLAN = {10: 100, 50: 100, 100: 50}
+FULL_PLAN = {10: 100, 50: 100, 100: 100}
+
+
+# ------------------------------------------------------------------------------ pure pieces
+
+
+def eval_every_for(h: int, outer_steps: int) -> int:
+    """Eval interval of a low-communication run: a multiple of H, about 20 evals per run."""
+    return h * max(1, outer_steps // 20)
+
+
+def warmup_for(steps: int) -> int:
+    """lr warm-up: 5 % of the run (the same for every algorithm of a given length)."""
+    return max(10, steps // 20)
+
+
+def build_config(algorithm: str, h: int | None, steps: int, eval_every: int, ckpt_path: str,
+                 overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The TrainerConfig (wire dict) of one run. ``h`` is None for DDP. ``overrides`` maps
+    ``section.field`` (camelCase) to a value, applied last."""
+    config = json.loads(json.dumps(BASE_CONFIG))
+    tr = config["training"]
+    tr.update({"steps": steps, "evalEvery": eval_every, "warmupSteps": warmup_for(steps)})
+    config["algorithm"] = {"name": algorithm}
+    if algorithm != "ddp":
+        config["algorithm"]["syncEvery"] = h
+    config["checkpoint"]["path"] = ckpt_path
+    for key, value in (overrides or {}).items():
+        section, _, field = key.partition(".")
+        if not field:
+            raise ValueError(f"override {key!r} must be SECTION.FIELD=VALUE")
+        config.setdefault(section, {})[field] = value
+    return config
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """``["algorithm.outerLr=1.0", ...]`` -> ``{"algorithm.outerLr": 1.0}`` (values parsed as JSON when possible)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected SECTION.FIELD=VALUE")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def parse_history(lines: Iterable[str]) -> dict[str, Any]:
+    """Reduce a trainer history (JSON lines) to ``{"evals": [[step, evalLoss, bytesSent], ...],
+    "final_eval", "final_bytes", "steps", "wall_s"}``; the final (post-``finish``) eval is the last
+    entry of ``evals``. Raises ValueError when the history has no final record."""
+    evals: list[list[float]] = []
+    final: dict[str, Any] | None = None
+    last_step: dict[str, Any] = {}
+    for line in lines:
+        line = line.strip()
+        if not line:
+            continue
+        rec = json.loads(line)
+        if rec.get("final"):
+            final = rec
+            continue
+        last_step = rec
+        if "evalLoss" in rec:
+            evals.append([rec["step"], rec["evalLoss"], rec.get("bytesSent", 0)])
+    if final is None:
+        raise ValueError("history has no final record: the run did not finish")
+    final_bytes = final.get("bytesSent", last_step.get("bytesSent", 0))
+    evals.append([final["step"], final["evalLoss"], final_bytes])
+    return {"evals": evals, "final_eval": final["evalLoss"], "final_bytes": final_bytes,
+            "steps": final["step"], "wall_s": last_step.get("wallS")}
+
+
+def run_key(algorithm: str, h: int | None, steps: int, tag: str = "") -> str:
+    return f"{algorithm}|H={h if h else '-'}|steps={steps}" + (f"|{tag}" if tag else "")
+
+
+def tokens_per_step(config: dict[str, Any]) -> int:
+    tr = config["training"]
+    return WORLD * tr["batchSize"] * tr["seqLen"]
+
+
+def eval_at(evals: list[list[float]], step: int) -> tuple[int, float] | None:
+    """The eval nearest to ``step`` (step, loss), or None for no evals."""
+    if not evals:
+        return None
+    best = min(evals, key=lambda e: abs(e[0] - step))
+    return int(best[0]), float(best[1])
+
+
+def gap_pct(loss: float, ddp_loss: float) -> float:
+    return 100.0 * (loss - ddp_loss) / ddp_loss
+
+
+def summarize(runs: dict[str, dict[str, Any]], tag: str = "") -> list[dict[str, Any]]:
+    """One row per low-communication run (and its DDP reference) of the given tag: final eval loss,
+    gap vs the DDP run of the same length, bytes per step and total, reduction vs DDP, and the gap
+    at 25/50/100 % of the run (at the algorithm's eval nearest that point; DDP is evaluated at the
+    same step)."""
+    rows: list[dict[str, Any]] = []
+    ddp_by_steps = {r["steps"]: r for r in runs.values() if r["algorithm"] == "ddp" and not r.get("tag")}
+    low = sorted((r for r in runs.values() if r["algorithm"] != "ddp" and r.get("tag", "") == tag),
+                 key=lambda r: (r["h"], r["steps"], ALGORITHMS.index(r["algorithm"])))
+    seen_ddp: set[int] = set()
+    for r in low:
+        ddp = ddp_by_steps.get(r["steps"])
+        if ddp is not None and r["steps"] not in seen_ddp:
+            seen_ddp.add(r["steps"])
+            rows.append(_row(ddp, None))
+        rows.append(_row(r, ddp))
+    return rows
+
+
+def _row(r: dict[str, Any], ddp: dict[str, Any] | None) -> dict[str, Any]:
+    steps = r["steps"]
+    row = {
+        "algorithm": r["algorithm"], "h": r.get("h"), "steps": steps,
+        "outer_steps": steps // r["h"] if r.get("h") else None,
+        "final_eval": r["final_eval"], "bytes_per_step": r["final_bytes"] / steps,
+        "total_bytes": r["final_bytes"] * WORLD, "tokens": steps * r["tokens_per_step"], "params": r.get("params"),
+        "gap_pct": None, "reduction": None, "gaps": {}, "tag": r.get("tag", ""), "overrides": r.get("overrides", {}),
+    }
+    if ddp is not None:
+        row["gap_pct"] = gap_pct(r["final_eval"], ddp["final_eval"])
+        if r["final_bytes"] > 0:
+            row["reduction"] = ddp["final_bytes"] / r["final_bytes"]
+        for f in FRACTIONS:
+            mine = eval_at(r["evals"], round(f * steps))
+            ref = eval_at(ddp["evals"], mine[0]) if mine else None
+            if mine and ref and ref[0] == mine[0]:
+                row["gaps"][str(f)] = {"step": mine[0], "gap_pct": gap_pct(mine[1], ref[1])}
+    return row
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def render_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown table lines of :func:`summarize` rows."""
+    lines = [
+        "| algorithm | H | outer steps | inner steps | final eval loss | gap vs DDP | gap at 25 % / 50 % / 100 % of the run "
+        "| bytes/step (per rank) | total bytes (4 ranks) | byte reduction |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        gaps = " / ".join(
+            f"{r['gaps'][str(f)]['gap_pct']:+.1f} %" if str(f) in r["gaps"] else "-" for f in FRACTIONS
+        ) if r["gap_pct"] is not None else "-"
+        gap = "-" if r["gap_pct"] is None else f"{r['gap_pct']:+.2f} %"
+        reduction = "-" if r["reduction"] is None else f"{r['reduction']:,.0f}x"
+        lines.append(
+            f"| {r['algorithm']} | {r['h'] or '-'} | {r['outer_steps'] or '-'} | {r['steps']:,} | {r['final_eval']:.4f} | "
+            f"{gap} | {gaps} | {fmt_bytes(r['bytes_per_step'])} | {fmt_bytes(r['total_bytes'])} | {reduction} |"
+        )
+    return lines
+
+
+def render(results: dict[str, Any]) -> str:
+    """The ``## Convergence (CPU)`` section of docs/benchmarks.md."""
+    runs = results.get("runs", {})
+    lines = [START, "## Convergence (CPU) (`bench/bench_convergence.py`)", ""]
+    if not runs:
+        return "\n".join(lines + ["No results yet: run `python bench/bench_convergence.py`.", "", END])
+    meta = results.get("meta", {})
+    cfg = BASE_CONFIG
+    g, tr = cfg["model"]["gpt"], cfg["training"]
+    any_run = next(iter(runs.values()))
+    lines += [
+        f"Built-in GPT (nLayer {g['nLayer']}, nHead {g['nHead']}, nEmbd {g['nEmbd']}, {any_run.get('params', 0):,} non-embedding parameters) on "
+        f"the built-in byte-level corpus (first {cfg['data']['maxBytes'] / 1e6:.0f} MB of the standard library), "
+        f"{WORLD} ranks, `python -m loco_trainer --nproc {WORLD}` (the real loop, gloo, one thread per rank). "
+        f"**Equal tokens**: every run has {WORLD} ranks x batchSize {tr['batchSize']} x seqLen {tr['seqLen']} = "
+        f"{WORLD * tr['batchSize'] * tr['seqLen']:,} tokens per inner step and the same steps, lr {tr['lr']} peak, cosine "
+        f"schedule with 5 % warm-up; DDP's step averages the 4 ranks' gradients (its batch is the workers' batches "
+        f"together). Eval loss: {tr['evalBatches']} held-out batches per rank, the same batches in every run, averaged "
+        f"over ranks; mid-run evals fall on multiples of H; the final one follows the algorithm's `finish`. Bytes: what "
+        f"rank 0 sent through the counting comm layer (all algorithms are symmetric, total = 4x). Algorithm "
+        f"parameters are the defaults of `ALGORITHM_DEFAULTS` except H.",
+        "",
+    ]
+    lines += render_table(summarize(runs))
+    tags = sorted({r.get("tag", "") for r in runs.values()} - {""})
+    if tags:
+        lines += ["", "Tuning runs (the same protocol with the parameters shown changed; `--set ... --tag`), "
+                      "against the DDP run of the same length above:", "",
+                  "| algorithm | H | changed | final eval loss | gap vs DDP | gap at 25 % / 50 % / 100 % |",
+                  "|---|---:|---|---:|---:|---|"]
+        tuned = [r for tag in tags for r in summarize(runs, tag) if r["algorithm"] != "ddp"]
+        for r in sorted(tuned, key=lambda r: (r["algorithm"], r["h"], r["tag"])):
+            changed = ", ".join(f"`{k.split('.', 1)[-1]}={v}`" for k, v in r["overrides"].items())
+            gaps = " / ".join(f"{r['gaps'][str(f)]['gap_pct']:+.1f} %" if str(f) in r["gaps"] else "-" for f in FRACTIONS)
+            gap = "-" if r["gap_pct"] is None else f"{r['gap_pct']:+.2f} %"
+            lines.append(f"| {r['algorithm']} | {r['h']} | {changed} | {r['final_eval']:.4f} | {gap} | {gaps} |")
+    notes = results.get("notes")
+    if notes:
+        lines += ["", notes.strip()]
+    lines += ["", "![eval loss vs tokens](convergence.png)", ""]
+    if meta:
+        lines += [f"Machine: {meta.get('cpu', '?')}, {meta.get('cores', '?')} cores, torch {meta.get('torch', '?')}, "
+                  f"Python {meta.get('python', '?')} ({meta.get('date', '?')}; 1-minute load {meta.get('load_1min', '?')} "
+                  f"at the start, other work shared the machine). Command: `{meta.get('command', '?')}`; "
+                  f"wall time {meta.get('wall_s', 0) / 60:.0f} min.", ""]
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def write_doc(section: str, doc: Path = DOC) -> None:
+    """Replace the section between the markers (or append it)."""
+    text = doc.read_text(encoding="utf-8") if doc.exists() else "# Benchmarks\n"
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        text = head + section + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    doc.write_text(text, encoding="utf-8")
+
+
+def plot(results: dict[str, Any], path: Path = PLOT) -> None:
+    """Eval loss vs training tokens, one panel per H (untagged runs; DDP of the same length in each)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in results.get("runs", {}).values() if not r.get("tag")]
+    hs = sorted({r["h"] for r in runs if r["algorithm"] != "ddp"})
+    if not hs:
+        return
+    fig, axes = plt.subplots(1, len(hs), figsize=(5.2 * len(hs), 4.2), squeeze=False)
+    styles = {"ddp": ("black", "-"), "diloco": ("tab:blue", "-"), "streaming-diloco": ("tab:orange", "--"),
+              "noloco": ("tab:green", "-."), "co2": ("tab:red", ":")}
+    for ax, h in zip(axes[0], hs):
+        mine = [r for r in runs if r["algorithm"] != "ddp" and r["h"] == h]
+        lengths = {r["steps"] for r in mine}
+        for r in [r for r in runs if r["algorithm"] == "ddp" and r["steps"] in lengths] + mine:
+            color, ls = styles.get(r["algorithm"], ("gray", "-"))
+            xs = [e[0] * r["tokens_per_step"] / 1e6 for e in r["evals"]]
+            label = r["algorithm"] + ("" if r["algorithm"] == "ddp" else f" ({fmt_bytes(r['final_bytes'] * WORLD)})")
+            ax.plot(xs, [e[1] for e in r["evals"]], color=color, ls=ls, label=label, lw=1.6)
+        steps = max(lengths)
+        ax.set_title(f"H = {h}: {steps // h} outer steps ({steps:,} inner)")
+        ax.set_xlabel("training tokens (M, all ranks)")
+        ax.set_ylabel("eval loss (nats/byte)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, title="algorithm (total bytes)", title_fontsize=8)
+        finals = [e[1] for r in mine for e in r["evals"][len(r["evals"]) // 4:]]
+        if finals:
+            ax.set_ylim(min(finals) - 0.1, max(finals) + 0.4)
+    fig.suptitle(f"Eval loss vs training tokens ({WORLD} ranks, equal tokens)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------ running
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "load_1min": round(os.getloadavg()[0], 2), "date": time.strftime("%Y-%m-%d")}
+
+
+def num_params(config: dict[str, Any]) -> int:
+    import torch
+
+    from loco_trainer.config import GPTSpec
+    from loco_trainer.model import GPT
+
+    with torch.device("meta"):
+        return GPT(GPTSpec.model_validate(config["model"]["gpt"])).num_params()
+
+
+def run_one(config: dict[str, Any], workdir: Path, name: str) -> dict[str, Any]:
+    """Run the trainer on ``config`` with 4 local ranks; return the parsed history."""
+    cfg_path, history = workdir / f"{name}.json", workdir / f"{name}.jsonl"
+    cfg_path.write_text(json.dumps(config))
+    history.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "loco_trainer", "--config", str(cfg_path), "--nproc", str(WORLD),
+           "--history", str(history), "--status-port", "-1"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if result.returncode != 0:
+        raise RuntimeError(f"trainer failed ({result.returncode}) for {name}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return parse_history(history.read_text().splitlines())
+
+
+def save(results: dict[str, Any], path: Path = RESULTS) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--full", action="store_true", help="100 outer steps at every H (needs a bigger machine)")
+    parser.add_argument("--h", type=int, action="append", help="only this H (repeatable; default: 10, 50, 100)")
+    parser.add_argument("--outer-steps", type=int, default=None, help="outer steps per run (default: the plan's)")
+    parser.add_argument("--algorithms", default=",".join(ALGORITHMS), help="comma-separated (default: all, ddp first)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="config override for the low-communication runs (tuning; use with --tag)")
+    parser.add_argument("--tag", default="", help="label kept with the runs (tuning runs are listed apart)")
+    parser.add_argument("--render-only", action="store_true", help="only re-render docs from the results file")
+    parser.add_argument("--force", action="store_true", help="re-run runs already in the results file")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="results file (default %(default)s)")
+    parser.add_argument("--no-doc", action="store_true", help="do not touch docs/benchmarks.md or docs/convergence.png")
+    args = parser.parse_args(argv)
+
+    results: dict[str, Any] = json.loads(args.results.read_text()) if args.results.exists() else {}
+    results.setdefault("runs", {})
+    if not args.render_only:
+        plan = dict(FULL_PLAN if args.full else BUDGET_PLAN)
+        if args.h:
+            plan = {h: plan.get(h, 100) for h in args.h}
+        if args.outer_steps:
+            plan = {h: args.outer_steps for h in plan}
+        algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
+        unknown = sorted(set(algorithms) - set(ALGORITHMS))
+        if unknown:
+            raise SystemExit(f"--algorithms: unknown {unknown}; choose from {', '.join(ALGORITHMS)}")
+        overrides = parse_overrides(args.overrides)
+        started = time.perf_counter()
+        meta_key = "meta_tuning" if args.tag else "meta"  # tuning runs keep the main protocol's machine line
+        results[meta_key] = {**machine(), "command": "python bench/bench_convergence.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+        with tempfile.TemporaryDirectory(prefix="bench-convergence-") as tmp:
+            work = Path(tmp)
+            for h, outer in plan.items():
+                steps = h * outer
+                for algorithm in algorithms:
+                    is_ddp = algorithm == "ddp"
+                    tag = "" if is_ddp else args.tag
+                    key = run_key(algorithm, None if is_ddp else h, steps, tag)
+                    if key in results["runs"] and not args.force:
+                        print(f"{key}: have it", flush=True)
+                        continue
+                    # DDP is evaluated every 50 steps so it has a point at every other run's eval step
+                    eval_every = 50 if is_ddp else eval_every_for(h, outer)
+                    config = build_config(algorithm, None if is_ddp else h, steps, eval_every,
+                                          str(work / "ckpt" / key.replace("|", "_")), None if is_ddp else overrides)
+                    t0 = time.perf_counter()
+                    parsed = run_one(config, work, key.replace("|", "_").replace("=", ""))
+                    results["runs"][key] = {"algorithm": algorithm, "h": None if is_ddp else h, "tag": tag,
+                                            "overrides": {} if is_ddp else overrides, "params": num_params(config),
+                                            "tokens_per_step": tokens_per_step(config), **parsed}
+                    save(results, args.results)
+                    print(f"{key}: eval {parsed['final_eval']:.4f}, {parsed['final_bytes'] / 1e6:.2f} MB sent by rank 0, "
+                          f"{time.perf_counter() - t0:.0f} s", flush=True)
+        results[meta_key]["wall_s"] = time.perf_counter() - started
+        save(results, args.results)
+    if args.no_doc:
+        print(render(results))
+        return
+    write_doc(render(results))
+    plot(results)
+    print(f"updated {DOC.relative_to(ROOT)} and {PLOT.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

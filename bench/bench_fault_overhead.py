@@ -1,0 +1,292 @@
+"""Fault-detection costs: (1) the timing records and probes on training throughput, (2) fault-to-running
+time on the embedded cluster.
+
+1. **Overhead.** The real trainer (``python -m loco_trainer --nproc 2``, tiny GPT, DDP: one
+   all-reduce per step, the worst case for per-collective costs) runs with fault detection as
+   shipped (a flight-recorder record per collective, clock sync at start, a ring probe every log
+   interval) and with it off (``Comm`` recording and probing patched out in the worker processes
+   through a ``sitecustomize`` on ``PYTHONPATH``). Runs alternate on/off ``--repeats`` times; the
+   median steps/s of each side are compared. On a shared 2-core machine the run-to-run noise is
+   larger than the effect, so the bench also measures the cost directly: nanoseconds per recorded
+   call (``Comm._enter`` on a group of one, timed in-process) and wall time per probe, and states
+   the overhead they imply per step.
+2. **Fault to running.** On the embedded cluster (3 nodes) a 3-worker DDP job gets a 0.5 s
+   straggler on worker 1. Timed from the moment the job is Running: until the operator records the
+   fault (detection), and until the job is Running again in the next epoch with every pod away
+   from the blamed node (recovery).
+
+Writes its section of ``docs/benchmarks.md`` (between markers) and ``bench/results/bench_fault_overhead.json``.
+
+    python bench/bench_fault_overhead.py                 # both parts
+    python bench/bench_fault_overhead.py --skip-cluster  # overhead only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "bench_fault_overhead.json"
+DOC = ROOT / "docs" / "benchmarks.md"
+START, END = "<!-- bench_fault_overhead:start -->", "<!-- bench_fault_overhead:end -->"
+
+CONFIG = {
+    "jobName": "bench-faults",
+    "model": {"gpt": {"nLayer": 2, "nHead": 2, "nEmbd": 64, "blockSize": 64}},
+    "data": {"maxBytes": 2_000_000},
+    "training": {"steps": 110, "batchSize": 8, "seqLen": 64, "logEvery": 10, "evalEvery": 0, "evalBatches": 1},
+    "algorithm": {"name": "ddp"},
+    "checkpoint": {"everySteps": 0},
+}
+WARMUP_STEPS = 10
+#: The fault-to-running scenario (the same as e2e/test_faults.py).
+STRAGGLER = {"collectiveDelayS": 1.5, "ranks": [1], "onlyFirstAttempt": True}
+DETECTION = {"warmupCollectives": 8, "consecutive": 3, "minLatenessSeconds": 0.8}
+
+#: Loaded into every trainer process when LOCO_BENCH_RECORDS_OFF=1: fault detection off.
+SITECUSTOMIZE = '''
+import os
+if os.environ.get("LOCO_BENCH_RECORDS_OFF") == "1":
+    import collections, time
+    import loco_trainer.comm as c
+
+    class _Null:
+        exit_ns = None
+    def _enter(self, kind, nbytes, sent, recv, peer=None, *, count=True):
+        counter = self._counters[kind]
+        counter.calls += 1; counter.sent += int(round(sent)); counter.recv += int(round(recv))
+        return _Null()
+    c.Comm._enter = _enter
+    c.Comm.probe = lambda self, nbytes=4096: None
+    c.Comm.sync_clock = lambda self, rounds=5: 0.0
+'''
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def run_trainer(tmp: Path, records_off: bool, tag: str) -> float:
+    """Steps/s of one 2-rank run after the warm-up steps (from the trainer's history)."""
+    cfg_path = tmp / f"config-{tag}.json"
+    cfg = json.loads(json.dumps(CONFIG))
+    cfg["checkpoint"]["path"] = str(tmp / f"ckpt-{tag}")
+    cfg_path.write_text(json.dumps(cfg))
+    history = tmp / f"history-{tag}.jsonl"
+    env = {**os.environ, "PYTHONPATH": f"{tmp}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "LOCO_BENCH_RECORDS_OFF": "1" if records_off else "0"}
+    cmd = [sys.executable, "-m", "loco_trainer", "--config", str(cfg_path), "--nproc", "2",
+           "--history", str(history), "--status-port", "-1"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    if result.returncode != 0:
+        raise SystemExit(f"trainer failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    rows = [json.loads(line) for line in history.read_text().splitlines()]
+    steps = {r["step"]: r["wallS"] for r in rows if "wallS" in r}
+    last = max(steps)
+    return (last - WARMUP_STEPS) / (steps[last] - steps[WARMUP_STEPS])
+
+
+def micro_costs() -> dict[str, float]:
+    """ns per recorded call (group of one: ``_enter`` plus the exit stamp) and the export cost."""
+    from loco_trainer.comm import Comm
+
+    comm = Comm(history=4096)
+    comm._world_size = 2  # _enter only: no collective is issued
+    n = 200_000
+    start = time.perf_counter_ns()
+    for _ in range(n):
+        rec = comm._enter("all_reduce", 4096, 1.0, 1.0)
+        rec.exit_ns = time.monotonic_ns()
+    per_call_ns = (time.perf_counter_ns() - start) / n
+    start = time.perf_counter()
+    for _ in range(20):
+        comm.export_records(-1, 512)
+    export_ms = (time.perf_counter() - start) / 20 * 1e3
+    return {"record_ns_per_call": per_call_ns, "export_512_ms": export_ms}
+
+
+def probe_cost_ms() -> float:
+    """Wall time of ``Comm.probe`` (barrier + posting, threads finish in the background) on 2 gloo ranks."""
+    script = r'''
+import datetime, os, sys, time, torch, torch.distributed as dist
+from loco_trainer.comm import Comm
+rank, port = int(sys.argv[1]), sys.argv[2]
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                        timeout=datetime.timedelta(seconds=60))
+comm = Comm()
+for _ in range(5):
+    comm.probe()
+comm.finish_probe()
+t = time.perf_counter()
+for _ in range(50):
+    comm.probe()
+comm.finish_probe()
+if rank == 0:
+    print((time.perf_counter() - t) / 50 * 1e3)
+dist.destroy_process_group()
+'''
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(r), port], stdout=subprocess.PIPE, text=True)
+             for r in range(2)]
+    out = [p.communicate(timeout=300)[0] for p in procs]
+    return float(out[0].strip().splitlines()[-1])
+
+
+def fault_to_running() -> dict[str, float]:
+    sys.path.insert(0, str(ROOT))
+    from e2e.conftest import small_job
+    from loco_local.stack import LocalStack, default_nodes
+
+    name = "bench-straggler"
+    job = small_job(name, replicas=3, steps=40, algorithm="ddp", checkpoint__everySteps=5,
+                    faultInjection=STRAGGLER, faultDetection=DETECTION)
+    with tempfile.TemporaryDirectory() as state, LocalStack(Path(state), default_nodes(3)) as stack:
+        pvc = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "e2e-checkpoints"},
+               "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}}}
+        try:
+            stack.apply(pvc)
+        except Exception:  # noqa: BLE001 - the stack may already provide the claim
+            pass
+        stack.apply(job)
+        marks: dict[str, float] = {}
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and "running_again" not in marks:
+            status = (stack.get_job(name) or {}).get("status") or {}
+            now = time.monotonic()
+            if status.get("phase") == "Running" and status.get("membershipEpoch", 0) == 0:
+                marks.setdefault("running", now)
+            if status.get("faults"):
+                marks.setdefault("fault_recorded", now)
+            if status.get("phase") == "Running" and status.get("membershipEpoch", 0) >= 1:
+                marks.setdefault("running_again", now)
+            if status.get("phase") in ("Failed", "Succeeded") and "running_again" not in marks:
+                raise SystemExit(f"job ended {status.get('phase')} before recovering: {status.get('message')}")
+            time.sleep(0.2)
+        if "running_again" not in marks:
+            raise SystemExit(f"no recovery within 600 s: {marks}")
+        return {"detect_s": marks["fault_recorded"] - marks["running"],
+                "recover_s": marks["running_again"] - marks["fault_recorded"],
+                "total_s": marks["running_again"] - marks["running"]}
+
+
+def render(result: dict) -> str:
+    o = result["overhead"]
+    lines = [
+        START,
+        "## Fault detection: overhead and fault-to-running time (`bench/bench_fault_overhead.py`)",
+        "",
+        f"Machine: {result['machine']}. Command: `{result['command']}`.",
+        "",
+        "**Overhead of the timing records and probes** (2 ranks, tiny GPT, DDP: one all-reduce per step,",
+        f"a probe every {CONFIG['training']['logEvery']} steps; {o['repeats']} alternating runs per side, median):",
+        "",
+        "| | steps/s |",
+        "|---|---|",
+        f"| records + probes on (as shipped) | {o['on_steps_per_s']:.2f} |",
+        f"| off (recording and probes patched out) | {o['off_steps_per_s']:.2f} |",
+        f"| difference (end to end, within run-to-run noise of {o['noise_pct']:.1f} %) | {o['end_to_end_pct']:+.2f} % |",
+        "",
+        f"Direct costs: {o['record_ns_per_call']:.0f} ns per recorded call, {o['probe_ms']:.2f} ms per probe, "
+        f"{o['export_512_ms']:.2f} ms to serve 512 records to a poll. At {o['on_steps_per_s']:.1f} steps/s with "
+        f"{o['calls_per_step']:.1f} recorded calls per step that is **{o['implied_pct']:.3f} %** of the step time "
+        "(goal: < 1 %). The probe dominates (one barrier per log interval); with real step times "
+        "(hundreds of ms to seconds) the share falls in proportion. The end-to-end A/B difference on this shared "
+        "machine is noise, not a measurement of the effect.",
+        "",
+    ]
+    if result.get("cluster"):
+        c = result["cluster"]
+        lines += [
+            f"**Fault to running** (embedded cluster, 3 nodes, 3-worker DDP job, {STRAGGLER['collectiveDelayS']} s "
+            f"straggler on worker 1, `warmupCollectives: {DETECTION['warmupCollectives']}`, "
+            f"`consecutive: {DETECTION['consecutive']}`, `minLatenessSeconds: {DETECTION['minLatenessSeconds']}`, "
+            "operator poll every 2 s). Detection time is dominated by the warm-up, which this scenario sets to "
+            "cover the first checkpoint; the straggler itself is blamed K collectives after it:",
+            "",
+            "| phase | seconds |",
+            "|---|---|",
+            f"| Running -> fault recorded (warm-up + K late collectives + poll) | {c['detect_s']:.1f} |",
+            f"| fault recorded -> Running again, next epoch, away from the node | {c['recover_s']:.1f} |",
+            f"| total | {c['total_s']:.1f} |",
+            "",
+        ]
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def write_doc(section: str) -> None:
+    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        _, tail = rest.split(END, 1)
+        text = head + section + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    DOC.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3, help="alternating on/off trainer runs per side")
+    parser.add_argument("--skip-cluster", action="store_true", help="skip the fault-to-running part")
+    parser.add_argument("--render-only", action="store_true", help=f"re-render the doc section from {RESULTS.name}")
+    args = parser.parse_args()
+    if args.render_only:
+        write_doc(render(json.loads(RESULTS.read_text())))
+        return
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        (tmp / "sitecustomize.py").write_text(SITECUSTOMIZE)
+        on, off = [], []
+        for i in range(args.repeats):
+            on.append(run_trainer(tmp, False, f"on{i}"))
+            off.append(run_trainer(tmp, True, f"off{i}"))
+            print(f"run {i}: on {on[-1]:.2f} steps/s, off {off[-1]:.2f} steps/s", flush=True)
+    micro = micro_costs()
+    probe_ms = probe_cost_ms()
+    on_med, off_med = statistics.median(on), statistics.median(off)
+    # DDP: one all-reduce per step; a probe (2 calls) every logEvery steps
+    calls_per_step = 1 + 2 / CONFIG["training"]["logEvery"]
+    step_s = 1 / on_med
+    implied = (calls_per_step * micro["record_ns_per_call"] * 1e-9 + probe_ms * 1e-3 / CONFIG["training"]["logEvery"]) / step_s
+    overhead = {
+        "repeats": args.repeats, "on_steps_per_s": on_med, "off_steps_per_s": off_med,
+        "end_to_end_pct": (off_med - on_med) / off_med * 100,
+        "noise_pct": (max(off) - min(off)) / off_med * 100,
+        "calls_per_step": calls_per_step, "probe_ms": probe_ms, "implied_pct": implied * 100, **micro,
+        "runs": {"on": on, "off": off},
+    }
+    result = {"machine": f"{cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+              "command": "python bench/bench_fault_overhead.py" + (" --skip-cluster" if args.skip_cluster else ""),
+              "overhead": overhead}
+    if not args.skip_cluster:
+        result["cluster"] = fault_to_running()
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2))
+    section = render(result)
+    write_doc(section)
+    print(section)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""The convergence benchmark's pure pieces (config, history parsing, gaps, table, doc section), without a run."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+import bench_convergence as bc  # noqa: E402
+from loco_trainer.config import TrainerConfig  # noqa: E402
+
+
+def _history(evals: list[tuple[int, float]], final: float, bytes_per_step: int, steps: int) -> list[str]:
+    lines = []
+    at = dict(evals)
+    for s in range(1, steps + 1):
+        rec = {"step": s, "loss": 3.0, "lr": 1e-3, "wallS": s * 0.01, "bytesSent": s * bytes_per_step}
+        if s in at:
+            rec["evalLoss"] = at[s]
+        lines.append(json.dumps(rec))
+    lines.append(json.dumps({"step": steps, "evalLoss": final, "final": True, "bytesSent": steps * bytes_per_step + 7}))
+    return lines
+
+
+def _run(algorithm: str, h: int | None, steps: int, evals, final: float, bps: int, tag: str = "") -> dict:
+    parsed = bc.parse_history(_history(evals, final, bps, steps))
+    return {"algorithm": algorithm, "h": h, "tag": tag, "overrides": {}, "params": 1000, "tokens_per_step": 1024, **parsed}
+
+
+def test_build_config_is_a_valid_trainer_config_with_equal_tokens() -> None:
+    ddp = bc.build_config("ddp", None, 1000, 50, "/tmp/ck")
+    dil = bc.build_config("diloco", 10, 1000, 50, "/tmp/ck", {"algorithm.outerLr": 0.5})
+    for cfg in (ddp, dil):
+        TrainerConfig.model_validate(cfg)  # the trainer accepts it
+    assert "syncEvery" not in ddp["algorithm"]
+    assert dil["algorithm"] == {"name": "diloco", "syncEvery": 10, "outerLr": 0.5}
+    assert bc.tokens_per_step(ddp) == bc.tokens_per_step(dil) == 4 * 8 * 32
+    assert ddp["training"] == dil["training"]  # same steps, batch, schedule: equal tokens
+    with pytest.raises(ValueError, match="SECTION.FIELD"):
+        bc.build_config("diloco", 10, 100, 10, "/tmp/ck", {"outerLr": 1})
+
+
+def test_eval_points_fall_on_outer_steps() -> None:
+    for plan in (bc.BUDGET_PLAN, bc.FULL_PLAN):
+        for h, outer in plan.items():
+            every = bc.eval_every_for(h, outer)
+            # on an outer step, and DDP (evaluated every 50 steps) has the same point
+            assert every % h == 0 and every % 50 == 0 and (h * outer) // every >= 10
+    assert bc.parse_overrides(["algorithm.outerLr=0.5", "algorithm.nesterov=false", "x.y=abc"]) == {
+        "algorithm.outerLr": 0.5, "algorithm.nesterov": False, "x.y": "abc"}
+    with pytest.raises(ValueError, match="SECTION.FIELD=VALUE"):
+        bc.parse_overrides(["algorithm.outerLr"])
+
+
+def test_parse_history_keeps_evals_bytes_and_the_final_record() -> None:
+    parsed = bc.parse_history(_history([(50, 3.0), (100, 2.5)], 2.4, 10, 100))
+    assert parsed["evals"] == [[50, 3.0, 500], [100, 2.5, 1000], [100, 2.4, 1007]]
+    assert (parsed["final_eval"], parsed["final_bytes"], parsed["steps"]) == (2.4, 1007, 100)
+    with pytest.raises(ValueError, match="did not finish"):
+        bc.parse_history(_history([(50, 3.0)], 2.4, 10, 100)[:-1])
+
+
+def test_summary_gaps_and_byte_reduction_against_ddp_of_the_same_length() -> None:
+    runs = {
+        "ddp": _run("ddp", None, 200, [(50, 3.0), (100, 2.5), (150, 2.2)], 2.0, 1000),
+        "diloco": _run("diloco", 10, 200, [(50, 3.3), (100, 2.6), (150, 2.3)], 2.1, 20),
+        "ddp-other-length": _run("ddp", None, 400, [], 1.0, 1000),
+        "tuned": _run("diloco", 10, 200, [(50, 3.0)], 2.02, 20, tag="t"),
+    }
+    rows = bc.summarize(runs)
+    assert [r["algorithm"] for r in rows] == ["ddp", "diloco"]
+    d = rows[1]
+    assert d["gap_pct"] == pytest.approx(5.0)
+    assert d["reduction"] == pytest.approx((200 * 1000 + 7) / (200 * 20 + 7))
+    assert d["gaps"]["0.25"] == {"step": 50, "gap_pct": pytest.approx(10.0)}
+    assert d["gaps"]["0.5"]["gap_pct"] == pytest.approx(4.0)
+    assert d["total_bytes"] == 4 * (200 * 20 + 7) and d["outer_steps"] == 20
+    assert [r["gap_pct"] for r in bc.summarize(runs, "t")][1] == pytest.approx(1.0)
+    table = "\n".join(bc.render_table(rows))
+    assert "| diloco | 10 | 20 | 200 | 2.1000 | +5.00 % | +10.0 % / +4.0 % / +5.0 % |" in table
+
+
+def test_write_doc_replaces_only_its_section(tmp_path) -> None:
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\nother section\n", encoding="utf-8")
+    bc.write_doc(bc.render({}), doc)
+    bc.write_doc(bc.START + "\nnew\n" + bc.END, doc)
+    text = doc.read_text(encoding="utf-8")
+    assert "other section" in text and "\nnew\n" in text
+    assert text.count(bc.START) == 1 and "No results yet" not in text

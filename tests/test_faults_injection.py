@@ -1,0 +1,184 @@
+"""Injected faults on 4 real gloo ranks -> the right C4 verdict from the real Comm records.
+
+Each scenario spawns 4 processes that run a small all-reduce loop through ``loco_trainer.comm.Comm``
+with the fault hook of ``loco_trainer.faults`` (what ``faultInjection`` configures in a job), with
+clock sync and periodic probes as the trainer does. Every rank then writes its exported wire
+records (``Comm.export_records``/``export_links``, the progress-channel format) to a file; the test
+converts them with the operator's ``records_from_wire``/``links_from_wire`` and replays them through
+the detector as the operator would have seen them live (``diagnose``). The verdict must blame the
+faulty rank, of the right kind, within the documented number of collectives.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+
+import pytest
+import torch.multiprocessing as mp
+
+from dist_helpers import free_port
+from loco_operator.faults import DetectorConfig, RecordBatch, LinkBatch, Topology, diagnose
+from loco_operator.faults.live import links_from_wire, records_from_wire
+from loco_operator.faults.trace import Trace
+
+WORLD = 4
+# Small thresholds so each scenario takes seconds (the defaults suit real jobs, see docs/fault-detection.md).
+CONFIG = DetectorConfig(warmup_collectives=3, consecutive=3, hang_timeout_floor_seconds=1.0,
+                        warmup_hang_timeout_seconds=1.0, silence_timeout_seconds=5.0)
+
+
+def _rank_main(rank: int, port: int, fault: dict, iterations: int, probe_every: int, outdir: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from loco_trainer.comm import Comm
+    from loco_trainer.config import FaultInjection
+    from loco_trainer.faults import CommFaults, InjectedCrash, comm_faults
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=30))
+    spec = FaultInjection.model_validate(fault)
+    hook = comm_faults(spec, rank, restart_count=0)
+    crash_at = spec.crash_at_step if (not spec.ranks or rank in spec.ranks) else None
+    if isinstance(hook, CommFaults):  # a bounded hang so the test ends: 4 s, well past the 1 s timeout
+        hook = CommFaults(spec, hang=lambda: time.sleep(4.0))
+    comm = Comm(fault_hook=hook)
+    comm.sync_clock()
+    t = torch.ones(256)
+    error = None
+
+    def dump() -> None:
+        comm.finish_probe(timeout_s=5)
+        with open(os.path.join(outdir, f"rank{rank}.json"), "w") as fh:
+            json.dump({"records": comm.export_records(), "links": comm.export_links(),
+                       "clockError": comm.clock_error_s, "error": error}, fh)
+
+    try:
+        for i in range(iterations):
+            if i == crash_at:
+                dump()
+                raise InjectedCrash(spec.exit_code)
+            time.sleep(0.05)  # "compute"
+            comm.all_reduce(t, "sum")
+            if probe_every and i % probe_every == 0:
+                comm.probe()
+    except InjectedCrash:
+        os._exit(spec.exit_code)
+    except RuntimeError as exc:  # a peer crashed: gloo reports the closed connection
+        error = str(exc)
+    dump()
+    os._exit(0)
+
+
+def _run(tmp_path, fault: dict, iterations: int, probe_every: int = 0) -> tuple[list, dict[int, dict]]:
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, port, fault, iterations, probe_every, str(tmp_path)))
+             for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    dumps = {r: json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)
+             if (tmp_path / f"rank{r}.json").exists()}
+    assert len(dumps) == WORLD, f"only ranks {sorted(dumps)} wrote their records; exit codes {[p.exitcode for p in procs]}"
+    for d in dumps.values():  # one host: the NTP-style offsets agree to far better than minLateness
+        assert d["clockError"] is not None and d["clockError"] < CONFIG.min_lateness_seconds / 2
+    records = [rec for r, d in dumps.items() for rec in records_from_wire(r, d["records"])]
+    links = [s for d in dumps.values() for s in links_from_wire(d["links"], WORLD)]
+    last = max(max(r.enter_s, r.exit_s or 0.0) for r in records)
+    trace = Trace(topology=Topology.from_mapping({r: f"node-{r}" for r in range(WORLD)}),
+                  records=RecordBatch.from_records(records), links=LinkBatch.from_samples(links),
+                  end_s=last + 8.0)  # the operator keeps polling after the last record
+    return diagnose(trace, CONFIG, tick_s=0.1), dumps
+
+
+def _all_reduce_index(dumps: dict, rank: int, seq: int) -> int:
+    """How many all-reduces rank ``rank`` had entered up to and including collective ``seq``."""
+    return sum(1 for r in dumps[rank]["records"] if r["kind"] == "all_reduce" and r["seq"] <= seq)
+
+
+def test_straggler_is_blamed_within_k_collectives_after_warmup(tmp_path) -> None:
+    verdicts, dumps = _run(tmp_path, {"collectiveDelayS": 0.3, "ranks": [2]}, iterations=14)
+    assert verdicts, "no verdict for a 0.3 s straggler"
+    first = verdicts[0]
+    assert first.kind.value == "slow-noncomm" and first.ranks == (2,) and first.node == "node-2", first
+    # documented: K late informative collectives after warm-up
+    assert first.seq is not None and first.seq <= CONFIG.warmup_collectives + CONFIG.consecutive
+    assert all(2 in v.ranks for v in verdicts), verdicts  # the ranks that waited are never blamed
+
+
+def test_hang_before_collective_is_hang_noncomm_of_that_rank_at_that_seq(tmp_path) -> None:
+    hang_at = 24  # an all-reduce: 3 calls per probed iteration (all_reduce, recv, send)
+    verdicts, dumps = _run(tmp_path, {"hangBeforeCollective": hang_at, "ranks": [1]}, iterations=14, probe_every=1)
+    hangs = [v for v in verdicts if v.kind.value == "hang-noncomm"]
+    assert hangs, verdicts
+    assert hangs[0].ranks == (1,) and hangs[0].seq == hang_at, hangs[0]
+    assert all(1 in v.ranks for v in verdicts), verdicts
+
+
+def test_slow_link_is_blamed_on_that_link(tmp_path) -> None:
+    verdicts, dumps = _run(tmp_path, {"linkDelay": {"peer": 2, "seconds": 0.3}, "ranks": [1]},
+                           iterations=30, probe_every=1)
+    links = [v for v in verdicts if v.kind.value.startswith("slow-comm")]
+    assert links, verdicts
+    assert links[0].kind.value == "slow-comm-link" and links[0].link == (1, 2), links[0]
+    assert not [v for v in verdicts if v.kind.value == "slow-noncomm"], verdicts  # probes do not stall training
+    # ring probes visit link 1->2 every 3rd probe: K slow samples need about 3 K probes
+    assert links[0].evidence  # numbers a human can check
+
+
+def test_crash_is_hang_noncomm_of_the_crashed_rank(tmp_path) -> None:
+    verdicts, dumps = _run(tmp_path, {"crashAtStep": 9, "ranks": [3], "exitCode": 13}, iterations=14)
+    assert verdicts, "no verdict after a rank crashed"
+    first = verdicts[0]
+    assert first.kind.value == "hang-noncomm" and first.ranks == (3,), first
+    assert first.seq == 9  # the first collective the crashed rank never entered
+    assert all(d["error"] for r, d in dumps.items() if r != 3)  # its peers saw the broken connection
+
+
+def test_comm_faults_apply_only_where_configured_and_cost_nothing_when_off() -> None:
+    from loco_trainer.config import FaultInjection
+    from loco_trainer.faults import CommFaults, comm_faults
+
+    assert comm_faults(None, 0, 0) is None
+    assert comm_faults(FaultInjection(crash_at_step=3), 0, 0) is None  # not a comm fault: no hook at all
+    straggler = FaultInjection.model_validate({"collectiveDelayS": 0.2, "ranks": [1]})
+    assert comm_faults(straggler, 0, 0) is None and comm_faults(straggler, 1, 1) is None  # other rank / restarted
+    slept: list[float] = []
+    hook = CommFaults(straggler, sleep=slept.append)
+    hook.before_enter(0, "all_reduce", None)
+    assert slept == [0.2]
+
+    link = FaultInjection.model_validate({"linkDelay": {"peer": 2, "seconds": 0.3}, "onlyFirstAttempt": False})
+    hook = comm_faults(link, 1, restart_count=4)
+    assert hook is not None
+    assert hook.transfer_delay_s("send", 2) == 0.3
+    assert hook.transfer_delay_s("send", 3) == 0.0 and hook.transfer_delay_s("recv", 2) == 0.0
+
+    hangs: list[int] = []
+    hang = FaultInjection.model_validate({"hangBeforeCollective": 5})
+    hook = CommFaults(hang, hang=lambda: hangs.append(1))
+    for seq in range(8):
+        hook.before_enter(seq, "all_reduce", None)
+    assert hangs == [1]  # blocks once, at seq 5
+
+
+def test_fault_injection_fields_are_validated_with_the_field_named() -> None:
+    from pydantic import ValidationError
+
+    from loco_trainer.config import FaultInjection
+
+    with pytest.raises(ValidationError, match="linkDelay.seconds|link_delay.seconds"):
+        FaultInjection.model_validate({"linkDelay": {"peer": 1, "seconds": 0}})
+    with pytest.raises(ValidationError, match="collectiveDelayS|collective_delay_s"):
+        FaultInjection.model_validate({"collectiveDelayS": -1})
