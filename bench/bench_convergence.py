@@ -256,14 +256,14 @@ def render(results: dict[str, Any]) -> str:
     if tags:
         lines += ["", "Tuning runs (the same protocol with the parameters shown changed; `--set ... --tag`), "
                       "against the DDP run of the same length above:", "",
-                  "| algorithm | H | changed | final eval loss | gap vs DDP | gap at 25 % / 50 % / 100 % |",
-                  "|---|---:|---|---:|---:|---|"]
+                  "| tag | algorithm | H | changed | final eval loss | gap vs DDP | gap at 25 % / 50 % / 100 % |",
+                  "|---|---|---:|---|---:|---:|---|"]
         tuned = [r for tag in tags for r in summarize(runs, tag) if r["algorithm"] != "ddp"]
         for r in sorted(tuned, key=lambda r: (r["algorithm"], r["h"], r["tag"])):
             changed = ", ".join(f"`{k.split('.', 1)[-1]}={v}`" for k, v in r["overrides"].items())
             gaps = " / ".join(f"{r['gaps'][str(f)]['gap_pct']:+.1f} %" if str(f) in r["gaps"] else "-" for f in FRACTIONS)
             gap = "-" if r["gap_pct"] is None else f"{r['gap_pct']:+.2f} %"
-            lines.append(f"| {r['algorithm']} | {r['h']} | {changed} | {r['final_eval']:.4f} | {gap} | {gaps} |")
+            lines.append(f"| `{r['tag']}` | {r['algorithm']} | {r['h']} | {changed} | {r['final_eval']:.4f} | {gap} | {gaps} |")
     notes = results.get("notes")
     if notes:
         lines += ["", notes.strip()]
