@@ -204,14 +204,17 @@ def render(result: dict) -> str:
         "|---|---|",
         f"| records + probes on (as shipped) | {o['on_steps_per_s']:.2f} |",
         f"| off (recording and probes patched out) | {o['off_steps_per_s']:.2f} |",
-        f"| difference (end to end, within run-to-run noise of {o['noise_pct']:.1f} %) | {o['end_to_end_pct']:+.2f} % |",
+        f"| slowdown with records + probes (end to end; run-to-run noise {o['noise_pct']:.1f} %) | {o['end_to_end_pct']:+.2f} % |",
         "",
         f"Direct costs: {o['record_ns_per_call']:.0f} ns per recorded call, {o['probe_ms']:.2f} ms per probe, "
         f"{o['export_512_ms']:.2f} ms to serve 512 records to a poll. At {o['on_steps_per_s']:.1f} steps/s with "
         f"{o['calls_per_step']:.1f} recorded calls per step that is **{o['implied_pct']:.3f} %** of the step time "
-        "(goal: < 1 %). The probe dominates (one barrier per log interval); with real step times "
-        "(hundreds of ms to seconds) the share falls in proportion. The end-to-end A/B difference on this shared "
-        "machine is noise, not a measurement of the effect.",
+        f"(goal: < 1 %: {'met' if o['implied_pct'] < 1 else 'not met'} at this step time). The probe dominates "
+        "(one barrier and two helper threads per log interval); the share falls in proportion to the step time, "
+        f"so the goal holds from about {o['probe_ms'] / CONFIG['training']['logEvery'] / 0.01:.0f} ms per step. "
+        + ("The end-to-end difference is within the run-to-run noise." if abs(o["end_to_end_pct"]) <= o["noise_pct"]
+           else "The end-to-end difference exceeds the run-to-run noise: at these ~10 ms steps the records, the probe's "
+                "threads (GIL contention on 2 cores) and its barrier cost more than the direct figures suggest."),
         "",
     ]
     if result.get("cluster"):

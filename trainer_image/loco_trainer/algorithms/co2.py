@@ -31,13 +31,13 @@ from typing import Any
 
 import torch
 
-from loco_trainer.algorithms.base import Strategy
-from loco_trainer.comm import Comm, CommHandle, broadcast_flat, flatten
+from loco_trainer.algorithms._outer import OuterLoopStrategy, cpu_fp32, require_positive
+from loco_trainer.comm import Comm, CommHandle, flatten
 
 STATE_FORMAT = 1
 
 
-class CO2(Strategy):
+class CO2(OuterLoopStrategy):
     """CO2 (see the module docstring for the update rule and argument mapping)."""
 
     name = "co2"
@@ -54,33 +54,18 @@ class CO2(Strategy):
         staleness_penalty: float = 1.0,
         clip_threshold: float = 1.0,
     ) -> None:
-        if sync_every < 1:
-            raise ValueError(f"sync_every (H) must be >= 1 (got {sync_every})")
-        if outer_lr <= 0:
-            raise ValueError(f"outer_lr must be > 0 (got {outer_lr})")
-        if not 0 <= outer_momentum < 1:
-            raise ValueError(f"outer_momentum must be in [0, 1) (got {outer_momentum})")
-        if staleness_penalty <= 0:
-            raise ValueError(f"stalenessPenalty must be > 0 (got {staleness_penalty})")
-        if clip_threshold <= 0:
-            raise ValueError(f"clipThreshold must be > 0 (got {clip_threshold})")
-        self.model = model
-        self.inner_optimizer = inner_optimizer
-        self.comm = comm
-        self.sync_every = sync_every
-        self.outer_lr = outer_lr
-        self.outer_momentum = outer_momentum
+        self._init_outer(
+            model, inner_optimizer, comm, sync_every=sync_every, outer_lr=outer_lr, outer_momentum=outer_momentum
+        )
+        require_positive("stalenessPenalty", staleness_penalty)
+        require_positive("clipThreshold", clip_threshold)
         self.staleness_penalty = staleness_penalty
         self.clip_threshold = clip_threshold
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self.param_names = [n for n, _ in named]
-        self.params = [p for _, p in named]
         numel = sum(p.numel() for p in self.params)
         #: φ, the outer parameters (flat fp32, CPU)
-        self.outer_params = flatten([p.detach().to("cpu", torch.float32) for p in self.params]).clone()
+        self.outer_params = flatten(cpu_fp32(self.params)).clone()
         #: m, the outer momentum (flat)
         self.momentum = torch.zeros(numel)
-        self.steps_since_sync = 0
         self.rounds = 0
         #: outer updates applied so far (rounds − 1 once training is under way)
         self.updates = 0
@@ -88,7 +73,6 @@ class CO2(Strategy):
         self.last_clipped_fraction = 0.0
         self._pending: CommHandle | None = None
         self._pending_average: torch.Tensor | None = None
-        self._loaded = False
 
     @classmethod
     def from_spec(cls, spec: Any, model: torch.nn.Module, inner_optimizer: Any, comm: Comm) -> "CO2":
@@ -100,8 +84,8 @@ class CO2(Strategy):
         """Fresh start: every rank adopts rank 0's parameters and buffers; φ = θ."""
         if self._loaded:
             return
-        broadcast_flat(self.comm, [p.data for p in self.model.parameters()] + list(self.model.buffers()), src=0)
-        self.outer_params.copy_(flatten([p.detach().to("cpu", torch.float32) for p in self.params]))
+        self._broadcast_model_from_rank0()
+        self.outer_params.copy_(flatten(cpu_fp32(self.params)))
 
     def after_inner_step(self, step: int) -> None:
         """At the end of every round ((s+1) % H == 0): start this round's all-reduce, apply the
@@ -121,7 +105,7 @@ class CO2(Strategy):
 
     @torch.no_grad()
     def round_end(self) -> None:
-        delta = self.outer_params - flatten([p.detach().to("cpu", torch.float32) for p in self.params])
+        delta = self.outer_params - flatten(cpu_fp32(self.params))
         previous = self._take_pending() if self._has_pending() else None
         self._pending = self.comm.all_reduce(delta, op="avg", async_op=True)
         self._pending_average = None
@@ -183,8 +167,7 @@ class CO2(Strategy):
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("algorithm") != self.name:
-            raise ValueError(f"checkpoint holds algorithm state of {state.get('algorithm')!r}, not {self.name!r}")
+        self._check_state_algorithm(state)
         for key in ("outer_params", "momentum"):
             if state[key].shape != self.outer_params.shape:
                 raise ValueError(f"co2 checkpoint: {key} has shape {tuple(state[key].shape)}, the model needs "

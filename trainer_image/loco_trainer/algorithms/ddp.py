@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from loco_trainer.algorithms._outer import require_positive
 from loco_trainer.algorithms.base import Strategy
 from loco_trainer.comm import Comm, all_reduce_flat, broadcast_flat
 
@@ -39,8 +40,7 @@ class DDP(Strategy):
     name = "ddp"
 
     def __init__(self, model: torch.nn.Module, inner_optimizer: torch.optim.Optimizer | None, comm: Comm, *, bucket_mb: float = 25.0) -> None:
-        if bucket_mb <= 0:
-            raise ValueError(f"bucket_mb must be > 0 (got {bucket_mb})")
+        require_positive("bucket_mb", bucket_mb)
         self.model = model
         self.inner_optimizer = inner_optimizer
         self.comm = comm

@@ -24,13 +24,13 @@ from typing import Any
 
 import torch
 
-from loco_trainer.algorithms.base import Strategy
+from loco_trainer.algorithms._outer import OuterLoopStrategy, require_positive
 from loco_trainer.comm import Comm, all_reduce_flat, broadcast_flat
 
 STATE_FORMAT = 1
 
 
-class DiLoCo(Strategy):
+class DiLoCo(OuterLoopStrategy):
     """DiLoCo (see the module docstring for the update rule).
 
     Args:
@@ -62,27 +62,14 @@ class DiLoCo(Strategy):
         bucket_mb: float = 32.0,
         offload: bool = True,
     ) -> None:
-        if sync_every < 1:
-            raise ValueError(f"sync_every (H) must be >= 1 (got {sync_every})")
-        if outer_lr <= 0:
-            raise ValueError(f"outer_lr must be > 0 (got {outer_lr})")
-        if not 0 <= outer_momentum < 1:
-            raise ValueError(f"outer_momentum must be in [0, 1) (got {outer_momentum})")
-        if bucket_mb <= 0:
-            raise ValueError(f"bucket_mb must be > 0 (got {bucket_mb})")
-        self.model = model
-        self.inner_optimizer = inner_optimizer
-        self.comm = comm
-        self.sync_every = sync_every
-        self.outer_lr = outer_lr
-        self.outer_momentum = outer_momentum
+        self._init_outer(
+            model, inner_optimizer, comm, sync_every=sync_every, outer_lr=outer_lr, outer_momentum=outer_momentum
+        )
+        require_positive("bucket_mb", bucket_mb)
+        if not self.params:
+            raise ValueError("the model has no trainable parameters")
         self.nesterov = bool(nesterov) and outer_momentum > 0
         self.bucket_bytes = int(bucket_mb * (1 << 20))
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        if not named:
-            raise ValueError("the model has no trainable parameters")
-        self.param_names = [n for n, _ in named]
-        self.params = [p for _, p in named]
         pin = offload and torch.cuda.is_available()
         self.global_params = [
             torch.nn.Parameter(
@@ -96,11 +83,8 @@ class DiLoCo(Strategy):
         self.outer_optimizer = torch.optim.SGD(
             self.global_params, lr=outer_lr, momentum=outer_momentum, nesterov=self.nesterov
         )
-        #: inner steps taken since the last outer step
-        self.steps_since_sync = 0
         #: outer steps taken so far
         self.outer_steps = 0
-        self._loaded = False
 
     @classmethod
     def from_spec(cls, spec: Any, model: torch.nn.Module, inner_optimizer: Any, comm: Comm) -> "DiLoCo":
@@ -122,7 +106,7 @@ class DiLoCo(Strategy):
         is left as the loop restored it (mid-round, the local parameters differ from the global)."""
         if self._loaded:
             return
-        broadcast_flat(self.comm, [p.data for p in self.model.parameters()] + list(self.model.buffers()), src=0)
+        self._broadcast_model_from_rank0()
         self._reset_global_from_model()
 
     def after_inner_step(self, step: int) -> None:
@@ -216,11 +200,7 @@ class DiLoCo(Strategy):
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("algorithm") != self.name:
-            raise ValueError(
-                f"checkpoint holds algorithm state of {state.get('algorithm')!r}, not {self.name!r}: resume with the "
-                f"same algorithm.name or start without the checkpoint"
-            )
+        self._check_state_algorithm(state)
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"{self.name} state format {state.get('format')!r} is not supported (expected {STATE_FORMAT})")
         saved = state["global_params"]

@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-from loco_trainer.algorithms.base import Strategy
-from loco_trainer.comm import Comm, broadcast_flat, flatten, unflatten_into
+from loco_trainer.algorithms._outer import OuterLoopStrategy, cpu_fp32
+from loco_trainer.comm import Comm, flatten, unflatten_into
 
 STATE_FORMAT = 1
 
@@ -49,7 +49,7 @@ def gossip_groups(world_size: int, group_size: int, round_index: int, seed: int 
     return [sorted(g) for g in groups]
 
 
-class NoLoCo(Strategy):
+class NoLoCo(OuterLoopStrategy):
     """NoLoCo (see the module docstring).
 
     Args:
@@ -76,32 +76,19 @@ class NoLoCo(Strategy):
         seed: int = 0,
         init_sync: bool = True,
     ) -> None:
-        if sync_every < 1:
-            raise ValueError(f"sync_every (H) must be >= 1 (got {sync_every})")
-        if outer_lr <= 0:
-            raise ValueError(f"outer_lr must be > 0 (got {outer_lr})")
-        if not 0 <= outer_momentum < 1:
-            raise ValueError(f"outer_momentum must be in [0, 1) (got {outer_momentum})")
+        self._init_outer(
+            model, inner_optimizer, comm, sync_every=sync_every, outer_lr=outer_lr, outer_momentum=outer_momentum
+        )
         if group_size < 2:
             raise ValueError(f"groupSize must be >= 2 (got {group_size})")
-        self.model = model
-        self.inner_optimizer = inner_optimizer
-        self.comm = comm
-        self.sync_every = sync_every
-        self.outer_lr = outer_lr
-        self.outer_momentum = outer_momentum
         self.mean_pull = outer_lr if mean_pull is None else mean_pull
         self.group_size = group_size
         self.seed = seed
         self.init_sync = init_sync
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self.param_names = [n for n, _ in named]
-        self.params = [p for _, p in named]
         #: φᵢ, this worker's outer weights (fp32, CPU)
-        self.outer_params = [p.detach().to("cpu", torch.float32, copy=True) for p in self.params]
+        self.outer_params = cpu_fp32(self.params, copy=True)
         #: m, the outer momentum
         self.momentum = [torch.zeros_like(o) for o in self.outer_params]
-        self.steps_since_sync = 0
         #: inner steps taken so far
         self.t = 0
         self.rounds = 0
@@ -109,7 +96,6 @@ class NoLoCo(Strategy):
         self.last_spread = 0.0
         #: the group of the last round (group ranks)
         self.last_group: list[int] = []
-        self._loaded = False
 
     @classmethod
     def from_spec(cls, spec: Any, model: torch.nn.Module, inner_optimizer: Any, comm: Comm) -> "NoLoCo":
@@ -122,7 +108,7 @@ class NoLoCo(Strategy):
         if self._loaded:
             return
         if self.init_sync:
-            broadcast_flat(self.comm, [p.data for p in self.model.parameters()] + list(self.model.buffers()), src=0)
+            self._broadcast_model_from_rank0()
         with torch.no_grad():
             for o, p in zip(self.outer_params, self.params):
                 o.copy_(p.detach())
@@ -144,7 +130,7 @@ class NoLoCo(Strategy):
     def gossip(self, round_index: int) -> None:
         """Exchange φ and θ−φ with this round's group and apply the modified Nesterov step."""
         n = self.comm.world_size
-        local = [p.detach().to("cpu", torch.float32) for p in self.params]
+        local = cpu_fp32(self.params)
         deltas = [t - o for t, o in zip(local, self.outer_params)]
         mine = torch.cat([flatten(self.outer_params), flatten(deltas)])  # [φ | θ−φ], 2N floats
         if n == 1:
@@ -189,8 +175,7 @@ class NoLoCo(Strategy):
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("algorithm") != self.name:
-            raise ValueError(f"checkpoint holds algorithm state of {state.get('algorithm')!r}, not {self.name!r}")
+        self._check_state_algorithm(state)
         for key, targets in (("outer_params", self.outer_params), ("momentum", self.momentum)):
             saved = state[key]
             if set(saved) != set(self.param_names):
