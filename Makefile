@@ -8,13 +8,14 @@ STAMP := $(VENV)/.installed
 # The CPU wheel of torch 2.13.0 lies on the build machines; the pin keeps pip from pulling a CUDA build.
 PIP_INSTALL := $(PY) -m pip install --disable-pip-version-check -q
 
-.PHONY: install tools test test-fast e2e demo demo-fault crds bench clean help
+.PHONY: install tools test e2e demo demo-fault crds bench clean help
 
 help:
 	@echo "make demo   - create .venv, install, run a real TrainingJob on the embedded local cluster"
 	@echo "make test   - create .venv, install, run the whole suite (unit, multi-process, e2e)"
 	@echo "make crds   - regenerate crds/trainingjob.yaml from the pydantic models"
-	@echo "make bench  - run the CPU benchmarks and update docs/benchmarks.md"
+	@echo "make demo-fault - the demo with a straggler injected: blamed, isolated, resumed"
+	@echo "make bench  - the trainer CPU benchmark (others: bench/*.py, see docs/benchmarks.md)"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,9 +33,6 @@ tools:
 
 test: install tools
 	$(PY) -m pytest -q -ra tests e2e
-
-test-fast: install
-	$(PY) -m pytest -q -ra tests -m "not multiproc"
 
 e2e: install
 	$(PY) -m pytest -q -ra e2e
