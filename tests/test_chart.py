@@ -411,7 +411,7 @@ def test_monitors_are_optional_and_scrape_the_right_ports() -> None:
     assert monitor["spec"]["endpoints"][0]["honorLabels"] is True, "per-job operator series carry their own job label"
     pods = one(objects, "PodMonitor")
     endpoint = pods["spec"]["podMetricsEndpoints"][0]
-    # the worker pod contract (docs/CONTRACTS.md): port `status`, labels loco.dev/job and managed-by loco
+    # the worker pod contract (docs/contracts.md): port `status`, labels loco.dev/job and managed-by loco
     assert endpoint["port"] == "status" and endpoint["path"] == "/metrics"
     assert endpoint["honorLabels"] is True, "the trainer's own job/namespace labels must win"
     assert pods["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/managed-by": "loco"}

@@ -1,4 +1,4 @@
-"""The rendered children follow the pod contract (docs/CONTRACTS.md)."""
+"""The rendered children follow the pod contract (docs/contracts.md)."""
 
 from __future__ import annotations
 

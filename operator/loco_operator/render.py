@@ -1,7 +1,7 @@
 """Render a TrainingJob's children: the headless Service, the trainer ConfigMap and the worker pods.
 
 Pure functions from (job identity, validated spec, per-pod values) to Kubernetes manifests (plain
-dicts), following the pod contract in docs/CONTRACTS.md. Every child carries the job's labels and a
+dicts), following the pod contract in docs/contracts.md. Every child carries the job's labels and a
 controller owner reference, so Kubernetes garbage-collects it with the job.
 """
 
