@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import threading
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +52,7 @@ async def run_operator(
     liveness: str | None = None,
     standalone: bool = True,
     peering_name: str | None = None,
+    priority: int = 0,
     status_port: int | None = None,
     ready_flag: asyncio.Event | threading.Event | None = None,
     stop_flag: asyncio.Event | threading.Event | None = None,
@@ -76,6 +80,7 @@ async def run_operator(
             namespaces=() if all_namespaces else (namespaces or ("default",)),
             standalone=standalone,
             peering_name=peering_name,
+            priority=priority,
             liveness_endpoint=liveness,
             ready_flag=ready_flag,
             stop_flag=stop_flag,
@@ -97,10 +102,13 @@ def operator() -> None:
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=9090, show_default=True, help="Port of /metrics (0: any free port).")
 @click.option("--liveness", default="", help="Liveness endpoint URL, e.g. http://0.0.0.0:8081/healthz (default: none).")
 @click.option("--peering", "peering_name", default=None, help="Use Kopf peering with this name instead of --standalone.")
+@click.option("--priority", type=click.IntRange(0, None), default=None, envvar="LOCO_OPERATOR_PRIORITY",
+              help="Peering priority: the highest-priority operator acts, the others stand by "
+                   "(default with --peering: derived from $POD_NAME or the host name, so replicas differ).")
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging.")
 def run(
     kubeconfig: str | None, context: str | None, namespaces: tuple[str, ...], all_namespaces: bool,
-    metrics_port: int, liveness: str, peering_name: str | None, verbose: bool,
+    metrics_port: int, liveness: str, peering_name: str | None, priority: int | None, verbose: bool,
 ) -> None:
     """Run the operator until interrupted."""
     if all_namespaces and namespaces:
@@ -124,8 +132,20 @@ def run(
             liveness=liveness or None,
             standalone=peering_name is None,
             peering_name=peering_name,
+            priority=peering_priority(priority),
         )
     )
+
+
+def peering_priority(explicit: int | None, environ: dict[str, str] | None = None) -> int:
+    """The operator's Kopf peering priority. Kopf pauses every operator that sees a peer of equal or
+    higher priority, so replicas must not share one: unless given, derive a stable value in
+    1..1,000,000 from the pod's name (the chart sets POD_NAME) or, outside Kubernetes, the host name."""
+    if explicit is not None:
+        return explicit
+    env = os.environ if environ is None else environ
+    identity = env.get("POD_NAME") or socket.gethostname()
+    return zlib.crc32(identity.encode()) % 1_000_000 + 1
 
 
 def _quiet_routine_success(record: logging.LogRecord) -> bool:
