@@ -129,6 +129,11 @@ CASES = [
     {"algorithm": {"name": "diloco", "groupSize": 2, "fragments": 3}},
     {"algorithm": {"name": "streaming-diloco", "fragments": 3, "quantization": "bf16"}},
     {"algorithm": {"name": "co2", "stalenessPenalty": 0.5, "nesterov": True}},
+    {"nprocPerWorker": 2},
+    {"nprocPerWorker": 2, "algorithm": {"name": "ddp"}},
+    {"nprocPerWorker": 2, "algorithm": {"name": "noloco"}},
+    {"nprocPerWorker": 4, "algorithm": {"name": "streaming-diloco"}},
+    {"nprocPerWorker": 1, "algorithm": {"name": "co2"}},
 ]
 
 
@@ -149,6 +154,65 @@ def test_cel_rules_agree_with_python_validation(spec):
             cel_failures.add(rule.path)
     errors = validate_job({"metadata": {"name": "job"}, "spec": spec})
     assert {e.path for e in errors} == cel_failures
+
+
+def test_sharding_rule_mirrors_the_trainer_and_names_both_fields():
+    """The API refuses ``nprocPerWorker > 1`` for exactly the algorithms the trainer cannot shard."""
+    from loco_operator.rules import SHARDABLE_ALGORITHMS
+    from loco_trainer.sharding import SHARDABLE_ALGORITHMS as TRAINER_SHARDABLE, check_shardable
+
+    assert SHARDABLE_ALGORITHMS == TRAINER_SHARDABLE
+    for name in ("ddp", "diloco", "streaming-diloco", "noloco", "co2"):
+        errors = validate_job({"metadata": {"name": "job"}, "spec": {"nprocPerWorker": 2, "algorithm": {"name": name}}})
+        try:
+            check_shardable(name, 2)
+            trainer_ok = True
+        except ValueError:
+            trainer_ok = False
+        assert (errors == []) == trainer_ok, (name, errors)
+        if errors:
+            (error,) = errors
+            assert error.path == "spec.nprocPerWorker" and error.value == 2
+            assert "algorithm.name" in error.message and "set nprocPerWorker to 1" in error.message
+
+
+async def test_embedded_api_server_refuses_sharding_with_an_unsupported_algorithm():
+    """The committed CRD's CEL rule, evaluated by the embedded API server, refuses the object and
+    stores nothing; a shardable algorithm with the same nprocPerWorker is accepted."""
+    import json
+
+    import aiohttp
+
+    from loco_local.apiserver import APIServer
+
+    srv = APIServer(port=0)
+    await srv.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            async def call(method: str, path: str, body: Any = None) -> tuple[int, Any]:
+                async with session.request(method, srv.url + path, data=None if body is None else json.dumps(body),
+                                           headers={"Content-Type": "application/json"}) as resp:
+                    return resp.status, await resp.json()
+
+            status, body = await call("POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
+                                      yaml.safe_load((REPO / CRD_PATH).read_text()))
+            assert status == 201, body
+            jobs = "/apis/loco.dev/v1alpha1/namespaces/default/trainingjobs"
+
+            def job(name: str, algorithm: str) -> dict[str, Any]:
+                return {"apiVersion": "loco.dev/v1alpha1", "kind": "TrainingJob", "metadata": {"name": name},
+                        "spec": {"replicas": 2, "nprocPerWorker": 2, "algorithm": {"name": algorithm}}}
+
+            status, body = await call("POST", jobs, job("sharded-co2", "co2"))
+            assert status == 422, body
+            assert [c["field"] for c in body["details"]["causes"]] == ["spec.nprocPerWorker"]
+            assert "algorithm.name" in body["message"] and "set nprocPerWorker to 1" in body["message"]
+            status, _ = await call("GET", f"{jobs}/sharded-co2")
+            assert status == 404
+            status, body = await call("POST", jobs, job("sharded-diloco", "diloco"))
+            assert status == 201, body
+    finally:
+        await srv.stop()
 
 
 def test_committed_crd_file_matches_the_models():

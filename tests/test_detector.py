@@ -41,6 +41,7 @@ class Job:
         self.src = np.concatenate([ranks, ranks])
         self.dst = np.concatenate([base + (ranks % RPN + 1) % RPN, (ranks + RPN) % world])
         self.link_slow = np.ones(self.src.size)
+        self.link_base_s = 0.02
 
     def link_index(self, src: int, dst: int) -> int:
         return int(np.flatnonzero((self.src == src) & (self.dst == dst))[0])
@@ -60,8 +61,9 @@ class Job:
         exit_s = start + 0.01 + self.rng.uniform(0, 1e-3, self.world)
         self.ready_s = exit_s
         self.seq += 1
-        seconds = 1e-3 * self.rng.uniform(1 - self.jitter, 1 + self.jitter, self.src.size) * self.link_slow
-        links = LinkBatch.from_arrays(src=self.src, dst=self.dst, seconds=seconds, nbytes=4096, at_s=float(exit_s.max()))
+        # 1 MiB per connection at ~50 MB/s: a slow link's excess is tens of ms, above minLinkExcessSeconds
+        seconds = self.link_base_s * self.rng.uniform(1 - self.jitter, 1 + self.jitter, self.src.size) * self.link_slow
+        links = LinkBatch.from_arrays(src=self.src, dst=self.dst, seconds=seconds, nbytes=1 << 20, at_s=float(exit_s.max()))
         records = RecordBatch.from_arrays(rank=np.arange(self.world), seq=seq, enter_s=enter, exit_s=exit_s, nbytes=1 << 20)
         return records, links, float(exit_s.max())
 
@@ -344,3 +346,61 @@ def test_two_node_job_names_both_nodes_when_the_slow_one_cannot_be_told_apart() 
     assert [(v.kind, v.node, v.ranks, v.evidence["scope"]) for v in verdicts] == [
         (VerdictKind.slow_comm_node, None, tuple(range(16)), "ambiguous-nodes")
     ]
+
+
+def _loaded_host_probes(det: Detector, floor_cfg_rounds: int, seed: int) -> list:
+    """Healthy 1 ms probe samples on a starved host: every round, a random fifth of the samples is
+    stretched 2x-9x (the receiving thread waited for a CPU), and one fixed link is starved in every
+    round (its receiver sits on the busiest core). Returns the verdicts."""
+    rng = np.random.default_rng(seed)
+    n = 8
+    src = np.repeat(np.arange(n), n - 1)
+    dst = np.array([d for s in range(n) for d in range(n) if d != s])
+    verdicts = []
+    for k in range(floor_cfg_rounds):
+        seconds = 1e-3 * rng.uniform(0.8, 1.2, src.size)
+        starved = rng.random(src.size) < 0.2
+        starved[(src == 3) & (dst == 5)] = True
+        seconds[starved] *= rng.uniform(2.0, 9.0, int(starved.sum()))
+        verdicts += det.observe((), LinkBatch.from_arrays(src=src, dst=dst, seconds=seconds, nbytes=4096, at_s=float(k)), float(k))
+    return verdicts
+
+
+def test_link_floor_keeps_cpu_starved_millisecond_probes_from_a_verdict() -> None:
+    topo = Topology.uniform(8, 4)
+    healthy = _loaded_host_probes(Detector(DetectorConfig(), topo), 40, seed=5)
+    assert healthy == []
+    # the same samples without the floor: the starved link is blamed (so the floor is what saved it)
+    no_floor = _loaded_host_probes(Detector(DetectorConfig(min_link_excess_seconds=0.0), topo), 40, seed=5)
+    assert any(v.kind is VerdictKind.slow_comm_link and v.link == (3, 5) for v in no_floor), [v.message for v in no_floor]
+
+
+def test_link_floor_still_blames_a_link_slower_by_more_than_the_floor() -> None:
+    topo = Topology.uniform(8, 4)
+    det = Detector(DetectorConfig(min_link_excess_seconds=0.01), topo)
+    n = 8
+    src = np.repeat(np.arange(n), n - 1)
+    dst = np.array([d for s in range(n) for d in range(n) if d != s])
+    verdicts = []
+    for k in range(8):
+        seconds = np.full(src.size, 0.005)
+        if k >= 3:
+            seconds[(src == 2) & (dst == 6)] = 0.05  # 45 ms slower: above the floor
+        verdicts += det.observe((), LinkBatch.from_arrays(src=src, dst=dst, seconds=seconds, nbytes=4096, at_s=float(k)), float(k))
+    assert [(v.kind, v.link) for v in verdicts] == [(VerdictKind.slow_comm_link, (2, 6))]
+
+
+def test_ranks_held_in_a_stalled_exchange_are_not_blamed_for_missing_the_next_collective() -> None:
+    """Rank 0's send to 1 stalls inside seq 0/1 (a p2p exchange); rank 2 finished its part and waits in the
+    all-reduce #2 that 0 and 1 never reach. The fault is the stalled connection, not a non-comm hang."""
+    cfg = DetectorConfig(warmup_collectives=0, hang_timeout_floor_seconds=1.0, warmup_hang_timeout_seconds=1.0)
+    det = Detector(cfg, Topology.uniform(3, 1))
+    recs = [
+        CollectiveRecord(0, 0, "send", 64, 10.0, None, peer=1), CollectiveRecord(0, 1, "recv", 64, 10.0, 10.01, peer=2),
+        CollectiveRecord(1, 0, "send", 64, 10.0, 10.01, peer=2), CollectiveRecord(1, 1, "recv", 64, 10.0, None, peer=0),
+        CollectiveRecord(2, 0, "send", 64, 10.0, 10.01, peer=0), CollectiveRecord(2, 1, "recv", 64, 10.0, 10.01, peer=1),
+        CollectiveRecord(2, 2, "all_reduce", 64, 10.02, None),
+    ]
+    stall = [LinkSample(src=0, dst=1, seconds=math.inf, nbytes=64, at_s=10.5)]
+    verdicts = det.observe(recs, stall, 13.0)
+    assert [(v.kind, v.link, v.ranks) for v in verdicts] == [(VerdictKind.hang_comm, (0, 1), (0, 1))], [v.message for v in verdicts]

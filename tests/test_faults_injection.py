@@ -165,6 +165,14 @@ def test_comm_faults_apply_only_where_configured_and_cost_nothing_when_off() -> 
     assert hook.transfer_delay_s("send", 2) == 0.3
     assert hook.transfer_delay_s("send", 3) == 0.0 and hook.transfer_delay_s("recv", 2) == 0.0
 
+    held = FaultInjection.model_validate({"hangLink": {"peer": 2, "afterCollective": 4}, "ranks": [1]})
+    assert comm_faults(held, 0, 0) is None
+    hook = comm_faults(held, 1, 0)
+    assert hook is not None
+    assert [hook.holds_send(seq, "send", 2) for seq in (3, 4, 9)] == [False, True, True]
+    assert not hook.holds_send(5, "recv", 2) and not hook.holds_send(5, "send", 3)
+    assert hook.transfer_delay_s("send", 2) == 0.0  # held, not slowed
+
     hangs: list[int] = []
     hang = FaultInjection.model_validate({"hangBeforeCollective": 5})
     hook = CommFaults(hang, hang=lambda: hangs.append(1))
@@ -180,5 +188,99 @@ def test_fault_injection_fields_are_validated_with_the_field_named() -> None:
 
     with pytest.raises(ValidationError, match="linkDelay.seconds|link_delay.seconds"):
         FaultInjection.model_validate({"linkDelay": {"peer": 1, "seconds": 0}})
+    with pytest.raises(ValidationError, match="hangLink.peer|hang_link.peer"):
+        FaultInjection.model_validate({"hangLink": {"peer": -1}})
     with pytest.raises(ValidationError, match="collectiveDelayS|collective_delay_s"):
         FaultInjection.model_validate({"collectiveDelayS": -1})
+
+
+# ----------------------------------------------------------------------------------- live hang-comm
+
+HOLD_AT = 18  # seq of rank 1's send in iteration 6 (3 calls per iteration: send, recv, all_reduce)
+LIVE_CONFIG = DetectorConfig(warmup_collectives=3, consecutive=3, hang_timeout_floor_seconds=2.0,
+                             warmup_hang_timeout_seconds=2.0, silence_timeout_seconds=30.0)
+
+
+def _exchange_main(rank: int, port: int, fault: dict, outdir: str) -> None:
+    """A NoLoCo-like rank: every iteration a ring exchange (send to r+1, receive from r-1, posted
+    together) then an all-reduce; ``/status`` served as the trainer serves it, for the live poll."""
+    import pathlib
+
+    import torch
+    import torch.distributed as dist
+
+    from loco_trainer.comm import Comm
+    from loco_trainer.config import FaultInjection
+    from loco_trainer.faults import comm_faults
+    from loco_trainer.progress import ProgressServer, ProgressState
+    from loco_trainer.protocol import ProgressReport, WorkerState
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=90))
+    comm = Comm(fault_hook=comm_faults(FaultInjection.model_validate(fault), rank, 0), stall_after_s=0.5)
+    comm.sync_clock()
+    state = ProgressState(ProgressReport(job_name="hang", replica_index=rank, state=WorkerState.running))
+    state.set_fault_source(lambda s, l: (comm.export_records(s), comm.export_links(l), comm.clock_error_s))
+    server = ProgressServer(state, lambda: b"", "127.0.0.1", 0).start()
+    out = pathlib.Path(outdir)
+    (out / f"port{rank}.tmp").write_text(str(server.port))
+    (out / f"port{rank}.tmp").rename(out / f"port{rank}")
+    mine, theirs, acc = torch.full((1024,), float(rank)), torch.empty(1024), torch.ones(16)
+    for _ in range(40):
+        time.sleep(0.05)  # "compute"
+        for handle in comm.batch_isend_irecv([("send", mine, (rank + 1) % WORLD), ("recv", theirs, (rank - 1) % WORLD)]):
+            handle.wait()
+        comm.all_reduce(acc, "sum")
+    time.sleep(120)  # never reached by a healthy test: the stalled exchange blocks every rank
+
+
+def test_stalled_link_is_hang_comm_of_that_pair_live(tmp_path) -> None:
+    """Rank 1's sends to rank 2 are held from seq HOLD_AT (hangLink): polled live through /status
+    with the operator's cursors, the detector blames connection 1 -> 2 from the stalled-connection
+    samples, at the held exchange, and never blames a rank as hang-noncomm; before the fault, the
+    ring exchange alone (no probes) filled every ring cell of the connection matrix."""
+    import urllib.request
+
+    from loco_operator.faults.live import LiveDetectors
+    from loco_trainer.protocol import ProgressReport
+
+    fault = {"hangLink": {"peer": 2, "afterCollective": HOLD_AT}, "ranks": [1]}
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_exchange_main, args=(r, port, fault, str(tmp_path)), daemon=True) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    live, findings, sampled = LiveDetectors(), [], set()
+    placement = {r: (f"pod-{r}", f"node-{r}") for r in range(WORLD)}
+    try:
+        deadline = time.monotonic() + 120
+        ports: dict[int, int] = {}
+        while len(ports) < WORLD and time.monotonic() < deadline:
+            ports = {r: int((tmp_path / f"port{r}").read_text()) for r in range(WORLD) if (tmp_path / f"port{r}").exists()}
+            time.sleep(0.1)
+        assert len(ports) == WORLD, f"ranks {sorted(ports)} started; exit codes {[p.exitcode for p in procs]}"
+        while not findings and time.monotonic() < deadline:
+            reports = {}
+            for r, p in ports.items():
+                since_seq, since_link = live.cursor("ns/hang", 0, f"pod-{r}")
+                url = f"http://127.0.0.1:{p}/status?sinceSeq={since_seq}&sinceLink={since_link}"
+                with urllib.request.urlopen(url, timeout=10) as resp:
+                    reports[f"pod-{r}"] = ProgressReport.model_validate(json.loads(resp.read()))
+                sampled |= {(x.src, x.dst) for x in reports[f"pod-{r}"].links or [] if x.seconds is not None}
+            findings += live.feed("ns/hang", LIVE_CONFIG, 0, placement, reports, time.time())
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            p.kill()
+            p.join(10)
+    assert findings, "no verdict within 120 s of a stalled connection"
+    kinds = [(f.verdict.kind.value, f.verdict.link, f.verdict.ranks) for f in findings]
+    assert kinds == [("hang-comm", (1, 2), (1, 2))], [f.verdict.message for f in findings]
+    verdict = findings[0].verdict
+    assert verdict.evidence["evidence_from"] == "stalled connections", verdict.evidence
+    assert verdict.seq in (HOLD_AT, HOLD_AT + 1)  # the held exchange itself, not a later collective
+    assert findings[0].pods == ("pod-1", "pod-2") and findings[0].nodes == ("node-1", "node-2")
+    # every ring cell got a transfer time from the healthy exchanges (no probe was run)
+    assert {((r - 1) % WORLD, r) for r in range(WORLD)} <= sampled, sampled

@@ -312,7 +312,7 @@ def test_spec_change_updates_configmap_and_resize_restarts_without_counting():
     resized = plan(job({"replicas": 3}, status=status), children(pod(0), pod(1), spec={"replicas": 3}), NOW)
     assert resized.status["phase"] == "Restarting"
     assert (resized.status["restarts"], resized.status["membershipEpoch"]) == (0, 1)
-    assert resized.actions[0] == EmitEvent("Normal", "Resizing", "Resizing from 2 to 3 workers, resuming from scratch (no checkpoint yet)")
+    assert resized.actions[0] == EmitEvent("Normal", "Resizing", "Resized 2→3 (spec.replicas changed), resuming from scratch (no checkpoint yet)")
 
 
 def test_observed_pod_from_manifest_reads_exit_code_and_termination_report():

@@ -15,7 +15,7 @@ def errors_of(spec, name: str = "job") -> dict[str, FieldError]:
 def test_defaults_and_full_examples_are_valid():
     assert validate_job({"metadata": {"name": "job"}, "spec": {}}) == []
     full = {
-        "replicas": 4, "nprocPerWorker": 2,
+        "replicas": 4, "nprocPerWorker": 1,
         "elastic": {"minReplicas": 2, "maxReplicas": 8},
         "template": {"image": "x:1", "resources": {"limits": {"nvidia.com/gpu": 1, "memory": "8Gi"}},
                      "tolerations": [{"key": "gpu", "operator": "Exists"}], "nodeSelector": {"pool": "gpu"}},
@@ -46,6 +46,8 @@ def test_defaults_and_full_examples_are_valid():
         ({"model": {"name": "custom"}}, "spec.model.factory", ["required", "package.module:callable"]),
         ({"model": {"factory": "a.b:c"}}, "spec.model.factory", ["set name to 'custom'"]),
         ({"data": {"source": "shards"}}, "spec.data.path", ["required", "directory"]),
+        ({"nprocPerWorker": 2, "algorithm": {"name": "noloco"}}, "spec.nprocPerWorker",
+         ["algorithm.name", "ddp | diloco", "set nprocPerWorker to 1"]),
         ({"runPolicy": {"cleanPodPolicy": "Some"}}, "spec.runPolicy.cleanPodPolicy", ["All", "Running", "None"]),
         ({"template": {"nodeSelector": {"a": 1}}}, "spec.template.nodeSelector.a", ["valid string"]),
     ],

@@ -193,3 +193,110 @@ def test_sharded_diloco_saves_its_outer_state_whole_and_resumes_unsharded(tmp_pa
     assert "algorithm changed" not in result.stdout  # the outer state was kept, not reset
     resumed = consolidated(job_dir(root), 6, tmp_path)["algorithm_state"]
     assert resumed["outer_steps"] == 3
+
+
+# --------------------------------------------------------------- sharded DiLoCo saved mid-round
+#
+# syncEvery 2, checkpoints every 3 steps: step 3 lies mid-round (one local step after the sync at 2),
+# so the two replicas' parameters and inner optimizer state differ there and each replica's own
+# copy must be saved (``replica/1/*`` atoms besides the shared ones) for a resume to be exact. The
+# loss of step 5 (rank 0's) follows the outer sync at 4, which averages both replicas' restored
+# state: resuming replica 1 from replica 0's copy would change it.
+
+MID_ROUND = {"name": "diloco", "syncEvery": 2}
+
+
+def mid_round_config(ckpt_root, steps: int) -> dict:
+    cfg = config(ckpt_root, steps, MID_ROUND)
+    cfg["checkpoint"]["everySteps"] = 3
+    return cfg
+
+
+def replica_state(state: dict, k: int) -> dict:
+    """Replica ``k``'s own model and inner optimizer state from a consolidated checkpoint."""
+    return {"model": state["model"], "optim": state["optim"]} if k == 0 else state["replicas"][k]
+
+
+@pytest.fixture(scope="module")
+def diloco_reference(tmp_path_factory):
+    """The uninterrupted sharded DiLoCo run: 2 pods x 2 processes, 6 steps, checkpoints at 3 and 6."""
+    tmp = tmp_path_factory.mktemp("diloco-reference")
+    root = tmp / "ckpt"
+    train(tmp, mid_round_config(root, 6), 4, 2, history=tmp / "h.jsonl")
+    return {"dir": job_dir(root), "history": history(tmp / "h.jsonl"), "tmp": tmp}
+
+
+def test_sharded_diloco_saves_each_replicas_own_state_mid_round(diloco_reference, tmp_path):
+    state = consolidated(diloco_reference["dir"], 3, tmp_path)
+    assert state["algorithm_state"]["steps_since_sync"] == 1
+    assert sorted(state["replicas"]) == [1]
+    zero, one = replica_state(state, 0), replica_state(state, 1)
+    assert zero["model"].keys() == one["model"].keys()
+    assert any(not torch.equal(zero["model"][k], one["model"][k]) for k in zero["model"])  # they diverged
+    for k, v in one["model"].items():
+        assert v.shape == zero["model"][k].shape, k  # saved whole (every shard of pod 1), not one shard
+    assert one["optim"]["state"].keys() == zero["optim"]["state"].keys()
+
+
+def test_sharded_diloco_mid_round_resume_at_the_same_layout_is_exact(diloco_reference, tmp_path):
+    root = tmp_path / "ckpt"
+    os.makedirs(job_dir(root))
+    shutil.copytree(os.path.join(diloco_reference["dir"], "step-00000003"), os.path.join(job_dir(root), "step-00000003"))
+    result = train(tmp_path, mid_round_config(root, 6), 4, 2, history=tmp_path / "h.jsonl")
+    assert "resumed from" in result.stdout and "RNG states reseeded" not in result.stdout
+    resumed = history(tmp_path / "h.jsonl")
+    assert sorted(resumed) == [4, 5, 6]
+    assert [resumed[s] for s in (4, 5, 6)] == [diloco_reference["history"][s] for s in (4, 5, 6)]
+    ours, truth = consolidated(job_dir(root), 6, tmp_path), consolidated(diloco_reference["dir"], 6, tmp_path)
+    assert_state_identical(ours, truth)
+    for name, g in truth["algorithm_state"]["global_params"].items():
+        assert torch.equal(ours["algorithm_state"]["global_params"][name], g), name
+
+
+def outer_step(truth: dict, sources: list[int]) -> dict[str, torch.Tensor]:
+    """DiLoCo's final outer step (``finish()``) from checkpoint ``truth`` when the resumed replicas
+    hold saved replicas ``sources``' parameters: average pseudo-gradient, then the saved outer SGD."""
+    algo = truth["algorithm_state"]
+    names = list(algo["global_params"])
+    params = [algo["global_params"][n].clone() for n in names]
+    opt = torch.optim.SGD(params, lr=1.0)
+    opt.load_state_dict(algo["outer_optimizer"])
+    for n, g in zip(names, params):
+        g.grad = sum(g - replica_state(truth, k)["model"][n] for k in sources) / len(sources)
+    opt.step()
+    return dict(zip(names, params))
+
+
+@pytest.mark.parametrize("nproc, per_worker", [(3, 1), (2, 2)], ids=["3x1-unsharded", "1x2-sharded"])
+def test_sharded_diloco_mid_round_loads_at_another_layout_by_the_replica_rule(diloco_reference, tmp_path, nproc,
+                                                                              per_worker):
+    """New replica ``j`` of ``M`` takes saved replica ``j mod N``'s own state, resharded.
+
+    A run of 0 steps loads step 3 and ends with DiLoCo's final outer step over the partial round, then
+    re-saves step 3. Its inner optimizer state (untouched by the outer step) must equal, bit for bit
+    and per replica, the saved replica it maps to; its parameters must be the outer step over the
+    pseudo-gradients of the mapped replicas (equal up to the all-reduce's fp32 summation order), which
+    for 3x1 is far from what "every replica starts from replica 0's" would give."""
+    root = tmp_path / "ckpt"
+    hint = os.path.join(diloco_reference["dir"], "step-00000003")
+    result = train(tmp_path, mid_round_config(root, 3), nproc, per_worker, resume_from=hint)
+    replicas = nproc // per_worker
+    sources = [j % 2 for j in range(replicas)]
+    for j, k in enumerate(sources):
+        assert f"of replica {j} taken from saved replica {k}" in result.stdout
+    truth = consolidated(diloco_reference["dir"], 3, tmp_path)
+    loaded = consolidated(job_dir(root), 3, tmp_path)
+    assert loaded["layout"]["numReplicas"] == replicas and loaded["layout"]["nprocPerWorker"] == per_worker
+    assert sorted(loaded["replicas"]) == list(range(1, replicas))
+    for j, k in enumerate(sources):
+        got, want = replica_state(loaded, j)["optim"]["state"], replica_state(truth, k)["optim"]["state"]
+        assert got.keys() == want.keys()
+        for fqn, entry in want.items():
+            for name, v in entry.items():
+                assert torch.equal(torch.as_tensor(got[fqn][name]), torch.as_tensor(v)), (j, fqn, name)
+    expected, from_replica_0 = outer_step(truth, sources), outer_step(truth, [0])
+    for name, want in expected.items():
+        for j in range(replicas):
+            torch.testing.assert_close(replica_state(loaded, j)["model"][name], want, rtol=0, atol=1e-6)
+    if len(set(sources)) > 1:  # the rule is observable: replica 0's state alone gives another model
+        assert max(float((expected[n] - from_replica_0[n]).abs().max()) for n in expected) > 1e-4

@@ -39,6 +39,7 @@ from kubernetes.client.rest import ApiException
 from loco_trainer.config import DEFAULT_STATUS_PORT
 from loco_trainer.protocol import STATUS_PATH, ProgressReport
 
+from .capacity import free_slots
 from .metrics import OperatorMetrics
 from .faults.live import LiveDetectors
 from .faults.types import DetectorConfig
@@ -57,8 +58,8 @@ from .planner import (
     parse_report,
     plan,
 )
-from .render import CONFIG_KEY, LABEL_JOB, JobRef
-from .spec import GROUP, PLURAL, VERSION
+from .render import CONFIG_KEY, LABEL_JOB, JobRef, render_pod
+from .spec import GROUP, PLURAL, VERSION, TrainingJobSpec
 
 log = logging.getLogger(__name__)
 
@@ -291,6 +292,7 @@ async def observe(ctx: OperatorContext, job: dict[str, Any]) -> Observed:
     key = f"{ref.namespace}/{ref.name}"
     reports = await poll_reports(ctx, pods, cursors=lambda pod: ctx.faults.cursor(key, epoch, pod.name))
     findings = feed_detector(ctx, job, epoch, pods, reports)
+    slots = await observe_capacity(ctx, job)
     return Observed(
         pods=tuple(pods),
         service_exists=service is not None,
@@ -298,7 +300,33 @@ async def observe(ctx: OperatorContext, job: dict[str, Any]) -> Observed:
         reports=reports,
         foreign_pods=frozenset(foreign),
         findings=tuple(findings),
+        free_slots=slots,
     )
+
+
+async def observe_capacity(ctx: OperatorContext, job: dict[str, Any]) -> int | None:
+    """How many more worker pods the cluster could place (:func:`loco_operator.capacity.free_slots`),
+    only for a Running elastic job below ``spec.replicas`` (the one case the planner asks); None
+    otherwise or when the nodes cannot be read (the job then simply does not grow yet)."""
+    spec, status = job.get("spec") or {}, job.get("status") or {}
+    desired = int((status.get("workers") or {}).get("desired") or 0)
+    if not spec.get("elastic") or status.get("phase") != "Running" or not 0 < desired < int(spec.get("replicas") or 0):
+        return None
+    try:
+        parsed = TrainingJobSpec.model_validate(spec)
+    except ValueError:
+        return None
+    ref = JobRef.from_body(job)
+    template = render_pod(ref, parsed, 0, 0, avoid_nodes=status.get("avoidNodes") or ())
+    try:
+        nodes, pods = await asyncio.gather(
+            _call(ctx, "list_nodes", ctx.core.list_node),
+            _call(ctx, "list_all_pods", ctx.core.list_pod_for_all_namespaces),
+        )
+    except ApiException as exc:
+        log.warning(f"[{ref.namespace}/{ref.name}] cannot read cluster capacity for elastic growth: {exc.reason}")
+        return None
+    return free_slots(template, nodes.get("items") or [], pods.get("items") or [], status.get("avoidNodes") or ())
 
 
 def feed_detector(ctx: OperatorContext, job: dict[str, Any], epoch: int, pods: Sequence[ObservedPod],

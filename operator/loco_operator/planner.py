@@ -85,6 +85,7 @@ class Reason(str, Enum):
     fault_detected = "FaultDetected"
     fault_suspected = "FaultSuspected"
     node_cordoned = "NodeCordoned"
+    waiting_for_capacity = "WaitingForCapacity"
 
 
 class ConditionType(str, Enum):
@@ -118,6 +119,9 @@ class ObservedPod:
     termination_report: ProgressReport | None = None  # parsed termination message, if it was one
     node_name: str | None = None
     pod_ip: str | None = None
+    #: The scheduler's message while the pod's PodScheduled condition is False/Unschedulable, and since when.
+    unschedulable: str | None = None
+    unschedulable_since: str | None = None
 
     @classmethod
     def from_manifest(cls, pod: Mapping[str, Any]) -> "ObservedPod | None":
@@ -137,6 +141,10 @@ class ObservedPod:
                 reason = terminated.get("reason")
                 report = parse_report(terminated.get("message"))
                 break
+        unschedulable = since = None
+        for cond in status.get("conditions") or []:
+            if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and cond.get("reason") == "Unschedulable":
+                unschedulable, since = cond.get("message") or "Unschedulable", cond.get("lastTransitionTime")
         return cls(
             name=meta.get("name", ""),
             rank=rank,
@@ -148,6 +156,8 @@ class ObservedPod:
             termination_report=report,
             node_name=(pod.get("spec") or {}).get("nodeName"),
             pod_ip=status.get("podIP"),
+            unschedulable=unschedulable,
+            unschedulable_since=since,
         )
 
     @property
@@ -180,6 +190,9 @@ class Observed:
     foreign_pods: frozenset[str] = frozenset()
     #: New verdicts of the live fault detector (loco_operator.faults.live), resolved to pods and nodes.
     findings: tuple[FaultFinding, ...] = ()
+    #: How many more worker pods the cluster could place right now (:func:`loco_operator.capacity.free_slots`);
+    #: None when not computed (only elastic jobs below their target size need it).
+    free_slots: int | None = None
 
 
 # ------------------------------------------------------------------------------------- actions
@@ -469,17 +482,23 @@ def _finished(p: _Planner, spec: TrainingJobSpec | None) -> None:
 
 
 def _restart(
-    p: _Planner, spec: TrainingJobSpec, failures: list[str], resize_from: int | None = None, cause: str | None = None
+    p: _Planner, spec: TrainingJobSpec, failures: list[str], resize_from: int | None = None, cause: str | None = None,
+    size: int | None = None,
 ) -> None:
-    """Start a new membership epoch: delete every worker; they are recreated once all are gone."""
+    """Start a new membership epoch of ``size`` workers (default ``spec.replicas``): delete every
+    worker; they are recreated once all are gone. ``resize_from``: the worker count changes (a
+    ``Resizing`` event ``Resized 3→2 (cause)``; not counted against backoffLimit)."""
     st = p.status
+    size = spec.replicas if size is None else size
     for message in failures:
         p.event(EventType.warning, Reason.worker_failed, message)
     ckpt = st.last_checkpoint
     origin = f"step {ckpt.step}" if ckpt else "scratch (no checkpoint yet)"
     if resize_from is not None:
         reason = Reason.resizing
-        message = f"Resizing from {resize_from} to {spec.replicas} workers, resuming from {origin}"
+        message = f"Resized {resize_from}→{size} ({cause or 'spec.replicas changed'}), resuming from {origin}"
+        st.resizes += 1
+        st.last_resize_time = rfc3339(p.now)
     else:
         st.restarts += 1
         reason = Reason.restarting
@@ -493,7 +512,86 @@ def _restart(
     p.condition(ConditionType.running, False, reason, message)
     p.event(EventType.warning if resize_from is None else EventType.normal, reason, message)
     p.delete_pods(p.observed.pods, f"{reason.value}: epoch {st.membership_epoch}")
-    st.workers = WorkersStatus(desired=spec.replicas, ready=0)
+    st.workers = WorkersStatus(desired=size, ready=0)
+
+
+def _requeue(p: _Planner, after_s: float) -> None:
+    """Reconcile again within ``after_s`` seconds (the earliest of all requests wins)."""
+    after_s = max(after_s, 0.5)
+    p.requeue_after_s = after_s if p.requeue_after_s is None else min(p.requeue_after_s, after_s)
+
+
+def _min_replicas(spec: TrainingJobSpec) -> int:
+    el = spec.elastic
+    return spec.replicas if el is None or el.min_replicas is None else min(el.min_replicas, spec.replicas)
+
+
+def _size(spec: TrainingJobSpec, st: TrainingJobStatus) -> int:
+    """The current epoch's worker count: ``spec.replicas``, except while an elastic job is shrunk
+    (``status.workers.desired`` below it, never below minReplicas). A change of ``spec.replicas``
+    by the user (``status.targetReplicas`` differs) always moves the job to the new value."""
+    if spec.elastic is None or st.workers is None or not st.workers.desired:
+        return spec.replicas
+    target_before = st.target_replicas if st.target_replicas is not None else st.workers.desired
+    if target_before != spec.replicas:
+        return spec.replicas
+    return max(min(st.workers.desired, spec.replicas), _min_replicas(spec))
+
+
+def _elastic_shrink(p: _Planner, spec: TrainingJobSpec, current: Sequence[ObservedPod], size: int) -> bool:
+    """Workers the scheduler has not placed for ``elastic.placementTimeoutSeconds``: restart the job
+    without them (a resize, down to minReplicas at most); at minReplicas wait in phase Restarting
+    with a ``WaitingForCapacity`` condition until they are placed. True when it acted."""
+    assert spec.elastic is not None
+    st = p.status
+    timeout = timedelta(seconds=spec.elastic.placement_timeout_seconds)
+    stuck: list[ObservedPod] = []
+    for pod in current:
+        if pod.deleting or pod.phase != "Pending" or not pod.unschedulable:
+            continue
+        due = (parse_time(pod.unschedulable_since) or p.now) + timeout
+        if p.now >= due:
+            stuck.append(pod)
+        else:
+            _requeue(p, (due - p.now).total_seconds())
+    if not stuck:
+        return False
+    first = min(stuck, key=lambda pod: pod.rank)
+    why = f"{first.name} cannot be placed: {first.unschedulable}"
+    lo = _min_replicas(spec)
+    new = max(size - len(stuck), lo)
+    if new < size:
+        _restart(p, spec, [], resize_from=size, size=new, cause=why)
+        return True
+    message = (f"Waiting for capacity: {len(stuck)} of {size} workers cannot be placed and elastic.minReplicas is {lo} "
+               f"({why})")
+    if st.message != message:
+        p.event(EventType.warning, Reason.waiting_for_capacity, message)
+    st.phase, st.message = Phase.restarting, message
+    p.condition(ConditionType.restarting, True, Reason.waiting_for_capacity, message)
+    p.condition(ConditionType.running, False, Reason.waiting_for_capacity, message)
+    ready = sum(1 for pod in current if pod.phase == "Running" and not pod.deleting and pod.name in p.observed.reports)
+    st.workers = WorkersStatus(desired=size, ready=ready)
+    _requeue(p, 5.0)
+    return True
+
+
+def _elastic_grow(p: _Planner, spec: TrainingJobSpec, size: int) -> bool:
+    """A shrunk elastic job grows back towards ``spec.replicas`` once the cluster can place more
+    workers (``observed.free_slots``) and ``scaleUpDelaySeconds`` passed since the last resize."""
+    assert spec.elastic is not None
+    st = p.status
+    _requeue(p, 5.0)  # keep looking at the cluster's capacity while shrunk
+    slots = p.observed.free_slots or 0
+    if slots <= 0:
+        return False
+    last = parse_time(st.last_resize_time)
+    due = last + timedelta(seconds=spec.elastic.scale_up_delay_seconds) if last else p.now
+    if p.now < due:
+        _requeue(p, (due - p.now).total_seconds())
+        return False
+    _restart(p, spec, [], resize_from=size, size=min(spec.replicas, size + slots), cause="capacity")
+    return True
 
 
 def _reconcile(p: _Planner, spec: TrainingJobSpec) -> None:
@@ -501,7 +599,9 @@ def _reconcile(p: _Planner, spec: TrainingJobSpec) -> None:
     st.algorithm = spec.algorithm.name.value
     policy = spec.run_policy
     epoch = st.membership_epoch
-    current = [pod for pod in p.observed.pods if pod.epoch == epoch and pod.rank < spec.replicas]
+    size = _size(spec, st)  # this epoch's worker count (below spec.replicas while an elastic job is shrunk)
+    st.target_replicas = spec.replicas
+    current = [pod for pod in p.observed.pods if pod.epoch == epoch and pod.rank < size]
     stale = [pod for pod in p.observed.pods if pod not in current]
     _progress(p, spec, current)
 
@@ -547,8 +647,8 @@ def _reconcile(p: _Planner, spec: TrainingJobSpec) -> None:
 
     # 4. resize (spec.replicas changed under live workers)
     desired_before = st.workers.desired if st.workers else 0
-    if desired_before and desired_before != spec.replicas and any(pod.live for pod in current):
-        _restart(p, spec, [], resize_from=desired_before)
+    if desired_before and desired_before != size and any(pod.live for pod in current):
+        _restart(p, spec, [], resize_from=desired_before, size=size)
         return
 
     # 5. failures of the current epoch
@@ -557,7 +657,7 @@ def _reconcile(p: _Planner, spec: TrainingJobSpec) -> None:
                 if pod.phase == "Failed" or (pod.deleting and pod.phase != "Succeeded")]
     if st.phase is Phase.running and not stale:
         failures += [_failure_message(ObservedPod(p.ref.pod_name(r), r, epoch), st.phase)
-                     for r in range(spec.replicas) if r not in by_rank]
+                     for r in range(size) if r not in by_rank]
     if failures:
         if st.restarts + 1 > policy.backoff_limit:
             for message in failures:
@@ -567,7 +667,11 @@ def _reconcile(p: _Planner, spec: TrainingJobSpec) -> None:
                    policy.clean_pod_policy)
             st.workers = WorkersStatus(desired=spec.replicas, ready=0)
         else:
-            _restart(p, spec, failures)
+            _restart(p, spec, failures, size=size)
+        return
+
+    # 5a. elastic: workers that cannot be placed -> shrink, or wait at minReplicas
+    if spec.elastic is not None and _elastic_shrink(p, spec, current, size):
         return
 
     # 5b. faults the live detector found in this epoch: record, isolate the node, restart
@@ -582,18 +686,22 @@ def _reconcile(p: _Planner, spec: TrainingJobSpec) -> None:
         _act_on_faults(p, spec, findings)
         return
 
+    # 5c. elastic: grow back when the cluster can place more workers
+    if spec.elastic is not None and size < spec.replicas and st.phase is Phase.running and _elastic_grow(p, spec, size):
+        return
+
     # 6. success: every worker of this epoch exited 0
-    if len(by_rank) == spec.replicas and all(pod.phase == "Succeeded" for pod in by_rank.values()):
+    if len(by_rank) == size and all(pod.phase == "Succeeded" for pod in by_rank.values()):
         st.phase = Phase.succeeded
         st.completion_time = rfc3339(p.now)
-        st.message = f"All {spec.replicas} workers finished at step {st.step if st.step is not None else '?'}"
+        st.message = f"All {size} workers finished at step {st.step if st.step is not None else '?'}"
         p.condition(ConditionType.succeeded, True, Reason.succeeded, st.message)
         for cond_type in (ConditionType.running, ConditionType.restarting):
             if any(c.type == cond_type.value and c.status == "True" for c in st.conditions):
                 p.condition(cond_type, False, Reason.succeeded, st.message)
         p.event(EventType.normal, Reason.succeeded, st.message)
         p.cleanup(policy.clean_pod_policy)
-        st.workers = WorkersStatus(desired=spec.replicas, ready=0)
+        st.workers = WorkersStatus(desired=size, ready=0)
         return
 
     # 7. stale workers (an old epoch, or ranks beyond replicas) must be gone before new ones start
@@ -601,21 +709,22 @@ def _reconcile(p: _Planner, spec: TrainingJobSpec) -> None:
         p.delete_pods(stale, f"{Reason.stale_epoch.value}: epoch is {epoch}")
         st.phase = st.phase or Phase.pending
         st.message = f"Waiting for {len(stale)} old workers to terminate before starting epoch {epoch}"
-        st.workers = WorkersStatus(desired=spec.replicas, ready=0)
+        st.workers = WorkersStatus(desired=size, ready=0)
         return
 
     # 8. create missing workers
-    missing = [r for r in range(spec.replicas) if r not in by_rank]
+    missing = [r for r in range(size) if r not in by_rank]
     blocked = [r for r in missing if p.ref.pod_name(r) in p.observed.foreign_pods]
     if blocked:
         st.phase = st.phase or Phase.pending
         st.message = (f"Waiting for pod {p.ref.pod_name(blocked[0])}, which is not owned by this TrainingJob, "
                       "to be deleted before creating workers")
-        st.workers = WorkersStatus(desired=spec.replicas, ready=0)
+        st.workers = WorkersStatus(desired=size, ready=0)
         return
     resume = st.last_checkpoint.path if st.last_checkpoint else ""
     for rank in missing:
-        body = render_pod(p.ref, spec, rank, epoch, restarts=st.restarts, resume_from=resume, avoid_nodes=st.avoid_nodes)
+        body = render_pod(p.ref, spec, rank, epoch, restarts=st.restarts, resume_from=resume, avoid_nodes=st.avoid_nodes,
+                          num_replicas=size)
         p.actions.append(CreatePod(p.ref.pod_name(rank), rank, epoch, body))
     if missing or current:
         st.start_time = st.start_time or rfc3339(p.now)  # workers exist (or are about to) from now on
@@ -627,17 +736,17 @@ def _reconcile(p: _Planner, spec: TrainingJobSpec) -> None:
     # 9. phase from the workers
     running = [pod for pod in current if pod.phase == "Running" and not pod.deleting]
     ready = sum(1 for pod in running if pod.name in p.observed.reports)
-    st.workers = WorkersStatus(desired=spec.replicas, ready=ready)
-    if not missing and len(running) + sum(pod.phase == "Succeeded" for pod in current) == spec.replicas and running:
+    st.workers = WorkersStatus(desired=size, ready=ready)
+    if not missing and len(running) + sum(pod.phase == "Succeeded" for pod in current) == size and running:
         if st.phase is not Phase.running:
             st.phase = Phase.running
-            st.message = f"All {spec.replicas} workers running (epoch {epoch})"
+            st.message = f"All {size} workers running (epoch {epoch})"
             p.condition(ConditionType.running, True, Reason.running, st.message)
             p.condition(ConditionType.restarting, False, Reason.running, st.message)
             p.event(EventType.normal, Reason.running, st.message)
     elif st.phase is None or (missing and st.phase is not Phase.restarting):
         st.phase = Phase.pending
-        st.message = f"Waiting for {spec.replicas - len(running)} of {spec.replicas} workers to start"
+        st.message = f"Waiting for {size - len(running)} of {size} workers to start"
     elif st.phase is Phase.restarting:
         st.message = st.message or f"Waiting for workers of epoch {epoch} to start"
 

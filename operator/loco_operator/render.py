@@ -142,8 +142,13 @@ def _field_ref(path: str) -> dict[str, Any]:
     return {"valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}}
 
 
-def worker_env(job: JobRef, spec: TrainingJobSpec, rank: int, epoch: int, restarts: int, resume_from: str) -> list[dict[str, Any]]:
+def worker_env(
+    job: JobRef, spec: TrainingJobSpec, rank: int, epoch: int, restarts: int, resume_from: str, num_replicas: int | None = None
+) -> list[dict[str, Any]]:
     """The container environment: the contract variables (EnvVar), then template.env.
+
+    ``num_replicas``: the worker count of this epoch (default ``spec.replicas``; lower while an
+    elastic job is shrunk).
 
     A template variable with the same name as a contract variable replaces it (the user's explicit
     choice wins); every other template variable is appended in order.
@@ -153,7 +158,7 @@ def worker_env(job: JobRef, spec: TrainingJobSpec, rank: int, epoch: int, restar
         EnvVar.JOB_NAME: job.name,
         EnvVar.NAMESPACE: job.namespace,
         EnvVar.REPLICA_INDEX: str(rank),
-        EnvVar.NUM_REPLICAS: str(spec.replicas),
+        EnvVar.NUM_REPLICAS: str(spec.replicas if num_replicas is None else num_replicas),
         EnvVar.NPROC_PER_WORKER: str(spec.nproc_per_worker),
         EnvVar.EPOCH: str(epoch),
         EnvVar.RESTART_COUNT: str(restarts),
@@ -200,9 +205,11 @@ def avoid_nodes_affinity(affinity: dict[str, Any] | None, avoid_nodes: Sequence[
 
 def render_pod(
     job: JobRef, spec: TrainingJobSpec, rank: int, epoch: int, restarts: int = 0, resume_from: str = "",
-    avoid_nodes: Sequence[str] = (),
+    avoid_nodes: Sequence[str] = (), num_replicas: int | None = None,
 ) -> dict[str, Any]:
     """Worker pod ``<job>-worker-<rank>`` of membership epoch ``epoch``.
+
+    ``num_replicas``: the epoch's worker count (``LOCO_NUM_REPLICAS``; default ``spec.replicas``).
 
     ``resume_from`` is the last committed checkpoint known to the operator (``""``: none); it
     reaches the trainer as ``LOCO_RESUME_FROM``. Contract labels win over template labels.
@@ -215,7 +222,7 @@ def render_pod(
         "name": CONTAINER_NAME,
         "image": tpl.image,
         "command": list(tpl.command) if tpl.command else list(DEFAULT_COMMAND),
-        "env": worker_env(job, spec, rank, epoch, restarts, resume_from),
+        "env": worker_env(job, spec, rank, epoch, restarts, resume_from, num_replicas),
         "ports": [
             {"name": "status", "containerPort": DEFAULT_STATUS_PORT, "protocol": "TCP"},
             {"name": "rendezvous", "containerPort": MASTER_PORT, "protocol": "TCP"},

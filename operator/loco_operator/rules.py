@@ -26,6 +26,10 @@ from pydantic.alias_generators import to_camel
 MAX_JOB_NAME_LENGTH = 63 - len("-worker-") - 4
 _DNS_1035 = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 _FACTORY = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$"
+#: Algorithms that can run sharded inside a pod (``nprocPerWorker > 1``, FSDP2). Mirrors
+#: ``loco_trainer.sharding.SHARDABLE_ALGORITHMS``, which cannot be imported here (that module imports
+#: torch; the operator never does); ``tests/test_crd.py`` checks the two agree.
+SHARDABLE_ALGORITHMS = ("ddp", "diloco")
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,17 @@ RULES: tuple[CrossFieldRule, ...] = (
         cel="self.model.name != 'gpt' || self.training.seqLen <= self.model.gpt.blockSize",
         message="spec.training.seqLen must be <= spec.model.gpt.blockSize: lower training.seqLen or raise model.gpt.blockSize",
         check=lambda s: s["model"]["name"] != "gpt" or s["training"]["seqLen"] <= s["model"]["gpt"]["blockSize"],
+    ),
+    CrossFieldRule(
+        scope=("spec",),
+        field="nprocPerWorker",
+        cel="self.nprocPerWorker <= 1 || self.algorithm.name in ["
+        + ", ".join(f"'{a}'" for a in SHARDABLE_ALGORITHMS) + "]",
+        message=(
+            f"spec.nprocPerWorker > 1 (FSDP sharding inside a pod) requires spec.algorithm.name "
+            f"{' | '.join(SHARDABLE_ALGORITHMS)}: set nprocPerWorker to 1 or algorithm.name to one of those"
+        ),
+        check=lambda s: s["nprocPerWorker"] <= 1 or s["algorithm"]["name"] in SHARDABLE_ALGORITHMS,
     ),
     CrossFieldRule(
         scope=("spec", "model", "gpt"),

@@ -40,12 +40,16 @@ DEFAULT_IMAGE = "ghcr.io/loco-dev/loco-trainer:0.1.0"
 
 
 class ElasticSpec(Model):
-    """Bounds for elastic resizing (stored and validated now; acted on by the elastic controller)."""
+    """Bounds for elastic resizing (docs/elastic.md): the job shrinks when a worker's replacement cannot be
+    placed, waits below minReplicas, and grows back towards ``replicas`` when capacity returns."""
 
     min_replicas: int | None = Field(None, ge=1, description="Fewest workers the job keeps running with (default: replicas).")
     max_replicas: int | None = Field(None, ge=1, description="Most workers the job may grow to (default: replicas).")
     scale_up_delay_seconds: int = Field(
         30, ge=0, description="Wait this long after capacity returns before growing (avoids flapping)."
+    )
+    placement_timeout_seconds: int = Field(
+        15, ge=0, description="A worker pod left Unschedulable this long is dropped: the job shrinks (down to minReplicas)."
     )
 
 
@@ -228,3 +232,8 @@ class TrainingJobStatus(Model):
     avoid_nodes: list[str] = Field(
         default_factory=list, description="Nodes blamed for faults; worker pods get a required node anti-affinity against them."
     )
+    target_replicas: int | None = Field(
+        None, description="spec.replicas the job is sized for; workers.desired is lower while an elastic job is shrunk."
+    )
+    last_resize_time: str | None = Field(None, description="When the worker count last changed (scaleUpDelaySeconds counts from it).")
+    resizes: int = Field(0, description="Worker-count changes so far (they do not count against backoffLimit).")

@@ -15,8 +15,8 @@
 offset against global rank 0's wall clock, so :meth:`Comm.export_records` can ship entry/exit times
 on one common clock; :meth:`Comm.probe` times a small ring exchange between every pair of ranks over
 successive calls (the connection matrix when the algorithm has no point-to-point traffic); a
-``fault_hook`` (:class:`loco_trainer.faults.CommFaults`) injects hangs, stragglers and slow links
-for tests and demos, and costs one ``is None`` test per call when absent.
+``fault_hook`` (:class:`loco_trainer.faults.CommFaults`) injects hangs, stragglers, slow links and
+stalled connections for tests and demos, and costs one ``is None`` test per call when absent.
 
 Cost model (bytes per rank for a payload of ``S`` bytes in a group of ``n`` ranks; the usual
 bandwidth-optimal algorithms, see Thakur et al. 2005 / Patarasuk & Yuan 2009):
@@ -81,6 +81,9 @@ class CollectiveRecord:
     exit_ns: int | None = None
     peer: int | None = None
     probe: bool = False  # a fault-detection probe (Comm.probe): kept out of export_records
+    #: set when a thread starts waiting for it (CommHandle.wait): an in-flight call nobody waits on
+    #: yet may well have moved its data already (gloo completes a transfer only inside wait())
+    waited: bool = False
 
     @property
     def duration_ns(self) -> int | None:
@@ -110,6 +113,8 @@ class CommHandle:
 
     def wait(self) -> Any:
         if not self._done:
+            if self._record is not None:
+                self._record.waited = True
             self._work.wait()
             if self._post is not None:
                 self._post()
@@ -121,6 +126,21 @@ class CommHandle:
     def is_completed(self) -> bool:
         """True once the operation finished (``wait()`` then returns at once)."""
         return self._done or bool(self._work.is_completed())
+
+
+class _HeldWork:
+    """The work of a transfer that fault injection holds (``hangLink``): never completes;
+    ``wait()`` calls ``hold`` (forever, unless a test bounds it)."""
+
+    def __init__(self, hold: Callable[[], None]) -> None:
+        self._hold = hold
+
+    def wait(self) -> bool:
+        self._hold()
+        return False
+
+    def is_completed(self) -> bool:
+        return False
 
 
 class _Counter:
@@ -145,9 +165,20 @@ class Comm:
     ``torch.distributed`` group). Ranks passed to ``src``/``dst`` are ranks *within this group*.
     """
 
-    def __init__(self, group: Any | None = None, *, history: int = 4096, fault_hook: Any | None = None) -> None:
+    def __init__(
+        self, group: Any | None = None, *, history: int = 4096, fault_hook: Any | None = None, stall_after_s: float = 5.0
+    ) -> None:
+        """``stall_after_s``: a send/recv in flight for longer than this is shipped as a stalled
+        connection sample (:meth:`export_links`); keep it below the detector's
+        ``hangTimeoutFloorSeconds`` so the sample is there when the hang-comm timeout expires."""
         if history < 1:
             raise ValueError(f"history must be >= 1 (got {history})")
+        if not stall_after_s > 0:
+            raise ValueError(f"stall_after_s must be > 0 (got {stall_after_s})")
+        self.stall_after_s = float(stall_after_s)
+        #: seqs of p2p records already turned into connection samples (completed / stalled)
+        self._p2p_sampled: set[int] = set()
+        self._p2p_stalled: set[int] = set()
         self._group = group
         if group is None and not dist.is_initialized():
             self._rank, self._world_size = 0, 1
@@ -372,6 +403,8 @@ class Comm:
         self._check_peer(dst, "dst")
         size = _nbytes(t)
         record = self._enter("send", size, size, 0, peer=dst)
+        if self._held(record.seq, "send", dst):
+            return CommHandle(_HeldWork(self._fault_hook.hold), t, record)
         self._transfer_delay("send", dst)
         work = dist.isend(t, dst=self._global_rank(dst), group=self._group)
         return CommHandle(work, t, record)
@@ -387,24 +420,31 @@ class Comm:
         """Post several point-to-point operations at once: ``ops`` are ``("send"|"recv", tensor,
         peer)`` triples. Returns one handle per op; wait on all of them. Posting sends and receives
         together avoids the deadlock of two ranks both blocking in ``send`` first."""
-        p2p, records, tensors = [], [], []
-        for kind, t, peer in ops:
+        ops = list(ops)
+        for kind, _, peer in ops:
             if kind not in ("send", "recv"):
                 raise ValueError(f"batch_isend_irecv op kind must be 'send' or 'recv', got {kind!r}")
             self._check_peer(peer, "peer")
-            size = _nbytes(t)
-            records.append(self._enter(kind, size, size if kind == "send" else 0, size if kind == "recv" else 0, peer=peer))
+        # every op is recorded first (they are posted together), then injected faults apply
+        records = [self._enter(kind, _nbytes(t), _nbytes(t) if kind == "send" else 0,
+                               _nbytes(t) if kind == "recv" else 0, peer=peer) for kind, t, peer in ops]
+        p2p, posted = [], []
+        for i, ((kind, t, peer), record) in enumerate(zip(ops, records)):
+            if self._held(record.seq, kind, peer):
+                continue  # a stalled connection: never posted, its handle never completes
             self._transfer_delay(kind, peer)
             fn = dist.isend if kind == "send" else dist.irecv
             p2p.append(dist.P2POp(fn, t, self._global_rank(peer), group=self._group))
-            tensors.append(t)
-        if not p2p:
-            return []
-        works = dist.batch_isend_irecv(p2p)
-        if len(works) == len(p2p):
-            return [CommHandle(w, t, r) for w, t, r in zip(works, tensors, records)]
-        # some backends return a single work for the whole batch: every handle waits on it
-        return [CommHandle(works[0], t, r) for t, r in zip(tensors, records)]
+            posted.append(i)
+        handles: list[CommHandle | None] = [None] * len(ops)
+        if p2p:
+            works = dist.batch_isend_irecv(p2p)
+            # some backends return a single work for the whole batch: every handle waits on it
+            works = works if len(works) == len(p2p) else [works[0]] * len(p2p)
+            for i, w in zip(posted, works):
+                handles[i] = CommHandle(w, ops[i][1], records[i])
+        return [h if h is not None else CommHandle(_HeldWork(self._fault_hook.hold), ops[i][1], records[i])
+                for i, h in enumerate(handles)]
 
     def barrier(self) -> None:
         """Block until every rank of the group reached the barrier."""
@@ -415,6 +455,10 @@ class Comm:
         record.exit_ns = time.monotonic_ns()
 
     # ------------------------------------------------------------------------- fault detection
+
+    def _held(self, seq: int, kind: str, peer: int) -> bool:
+        """Whether fault injection holds call ``seq`` (a ``kind`` to group rank ``peer``) forever."""
+        return self._fault_hook is not None and self._fault_hook.holds_send(seq, kind, self._global_rank(peer))
 
     def _transfer_delay(self, kind: str, peer: int) -> None:
         if self._fault_hook is not None:
@@ -483,6 +527,10 @@ class Comm:
         send_record.probe = True
 
         def do_send() -> None:
+            if self._held(send_record.seq, "send", dst):
+                send_record.waited = True
+                self._fault_hook.hold()  # a stalled connection: the send never completes
+                return
             self._transfer_delay("send", dst)
             CommHandle(dist.isend(out, dst=self._global_rank(dst), group=self._group), out, send_record).wait()
 
@@ -524,13 +572,62 @@ class Comm:
             ]
 
     def export_links(self, since_id: int = -1, limit: int = 512) -> list[dict[str, Any]]:
-        """Probe samples with ``id > since_id`` (at most ``limit``), as wire dicts
-        ``{id, src, dst, seconds, nbytes, atS}`` (global ranks, common clock)."""
+        """Connection samples with ``id > since_id`` (at most ``limit``), as wire dicts
+        ``{id, src, dst, seconds, nbytes, atS}`` (global ranks, common clock): probe samples, one
+        sample per completed point-to-point receive, and stalled connections (``seconds`` null),
+        see :meth:`scan_p2p`, which this calls first."""
+        self.scan_p2p()
         off = self.clock_offset_s
         with self._lock:
             picked = list(self._links)[-limit:] if since_id < 0 else [x for x in self._links if x[0] > since_id][:limit]
-        return [{"id": i, "src": s, "dst": d, "seconds": sec, "nbytes": nb, "atS": at + off}
-                for i, s, d, sec, nb, at in picked]
+        return [{"id": i, "src": s, "dst": d, "seconds": None if sec == float("inf") else sec, "nbytes": nb,
+                 "atS": at + off} for i, s, d, sec, nb, at in picked]
+
+    def scan_p2p(self, now_ns: int | None = None) -> int:
+        """Turn the point-to-point records into connection samples; returns how many were added.
+
+        * A **completed receive** (``recv``, not a probe) from group rank ``p`` becomes the sample
+          ``(global(p) -> me, exit - enter)``: the transfer time of that connection, so send/recv
+          algorithms (NoLoCo's gossip) fill the connection matrix with no extra probe. It includes
+          the time the receiver waited for the sender to post (ranks post their exchange together,
+          so that is their arrival skew; a straggling sender is also named by the straggler rule).
+        * A **send or receive in flight** (probes included) for longer than ``stall_after_s``, that a
+          thread is waiting for, becomes a stalled sample ``seconds = inf`` (null on the wire) for
+          its direction, once: what lets the detector's hang-comm rule blame that connection. A call
+          nobody waits on yet is not judged (gloo completes a transfer only inside ``wait()``, so a
+          receive queued behind a stalled send would otherwise look stalled too). If it later
+          completes, the receive's sample tells the detector the connection moves data again.
+
+        Called from :meth:`export_links` (the progress server's thread); ``now_ns`` defaults to
+        :func:`time.monotonic_ns`.
+        """
+        now_ns = time.monotonic_ns() if now_ns is None else now_ns
+        stall_ns = int(self.stall_after_s * 1e9)
+        me = self._global_rank(self._rank)
+        added = 0
+        with self._lock:
+            oldest = self._records[0].seq if self._records else 0
+            for r in self._records:
+                if r.peer is None or r.kind not in ("send", "recv") or r.seq in self._p2p_sampled:
+                    continue
+                peer = self._global_rank(r.peer)
+                src, dst = (me, peer) if r.kind == "send" else (peer, me)
+                if r.exit_ns is None:
+                    if r.waited and now_ns - r.enter_ns > stall_ns and r.seq not in self._p2p_stalled:
+                        self._p2p_stalled.add(r.seq)
+                        self._links.append((self._link_id, src, dst, float("inf"), r.nbytes, r.enter_ns / 1e9))
+                        self._link_id += 1
+                        added += 1
+                    continue
+                if r.kind == "recv" and not r.probe:  # probes add their own sample (Comm.probe)
+                    self._links.append((self._link_id, src, dst, (r.exit_ns - r.enter_ns) / 1e9, r.nbytes, r.enter_ns / 1e9))
+                    self._link_id += 1
+                    added += 1
+                self._p2p_sampled.add(r.seq)
+            # forget seqs that left the ring buffer (bounded memory)
+            self._p2p_sampled = {q for q in self._p2p_sampled if q >= oldest}
+            self._p2p_stalled = {q for q in self._p2p_stalled if q >= oldest}
+        return added
 
     # ------------------------------------------------------------------------------- helpers
 

@@ -304,6 +304,15 @@ class LinkDelay(Model):
     seconds: float = Field(gt=0.0, le=3600.0, description="Extra seconds per transfer on that link.")
 
 
+class HangLink(Model):
+    """A stalled connection: sends from the faulty rank to ``peer`` are posted but never complete."""
+
+    peer: int = Field(ge=0, description="Global rank at the other end of the stalled link.")
+    after_collective: int = Field(
+        0, ge=0, description="First call number (seq) of the Comm whose send is held; earlier sends are healthy."
+    )
+
+
 class FaultInjection(Model):
     """Faults the trainer injects into itself, for tests and demos (never set this in production)."""
 
@@ -323,6 +332,11 @@ class FaultInjection(Model):
     )
     link_delay: LinkDelay | None = Field(
         None, description="Add a delay to every transfer to one peer rank (a slow link: slow-comm-link)."
+    )
+    hang_link: HangLink | None = Field(
+        None,
+        description="Hold every point-to-point send to one peer rank forever, from the faulty rank's collective "
+        "number 'afterCollective' on (a stalled connection: hang-comm blaming that pair); other transfers still progress.",
     )
 
 

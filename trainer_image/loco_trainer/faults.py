@@ -51,6 +51,10 @@ class CommFaults:
     * ``collectiveDelayS = d``: sleep ``d`` before entering every call (a straggler).
     * ``linkDelay = {peer, seconds}``: every ``send`` to global rank ``peer`` takes ``seconds`` longer
       (a slow link; probes and point-to-point steps carry it, ring collectives do not).
+    * ``hangLink = {peer, afterCollective}``: from call ``seq >= afterCollective`` on, every ``send``
+      to global rank ``peer`` is recorded but never posted, and waiting for it blocks forever (a
+      stalled connection: the receiver's matching ``recv`` stays in flight too, other transfers
+      progress). ``Comm`` asks :meth:`holds_send` and waits through :meth:`hold`.
     """
 
     def __init__(
@@ -79,6 +83,18 @@ class CommFaults:
         if self.fault.collective_delay_s:
             self._sleep(self.fault.collective_delay_s)
 
+    def holds_send(self, seq: int, kind: str, peer_global: int | None) -> bool:
+        """Whether call ``seq`` (a ``kind`` to global rank ``peer_global``) is held forever (hangLink)."""
+        link = self.fault.hang_link
+        return link is not None and kind == "send" and peer_global == link.peer and seq >= link.after_collective
+
+    def hold(self) -> None:
+        """Wait for a held transfer: forever by default (only a kill ends it; tests pass a bounded hang)."""
+        import logging
+
+        logging.getLogger("loco_trainer").error("fault injection: send to rank %d held forever", self.fault.hang_link.peer)
+        self._hang()
+
     def transfer_delay_s(self, kind: str, peer_global: int | None) -> float:
         """Extra seconds a transfer of ``kind`` to global rank ``peer_global`` takes (0 if healthy)."""
         link = self.fault.link_delay
@@ -92,7 +108,8 @@ def comm_faults(fault: FaultInjection | None, rank: int, restart_count: int) -> 
     ``onlyFirstAttempt`` rules as :func:`crash_step`)."""
     if fault is None:
         return None
-    if not (fault.hang_before_collective is not None or fault.collective_delay_s or fault.link_delay is not None):
+    if not (fault.hang_before_collective is not None or fault.collective_delay_s or fault.link_delay is not None
+            or fault.hang_link is not None):
         return None
     if fault.ranks and rank not in fault.ranks:
         return None

@@ -54,7 +54,8 @@ class CollectiveSummary(Model):
 
 
 class LinkSummary(Model):
-    """One probe transfer time from global rank ``src`` to global rank ``dst`` (``Comm.probe``)."""
+    """One transfer time from global rank ``src`` to global rank ``dst``: a probe (``Comm.probe``), a
+    completed point-to-point receive, or a stalled connection (``seconds`` null; ``Comm.scan_p2p``)."""
 
     id: int = Field(description="Sample number on this pod, from 0 (the cursor for the next poll).")
     src: int

@@ -19,6 +19,12 @@ Checkpoints: the model and inner optimizer are DTensors, so the universal checkp
 fragments directly. Algorithm state built from the view (DiLoCo's global parameters and outer
 momentum) is re-wrapped as DTensors with the parameter's placement (:func:`state_to_dtensors`) so
 that it is saved once, in fragments, and loads into any other layout (:func:`state_to_local`).
+Mid-round the pods' local parameters and inner optimizer states differ: each pod ``k >= 1`` also
+writes its own shards as ``replica/<k>/*`` atoms (``CheckpointEngine.save_async(per_replica=True)``).
+
+The API refuses ``nprocPerWorker > 1`` with other algorithms too (``loco_operator.rules``, which
+mirrors :data:`SHARDABLE_ALGORITHMS`; a test checks they agree); :func:`check_shardable` is the
+trainer's own guard for configs that did not pass through the API.
 """
 
 from __future__ import annotations

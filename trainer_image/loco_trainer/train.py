@@ -471,15 +471,25 @@ class Trainer:
 
         Model and inner optimizer: resharded from the atoms. Algorithm state: kept when the
         algorithm is the same, else reset (logged, event). Replica-local state (algorithms whose
-        replicas differ between syncs, saved unsharded): this replica takes saved replica
-        ``rank mod N``'s parameters and inner optimizer state. RNG: restored when the layout is the
+        replicas differ between syncs, sharded or not): replica ``j`` of ``M`` takes saved replica
+        ``j mod N``'s own parameters and inner optimizer state (resharded to this layout); after an
+        algorithm change every replica takes replica 0's. RNG: restored when the layout is the
         same, else reseeded from (seed, rank, step) and logged."""
         cfg, tr, me = self.config, self.config.training, self.info
         algorithm = cfg.algorithm.name.value
-        loaded = ucp.load_into(storage, info, model, optimizer, rank=me.rank, algorithm=algorithm,
-                               on_event=self._on_checkpoint_event)
         saved, now = info.layout, (me.world_size // me.nproc_per_worker, me.nproc_per_worker)
         same_layout = (saved.num_replicas, saved.nproc_per_worker) == now
+        src = 0
+        if _replicas_diverge(algorithm) and info.manifest.algorithm == algorithm:
+            src = me.replica_index % saved.num_replicas
+            if src not in info.manifest.saved_replicas():  # e.g. saved at a sync point by an older writer
+                log.info("replica-local state: checkpoint holds no own state of replica %d, taking replica 0's", src)
+                src = 0
+        loaded = ucp.load_into(storage, info, model, optimizer, rank=me.rank, algorithm=algorithm,
+                               on_event=self._on_checkpoint_event, replica=src)
+        if _replicas_diverge(algorithm) and (src != me.replica_index or not same_layout):
+            log.info("replica-local state (parameters, inner optimizer) of replica %d taken from saved replica %d "
+                     "(saved at %s, running at %dx%d)", me.replica_index, src, saved.describe(), *now)
         extra = loaded.extra_state or {}
         if loaded.algorithm_state is not None:
             state = loaded.algorithm_state
@@ -491,22 +501,6 @@ class Trainer:
             seed_everything(tr.seed + me.rank + 1_000_003 * loaded.step)
             log.info("checkpoint saved at %s, running at %dx%d: RNG states reseeded from (seed, rank, step)",
                      saved.describe(), *now)
-        if _replicas_diverge(algorithm) and loaded.algorithm_state is not None:
-            src = me.rank % saved.world_size
-            replica = None
-            if saved.nproc_per_worker == 1 and me.nproc_per_worker == 1:
-                saved_state = loaded.rank_state if src == me.rank else ucp.read_rank_state(storage, info, src)
-                replica = (saved_state or {}).get("replica")
-            if replica is not None:
-                with torch.no_grad():
-                    for name, p in model.named_parameters():
-                        p.copy_(replica["params"][name])
-                optimizer.load_state_dict(replica["optim"])
-                if src != me.rank or not same_layout:
-                    log.info("replica-local state (parameters, inner optimizer) taken from saved rank %d", src)
-            else:
-                log.info("replica-local state: every replica starts from replica 0's (saved at %s, running at %dx%d)",
-                         saved.describe(), *now)
         if extra.get("configHash") not in (None, self.config_hash):
             log.warning("checkpoint %s was written with a different config (hash %s, now %s)",
                         info.url, extra.get("configHash"), self.config_hash)
@@ -527,13 +521,11 @@ class Trainer:
         if self._view is not None:
             algo_state = sharding.state_to_dtensors(algo_state, self._view)
         rank_state: dict[str, Any] = {"rng": rng_state()}
-        if _replicas_diverge(algorithm) and self._view is None:  # this replica's own params and inner state
-            rank_state["replica"] = {"params": {n: p.detach() for n, p in model.named_parameters()},
-                                     "optim": optimizer.state_dict()}
         extra = {"data": position.state_dict(), "referenceWorldSize": reference_world, "configHash": self.config_hash,
                  "job": self.config.job_name, "namespace": self.config.namespace}
         self._pending = self.engine.save_async(step, model, optimizer, algorithm_state=algo_state,
-                                               extra_state=extra, rank_state=rank_state)
+                                               extra_state=extra, rank_state=rank_state,
+                                               per_replica=_replicas_diverge(algorithm))  # replicas' own params/optim
 
     def _poll_save(self) -> ucp.CheckpointInfo | None:
         """Record the save in flight if it has finished (no waiting); returns the last committed."""

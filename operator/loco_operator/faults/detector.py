@@ -16,7 +16,8 @@ fault, not noise (C4, arXiv 2406.04594). The detector applies four rules:
    ranks that *waited* for the straggler (long in-collective time) are never blamed.
 4. **slow-comm** - per connection (source x destination), a sample slower than
    ``linkSlownessFactor`` x the median sample of the same size and class (intra- or
-   cross-node) in ``consecutive`` samples in a row is slow. A node whose row or column of
+   cross-node), and by more than ``minLinkExcessSeconds`` (an absolute floor), in
+   ``consecutive`` samples in a row is slow. A node whose row or column of
    cross-node connections is (mostly) slow is a slow node; a rank whose own cross-node (or
    intra-node) row and column are slow is a slow NIC; any other slow connection is a slow link.
 
@@ -341,15 +342,21 @@ class Detector:
         if not self._open:
             return verdicts
         noncomm_timeout, comm_timeout = self._hang_timeouts()
+        # ranks still inside an earlier open call: they did not skip the later one, they are held
+        # by the earlier one (a comm hang there), so they are never blamed as hang-noncomm
+        inside = np.zeros(self._n, dtype=bool)
         for s in sorted(self._open):
             col = self._open[s]
             seen = ~np.isnan(col.enter_s)
             entered = seen | (self._rank_max_seq > s)
             if not entered.all():
                 waited = now_s - float(np.median(col.enter_s[seen]))
-                if waited > noncomm_timeout:
-                    verdicts += self._noncomm_hang(col, np.flatnonzero(~entered), int(entered.sum()), waited, noncomm_timeout, now_s)
+                missing = ~entered & ~inside
+                if waited > noncomm_timeout and missing.any():
+                    verdicts += self._noncomm_hang(col, np.flatnonzero(missing), int(entered.sum()), waited, noncomm_timeout, now_s)
+                inside |= seen & np.isnan(col.exit_s)
                 continue
+            inside |= seen & np.isnan(col.exit_s)
             stuck = np.isnan(col.exit_s) & (self._rank_max_exit_seq <= s)
             if not stuck.any() or (self._rank_max_exit_seq > s).any():
                 continue  # some rank completed a later collective: this one is not what blocks the job
@@ -516,6 +523,7 @@ class Detector:
                 self._stalled.pop((key // n, key % n), None)
         ids, classes = self._link_ids_and_classes(lb)
         ratio = np.full(len(lb), np.nan)
+        excess = np.full(len(lb), np.nan)
         lo, hi = int(classes.min()), int(classes.max())
         present = [lo] if lo == hi else (lo + np.flatnonzero(np.bincount(classes - lo))).tolist()
         for c in present:
@@ -524,14 +532,19 @@ class Detector:
             ref = np.concatenate([self._references.get(key, np.zeros(0)), lb.seconds[sel]])[-REFERENCE_SAMPLES:]
             self._references[key] = ref
             if ref.size >= MIN_REFERENCE_SAMPLES:
-                ratio[sel] = lb.seconds[sel] / max(float(np.median(ref)), 1e-12)
+                median = max(float(np.median(ref)), 1e-12)
+                ratio[sel] = lb.seconds[sel] / median
+                excess[sel] = lb.seconds[sel] - median
         judged = ~np.isnan(ratio)
         if not judged.any():
             return []
         if not judged.all():
             ids = (np.arange(self._link_src.size) if isinstance(ids, slice) else ids)[judged]
             ratio = ratio[judged]
-        slow = ratio > self.config.link_slowness_factor
+            excess = excess[judged]
+        # slow = relatively slow AND slower by more than the absolute floor (a CPU-starved probe
+        # thread can double a millisecond sample; that is no reason to restart a job)
+        slow = (ratio > self.config.link_slowness_factor) & (excess > self.config.min_link_excess_seconds)
         self._link_streak[ids] = np.where(slow, self._link_streak[ids] + 1, 0)
         w = self.config.window
         base = np.arange(0, self._link_src.size * w, w) if isinstance(ids, slice) else ids * w

@@ -383,6 +383,10 @@ class DetectorConfig(Model):
         2.0, gt=1,
         description="A connection sample is slow when it takes more than this multiple of the median time of samples of the same size.",
     )
+    min_link_excess_seconds: float = Field(
+        0.01, ge=0, le=3600,
+        description="Absolute floor for slow connections: a connection sample is slow only when it also takes more than this many seconds longer than the median of its class, so a CPU-starved probe thread measuring a healthy millisecond link at 2x cannot trigger a restart. 0 disables the floor (judge by linkSlownessFactor alone).",
+    )
     slow_endpoint_fraction: float = Field(
         0.75, gt=0, le=1,
         description="Blame a node (or a rank's NIC) instead of single links when at least this fraction of its row or column of connections is slow.",

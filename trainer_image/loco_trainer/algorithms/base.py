@@ -13,6 +13,11 @@ in this order, on every rank:
         strategy.after_inner_step(step)    # sync points: DiLoCo's outer step when (step+1) % H == 0
     strategy.finish()                      # drain async work; leave every rank with the final model
 
+Between two rounds, when the set of workers changes, every member of the new group may call
+``strategy.on_membership_change(new_comm, src)`` instead of restarting (DiLoCo, Streaming DiLoCo,
+NoLoCo, CO2; DDP resizes by a coordinated restart from the checkpoint); see docs/algorithms.md,
+"Membership changes".
+
 ``step`` is the 0-based index of the inner step just taken. A strategy communicates only through
 the :class:`loco_trainer.comm.Comm` it was given, which counts bytes and times collectives.
 
@@ -24,9 +29,34 @@ parameters, fragment schedule, pending async round, ...) as a dict of tensors an
 from __future__ import annotations
 
 import abc
-from typing import Any
+from typing import Any, Sequence
 
 import torch
+
+
+def membership_roles(comm: Any, src: int, joining: bool, position: Sequence[int]) -> tuple[list[bool], list[int]]:
+    """The roles of a membership change, agreed on by every member of the new group ``comm``.
+
+    One small ``all_gather`` of ``[joining, *position]`` (int64) from every member. Returns
+    ``(joiners, src_position)``: ``joiners[r]`` is True when group rank ``r`` joins (has no state worth
+    keeping), and ``src_position`` is the group rank ``src``'s ``position`` (the counters a joiner adopts,
+    e.g. inner steps taken and rounds). Raises the same ``ValueError`` on every rank when ``src`` is out
+    of range, when ``src`` is a joiner while some member is a survivor (choose a survivor as src), or when
+    the survivors' positions differ (they are not at the same sync boundary).
+    """
+    if not 0 <= src < comm.world_size:
+        raise ValueError(f"src must be a group rank in [0, {comm.world_size}) (got {src})")
+    mine = torch.tensor([int(bool(joining)), *[int(x) for x in position]], dtype=torch.int64)
+    rows = [row.tolist() for row in comm.all_gather(mine)]
+    joiners = [bool(row[0]) for row in rows]
+    if joiners[src] and not all(joiners):
+        survivors = [r for r, j in enumerate(joiners) if not j]
+        raise ValueError(f"membership change: src={src} is a joining worker; pass a survivor as src (one of {survivors})")
+    positions = {tuple(row[1:]) for row, j in zip(rows, joiners) if not j}
+    if len(positions) > 1:
+        raise ValueError(f"membership change: the survivors are at different positions {sorted(positions)}; "
+                         f"call it at the same sync boundary on every member")
+    return joiners, rows[src][1:]
 
 
 class Strategy(abc.ABC):
@@ -58,6 +88,25 @@ class Strategy(abc.ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state:
             raise ValueError(f"{self.name}: unexpected algorithm state keys {sorted(state)}")
+
+    def on_membership_change(self, comm: Any, src: int = 0) -> None:
+        """Switch to a new set of workers (``comm``, a :class:`loco_trainer.comm.Comm` over the new
+        group) at a sync boundary, without restarting the survivors.
+
+        Every member of the new group calls it at the same boundary, survivors and joiners alike
+        (a joiner after ``setup``/``load_state_dict`` or nothing at all); a departing worker does not
+        (it drains with ``finish()`` and stops). Survivors keep their state; a joiner adopts what the
+        algorithm needs from the group rank ``src`` (a survivor). What exactly is kept, adopted or
+        drained is each algorithm's contract (its module docstring; docs/algorithms.md, "Membership
+        changes"). Raises ``RuntimeError`` when called mid-round.
+
+        The default raises ``NotImplementedError``: for DDP a resize is a coordinated restart of every
+        worker from the latest checkpoint (every step is a sync point; nothing is gained by a live switch).
+        """
+        raise NotImplementedError(
+            f"{self.name}: a live membership change is not supported; resize by a coordinated restart of all "
+            f"workers from the latest checkpoint"
+        )
 
     def metrics(self) -> dict[str, float]:
         """Algorithm-specific gauges for logs and /metrics (e.g. outer rounds, worker spread)."""

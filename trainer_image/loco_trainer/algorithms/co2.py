@@ -23,6 +23,18 @@ see docs/algorithms.md "Convergence and the defaults"), β -> ``outer_momentum``
 
 Bytes per inner step per rank (N parameters, fp32): 2(n−1)/n · 4N / H — as DiLoCo, but hidden
 behind computation.
+
+Membership change (:meth:`CO2.on_membership_change`, at a round boundary, called by every member of
+the new group). The pending asynchronous round is **completed, not dropped**: each survivor waits for
+the all-reduce in flight on the *old* group (every old member issued it at the round end; a departing
+worker drains it with ``finish()`` before it stops) and applies it at once (m, φ update, θ = φ), as
+``finish()`` would. Why: that average is the outer gradient of H inner steps of every old worker — as
+valid as any CO2 update, which is always one round stale; dropping it would throw that work away, and
+it cannot be redone over the new set. It lands one round earlier than without the change. Then the
+group rank ``src`` (a survivor) broadcasts φ and m (2 · 4N bytes) over the new group and every member
+sets θ = φ: survivors already hold these values (all old members apply the same averages), joiners
+adopt them together with ``src``'s round counters; inner optimizer states are kept. The new membership
+starts with nothing pending, so its first round applies no update (the usual one-round delay).
 """
 
 from __future__ import annotations
@@ -32,7 +44,8 @@ from typing import Any
 import torch
 
 from loco_trainer.algorithms._outer import OuterLoopStrategy, cpu_fp32, require_positive
-from loco_trainer.comm import Comm, CommHandle, flatten
+from loco_trainer.algorithms.base import membership_roles
+from loco_trainer.comm import Comm, CommHandle, broadcast_flat, flatten
 
 STATE_FORMAT = 1
 
@@ -73,6 +86,9 @@ class CO2(OuterLoopStrategy):
         self.last_clipped_fraction = 0.0
         self._pending: CommHandle | None = None
         self._pending_average: torch.Tensor | None = None
+        #: True once this worker ended a round or joined a membership: it has state of its own
+        #: (the default ``joining`` of :meth:`on_membership_change` is ``not _active``)
+        self._active = False
 
     @classmethod
     def from_spec(cls, spec: Any, model: torch.nn.Module, inner_optimizer: Any, comm: Comm) -> "CO2":
@@ -114,6 +130,41 @@ class CO2(OuterLoopStrategy):
         self._adopt()
         self.steps_since_sync = 0
         self.rounds += 1
+        self._active = True
+
+    # --------------------------------------------------------------------------- membership
+
+    @torch.no_grad()
+    def on_membership_change(self, comm: Comm, src: int = 0, *, joining: bool | None = None) -> None:
+        """Switch to the group ``comm`` at a round boundary, without restarting the survivors.
+
+        Every member of the new group calls it (a departing worker calls ``finish()`` instead, which
+        completes the pending all-reduce on the old group). Order: (1) a round still pending is
+        completed on the old group and applied (φ, m updated, θ = φ); (2) the members agree on who
+        joins (``joining``; default: this worker joins unless it ended a round in this process or
+        joined before) with one small all_gather; (3) group rank ``src`` broadcasts φ and m, every
+        member adopts them and sets θ = φ; joiners also take ``src``'s round counters. Inner optimizer
+        states are kept. ``src`` must be a survivor unless every member joins. Raises ``RuntimeError``
+        mid-round and ``ValueError`` (on every member alike) for a joining ``src``.
+        """
+        if self.steps_since_sync != 0:
+            raise RuntimeError(
+                f"on_membership_change must be called at a round boundary ({self.steps_since_sync} inner steps "
+                f"since the last round end); call finish() first"
+            )
+        if joining is None:
+            joining = not self._active
+        if self._has_pending():  # completed, not dropped: see the module docstring
+            self._apply(self._take_pending())
+            self._adopt()
+        joiners, (rounds, updates) = membership_roles(comm, src, joining, (self.rounds, self.updates))
+        self.comm = comm
+        broadcast_flat(comm, [self.outer_params, self.momentum], src=src)
+        self._adopt()
+        if joining:
+            self.rounds, self.updates = int(rounds), int(updates)
+            self._loaded = True  # a later setup() keeps the adopted state
+        self._active = True
 
     def _has_pending(self) -> bool:
         return self._pending is not None or self._pending_average is not None

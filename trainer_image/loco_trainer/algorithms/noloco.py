@@ -21,6 +21,15 @@ and ``groupSeed``.
 
 Bytes per inner step per rank: (G−1) · 2 · 4N / H (φ and θ−φ in fp32 to each peer), independent of
 the number of workers (exact when G divides n; a rank in the one larger group sends G · 8N / H).
+
+Membership change (:meth:`NoLoCo.on_membership_change`, at a round boundary, called by every member
+of the new group). Survivors keep everything: their own φᵢ, mᵢ, θᵢ (= φᵢ at the boundary) and inner
+optimizer state. Each joiner adopts the group rank ``src``'s φ and m (sent to the joiners only, point
+to point: 2 · 4N bytes per joiner from ``src``), sets θ = φ_src, and takes ``src``'s step and round
+counters; its inner optimizer state is its own (fresh or from its checkpoint), model buffers are not
+exchanged. From the next round on the gossip permutation is drawn over the new group's ranks
+0..n'−1 (same (seed, round) rule), so a departed worker is never a partner again. Which members join
+is agreed with one small all_gather (see :func:`loco_trainer.algorithms.base.membership_roles`).
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from typing import Any
 import torch
 
 from loco_trainer.algorithms._outer import OuterLoopStrategy, cpu_fp32
+from loco_trainer.algorithms.base import membership_roles
 from loco_trainer.comm import Comm, flatten, unflatten_into
 
 STATE_FORMAT = 1
@@ -96,6 +106,9 @@ class NoLoCo(OuterLoopStrategy):
         self.last_spread = 0.0
         #: the group of the last round (group ranks)
         self.last_group: list[int] = []
+        #: True once this worker took a gossip round or joined a membership: it has state of its own
+        #: (the default ``joining`` of :meth:`on_membership_change` is ``not _active``)
+        self._active = False
 
     @classmethod
     def from_spec(cls, spec: Any, model: torch.nn.Module, inner_optimizer: Any, comm: Comm) -> "NoLoCo":
@@ -158,6 +171,52 @@ class NoLoCo(OuterLoopStrategy):
         self.last_group = group
         self.steps_since_sync = 0
         self.rounds += 1
+        self._active = True
+
+    # --------------------------------------------------------------------------- membership
+
+    @torch.no_grad()
+    def on_membership_change(self, comm: Comm, src: int = 0, *, joining: bool | None = None) -> None:
+        """Switch to the group ``comm`` at a round boundary, without restarting the survivors.
+
+        Every member of the new group calls it (a departing worker does not). ``joining``: whether
+        this worker joins (adopts ``src``'s state) or survives (keeps its own); default: it joins
+        unless it has taken a gossip round in this process or joined before. Survivors keep φ, m, θ
+        and the inner optimizer state; a joiner receives ``src``'s φ and m point to point, sets
+        θ = φ, and adopts ``src``'s inner-step and round counters (its loop must resume at that step,
+        ``self.t``). ``src`` must be a survivor unless every member joins. The following rounds draw
+        their gossip groups over the new ranks. Raises ``RuntimeError`` mid-round and ``ValueError``
+        (on every member alike) for a joining ``src`` or survivors at different steps.
+        """
+        if self.steps_since_sync != 0:
+            raise RuntimeError(
+                f"on_membership_change must be called at a round boundary ({self.steps_since_sync} inner steps "
+                f"since the last gossip round); call finish() first"
+            )
+        if joining is None:
+            joining = not self._active
+        joiners, (t, rounds) = membership_roles(comm, src, joining, (self.t, self.rounds))
+        self.comm = comm
+        me = comm.rank
+        payload = torch.cat([flatten(self.outer_params), flatten(self.momentum)])  # [φ | m]
+        if me == src:
+            ops = [("send", payload, r) for r, j in enumerate(joiners) if j and r != src]
+        elif joining:
+            ops = [("recv", payload, src)]
+        else:
+            ops = []
+        for handle in comm.batch_isend_irecv(ops):
+            handle.wait()
+        if joining:
+            numel = payload.numel() // 2
+            unflatten_into(payload[:numel], self.outer_params)
+            unflatten_into(payload[numel:], self.momentum)
+            for o, p in zip(self.outer_params, self.params):
+                p.copy_(o.to(p.device, p.dtype))
+            self.t, self.rounds = int(t), int(rounds)
+            self.last_spread, self.last_group = 0.0, []
+            self._loaded = True  # a later setup() keeps the adopted state
+        self._active = True
 
     def metrics(self) -> dict[str, float]:
         return {"outer_rounds": float(self.rounds), "worker_spread": self.last_spread}

@@ -53,7 +53,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from . import tree
 from .format import (
     LATEST_FILE, MANIFEST_FILE, TMP_PREFIX, Fragment, FormatError, Manifest, WorldLayout, atoms_from_fragments,
-    data_file_name, index_file_name, parse_step_dir, step_dir_name, tmp_dir_name,
+    data_file_name, index_file_name, parse_step_dir, replica_atom, step_dir_name, tmp_dir_name,
 )
 from .layout import FragmentReader, assign_owners, fill_tensor, is_dtensor, local_block
 from .storage import Storage
@@ -343,6 +343,7 @@ class CheckpointEngine:
         extra_state: Any = None,
         rank_state: Any = None,
         meta: dict[str, Any] | None = None,
+        per_replica: bool = False,
     ) -> SaveHandle:
         """Start saving checkpoint ``step`` (collective: every rank calls it with the same step).
 
@@ -350,6 +351,14 @@ class CheckpointEngine:
         memory; the write and the commit happen in the background. ``algorithm_state`` and
         ``extra_state`` are taken from rank 0 (DTensors in them from every rank);
         ``rank_state`` from every rank.
+
+        ``per_replica`` (every rank passes the same value): the replicas' model and inner optimizer
+        state differ (DiLoCo & co. between syncs), so besides replica 0's copy in the shared
+        ``model/*``, ``optim/*`` atoms, every replica ``k >= 1`` (ranks ``k*p .. k*p+p-1`` of the
+        layout's ``p`` processes per replica) saves its own copy as ``replica/<k>/model/*``,
+        ``replica/<k>/optim/*`` atoms (:func:`~loco_trainer.ucp.format.replica_atom`): sharded
+        (DTensor) tensors in fragments from each of the replica's processes, whole tensors from its
+        first process. :func:`load_into` with ``replica=k`` loads them into any layout.
         """
         previous = self.wait()
         self._remove_gate()
@@ -357,7 +366,8 @@ class CheckpointEngine:
             log.warning("previous checkpoint (step %d) failed: %s", previous.step, previous.error)
         t0 = time.perf_counter()
         lazy = self.staging == "lazy" and optimizer is not None
-        staged = self._stage(step, model, optimizer, algorithm_state, extra_state, rank_state, meta or {}, lazy)
+        staged = self._stage(step, model, optimizer, algorithm_state, extra_state, rank_state, meta or {}, lazy,
+                             per_replica)
         stall = time.perf_counter() - t0
         handle = SaveHandle(step, stall)
         if staged.lazy:
@@ -392,7 +402,8 @@ class CheckpointEngine:
             self._gate.remove()
             self._gate = None
 
-    def _stage(self, step, model, optimizer, algorithm_state, extra_state, rank_state, meta, lazy=False) -> _Staged:
+    def _stage(self, step, model, optimizer, algorithm_state, extra_state, rank_state, meta, lazy=False,
+               per_replica=False) -> _Staged:
         model_sd, optim_sd = collect_state(model, optimizer)
         param_ptrs = {_local(p).data_ptr() for p in model.parameters()} if lazy else set()
         optim_tree, optim_tensors = tree.encode(optim_sd.get("state", {}), "optim") if optim_sd else (None, {})
@@ -410,12 +421,20 @@ class CheckpointEngine:
                 owners[n] = 0
         for n in rank_tensors:
             owners[n] = self.rank
+        # this replica's own copy of the shared tensors (replica 0's copy is the shared atoms)
+        replica, local_rank = divmod(self.rank, self.layout.nproc_per_worker)
+        own: dict[str, str] = {}  # replica atom -> shared atom
+        if per_replica and replica > 0:
+            own = {replica_atom(replica, n): n for n in shared}
+            for n in own:
+                owners[n] = self.rank if local_rank == 0 else -1
+        own_tensors = {n: shared[base] for n, base in own.items()}
 
         tensors, pieces, keys, lazy_keys = [], [], set(), set()
         any_cuda = False
-        for name, t in {**shared, **algo_tensors, **extra_tensors, **rank_tensors}.items():
+        for name, t in {**shared, **algo_tensors, **extra_tensors, **rank_tensors, **own_tensors}.items():
             block, writes = local_block(name, t)
-            if block is None or not writes or (is_dtensor(t) and not self.dtensor_writer):
+            if block is None or not writes or (is_dtensor(t) and not self.dtensor_writer and name not in own):
                 continue
             if not is_dtensor(t) and owners.get(name) != self.rank:
                 continue
@@ -423,7 +442,8 @@ class CheckpointEngine:
                 continue
             key = f"{name}@" + ",".join(map(str, block.offsets))
             # lazily copied: tensors that change only inside optimizer.step() (parameters, optimizer state)
-            if lazy and (name in optim_tensors or (name in model_tensors and block.local.data_ptr() in param_ptrs)):
+            base = own.get(name, name)
+            if lazy and (base in optim_tensors or (base in model_tensors and block.local.data_ptr() in param_ptrs)):
                 tensors.append((key, block.local))
                 lazy_keys.add(key)
             else:
@@ -648,20 +668,31 @@ def load_into(
     strict: bool = True,
     verify: bool = True,
     on_event: Callable[[str, str], None] | None = None,
+    replica: int = 0,
 ) -> LoadedState:
-    """Reshard-on-load of ``info`` into ``model``/``optimizer`` (see :meth:`CheckpointEngine.load`)."""
+    """Reshard-on-load of ``info`` into ``model``/``optimizer`` (see :meth:`CheckpointEngine.load`).
+
+    ``replica``: load saved replica ``replica``'s own model and inner optimizer state (saved with
+    ``per_replica``; one of ``info.manifest.saved_replicas()``) instead of the shared copy
+    (replica 0's). Raises :class:`CheckpointLoadError` when the checkpoint does not hold it.
+    """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     t0 = time.perf_counter()
     m = info.manifest
     notes: list[str] = []
+    if replica not in m.saved_replicas():
+        raise CheckpointLoadError(
+            f"{info.url}: holds no own state of replica {replica} (saved replicas: {m.saved_replicas()}); "
+            "load replica 0's shared state (replica=0)"
+        )
     reader = FragmentReader(storage, info.dir, m, verify=verify)
     if optimizer is not None and not optimizer.state:
         _init_optimizer_state(optimizer)
     model_sd, optim_sd = collect_state(model, optimizer)
 
     for fqn, target in model_sd.items():
-        atom = m.atoms.get(f"model/{fqn}")
+        atom = m.atoms.get(replica_atom(replica, f"model/{fqn}"))
         if atom is None:
             if strict:
                 raise CheckpointLoadError(
@@ -671,7 +702,7 @@ def load_into(
             notes.append(f"model/{fqn}: not in the checkpoint, kept its current value")
             continue
         try:
-            fill_tensor(f"model/{fqn}", target, atom, reader, notes.append)
+            fill_tensor(atom.name, target, atom, reader, notes.append)
         except ValueError as exc:
             raise CheckpointLoadError(str(exc)) from exc
     extra_model = sorted(set(m.model_atoms()) - set(model_sd))
@@ -679,7 +710,7 @@ def load_into(
         notes.append(f"{len(extra_model)} checkpoint tensors have no place in the model and were ignored: {', '.join(extra_model[:5])}")
 
     if optimizer is not None:
-        saved_state = tree.decode(m.optim_state, lambda name: _Lazy(name)) if m.optim_state else {}
+        saved_state = tree.decode(m.optim_state, lambda name: _Lazy(replica_atom(replica, name))) if m.optim_state else {}
         for fqn, states in optim_sd.get("state", {}).items():
             saved = saved_state.get(fqn)
             if saved is None:

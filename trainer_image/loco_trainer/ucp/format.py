@@ -129,7 +129,8 @@ class Fragment:
 class Atom:
     """One logical tensor at its global shape and the fragments that tile it."""
 
-    #: ``model/<fqn>``, ``optim/<fqn>/<state>``, ``extra/<path>`` or ``rank/<r>/<path>``
+    #: ``model/<fqn>``, ``optim/<fqn>/<state>``, ``extra/<path>``, ``rank/<r>/<path>`` or
+    #: ``replica/<k>/model/<fqn>``, ``replica/<k>/optim/<fqn>/<state>`` (replica ``k``'s own copy)
     name: str
     #: global (unsharded) shape
     shape: tuple[int, ...]
@@ -293,6 +294,26 @@ class Manifest:
 
     def model_atoms(self) -> dict[str, Atom]:
         return {n[len("model/"):]: a for n, a in self.atoms.items() if n.startswith("model/")}
+
+    def saved_replicas(self) -> list[int]:
+        """Replica indices whose own model and inner optimizer state this checkpoint holds: 0 (the
+        shared ``model/*``, ``optim/*`` atoms) and every ``k`` with ``replica/<k>/*`` atoms."""
+        found = {0}
+        for name in self.atoms:
+            if name.startswith(REPLICA_PREFIX + "/"):
+                found.add(int(name.split("/", 2)[1]))
+        return sorted(found)
+
+
+#: prefix of the atoms holding replica ``k``'s own copy of ``model/*`` and ``optim/*`` (``k >= 1``)
+REPLICA_PREFIX = "replica"
+
+
+def replica_atom(replica: int, name: str) -> str:
+    """Atom name of replica ``replica``'s copy of the shared atom ``name`` (``model/...`` or
+    ``optim/...``): replica 0's copy is the shared atom itself, replica ``k``'s is
+    ``replica/<k>/<name>``. Saved only for algorithms whose replicas differ between syncs."""
+    return name if replica == 0 else f"{REPLICA_PREFIX}/{replica}/{name}"
 
 
 def atoms_from_fragments(

@@ -17,7 +17,7 @@ from . import tree
 from .engine import CheckpointInfo, list_checkpoints, read_info
 from .format import (
     LATEST_FILE, MANIFEST_FILE, TMP_PREFIX, FormatError, Manifest, WorldLayout, data_file_name, manifest_summary,
-    parse_step_dir, step_dir_name,
+    parse_step_dir, replica_atom, step_dir_name,
 )
 from .layout import FragmentReader
 from .storage import Storage
@@ -134,8 +134,11 @@ def consolidated_state(storage: Storage, info: CheckpointInfo, verify_crc: bool 
 
         {"step": int, "algorithm": str, "layout": {...},
          "model": {fqn: tensor}, "optim": {"state": {fqn: {name: value}}, "param_groups": [...]},
-         "algorithm_state": ..., "extra_state": ..., "rank_states": {rank: ...}}
+         "algorithm_state": ..., "extra_state": ..., "rank_states": {rank: ...},
+         "replicas": {k: {"model": {...}, "optim": {"state": {...}}}}}
 
+    ``model``/``optim`` are replica 0's (the shared atoms); ``replicas`` holds the own model and
+    inner optimizer state of every other replica saved with ``per_replica`` (empty otherwise).
     ``optim`` has the shape of ``torch.distributed.checkpoint.state_dict.get_state_dict``'s
     optimizer dict (FQN keys), so ``set_state_dict`` takes it back.
     """
@@ -148,6 +151,11 @@ def consolidated_state(storage: Storage, info: CheckpointInfo, verify_crc: bool 
         "algorithm_state": tree.decode(m.algorithm_state, reader.read_full),
         "extra_state": tree.decode(m.extra, reader.read_full),
         "rank_states": {r: tree.decode(s, reader.read_full) for r, s in m.rank_states.items()},
+        "replicas": {
+            k: {"model": {fqn: reader.read_full(replica_atom(k, f"model/{fqn}")) for fqn in m.model_atoms()},
+                "optim": {"state": tree.decode(m.optim_state, lambda n, _k=k: reader.read_full(replica_atom(_k, n))) or {}}}
+            for k in m.saved_replicas() if k > 0
+        },
     }
 
 

@@ -1,0 +1,88 @@
+"""Elastic resizing end to end (docs/elastic.md): a node fails and the job shrinks 3->2 because no
+other node can take the replacement; the node comes back and the job grows 2->3; ``kubectl scale``
+takes it to 2; the job succeeds and its loss shows no jump at the resizes.
+
+Every pod requests 3 of a node's 4 CPUs, so with three nodes two workers can never share one.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from e2e.conftest import dump_debug, small_job
+from loco_local.stack import LocalStack
+
+TIMEOUT_S = 240
+STEPS = 200
+#: After a resize (a restart from the last checkpoint at the new size) the training loss may exceed
+#: the lowest loss seen before it by at most this much (nats; a fresh byte-level model is at 5.55).
+LOSS_JUMP_TOLERANCE = 0.5
+
+
+def test_node_failure_shrinks_capacity_grows_and_kubectl_scale_resizes(stack: LocalStack) -> None:
+    name = "elastic"
+    stack.apply(small_job(
+        name, replicas=3, steps=STEPS, algorithm="diloco",
+        elastic={"minReplicas": 2, "maxReplicas": 3, "scaleUpDelaySeconds": 3, "placementTimeoutSeconds": 4},
+        faultInjection={"stepDelayS": 0.03},
+        runPolicy={"backoffLimit": 3},
+        template__resources={"requests": {"cpu": "3", "memory": "256Mi"}},
+    ))
+    samples: list[tuple[int, int, float]] = []  # (workers.desired, step, loss) as seen while polling
+
+    def status() -> dict[str, Any]:
+        st = (stack.get_job(name) or {}).get("status") or {}
+        if st.get("loss") is not None and st.get("step") is not None and st.get("phase") == "Running":
+            samples.append((int((st.get("workers") or {}).get("desired") or 0), st["step"], float(st["loss"])))
+        return st
+
+    def running_with(desired: int, what: str) -> None:
+        stack.wait_for(lambda: (lambda st: st.get("phase") == "Running" and st["workers"]["desired"] == desired
+                                and (st.get("workers") or {}).get("ready") == desired)(status()),
+                       timeout_s=TIMEOUT_S, what=what)
+
+    t0 = time.monotonic()
+    marks: list[tuple[str, float]] = []  # scenario timeline, printed on failure
+
+    def mark(what: str) -> None:
+        marks.append((what, round(time.monotonic() - t0, 1)))
+        print(f"[elastic e2e] {marks[-1]}", flush=True)
+
+    try:
+        stack.wait_for(lambda: (status().get("lastCheckpoint") or {}).get("step", 0) >= 10,
+                       timeout_s=TIMEOUT_S, what="a first checkpoint")
+        victim = next(p for p in stack.list_pods(name) if p["metadata"]["labels"]["loco.dev/rank"] == "2")
+        node = victim["spec"]["nodeName"]
+        mark("first checkpoint")
+        stack.cluster.set_node_ready(node, False)
+        running_with(2, "the job to shrink to 2 workers and run")
+        mark("shrunk to 2")
+        stack.cluster.set_node_ready(node, True)
+        running_with(3, "the job to grow back to 3 workers")
+        mark("grown to 3")
+        stack.kubectl("scale", f"tj/{name}", "--replicas=2")
+        running_with(2, "kubectl scale to take the job to 2 workers")
+        mark("scaled to 2")
+        job = stack.wait_for_phase(name, {"Succeeded", "Failed"}, timeout_s=TIMEOUT_S)
+        mark("finished")
+    except TimeoutError:
+        raise AssertionError(dump_debug(stack, name)) from None
+    finally:
+        stack.cluster.set_node_ready(node, True) if "node" in locals() else None
+    st = job["status"]
+    print("[elastic e2e] " + "\n".join(f"{e.get('lastTimestamp') or e.get('eventTime')} {e['reason']}: {e['message']}"
+                                      for e in stack.events(name)), flush=True)
+    assert st["phase"] == "Succeeded", dump_debug(stack, name)
+    assert st["step"] == STEPS and st["workers"]["desired"] == 2 and st["targetReplicas"] == 2
+    assert st["resizes"] == 3 and st["restarts"] == 1, dump_debug(stack, name)  # only the node failure is a restart
+    resized = [e["message"] for e in stack.events(name) if e["reason"] == "Resizing"]
+    assert len(resized) == 3, resized
+    assert resized[0].startswith("Resized 3→2 (elastic-worker-") and "cannot be placed" in resized[0], resized
+    assert resized[1].startswith("Resized 2→3 (capacity)"), resized
+    assert resized[2].startswith("Resized 3→2 (spec.replicas changed)"), resized
+    # the loss curve: after each change of the worker count, no value above the best before it + tolerance
+    for i in range(1, len(samples)):
+        if samples[i][0] != samples[i - 1][0]:
+            best_before = min(loss for _, _, loss in samples[:i])
+            assert samples[i][2] <= best_before + LOSS_JUMP_TOLERANCE, (samples[i], best_before, samples)

@@ -1,0 +1,108 @@
+"""Can the cluster place more worker pods? A pure, conservative estimate for elastic growth.
+
+:func:`free_slots` answers "how many more copies of this worker pod would the scheduler bind right
+now", from the Nodes and the Pods as the API returns them (camelCase dicts). It follows the
+scheduler's filters that matter for a training job: the node is Ready and not cordoned, every
+``NoSchedule``/``NoExecute`` taint is tolerated, ``spec.nodeSelector`` matches, the node is not on
+the job's avoid list (``status.avoidNodes``), and the pod's resource requests (and one ``pods``
+slot) fit into allocatable minus the requests of the non-terminated pods bound to the node.
+Affinity other than the avoid list and topology spread are not evaluated, so the answer can be
+optimistic; a wrong guess costs one resize attempt: the new pod stays Unschedulable and the
+planner shrinks again after ``elastic.placementTimeoutSeconds``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from decimal import Decimal
+from typing import Any
+
+from kubernetes.utils.quantity import parse_quantity
+
+HOSTNAME_LABEL = "kubernetes.io/hostname"
+
+
+def _quantity(value: Any) -> Decimal:
+    try:
+        return Decimal(parse_quantity(value))
+    except (ValueError, TypeError, ArithmeticError):
+        return Decimal(0)
+
+
+def pod_requests(pod: Mapping[str, Any]) -> dict[str, Decimal]:
+    """Summed container requests of ``pod`` (limits stand in for missing requests, as in Kubernetes),
+    plus ``pods: 1``."""
+    total: dict[str, Decimal] = {"pods": Decimal(1)}
+    for container in (pod.get("spec") or {}).get("containers") or []:
+        resources = container.get("resources") or {}
+        requests = {**(resources.get("limits") or {}), **(resources.get("requests") or {})}
+        for name, value in requests.items():
+            total[name] = total.get(name, Decimal(0)) + _quantity(value)
+    return total
+
+
+def tolerates(tolerations: Sequence[Mapping[str, Any]], taint: Mapping[str, Any]) -> bool:
+    """Whether one of ``tolerations`` tolerates ``taint`` (Kubernetes matching rules)."""
+    for tol in tolerations:
+        if tol.get("effect") and tol.get("effect") != taint.get("effect"):
+            continue
+        if tol.get("operator") == "Exists":
+            if not tol.get("key") or tol.get("key") == taint.get("key"):
+                return True
+        elif tol.get("key") == taint.get("key") and (tol.get("value") or "") == (taint.get("value") or ""):
+            return True
+    return False
+
+
+def node_usable(node: Mapping[str, Any], pod: Mapping[str, Any], avoid_nodes: Iterable[str] = ()) -> bool:
+    """Ready, schedulable, every hard taint tolerated, nodeSelector matched, not avoided."""
+    meta, spec, status = node.get("metadata") or {}, node.get("spec") or {}, node.get("status") or {}
+    labels = meta.get("labels") or {}
+    avoid = set(avoid_nodes)
+    if meta.get("name") in avoid or labels.get(HOSTNAME_LABEL) in avoid or spec.get("unschedulable"):
+        return False
+    if not any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []):
+        return False
+    pod_spec = pod.get("spec") or {}
+    tolerations = pod_spec.get("tolerations") or []
+    for taint in spec.get("taints") or []:
+        if taint.get("effect") in ("NoSchedule", "NoExecute") and not tolerates(tolerations, taint):
+            return False
+    return all(labels.get(k) == v for k, v in (pod_spec.get("nodeSelector") or {}).items())
+
+
+def free_slots(
+    pod: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[str, Any]],
+    avoid_nodes: Iterable[str] = (),
+) -> int:
+    """How many more copies of ``pod`` the cluster can place now (see the module docstring).
+
+    ``pods``: every pod in the cluster (those without ``spec.nodeName`` or already Succeeded/Failed
+    hold nothing). A resource the pod requests but a node does not offer makes the node unusable.
+    """
+    want = {k: v for k, v in pod_requests(pod).items() if v > 0}
+    used: dict[str, dict[str, Decimal]] = {}
+    for other in pods:
+        node = (other.get("spec") or {}).get("nodeName")
+        if not node or (other.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+            continue
+        acc = used.setdefault(node, {})
+        for name, value in pod_requests(other).items():
+            acc[name] = acc.get(name, Decimal(0)) + value
+    avoid = list(avoid_nodes)
+    total = 0
+    for node in nodes:
+        if not node_usable(node, pod, avoid):
+            continue
+        status = node.get("status") or {}
+        allocatable = status.get("allocatable") or status.get("capacity") or {}
+        taken = used.get((node.get("metadata") or {}).get("name", ""), {})
+        fits: list[int] = []
+        for name, need in want.items():
+            if name not in allocatable:
+                fits.append(0 if name != "pods" else 1 << 30)  # a node without a pods limit takes any number
+                continue
+            free = _quantity(allocatable[name]) - taken.get(name, Decimal(0))
+            fits.append(max(int(free // need), 0))
+        total += min(fits) if fits else 0
+    return total

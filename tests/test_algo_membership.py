@@ -1,0 +1,276 @@
+"""NoLoCo and CO2 accept a new membership at a sync boundary without restarting the survivors.
+
+Real gloo ranks (4 per scenario): 3 workers train a few rounds, then a 4th joins, or 4 train and one
+leaves. Checked: the survivors' parameters are continuous across the switch (NoLoCo: untouched; CO2:
+exactly the drained pending round, by the formula), a joiner holds what the documented rule says at
+its first outer step, training goes on over the new group, and no call involves the departed rank.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dist_helpers import rank_pool, flat_params, run_loop, tiny_model
+from loco_trainer.algorithms import CO2, DDP, NoLoCo
+from loco_trainer.algorithms.base import membership_roles
+from loco_trainer.algorithms.noloco import gossip_groups
+from loco_trainer.comm import Comm, flatten
+
+H = 2
+ALPHA, BETA, GAMMA = 0.7, 0.5, 0.7  # NoLoCo α, β, γ
+ETA, MU, LAMBDA, CLIP = 0.5, 0.5, 1.0, 1.0  # CO2 η, β, λ, c
+
+
+def _noloco(model, comm, init_sync: bool = True) -> NoLoCo:
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    return NoLoCo(model, opt, comm, sync_every=H, outer_lr=ALPHA, outer_momentum=BETA, mean_pull=GAMMA, seed=3,
+                  init_sync=init_sync), opt
+
+
+def _noloco_state(s: NoLoCo) -> dict:
+    return {"phi": flatten(s.outer_params).clone(), "m": flatten(s.momentum).clone(), "theta": flat_params(s.model)}
+
+
+def _spy_gossip(strategy: NoLoCo, log: list) -> None:
+    """Record (θ, φ, m) right before each gossip round and the group it used."""
+    original = strategy.gossip
+
+    def spy(round_index: int) -> None:
+        before = _noloco_state(strategy)
+        original(round_index)
+        log.append({**before, "round": round_index, "group": list(strategy.last_group), "after": flat_params(strategy.model)})
+
+    strategy.gossip = spy
+
+
+def _expected_noloco(results: list[dict], rank: int, entry: int) -> torch.Tensor:
+    """θᵢ after the logged gossip round ``entry``, by the module docstring's rule."""
+    me = results[rank]["log"][entry]
+    group = me["group"]
+    phis = torch.stack([results[j]["log"][entry]["phi"] for j in group])
+    deltas = torch.stack([results[j]["log"][entry]["theta"] - results[j]["log"][entry]["phi"] for j in group])
+    m = BETA * me["m"] + ALPHA * deltas.mean(0) + GAMMA * (phis.mean(0) - me["phi"])
+    return me["phi"] + m
+
+
+def _noloco_join(rank: int, world_size: int) -> dict:
+    old = Comm.from_ranks([0, 1, 2])
+    alone = Comm.from_ranks([3])  # the newcomer's group of one until it joins
+    model = tiny_model(seed=rank if rank < 3 else 99)
+    # no initial broadcast: the replicas start apart and stay apart (three ranks gossip as one group,
+    # which would otherwise keep them identical), so "the joiner holds rank 0's state" is a real check
+    strategy, opt = _noloco(model, old if rank < 3 else alone, init_sync=False)
+    strategy.setup()
+    if rank < 3:
+        run_loop(strategy, model, opt, rank, 0, 2 * H)  # two gossip rounds on three workers
+    before = _noloco_state(strategy)
+    new = Comm()
+    strategy.on_membership_change(new, src=0)  # all four, at a round boundary; rank 3 joins
+    joined = _noloco_state(strategy)
+    log: list = []
+    _spy_gossip(strategy, log)
+    run_loop(strategy, model, opt, rank, strategy.t, strategy.t + 2 * H)  # two more rounds, four workers
+    return {"before": before, "joined": joined, "log": log, "t": strategy.t, "rounds": strategy.rounds,
+            "records": [(r.kind, r.peer) for r in new.records()]}
+
+
+@pytest.mark.multiproc
+def test_noloco_accepts_a_joiner_at_a_round_boundary(rank_pool) -> None:
+    results = rank_pool.run(_noloco_join, 4, timeout_s=120)
+    survivors = results[:3]
+    # NoLoCo replicas differ (so "equals rank 0" below is not vacuous)
+    assert not torch.equal(survivors[0]["before"]["theta"], survivors[1]["before"]["theta"])
+    for r in survivors:  # continuous: nothing reset or replaced
+        for key in ("phi", "m", "theta"):
+            torch.testing.assert_close(r["joined"][key], r["before"][key], rtol=0, atol=0)
+    joiner = results[3]
+    assert not torch.equal(joiner["before"]["theta"], survivors[0]["before"]["theta"])
+    for key in ("phi", "m", "theta"):  # the joiner adopted src's (rank 0's) φ and m, θ = φ
+        torch.testing.assert_close(joiner["joined"][key], survivors[0]["before"]["phi" if key == "theta" else key],
+                                   rtol=0, atol=0)
+    assert joiner["t"] == survivors[0]["t"] == 4 * H and joiner["rounds"] == survivors[0]["rounds"] == 4
+    # the next rounds gossip over the four new ranks with the (seed, round) rule, by the formula
+    for entry in range(2):
+        round_index = results[0]["log"][entry]["round"]
+        groups = gossip_groups(4, 2, round_index, seed=3)
+        for rank, r in enumerate(results):
+            assert r["log"][entry]["round"] == round_index
+            assert r["log"][entry]["group"] == next(g for g in groups if rank in g)
+            torch.testing.assert_close(r["log"][entry]["after"], _expected_noloco(results, rank, entry),
+                                       rtol=1e-5, atol=1e-6)
+    # only src sent the state, only to the joiner; the other survivors just took part in the roles' all_gather
+    assert results[0]["records"][:2] == [("all_gather", None), ("send", 3)]
+    assert joiner["records"][:2] == [("all_gather", None), ("recv", 0)]
+    assert results[1]["records"][0] == ("all_gather", None) and results[1]["records"][1][0] != "recv"
+
+
+def _noloco_leave(rank: int, world_size: int) -> dict:
+    old = Comm()
+    new = Comm.from_ranks([0, 1, 2])  # every rank takes part in creating the group (a torch rule)
+    model = tiny_model(seed=rank)
+    strategy, opt = _noloco(model, old)
+    strategy.setup()
+    run_loop(strategy, model, opt, rank, 0, 2 * H)
+    if rank == 3:
+        return {"left": True}  # the departing worker just stops: NoLoCo has nothing in flight
+    before = _noloco_state(strategy)
+    old_calls = len(old.records())
+    strategy.on_membership_change(new)
+    joined = _noloco_state(strategy)
+    log: list = []
+    _spy_gossip(strategy, log)
+    run_loop(strategy, model, opt, rank, 2 * H, 4 * H)
+    return {"before": before, "joined": joined, "log": log, "old_calls": (old_calls, len(old.records())),
+            "peers": [r.peer for r in new.records() if r.peer is not None], "world": new.world_size}
+
+
+@pytest.mark.multiproc
+def test_noloco_survivors_go_on_without_a_departed_worker(rank_pool) -> None:
+    results = rank_pool.run(_noloco_leave, 4, timeout_s=120)[:3]
+    for rank, r in enumerate(results):
+        for key in ("phi", "m", "theta"):
+            torch.testing.assert_close(r["joined"][key], r["before"][key], rtol=0, atol=0)
+        assert r["world"] == 3 and r["old_calls"][0] == r["old_calls"][1]  # the old group is never used again
+        assert set(r["peers"]) <= {0, 1, 2}
+        for entry in range(2):
+            assert r["log"][entry]["group"] == [0, 1, 2]  # three ranks, G = 2: one group of three
+            torch.testing.assert_close(r["log"][entry]["after"], _expected_noloco(results, rank, entry),
+                                       rtol=1e-5, atol=1e-6)
+        assert not torch.equal(r["log"][-1]["after"], r["joined"]["theta"])  # training went on
+
+
+# --------------------------------------------------------------------------------- CO2
+
+
+def _co2(model, comm) -> CO2:
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    return CO2(model, opt, comm, sync_every=H, outer_lr=ETA, outer_momentum=MU, staleness_penalty=LAMBDA,
+               clip_threshold=CLIP), opt
+
+
+def _co2_drained(phi: torch.Tensor, m: torch.Tensor, average: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """φ, m after applying the pending average, by the module docstring's rule."""
+    m = (MU * m + average / LAMBDA).clamp(-CLIP, CLIP)
+    return phi - ETA * m, m
+
+
+def _co2_members(rank: int, world_size: int, mode: str) -> dict:
+    """mode "join": ranks 0-2 train, rank 3 joins; mode "leave": 0-3 train, rank 3 leaves."""
+    if mode == "join":
+        old = Comm.from_ranks([0, 1, 2])
+        alone = Comm.from_ranks([3])
+        new = Comm()
+        comm = old if rank < 3 else alone
+        model = tiny_model(seed=rank if rank < 3 else 99)
+    else:
+        old = comm = Comm()
+        new = Comm.from_ranks([0, 1, 2])
+        model = tiny_model(seed=0)
+    strategy, opt = _co2(model, comm)
+    strategy.setup()
+    trains = mode == "leave" or rank < 3
+    if trains:
+        run_loop(strategy, model, opt, rank, 0, 2 * H)  # two rounds: one update applied, round 2 in flight
+    out: dict = {}
+    if trains:
+        saved = strategy.state_dict()  # waits for the round in flight; on_membership_change then applies it
+        out["phi"], out["m"], out["pending"] = saved["outer_params"], saved["momentum"], saved["pending_average"]
+    if mode == "leave" and rank == 3:
+        strategy.finish()  # the departing worker drains the all-reduce it issued, then stops
+        return {**out, "left": flat_params(model)}
+    old_calls = len(comm.records())
+    strategy.on_membership_change(new)
+    out.update(joined=flat_params(model), rounds=strategy.rounds, updates=strategy.updates,
+               momentum=strategy.momentum.clone(), old_calls=(old_calls, len(comm.records())))
+    first_round: list = []
+    run_loop(strategy, model, opt, rank, 2 * H, 4 * H,
+             on_step=lambda s: first_round.append(flat_params(model)) if s == 3 * H - 1 else None)
+    strategy.finish()
+    out.update(first_round=first_round[0], final=flat_params(model), world=new.world_size,
+               all_reduces=new.stats()["by_kind"]["all_reduce"]["calls"],
+               peers=[r.peer for r in new.records() if r.peer is not None])
+    return out
+
+
+@pytest.mark.multiproc
+def test_co2_completes_the_pending_round_and_a_joiner_adopts_phi_and_momentum(rank_pool) -> None:
+    results = rank_pool.run(_co2_members, 4, args=("join",), timeout_s=120)
+    src = results[0]
+    assert src["pending"] is not None and src["pending"].abs().sum() > 0
+    phi, m = _co2_drained(src["phi"], src["m"], src["pending"])
+    assert m.abs().sum() > 0  # the momentum that travels is not zeros
+    for r in results[:3]:  # survivors: continuous, the pending round applied rather than dropped
+        torch.testing.assert_close(r["joined"], phi, rtol=1e-6, atol=1e-7)
+        assert (r["rounds"], r["updates"]) == (2, 2)
+    for r in results:  # everyone, the joiner included, holds src's φ and m
+        torch.testing.assert_close(r["joined"], src["joined"], rtol=0, atol=0)
+        torch.testing.assert_close(r["momentum"], src["momentum"], rtol=0, atol=0)
+        # first outer step of the new membership: nothing pending, so θ = φ unchanged
+        torch.testing.assert_close(r["first_round"], src["joined"], rtol=0, atol=0)
+        torch.testing.assert_close(r["final"], src["final"], rtol=0, atol=0)
+        assert r["world"] == 4 and r["all_reduces"] == 2 and r["old_calls"][0] == r["old_calls"][1]
+    assert (results[3]["rounds"], results[3]["updates"]) == (2, 2)  # adopted src's counters
+    assert not torch.equal(src["final"], src["joined"])  # training went on over four workers
+
+
+@pytest.mark.multiproc
+def test_co2_survivors_go_on_without_a_departed_worker(rank_pool) -> None:
+    results = rank_pool.run(_co2_members, 4, args=("leave",), timeout_s=120)
+    phi, _ = _co2_drained(results[0]["phi"], results[0]["m"], results[0]["pending"])
+    torch.testing.assert_close(results[3]["left"], phi, rtol=1e-6, atol=1e-7)  # drained the same average
+    for r in results[:3]:
+        torch.testing.assert_close(r["joined"], phi, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(r["final"], results[0]["final"], rtol=0, atol=0)
+        assert r["world"] == 3 and r["all_reduces"] == 2 and set(r["peers"]) <= {0, 1, 2}
+        assert r["old_calls"][0] == r["old_calls"][1]  # nothing more on the group that held rank 3
+    assert not torch.equal(results[0]["final"], results[0]["joined"])
+
+
+# ------------------------------------------------------------------------ single process
+
+
+def test_membership_change_is_refused_mid_round_and_unsupported_for_ddp() -> None:
+    model = tiny_model()
+    for strategy, opt in (_noloco(model, Comm()), _co2(model, Comm())):
+        strategy.setup()
+        run_loop(strategy, model, opt, 0, 0, 1)  # one inner step of a round of H = 2
+        with pytest.raises(RuntimeError, match="round boundary"):
+            strategy.on_membership_change(Comm())
+    ddp = DDP(model, torch.optim.SGD(model.parameters(), lr=0.1), Comm())
+    with pytest.raises(NotImplementedError, match="ddp: .*coordinated restart.*checkpoint"):
+        ddp.on_membership_change(Comm())
+
+
+def test_a_single_worker_membership_change_keeps_its_state() -> None:
+    model = tiny_model()
+    strategy, opt = _noloco(model, Comm())
+    strategy.setup()
+    run_loop(strategy, model, opt, 0, 0, 2 * H)
+    before = _noloco_state(strategy)
+    strategy.on_membership_change(Comm())
+    after = _noloco_state(strategy)
+    for key in before:
+        torch.testing.assert_close(after[key], before[key], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"src must be a group rank in \[0, 1\) \(got 2\)"):
+        strategy.on_membership_change(Comm(), src=2)
+
+
+class _Gathered:
+    """A stand-in Comm whose all_gather returns fixed rows (what the other members contributed)."""
+
+    def __init__(self, rows: list[list[int]]) -> None:
+        self.rows, self.world_size = rows, len(rows)
+
+    def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        return [torch.tensor(row, dtype=torch.int64) for row in self.rows]
+
+
+def test_membership_roles_agree_on_joiners_and_refuse_a_joining_src_or_split_survivors() -> None:
+    rows = [[0, 8, 4], [0, 8, 4], [1, 0, 0]]  # [joining, t, rounds]: two survivors at step 8, one joiner
+    assert membership_roles(_Gathered(rows), 1, False, (8, 4)) == ([False, False, True], [8, 4])
+    with pytest.raises(ValueError, match=r"src=2 is a joining worker; pass a survivor as src \(one of \[0, 1\]\)"):
+        membership_roles(_Gathered(rows), 2, True, (0, 0))
+    assert membership_roles(_Gathered([[1, 0, 0], [1, 6, 3]]), 1, True, (0, 0)) == ([True, True], [6, 3])
+    with pytest.raises(ValueError, match="survivors are at different positions"):
+        membership_roles(_Gathered([[0, 8, 4], [0, 6, 3]]), 0, False, (8, 4))

@@ -1,0 +1,271 @@
+"""Elastic resizing in the pure planner (docs/elastic.md): shrink when a worker cannot be placed,
+wait at minReplicas, grow back on capacity, user resizes; and the capacity estimate it relies on."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from loco_operator.capacity import free_slots
+from loco_operator.planner import CreatePod, DeletePod, EmitEvent, Observed, ObservedPod, plan
+from loco_operator.render import JobRef, config_json, render_pod
+from loco_operator.spec import TrainingJobSpec
+from loco_operator.validation import validate_job
+
+NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
+REF = JobRef("j", "ns", "uid-1")
+ELASTIC = {"minReplicas": 2, "maxReplicas": 4, "scaleUpDelaySeconds": 30, "placementTimeoutSeconds": 15}
+UNSCHED = "0/3 nodes are available: 1 node(s) had untolerated taint, 2 Insufficient cpu"
+
+
+def spec_of(replicas: int = 3, **extra: Any) -> dict[str, Any]:
+    return {"replicas": replicas, "elastic": dict(ELASTIC), **extra}
+
+
+def job(spec: dict[str, Any], status: dict[str, Any] | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "apiVersion": "loco.dev/v1alpha1", "kind": "TrainingJob",
+        "metadata": {"name": "j", "namespace": "ns", "uid": "uid-1", "generation": 1}, "spec": spec,
+    }
+    if status is not None:
+        body["status"] = status
+    return body
+
+
+def pod(rank: int, epoch: int = 0, phase: str = "Running", **kw: Any) -> ObservedPod:
+    return ObservedPod(name=f"j-worker-{rank}", rank=rank, epoch=epoch, phase=phase, node_name=f"n{rank}", **kw)
+
+
+def stuck(rank: int, epoch: int, since: datetime = NOW) -> ObservedPod:
+    return ObservedPod(name=f"j-worker-{rank}", rank=rank, epoch=epoch, phase="Pending",
+                       unschedulable=UNSCHED, unschedulable_since=since.strftime("%Y-%m-%dT%H:%M:%SZ"))
+
+
+def seen(spec: dict[str, Any], *pods: ObservedPod, free: int | None = None) -> Observed:
+    cfg = config_json(REF, TrainingJobSpec.model_validate(spec))
+    return Observed(pods=pods, service_exists=True, configmap_data=cfg, free_slots=free)
+
+
+def step(body: dict[str, Any], observed: Observed, now: datetime = NOW) -> tuple[dict[str, Any], Any]:
+    result = plan(body, observed, now)
+    return {**body, "status": result.status}, result
+
+
+def running(spec: dict[str, Any], size: int, epoch: int = 0, status: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The job with all ``size`` workers of ``epoch`` running (planned to that state)."""
+    body = job(spec, status)
+    for phase in ("Pending", "Running"):
+        body, _ = step(body, seen(spec, *(pod(r, epoch, phase) for r in range(size))))
+    assert body["status"]["phase"] == "Running", body["status"]
+    return body
+
+
+def resize_events(result: Any) -> list[str]:
+    return [a.message for a in result.actions if isinstance(a, EmitEvent) and a.reason == "Resizing"]
+
+
+def env_of(action: CreatePod) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in action.body["spec"]["containers"][0]["env"]}
+
+
+def test_failed_worker_whose_replacement_cannot_be_placed_shrinks_the_job():
+    spec = spec_of(3)
+    body = running(spec, 3)
+    # worker-2's node died: the pod failed -> an ordinary restart (counted), same size
+    body, result = step(body, seen(spec, pod(0), pod(1), pod(2, phase="Failed", exit_code=137)))
+    assert (body["status"]["phase"], body["status"]["restarts"], body["status"]["membershipEpoch"]) == ("Restarting", 1, 1)
+    assert body["status"]["workers"]["desired"] == 3
+    body, _ = step(body, seen(spec))  # old pods gone: three new ones are created
+    # the replacement stays Unschedulable: within placementTimeoutSeconds nothing happens but a requeue
+    pending = seen(spec, pod(0, 1), pod(1, 1), stuck(2, 1))
+    body, result = step(body, pending, NOW + timedelta(seconds=10))
+    assert not [a for a in result.actions if isinstance(a, DeletePod)]
+    assert result.requeue_after_s is not None and result.requeue_after_s <= 5.0
+    # past the timeout: shrink to 2 in a new epoch, not counted as a restart
+    body, result = step(body, pending, NOW + timedelta(seconds=16))
+    st = body["status"]
+    assert (st["phase"], st["membershipEpoch"], st["restarts"], st["resizes"]) == ("Restarting", 2, 1, 1)
+    assert st["workers"]["desired"] == 2 and st["targetReplicas"] == 3
+    assert resize_events(result) == [f"Resized 3→2 (j-worker-2 cannot be placed: {UNSCHED}), resuming from scratch (no checkpoint yet)"]
+    assert {a.name for a in result.actions if isinstance(a, DeletePod)} == {"j-worker-0", "j-worker-1", "j-worker-2"}
+    # the new epoch has two workers that know the world is 2
+    body, result = step(body, seen(spec))
+    created = [a for a in result.actions if isinstance(a, CreatePod)]
+    assert [(a.rank, a.epoch) for a in created] == [(0, 2), (1, 2)]
+    assert {env_of(a)["LOCO_NUM_REPLICAS"] for a in created} == {"2"}
+    body, _ = step(body, seen(spec, pod(0, 2, "Pending"), pod(1, 2, "Pending")))
+    body, _ = step(body, seen(spec, pod(0, 2), pod(1, 2)))
+    assert body["status"]["phase"] == "Running" and body["status"]["workersReady"].endswith("/2")
+    # and stays at 2 (no resize back without capacity)
+    body, result = step(body, seen(spec, pod(0, 2), pod(1, 2), free=0), NOW + timedelta(minutes=5))
+    assert resize_events(result) == [] and body["status"]["workers"]["desired"] == 2
+
+
+def test_evicted_worker_shrinks_like_a_failed_one():
+    spec = spec_of(3)
+    body = running(spec, 3)
+    body, _ = step(body, seen(spec, pod(0), pod(1), pod(2, phase="Failed", termination_reason="Evicted")))
+    body, _ = step(body, seen(spec))
+    body, result = step(body, seen(spec, pod(0, 1), stuck(1, 1), pod(2, 1)), NOW + timedelta(seconds=20))
+    assert resize_events(result)[0].startswith("Resized 3→2 (j-worker-1 cannot be placed")
+    assert body["status"]["workers"]["desired"] == 2
+
+
+def test_below_min_waits_in_restarting_and_resumes_when_placed():
+    spec = spec_of(2)  # already at minReplicas
+    body = running(spec, 2)
+    body, _ = step(body, seen(spec, pod(0), pod(1, phase="Failed", exit_code=1)))
+    body, _ = step(body, seen(spec))
+    waiting = seen(spec, pod(0, 1), stuck(1, 1))
+    body, result = step(body, waiting, NOW + timedelta(seconds=30))
+    st = body["status"]
+    assert st["phase"] == "Restarting" and st["workers"]["desired"] == 2 and st["membershipEpoch"] == 1
+    assert not [a for a in result.actions if isinstance(a, DeletePod)]  # the pod keeps waiting for a node
+    cond = next(c for c in st["conditions"] if c["type"] == "Restarting")
+    assert cond["status"] == "True" and cond["reason"] == "WaitingForCapacity"
+    assert "1 of 2 workers cannot be placed and elastic.minReplicas is 2" in cond["message"]
+    assert [a.reason for a in result.actions if isinstance(a, EmitEvent)] == ["WaitingForCapacity"]
+    body, result = step(body, waiting, NOW + timedelta(seconds=35))  # said once, not on every reconcile
+    assert not [a for a in result.actions if isinstance(a, EmitEvent)]
+    # a node comes back and the pod is bound: the job runs again at 2
+    body, _ = step(body, seen(spec, pod(0, 1), pod(1, 1)), NOW + timedelta(seconds=40))
+    assert body["status"]["phase"] == "Running" and body["status"]["membershipEpoch"] == 1
+
+
+def test_two_unplaceable_workers_shrink_only_to_min():
+    spec = spec_of(4)
+    body = running(spec, 4)
+    body, result = step(body, seen(spec, pod(0), pod(1), stuck(2, 0), stuck(3, 0)), NOW + timedelta(seconds=20))
+    assert resize_events(result)[0].startswith("Resized 4→2 (j-worker-2 cannot be placed")
+    spec3 = spec_of(4, elastic={**ELASTIC, "minReplicas": 3})
+    body = running(spec3, 4)
+    body, result = step(body, seen(spec3, pod(0), stuck(1, 0), stuck(2, 0), pod(3)), NOW + timedelta(seconds=20))
+    assert resize_events(result)[0].startswith("Resized 4→3")
+    assert body["status"]["workers"]["desired"] == 3
+
+
+def _shrunk(spec: dict[str, Any]) -> dict[str, Any]:
+    """A 3-worker job shrunk to 2 at NOW (epoch 1) and running again."""
+    body = running(spec, 3)
+    body, _ = step(body, seen(spec, pod(0), pod(1), stuck(2, 0, NOW - timedelta(seconds=20))))
+    body, _ = step(body, seen(spec))
+    body, _ = step(body, seen(spec, pod(0, 1, "Pending"), pod(1, 1, "Pending")))
+    body, _ = step(body, seen(spec, pod(0, 1), pod(1, 1)))
+    assert body["status"]["workers"]["desired"] == 2 and body["status"]["phase"] == "Running"
+    return body
+
+
+def test_capacity_back_grows_after_scale_up_delay():
+    spec = spec_of(3)
+    body = _shrunk(spec)
+    live = (pod(0, 1), pod(1, 1))
+    _, result = step(body, seen(spec, *live, free=None), NOW + timedelta(minutes=2))  # capacity unknown: stay
+    assert resize_events(result) == []
+    _, result = step(body, seen(spec, *live, free=1), NOW + timedelta(seconds=29))  # within scaleUpDelaySeconds
+    assert resize_events(result) == [] and result.requeue_after_s is not None and result.requeue_after_s <= 5.0
+    body, result = step(body, seen(spec, *live, free=5), NOW + timedelta(seconds=31))
+    assert resize_events(result) == ["Resized 2→3 (capacity), resuming from scratch (no checkpoint yet)"]
+    st = body["status"]
+    assert (st["workers"]["desired"], st["restarts"], st["resizes"], st["membershipEpoch"]) == (3, 0, 2, 2)
+    body, result = step(body, seen(spec))
+    assert [a.rank for a in result.actions if isinstance(a, CreatePod)] == [0, 1, 2]
+
+
+def test_user_scale_up_and_down_within_bounds():
+    spec = spec_of(3)
+    body = running(spec, 3)
+    up = spec_of(4)
+    body = {**body, "spec": up}
+    body, result = step(body, seen(up, pod(0), pod(1), pod(2)))
+    assert resize_events(result) == ["Resized 3→4 (spec.replicas changed), resuming from scratch (no checkpoint yet)"]
+    assert body["status"]["workers"]["desired"] == 4 and body["status"]["restarts"] == 0
+    # a shrunk job asked for 2 by the user: already 2, so no restart, and 2 is the new target
+    body = _shrunk(spec)
+    down = spec_of(2)
+    body = {**body, "spec": down}
+    body, result = step(body, seen(down, pod(0, 1), pod(1, 1), free=3), NOW + timedelta(minutes=5))
+    assert resize_events(result) == [] and body["status"]["targetReplicas"] == 2
+    assert body["status"]["workers"]["desired"] == 2 and body["status"]["phase"] == "Running"
+    # a shrunk job whose user raises replicas goes straight to the new size
+    body = _shrunk(spec)
+    body = {**body, "spec": up}
+    body, result = step(body, seen(up, pod(0, 1), pod(1, 1)))
+    assert resize_events(result)[0].startswith("Resized 2→4 (spec.replicas changed)")
+
+
+def test_above_max_or_below_min_is_refused_naming_the_field():
+    errors = validate_job(job(spec_of(5)))
+    assert any("elastic.maxReplicas" in str(e) for e in errors), errors
+    errors = validate_job(job(spec_of(1)))
+    assert any("elastic.minReplicas" in str(e) for e in errors), errors
+
+
+def test_non_elastic_job_never_shrinks():
+    spec = {"replicas": 3}
+    body = running(spec, 3)
+    body, result = step(body, seen(spec, pod(0), pod(1), stuck(2, 0)), NOW + timedelta(minutes=10))
+    assert resize_events(result) == [] and body["status"]["workers"]["desired"] == 3
+
+
+# ------------------------------------------------------------------------------------ capacity
+
+
+def node(name: str, cpu: str = "4", ready: bool = True, **spec: Any) -> dict[str, Any]:
+    return {"metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, "pool": "a"}}, "spec": spec,
+            "status": {"allocatable": {"cpu": cpu, "memory": "16Gi", "pods": "110"},
+                       "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}}
+
+
+def bound(node_name: str, cpu: str, phase: str = "Running") -> dict[str, Any]:
+    return {"spec": {"nodeName": node_name, "containers": [{"resources": {"requests": {"cpu": cpu}}}]},
+            "status": {"phase": phase}}
+
+
+def worker(cpu: str = "3", **template: Any) -> dict[str, Any]:
+    spec = TrainingJobSpec.model_validate({"replicas": 3, "template": {"resources": {"requests": {"cpu": cpu}}, **template}})
+    return render_pod(REF, spec, 0, 0)
+
+
+def test_free_slots_counts_only_usable_nodes_with_room():
+    nodes = [node("n0"), node("n1"), node("n2", ready=False), node("n3", unschedulable=True),
+             node("n4", taints=[{"key": "loco.dev/fault", "value": "hang", "effect": "NoSchedule"}])]
+    pods = [bound("n0", "3"), bound("n1", "3", phase="Succeeded")]
+    assert free_slots(worker(), nodes, pods) == 1  # n0 is full, n1's pod finished; the rest are out
+    assert free_slots(worker(), nodes, pods, avoid_nodes=["n1"]) == 0
+    assert free_slots(worker("1"), nodes, pods) == 1 + 4  # 1 left on n0, 4 on n1
+    tolerant = worker(tolerations=[{"key": "loco.dev/fault", "operator": "Exists"}])
+    assert free_slots(tolerant, nodes, pods) == 2  # n4 accepts it now
+    assert free_slots(worker(nodeSelector={"pool": "b"}), nodes, pods) == 0
+    gpu = worker(resources={"limits": {"nvidia.com/gpu": 1}})
+    assert free_slots(gpu, nodes, pods) == 0  # no node offers GPUs
+
+
+# ------------------------------------------------------------------------ data across a resize
+
+
+def test_resize_neither_skips_nor_repeats_data():
+    """A checkpoint stores the global DataPosition; resuming it at another world size (both batch
+    rules) continues the global sequence stream exactly where it stopped."""
+    import numpy as np
+
+    from loco_trainer.config import BatchRule, TrainingSpec
+    from loco_trainer.data import DataPosition, TokenWindows, TrainSampler, rank_slice
+    from loco_trainer.train import global_batch_size
+
+    windows = TokenWindows(np.arange(4 * 200 + 1, dtype=np.uint16) % 256, seq_len=4)  # 200 windows
+    sampler = TrainSampler(windows, seed=7)
+    for rule in BatchRule:
+        training = TrainingSpec(batch_size=4, batch_rule=rule)
+        consumed: list[int] = []
+        position = DataPosition()
+        for world, steps in ((3, 5), (2, 4), (3, 3)):  # 3 workers, shrink to 2, grow back to 3
+            position = DataPosition.from_state_dict(position.state_dict())  # the checkpoint round trip
+            for _ in range(steps):
+                batch = global_batch_size(training, world, reference_world_size=3)
+                for rank in range(world):
+                    offset, count = rank_slice(batch, rank, world)
+                    consumed += sampler.window_ids(position.sequences + offset, count).tolist()
+                position = position.advance(batch)
+        expected = sampler.window_ids(0, position.sequences).tolist()
+        assert consumed == expected, rule  # the exact global stream: nothing skipped, nothing twice
+        assert len(set(consumed)) == len(consumed) and len(consumed) < windows.num_windows
