@@ -279,13 +279,9 @@ def _cpu() -> str:
 
 
 def write_section(section: str, path: str = DOC) -> None:
-    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    if START in text and END in text:
-        text = text[: text.index(START)] + section + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    with open(path, "w") as fh:
-        fh.write(text)
+    from benchdoc import write_section as write_marked  # bench/ is on sys.path when run as a script
+
+    write_marked(section, START, END, path)
 
 
 def main() -> None:

@@ -279,13 +279,9 @@ def render(results: dict[str, Any]) -> str:
 
 def write_doc(section: str, doc: Path = DOC) -> None:
     """Replace the section between the markers (or append it)."""
-    text = doc.read_text(encoding="utf-8") if doc.exists() else "# Benchmarks\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    doc.write_text(text, encoding="utf-8")
+    from benchdoc import write_section  # bench/ is on sys.path when run as a script
+
+    write_section(section, START, END, doc)
 
 
 def plot(results: dict[str, Any], path: Path = PLOT) -> None:

@@ -238,14 +238,9 @@ def render(result: dict) -> str:
 
 
 def write_doc(section: str) -> None:
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        _, tail = rest.split(END, 1)
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    DOC.write_text(text)
+    from benchdoc import write_section  # bench/ is on sys.path when run as a script
+
+    write_section(section, START, END, DOC)
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ from e2e.conftest import dump_debug, small_job
 from loco_local.stack import LocalStack
 
 TIMEOUT_S = 240
-STEPS = 200
+STEPS = 120
 #: After a resize (a restart from the last checkpoint at the new size) the training loss may exceed
 #: the lowest loss seen before it by at most this much (nats; a fresh byte-level model is at 5.55).
 LOSS_JUMP_TOLERANCE = 0.5

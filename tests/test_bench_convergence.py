@@ -82,13 +82,3 @@ def test_summary_gaps_and_byte_reduction_against_ddp_of_the_same_length() -> Non
     assert [r["gap_pct"] for r in bc.summarize(runs, "t")][1] == pytest.approx(1.0)
     table = "\n".join(bc.render_table(rows))
     assert "| diloco | 10 | 20 | 200 | 2.1000 | +5.00 % | +10.0 % / +4.0 % / +5.0 % |" in table
-
-
-def test_write_doc_replaces_only_its_section(tmp_path) -> None:
-    doc = tmp_path / "benchmarks.md"
-    doc.write_text("# Benchmarks\n\nother section\n", encoding="utf-8")
-    bc.write_doc(bc.render({}), doc)
-    bc.write_doc(bc.START + "\nnew\n" + bc.END, doc)
-    text = doc.read_text(encoding="utf-8")
-    assert "other section" in text and "\nnew\n" in text
-    assert text.count(bc.START) == 1 and "No results yet" not in text

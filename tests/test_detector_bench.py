@@ -36,10 +36,3 @@ def test_simulated_healthy_run_gives_no_verdict(sim) -> None:  # noqa: ANN001
     result = sim.run_trial(sim.SimConfig(world=64, seed=4), None, steps=300)
     assert result["verdicts"] == []
     assert len(result["step_cpu_s"]) == 300
-
-
-def test_benchmark_section_replaces_only_its_own_section(sim, tmp_path: Path) -> None:  # noqa: ANN001
-    doc = tmp_path / "benchmarks.md"
-    doc.write_text("# Benchmarks\n\n## Trainer\n\nkeep me\n\n## Fault detection (simulator)\n\nold\n\n## Later\n\nkeep too\n")
-    sim.write_section(doc, "## Fault detection (simulator)\n\nnew\n")
-    assert doc.read_text() == "# Benchmarks\n\n## Trainer\n\nkeep me\n\n## Fault detection (simulator)\n\nnew\n\n## Later\n\nkeep too\n"

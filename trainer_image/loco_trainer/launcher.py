@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 import yaml
 from pydantic import ValidationError
@@ -172,8 +172,9 @@ def _raise_terminated(signum: int, frame: Any) -> None:
     raise _Terminated()
 
 
-def run_rank(options: LaunchOptions, local_rank: int) -> int:
-    """Run local rank ``local_rank`` of this pod to the end; returns the process exit code.
+def run_rank(options: LaunchOptions, local_rank: int) -> NoReturn:
+    """Run local rank ``local_rank`` of this pod to the end, then exit the process with its code
+    (0 success, the failing code otherwise) without the interpreter's teardown (see the end).
 
     The pod leader (local rank 0) serves the progress endpoint and writes the final report to
     the termination message file. Never raises (errors become a failed report and exit code 1).
@@ -240,12 +241,14 @@ def run_rank(options: LaunchOptions, local_rank: int) -> int:
         server.stop()
     if code == 0:
         dist.destroy_process_group()
-    else:
-        # Peers may be blocked in a collective with us: leave without any cleanup collective.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    return code
+    # Leave without the interpreter's teardown. On failure, peers may be blocked in a collective
+    # with us, so no cleanup collective may run. On success everything is committed and closed, but
+    # C++ threads of gloo and the checkpoint engine's group can still abort a normal teardown
+    # ("terminate called without an active exception", exit 134) after a good run.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # ------------------------------------------------------------------------------- launcher

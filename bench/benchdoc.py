@@ -1,0 +1,35 @@
+"""Shared by every benchmark: write its own section of docs/benchmarks.md and nothing else.
+
+Each benchmark owns the lines between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``; a run
+replaces them (or appends the section when the markers are missing), so benchmarks can be re-run in
+any order without touching each other's figures.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+
+
+def markers(name: str) -> tuple[str, str]:
+    """The start and end markers of benchmark ``name``'s section."""
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
+def write_section(section: str, start: str, end: str, path: Path | str = DOC) -> None:
+    """Put ``section`` between ``start`` and ``end`` in ``path`` (the markers are added to
+    ``section`` when it does not carry them), replacing what stood there before."""
+    path = Path(path)
+    body = section.strip("\n")
+    if not body.startswith(start):
+        body = f"{start}\n{body}"
+    if not body.endswith(end):
+        body = f"{body}\n{end}"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + body + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + body + "\n"
+    path.write_text(text.rstrip("\n") + "\n")
