@@ -14,7 +14,7 @@ from e2e.conftest import dump_debug, small_job
 from loco_local.stack import LocalStack
 
 TIMEOUT_S = 240
-STEPS = 120
+STEPS = 300
 #: After a resize (a restart from the last checkpoint at the new size) the training loss may exceed
 #: the lowest loss seen before it by at most this much (nats; a fresh byte-level model is at 5.55).
 LOSS_JUMP_TOLERANCE = 0.5
@@ -25,7 +25,7 @@ def test_node_failure_shrinks_capacity_grows_and_kubectl_scale_resizes(stack: Lo
     stack.apply(small_job(
         name, replicas=3, steps=STEPS, algorithm="diloco",
         elastic={"minReplicas": 2, "maxReplicas": 3, "scaleUpDelaySeconds": 3, "placementTimeoutSeconds": 4},
-        faultInjection={"stepDelayS": 0.03},
+        faultInjection={"stepDelayS": 0.1},
         runPolicy={"backoffLimit": 3},
         template__resources={"requests": {"cpu": "3", "memory": "256Mi"}},
     ))
