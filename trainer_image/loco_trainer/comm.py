@@ -720,12 +720,9 @@ def buckets(tensors: Sequence[torch.Tensor], bucket_bytes: int) -> list[list[int
     return out
 
 
-@torch.no_grad()
-def all_reduce_flat(comm: Comm, tensors: Sequence[torch.Tensor], op: str = "avg", bucket_bytes: int = 32 << 20) -> None:
-    """All-reduce ``tensors`` in place through few large collectives: tensors are grouped by
-    (dtype, device), packed into buckets of at most ``bucket_bytes``, reduced and unpacked."""
-    if comm.world_size == 1 or not tensors:
-        return
+def _in_flat_buckets(tensors: Sequence[torch.Tensor], bucket_bytes: int, collective: Callable[[torch.Tensor], None]) -> None:
+    """Run ``collective`` in place on few large flat buffers: ``tensors`` are grouped by
+    (dtype, device), packed into buckets of at most ``bucket_bytes``, and unpacked afterwards."""
     groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
     for t in tensors:
         groups.setdefault((t.dtype, t.device), []).append(t)
@@ -733,22 +730,22 @@ def all_reduce_flat(comm: Comm, tensors: Sequence[torch.Tensor], op: str = "avg"
         for idx in buckets(group, bucket_bytes):
             members = [group[i] for i in idx]
             flat = flatten(members)
-            comm.all_reduce(flat, op=op)
+            collective(flat)
             unflatten_into(flat, members)
+
+
+@torch.no_grad()
+def all_reduce_flat(comm: Comm, tensors: Sequence[torch.Tensor], op: str = "avg", bucket_bytes: int = 32 << 20) -> None:
+    """All-reduce ``tensors`` in place through few large collectives (see :func:`_in_flat_buckets`)."""
+    if comm.world_size == 1 or not tensors:
+        return
+    _in_flat_buckets(tensors, bucket_bytes, lambda flat: comm.all_reduce(flat, op=op))
 
 
 @torch.no_grad()
 def broadcast_flat(comm: Comm, tensors: Sequence[torch.Tensor], src: int = 0, bucket_bytes: int = 32 << 20) -> None:
     """Overwrite ``tensors`` on every rank with group rank ``src``'s values, packed into few large
-    broadcasts (grouped by dtype/device, buckets of at most ``bucket_bytes``)."""
+    broadcasts (see :func:`_in_flat_buckets`)."""
     if comm.world_size == 1 or not tensors:
         return
-    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
-    for t in tensors:
-        groups.setdefault((t.dtype, t.device), []).append(t)
-    for group in groups.values():
-        for idx in buckets(group, bucket_bytes):
-            members = [group[i] for i in idx]
-            flat = flatten(members)
-            comm.broadcast(flat, src=src)
-            unflatten_into(flat, members)
+    _in_flat_buckets(tensors, bucket_bytes, lambda flat: comm.broadcast(flat, src=src))
