@@ -49,6 +49,8 @@ async def kubectl(kubeconfig: Path, *args: str, **kw) -> subprocess.CompletedPro
     return await asyncio.to_thread(run_kubectl, kubeconfig, *args, **kw)
 
 
+# The machine image (developers and CI) ships kubectl, so this runs there; it can only skip on a
+# machine without one, where the Python-client and kopf tests still cover the server.
 @pytest.mark.skipif(KUBECTL is None, reason="kubectl is not on PATH")
 async def test_kubectl_apply_get_describe_explain_scale_patch_logs_delete(cluster, tmp_path):
     server, kc = cluster
@@ -116,6 +118,8 @@ async def test_kubectl_apply_get_describe_explain_scale_patch_logs_delete(cluste
     assert "No resources found" in (await kubectl(kc, "get", "widgets")).stderr
 
 
+# The machine image (developers and CI) ships kubectl, so this runs there; it can only skip on a
+# machine without one, where the Python-client and kopf tests still cover the server.
 @pytest.mark.skipif(KUBECTL is None, reason="kubectl is not on PATH")
 async def test_kubectl_get_watch_prints_rows_as_objects_change(cluster):
     server, kc = cluster

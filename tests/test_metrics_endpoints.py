@@ -93,6 +93,7 @@ def promtool_check(text: str) -> None:
     """``promtool check metrics`` must accept the exposition (no lint problems)."""
     promtool = shutil.which("promtool")
     if promtool is None:
+        # `make test` installs promtool first (`make tools`, as root in CI): this skips only outside it.
         pytest.skip("promtool is not installed (Debian package 'prometheus'; 'make tools' installs it)")
     done = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and not done.stdout.strip() and not done.stderr.strip(), done.stdout + done.stderr
@@ -361,6 +362,7 @@ def test_scrape_config_is_valid_for_promtool(tmp_path):
     path.write_text(yaml.safe_dump(config))
     promtool = shutil.which("promtool")
     if promtool is None:
+        # `make test` installs promtool first (`make tools`, as root in CI): this skips only outside it.
         pytest.skip("promtool is not installed (Debian package 'prometheus'; 'make tools' installs it)")
     done = subprocess.run([promtool, "check", "config", str(path)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -372,6 +374,7 @@ def test_loco_local_up_prometheus_prints_where_to_scrape_and_scrapes(tmp_path):
     import json
 
     if shutil.which("prometheus") is None:
+        # `make test` installs promtool first (`make tools`, as root in CI): this skips only outside it.
         pytest.skip("Debian's prometheus package is not installed ('make tools' installs it)")
     state = tmp_path / "state"
     loco = [sys.executable, "-c", "import loco_cli; loco_cli.main()", "local"]

@@ -172,6 +172,28 @@ class ApiClient:
             log.debug("could not record event %s on %s: %s", reason, meta.get("name"), exc)
 
 
+class Controller:
+    """A component driven by one background loop, :meth:`_run`, on the running event loop (the
+    scheduler, the node controller, the kubelet): :meth:`start` launches it, :meth:`stop` cancels
+    it and waits until it has finished."""
+
+    #: name of the asyncio task (shows in task dumps and logs)
+    task_name = "controller"
+    _task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=self.task_name)
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        raise NotImplementedError
+
+
 def key_of(obj: Obj) -> str:
     """``namespace/name`` (or ``name`` for cluster-scoped objects)."""
     meta = obj["metadata"]

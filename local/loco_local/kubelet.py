@@ -57,7 +57,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from loco_local import procs
-from loco_local.apiclient import ApiClient, ApiError, Informer, Obj, now_rfc3339, wait_any
+from loco_local.apiclient import ApiClient, ApiError, Controller, Informer, Obj, now_rfc3339, wait_any
 from loco_local.nodes import wants_ready
 from loco_local.scheduler import quantity
 
@@ -760,8 +760,10 @@ class PodWorker:
 # --------------------------------------------------------------------------------------- kubelet
 
 
-class Kubelet:
+class Kubelet(Controller):
     """Runs the pods bound to ``node_names`` (see the module docstring)."""
+
+    task_name = "kubelet"
 
     def __init__(
         self,
@@ -787,7 +789,6 @@ class Kubelet:
         self.workers: dict[str, PodWorker] = {}
         self._done: set[str] = set()  # uids whose worker finished: never started again
         self._ips: dict[str, str] = {}  # uid -> ip
-        self._task: asyncio.Task[None] | None = None
         self._poke = asyncio.Event()
 
     @property
@@ -803,14 +804,11 @@ class Kubelet:
         self.hosts_file.parent.mkdir(parents=True, exist_ok=True)
         if not self.hosts_file.exists():
             atomic_write(self.hosts_file, "")
-        self._task = asyncio.create_task(self._run(), name="kubelet")
+        super().start()
 
     async def stop(self) -> None:
         """Stop syncing and kill every process started (SIGTERM, then SIGKILL after ``stop_grace_s``)."""
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await super().stop()
         workers = list(self.workers.values())
         await asyncio.gather(*(w.kill_all(self.stop_grace_s) for w in workers), return_exceptions=True)
         for w in workers:

@@ -34,7 +34,7 @@ from typing import Any
 import yaml
 from kubernetes.utils.quantity import parse_quantity
 
-from loco_local.apiclient import ApiClient, ApiError, Informer, Obj, now_rfc3339, now_rfc3339_micro
+from loco_local.apiclient import ApiClient, ApiError, Controller, Informer, Obj, now_rfc3339, now_rfc3339_micro
 from loco_local.scheduler import GPU, node_is_ready
 
 log = logging.getLogger(__name__)
@@ -229,8 +229,10 @@ def wants_ready(node: Obj) -> bool:
     return ((node.get("metadata") or {}).get("annotations") or {}).get(READY_ANNOTATION, "true") != "false"
 
 
-class NodeController:
+class NodeController(Controller):
     """Registers the nodes, posts heartbeats, and plays node failures (see the module docstring)."""
+
+    task_name = "node-controller"
 
     def __init__(
         self,
@@ -251,7 +253,6 @@ class NodeController:
         self.heartbeat_s = heartbeat_s
         self.pod_eviction_timeout_s = pod_eviction_timeout_s
         self._down_since: dict[str, float] = {}  # node -> monotonic time it went down
-        self._task: asyncio.Task[None] | None = None
 
     async def register(self) -> None:
         """Create (or replace) every node object and its Lease. Call before the informers start."""
@@ -291,15 +292,6 @@ class NodeController:
         with contextlib.suppress(ApiError):
             await self.api.merge_patch(f"{LEASE_PATH}/{LEASE_NAMESPACE}/leases/{name}",
                                        {"spec": {"renewTime": now_rfc3339_micro()}})
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="node-controller")
-
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     async def _run(self) -> None:
         await self.nodes.wait_synced()

@@ -38,7 +38,7 @@ from typing import Any
 
 from kubernetes.utils.quantity import parse_quantity
 
-from loco_local.apiclient import ApiClient, ApiError, Informer, Obj, now_rfc3339, wait_any
+from loco_local.apiclient import ApiClient, ApiError, Controller, Informer, Obj, now_rfc3339, wait_any
 
 log = logging.getLogger(__name__)
 
@@ -282,13 +282,15 @@ def wants_default_scheduler(pod: Obj) -> bool:
 # ---------------------------------------------------------------------------------------- loop
 
 
-class Scheduler:
+class Scheduler(Controller):
     """Binds pending pods to nodes; runs until :meth:`stop`.
 
     Reads the shared pod and node :class:`Informer` caches and wakes on any change (plus a
     ``resync_s`` safety tick). Pods bound in this round are counted immediately (an "assumed"
     cache), so a burst of pods spreads across nodes.
     """
+
+    task_name = "scheduler"
 
     def __init__(self, api: ApiClient, pods: Informer, nodes: Informer, *, resync_s: float = 2.0) -> None:
         self.api = api
@@ -297,16 +299,6 @@ class Scheduler:
         self.resync_s = resync_s
         self._assumed: dict[str, str] = {}  # pod uid -> node name, until the cache shows the binding
         self._reported: dict[str, str] = {}  # pod uid -> last unschedulable message reported
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="scheduler")
-
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     async def _run(self) -> None:
         await self.pods.wait_synced()
