@@ -33,7 +33,7 @@ def test_quickstart_succeeds_with_checkpoint_on_disk(stack: LocalStack) -> None:
     assert status["lastCheckpoint"]["step"] == steps
     # a byte-level model starts at ln(256) = 5.55 nats; training must have learned something
     assert status["loss"] < math.log(256) - 1.0, status
-    assert status["restarts"] == 0
+    assert status["restarts"] == 0, dump_debug(stack, "quickstart")
     # the checkpoint is really on the shared volume
     ckpt_dirs = list((stack.state_dir / "volumes").rglob(f"step-{steps:08d}"))
     assert ckpt_dirs, f"no step-{steps:08d} checkpoint under {stack.state_dir / 'volumes'}"

@@ -153,3 +153,54 @@ def test_new_membership_reforms_the_default_group_with_fresh_counters() -> None:
         assert res["new_rank"] == 1 - rank
         assert res["value"] == 1.0
         assert (res["old_calls"], res["new_calls"]) == (1, 1)
+
+
+class _ProbeHook:
+    """A fault hook for the probe test: rank 0 is slow to post its probe send (a CPU-starved
+    sender: the delay falls before the send is stamped), rank 1's sends to rank 0 cross a slow
+    connection (an injected transfer delay, after the stamp)."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def before_enter(self, seq: int, kind: str, peer: int | None) -> None:
+        pass
+
+    def holds_send(self, seq: int, kind: str, peer: int) -> bool:
+        if self.rank == 0:
+            import time
+
+            time.sleep(0.3)
+        return False
+
+    def transfer_delay_s(self, kind: str, peer: int) -> float:
+        return 0.3 if self.rank == 1 else 0.0
+
+    def hold(self) -> None:  # pragma: no cover - nothing is held here
+        raise AssertionError("not held")
+
+
+def _probe_timing(rank: int, world_size: int) -> dict:
+    import time
+
+    comm = Comm(fault_hook=_ProbeHook(rank), probe_wait_s=1.0)
+    t0 = time.monotonic()
+    comm.probe()
+    inline = time.monotonic() - t0
+    done_inline = not any(t.is_alive() for t in comm._probe_threads)
+    comm.finish_probe()
+    return {"inline_s": inline, "done_inline": done_inline, "links": comm.export_links()}
+
+
+@pytest.mark.multiproc
+def test_probe_times_the_connection_not_the_senders_scheduling(rank_pool) -> None:
+    """0 -> 1: the sender posted 0.3 s late (its own scheduling): the sample leaves that out.
+    1 -> 0: the connection itself takes 0.3 s: the sample shows it. Within probe_wait_s both
+    transfers finish before probe() returns, so no rank trains while a peer still measures."""
+    results = rank_pool.run(_probe_timing, 2)
+    samples = {(x["src"], x["dst"]): x["seconds"] for r in results for x in r["links"]}
+    assert set(samples) == {(0, 1), (1, 0)}, samples
+    assert samples[(0, 1)] < 0.15, samples  # 0.3 s of sender lateness subtracted
+    assert samples[(1, 0)] >= 0.3, samples  # a slow connection stays slow
+    assert all(r["done_inline"] for r in results), results
+    assert all(r["inline_s"] >= 0.3 for r in results), results  # the trailing barrier: everyone waited

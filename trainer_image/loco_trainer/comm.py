@@ -166,16 +166,22 @@ class Comm:
     """
 
     def __init__(
-        self, group: Any | None = None, *, history: int = 4096, fault_hook: Any | None = None, stall_after_s: float = 5.0
+        self, group: Any | None = None, *, history: int = 4096, fault_hook: Any | None = None, stall_after_s: float = 5.0,
+        probe_wait_s: float = 0.05,
     ) -> None:
         """``stall_after_s``: a send/recv in flight for longer than this is shipped as a stalled
         connection sample (:meth:`export_links`); keep it below the detector's
-        ``hangTimeoutFloorSeconds`` so the sample is there when the hang-comm timeout expires."""
+        ``hangTimeoutFloorSeconds`` so the sample is there when the hang-comm timeout expires.
+        ``probe_wait_s``: how long :meth:`probe` waits for its own transfers before letting them
+        finish in the background (see there); 0 never waits."""
         if history < 1:
             raise ValueError(f"history must be >= 1 (got {history})")
         if not stall_after_s > 0:
             raise ValueError(f"stall_after_s must be > 0 (got {stall_after_s})")
         self.stall_after_s = float(stall_after_s)
+        if not probe_wait_s >= 0:
+            raise ValueError(f"probe_wait_s must be >= 0 (got {probe_wait_s})")
+        self.probe_wait_s = float(probe_wait_s)
         #: seqs of p2p records already turned into connection samples (completed / stalled)
         self._p2p_sampled: set[int] = set()
         self._p2p_stalled: set[int] = set()
@@ -507,6 +513,15 @@ class Comm:
         time, barrier exit to arrival, becomes one connection sample ``(src, dst, seconds)`` in
         global ranks for :meth:`export_links`. The next call first waits for the previous one. Probe
         traffic is recorded but not counted in :meth:`stats`.
+
+        The call then waits up to ``probe_wait_s`` for its own two transfers and leaves through a
+        second barrier, so a healthy probe (about a millisecond) is measured while no rank trains:
+        neither a trainer's CPU work nor its hold on the GIL delays the helper threads' timestamps.
+        (Measured while training went on, on a shared 2-core host, healthy millisecond links read
+        20-40 ms, several probes in a row: false slow-link restarts.) A slower or stalled transfer
+        finishes in the background, so a bad connection delays training by at most ``probe_wait_s``.
+        The sender also ships how late it posted the send after the barrier; the receiver subtracts
+        it, so a sender's scheduling delay is not counted as connection time.
         """
         if self._world_size == 1:
             return
@@ -531,12 +546,19 @@ class Comm:
                 send_record.waited = True
                 self._fault_hook.hold()  # a stalled connection: the send never completes
                 return
+            # how late this rank posts the send after leaving the barrier (a CPU-starved process, a
+            # thread waiting for the GIL): shipped in the payload, the receiver subtracts it, so the
+            # sample times the connection, not the sender's scheduling. Taken before an injected
+            # link delay, which stands for the connection itself being slow.
+            out[0] = (time.monotonic_ns() - start) / 1e9
             self._transfer_delay("send", dst)
             CommHandle(dist.isend(out, dst=self._global_rank(dst), group=self._group), out, send_record).wait()
 
         def do_receive() -> None:
             receive.wait()
-            seconds = (time.monotonic_ns() - start) / 1e9
+            elapsed = (time.monotonic_ns() - start) / 1e9
+            sender_late = float(inp[0])
+            seconds = max(elapsed - sender_late, 1e-6) if 0.0 <= sender_late < elapsed else elapsed
             with self._lock:
                 self._links.append((self._link_id, src_global, me_global, seconds, _nbytes(inp), start / 1e9))
                 self._link_id += 1
@@ -545,6 +567,14 @@ class Comm:
                                for fn in (do_send, do_receive)]
         for t in self._probe_threads:
             t.start()
+        if self.probe_wait_s:
+            deadline = time.monotonic() + self.probe_wait_s
+            for t in self._probe_threads:
+                t.join(max(0.0, deadline - time.monotonic()))
+            # nobody resumes training while a peer still measures: a rank back at work would take
+            # the CPU from a peer whose receive thread has yet to wake up (on a shared host the
+            # healthy samples then read 20-40 ms instead of 1 ms)
+            dist.barrier(group=self._group)
 
     def finish_probe(self, timeout_s: float | None = None) -> None:
         """Wait for the transfers of the last :meth:`probe` (a no-op when none is outstanding)."""
