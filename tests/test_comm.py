@@ -204,3 +204,30 @@ def test_probe_times_the_connection_not_the_senders_scheduling(rank_pool) -> Non
     assert samples[(1, 0)] >= 0.3, samples  # a slow connection stays slow
     assert all(r["done_inline"] for r in results), results
     assert all(r["inline_s"] >= 0.3 for r in results), results  # the trailing barrier: everyone waited
+
+
+def _probe_resync(rank: int, world_size: int) -> dict:
+    import time
+
+    comm = Comm(clock_resync_probes=2)
+    comm.sync_clock()
+    offsets = [comm.clock_offset_s]
+    for _ in range(5):
+        comm.probe()
+        offsets.append(comm.clock_offset_s)
+    comm.finish_probe()
+    return {"syncs": comm.clock_syncs, "offsets": offsets, "wall_minus_common": time.time() - (time.monotonic() + comm.clock_offset_s),
+            "links": len(comm.export_links())}
+
+
+@pytest.mark.multiproc
+def test_probes_re_estimate_the_clock_offset_every_n_probes(rank_pool) -> None:
+    """With clock_resync_probes=2 the 3rd and 5th probe first re-run sync_clock (collectively, so
+    the ranks stay aligned and every probe still yields its sample)."""
+    results = rank_pool.run(_probe_resync, 2)
+    for r in results:
+        assert r["syncs"] == 1 + 2, r  # the initial sync and probes #2 and #4 (counted from 0)
+        assert r["links"] == 5, r
+        assert abs(r["wall_minus_common"]) < 0.05, r  # one host: the common clock is rank 0's wall clock
+    with pytest.raises(ValueError, match="clock_resync_probes"):
+        Comm(clock_resync_probes=-1)

@@ -167,13 +167,16 @@ class Comm:
 
     def __init__(
         self, group: Any | None = None, *, history: int = 4096, fault_hook: Any | None = None, stall_after_s: float = 5.0,
-        probe_wait_s: float = 0.05,
+        probe_wait_s: float = 0.05, clock_resync_probes: int = 32,
     ) -> None:
         """``stall_after_s``: a send/recv in flight for longer than this is shipped as a stalled
         connection sample (:meth:`export_links`); keep it below the detector's
         ``hangTimeoutFloorSeconds`` so the sample is there when the hang-comm timeout expires.
         ``probe_wait_s``: how long :meth:`probe` waits for its own transfers before letting them
-        finish in the background (see there); 0 never waits."""
+        finish in the background (see there); 0 never waits. ``clock_resync_probes``: every this
+        many probes, :meth:`probe` first re-estimates the clock offset (:meth:`sync_clock`), so
+        hosts whose clocks drift apart (tens of ppm without NTP: 0.1 s in an hour) keep a common
+        clock on long jobs; 0 never re-estimates."""
         if history < 1:
             raise ValueError(f"history must be >= 1 (got {history})")
         if not stall_after_s > 0:
@@ -182,6 +185,11 @@ class Comm:
         if not probe_wait_s >= 0:
             raise ValueError(f"probe_wait_s must be >= 0 (got {probe_wait_s})")
         self.probe_wait_s = float(probe_wait_s)
+        if clock_resync_probes < 0:
+            raise ValueError(f"clock_resync_probes must be >= 0 (got {clock_resync_probes})")
+        self.clock_resync_probes = int(clock_resync_probes)
+        #: how many times :meth:`sync_clock` ran (the first call plus the periodic re-estimates)
+        self.clock_syncs = 0
         #: seqs of p2p records already turned into connection samples (completed / stalled)
         self._p2p_sampled: set[int] = set()
         self._p2p_stalled: set[int] = set()
@@ -484,6 +492,7 @@ class Comm:
         spread of the rounds (max - min of the estimates).
         """
         if self._world_size == 1:
+            self.clock_syncs += 1
             self.clock_offset_s = time.time() - time.monotonic()
             self.clock_error_s = 0.0
             return self.clock_offset_s
@@ -497,6 +506,7 @@ class Comm:
             dist.broadcast(t, src=root, group=self._group)
             estimates.append(float(t.item()) - mono)
         estimates.sort()
+        self.clock_syncs += 1
         self.clock_offset_s = estimates[len(estimates) // 2]
         self.clock_error_s = estimates[-1] - estimates[0]
         return self.clock_offset_s
@@ -526,6 +536,8 @@ class Comm:
         if self._world_size == 1:
             return
         self.finish_probe()
+        if self.clock_resync_probes and self._probes and self._probes % self.clock_resync_probes == 0:
+            self.sync_clock(rounds=3)  # collective: every rank probes the same number of times
         n = self._world_size
         shift = 1 + self._probes % (n - 1)
         self._probes += 1
