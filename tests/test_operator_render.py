@@ -110,3 +110,21 @@ def test_operator_metrics_track_phases_transitions_and_restarts():
     assert samples[("loco_operator_job_transitions_total", (("from", "Pending"), ("to", "Running")))] == 1
     assert samples[("loco_operator_job_transitions_total", (("from", ""), ("to", "Pending")))] == 1
     assert samples[("loco_operator_restarts_total", ())] == 1
+
+
+def test_stall_threshold_follows_the_hang_timeout_floor() -> None:
+    """Workers report a stalled connection after half of faultDetection.hangTimeoutFloorSeconds
+    (at most 5 s), so the sample reaches the detector before its hang-comm timeout expires."""
+    from loco_operator.render import worker_env
+    from loco_operator.spec import TrainingJobSpec
+    from loco_trainer.config import EnvVar, RuntimeEnv
+
+    def stall(fault_detection: dict | None) -> float:
+        spec = TrainingJobSpec.model_validate({"replicas": 2, **({"faultDetection": fault_detection} if fault_detection else {})})
+        env = {e["name"]: e["value"] for e in worker_env(JobRef("default", "j", "uid"), spec, 0, 0, 0, "") if "value" in e}
+        return RuntimeEnv.from_environ(env).stall_after_s
+
+    assert stall(None) == 5.0  # default floor 10 s
+    assert stall({"hangTimeoutFloorSeconds": 3}) == 1.5
+    assert stall({"hangTimeoutFloorSeconds": 60, "warmupHangTimeoutSeconds": 300}) == 5.0
+    assert RuntimeEnv.from_environ({EnvVar.STALL_AFTER_S.value: "2.5"}).stall_after_s == 2.5

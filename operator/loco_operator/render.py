@@ -21,6 +21,7 @@ from loco_trainer.config import (
     TrainerConfig,
 )
 
+from .faults.types import DetectorConfig
 from .spec import API_VERSION, KIND, TrainingJobSpec
 
 LABEL_JOB = "loco.dev/job"
@@ -142,6 +143,14 @@ def _field_ref(path: str) -> dict[str, Any]:
     return {"valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}}
 
 
+def stall_after_s(spec: TrainingJobSpec) -> float:
+    """How long a worker's send/recv may be in flight before it reports a stalled connection: half
+    the detector's ``hangTimeoutFloorSeconds`` (the sample must be there before the hang-comm
+    timeout, which is never shorter than the floor), at most 5 s."""
+    floor = (spec.fault_detection or DetectorConfig()).hang_timeout_floor_seconds
+    return min(5.0, floor / 2)
+
+
 def worker_env(
     job: JobRef, spec: TrainingJobSpec, rank: int, epoch: int, restarts: int, resume_from: str, num_replicas: int | None = None
 ) -> list[dict[str, Any]]:
@@ -166,6 +175,7 @@ def worker_env(
         EnvVar.MASTER_ADDR: job.pod_dns(0),
         EnvVar.MASTER_PORT: str(MASTER_PORT),
         EnvVar.STATUS_PORT: str(DEFAULT_STATUS_PORT),
+        EnvVar.STALL_AFTER_S: f"{stall_after_s(spec):g}",
     }
     env: list[dict[str, Any]] = [{"name": k.value, "value": v} for k, v in values.items()]
     env += [

@@ -384,6 +384,9 @@ class EnvVar(str, Enum):
     MASTER_ADDR = "MASTER_ADDR"  # rendezvous host: replica 0's stable DNS name
     MASTER_PORT = "MASTER_PORT"
     STATUS_PORT = "LOCO_STATUS_PORT"  # port of the progress endpoint (/status, /metrics)
+    # a send/recv in flight this long is reported as a stalled connection (half of the job's
+    # faultDetection.hangTimeoutFloorSeconds, so the sample is there when the hang-comm timeout expires)
+    STALL_AFTER_S = "LOCO_STALL_AFTER_S"
     POD_NAME = "POD_NAME"
     POD_IP = "POD_IP"
     NODE_NAME = "NODE_NAME"
@@ -412,6 +415,7 @@ class RuntimeEnv(Model):
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
     status_port: int = DEFAULT_STATUS_PORT
+    stall_after_s: float = Field(5.0, gt=0)
     pod_name: str = ""
     pod_ip: str = ""
     node_name: str = ""
