@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, NoReturn, Sequence
+from typing import Any, Callable, NoReturn, Sequence, TypeVar
 
 import yaml
 from pydantic import ValidationError
@@ -36,6 +36,9 @@ EXIT_SIGTERM = 143
 EXIT_CONFIG = 2
 #: seconds local ranks get to stop after SIGTERM before they are killed
 CHILD_GRACE_S = 20.0
+
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -172,6 +175,33 @@ def _raise_terminated(signum: int, frame: Any) -> None:
     raise _Terminated()
 
 
+def _call_interruptibly(fn: Callable[..., T], *args: Any, poll_s: float = 0.2) -> T:
+    """``fn(*args)`` run in a worker thread while this (main) thread waits in short joins.
+
+    Why: Python signal handlers run only in the main thread, between bytecodes. A rank blocked in
+    C++ (the TCP store inside ``init_process_group`` waiting for peers that never come, e.g. while
+    the operator deletes all pods for a restart or resize) would ignore SIGTERM until the kubelet's
+    grace period kills it. Waiting here instead lets :func:`_raise_terminated` raise
+    :class:`_Terminated` at once; the still-blocked daemon thread dies with ``os._exit``.
+    An exception raised by ``fn`` is re-raised here unchanged (same object: type, message, cause).
+    """
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True, name=f"loco-{getattr(fn, '__name__', 'call')}")
+    thread.start()
+    while thread.is_alive():
+        thread.join(poll_s)
+    if "error" in outcome:
+        raise outcome.pop("error")
+    return outcome["value"]
+
+
 def run_rank(options: LaunchOptions, local_rank: int) -> NoReturn:
     """Run local rank ``local_rank`` of this pod to the end, then exit the process with its code
     (0 success, the failing code otherwise) without the interpreter's teardown (see the end).
@@ -214,7 +244,14 @@ def run_rank(options: LaunchOptions, local_rank: int) -> NoReturn:
         device = resolve_device(cfg.training, local_rank)
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        init_process_group(env, info, pick_backend(device))
+
+        def join_process_group() -> None:
+            if device.type == "cuda":
+                torch.cuda.set_device(device)  # the current CUDA device is per thread
+            init_process_group(env, info, pick_backend(device))
+
+        # in a thread, so SIGTERM is honoured while the rendezvous blocks (see _call_interruptibly)
+        _call_interruptibly(join_process_group)
         Trainer(cfg, env, info, device, progress=progress, metrics=metrics,
                 history_path=options.history_path).run()
         if progress:
