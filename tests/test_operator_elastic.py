@@ -7,6 +7,8 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from loco_operator.capacity import free_slots
+from loco_operator.faults import Verdict, VerdictKind
+from loco_operator.faults.live import FaultFinding
 from loco_operator.planner import CreatePod, DeletePod, EmitEvent, Observed, ObservedPod, plan
 from loco_operator.render import JobRef, config_json, render_pod
 from loco_operator.spec import TrainingJobSpec
@@ -86,7 +88,14 @@ def test_failed_worker_whose_replacement_cannot_be_placed_shrinks_the_job():
     st = body["status"]
     assert (st["phase"], st["membershipEpoch"], st["restarts"], st["resizes"]) == ("Restarting", 2, 1, 1)
     assert st["workers"]["desired"] == 2 and st["targetReplicas"] == 3
-    assert resize_events(result) == [f"Resized 3→2 (j-worker-2 cannot be placed: {UNSCHED}), resuming from scratch (no checkpoint yet)"]
+    # the resize names the root cause: which pod failed on which node, then why its replacement is missing
+    failure = "j-worker-2 exited with code 137 on node n2"
+    expected = f"Resized 3→2 ({failure}; its replacement cannot be placed: {UNSCHED}), resuming from scratch (no checkpoint yet)"
+    assert resize_events(result) == [expected]
+    assert st["message"] == expected
+    assert next(c for c in st["conditions"] if c["type"] == "Restarting")["message"] == expected
+    assert st["lastFailure"] == {"reason": "WorkerFailed", "message": failure, "pods": ["j-worker-2"], "nodes": ["n2"],
+                                 "epoch": 0, "time": "2026-01-01T12:00:00Z"}
     assert {a.name for a in result.actions if isinstance(a, DeletePod)} == {"j-worker-0", "j-worker-1", "j-worker-2"}
     # the new epoch has two workers that know the world is 2
     body, result = step(body, seen(spec))
@@ -107,7 +116,9 @@ def test_evicted_worker_shrinks_like_a_failed_one():
     body, _ = step(body, seen(spec, pod(0), pod(1), pod(2, phase="Failed", termination_reason="Evicted")))
     body, _ = step(body, seen(spec))
     body, result = step(body, seen(spec, pod(0, 1), stuck(1, 1), pod(2, 1)), NOW + timedelta(seconds=20))
-    assert resize_events(result)[0].startswith("Resized 3→2 (j-worker-1 cannot be placed")
+    # another rank's replacement is the one left unplaced: the failure, then that pod by name
+    assert resize_events(result)[0].startswith(
+        f"Resized 3→2 (j-worker-2 failed on node n2: Evicted; j-worker-1 cannot be placed: {UNSCHED})")
     assert body["status"]["workers"]["desired"] == 2
 
 
@@ -124,12 +135,81 @@ def test_below_min_waits_in_restarting_and_resumes_when_placed():
     cond = next(c for c in st["conditions"] if c["type"] == "Restarting")
     assert cond["status"] == "True" and cond["reason"] == "WaitingForCapacity"
     assert "1 of 2 workers cannot be placed and elastic.minReplicas is 2" in cond["message"]
+    assert cond["message"].endswith(f"(j-worker-1 exited with code 1 on node n1; its replacement cannot be placed: {UNSCHED})")
     assert [a.reason for a in result.actions if isinstance(a, EmitEvent)] == ["WaitingForCapacity"]
     body, result = step(body, waiting, NOW + timedelta(seconds=35))  # said once, not on every reconcile
     assert not [a for a in result.actions if isinstance(a, EmitEvent)]
     # a node comes back and the pod is bound: the job runs again at 2
     body, _ = step(body, seen(spec, pod(0, 1), pod(1, 1)), NOW + timedelta(seconds=40))
     assert body["status"]["phase"] == "Running" and body["status"]["membershipEpoch"] == 1
+
+
+def test_worker_lost_with_its_node_names_the_node_in_the_resize():
+    """A node goes NotReady: its pod is marked Failed/NodeLost (pod-level reason) or deleted by the
+    taint manager (DisruptionTarget condition); the shrink that follows says so, with the node."""
+    spec = spec_of(3)
+    labels = {"loco.dev/job": "j", "loco.dev/rank": "2", "loco.dev/epoch": "0"}
+    lost = ObservedPod.from_manifest({
+        "metadata": {"name": "j-worker-2", "labels": labels}, "spec": {"nodeName": "n7"},
+        "status": {"phase": "Failed", "reason": "NodeLost", "message": "Node n7 which was running pod j-worker-2 is unresponsive",
+                   "containerStatuses": [{"name": "trainer", "state": {"terminated": {"exitCode": 137, "reason": "Error"}}}]},
+    })
+    tainted = ObservedPod.from_manifest({
+        "metadata": {"name": "j-worker-2", "labels": labels, "deletionTimestamp": "2026-01-01T11:59:00Z"},
+        "spec": {"nodeName": "n7"},
+        "status": {"phase": "Running", "conditions": [
+            {"type": "DisruptionTarget", "status": "True", "reason": "DeletionByTaintManager",
+             "message": "Taint manager: deleting due to NoExecute taint"}]},
+    })
+    assert lost is not None and tainted is not None
+    for gone, failure in ((lost, "j-worker-2 exited with code 137 on node n7: NodeLost"),
+                          (tainted, "j-worker-2 was deleted while Running on node n7 "
+                                    "(DeletionByTaintManager: Taint manager: deleting due to NoExecute taint)")):
+        body = running(spec, 3)
+        body, result = step(body, seen(spec, pod(0), pod(1), gone))
+        assert [a.message for a in result.actions if isinstance(a, EmitEvent) and a.reason == "WorkerFailed"] == [failure]
+        assert body["status"]["lastFailure"]["nodes"] == ["n7"]
+        body, _ = step(body, seen(spec))
+        body, result = step(body, seen(spec, pod(0, 1), pod(1, 1), stuck(2, 1)), NOW + timedelta(seconds=20))
+        assert resize_events(result)[0].startswith(f"Resized 3→2 ({failure}; its replacement cannot be placed: {UNSCHED})")
+
+
+def test_pod_blamed_by_the_fault_detector_whose_replacement_cannot_be_placed_names_the_fault():
+    spec = spec_of(3)
+    body = running(spec, 3)
+    verdict = Verdict(kind=VerdictKind.hang_comm, ranks=(2,), link=None, node="n2", seq=41,
+                      evidence={"scope": "rank"}, message="rank 2 never entered collective #41")
+    finding = FaultFinding(verdict=verdict, epoch=0, pods=("j-worker-2",), nodes=("n2",))
+    live = (pod(0), pod(1), pod(2))
+    cfg = seen(spec, *live)
+    body, result = step(body, Observed(pods=live, service_exists=True, configmap_data=cfg.configmap_data, findings=(finding,)))
+    st = body["status"]
+    assert (st["phase"], st["restarts"], st["avoidNodes"]) == ("Restarting", 1, ["n2"])
+    assert st["lastFailure"]["reason"] == "FaultDetected"
+    assert (st["lastFailure"]["pods"], st["lastFailure"]["nodes"], st["lastFailure"]["epoch"]) == (["j-worker-2"], ["n2"], 0)
+    body, _ = step(body, seen(spec))
+    # n2 is avoided and the others are full: the replacement stays Unschedulable -> shrink, naming the fault
+    body, result = step(body, seen(spec, pod(0, 1), pod(1, 1), stuck(2, 1)), NOW + timedelta(seconds=20))
+    assert resize_events(result) == [
+        f"Resized 3→2 (hang-comm blamed j-worker-2 on n2; its replacement cannot be placed: {UNSCHED}), "
+        "resuming from scratch (no checkpoint yet)"]
+    assert body["status"]["message"] == resize_events(result)[0]
+
+
+def test_unplaceable_pod_of_a_user_scale_up_does_not_blame_an_older_failure():
+    spec = spec_of(3)
+    body = running(spec, 3)
+    body, _ = step(body, seen(spec, pod(0), pod(1), pod(2, phase="Failed", exit_code=137)))  # epoch 0 -> 1
+    body, _ = step(body, seen(spec))
+    body, _ = step(body, seen(spec, pod(0, 1), pod(1, 1), pod(2, 1)))
+    assert body["status"]["phase"] == "Running" and body["status"]["lastFailure"]["epoch"] == 0
+    up = spec_of(4)
+    body = {**body, "spec": up}
+    body, result = step(body, seen(up, pod(0, 1), pod(1, 1), pod(2, 1)))  # epoch 1 -> 2
+    assert resize_events(result)[0].startswith("Resized 3→4 (spec.replicas changed)")
+    body, _ = step(body, seen(up))
+    body, result = step(body, seen(up, pod(0, 2), pod(1, 2), pod(2, 2), stuck(3, 2)), NOW + timedelta(seconds=20))
+    assert resize_events(result)[0].startswith(f"Resized 4→3 (j-worker-3 cannot be placed: {UNSCHED}), resuming")
 
 
 def test_two_unplaceable_workers_shrink_only_to_min():

@@ -51,6 +51,7 @@ from .spec import (
     CheckpointStatus,
     CleanPodPolicy,
     Condition,
+    FailureRecord,
     FaultRecord,
     Phase,
     TrainingJobSpec,
@@ -115,8 +116,13 @@ class ObservedPod:
     phase: str = "Pending"  # Pending | Running | Succeeded | Failed | Unknown
     deleting: bool = False  # metadata.deletionTimestamp is set
     exit_code: int | None = None
+    #: Why it terminated: the pod's status.reason when set (Evicted, NodeLost, Shutdown: it says more
+    #: than the container's), else the container's terminated.reason (OOMKilled, Error).
     termination_reason: str | None = None
     termination_report: ProgressReport | None = None  # parsed termination message, if it was one
+    #: Why the pod is being deleted, from its DisruptionTarget condition (e.g. "DeletionByTaintManager:
+    #: Taint manager: deleting due to NoExecute taint"); None when the pod does not say.
+    disruption: str | None = None
     node_name: str | None = None
     pod_ip: str | None = None
     #: The scheduler's message while the pod's PodScheduled condition is False/Unschedulable, and since when.
@@ -141,10 +147,13 @@ class ObservedPod:
                 reason = terminated.get("reason")
                 report = parse_report(terminated.get("message"))
                 break
-        unschedulable = since = None
+        reason = status.get("reason") or reason
+        unschedulable = since = disruption = None
         for cond in status.get("conditions") or []:
             if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and cond.get("reason") == "Unschedulable":
                 unschedulable, since = cond.get("message") or "Unschedulable", cond.get("lastTransitionTime")
+            if cond.get("type") == "DisruptionTarget" and cond.get("status") == "True":
+                disruption = ": ".join(x for x in (cond.get("reason"), cond.get("message")) if x) or None
         return cls(
             name=meta.get("name", ""),
             rank=rank,
@@ -158,6 +167,7 @@ class ObservedPod:
             pod_ip=status.get("podIP"),
             unschedulable=unschedulable,
             unschedulable_since=since,
+            disruption=disruption,
         )
 
     @property
@@ -415,7 +425,7 @@ def _checkpoint_error_order(message: str) -> tuple[int, str]:
 def _failure_message(pod: ObservedPod, phase: Phase | None) -> str:
     node = f" on node {pod.node_name}" if pod.node_name else ""
     if pod.deleting:
-        return f"{pod.name} was deleted while {pod.phase}{node} (evicted or preempted?)"
+        return f"{pod.name} was deleted while {pod.phase}{node} ({pod.disruption or 'evicted or preempted?'})"
     if pod.phase == "Failed":
         code = f"exited with code {pod.exit_code}" if pod.exit_code is not None else "failed"
         detail = pod.termination_report.message if pod.termination_report and pod.termination_report.message else ""
@@ -557,7 +567,7 @@ def _elastic_shrink(p: _Planner, spec: TrainingJobSpec, current: Sequence[Observ
     if not stuck:
         return False
     first = min(stuck, key=lambda pod: pod.rank)
-    why = f"{first.name} cannot be placed: {first.unschedulable}"
+    why = _unplaceable_cause(st, first)
     lo = _min_replicas(spec)
     new = max(size - len(stuck), lo)
     if new < size:
@@ -574,6 +584,18 @@ def _elastic_shrink(p: _Planner, spec: TrainingJobSpec, current: Sequence[Observ
     st.workers = WorkersStatus(desired=size, ready=ready)
     _requeue(p, 5.0)
     return True
+
+
+def _unplaceable_cause(st: TrainingJobStatus, pod: ObservedPod) -> str:
+    """Why ``pod`` is missing from the job: when the failure or fault that started this epoch
+    (``status.lastFailure``) took it, that failure first, e.g. ``job-worker-2 exited with code 137 on
+    node n7: NodeLost; its replacement cannot be placed: 0/3 nodes are available: ...``; else (a
+    user scale-up, a grow) only ``job-worker-3 cannot be placed: ...``."""
+    placed = f"cannot be placed: {pod.unschedulable}"
+    failure = st.last_failure
+    if failure is None or failure.epoch != st.membership_epoch - 1:
+        return f"{pod.name} {placed}"
+    return f"{failure.message}; {'its replacement' if failure.pods == [pod.name] else pod.name} {placed}"
 
 
 def _elastic_grow(p: _Planner, spec: TrainingJobSpec, size: int) -> bool:
@@ -653,12 +675,16 @@ def _reconcile(p: _Planner, spec: TrainingJobSpec) -> None:
 
     # 5. failures of the current epoch
     by_rank = {pod.rank: pod for pod in current}
-    failures = [_failure_message(pod, st.phase) for pod in sorted(current, key=lambda x: x.rank)
-                if pod.phase == "Failed" or (pod.deleting and pod.phase != "Succeeded")]
+    failed = [pod for pod in sorted(current, key=lambda x: x.rank)
+              if pod.phase == "Failed" or (pod.deleting and pod.phase != "Succeeded")]
     if st.phase is Phase.running and not stale:
-        failures += [_failure_message(ObservedPod(p.ref.pod_name(r), r, epoch), st.phase)
-                     for r in range(size) if r not in by_rank]
+        failed += [ObservedPod(p.ref.pod_name(r), r, epoch) for r in range(size) if r not in by_rank]
+    failures = [_failure_message(pod, st.phase) for pod in failed]
     if failures:
+        st.last_failure = FailureRecord(
+            reason=Reason.worker_failed.value, message="; ".join(failures), pods=[pod.name for pod in failed],
+            nodes=list(dict.fromkeys(pod.node_name for pod in failed if pod.node_name)), epoch=epoch, time=rfc3339(p.now),
+        )
         if st.restarts + 1 > policy.backoff_limit:
             for message in failures:
                 p.event(EventType.warning, Reason.worker_failed, message)
@@ -760,6 +786,8 @@ def _act_on_faults(p: _Planner, spec: TrainingJobSpec, findings: Sequence[FaultF
     st = p.status
     cordon = bool(spec.fault_detection and spec.fault_detection.cordon_nodes)
     causes = []
+    blamed_pods: list[str] = []
+    blamed: list[str] = []
     for finding in findings:
         v = finding.verdict
         nodes = list(blamed_nodes(finding))
@@ -782,6 +810,12 @@ def _act_on_faults(p: _Planner, spec: TrainingJobSpec, findings: Sequence[FaultF
         )
         st.faults = [*st.faults, record][-MAX_FAULT_RECORDS:]
         causes.append(f"{v.kind.value} blamed {where}")
+        blamed_pods += [pod for pod in finding.pods if pod not in blamed_pods]
+        blamed += [node for node in finding.nodes if node and node not in blamed]
+    st.last_failure = FailureRecord(
+        reason=Reason.fault_detected.value, message="; ".join(causes), pods=blamed_pods, nodes=blamed,
+        epoch=st.membership_epoch, time=rfc3339(p.now),
+    )
     if st.restarts + 1 > spec.run_policy.backoff_limit:
         p.fail(Reason.backoff_limit_exceeded,
                f"{causes[0]}; backoffLimit ({spec.run_policy.backoff_limit}) reached after {st.restarts} restarts",

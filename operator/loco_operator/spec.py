@@ -203,6 +203,18 @@ class FaultRecord(Model):
     time: str = Field(description="When the operator acted, RFC 3339 UTC.")
 
 
+class FailureRecord(Model):
+    """The newest worker failure or detected fault that restarted the job (docs/elastic.md): a
+    resize because its replacement cannot be placed names it."""
+
+    reason: str = Field(description="WorkerFailed (a worker failed, was evicted or vanished) | FaultDetected (the fault detector blamed it).")
+    message: str = Field(description="What happened, as the event said it, e.g. 'job-worker-2 exited with code 137 on node n7: NodeLost'.")
+    pods: list[str] = Field(default_factory=list, description="The failed or blamed pods.")
+    nodes: list[str] = Field(default_factory=list, description="Their nodes, where known.")
+    epoch: int = Field(0, description="Membership epoch the failure happened in (the restart started the next one).")
+    time: str = Field(description="When the operator saw it, RFC 3339 UTC.")
+
+
 class TrainingJobStatus(Model):
     """Observed state, kept in the object so a restarted operator carries on."""
 
@@ -237,3 +249,6 @@ class TrainingJobStatus(Model):
     )
     last_resize_time: str | None = Field(None, description="When the worker count last changed (scaleUpDelaySeconds counts from it).")
     resizes: int = Field(0, description="Worker-count changes so far (they do not count against backoffLimit).")
+    last_failure: FailureRecord | None = Field(
+        None, description="The newest worker failure or detected fault that restarted the job (a shrink caused by it names it)."
+    )

@@ -142,13 +142,21 @@ class BatchRule(str, Enum):
     keep_worker_batch = "keepWorkerBatch"
 
 
+class LrScaling(str, Enum):
+    """How the peak learning rate follows a change of the batch one inner optimizer step sees."""
+
+    sqrt = "sqrt"  # lr x sqrt(k): the square-root rule for adaptive (Adam-family) optimizers, Malladi et al. 2022
+    linear = "linear"  # lr x k: the linear scaling rule for SGD, Goyal et al. 2017
+    none = "none"
+
+
 class TrainingSpec(Model):
     """The inner training loop, identical for every algorithm."""
 
     steps: int = Field(200, ge=1, description="Total inner optimizer steps per worker.")
     batch_size: int = Field(8, ge=1, description="Sequences per process per step (micro-batch).")
     seq_len: int = Field(128, ge=2, description="Tokens per sequence; must be <= model.gpt.blockSize.")
-    lr: float = Field(3e-3, gt=0.0, le=10.0, description="Peak learning rate of the inner AdamW optimizer.")
+    lr: float = Field(3e-3, gt=0.0, le=10.0, description="Peak learning rate of the inner AdamW optimizer (at the start world size; see lrScaling).")
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Final lr of the cosine schedule as a fraction of lr.")
     warmup_steps: int = Field(20, ge=0, description="Linear lr warm-up steps.")
     weight_decay: float = Field(0.1, ge=0.0, description="AdamW weight decay.")
@@ -166,6 +174,17 @@ class TrainingSpec(Model):
         description=(
             "When the worker count changes: keepWorkerBatch keeps batchSize per process (global batch follows"
             " the worker count); keepGlobalBatch divides the global batch among the workers."
+        ),
+    )
+    lr_scaling: LrScaling = Field(
+        LrScaling.sqrt,
+        description=(
+            "How lr follows a resize under keepWorkerBatch, relative to the world size the job started with:"
+            " with k = (sequences one inner optimizer step sees now) / (the same at the start), the peak lr"
+            " becomes lr*sqrt(k) (sqrt, the square-root rule for Adam-family optimizers, Malladi et al. 2022),"
+            " lr*k (linear, Goyal et al. 2017) or lr (none). k = worldSize/startWorldSize for ddp; 1 for the"
+            " diloco family (each replica's inner optimizer sees only its replica's batch). keepGlobalBatch"
+            " keeps lr. See docs/elastic.md."
         ),
     )
 

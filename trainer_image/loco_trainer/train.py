@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from loco_trainer import sharding, ucp
-from loco_trainer.config import BatchRule, RuntimeEnv, TrainerConfig, TrainingSpec
+from loco_trainer.config import BatchRule, LrScaling, RuntimeEnv, TrainerConfig, TrainingSpec
 from loco_trainer.faults import InjectedCrash, comm_faults, crash_step, step_delay_s
 from loco_trainer.data import Dataset, DataPosition, rank_slice
 from loco_trainer.metrics import TrainerMetrics
@@ -60,12 +60,14 @@ StrategyFactory = Callable[[Any, torch.nn.Module, torch.optim.Optimizer, Any], A
 # ----------------------------------------------------------------------------- pure helpers
 
 
-def lr_at(step: int, training: TrainingSpec) -> float:
-    """Learning rate of 0-based inner step ``step``:
+def lr_at(step: int, training: TrainingSpec, peak_lr: float | None = None) -> float:
+    """Learning rate of 0-based inner step ``step``, with lr = ``peak_lr`` (default ``training.lr``;
+    the loop passes :func:`effective_lr`):
     1) linear warm-up from lr/warmup to lr over ``warmupSteps``;
     2) cosine decay from lr to lr*minLrRatio until ``steps``;
     3) lr*minLrRatio afterwards."""
-    peak, floor = training.lr, training.lr * training.min_lr_ratio
+    peak = training.lr if peak_lr is None else peak_lr
+    floor = peak * training.min_lr_ratio
     if step < training.warmup_steps:
         return peak * (step + 1) / training.warmup_steps
     if step >= training.steps:
@@ -123,6 +125,50 @@ def global_batch_size(training: TrainingSpec, world_size: int, reference_world_s
     if training.batch_rule == BatchRule.keep_global_batch:
         return training.batch_size * reference_world_size
     return training.batch_size * world_size
+
+
+def inner_batch_ranks(algorithm: str, world_size: int, nproc_per_worker: int) -> int:
+    """How many ranks' sequences one inner optimizer step averages over: every rank for DDP (the
+    gradient is all-reduced over the world), one replica's ``nprocPerWorker`` processes for the
+    DiLoCo family (FSDP inside the pod; replicas step on their own batches between syncs)."""
+    return nproc_per_worker if _replicas_diverge(algorithm) else world_size
+
+
+def effective_lr(training: TrainingSpec, algorithm: str, world_size: int, reference_world_size: int) -> float:
+    """The peak lr at ``world_size``: ``training.lr`` scaled by ``training.lrScaling`` for the change k
+    of the number of sequences one inner optimizer step sees, now versus at the reference world size
+    (the one the job started with, carried in checkpoints). sqrt: lr*sqrt(k), the square-root rule
+    for adaptive optimizers (Malladi et al. 2022, arXiv:2205.10287); linear: lr*k (Goyal et al. 2017,
+    arXiv:1706.02677); none: lr.
+
+    k = world_size / reference_world_size for DDP with keepWorkerBatch (its optimizer steps on the
+    global batch, batchSize x world size). k = 1 for DDP with keepGlobalBatch (the global batch is
+    kept) and for the DiLoCo family with keepWorkerBatch (each replica's inner optimizer sees only its
+    replica's batchSize x nprocPerWorker, whatever the replica count; the outer step averages over the
+    replicas there are). The DiLoCo family with keepGlobalBatch is not scaled either, although each
+    replica's share of the global batch follows 1 / replicas (docs/elastic.md)."""
+    if training.batch_rule == BatchRule.keep_global_batch or _replicas_diverge(algorithm):
+        return training.lr
+    k = world_size / reference_world_size
+    if training.lr_scaling == LrScaling.linear:
+        return training.lr * k
+    if training.lr_scaling == LrScaling.sqrt:
+        return training.lr * math.sqrt(k)
+    return training.lr
+
+
+def gradient_weight(global_batch: int, rank: int, world_size: int, group_ranks: int) -> float:
+    """Factor on ``rank``'s mean loss so that the uniform average of the gradients over its group
+    (``group_ranks`` consecutive ranks, see :func:`inner_batch_ranks`) is the mean gradient over the
+    group's sequences: group_ranks x count_rank / group_count. It is 1 for an even split; with an
+    uneven one (keepGlobalBatch, ``data.rank_slice`` gives the remainder to the low ranks) a plain
+    average of per-rank means would weight the sequences of the smaller slices more."""
+    first = rank - rank % group_ranks
+    counts = [rank_slice(global_batch, r, world_size)[1] for r in range(first, first + group_ranks)]
+    total = sum(counts)
+    if total == 0:
+        return 1.0
+    return group_ranks * counts[rank - first] / total
 
 
 def format_progress_line(step: int, total: int, loss: float, eval_loss: float | None, tokens_per_s: float, ms_per_step: float) -> str:
@@ -299,7 +345,24 @@ class Trainer:
                 lambda since_seq, since_link: (comm.export_records(since_seq), comm.export_links(since_link),
                                                comm.clock_error_s))
         global_batch = global_batch_size(tr, info.world_size, reference_world)
+        if global_batch < info.world_size:
+            raise ValueError(
+                f"training.batchRule keepGlobalBatch: the global batch of {global_batch} sequences (batchSize "
+                f"{tr.batch_size} x the start world size {reference_world}) leaves ranks of the {info.world_size}-rank "
+                f"world without data: raise training.batchSize to at least {-(-info.world_size // reference_world)} "
+                f"or use keepWorkerBatch"
+            )
         tokens_per_step_local = rank_slice(global_batch, info.rank, info.world_size)[1] * tr.seq_len
+        # the batch rule (docs/elastic.md): peak lr for the batch the inner optimizer sees now, and this
+        # rank's loss weight so an uneven split still averages to the mean over the sequences
+        algorithm = cfg.algorithm.name.value
+        peak_lr = effective_lr(tr, algorithm, info.world_size, reference_world)
+        loss_weight = gradient_weight(global_batch, info.rank, info.world_size,
+                                      inner_batch_ranks(algorithm, info.world_size, nproc))
+        if peak_lr != tr.lr and info.rank == 0:
+            log.info("lr %g -> %g: training.lrScaling %s for %s at %d ranks (the job started with %d, batchRule %s)",
+                     tr.lr, peak_lr, tr.lr_scaling.value, algorithm, info.world_size, reference_world,
+                     tr.batch_rule.value)
 
         autocast = (
             torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
@@ -337,14 +400,14 @@ class Trainer:
                 time.sleep(delay_s)
             step_start = time.perf_counter()
 
-            lr = lr_at(step, tr)
+            lr = lr_at(step, tr, peak_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x, y = data.train_batch(position, global_batch, info.rank, info.world_size)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with autocast:
                 _, loss = wrapped(x, y)
-            loss.backward()
+            (loss * loss_weight if loss_weight != 1.0 else loss).backward()
             if self._view is not None:
                 self._view.pull_grads()  # the algorithm reduces this process's gradient shards
             strategy.after_backward(step)
@@ -391,8 +454,10 @@ class Trainer:
                     log.info(format_progress_line(completed, tr.steps, mean_loss, eval_loss, global_tps,
                                                   1000 * elapsed / interval_steps))
                 self._report_interval(completed, mean_loss, eval_loss, local_tps, strategy, comm)
-                if not is_last:
+                if not is_last and not strategy.p2p_covers_links(comm.world_size):
                     comm.probe()  # fills the connection matrix (docs/fault-detection.md); every rank logs together
+                elif not is_last and comm.clock_resync_probes and (completed // tr.log_every) % comm.clock_resync_probes == 0:
+                    comm.sync_clock(rounds=3)  # the gossip fills it; keep the clock re-estimate the probe carried
                 interval_losses, interval_start, interval_steps = [], time.perf_counter(), 0
             else:
                 self._set_progress(step=completed)

@@ -108,6 +108,18 @@ class Strategy(abc.ABC):
             f"workers from the latest checkpoint"
         )
 
+    def p2p_covers_links(self, world_size: int) -> bool:
+        """Whether this algorithm's own point-to-point traffic gives every ordered pair of ranks
+        (src -> dst) a connection sample in every outer step, over a group of ``world_size`` ranks.
+
+        When True the loop skips :meth:`loco_trainer.comm.Comm.probe` at its log intervals (the
+        receives already fill the connection matrix, see docs/fault-detection.md). The probe is
+        collective, so the answer must come from the configuration and ``world_size`` alone, never
+        from what one rank observed: every rank must decide the same. Default False: collectives
+        (DDP, DiLoCo, Streaming DiLoCo, CO2) leave no per-connection sample.
+        """
+        return False
+
     def metrics(self) -> dict[str, float]:
         """Algorithm-specific gauges for logs and /metrics (e.g. outer rounds, worker spread)."""
         return {}

@@ -2,6 +2,9 @@
 
 Update rule (per inner step t, n ranks):  g = (1/n) Σᵢ ∇ℓᵢ(θ);  θ ← InnerOpt(θ, g).
 Every rank holds identical parameters at all times (they start from rank 0's, see :meth:`setup`).
+ℓᵢ is rank i's mean loss times n·Bᵢ/B (Bᵢ of the global batch B on rank i; the loop's
+``train.gradient_weight``, 1 for an even split), so g is the full-batch mean gradient also when B
+does not divide over the ranks (keepGlobalBatch after a resize; docs/elastic.md).
 
 Two ways the averaging happens, both through :class:`~loco_trainer.comm.Comm` (so bytes and times
 are counted):

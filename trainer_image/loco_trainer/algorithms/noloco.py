@@ -218,6 +218,16 @@ class NoLoCo(OuterLoopStrategy):
             self._loaded = True  # a later setup() keeps the adopted state
         self._active = True
 
+    def p2p_covers_links(self, world_size: int) -> bool:
+        """True when every round's gossip is one group of all the ranks: ``2 <= world_size <= G + 1``
+        (a remainder of one rank joins the last group, see :func:`gossip_groups`). Each rank then
+        sends to and receives from every other rank every round, so one outer step samples every
+        ordered pair. With more ranks the groups are drawn at random each round: a pair meets with
+        probability about (G-1)/(n-1) a round and can go unsampled for any number of rounds, so there
+        is no bound and the loop keeps probing. Probing only the pairs a round missed would save little:
+        a probe costs its two barriers, not its 4 KiB transfers."""
+        return 2 <= world_size <= self.group_size + 1
+
     def metrics(self) -> dict[str, float]:
         return {"outer_rounds": float(self.rounds), "worker_spread": self.last_spread}
 
