@@ -192,6 +192,34 @@ def test_faults_survive_an_operator_restart_in_the_status() -> None:
     assert again["status"]["faults"] == st["faults"] and again["status"]["avoidNodes"] == ["node-b"]
 
 
+def test_an_avoided_node_is_released_after_avoid_node_seconds() -> None:
+    """status.avoidNodes is not forever: once no fault has blamed a node for
+    faultDetection.avoidNodeSeconds, new pods may land there again (an event says so); until then
+    the planner asks to be woken at the expiry; 0 keeps the node avoided for the job's life."""
+    from datetime import timedelta
+
+    def status_after(spec: dict[str, Any] | None, later_s: float):
+        body = _running_job(spec)
+        st = plan(body, _with_findings(children(pod(0), pod(1), spec=spec), _finding()), NOW).status
+        assert st["avoidNodes"] == ["node-b"]
+        return plan({**body, "status": st}, children(spec=spec), NOW + timedelta(seconds=later_s))
+
+    before = status_after({"faultDetection": {"avoidNodeSeconds": 600}}, 599)
+    assert before.status["avoidNodes"] == ["node-b"]
+    assert before.requeue_after_s is not None and before.requeue_after_s <= 1.0  # woken at the expiry
+    assert not [a for a in before.actions if isinstance(a, EmitEvent) and a.reason == "NodeAvoidanceExpired"]
+
+    after = status_after({"faultDetection": {"avoidNodeSeconds": 600}}, 600)
+    assert not after.status.get("avoidNodes")
+    (event,) = [a for a in after.actions if isinstance(a, EmitEvent) and a.reason == "NodeAvoidanceExpired"]
+    assert "node-b" in event.message and "avoidNodeSeconds" in event.message
+    created = [a for a in after.actions if isinstance(a, CreatePod)]
+    assert created and all("affinity" not in a.body["spec"] or "NotIn" not in str(a.body["spec"]["affinity"]) for a in created)
+
+    forever = status_after({"faultDetection": {"avoidNodeSeconds": 0}}, 10 * 365 * 86400)
+    assert forever.status["avoidNodes"] == ["node-b"]
+
+
 async def test_cordon_node_marks_the_node_keeps_its_taints_and_tolerates_forbidden(tmp_path) -> None:
     import asyncio
 

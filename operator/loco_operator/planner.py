@@ -37,6 +37,7 @@ from pydantic import ValidationError
 from loco_trainer.protocol import ProgressReport
 
 from .faults.live import FaultFinding, blamed_nodes
+from .faults.types import DetectorConfig
 
 from .render import (
     LABEL_EPOCH,
@@ -87,6 +88,7 @@ class Reason(str, Enum):
     fault_suspected = "FaultSuspected"
     node_cordoned = "NodeCordoned"
     waiting_for_capacity = "WaitingForCapacity"
+    node_avoidance_expired = "NodeAvoidanceExpired"
 
 
 class ConditionType(str, Enum):
@@ -626,6 +628,7 @@ def _reconcile(p: _Planner, spec: TrainingJobSpec) -> None:
     current = [pod for pod in p.observed.pods if pod.epoch == epoch and pod.rank < size]
     stale = [pod for pod in p.observed.pods if pod not in current]
     _progress(p, spec, current)
+    _expire_avoided_nodes(p, spec)
 
     # 1. suspension
     if policy.suspend:
@@ -823,6 +826,31 @@ def _act_on_faults(p: _Planner, spec: TrainingJobSpec, findings: Sequence[FaultF
         st.workers = WorkersStatus(desired=spec.replicas, ready=0)
         return
     _restart(p, spec, [], cause="; ".join(causes))
+
+
+def _expire_avoided_nodes(p: _Planner, spec: TrainingJobSpec) -> None:
+    """Drop from ``status.avoidNodes`` the nodes no fault record has blamed for
+    ``faultDetection.avoidNodeSeconds`` (0: never): new pods may be placed there again. Pods already
+    running are not touched. A node whose records rolled out of ``status.faults`` (the last
+    MAX_FAULT_RECORDS) counts as blamed long ago."""
+    st = p.status
+    ttl = (spec.fault_detection or DetectorConfig()).avoid_node_seconds
+    if not ttl or not st.avoid_nodes:
+        return
+    last_blamed: dict[str, datetime] = {}
+    for record in st.faults:
+        at = parse_time(record.time)
+        for node in record.nodes:
+            if at is not None and (node not in last_blamed or at > last_blamed[node]):
+                last_blamed[node] = at
+    expired = [n for n in st.avoid_nodes if n not in last_blamed or p.now >= last_blamed[n] + timedelta(seconds=ttl)]
+    if expired:
+        st.avoid_nodes = [n for n in st.avoid_nodes if n not in expired]
+        p.event(EventType.normal, Reason.node_avoidance_expired,
+                f"No longer avoiding node(s) {', '.join(expired)}: no fault blamed them for faultDetection.avoidNodeSeconds "
+                f"({ttl:g}s); new worker pods may be placed there again")
+    if st.avoid_nodes:
+        _requeue(p, min((last_blamed[n] + timedelta(seconds=ttl) - p.now).total_seconds() for n in st.avoid_nodes))
 
 
 def _plain(value: Any) -> Any:
