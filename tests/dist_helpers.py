@@ -212,3 +212,18 @@ def flat_params(model) -> "torch.Tensor":
     import torch
 
     return torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+
+
+def single_process_reference(make_optimizer: Callable[[Any], Any], batch: Callable[[int], tuple], steps: int) -> "torch.Tensor":
+    """Parameters of :func:`tiny_model` (seed 0) after ``steps`` plain single-process MSE steps on
+    ``batch(step)`` with ``make_optimizer(parameters)``: what a distributed run must equal."""
+    import torch.nn.functional as F
+
+    ref = tiny_model(seed=0)
+    opt = make_optimizer(ref.parameters())
+    for step in range(steps):
+        x, y = batch(step)
+        F.mse_loss(ref(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    return flat_params(ref)

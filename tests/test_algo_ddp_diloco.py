@@ -6,9 +6,8 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from dist_helpers import rank_pool, flat_params, run_loop, tiny_batch, tiny_model
+from dist_helpers import rank_pool, flat_params, run_loop, single_process_reference, tiny_batch, tiny_model
 from loco_trainer.algorithms import ALGORITHMS, DDP, DiLoCo, make_strategy, num_parameters
 from loco_trainer.comm import Comm
 from loco_trainer.config import AlgorithmSpec
@@ -27,14 +26,11 @@ def _ddp(rank: int, world_size: int, use_wrap: bool) -> dict:
     run_loop(strategy, model, opt, rank, 0, STEPS)
     out = {"params": flat_params(model), "stats": comm.stats(), "hooked": strategy._hook_calls > 0}
     if rank == 0:  # single-process reference on the concatenated batch of all ranks
-        ref = tiny_model(seed=0)
-        ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
-        for step in range(STEPS):
+        def concatenated(step: int) -> tuple:
             xs, ys = zip(*(tiny_batch(step, r) for r in range(world_size)))
-            F.mse_loss(ref(torch.cat(xs)), torch.cat(ys)).backward()
-            ref_opt.step()
-            ref_opt.zero_grad()
-        out["reference"] = flat_params(ref)
+            return torch.cat(xs), torch.cat(ys)
+
+        out["reference"] = single_process_reference(lambda ps: torch.optim.AdamW(ps, lr=1e-2), concatenated, STEPS)
     return out
 
 

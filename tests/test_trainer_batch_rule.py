@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
-from dist_helpers import flat_params, rank_pool, tiny_batch, tiny_model  # noqa: F401 - rank_pool is a fixture
+from dist_helpers import flat_params, rank_pool, single_process_reference, tiny_batch, tiny_model  # noqa: F401 - rank_pool is a fixture
 from loco_trainer.algorithms import DDP
 from loco_trainer.comm import Comm
 from loco_trainer.config import AlgorithmName, LrScaling, TrainerConfig, TrainingSpec
@@ -155,14 +155,8 @@ def _ddp_uneven(rank: int, world_size: int, use_wrap: bool, weighted: bool) -> d
         opt.zero_grad(set_to_none=True)
     out = {"params": flat_params(model), "count": count}
     if rank == 0:  # one process on the whole global batch
-        ref = tiny_model(seed=0)
-        ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
-        for step in range(STEPS):
-            x, y = tiny_batch(step, 0, batch_size=GLOBAL_BATCH)
-            F.mse_loss(ref(x), y).backward()
-            ref_opt.step()
-            ref_opt.zero_grad()
-        out["reference"] = flat_params(ref)
+        out["reference"] = single_process_reference(lambda ps: torch.optim.SGD(ps, lr=0.5),
+                                                    lambda step: tiny_batch(step, 0, batch_size=GLOBAL_BATCH), STEPS)
     return out
 
 
