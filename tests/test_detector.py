@@ -90,18 +90,26 @@ def test_straggler_is_blamed_and_the_ranks_that_waited_for_it_never_are() -> Non
     verdicts = run(job, det, 10, slow={37: 2.0})
     assert [(v.kind, v.ranks, v.node) for v in verdicts] == [(VerdictKind.slow_noncomm, (37,), "node-4")]
     v = verdicts[0]
-    assert v.evidence["consecutive"] == 3 and v.evidence["lateness_s"] > v.evidence["threshold_s"]
-    assert v.seq == 22  # the third late collective (20, 21, 22)
+    # ~1 s late against a ~0.45 s threshold: each late collective adds the capped 1.5, so 2 reach K = 3
+    assert v.evidence["consecutive"] == 2 and v.evidence["lateness_s"] > 1.5 * v.evidence["threshold_s"]
+    assert v.evidence["score"] == 3.0 and v.evidence["required_score"] == 3
+    assert v.seq == 21  # the second late collective (20, 21)
     # the 63 others spent ~0.6 s waiting inside each collective: still never blamed
     assert all(set(v.ranks) == {37} for v in det.history)
 
 
-def test_late_arrivals_short_of_k_consecutive_collectives_are_not_blamed() -> None:
+def test_late_arrivals_that_never_repeat_in_a_row_are_not_blamed() -> None:
+    """Each on-time collective resets the evidence score: isolated late collectives, however
+    late, never add up."""
     job = Job(64, seed=3)
     det = Detector(DetectorConfig(consecutive=3), job.topology)
     run(job, det, 20)
-    verdicts = run(job, det, 2, slow={5: 2.0}) + run(job, det, 1) + run(job, det, 2, slow={5: 2.0}) + run(job, det, 5)
+    verdicts = []
+    for _ in range(5):
+        verdicts += run(job, det, 1, slow={5: 2.0}) + run(job, det, 1)
     assert verdicts == []
+    # the control: in a row they are blamed, at the K-th: they are about as late as the one-off outliers seen
+    assert run(job, det, 2, slow={5: 2.0}) == [] and run(job, det, 1, slow={5: 2.0})
 
 
 def test_a_whole_node_of_stragglers_is_one_verdict_naming_the_node() -> None:
@@ -191,7 +199,9 @@ def test_slow_link_blames_one_cell_of_the_matrix() -> None:
     job.link_slow[job.link_index(20, 28)] = 4.0
     verdicts = run(job, det, 6)
     assert [(v.kind, v.link, v.ranks, v.node) for v in verdicts] == [(VerdictKind.slow_comm_link, (20, 28), (20, 28), None)]
-    assert verdicts[0].evidence["median_ratio"] > 2.0 and verdicts[0].evidence["consecutive"] == 3
+    # 4x slow is 2x the factor: each sample adds the capped 1.5, so 2 samples reach K = 3
+    assert verdicts[0].evidence["median_ratio"] > 2.0 and verdicts[0].evidence["consecutive"] == 2
+    assert verdicts[0].evidence["score"] == 3.0
 
 
 def test_slow_node_blames_the_node_whose_row_and_column_are_slow() -> None:
@@ -323,7 +333,7 @@ def test_back_to_back_collectives_neither_hide_nor_reset_a_straggler() -> None:
             job.seq += 1
             verdicts += det.observe(bucket, (), float(job.ready_s[0]))
     assert [(v.kind, v.ranks) for v in verdicts] == [(VerdictKind.slow_noncomm, (9,))]
-    assert verdicts[0].seq == 3 * 14  # first collective of the third slow step (12, 13, 14)
+    assert verdicts[0].seq == 3 * 13  # first collective of the second (clearly) slow step (12, 13)
 
 
 def test_comm_hang_without_connection_data_is_reported_but_not_localised() -> None:
@@ -404,3 +414,73 @@ def test_ranks_held_in_a_stalled_exchange_are_not_blamed_for_missing_the_next_co
     stall = [LinkSample(src=0, dst=1, seconds=math.inf, nbytes=64, at_s=10.5)]
     verdicts = det.observe(recs, stall, 13.0)
     assert [(v.kind, v.link, v.ranks) for v in verdicts] == [(VerdictKind.hang_comm, (0, 1), (0, 1))], [v.message for v in verdicts]
+
+
+# ------------------------------------------------------------------ evidence score (strong vs marginal)
+
+#: 16 ranks entering evenly spread over +-0.1 s: every collective is informative (spread 0.2 s >
+#: minLatenessSeconds) while nobody is late. With one rank moved past the others the median is
+#: 0.013 s and the MAD 0.06 s, so the lateness threshold is 3 x 1.4826 x 0.06 = 0.267 s.
+_OFFSETS = np.linspace(-0.1, 0.1, 16)
+
+
+def _collective(det: Detector, seq: int, late: dict[int, float] | None = None) -> list:
+    """Collective ``seq`` at t = 10 * seq; ``late`` maps a rank to its entry offset in seconds."""
+    enter = 10.0 * seq + _OFFSETS
+    for rank, offset in (late or {}).items():
+        enter[rank] = 10.0 * seq + offset
+    exit_s = enter.max() + 0.01
+    records = RecordBatch.from_arrays(rank=np.arange(16), seq=seq, enter_s=enter, exit_s=exit_s, nbytes=1 << 20)
+    return det.observe(records, (), exit_s)
+
+
+def _warm_detector() -> Detector:
+    det = Detector(DetectorConfig(consecutive=3), Topology.uniform(16, 8))
+    for seq in range(8):  # past warm-up (5 collectives)
+        assert _collective(det, seq) == []
+    return det
+
+
+def test_a_clear_straggler_is_blamed_at_its_second_late_collective() -> None:
+    det = _warm_detector()
+    assert _collective(det, 8, {5: 2.0}) == []  # ~10x the threshold: capped at 1.5, short of K = 3
+    verdicts = _collective(det, 9, {5: 2.0})
+    assert [(v.kind, v.ranks, v.seq) for v in verdicts] == [(VerdictKind.slow_noncomm, (5,), 9)]
+    assert verdicts[0].evidence["consecutive"] == 2 and verdicts[0].evidence["score"] == 3.0
+
+
+def test_a_marginal_straggler_still_needs_k_late_collectives() -> None:
+    det = _warm_detector()
+    # 0.307 s late against a 0.267 s threshold: each late collective adds ~1.15 < 1.5
+    assert _collective(det, 8, {5: 0.32}) == [] and _collective(det, 9, {5: 0.32}) == []
+    verdicts = _collective(det, 10, {5: 0.32})
+    assert [(v.kind, v.ranks, v.seq) for v in verdicts] == [(VerdictKind.slow_noncomm, (5,), 10)]
+    ev = verdicts[0].evidence
+    assert ev["threshold_s"] < ev["lateness_s"] < 1.5 * ev["threshold_s"], ev  # it really was marginal
+    assert ev["consecutive"] == 3 and 3.0 <= ev["score"] < 4.5
+
+
+def test_a_single_huge_outlier_followed_by_a_normal_collective_is_never_blamed() -> None:
+    det = _warm_detector()
+    verdicts = []
+    for k in range(10):
+        verdicts += _collective(det, 8 + 2 * k, {5: 9.0})  # 9 s late: ~40x the threshold, one collective
+        verdicts += _collective(det, 9 + 2 * k)  # on time again: the score resets
+    assert verdicts == []
+    assert det._late_score[5] == 0.0 and det._late_streak[5] == 0
+
+
+def test_after_a_one_off_outlier_only_a_straggler_later_than_it_counts_as_clear() -> None:
+    """Two unrelated pauses in a row on one of thousands of ranks must not convict it: lateness
+    within the largest one-off outlier seen so far counts as marginal (K collectives needed)."""
+    det = _warm_detector()
+    assert _collective(det, 8, {3: 9.0}) == [] and _collective(det, 9) == []  # a 9 s pause, once
+    assert det._outlier_bar_s == pytest.approx(9.0, abs=0.05)
+    # 2 s late (~7x the threshold, but within the pause seen): counts 1 each, blamed at the 3rd
+    assert _collective(det, 10, {5: 2.0}) == [] and _collective(det, 11, {5: 2.0}) == []
+    assert [v.seq for v in _collective(det, 12, {5: 2.0})] == [12]
+    # 14 s late, beyond the pause: clear again, blamed at the 2nd
+    assert _collective(det, 13, {6: 14.0}) == []
+    verdicts = _collective(det, 14, {6: 14.0})
+    assert [(v.ranks, v.seq) for v in verdicts] == [((6,), 14)]
+    assert verdicts[0].evidence["outlier_bar_s"] == pytest.approx(9.0, abs=0.05)

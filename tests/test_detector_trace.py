@@ -72,7 +72,7 @@ def test_diagnose_replays_a_trace_and_blames_the_straggler(tmp_path: Path) -> No
     _straggler_trace(tmp_path / "s.jsonl")
     verdicts = diagnose(read_trace(tmp_path / "s.jsonl"))
     assert [(v.kind, v.ranks) for v in verdicts] == [(VerdictKind.slow_noncomm, (6,))]
-    assert verdicts[0].seq == 10  # third late collective: 8, 9, 10
+    assert verdicts[0].seq == 9  # second late collective (8, 9): clearly late twice reaches the score K = 3
 
 
 def test_diagnose_finds_a_hang_still_in_progress_at_the_end_of_the_trace(tmp_path: Path) -> None:
@@ -104,7 +104,8 @@ def test_loco_diagnose_prints_verdicts_with_evidence_and_exits_3(tmp_path: Path)
     _straggler_trace(tmp_path / "s.jsonl")
     result = CliRunner().invoke(loco, ["diagnose", str(tmp_path / "s.jsonl")])
     assert result.exit_code == 3, result.output
-    assert "[slow-noncomm]" in result.output and "blame: ranks 6" in result.output and "consecutive: 3" in result.output
+    assert "[slow-noncomm]" in result.output and "blame: ranks 6" in result.output and "consecutive: 2" in result.output
+    assert "score: 3.0" in result.output and "required_score: 3" in result.output
     as_json = CliRunner().invoke(loco, ["diagnose", "--json", str(tmp_path / "s.jsonl")])
     data = json.loads(as_json.output)
     assert [(v["kind"], v["ranks"]) for v in data["verdicts"]] == [("slow-noncomm", [6])]

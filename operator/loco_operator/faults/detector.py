@@ -12,14 +12,28 @@ fault, not noise (C4, arXiv 2406.04594). The detector applies four rules:
    all stalled connections share one rank or node.
 3. **slow-noncomm** - a rank keeps *entering* collectives late: lateness
    ``enter - median(enter)`` above ``max(minLatenessSeconds, madMultiplier * 1.4826 * MAD)``
-   in ``consecutive`` informative collectives in a row. Only entry times are judged, so the
-   ranks that *waited* for the straggler (long in-collective time) are never blamed.
+   in informative collectives in a row until its evidence score reaches ``consecutive`` (see
+   *Evidence score* below). Only entry times are judged, so the ranks that *waited* for the
+   straggler (long in-collective time) are never blamed.
 4. **slow-comm** - per connection (source x destination), a sample slower than
    ``linkSlownessFactor`` x the median sample of the same size and class (intra- or
    cross-node), and by more than ``minLinkExcessSeconds`` (an absolute floor), in
-   ``consecutive`` samples in a row is slow. A node whose row or column of
+   samples in a row until their evidence score reaches ``consecutive`` is slow. A node whose row or column of
    cross-node connections is (mostly) slow is a slow node; a rank whose own cross-node (or
    intra-node) row and column are slow is a slow NIC; any other slow connection is a slow link.
+
+Evidence score (rules 3 and 4): each slow observation adds its strength, capped,
+``min(strength, EVIDENCE_CAP)`` with ``strength = lateness / threshold`` for a rank and
+``ratio / linkSlownessFactor`` for a connection (always > 1 when the observation is slow); a
+non-slow observation resets the score to 0. The verdict fires when the score reaches
+``consecutive`` (K). A marginal straggler therefore still needs K observations, a clear one
+(at least 1.5x its threshold every time) only ``ceil(K / 1.5)``: 2 for the default K = 3. With
+the cap at 1.5 no single observation can reach K >= 2, so one outlier never convicts. For ranks,
+"clear" also means later than every one-off outlier seen so far: the lateness is divided by
+``max(threshold, outlier_bar / 1.5)``, where the bar is the largest lateness of a late streak
+that ended without a verdict (GC pauses, I/O hiccups). Without it, two such pauses in a row on
+one of 16,384 ranks would convict a healthy rank every few hundred steps; with it, pauses need
+K in a row, as with plain counting.
 
 Hang timeouts follow NVIDIA's resiliency extension: ``max(floor, multiplier x longest healthy
 interval after warm-up)``; the interval is the arrival spread (latest healthy entry minus the
@@ -64,6 +78,9 @@ MIN_REFERENCE_SAMPLES = 16
 #: Recent samples kept per (size, class) reference.
 REFERENCE_SAMPLES = 1024
 _SEND, _RECV = KINDS.index("send"), KINDS.index("recv")
+#: Most evidence one slow observation adds to a rank's or link's score (in units of "just slow").
+#: Below 2, so with ``consecutive >= 2`` a single outlier, however large, never convicts.
+EVIDENCE_CAP = 1.5
 
 
 @dataclasses.dataclass
@@ -113,7 +130,10 @@ class Detector:
         self._judged = 0  # completed collectives seen (warm-up counts them)
         self._last_progress_s = -math.inf  # latest exit seen
         # stragglers
-        self._late_streak = np.zeros(n, dtype=np.int64)
+        self._late_streak = np.zeros(n, dtype=np.int64)  # late informative collectives in a row
+        self._late_score = np.zeros(n)  # evidence score over that streak (see the module docstring)
+        self._late_peak = np.zeros(n)  # largest lateness in that streak
+        self._outlier_bar_s = 0.0  # largest lateness of a late streak that ended without a verdict
         self._lateness = np.full((window, n), np.nan)  # ring over collectives, one row per collective
         self._lateness_ptr = 0
         self._straggling = np.zeros(n, dtype=bool)
@@ -127,7 +147,8 @@ class Detector:
         self._link_id_of_key = np.zeros(0, dtype=np.int64)
         self._link_src = np.zeros(0, dtype=np.int64)  # by link id
         self._link_dst = np.zeros(0, dtype=np.int64)
-        self._link_streak = np.zeros(0, dtype=np.int64)
+        self._link_streak = np.zeros(0, dtype=np.int64)  # slow samples in a row, by link id
+        self._link_score = np.zeros(0)  # evidence score over that streak
         self._link_count = np.zeros(0, dtype=np.int64)
         self._link_ratio = np.zeros(0)  # flat ring: link i's samples at [i * window, (i + 1) * window)
         self._link_blamed = np.zeros(0, dtype=bool)
@@ -286,16 +307,34 @@ class Detector:
         self._max_transfer_s = max(self._max_transfer_s, transfer)
         if not informative:
             return []  # everyone arrived together (e.g. back-to-back buckets): says nothing about anyone
+        ended = ~late & (self._late_streak > 0) & ~self._straggling  # one-off outliers, now over
+        if ended.any():
+            self._outlier_bar_s = max(self._outlier_bar_s, float(self._late_peak[ended].max()))
         self._late_streak = np.where(late, self._late_streak + 1, 0)
+        self._late_peak = np.where(late, np.maximum(self._late_peak, lateness), 0.0)
+        # full strength only beyond 1.5x the threshold and beyond every one-off outlier seen so far
+        ref = max(threshold, self._outlier_bar_s / EVIDENCE_CAP)
+        strength = np.clip(lateness / ref, 1.0, EVIDENCE_CAP) if ref > 0 else EVIDENCE_CAP
+        self._late_score = np.where(late, self._late_score + strength, 0.0)
         self._straggling &= self._late_streak > 0  # recovered ranks may be blamed again later
-        new = (self._late_streak >= cfg.consecutive) & ~self._straggling
+        score = self._late_score
+        if late.any():
+            # a node whose ranks are all late is judged as one, on its ranks' mean score, so ranks a
+            # little less late than their node-mates do not split it into per-rank verdicts
+            late_on_node = np.bincount(self._node_of, weights=self._late_streak > 0, minlength=self._node_sizes.size)
+            whole = (late_on_node == self._node_sizes) & (self._node_sizes > 1)
+            if whole.any():
+                node_score = np.bincount(self._node_of, weights=score, minlength=self._node_sizes.size) / self._node_sizes
+                score = np.where(whole[self._node_of], node_score[self._node_of], score)
+        new = (score >= cfg.consecutive) & ~self._straggling
         if not new.any():
             return []
         self._straggling |= new
-        return self._straggler_verdicts(np.flatnonzero(new), col, median, mad, threshold, now_s)
+        return self._straggler_verdicts(np.flatnonzero(new), col, median, mad, threshold, score, now_s)
 
     def _straggler_verdicts(
-        self, ranks: np.ndarray, col: _OpenCollective, median: float, mad: float, threshold: float, now_s: float
+        self, ranks: np.ndarray, col: _OpenCollective, median: float, mad: float, threshold: float, score: np.ndarray,
+        now_s: float,
     ) -> list[Verdict]:
         cfg = self.config
         recent = min(self._lateness_ptr, cfg.window)
@@ -314,6 +353,9 @@ class Detector:
                     "threshold_s": _p(threshold),
                     "mad_s": _p(mad),
                     "consecutive": int(self._late_streak[group].min()),
+                    "score": _p(float(score[group].min()), 2),  # a whole node's: its ranks' mean
+                    "required_score": cfg.consecutive,
+                    "outlier_bar_s": _p(self._outlier_bar_s),
                     "window": recent,
                     "median_enter_s": _p(median),
                 }
@@ -321,7 +363,8 @@ class Detector:
                 verdicts.append(self._verdict(
                     VerdictKind.slow_noncomm, group, None, node, col.seq, evidence, now_s,
                     f"{who} entered {evidence['consecutive']} consecutive collectives late "
-                    f"(last {evidence['lateness_s']} s after the median rank, threshold {evidence['threshold_s']} s); "
+                    f"(last {evidence['lateness_s']} s after the median rank, threshold {evidence['threshold_s']} s; "
+                    f"evidence score {evidence['score']} >= {cfg.consecutive}); "
                     f"the ranks that waited for it are not at fault",
                     scope="node" if whole_node else "rank",
                 ))
@@ -498,6 +541,7 @@ class Detector:
             self._link_dst = np.concatenate([self._link_dst, new_keys % self._n])
             grow = new_keys.size
             self._link_streak = np.concatenate([self._link_streak, np.zeros(grow, np.int64)])
+            self._link_score = np.concatenate([self._link_score, np.zeros(grow)])
             self._link_count = np.concatenate([self._link_count, np.zeros(grow, np.int64)])
             self._link_blamed = np.concatenate([self._link_blamed, np.zeros(grow, bool)])
             self._link_ratio = np.concatenate([self._link_ratio, np.full(grow * self.config.window, np.nan)])
@@ -546,6 +590,8 @@ class Detector:
         # thread can double a millisecond sample; that is no reason to restart a job)
         slow = (ratio > self.config.link_slowness_factor) & (excess > self.config.min_link_excess_seconds)
         self._link_streak[ids] = np.where(slow, self._link_streak[ids] + 1, 0)
+        strength = np.clip(ratio / self.config.link_slowness_factor, 1.0, EVIDENCE_CAP)
+        self._link_score[ids] = np.where(slow, self._link_score[ids] + strength, 0.0)
         w = self.config.window
         base = np.arange(0, self._link_src.size * w, w) if isinstance(ids, slice) else ids * w
         self._link_ratio[base + self._link_count[ids] % w] = ratio
@@ -554,7 +600,7 @@ class Detector:
             for key in [k for k, covered in self._slow_active.items() if (self._link_streak[covered] == 0).all()]:
                 self._link_blamed[self._slow_active.pop(key)] = False
                 self._emitted.discard(key)
-        candidates = (self._link_streak >= self.config.consecutive) & ~self._link_blamed
+        candidates = (self._link_score >= self.config.consecutive) & ~self._link_blamed
         if not candidates.any():
             return []
         return self._classify_slow_links(np.flatnonzero(candidates), now_s)
@@ -635,13 +681,16 @@ class Detector:
                 "median_ratio": _p(float(np.nanmedian(self._streak_ratios(link_id)))),
                 "factor": cfg.link_slowness_factor,
                 "consecutive": int(self._link_streak[link_id]),
+                "score": _p(float(self._link_score[link_id]), 2),
+                "required_score": cfg.consecutive,
                 "samples": int(self._link_count[link_id]),
                 "class": "cross-node" if cross[link_id] else "intra-node",
             }
             v = self._verdict(
                 VerdictKind.slow_comm_link, np.array([a, b]), (a, b), None, None, evidence, now_s,
                 f"connection {a} -> {b} is {evidence['median_ratio']}x slower than connections of the same size "
-                f"({evidence['consecutive']} slow samples in a row; other connections of both ends are healthy)",
+                f"({evidence['consecutive']} slow samples in a row, evidence score {evidence['score']} >= "
+                f"{cfg.consecutive}; other connections of both ends are healthy)",
                 scope="link",
             )
             self._link_blamed[link_id] = True
@@ -669,6 +718,8 @@ class Detector:
             "median_ratio": _p(float(np.nanmedian(self._streak_ratios(covered)))),
             "factor": self.config.link_slowness_factor,
             "consecutive": int(self._link_streak[covered].max()),
+            "score": _p(float(self._link_score[covered].max()), 2),
+            "required_score": self.config.consecutive,
         }
         v = self._verdict(VerdictKind.slow_comm_node, ranks, None, node, None, evidence, now_s,
                           f"{message} (median {evidence['median_ratio']}x the reference)", scope=scope)

@@ -353,7 +353,7 @@ class DetectorConfig(Model):
     )
     consecutive: int = Field(
         3, ge=1, le=1000,
-        description="K: a rank or link must be slow in K consecutive informative observations before it is blamed.",
+        description="K: a rank or link is blamed when its slow informative observations in a row reach an evidence score of K. Each adds its strength (lateness / max(threshold, largest one-off outlier / 1.5) for a rank, ratio / linkSlownessFactor for a link) capped at 1.5, and an observation that is not slow resets the score to 0: a marginal fault needs K observations, a clear one ceil(K / 1.5), and with K >= 2 never fewer than 2, so a single outlier never convicts.",
     )
     mad_multiplier: float = Field(
         3.0, gt=0, le=1000,
@@ -398,6 +398,10 @@ class DetectorConfig(Model):
     min_slowdown_to_act: float = Field(
         0.2, ge=0, le=100,
         description="The operator replaces pods and avoids the node for a slow-noncomm verdict only when the straggler's lateness is at least this fraction of the healthy interval between collectives (a restart costs more than a small slowdown); below it the verdict is only reported (FaultSuspected event). Hangs and slow connections are always acted on.",
+    )
+    avoid_node_seconds: float = Field(
+        3600.0, ge=0,
+        description="How long a node blamed for a fault stays on the job's avoid-list (status.avoidNodes, a required node anti-affinity on new worker pods), counted from the last fault that blamed it. Afterwards new pods may land on it again, so a transient fault or a false alarm does not shrink the usable cluster for the job's whole life. 0: avoid for the job's lifetime. A cordoned node stays cordoned until an administrator uncordons it.",
     )
     cordon_nodes: bool = Field(
         False,
