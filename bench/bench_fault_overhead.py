@@ -210,7 +210,7 @@ def render(result: dict) -> str:
         f"{o['export_512_ms']:.2f} ms to serve 512 records to a poll. At {o['on_steps_per_s']:.1f} steps/s with "
         f"{o['calls_per_step']:.1f} recorded calls per step that is **{o['implied_pct']:.3f} %** of the step time "
         f"(goal: < 1 %: {'met' if o['implied_pct'] < 1 else 'not met'} at this step time). The probe dominates "
-        "(one barrier and two helper threads per log interval); the share falls in proportion to the step time, "
+        "(two barriers, two helper threads and a wait of up to 50 ms for them per log interval); the share falls in proportion to the step time, "
         f"so the goal holds from about {o['probe_ms'] / CONFIG['training']['logEvery'] / 0.01:.0f} ms per step. "
         + ("The end-to-end difference is within the run-to-run noise." if abs(o["end_to_end_pct"]) <= o["noise_pct"]
            else "The end-to-end difference exceeds the run-to-run noise: at these ~10 ms steps the records, the probe's "
