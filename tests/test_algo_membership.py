@@ -1,4 +1,5 @@
-"""NoLoCo and CO2 accept a new membership at a sync boundary without restarting the survivors.
+"""DiLoCo, Streaming DiLoCo, NoLoCo and CO2 accept a new membership at a sync boundary without
+restarting the survivors.
 
 Real gloo ranks (4 per scenario): 3 workers train a few rounds, then a 4th joins, or 4 train and one
 leaves. Checked: the survivors' parameters are continuous across the switch (NoLoCo: untouched; CO2:
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from dist_helpers import rank_pool, flat_params, run_loop, tiny_model
-from loco_trainer.algorithms import CO2, DDP, NoLoCo
+from loco_trainer.algorithms import CO2, DDP, DiLoCo, NoLoCo, StreamingDiLoCo
 from loco_trainer.algorithms.base import membership_roles
 from loco_trainer.algorithms.noloco import gossip_groups
 from loco_trainer.comm import Comm, flatten
@@ -225,6 +226,59 @@ def test_co2_survivors_go_on_without_a_departed_worker(rank_pool) -> None:
         assert r["world"] == 3 and r["all_reduces"] == 2 and set(r["peers"]) <= {0, 1, 2}
         assert r["old_calls"][0] == r["old_calls"][1]  # nothing more on the group that held rank 3
     assert not torch.equal(results[0]["final"], results[0]["joined"])
+
+
+# ------------------------------------------------------------------- DiLoCo, Streaming DiLoCo
+
+
+def _outer_leave(rank: int, world_size: int, algorithm: str) -> dict:
+    """Four workers train; at a boundary with nothing in flight, rank 3 stops (no collective on its
+    way out) and ranks 0-2 switch to a group of three and train on."""
+    old = comm = Comm()
+    new = Comm.from_ranks([0, 1, 2])  # every rank takes part in creating a group, members or not
+    model = tiny_model(seed=rank)  # different starts: setup() broadcasts rank 0's weights
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    if algorithm == "diloco":
+        strategy = DiLoCo(model, opt, comm, sync_every=H, outer_lr=0.7, outer_momentum=0.9)
+    else:
+        strategy = StreamingDiLoCo(model, opt, comm, sync_every=2 * H, outer_lr=0.7, outer_momentum=0.9,
+                                   fragments=2, overlap_steps=1, mixing_factor=0.5, quantization="e3m0")
+    strategy.setup()
+    step = 0
+    # two full rounds, then on to the first step with nothing in flight (Streaming DiLoCo staggers its
+    # fragments; on_membership_change refuses an exchange in flight)
+    while step < 4 * H or getattr(strategy, "_pending", None):  # DiLoCo: 4H is a round boundary
+        run_loop(strategy, model, opt, rank, step, step + 1)
+        step += 1
+    if rank == 3:
+        return {"left_at": step}
+    before = torch.cat([g.reshape(-1) for g in strategy.global_params])
+    old_calls = len(old.records())
+    strategy.on_membership_change(new)
+    joined = flat_params(model)
+    run_loop(strategy, model, opt, rank, step, step + 4 * H)
+    strategy.finish()
+    return {"left_at": step, "before": before, "joined": joined, "final": flat_params(model), "world": new.world_size,
+            "old_calls": (old_calls, len(old.records())), "new_calls": len(new.records()),
+            "peers": [r.peer for r in new.records() if r.peer is not None]}
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("algorithm", ["diloco", "streaming-diloco"])
+def test_survivors_go_on_at_three_after_a_fourth_worker_leaves(rank_pool, algorithm: str) -> None:
+    """DiLoCo and Streaming DiLoCo at 4 workers lose one between outer steps and continue at 3
+    without restarting: each survivor's model is the global model it held (nothing reset, nothing
+    re-initialised), the old group is never used again, and the three train on together."""
+    results = rank_pool.run(_outer_leave, 4, args=(algorithm,), timeout_s=120)
+    assert len({r["left_at"] for r in results}) == 1  # one boundary, agreed by the schedule alone
+    survivors = results[:3]
+    for r in survivors:
+        torch.testing.assert_close(r["before"], survivors[0]["before"], rtol=0, atol=0)  # one global model
+        torch.testing.assert_close(r["joined"], r["before"], rtol=0, atol=0)  # continuous: adopted, not reset
+        torch.testing.assert_close(r["final"], survivors[0]["final"], rtol=0, atol=0)  # in step after finish()
+        assert r["world"] == 3 and r["new_calls"] > 1 and set(r["peers"]) <= {0, 1, 2}
+        assert r["old_calls"][0] == r["old_calls"][1]  # nothing more on the group that held rank 3
+    assert not torch.equal(survivors[0]["final"], survivors[0]["joined"])  # training went on over three
 
 
 # ------------------------------------------------------------------------ single process
