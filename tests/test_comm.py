@@ -231,3 +231,48 @@ def test_probes_re_estimate_the_clock_offset_every_n_probes(rank_pool) -> None:
         assert abs(r["wall_minus_common"]) < 0.05, r  # one host: the common clock is rank 0's wall clock
     with pytest.raises(ValueError, match="clock_resync_probes"):
         Comm(clock_resync_probes=-1)
+
+
+def _ring(rank: int, world_size: int) -> dict:
+    import torch.distributed as dist
+
+    comm = Comm(ring_p2p=True)
+    n = world_size
+    t = torch.arange(11, dtype=torch.float32) * (rank + 1)  # 11 elements: uneven chunks over 3 or 4 ranks
+    expected = t.clone()
+    dist.all_reduce(expected)  # the reference, outside the counting layer
+    comm.ring_all_reduce(t, op="sum")
+    a = torch.full((3, 5), float(rank))
+    comm.ring_all_reduce(a, op="avg")
+    tiny = torch.tensor([float(rank)])  # fewer elements than ranks: falls back to all_reduce
+    comm.ring_all_reduce(tiny, op="sum")
+    flat_pair = [torch.full((7,), float(rank)), torch.full((2, 2), 1.0)]
+    all_reduce_flat(comm, flat_pair, op="avg")  # ring_p2p routes the flat all-reduce through the ring
+    stats = comm.stats()
+    return {"sum": t, "expected": expected, "avg": a, "tiny": tiny.item(), "flat": [x.clone() for x in flat_pair],
+            "bytes_sent": stats["by_kind"]["send"]["bytes_sent"], "links": comm.export_links(),
+            "peers": {(r.kind, r.peer) for r in comm.records() if r.peer is not None}}
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("n", [3, 4])
+def test_ring_all_reduce_matches_all_reduce_bytes_and_fills_the_ring_cells(rank_pool, n: int) -> None:
+    results = rank_pool.run(_ring, n)
+    mean = sum(range(n)) / n
+    for rank, r in enumerate(results):
+        torch.testing.assert_close(r["sum"], r["expected"], rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(r["avg"], torch.full((3, 5), mean))
+        assert r["tiny"] == sum(range(n))
+        torch.testing.assert_close(r["flat"][0], torch.full((7,), mean))
+        torch.testing.assert_close(r["flat"][1], torch.ones(2, 2))
+        # only ring neighbours: send to the right, receive from the left
+        assert r["peers"] == {("send", (rank + 1) % n), ("recv", (rank - 1) % n)}
+        # the chunks this rank sent: 2(n-1) steps of about 1/n of each ringed tensor (44 + 60 + 44 bytes)
+        sent_chunks = 0
+        for numel in (11, 15, 11):
+            sizes = [len(c) for c in torch.tensor_split(torch.empty(numel), n)]
+            sent_chunks += sum(sizes[(rank - s) % n] for s in range(n - 1)) + sum(sizes[(rank + 1 - s) % n] for s in range(n - 1))
+        assert r["bytes_sent"] == 4 * sent_chunks
+        assert {(x["src"], x["dst"]) for x in r["links"]} == {((rank - 1) % n, rank)}  # its ring cell, from real traffic
+    with pytest.raises(ValueError, match="op"):
+        Comm().ring_all_reduce(torch.ones(4), op="max")

@@ -201,9 +201,11 @@ LIVE_CONFIG = DetectorConfig(warmup_collectives=3, consecutive=3, hang_timeout_f
                              warmup_hang_timeout_seconds=2.0, silence_timeout_seconds=30.0)
 
 
-def _exchange_main(rank: int, port: int, fault: dict, outdir: str) -> None:
+def _exchange_main(rank: int, port: int, fault: dict, outdir: str, mode: str = "exchange") -> None:
     """A NoLoCo-like rank: every iteration a ring exchange (send to r+1, receive from r-1, posted
-    together) then an all-reduce; ``/status`` served as the trainer serves it, for the live poll."""
+    together) then an all-reduce; or (``mode="ring"``) a DiLoCo-like outer all-reduce run as
+    ``Comm.ring_all_reduce`` (``faultDetection.ringAllReduce``). ``/status`` served as the trainer
+    serves it, for the live poll."""
     import pathlib
 
     import torch
@@ -230,26 +232,35 @@ def _exchange_main(rank: int, port: int, fault: dict, outdir: str) -> None:
     mine, theirs, acc = torch.full((1024,), float(rank)), torch.empty(1024), torch.ones(16)
     for _ in range(40):
         time.sleep(0.05)  # "compute"
+        if mode == "ring":
+            comm.ring_all_reduce(mine, op="avg")
+            continue
         for handle in comm.batch_isend_irecv([("send", mine, (rank + 1) % WORLD), ("recv", theirs, (rank - 1) % WORLD)]):
             handle.wait()
         comm.all_reduce(acc, "sum")
     time.sleep(120)  # never reached by a healthy test: the stalled exchange blocks every rank
 
 
-def test_stalled_link_is_hang_comm_of_that_pair_live(tmp_path) -> None:
-    """Rank 1's sends to rank 2 are held from seq HOLD_AT (hangLink): polled live through /status
+@pytest.mark.parametrize("mode", ["exchange", "ring"])
+def test_stalled_link_is_hang_comm_of_that_pair_live(tmp_path, mode: str) -> None:
+    """Rank 1's sends to rank 2 are held from a given seq (hangLink): polled live through /status
     with the operator's cursors, the detector blames connection 1 -> 2 from the stalled-connection
-    samples, at the held exchange, and never blames a rank as hang-noncomm; before the fault, the
-    ring exchange alone (no probes) filled every ring cell of the connection matrix."""
+    samples, at the held call, and never blames a rank as hang-noncomm; before the fault, the
+    traffic alone (no probes) filled every ring cell of the connection matrix. ``exchange``: a
+    NoLoCo-like send/recv; ``ring``: the hang happens inside an all-reduce run as a ring of
+    point-to-point steps (faultDetection.ringAllReduce), localised to the connection."""
     import urllib.request
 
     from loco_operator.faults.live import LiveDetectors
     from loco_trainer.protocol import ProgressReport
 
-    fault = {"hangLink": {"peer": 2, "afterCollective": HOLD_AT}, "ranks": [1]}
+    # ring: 2(n-1) = 6 steps of (send, recv) per all-reduce; hold rank 1's first send of iteration 6
+    hold_at = HOLD_AT if mode == "exchange" else 6 * 2 * 2 * (WORLD - 1)
+    fault = {"hangLink": {"peer": 2, "afterCollective": hold_at}, "ranks": [1]}
     ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=_exchange_main, args=(r, port, fault, str(tmp_path)), daemon=True) for r in range(WORLD)]
+    procs = [ctx.Process(target=_exchange_main, args=(r, port, fault, str(tmp_path), mode), daemon=True)
+             for r in range(WORLD)]
     for p in procs:
         p.start()
     live, findings, sampled = LiveDetectors(), [], set()
@@ -279,8 +290,10 @@ def test_stalled_link_is_hang_comm_of_that_pair_live(tmp_path) -> None:
     kinds = [(f.verdict.kind.value, f.verdict.link, f.verdict.ranks) for f in findings]
     assert kinds == [("hang-comm", (1, 2), (1, 2))], [f.verdict.message for f in findings]
     verdict = findings[0].verdict
-    assert verdict.evidence["evidence_from"] == "stalled connections", verdict.evidence
-    assert verdict.seq in (HOLD_AT, HOLD_AT + 1)  # the held exchange itself, not a later collective
+    # exchange: the stuck call is one every rank entered; ring: the first of a chain of stalled steps
+    assert verdict.evidence["evidence_from"] == {"exchange": "stalled connections",
+                                                 "ring": "stalled connections (the first of a chain)"}[mode], verdict.evidence
+    assert verdict.seq in (hold_at, hold_at + 1)  # the held call itself, not a later collective
     assert findings[0].pods == ("pod-1", "pod-2") and findings[0].nodes == ("node-1", "node-2")
     # every ring cell got a transfer time from the healthy exchanges (no probe was run)
     assert {((r - 1) % WORLD, r) for r in range(WORLD)} <= sampled, sampled

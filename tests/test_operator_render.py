@@ -128,3 +128,17 @@ def test_stall_threshold_follows_the_hang_timeout_floor() -> None:
     assert stall({"hangTimeoutFloorSeconds": 3}) == 1.5
     assert stall({"hangTimeoutFloorSeconds": 60, "warmupHangTimeoutSeconds": 300}) == 5.0
     assert RuntimeEnv.from_environ({EnvVar.STALL_AFTER_S.value: "2.5"}).stall_after_s == 2.5
+
+
+def test_ring_all_reduce_is_passed_to_the_workers() -> None:
+    """faultDetection.ringAllReduce reaches the trainer as LOCO_RING_ALL_REDUCE (off by default)."""
+    from loco_operator.render import worker_env
+    from loco_trainer.config import RuntimeEnv
+
+    def ring(fault_detection: dict | None) -> bool:
+        spec = TrainingJobSpec.model_validate({"replicas": 2, **({"faultDetection": fault_detection} if fault_detection else {})})
+        env = {e["name"]: e["value"] for e in worker_env(JobRef("default", "j", "uid"), spec, 0, 0, 0, "") if "value" in e}
+        return RuntimeEnv.from_environ(env).ring_all_reduce
+
+    assert ring(None) is False and ring({"ringAllReduce": False}) is False
+    assert ring({"ringAllReduce": True}) is True

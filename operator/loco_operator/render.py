@@ -176,6 +176,7 @@ def worker_env(
         EnvVar.MASTER_PORT: str(MASTER_PORT),
         EnvVar.STATUS_PORT: str(DEFAULT_STATUS_PORT),
         EnvVar.STALL_AFTER_S: f"{stall_after_s(spec):g}",
+        EnvVar.RING_ALL_REDUCE: "1" if (spec.fault_detection or DetectorConfig()).ring_all_reduce else "0",
     }
     env: list[dict[str, Any]] = [{"name": k.value, "value": v} for k, v in values.items()]
     env += [

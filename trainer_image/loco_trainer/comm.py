@@ -167,7 +167,7 @@ class Comm:
 
     def __init__(
         self, group: Any | None = None, *, history: int = 4096, fault_hook: Any | None = None, stall_after_s: float = 5.0,
-        probe_wait_s: float = 0.05, clock_resync_probes: int = 32,
+        probe_wait_s: float = 0.05, clock_resync_probes: int = 32, ring_p2p: bool = False,
     ) -> None:
         """``stall_after_s``: a send/recv in flight for longer than this is shipped as a stalled
         connection sample (:meth:`export_links`); keep it below the detector's
@@ -176,7 +176,9 @@ class Comm:
         finish in the background (see there); 0 never waits. ``clock_resync_probes``: every this
         many probes, :meth:`probe` first re-estimates the clock offset (:meth:`sync_clock`), so
         hosts whose clocks drift apart (tens of ppm without NTP: 0.1 s in an hour) keep a common
-        clock on long jobs; 0 never re-estimates."""
+        clock on long jobs; 0 never re-estimates. ``ring_p2p``: :func:`all_reduce_flat` (the outer
+        all-reduce of the DiLoCo family) runs as :meth:`ring_all_reduce`, whose point-to-point steps
+        give every ring connection a transfer time and localise a hang to one connection."""
         if history < 1:
             raise ValueError(f"history must be >= 1 (got {history})")
         if not stall_after_s > 0:
@@ -188,6 +190,7 @@ class Comm:
         if clock_resync_probes < 0:
             raise ValueError(f"clock_resync_probes must be >= 0 (got {clock_resync_probes})")
         self.clock_resync_probes = int(clock_resync_probes)
+        self.ring_p2p = bool(ring_p2p)
         #: how many times :meth:`sync_clock` ran (the first call plus the periodic re-estimates)
         self.clock_syncs = 0
         #: seqs of p2p records already turned into connection samples (completed / stalled)
@@ -459,6 +462,41 @@ class Comm:
                 handles[i] = CommHandle(w, ops[i][1], records[i])
         return [h if h is not None else CommHandle(_HeldWork(self._fault_hook.hold), ops[i][1], records[i])
                 for i, h in enumerate(handles)]
+
+    @torch.no_grad()
+    def ring_all_reduce(self, t: torch.Tensor, op: str = "avg") -> torch.Tensor:
+        """All-reduce ``t`` in place as a ring of point-to-point steps (reduce-scatter, then
+        all-gather: ``2(n-1)`` steps, each sending one ``1/n`` chunk to ``rank + 1`` while receiving
+        one from ``rank - 1``), the algorithm gloo and NCCL run inside ``all_reduce``, done here in
+        the open. Same bytes as :meth:`all_reduce` (``2(n-1)/n`` of ``t`` per rank), recorded as
+        ``send``/``recv`` calls, so every ring connection gets a transfer time
+        (:meth:`scan_p2p`) and a connection that stops moving data shows up as a stalled sample for
+        that one connection: C4's communication hang, localised. ``op``: ``"avg"`` or ``"sum"``. A
+        tensor with fewer elements than ranks goes through :meth:`all_reduce`. Blocking."""
+        if op not in ("avg", "sum"):
+            raise ValueError(f"ring_all_reduce op must be 'avg' or 'sum', got {op!r}")
+        n = self._world_size
+        if n == 1:
+            return t
+        if t.numel() < n or not t.is_contiguous():
+            return self.all_reduce(t, op=op)
+        flat = t.view(-1)
+        chunks = list(torch.tensor_split(flat, n))
+        right, left, r = (self._rank + 1) % n, (self._rank - 1) % n, self._rank
+        buf = torch.empty_like(chunks[0])
+        for s in range(n - 1):  # reduce-scatter: afterwards chunk (r + 1) % n holds the full sum
+            send, recv = chunks[(r - s) % n], chunks[(r - s - 1) % n]
+            incoming = buf[: recv.numel()]
+            for handle in self.batch_isend_irecv([("send", send, right), ("recv", incoming, left)]):
+                handle.wait()
+            recv.add_(incoming)
+        for s in range(n - 1):  # all-gather: pass the reduced chunks around the ring
+            send, recv = chunks[(r + 1 - s) % n], chunks[(r - s) % n]
+            for handle in self.batch_isend_irecv([("send", send, right), ("recv", recv, left)]):
+                handle.wait()
+        if op == "avg":
+            flat.div_(n)
+        return t
 
     def barrier(self) -> None:
         """Block until every rank of the group reached the barrier."""
@@ -780,6 +818,9 @@ def _in_flat_buckets(tensors: Sequence[torch.Tensor], bucket_bytes: int, collect
 def all_reduce_flat(comm: Comm, tensors: Sequence[torch.Tensor], op: str = "avg", bucket_bytes: int = 32 << 20) -> None:
     """All-reduce ``tensors`` in place through few large collectives (see :func:`_in_flat_buckets`)."""
     if comm.world_size == 1 or not tensors:
+        return
+    if getattr(comm, "ring_p2p", False) and op in ("avg", "sum"):
+        _in_flat_buckets(tensors, bucket_bytes, lambda flat: comm.ring_all_reduce(flat, op=op))
         return
     _in_flat_buckets(tensors, bucket_bytes, lambda flat: comm.all_reduce(flat, op=op))
 

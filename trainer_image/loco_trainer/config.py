@@ -406,6 +406,8 @@ class EnvVar(str, Enum):
     # a send/recv in flight this long is reported as a stalled connection (half of the job's
     # faultDetection.hangTimeoutFloorSeconds, so the sample is there when the hang-comm timeout expires)
     STALL_AFTER_S = "LOCO_STALL_AFTER_S"
+    # "1": the outer all-reduce runs as a ring of point-to-point steps (faultDetection.ringAllReduce)
+    RING_ALL_REDUCE = "LOCO_RING_ALL_REDUCE"
     POD_NAME = "POD_NAME"
     POD_IP = "POD_IP"
     NODE_NAME = "NODE_NAME"
@@ -435,6 +437,7 @@ class RuntimeEnv(Model):
     master_port: int = 29500
     status_port: int = DEFAULT_STATUS_PORT
     stall_after_s: float = Field(5.0, gt=0)
+    ring_all_reduce: bool = False
     pod_name: str = ""
     pod_ip: str = ""
     node_name: str = ""

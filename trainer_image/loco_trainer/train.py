@@ -321,6 +321,7 @@ class Trainer:
         from loco_trainer.comm import Comm
 
         comm = Comm(mesh.replicate_group if mesh else None, stall_after_s=self.env.stall_after_s,
+                    ring_p2p=self.env.ring_all_reduce,
                     fault_hook=comm_faults(cfg.fault_injection, info.rank, self.env.restart_count))
         strategy = self.strategy_factory(cfg.algorithm, self._view or model, optimizer, comm)
         self.engine = self._build_engine(num_replicas, nproc)

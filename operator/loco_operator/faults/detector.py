@@ -406,7 +406,40 @@ class Detector:
             waited = now_s - float(np.nanmax(col.enter_s))
             if waited > comm_timeout:
                 verdicts += self._comm_hang(col, stuck, waited, comm_timeout, now_s)
+        if not verdicts and self._stalled and inside.all():
+            verdicts += self._chain_hang(comm_timeout, now_s)
         return verdicts
+
+    def _chain_hang(self, timeout: float, now_s: float) -> list[Verdict]:
+        """A hang inside a chain of point-to-point steps (a ring all-reduce run in the open,
+        ``faultDetection.ringAllReduce``): every rank waits inside a *different* call, each on its
+        neighbour, so no single collective is entered by all and stuck. Nothing has completed for
+        longer than the hang-comm timeout and connections are stalled: the one that stalled first
+        is the cause, the others stalled after it, waiting on it."""
+        waited = now_s - self._last_progress_s
+        if waited <= timeout:
+            return []
+        where = np.full(self._n, -1, dtype=np.int64)  # the earliest call each rank is still inside
+        for s in sorted(self._open, reverse=True):
+            col = self._open[s]
+            where[~np.isnan(col.enter_s) & np.isnan(col.exit_s)] = s
+        open_inside = sorted(set(where[where >= 0].tolist()))
+        if len(open_inside) < 2:
+            return []  # all inside one call: the per-collective rule judges it, at its own timeout
+        order = sorted(self._stalled.items(), key=lambda item: item[1])
+        (a, b), since = order[0]
+        evidence = {
+            "evidence_from": "stalled connections (the first of a chain)",
+            "stalled_links": [list(link) for link, _ in order[:32]],
+            "first_stalled_s": _p(since), "waited_s": _p(waited), "timeout_s": _p(timeout),
+        }
+        return self._once(self._verdict(
+            VerdictKind.hang_comm, np.array([a, b]), (a, b), None, min(open_inside) if open_inside else None, evidence, now_s,
+            f"no call has completed for {evidence['waited_s']} s (timeout {evidence['timeout_s']} s) and every rank waits "
+            f"inside a point-to-point step; connection {a} -> {b} stalled first ({len(order)} stalled, the others after "
+            f"it, waiting on it)",
+            scope="link",
+        ))
 
     def _noncomm_hang(
         self, col: _OpenCollective, missing: np.ndarray, n_entered: int, waited: float, timeout: float, now_s: float

@@ -403,6 +403,10 @@ class DetectorConfig(Model):
         3600.0, ge=0,
         description="How long a node blamed for a fault stays on the job's avoid-list (status.avoidNodes, a required node anti-affinity on new worker pods), counted from the last fault that blamed it. Afterwards new pods may land on it again, so a transient fault or a false alarm does not shrink the usable cluster for the job's whole life. 0: avoid for the job's lifetime. A cordoned node stays cordoned until an administrator uncordons it.",
     )
+    ring_all_reduce: bool = Field(
+        False,
+        description="Run the outer all-reduce of the DiLoCo family (DiLoCo, Streaming DiLoCo, CO2) as a ring of point-to-point steps in the trainer's communication layer instead of one opaque collective: every ring connection then gets a transfer time from real traffic, and a connection that stops moving data is blamed as hang-comm on that one link. Same bytes; costs 2(n-1) small latencies per bucket (negligible once every H steps). DDP's per-step gradient all-reduce is unchanged.",
+    )
     cordon_nodes: bool = Field(
         False,
         description="Also cordon a blamed node (spec.unschedulable, a loco.dev/fault taint and an annotation with the reason); needs RBAC to patch nodes. Off: the node is only avoided by this job's pods.",
