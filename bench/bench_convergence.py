@@ -327,15 +327,9 @@ def plot(results: dict[str, Any], path: Path = PLOT) -> None:
 def machine() -> dict[str, Any]:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+    from benchdoc import cpu_model  # bench/ is on sys.path when run as a script
+
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
             "load_1min": round(os.getloadavg()[0], 2), "date": time.strftime("%Y-%m-%d")}
 
 

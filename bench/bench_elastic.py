@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from benchdoc import markers, write_section  # noqa: E402
+from benchdoc import cpu_model, markers, write_section  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "bench_elastic.json"
 START, END = markers("bench_elastic")
@@ -168,14 +168,7 @@ def scenario(algorithm: str) -> dict[str, float]:
 
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, "
             f"{time.strftime('%Y-%m-%d')}, 1-minute load {load:.1f} at the end")

@@ -33,3 +33,17 @@ def write_section(section: str, start: str, end: str, path: Path | str = DOC) ->
     else:
         text = text.rstrip("\n") + "\n\n" + body + "\n"
     path.write_text(text.rstrip("\n") + "\n")
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (the platform's processor string elsewhere)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
