@@ -206,14 +206,14 @@ def test_probe_times_the_connection_not_the_senders_scheduling(rank_pool) -> Non
     assert all(r["inline_s"] >= 0.3 for r in results), results  # the trailing barrier: everyone waited
 
 
-def _probe_resync(rank: int, world_size: int) -> dict:
+def _probe_resync(rank: int, world_size: int, links: bool) -> dict:
     import time
 
     comm = Comm(clock_resync_probes=2)
     comm.sync_clock()
     offsets = [comm.clock_offset_s]
     for _ in range(5):
-        comm.probe()
+        comm.probe(links=links)
         offsets.append(comm.clock_offset_s)
     comm.finish_probe()
     return {"syncs": comm.clock_syncs, "offsets": offsets, "wall_minus_common": time.time() - (time.monotonic() + comm.clock_offset_s),
@@ -221,13 +221,15 @@ def _probe_resync(rank: int, world_size: int) -> dict:
 
 
 @pytest.mark.multiproc
-def test_probes_re_estimate_the_clock_offset_every_n_probes(rank_pool) -> None:
+@pytest.mark.parametrize("links", [True, False])
+def test_probes_re_estimate_the_clock_offset_every_n_probes(rank_pool, links: bool) -> None:
     """With clock_resync_probes=2 the 3rd and 5th probe first re-run sync_clock (collectively, so
-    the ranks stay aligned and every probe still yields its sample)."""
-    results = rank_pool.run(_probe_resync, 2)
+    the ranks stay aligned and every probe still yields its sample); ``links=False`` keeps that
+    cadence and sends nothing."""
+    results = rank_pool.run(_probe_resync, 2, args=(links,))
     for r in results:
         assert r["syncs"] == 1 + 2, r  # the initial sync and probes #2 and #4 (counted from 0)
-        assert r["links"] == 5, r
+        assert r["links"] == (5 if links else 0), r
         assert abs(r["wall_minus_common"]) < 0.05, r  # one host: the common clock is rank 0's wall clock
     with pytest.raises(ValueError, match="clock_resync_probes"):
         Comm(clock_resync_probes=-1)

@@ -98,21 +98,19 @@ def test_noloco_of_one_rank_claims_nothing() -> None:
 
 @pytest.mark.parametrize("covered", [False, True])
 def test_loop_probes_unless_covered_and_keeps_the_periodic_clock_resync(tmp_path, monkeypatch, covered: bool) -> None:
-    """The training loop probes at every log interval but the last, unless the strategy's traffic
-    covers the links; then it still re-estimates the clock every ``clock_resync_probes`` intervals."""
+    """The training loop probes at every log interval but the last; when the strategy's traffic
+    covers the links the probe keeps only its cadence (``links=False``: the periodic clock
+    re-estimate, tested in tests/test_comm.py), with no transfer."""
     from loco_trainer.config import RuntimeEnv, TrainerConfig
     from loco_trainer.rendezvous import RankInfo
     from loco_trainer.train import Trainer
 
-    calls = {"probe": 0, "sync_clock": 0}
-    monkeypatch.setattr(Comm, "probe", lambda self, nbytes=4096: calls.__setitem__("probe", calls["probe"] + 1))
-    real_sync = Comm.sync_clock
+    calls = {"probe": 0, "cadence only": 0}
 
-    def counting_sync(self, rounds=5):  # noqa: ANN001,ANN202
-        calls["sync_clock"] += 1
-        return real_sync(self, rounds)
+    def counting_probe(self, nbytes=4096, *, links=True):  # noqa: ANN001,ANN202
+        calls["probe" if links else "cadence only"] += 1
 
-    monkeypatch.setattr(Comm, "sync_clock", counting_sync)
+    monkeypatch.setattr(Comm, "probe", counting_probe)
 
     def factory(spec, model, optimizer, comm):  # noqa: ANN001,ANN202
         comm.clock_resync_probes = 2
@@ -131,6 +129,5 @@ def test_loop_probes_unless_covered_and_keeps_the_periodic_clock_resync(tmp_path
     })
     env = RuntimeEnv.from_environ({}).model_copy(update={"job_name": "probe", "namespace": "test"})
     Trainer(config, env, RankInfo(0, 0, 1, 0, 1), torch.device("cpu"), strategy_factory=factory).run()
-    # 6 log intervals; none after the last. Covered: no probe, and a clock re-estimate at intervals 2 and 4
-    # (besides the one at start), the cadence the probes had.
-    assert calls == ({"probe": 0, "sync_clock": 3} if covered else {"probe": 5, "sync_clock": 1}), calls
+    # 6 log intervals; none after the last. Covered: no transfer, the cadence kept at every interval.
+    assert calls == ({"probe": 0, "cadence only": 5} if covered else {"probe": 5, "cadence only": 0}), calls

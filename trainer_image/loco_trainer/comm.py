@@ -549,8 +549,12 @@ class Comm:
         self.clock_error_s = estimates[-1] - estimates[0]
         return self.clock_offset_s
 
-    def probe(self, nbytes: int = 4096) -> None:
+    def probe(self, nbytes: int = 4096, *, links: bool = True) -> None:
         """Time one small transfer per rank around a ring; collective (every rank calls it).
+
+        ``links=False`` (an algorithm whose own point-to-point traffic already samples every
+        connection, :meth:`Strategy.p2p_covers_links`) keeps only the probe's cadence: the periodic
+        clock re-estimate below, no transfer.
 
         Call ``k`` (counted from 0) shifts by ``1 + k % (n - 1)``: rank ``r`` sends to ``r + shift``
         and receives from ``r - shift`` right after a common barrier, so ``n - 1`` calls cover every
@@ -576,6 +580,9 @@ class Comm:
         self.finish_probe()
         if self.clock_resync_probes and self._probes and self._probes % self.clock_resync_probes == 0:
             self.sync_clock(rounds=3)  # collective: every rank probes the same number of times
+        if not links:
+            self._probes += 1
+            return
         n = self._world_size
         shift = 1 + self._probes % (n - 1)
         self._probes += 1

@@ -455,10 +455,8 @@ class Trainer:
                     log.info(format_progress_line(completed, tr.steps, mean_loss, eval_loss, global_tps,
                                                   1000 * elapsed / interval_steps))
                 self._report_interval(completed, mean_loss, eval_loss, local_tps, strategy, comm)
-                if not is_last and not strategy.p2p_covers_links(comm.world_size):
-                    comm.probe()  # fills the connection matrix (docs/fault-detection.md); every rank logs together
-                elif not is_last and comm.clock_resync_probes and (completed // tr.log_every) % comm.clock_resync_probes == 0:
-                    comm.sync_clock(rounds=3)  # the gossip fills it; keep the clock re-estimate the probe carried
+                if not is_last:  # fills the connection matrix (docs/fault-detection.md); every rank logs together
+                    comm.probe(links=not strategy.p2p_covers_links(comm.world_size))
                 interval_losses, interval_start, interval_steps = [], time.perf_counter(), 0
             else:
                 self._set_progress(step=completed)
