@@ -37,7 +37,6 @@ from pydantic import ValidationError
 from loco_trainer.protocol import ProgressReport
 
 from .faults.live import FaultFinding, blamed_nodes
-from .faults.types import DetectorConfig
 
 from .render import (
     LABEL_EPOCH,
@@ -787,7 +786,7 @@ def _act_on_faults(p: _Planner, spec: TrainingJobSpec, findings: Sequence[FaultF
     in a new epoch from the last committed checkpoint (which deletes the faulty pods). The restart
     counts against ``runPolicy.backoffLimit`` like any other."""
     st = p.status
-    cordon = bool(spec.fault_detection and spec.fault_detection.cordon_nodes)
+    cordon = spec.detector.cordon_nodes
     causes = []
     blamed_pods: list[str] = []
     blamed: list[str] = []
@@ -834,7 +833,7 @@ def _expire_avoided_nodes(p: _Planner, spec: TrainingJobSpec) -> None:
     running are not touched. A node whose records rolled out of ``status.faults`` (the last
     MAX_FAULT_RECORDS) counts as blamed long ago."""
     st = p.status
-    ttl = (spec.fault_detection or DetectorConfig()).avoid_node_seconds
+    ttl = spec.detector.avoid_node_seconds
     if not ttl or not st.avoid_nodes:
         return
     last_blamed: dict[str, datetime] = {}

@@ -21,7 +21,6 @@ from loco_trainer.config import (
     TrainerConfig,
 )
 
-from .faults.types import DetectorConfig
 from .spec import API_VERSION, KIND, TrainingJobSpec
 
 LABEL_JOB = "loco.dev/job"
@@ -147,7 +146,7 @@ def stall_after_s(spec: TrainingJobSpec) -> float:
     """How long a worker's send/recv may be in flight before it reports a stalled connection: half
     the detector's ``hangTimeoutFloorSeconds`` (the sample must be there before the hang-comm
     timeout, which is never shorter than the floor), at most 5 s."""
-    floor = (spec.fault_detection or DetectorConfig()).hang_timeout_floor_seconds
+    floor = spec.detector.hang_timeout_floor_seconds
     return min(5.0, floor / 2)
 
 
@@ -176,7 +175,7 @@ def worker_env(
         EnvVar.MASTER_PORT: str(MASTER_PORT),
         EnvVar.STATUS_PORT: str(DEFAULT_STATUS_PORT),
         EnvVar.STALL_AFTER_S: f"{stall_after_s(spec):g}",
-        EnvVar.RING_ALL_REDUCE: "1" if (spec.fault_detection or DetectorConfig()).ring_all_reduce else "0",
+        EnvVar.RING_ALL_REDUCE: "1" if spec.detector.ring_all_reduce else "0",
     }
     env: list[dict[str, Any]] = [{"name": k.value, "value": v} for k, v in values.items()]
     env += [

@@ -131,6 +131,11 @@ class TrainingJobSpec(Model):
         description="C4-style fault detection thresholds (hangs, stragglers, slow links/nodes); defaults when omitted. See docs/fault-detection.md.",
     )
 
+    @property
+    def detector(self) -> DetectorConfig:
+        """The fault detector's thresholds: ``faultDetection``, or the defaults when it is omitted."""
+        return self.fault_detection or DetectorConfig()
+
     @model_validator(mode="after")
     def _cross_field(self) -> "TrainingJobSpec":
         if self.elastic is not None:
