@@ -434,7 +434,7 @@ class Detector:
             "first_stalled_s": _p(since), "waited_s": _p(waited), "timeout_s": _p(timeout),
         }
         return self._once(self._verdict(
-            VerdictKind.hang_comm, np.array([a, b]), (a, b), None, min(open_inside) if open_inside else None, evidence, now_s,
+            VerdictKind.hang_comm, np.array([a, b]), (a, b), None, open_inside[0], evidence, now_s,
             f"no call has completed for {evidence['waited_s']} s (timeout {evidence['timeout_s']} s) and every rank waits "
             f"inside a point-to-point step; connection {a} -> {b} stalled first ({len(order)} stalled, the others after "
             f"it, waiting on it)",
