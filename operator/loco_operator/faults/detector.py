@@ -414,8 +414,9 @@ class Detector:
         """A hang inside a chain of point-to-point steps (a ring all-reduce run in the open,
         ``faultDetection.ringAllReduce``): every rank waits inside a *different* call, each on its
         neighbour, so no single collective is entered by all and stuck. Nothing has completed for
-        longer than the hang-comm timeout and connections are stalled: the one that stalled first
-        is the cause, the others stalled after it, waiting on it."""
+        longer than the hang-comm timeout and connections are stalled: the one of the call furthest
+        behind (lowest seq) is the cause, the others stalled after it, waiting on it (the earliest
+        stall time decides only when that call's connection reported no stall)."""
         waited = now_s - self._last_progress_s
         if waited <= timeout:
             return []
@@ -427,7 +428,16 @@ class Detector:
         if len(open_inside) < 2:
             return []  # all inside one call: the per-collective rule judges it, at its own timeout
         order = sorted(self._stalled.items(), key=lambda item: item[1])
-        (a, b), since = order[0]
+        # the root is the stalled connection of the call furthest behind: every rank issues the same
+        # steps in the same order, so seqs order the chain exactly (stall times are on a common clock
+        # whose error can exceed the gap between two steps)
+        first = self._open[open_inside[0]]
+        behind = [] if first.peer is None else [
+            (int(r), int(first.peer[r]), int(first.rank_kind[r])) for r in np.flatnonzero(where == open_inside[0])]
+        roots = sorted({(r, p) if kind == _SEND else (p, r) for r, p, kind in behind if p >= 0 and kind in (_SEND, _RECV)}
+                       & set(self._stalled))
+        (a, b) = roots[0] if roots else order[0][0]
+        since = self._stalled[(a, b)]
         evidence = {
             "evidence_from": "stalled connections (the first of a chain)",
             "stalled_links": [list(link) for link, _ in order[:32]],
