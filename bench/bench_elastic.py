@@ -22,9 +22,10 @@ Then, from the moment the node is Ready again: **running at 3** and **training o
 useful tokens (each step counted once, the first time the job reaches it, at the size it ran at)
 over the wall time, relative to the steady-state tokens/s before the failure.
 
-Today every resize is a coordinated restart of all workers from the last universal checkpoint, for
-every algorithm (docs/elastic.md); the DiLoCo family's survivors do not yet keep running. These
-figures are the baseline that change must beat.
+DiLoCo and Streaming DiLoCo resize live (docs/elastic.md, "Live resizing": the survivors keep
+running, a joiner takes the global state from them); DDP, NoLoCo and CO2 resize by a coordinated
+restart of all workers from the last universal checkpoint. ``diloco-restart`` is DiLoCo with
+``elastic.liveResize: false``: the same algorithm through the restart path, for the comparison.
 
 Writes its section of ``docs/benchmarks.md`` (between markers) and ``bench/results/bench_elastic.json``.
 
@@ -52,7 +53,7 @@ from benchdoc import cpu_model, markers, write_section  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "bench_elastic.json"
 START, END = markers("bench_elastic")
-ALGORITHMS = ("ddp", "diloco", "streaming-diloco", "noloco", "co2")
+ALGORITHMS = ("ddp", "diloco", "streaming-diloco", "noloco", "co2", "diloco-restart")
 BATCH, SEQ = 4, 32
 STEADY_S = 20.0  # steady-state measurement before the failure
 TAIL_S = 30.0  # goodput window continues this long after the job trains on at 3 workers
@@ -62,9 +63,11 @@ TIMEOUT_S = 300.0
 def _job(name: str, algorithm: str) -> dict[str, Any]:
     from e2e.conftest import small_job
 
+    restart = algorithm.endswith("-restart")
     return small_job(
-        name, replicas=3, steps=100_000, algorithm=algorithm,
-        elastic={"minReplicas": 2, "maxReplicas": 3, "scaleUpDelaySeconds": 3, "placementTimeoutSeconds": 4},
+        name, replicas=3, steps=100_000, algorithm=algorithm.removesuffix("-restart"),
+        elastic={"minReplicas": 2, "maxReplicas": 3, "scaleUpDelaySeconds": 3, "placementTimeoutSeconds": 4,
+                 "liveResize": not restart},
         faultInjection={"stepDelayS": 0.05},
         runPolicy={"backoffLimit": 10},
         checkpoint__everySteps=20,
@@ -164,6 +167,7 @@ def scenario(algorithm: str) -> dict[str, float]:
             "goodput_ratio": goodput / steady_tps if steady_tps else 0.0,
             "resizes": int(t.status.get("resizes") or 0),
             "restarts": int(t.status.get("restarts") or 0),
+            "live": int(t.status.get("restarts") or 0) == 0,
         }
 
 
@@ -179,7 +183,9 @@ def render(result: dict[str, Any]) -> str:
     lines = [
         "## Elastic resizing: failure to training on, capacity back, goodput (`bench/bench_elastic.py`)",
         "",
-        f"Machine: {result['machine']}. Command: `{result['command']}`.",
+        f"Machine: {result['machine']}. Command: `{result['command']}`"
+        + "".join(f"; `{algo}` measured {r['date']} with `{r['command']}`" for algo, r in rows.items() if r.get("command"))
+        + ".",
         "",
         "Embedded cluster, three 4-CPU fake nodes, a 3-worker job (tiny GPT, batch 4 x 32 tokens per worker, "
         "a 0.05 s injected step delay, a checkpoint every 20 steps, fault detection off), pods requesting 3 CPUs so a lost node's "
@@ -187,12 +193,13 @@ def render(result: dict[str, Any]) -> str:
         "Seconds from the node failing (left) and from it coming back (right). The cluster evicts a lost node's "
         "pods after 10 s (Kubernetes' default is 300 s, a node-lifecycle setting, not Loco's).",
         "",
-        "| algorithm | failure noticed | running at 2 | training on at 2 | running at 3 | training on at 3 | goodput / steady |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| algorithm | resizes | failure noticed | running at 2 | training on at 2 | running at 3 | training on at 3 | goodput / steady |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for algo, r in rows.items():
+        how = "live" if r.get("live") else "restart"
         lines.append(
-            f"| {algo} | {r['failure_noticed_s']:.1f} | {r['running_at_2_s']:.1f} | {r['training_on_at_2_s']:.1f} "
+            f"| {algo} | {how} | {r['failure_noticed_s']:.1f} | {r['running_at_2_s']:.1f} | {r['training_on_at_2_s']:.1f} "
             f"| {r['running_at_3_s']:.1f} | {r['training_on_at_3_s']:.1f} | {100 * r['goodput_ratio']:.0f} % "
             f"over {r['window_s']:.0f} s |"
         )
@@ -204,15 +211,17 @@ def render(result: dict[str, Any]) -> str:
         "per second over the window from the failure to 30 s after training on at 3, over the steady "
         "3-worker tokens/s before the failure.",
         "",
-        "**Reading it.** Every resize is today a coordinated restart of all workers from the last universal "
-        "checkpoint, for every algorithm, so the algorithms differ little: the time goes into noticing the "
-        "failure (the eviction timeout), `placementTimeoutSeconds`, starting the worker processes (Python and "
-        "torch imports, rendezvous) and redoing the steps since the checkpoint. The DiLoCo family can keep its "
-        "survivors running across a membership change (`Strategy.on_membership_change`, tested in "
-        "`tests/test_algo_membership.py`), but the operator and the trainer do not use it yet (docs/elastic.md); "
-        "that would remove the restart and the redone steps from the shrink, and the rendezvous wait of the "
-        "survivors from the grow. Not run: the issue's 30-minute run with a failure every 5 minutes per algorithm "
-        "(about 2.5 hours of this 2-core machine); this window is its one-failure version.",
+        "**Reading it.** *live*: the survivors kept running through both resizes (`status.restarts` stayed 0); "
+        "*restart*: every resize was a coordinated restart from the last universal checkpoint. The restart path "
+        "spends its time noticing the failure (the eviction timeout), waiting `placementTimeoutSeconds` for a "
+        "replacement that cannot be placed, starting the worker processes (Python and torch imports, rendezvous) "
+        "and redoing the steps since the checkpoint, and the grow restarts everyone again. The live path only "
+        "waits for the failure to be noticed (the same eviction timeout: the embedded cluster keeps a NotReady "
+        "node's processes running until they are evicted, as a partitioned node would) and a regroup of well "
+        "under a second; the grow costs the survivors one rendezvous at an outer-step boundary while the joiner "
+        "starts. Compare `diloco` with `diloco-restart`: the same algorithm both ways. Not run: the issue's "
+        "30-minute run with a failure every 5 minutes per algorithm (about 3 hours of this 2-core machine); "
+        "this window is its one-failure version.",
     ]
     return "\n".join(lines)
 
@@ -234,7 +243,8 @@ def main() -> None:
     runs = dict(previous.get("runs") or {})
     for algorithm in algorithms:
         print(f"[bench_elastic] {algorithm} ...", flush=True)
-        runs[algorithm] = scenario(algorithm)
+        runs[algorithm] = {**scenario(algorithm), "date": time.strftime("%Y-%m-%d"),
+                           "command": f"python bench/bench_elastic.py --algorithms {algorithm}"}
         print(f"[bench_elastic] {algorithm}: {json.dumps(runs[algorithm])}", flush=True)
     result = {"machine": machine(), "command": "python bench/bench_elastic.py" + (
         f" --algorithms {args.algorithms}" if args.algorithms != ",".join(ALGORITHMS) else ""), "runs": runs}

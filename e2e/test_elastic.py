@@ -2,6 +2,9 @@
 other node can take the replacement; the node comes back and the job grows 2->3; ``kubectl scale``
 takes it to 2; the job succeeds and its loss shows no jump at the resizes.
 
+Twice: with ``elastic.liveResize`` (the default for DiLoCo: the surviving workers are the same pods
+and processes throughout, nothing restarts) and without (every resize is a coordinated restart).
+
 Every pod requests 3 of a node's 4 CPUs, so with three nodes two workers can never share one.
 """
 
@@ -9,6 +12,8 @@ from __future__ import annotations
 
 import time
 from typing import Any
+
+import pytest
 
 from e2e.conftest import dump_debug, small_job
 from loco_local.stack import LocalStack
@@ -20,11 +25,13 @@ STEPS = 300
 LOSS_JUMP_TOLERANCE = 0.5
 
 
-def test_node_failure_shrinks_capacity_grows_and_kubectl_scale_resizes(stack: LocalStack) -> None:
-    name = "elastic"
+@pytest.mark.parametrize("live", [True, False], ids=["live", "restart"])
+def test_node_failure_shrinks_capacity_grows_and_kubectl_scale_resizes(stack: LocalStack, live: bool) -> None:
+    name = "elastic-live" if live else "elastic"
     stack.apply(small_job(
         name, replicas=3, steps=STEPS, algorithm="diloco",
-        elastic={"minReplicas": 2, "maxReplicas": 3, "scaleUpDelaySeconds": 3, "placementTimeoutSeconds": 4},
+        elastic={"minReplicas": 2, "maxReplicas": 3, "scaleUpDelaySeconds": 3, "placementTimeoutSeconds": 4,
+                 "liveResize": live},
         faultInjection={"stepDelayS": 0.1},
         runPolicy={"backoffLimit": 3},
         template__resources={"requests": {"cpu": "3", "memory": "256Mi"}},
@@ -52,15 +59,21 @@ def test_node_failure_shrinks_capacity_grows_and_kubectl_scale_resizes(stack: Lo
     try:
         stack.wait_for(lambda: (status().get("lastCheckpoint") or {}).get("step", 0) >= 10,
                        timeout_s=TIMEOUT_S, what="a first checkpoint")
-        victim = next(p for p in stack.list_pods(name) if p["metadata"]["labels"]["loco.dev/rank"] == "2")
+        pods = {p["metadata"]["labels"]["loco.dev/rank"]: p for p in stack.list_pods(name)}
+        victim = pods["2"]
+        survivors = {pods[r]["metadata"]["uid"] for r in ("0", "1")}
         node = victim["spec"]["nodeName"]
         mark("first checkpoint")
         stack.cluster.set_node_ready(node, False)
         running_with(2, "the job to shrink to 2 workers and run")
         mark("shrunk to 2")
+        live_uids = {p["metadata"]["uid"] for p in stack.list_pods(name) if not p["metadata"].get("deletionTimestamp")}
+        assert (survivors <= live_uids) == live, (survivors, live_uids)  # live: the same two pods run on
         stack.cluster.set_node_ready(node, True)
         running_with(3, "the job to grow back to 3 workers")
         mark("grown to 3")
+        live_uids = {p["metadata"]["uid"] for p in stack.list_pods(name) if not p["metadata"].get("deletionTimestamp")}
+        assert (survivors <= live_uids) == live, (survivors, live_uids)
         stack.kubectl("scale", f"tj/{name}", "--replicas=2")
         running_with(2, "kubectl scale to take the job to 2 workers")
         mark("scaled to 2")
@@ -75,11 +88,16 @@ def test_node_failure_shrinks_capacity_grows_and_kubectl_scale_resizes(stack: Lo
                                       for e in stack.events(name)), flush=True)
     assert st["phase"] == "Succeeded", dump_debug(stack, name)
     assert st["step"] == STEPS and st["workers"]["desired"] == 2 and st["targetReplicas"] == 2
-    assert st["resizes"] == 3 and st["restarts"] == 1, dump_debug(stack, name)  # only the node failure is a restart
     resized = [e["message"] for e in stack.events(name) if e["reason"] == "Resizing"]
     assert len(resized) == 3, resized
-    assert resized[0].startswith("Resized 3→2 (elastic-worker-") and "cannot be placed" in resized[0], resized
-    assert resized[1].startswith("Resized 2→3 (capacity)"), resized
+    if live:  # the node's worker is lost: the survivors shrink at once, without a restart
+        assert st["resizes"] == 3 and st["restarts"] == 0, dump_debug(stack, name)
+        assert resized[0].startswith(f"Resized 3→2 ({name}-worker-2 ") and "without restarting" in resized[0], resized
+        assert resized[1].startswith("Resized 2→3 (capacity); 1 worker joins"), resized
+    else:  # the node failure is a restart, then its replacement cannot be placed: shrink
+        assert st["resizes"] == 3 and st["restarts"] == 1, dump_debug(stack, name)
+        assert resized[0].startswith(f"Resized 3→2 ({name}-worker-") and "cannot be placed" in resized[0], resized
+        assert resized[1].startswith("Resized 2→3 (capacity)"), resized
     assert resized[2].startswith("Resized 3→2 (spec.replicas changed)"), resized
     # the loss curve: after each change of the worker count, no value above the best before it + tolerance
     for i in range(1, len(samples)):

@@ -8,15 +8,27 @@ from typing import Any
 
 from loco_operator.capacity import free_slots
 from loco_operator.faults import Verdict, VerdictKind
-from loco_operator.faults.live import FaultFinding
-from loco_operator.planner import CreatePod, DeletePod, EmitEvent, Observed, ObservedPod, plan
+from loco_operator.faults.live import FaultFinding, LiveDetectors
+from loco_operator.planner import (
+    CreatePod,
+    DeletePod,
+    EmitEvent,
+    Observed,
+    ObservedPod,
+    PatchPodLabels,
+    PostMembership,
+    plan,
+)
 from loco_operator.render import JobRef, config_json, render_pod
+from loco_trainer.protocol import ProgressReport
 from loco_operator.spec import TrainingJobSpec
 from loco_operator.validation import validate_job
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
 REF = JobRef("j", "ns", "uid-1")
-ELASTIC = {"minReplicas": 2, "maxReplicas": 4, "scaleUpDelaySeconds": 30, "placementTimeoutSeconds": 15}
+# The coordinated-restart tests turn live resizing off (it is on by default for the DiLoCo family);
+# the "live" section below turns it on.
+ELASTIC = {"minReplicas": 2, "maxReplicas": 4, "scaleUpDelaySeconds": 30, "placementTimeoutSeconds": 15, "liveResize": False}
 UNSCHED = "0/3 nodes are available: 1 node(s) had untolerated taint, 2 Insufficient cpu"
 
 
@@ -285,6 +297,313 @@ def test_non_elastic_job_never_shrinks():
     body = running(spec, 3)
     body, result = step(body, seen(spec, pod(0), pod(1), stuck(2, 0)), NOW + timedelta(minutes=10))
     assert resize_events(result) == [] and body["status"]["workers"]["desired"] == 3
+
+
+# ---------------------------------------------------------------------------------------- live
+#
+# A DiLoCo-family job with one process per pod and elastic.liveResize (the default) resizes without
+# restarting the survivors: their labels are patched (new epoch, new rank; pods keep their names),
+# the leavers are deleted, joiners are created under free names, and each survivor is POSTed its
+# place in the new epoch once every worker of that epoch reports.
+
+LIVE = {**ELASTIC, "liveResize": True}
+DNS = "j-worker-{}.j.ns.svc"
+
+
+def live_spec(replicas: int = 3, **extra: Any) -> dict[str, Any]:
+    return {"replicas": replicas, "elastic": dict(LIVE), "algorithm": {"name": "diloco"}, **extra}
+
+
+def wpod(i: int, rank: int, epoch: int, phase: str = "Running", **kw: Any) -> ObservedPod:
+    """Pod ``j-worker-<i>`` holding ``rank`` of ``epoch`` (after a live resize name and rank differ)."""
+    return ObservedPod(name=f"j-worker-{i}", rank=rank, epoch=epoch, phase=phase, node_name=f"n{i}",
+                       pod_ip=f"10.0.0.{i}", **kw)
+
+
+def report(pod: ObservedPod, epoch: int) -> ProgressReport:
+    return ProgressReport(job_name="j", replica_index=pod.rank, epoch=epoch, state="running", step=10)
+
+
+def live_seen(spec: dict[str, Any], *pods: ObservedPod, reported: dict[str, int] | None = None,
+              free: int | None = None, findings: tuple = ()) -> Observed:
+    """``reported``: pod name -> the epoch its /status names (pods left out did not answer)."""
+    by_name = {x.name: x for x in pods}
+    reports = {name: report(by_name[name], e) for name, e in (reported or {}).items()}
+    return Observed(pods=pods, service_exists=True, configmap_data=seen(spec).configmap_data, reports=reports,
+                    free_slots=free, findings=findings)
+
+
+def of(result: Any, kind: type) -> list[Any]:
+    return [a for a in result.actions if isinstance(a, kind)]
+
+
+def patched(result: Any) -> dict[str, tuple[int, int]]:
+    """Pod name -> (rank, epoch) its labels are patched to."""
+    return {a.name: (int(a.labels["loco.dev/rank"]), int(a.labels["loco.dev/epoch"])) for a in of(result, PatchPodLabels)}
+
+
+def posted(result: Any) -> dict[str, dict[str, Any]]:
+    return {a.name: a.body for a in of(result, PostMembership)}
+
+
+def live_running(spec: dict[str, Any], size: int) -> dict[str, Any]:
+    body = running(spec, size)
+    assert body["status"]["membershipEpoch"] == 0
+    return body
+
+
+def test_live_failure_shrinks_keeping_the_survivors_and_tells_them_their_new_place():
+    spec = live_spec(3)
+    body = live_running(spec, 3)
+    # worker-0 (rank 0) dies: the survivors worker-1, worker-2 become ranks 0, 1 of epoch 1
+    dead = wpod(0, 0, 0, "Failed", exit_code=137)
+    body, result = step(body, live_seen(spec, dead, wpod(1, 1, 0), wpod(2, 2, 0),
+                                        reported={"j-worker-1": 0, "j-worker-2": 0}))
+    st = body["status"]
+    assert (st["phase"], st["restarts"], st["resizes"], st["membershipEpoch"]) == ("Running", 0, 1, 1)
+    assert (st["workers"]["desired"], st["targetReplicas"]) == (2, 3)
+    assert st["lastResizeTime"] == "2026-01-01T12:00:00Z"
+    failure = "j-worker-0 exited with code 137 on node n0"
+    expected = f"Resized 3→2 ({failure}); 2 workers continue without restarting (epoch 1)"
+    assert resize_events(result) == [expected] and st["message"] == expected
+    assert [a.message for a in of(result, EmitEvent) if a.reason == "WorkerFailed"] == [failure]
+    assert [a.type for a in of(result, EmitEvent) if a.reason == "Resizing"] == ["Normal"]
+    assert (st["lastFailure"]["pods"], st["lastFailure"]["epoch"]) == (["j-worker-0"], 0)
+    assert [a.name for a in of(result, DeletePod)] == ["j-worker-0"]
+    assert patched(result) == {"j-worker-1": (0, 1), "j-worker-2": (1, 1)}
+    assert not of(result, CreatePod) and not of(result, PostMembership)
+    assert next(c for c in st["conditions"] if c["type"] == "Running")["status"] == "True"
+
+    # next reconcile: the labels are patched, the survivors still run epoch 0 -> each gets its place
+    survivors = (wpod(1, 0, 1), wpod(2, 1, 1))
+    body, result = step(body, live_seen(spec, *survivors, reported={"j-worker-1": 0, "j-worker-2": 0}))
+    port = 29500 + 1 + 1  # epoch_master_port(MASTER_PORT, 1)
+    assert posted(result) == {
+        "j-worker-1": {"epoch": 1, "rank": 0, "worldSize": 2, "masterAddr": DNS.format(1), "masterPort": port},
+        "j-worker-2": {"epoch": 1, "rank": 1, "worldSize": 2, "masterAddr": DNS.format(1), "masterPort": port},
+    }
+    assert [a.pod_ip for a in of(result, PostMembership)] == ["10.0.0.1", "10.0.0.2"]
+    assert result.requeue_after_s is not None and result.requeue_after_s <= 2.0
+    assert body["status"]["phase"] == "Running" and not of(result, DeletePod) and not of(result, CreatePod)
+    # one switched, one not yet: only the laggard is told again
+    body, result = step(body, live_seen(spec, *survivors, reported={"j-worker-1": 1, "j-worker-2": 0}))
+    assert list(posted(result)) == ["j-worker-2"]
+    # both report epoch 1: nothing more to send, nothing else to do
+    body, result = step(body, live_seen(spec, *survivors, reported={"j-worker-1": 1, "j-worker-2": 1}))
+    assert result.actions == () and body["status"]["workersReady"] == "2/2"
+
+
+def test_live_membership_update_waits_until_every_worker_reports():
+    spec = live_spec(3)
+    body = live_running(spec, 3)
+    body, _ = step(body, live_seen(spec, wpod(0, 0, 0), wpod(1, 1, 0, "Failed", exit_code=1), wpod(2, 2, 0)))
+    survivors = (wpod(0, 0, 1), wpod(2, 1, 1))
+    # worker-2 did not answer this round: no update for anyone yet (worker-0 would wait for it)
+    body, result = step(body, live_seen(spec, *survivors, reported={"j-worker-0": 0}))
+    assert posted(result) == {} and result.requeue_after_s is not None and result.requeue_after_s <= 2.0
+    body, result = step(body, live_seen(spec, *survivors, reported={"j-worker-0": 0, "j-worker-2": 0}))
+    assert set(posted(result)) == {"j-worker-0", "j-worker-2"}
+    # the failed pod still terminating (an old epoch) is deleted, and does not hold the survivors up
+    old = wpod(1, 1, 0, "Failed", exit_code=1)
+    body, result = step(body, live_seen(spec, *survivors, old, reported={"j-worker-0": 0, "j-worker-2": 0}))
+    assert set(posted(result)) == {"j-worker-0", "j-worker-2"} and [a.name for a in of(result, DeletePod)] == ["j-worker-1"]
+    assert body["status"]["phase"] == "Running"
+
+
+def test_live_fault_verdict_drops_the_blamed_pod_and_avoids_its_node():
+    spec = live_spec(3)
+    body = live_running(spec, 3)
+    verdict = Verdict(kind=VerdictKind.hang_comm, ranks=(2,), link=None, node="n2", seq=41,
+                      evidence={"scope": "rank"}, message="rank 2 never entered collective #41")
+    finding = FaultFinding(verdict=verdict, epoch=0, pods=("j-worker-2",), nodes=("n2",))
+    pods = (wpod(0, 0, 0), wpod(1, 1, 0), wpod(2, 2, 0))
+    body, result = step(body, live_seen(spec, *pods, findings=(finding,)))
+    st = body["status"]
+    assert (st["phase"], st["restarts"], st["resizes"], st["membershipEpoch"]) == ("Running", 0, 1, 1)
+    assert st["avoidNodes"] == ["n2"] and st["faults"][0]["kind"] == "hang-comm"
+    assert st["lastFailure"]["reason"] == "FaultDetected"
+    assert [a.reason for a in of(result, EmitEvent)][:1] == ["FaultDetected"]
+    assert resize_events(result) == ["Resized 3→2 (hang-comm blamed j-worker-2 on n2); 2 workers continue without "
+                                     "restarting (epoch 1)"]
+    assert [a.name for a in of(result, DeletePod)] == ["j-worker-2"]
+    assert patched(result) == {"j-worker-0": (0, 1), "j-worker-1": (1, 1)}
+
+
+def test_live_user_scale_down_keeps_the_lowest_ranks():
+    spec = live_spec(4)
+    body = live_running(spec, 4)
+    down = live_spec(2)
+    body = {**body, "spec": down}
+    pods = (wpod(0, 0, 0), wpod(1, 1, 0), wpod(2, 2, 0), wpod(3, 3, 0))
+    body, result = step(body, live_seen(down, *pods))
+    assert resize_events(result) == ["Resized 4→2 (spec.replicas changed); 2 workers continue without restarting (epoch 1)"]
+    assert sorted(a.name for a in of(result, DeletePod)) == ["j-worker-2", "j-worker-3"]
+    assert patched(result) == {"j-worker-0": (0, 1), "j-worker-1": (1, 1)}
+    st = body["status"]
+    assert (st["phase"], st["restarts"], st["workers"]["desired"], st["targetReplicas"]) == ("Running", 0, 2, 2)
+    # settled: the two run on at 2 and nothing is recreated
+    body, result = step(body, live_seen(down, wpod(0, 0, 1), wpod(1, 1, 1), reported={"j-worker-0": 1, "j-worker-1": 1}))
+    assert result.actions == () and body["status"]["workersReady"] == "2/2"
+
+
+def test_live_user_scale_up_creates_a_joiner_when_every_worker_reports():
+    spec = live_spec(3)
+    body = live_running(spec, 3)
+    up = live_spec(4)
+    pods = (wpod(0, 0, 0), wpod(1, 1, 0), wpod(2, 2, 0))
+    body, result = step({**body, "spec": up}, live_seen(up, *pods, reported={x.name: 0 for x in pods}))
+    assert resize_events(result) == ["Resized 3→4 (spec.replicas changed); 1 worker joins at the next outer step, "
+                                     "3 continue without restarting (epoch 1)"]
+    assert [(a.name, a.rank, a.epoch) for a in of(result, CreatePod)] == [("j-worker-3", 3, 1)]
+    assert patched(result) == {"j-worker-0": (0, 1), "j-worker-1": (1, 1), "j-worker-2": (2, 1)}
+    assert not of(result, DeletePod) and body["status"]["phase"] == "Running"
+
+
+def _live_shrunk(spec: dict[str, Any]) -> dict[str, Any]:
+    """3 workers, worker-1 failed at NOW: worker-0 and worker-2 run on as ranks 0, 1 of epoch 1."""
+    body = live_running(spec, 3)
+    body, result = step(body, live_seen(spec, wpod(0, 0, 0), wpod(1, 1, 0, "Failed", exit_code=1), wpod(2, 2, 0)))
+    assert patched(result) == {"j-worker-0": (0, 1), "j-worker-2": (1, 1)}
+    return body
+
+
+def test_live_grow_on_capacity_creates_a_joiner_under_a_free_name():
+    spec = live_spec(3)
+    body = _live_shrunk(spec)
+    survivors = (wpod(0, 0, 1), wpod(2, 1, 1))
+    reported = {"j-worker-0": 1, "j-worker-2": 1}
+    _, result = step(body, live_seen(spec, *survivors, reported=reported, free=1), NOW + timedelta(seconds=29))
+    assert resize_events(result) == []  # within scaleUpDelaySeconds
+    body, result = step(body, live_seen(spec, *survivors, reported=reported, free=5), NOW + timedelta(seconds=31))
+    assert resize_events(result) == ["Resized 2→3 (capacity); 1 worker joins at the next outer step, "
+                                     "2 continue without restarting (epoch 2)"]
+    st = body["status"]
+    assert (st["phase"], st["restarts"], st["resizes"], st["membershipEpoch"]) == ("Running", 0, 2, 2)
+    assert st["workers"]["desired"] == 3 and not of(result, DeletePod)
+    assert patched(result) == {"j-worker-0": (0, 2), "j-worker-2": (1, 2)}  # same ranks, new epoch
+    [joiner] = of(result, CreatePod)
+    # worker-2 holds rank 1: the joiner (rank 2) takes the smallest free name, worker-1
+    assert (joiner.name, joiner.rank, joiner.epoch) == ("j-worker-1", 2, 2)
+    meta, pod_spec = joiner.body["metadata"], joiner.body["spec"]
+    assert meta["name"] == pod_spec["hostname"] == "j-worker-1"
+    assert (meta["labels"]["loco.dev/rank"], meta["labels"]["loco.dev/epoch"]) == ("2", "2")
+    env = env_of(joiner)
+    assert (env["LOCO_JOIN"], env["LOCO_LIVE_RESIZE"], env["LOCO_REPLICA_INDEX"], env["LOCO_NUM_REPLICAS"]) == ("1", "1", "2", "3")
+    assert (env["MASTER_ADDR"], env["MASTER_PORT"], env["LOCO_EPOCH"]) == (DNS.format(0), str(29500 + 1 + 2), "2")
+
+    # the joiner starts: no update while it does not report, then the survivors are told
+    grown = (wpod(0, 0, 2), wpod(2, 1, 2))
+    t = NOW + timedelta(seconds=40)
+    body, result = step(body, live_seen(spec, *grown, wpod(1, 2, 2, "Pending"), reported=reported), t)
+    assert posted(result) == {} and body["status"]["phase"] == "Running"
+    body, result = step(body, live_seen(spec, *grown, wpod(1, 2, 2), reported=reported), t)
+    assert posted(result) == {}
+    body, result = step(body, live_seen(spec, *grown, wpod(1, 2, 2), reported={**reported, "j-worker-1": 2}), t)
+    assert {name: (b["rank"], b["worldSize"], b["masterAddr"], b["masterPort"]) for name, b in posted(result).items()} == {
+        "j-worker-0": (0, 3, DNS.format(0), 29503), "j-worker-2": (1, 3, DNS.format(0), 29503)}
+
+
+def test_live_joiner_that_cannot_be_placed_is_dropped_live():
+    spec = live_spec(3)
+    body = _live_shrunk(spec)
+    survivors = (wpod(0, 0, 1), wpod(2, 1, 1))
+    body, result = step(body, live_seen(spec, *survivors, reported={"j-worker-0": 1, "j-worker-2": 1}, free=1),
+                        NOW + timedelta(seconds=31))
+    assert [a.name for a in of(result, CreatePod)] == ["j-worker-1"]
+    since = NOW + timedelta(seconds=32)
+    joiner = ObservedPod(name="j-worker-1", rank=2, epoch=2, phase="Pending", unschedulable=UNSCHED,
+                         unschedulable_since=since.strftime("%Y-%m-%dT%H:%M:%SZ"))
+    grown = (wpod(0, 0, 2), wpod(2, 1, 2), joiner)
+    body, result = step(body, live_seen(spec, *grown, reported={"j-worker-0": 1, "j-worker-2": 1}), since + timedelta(seconds=16))
+    assert resize_events(result) == [f"Resized 3→2 (j-worker-1 cannot be placed: {UNSCHED}); 2 workers continue "
+                                     "without restarting (epoch 3)"]
+    assert [a.name for a in of(result, DeletePod)] == ["j-worker-1"]
+    assert patched(result) == {"j-worker-0": (0, 3), "j-worker-2": (1, 3)}
+    assert (body["status"]["restarts"], body["status"]["phase"]) == (0, "Running")
+
+
+def test_live_grow_falls_back_to_a_restart_while_a_worker_does_not_report():
+    spec = live_spec(3)
+    body = _live_shrunk(spec)
+    body, result = step(body, live_seen(spec, wpod(0, 0, 1), wpod(2, 1, 1), reported={"j-worker-0": 1}, free=1),
+                        NOW + timedelta(seconds=31))
+    assert resize_events(result) == ["Resized 2→3 (capacity), resuming from scratch (no checkpoint yet)"]
+    assert body["status"]["phase"] == "Restarting" and not of(result, PatchPodLabels)
+
+
+def test_live_below_min_replicas_restarts_as_before():
+    spec = live_spec(2)  # minReplicas 2: losing one leaves too few to continue
+    body = live_running(spec, 2)
+    body, result = step(body, live_seen(spec, wpod(0, 0, 0), wpod(1, 1, 0, "Failed", exit_code=1)))
+    st = body["status"]
+    assert (st["phase"], st["restarts"], st["membershipEpoch"], st.get("resizes", 0)) == ("Restarting", 1, 1, 0)
+    assert not of(result, PatchPodLabels) and {a.name for a in of(result, DeletePod)} == {"j-worker-0", "j-worker-1"}
+
+
+def test_jobs_that_cannot_resize_live_restart_exactly_as_before():
+    variants = {
+        "ddp": live_spec(3, algorithm={"name": "ddp"}),
+        "liveResize false": {**live_spec(3), "elastic": {**LIVE, "liveResize": False}},
+        "nprocPerWorker 2": live_spec(3, nprocPerWorker=2),
+    }
+    for what, spec in variants.items():
+        assert not validate_job(job(spec)), what
+        body = live_running(spec, 3)
+        body, result = step(body, live_seen(spec, wpod(0, 0, 0), wpod(1, 1, 0), wpod(2, 2, 0, "Failed", exit_code=1),
+                                            reported={"j-worker-0": 0, "j-worker-1": 0}))
+        st = body["status"]
+        assert (st["phase"], st["restarts"], st["membershipEpoch"]) == ("Restarting", 1, 1), what
+        assert not of(result, PatchPodLabels) and len(of(result, DeletePod)) == 3, what
+        body, result = step(body, seen(spec))
+        assert [a.name for a in of(result, CreatePod)] == ["j-worker-0", "j-worker-1", "j-worker-2"], what
+        assert {env_of(a)["LOCO_LIVE_RESIZE"] for a in of(result, CreatePod)} == {"0"}, what
+        assert {env_of(a)["LOCO_JOIN"] for a in of(result, CreatePod)} == {"0"}, what
+
+
+def test_live_job_pods_carry_live_resize_and_restart_names_stay_by_rank():
+    spec = live_spec(3)
+    _, result = step(job(spec), seen(spec))
+    created = of(result, CreatePod)
+    assert [a.name for a in created] == ["j-worker-0", "j-worker-1", "j-worker-2"]
+    assert {(env_of(a)["LOCO_LIVE_RESIZE"], env_of(a)["LOCO_JOIN"]) for a in created} == {("1", "0")}
+    assert {env_of(a)["MASTER_ADDR"] for a in created} == {DNS.format(0)}
+
+
+def test_missing_rank_of_a_live_membership_never_takes_a_survivors_name():
+    """worker-1 holds rank 0 after a live shrink; rank 1 is missing while an old pod (worker-0) is
+    still terminating: the new pod is neither worker-1 (a survivor) nor worker-0 (still there)."""
+    spec = live_spec(3)
+    body = live_running(spec, 3)
+    body, _ = step(body, live_seen(spec, wpod(0, 0, 0, "Failed", exit_code=1), wpod(1, 1, 0), wpod(2, 2, 0)))
+    old = wpod(0, 0, 0, "Failed", exit_code=1, deleting=True)
+    body, result = step(body, live_seen(spec, wpod(1, 0, 1), old, reported={"j-worker-1": 1}))
+    [created] = of(result, CreatePod)
+    assert (created.name, created.rank, created.epoch) == ("j-worker-2", 1, 1)
+    assert env_of(created)["LOCO_JOIN"] == "1" and env_of(created)["MASTER_ADDR"] == DNS.format(1)
+
+
+def test_live_detector_hears_a_survivor_of_the_old_epoch_but_ignores_its_records():
+    """Until a survivor switches, its reports name the old epoch: the detector of the new epoch
+    counts it as alive but takes none of its (old-membership) collectives, nor moves its cursor."""
+    from loco_operator.faults.types import DetectorConfig
+
+    live = LiveDetectors()
+    config = DetectorConfig(warmup_collectives=2, consecutive=3)
+    placement = {0: ("j-worker-0", "n0"), 1: ("j-worker-2", "n2"), 2: ("j-worker-1", "n1")}
+    findings = []
+    for start in range(0, 12, 3):
+        reports = {}
+        for rank, (name, _) in placement.items():
+            late = 0.5 if rank == 1 else 0.0  # the old-epoch one would be a straggler if it counted
+            recs = [{"seq": s, "kind": "all_reduce", "nbytes": 4096, "enterS": 1000.0 + s + late + 0.001 * rank,
+                     "exitS": 1000.0 + s + 0.51} for s in range(start, start + 3)]
+            reports[name] = ProgressReport.model_validate({"jobName": "j", "replicaIndex": rank, "state": "running",
+                                                           "epoch": 0 if rank == 1 else 1, "collectives": recs})
+        findings += live.feed("ns/j", config, 1, placement, reports, 1000.0 + start + 3)
+        assert live.cursor("ns/j", 1, "j-worker-2") == (-1, -1)
+        assert live.cursor("ns/j", 1, "j-worker-0") == (start + 2, -1)
+    assert not any(1 in f.verdict.ranks for f in findings), findings
+    assert live._jobs["ns/j"].heard[1] == 1012.0
 
 
 # ------------------------------------------------------------------------------------ capacity

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
+import pytest
 from aiohttp import web
 
 from loco_operator.handlers import OperatorContext, _merge_patch, poll_reports
@@ -65,3 +68,79 @@ def test_operator_run_refuses_namespace_with_all_namespaces():
 
     result = CliRunner().invoke(operator, ["run", "--namespace", "a", "--all-namespaces"])
     assert result.exit_code == 2 and "either --namespace or --all-namespaces" in result.output
+
+
+# ------------------------------------------------------------------------------ live membership
+
+
+async def test_apply_posts_membership_and_never_raises_on_a_refusal_or_a_dead_worker(caplog):
+    from loco_operator.handlers import apply
+    from loco_operator.planner import PostMembership
+
+    received: list[dict] = []
+
+    async def membership(request):
+        received.append(await request.json())
+        return web.json_response({"accepted": True}, status=202)
+
+    async def refuse(request):
+        return web.json_response({"error": "epoch: must be newer"}, status=400)
+
+    app = web.Application()
+    app.router.add_post("/membership", membership)
+    refusing = web.Application()
+    refusing.router.add_post("/membership", refuse)
+    runners, ports = [], []
+    for application in (app, refusing):
+        runner = web.AppRunner(application)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        ports.append(site._server.sockets[0].getsockname()[1])
+    body = {"epoch": 4, "rank": 1, "worldSize": 2, "masterAddr": "j-worker-2.j.ns.svc", "masterPort": 29505}
+    job = {"metadata": {"name": "j", "namespace": "ns", "uid": "u"}}
+    try:
+        for port, ip in ((ports[0], "127.0.0.1"), (ports[1], "127.0.0.1"), (ports[0], "127.0.0.9")):
+            ctx = OperatorContext(api_client=None, status_port=port, poll_timeout_s=1.0)
+            ctx.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0))
+            try:
+                errors = await apply(ctx, job, [PostMembership("j-worker-1", ip, body)])
+            finally:
+                await ctx.http.close()
+            assert errors == []
+        assert received == [body]  # the JSON body as given, once (the other two never reached it)
+        assert "HTTP 400" in caplog.text and "epoch: must be newer" in caplog.text
+        assert "retrying on the next reconcile" in caplog.text
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+
+
+async def test_apply_patches_pod_labels_on_the_embedded_api_server(tmp_path):
+    """PatchPodLabels through the official client (a strategic-merge patch of metadata.labels) is
+    accepted by the embedded API server; a vanished pod is not an error."""
+    kubernetes = pytest.importorskip("kubernetes")
+    from loco_local.apiserver import APIServer, write_kubeconfig
+    from loco_operator.handlers import apply
+    from loco_operator.planner import PatchPodLabels
+
+    srv = APIServer(port=0, log_root=tmp_path / "logs")
+    await srv.start()
+    try:
+        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", srv.url)
+        client = kubernetes.config.new_client_from_config(config_file=str(kubeconfig))
+        core = kubernetes.client.CoreV1Api(client)
+        labels = {"loco.dev/job": "j", "loco.dev/rank": "2", "loco.dev/epoch": "3"}
+        await asyncio.to_thread(core.create_namespaced_pod, "default", {
+            "metadata": {"name": "j-worker-2", "labels": labels},
+            "spec": {"containers": [{"name": "trainer", "image": "x"}]}})
+        ctx = OperatorContext(api_client=client)
+        job = {"metadata": {"name": "j", "namespace": "default", "uid": "u"}}
+        errors = await apply(ctx, job, [PatchPodLabels("j-worker-2", {"loco.dev/rank": "1", "loco.dev/epoch": "4"}),
+                                        PatchPodLabels("j-worker-9", {"loco.dev/rank": "0", "loco.dev/epoch": "4"})])
+        assert errors == []
+        pod = await asyncio.to_thread(core.read_namespaced_pod, "j-worker-2", "default")
+        assert pod.metadata.labels == {"loco.dev/job": "j", "loco.dev/rank": "1", "loco.dev/epoch": "4"}
+    finally:
+        await srv.stop()

@@ -142,3 +142,30 @@ def test_ring_all_reduce_is_passed_to_the_workers() -> None:
 
     assert ring(None) is False and ring({"ringAllReduce": False}) is False
     assert ring({"ringAllReduce": True}) is True
+
+
+def test_live_resize_joiner_pod_name_rendezvous_and_flags() -> None:
+    """A live-capable job's pods say LOCO_LIVE_RESIZE=1; a joiner of a live grow has its own name
+    (metadata.name and hostname), LOCO_JOIN=1 and the epoch's rendezvous (rank 0 by pod name)."""
+    from loco_trainer.config import RuntimeEnv
+
+    live = TrainingJobSpec.model_validate({"replicas": 3, "elastic": {"minReplicas": 2}})
+    assert live.live_membership
+    plain = RuntimeEnv.from_environ(_values(render_pod(REF, live, rank=1, epoch=0)))
+    assert (plain.live_resize, plain.join, plain.master_addr, plain.master_port) == (
+        True, False, "gpt-worker-0.gpt.team-a.svc", 29500)
+    pod = render_pod(REF, live, rank=2, epoch=6, num_replicas=3, name="gpt-worker-1", join=True,
+                     master_addr=REF.pod_dns_by_name("gpt-worker-4"), master_port=29507)
+    assert pod["metadata"]["name"] == pod["spec"]["hostname"] == "gpt-worker-1"
+    assert (pod["metadata"]["labels"]["loco.dev/rank"], pod["metadata"]["labels"]["loco.dev/epoch"]) == ("2", "6")
+    joiner = RuntimeEnv.from_environ(_values(pod))
+    assert (joiner.join, joiner.live_resize, joiner.replica_index, joiner.num_replicas, joiner.epoch) == (True, True, 2, 3, 6)
+    assert (joiner.master_addr, joiner.master_port) == ("gpt-worker-4.gpt.team-a.svc", 29507)
+    # not live-capable: two processes per pod (spec()), or liveResize off
+    off = TrainingJobSpec.model_validate({"replicas": 3, "elastic": {"minReplicas": 2, "liveResize": False}})
+    for s in (spec(), off):
+        assert _values(render_pod(REF, s, rank=0, epoch=0))[EnvVar.LIVE_RESIZE.value] == "0"
+
+
+def _values(pod: dict) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in pod["spec"]["containers"][0]["env"] if "value" in e}

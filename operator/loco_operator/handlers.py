@@ -9,7 +9,8 @@ All decisions live in :func:`loco_operator.planner.plan`; this module only does 
 2. **plan** (pure);
 3. **apply** the actions idempotently: AlreadyExists on create and NotFound on delete count as
    success; other API errors are counted, the remaining actions still run, the status is still
-   written, and the handler then raises :class:`kopf.TemporaryError` so Kopf retries;
+   written, and the handler then raises :class:`kopf.TemporaryError` so Kopf retries (a live
+   resize's ``POST /membership`` to a worker never fails the round: the next reconcile resends it);
 4. **patch** ``status`` (the status subresource) only when it changed.
 
 Triggers: create/resume/update of a TrainingJob, a timer every :data:`RECONCILE_INTERVAL_S` per
@@ -37,7 +38,7 @@ from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 
 from loco_trainer.config import DEFAULT_STATUS_PORT
-from loco_trainer.protocol import STATUS_PATH, ProgressReport
+from loco_trainer.protocol import MEMBERSHIP_PATH, STATUS_PATH, ProgressReport
 
 from .capacity import free_slots
 from .metrics import OperatorMetrics
@@ -54,6 +55,8 @@ from .planner import (
     EmitEvent,
     Observed,
     ObservedPod,
+    PatchPodLabels,
+    PostMembership,
     UpdateConfigMap,
     parse_report,
     plan,
@@ -402,6 +405,10 @@ async def apply(ctx: OperatorContext, job: dict[str, Any], actions: Sequence[Act
             elif isinstance(action, DeletePod):
                 log.info(f"[{ref.namespace}/{ref.name}] deleting pod {action.name}: {action.reason}")
                 await _delete(ctx, "delete_pod", core.delete_namespaced_pod, action.name, ref.namespace)
+            elif isinstance(action, PatchPodLabels):
+                await patch_pod_labels(ctx, ref, action)
+            elif isinstance(action, PostMembership):
+                await post_membership(ctx, ref, action)
             elif isinstance(action, CordonNode):
                 await cordon_node(ctx, action)
             elif isinstance(action, DeleteJob):
@@ -426,6 +433,40 @@ async def _delete(ctx: OperatorContext, operation: str, fn: Any, *args: Any) -> 
     except ApiException as exc:
         if exc.status != 404:  # NotFound: already gone
             raise
+
+
+async def patch_pod_labels(ctx: OperatorContext, ref: JobRef, action: PatchPodLabels) -> None:
+    """Merge ``action.labels`` into the pod's labels (a live resize's survivor takes its new rank and
+    epoch). A vanished pod is logged, not an error: the next reconcile sees it gone."""
+    try:
+        await _call(ctx, "patch_pod", ctx.core.patch_namespaced_pod, action.name, ref.namespace,
+                    {"metadata": {"labels": dict(action.labels)}})
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+        log.info(f"[{ref.namespace}/{ref.name}] pod {action.name} is gone; its labels were not patched")
+
+
+async def post_membership(ctx: OperatorContext, ref: JobRef, action: PostMembership) -> None:
+    """``POST /membership`` to the worker (JSON). Never raises: a failure or a non-2xx answer is
+    logged, and the next reconcile sends the update again (the worker still reports the old epoch)."""
+    host = f"[{action.pod_ip}]" if ":" in action.pod_ip else action.pod_ip
+    url = f"http://{host}:{ctx.status_port}{MEMBERSHIP_PATH}"
+    if ctx.http is None:
+        log.warning(f"[{ref.namespace}/{ref.name}] no HTTP session: membership update for {action.name} not sent")
+        return
+    try:
+        async with ctx.http.post(url, json=action.body) as response:
+            if not 200 <= response.status < 300:
+                text = (await response.text())[:500]
+                log.warning(f"[{ref.namespace}/{ref.name}] {action.name} refused membership update for epoch "
+                            f"{action.body.get('epoch')}: HTTP {response.status} {text}")
+            else:
+                log.info(f"[{ref.namespace}/{ref.name}] sent {action.name} its membership in epoch {action.body.get('epoch')}: "
+                         f"rank {action.body.get('rank')} of {action.body.get('worldSize')}")
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        log.warning(f"[{ref.namespace}/{ref.name}] membership update to {action.name} ({url}) failed, "
+                    f"retrying on the next reconcile: {exc!r}")
 
 
 #: Taint key (and annotation) a cordoned node gets: ``loco.dev/fault=<verdict kind>:NoSchedule``.

@@ -16,6 +16,9 @@ Lifecycle (``status.phase``)::
                   +--> Restarting: epoch += 1, delete every worker, wait until all are gone,
                          |          recreate them with LOCO_RESUME_FROM = status.lastCheckpoint.path
                          +--> Running ...
+    Running --> Running: a live resize (spec.live_membership: elastic DiLoCo family, one process per
+                pod): epoch += 1, the survivors' rank/epoch labels are patched, leavers deleted, joiners
+                created under free names; each survivor is POSTed its new place (/membership)
     any -> Failed     (backoffLimit exhausted, activeDeadlineSeconds passed, invalid spec)
     any -> Suspended  (runPolicy.suspend: pods deleted, status kept) -> Pending on unsuspend
 
@@ -34,13 +37,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from loco_trainer.protocol import ProgressReport
+from loco_trainer.protocol import MembershipUpdate, ProgressReport, epoch_master_port
 
 from .faults.live import FaultFinding, blamed_nodes
 
 from .render import (
     LABEL_EPOCH,
     LABEL_RANK,
+    MASTER_PORT,
     JobRef,
     config_json,
     render_configmap,
@@ -256,13 +260,34 @@ class CordonNode:
 
 
 @dataclass(frozen=True)
+class PatchPodLabels:
+    """Merge ``labels`` into the pod's labels: a survivor of a live resize takes its rank in, and
+    the epoch of, the new membership (``loco.dev/rank``, ``loco.dev/epoch``)."""
+
+    name: str
+    labels: dict[str, str] = field(default_factory=dict, hash=False)
+
+
+@dataclass(frozen=True)
+class PostMembership:
+    """``POST /membership`` to a running worker (``body``: a :class:`MembershipUpdate` on the wire):
+    its place in the new membership epoch of a live resize. Sent again on every reconcile until the
+    worker reports the new epoch; a failed POST is logged, never retried within the reconcile."""
+
+    name: str
+    pod_ip: str
+    body: dict[str, Any] = field(default_factory=dict, hash=False)
+
+
+@dataclass(frozen=True)
 class EmitEvent:
     type: str
     reason: str
     message: str
 
 
-Action = CreateService | CreateConfigMap | UpdateConfigMap | CreatePod | DeletePod | DeleteJob | EmitEvent | CordonNode
+Action = (CreateService | CreateConfigMap | UpdateConfigMap | CreatePod | DeletePod | DeleteJob | EmitEvent | CordonNode
+          | PatchPodLabels | PostMembership)
 
 #: How many status.faults entries are kept (oldest dropped first).
 MAX_FAULT_RECORDS = 20
@@ -526,6 +551,145 @@ def _restart(
     st.workers = WorkersStatus(desired=size, ready=0)
 
 
+# ----------------------------------------------------------------------------- live membership
+#
+# A live-capable job (spec.live_membership) resizes without restarting its survivors: the operator
+# starts epoch E+1, patches the survivors' rank/epoch labels (pods keep their names for life), deletes
+# the leaving pods or creates joiners, and once every pod of E+1 answers /status it POSTs each
+# survivor its place in E+1 (:func:`_membership_updates`) until the survivor reports E+1.
+
+
+def _live(p: _Planner, spec: TrainingJobSpec) -> bool:
+    """Whether a resize now may keep the survivors running: the job is live-capable and Running."""
+    return spec.live_membership and p.status.phase is Phase.running
+
+
+def _count(n: int, noun: str = "worker") -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _begin_live_epoch(p: _Planner, message: str) -> int:
+    """Count a live resize (``status.resizes``, not restarts) and start its epoch; phase stays Running."""
+    st = p.status
+    st.membership_epoch += 1
+    st.resizes += 1
+    st.last_resize_time = rfc3339(p.now)
+    st.message = message
+    p.condition(ConditionType.running, True, Reason.resizing, message)
+    p.event(EventType.normal, Reason.resizing, message)
+    _requeue(p, 2.0)
+    return st.membership_epoch
+
+
+def _live_shrink(
+    p: _Planner, spec: TrainingJobSpec, members: Sequence[ObservedPod], leaving: Sequence[ObservedPod],
+    resize_from: int, cause: str, failures: Sequence[str] = (), keep_below: int | None = None,
+) -> bool:
+    """Shrink without restarting: the survivors (``members`` that are Running, not ``leaving`` and of
+    rank below ``keep_below``) keep their relative order as ranks 0..k-1 of a new epoch; every other
+    member is deleted. False (nothing done) when the job cannot resize live or fewer than
+    max(1, minReplicas) would survive: the caller then restarts or waits as for any job."""
+    if not _live(p, spec):
+        return False
+    gone = {pod.name for pod in leaving if pod in members}  # never a name made up for a vanished rank
+    survivors = sorted((pod for pod in members if pod.live and pod.phase == "Running" and pod.name not in gone
+                        and (keep_below is None or pod.rank < keep_below)), key=lambda x: (x.rank, x.name))
+    size = len(survivors)
+    if size < max(1, _min_replicas(spec)) or size >= resize_from:  # too few left, or nobody leaves
+        return False
+    for message in failures:
+        p.event(EventType.warning, Reason.worker_failed, message)
+    epoch = p.status.membership_epoch + 1
+    _begin_live_epoch(p, f"Resized {resize_from}→{size} ({cause}); {_count(size)} "
+                         f"{'continues' if size == 1 else 'continue'} without restarting (epoch {epoch})")
+    keep = {pod.name for pod in survivors}
+    p.delete_pods([pod for pod in members if pod.name not in keep], f"{Reason.resizing.value}: epoch {epoch}")
+    for rank, pod in enumerate(survivors):
+        p.actions.append(PatchPodLabels(pod.name, {LABEL_RANK: str(rank), LABEL_EPOCH: str(epoch)}))
+    p.status.workers = WorkersStatus(desired=size, ready=sum(pod.name in p.observed.reports for pod in survivors))
+    return True
+
+
+def _live_grow(p: _Planner, spec: TrainingJobSpec, members: Sequence[ObservedPod], resize_from: int, size: int,
+               cause: str) -> bool:
+    """Grow without restarting: the members keep ranks 0..n-1 in a new epoch and ``size - n`` joiners
+    (``LOCO_JOIN=1``) are created under free names. Only when every member is Running and reporting
+    (a joiner takes the state from rank 0); False (nothing done) otherwise."""
+    ordered = sorted(members, key=lambda x: x.rank)
+    if (not _live(p, spec) or not ordered or size <= len(ordered) or [x.rank for x in ordered] != list(range(len(ordered)))
+            or not all(x.live and x.phase == "Running" and x.name in p.observed.reports for x in ordered)):
+        return False
+    n = len(ordered)
+    epoch = p.status.membership_epoch + 1
+    _begin_live_epoch(p, f"Resized {resize_from}→{size} ({cause}); {_count(size - n)} {'joins' if size - n == 1 else 'join'} "
+                         f"at the next outer step, {n} {'continues' if n == 1 else 'continue'} without restarting (epoch {epoch})")
+    for pod in ordered:
+        p.actions.append(PatchPodLabels(pod.name, {LABEL_RANK: str(pod.rank), LABEL_EPOCH: str(epoch)}))
+    for rank, name in zip(range(n, size), _free_names(p, size - n)):
+        p.actions.append(CreatePod(name, rank, epoch, _render_joiner(p, spec, rank, size, name, ordered[0].name)))
+    p.status.workers = WorkersStatus(desired=size, ready=n)
+    return True
+
+
+def _free_names(p: _Planner, count: int, taken: Sequence[str] = ()) -> list[str]:
+    """``count`` pod names ``<job>-worker-<i>`` with the smallest ``i`` no observed pod (ours, being
+    deleted, or someone else's) nor ``taken`` uses."""
+    used = {pod.name for pod in p.observed.pods} | set(p.observed.foreign_pods) | set(taken)
+    names: list[str] = []
+    i = 0
+    while len(names) < count:
+        if p.ref.pod_name(i) not in used:
+            names.append(p.ref.pod_name(i))
+        i += 1
+    return names
+
+
+def _render_joiner(p: _Planner, spec: TrainingJobSpec, rank: int, size: int, name: str, rank0: str) -> dict[str, Any]:
+    """A pod joining the running membership of this epoch as ``rank`` of ``size``: it takes the state
+    from rank 0 (the pod named ``rank0``), not from a checkpoint, at the epoch's rendezvous port."""
+    st = p.status
+    return render_pod(p.ref, spec, rank, st.membership_epoch, restarts=st.restarts, resume_from="",
+                      avoid_nodes=st.avoid_nodes, num_replicas=size, name=name, join=True,
+                      master_addr=p.ref.pod_dns_by_name(rank0), master_port=epoch_master_port(MASTER_PORT, st.membership_epoch))
+
+
+def _membership_updates(p: _Planner, spec: TrainingJobSpec, current: Sequence[ObservedPod], size: int) -> None:
+    """Level-triggered: every Running worker of this epoch whose report still names an older epoch
+    gets its place in this one (:class:`PostMembership`), once every worker of the epoch reports
+    (joiners included: the survivors would otherwise wait for them at the rendezvous)."""
+    if not _live(p, spec):
+        return
+    st, reports = p.status, p.observed.reports
+    epoch = st.membership_epoch
+    behind = [pod for pod in sorted(current, key=lambda x: x.rank)
+              if pod.live and pod.phase == "Running" and pod.name in reports and reports[pod.name].epoch < epoch]
+    if not behind:
+        return
+    _requeue(p, 2.0)
+    by_rank = {pod.rank: pod for pod in current if pod.live}
+    if sorted(by_rank) != list(range(size)) or any(pod.name not in reports for pod in by_rank.values()):
+        return
+    master = p.ref.pod_dns_by_name(by_rank[0].name)
+    for pod in behind:
+        if pod.pod_ip:
+            update = MembershipUpdate(epoch=epoch, rank=pod.rank, world_size=size, master_addr=master,
+                                      master_port=epoch_master_port(MASTER_PORT, epoch))
+            p.actions.append(PostMembership(pod.name, pod.pod_ip, update.model_dump(by_alias=True)))
+
+
+def _pod_names(p: _Planner, ranks: Sequence[int]) -> dict[int, str]:
+    """Names for new pods of ``ranks``: ``<job>-worker-<rank>`` unless one of our pods (a survivor of
+    a live resize, which keeps its name) already has it, then the smallest free name."""
+    ours = {pod.name for pod in p.observed.pods}
+    names: dict[int, str] = {}
+    for rank in ranks:
+        name = p.ref.pod_name(rank)
+        if name in ours or name in names.values():
+            name = _free_names(p, 1, taken=list(names.values()))[0]
+        names[rank] = name
+    return names
+
+
 def _requeue(p: _Planner, after_s: float) -> None:
     """Reconcile again within ``after_s`` seconds (the earliest of all requests wins)."""
     after_s = max(after_s, 0.5)
@@ -570,6 +734,8 @@ def _elastic_shrink(p: _Planner, spec: TrainingJobSpec, current: Sequence[Observ
     first = min(stuck, key=lambda pod: pod.rank)
     why = _unplaceable_cause(st, first)
     lo = _min_replicas(spec)
+    if _live_shrink(p, spec, current, stuck, size, why):
+        return True
     new = max(size - len(stuck), lo)
     if new < size:
         _restart(p, spec, [], resize_from=size, size=new, cause=why)
@@ -599,9 +765,10 @@ def _unplaceable_cause(st: TrainingJobStatus, pod: ObservedPod) -> str:
     return f"{failure.message}; {'its replacement' if failure.pods == [pod.name] else pod.name} {placed}"
 
 
-def _elastic_grow(p: _Planner, spec: TrainingJobSpec, size: int) -> bool:
+def _elastic_grow(p: _Planner, spec: TrainingJobSpec, size: int, current: Sequence[ObservedPod] = ()) -> bool:
     """A shrunk elastic job grows back towards ``spec.replicas`` once the cluster can place more
-    workers (``observed.free_slots``) and ``scaleUpDelaySeconds`` passed since the last resize."""
+    workers (``observed.free_slots``) and ``scaleUpDelaySeconds`` passed since the last resize:
+    live (joiners) when it can, else by a coordinated restart."""
     assert spec.elastic is not None
     st = p.status
     _requeue(p, 5.0)  # keep looking at the cluster's capacity while shrunk
@@ -613,7 +780,9 @@ def _elastic_grow(p: _Planner, spec: TrainingJobSpec, size: int) -> bool:
     if p.now < due:
         _requeue(p, (due - p.now).total_seconds())
         return False
-    _restart(p, spec, [], resize_from=size, size=min(spec.replicas, size + slots), cause="capacity")
+    new = min(spec.replicas, size + slots)
+    if not _live_grow(p, spec, current, size, new, "capacity"):
+        _restart(p, spec, [], resize_from=size, size=new, cause="capacity")
     return True
 
 
@@ -672,7 +841,13 @@ def _reconcile(p: _Planner, spec: TrainingJobSpec) -> None:
     # 4. resize (spec.replicas changed under live workers)
     desired_before = st.workers.desired if st.workers else 0
     if desired_before and desired_before != size and any(pod.live for pod in current):
-        _restart(p, spec, [], resize_from=desired_before, size=size)
+        members = [pod for pod in p.observed.pods if pod.epoch == epoch]
+        if size < desired_before:  # keep the lowest ranks
+            live = _live_shrink(p, spec, members, [], desired_before, "spec.replicas changed", keep_below=size)
+        else:
+            live = _live_grow(p, spec, members, desired_before, size, "spec.replicas changed")
+        if not live:
+            _restart(p, spec, [], resize_from=desired_before, size=size)
         return
 
     # 5. failures of the current epoch
@@ -687,6 +862,8 @@ def _reconcile(p: _Planner, spec: TrainingJobSpec) -> None:
             reason=Reason.worker_failed.value, message="; ".join(failures), pods=[pod.name for pod in failed],
             nodes=list(dict.fromkeys(pod.node_name for pod in failed if pod.node_name)), epoch=epoch, time=rfc3339(p.now),
         )
+        if _live_shrink(p, spec, current, failed, size, "; ".join(failures), failures=failures):
+            return
         if st.restarts + 1 > policy.backoff_limit:
             for message in failures:
                 p.event(EventType.warning, Reason.worker_failed, message)
@@ -711,11 +888,11 @@ def _reconcile(p: _Planner, spec: TrainingJobSpec) -> None:
                     f"faultDetection.minSlowdownToAct ({f.min_slowdown:.0%}): not acted on")
     findings = [f for f in findings if f.actionable]
     if findings:
-        _act_on_faults(p, spec, findings)
+        _act_on_faults(p, spec, findings, current, size)
         return
 
     # 5c. elastic: grow back when the cluster can place more workers
-    if spec.elastic is not None and size < spec.replicas and st.phase is Phase.running and _elastic_grow(p, spec, size):
+    if spec.elastic is not None and size < spec.replicas and st.phase is Phase.running and _elastic_grow(p, spec, size, current):
         return
 
     # 6. success: every worker of this epoch exited 0
@@ -733,7 +910,10 @@ def _reconcile(p: _Planner, spec: TrainingJobSpec) -> None:
         return
 
     # 7. stale workers (an old epoch, or ranks beyond replicas) must be gone before new ones start
-    if stale:
+    if stale and _live(p, spec):
+        # a live job runs on while the pods it left behind (failed, dropped) terminate
+        p.delete_pods(stale, f"{Reason.stale_epoch.value}: epoch is {epoch}")
+    elif stale:
         p.delete_pods(stale, f"{Reason.stale_epoch.value}: epoch is {epoch}")
         st.phase = st.phase or Phase.pending
         st.message = f"Waiting for {len(stale)} old workers to terminate before starting epoch {epoch}"
@@ -742,18 +922,23 @@ def _reconcile(p: _Planner, spec: TrainingJobSpec) -> None:
 
     # 8. create missing workers
     missing = [r for r in range(size) if r not in by_rank]
-    blocked = [r for r in missing if p.ref.pod_name(r) in p.observed.foreign_pods]
+    names = _pod_names(p, missing)
+    blocked = [r for r in missing if names[r] in p.observed.foreign_pods]
     if blocked:
         st.phase = st.phase or Phase.pending
-        st.message = (f"Waiting for pod {p.ref.pod_name(blocked[0])}, which is not owned by this TrainingJob, "
+        st.message = (f"Waiting for pod {names[blocked[0]]}, which is not owned by this TrainingJob, "
                       "to be deleted before creating workers")
         st.workers = WorkersStatus(desired=size, ready=0)
         return
     resume = st.last_checkpoint.path if st.last_checkpoint else ""
+    joining = _live(p, spec) and 0 in by_rank  # the membership runs: a new pod joins it
     for rank in missing:
-        body = render_pod(p.ref, spec, rank, epoch, restarts=st.restarts, resume_from=resume, avoid_nodes=st.avoid_nodes,
-                          num_replicas=size)
-        p.actions.append(CreatePod(p.ref.pod_name(rank), rank, epoch, body))
+        if joining:
+            body = _render_joiner(p, spec, rank, size, names[rank], by_rank[0].name)
+        else:
+            body = render_pod(p.ref, spec, rank, epoch, restarts=st.restarts, resume_from=resume, avoid_nodes=st.avoid_nodes,
+                              num_replicas=size, name=names[rank])
+        p.actions.append(CreatePod(names[rank], rank, epoch, body))
     if missing or current:
         st.start_time = st.start_time or rfc3339(p.now)  # workers exist (or are about to) from now on
     if missing:
@@ -778,13 +963,18 @@ def _reconcile(p: _Planner, spec: TrainingJobSpec) -> None:
     elif st.phase is Phase.restarting:
         st.message = st.message or f"Waiting for workers of epoch {epoch} to start"
 
+    # 10. live membership: tell the survivors of a live resize their place in this epoch
+    _membership_updates(p, spec, current, size)
 
-def _act_on_faults(p: _Planner, spec: TrainingJobSpec, findings: Sequence[FaultFinding]) -> None:
+
+def _act_on_faults(p: _Planner, spec: TrainingJobSpec, findings: Sequence[FaultFinding],
+                   current: Sequence[ObservedPod] = (), size: int | None = None) -> None:
     """Turn detector verdicts into actions: a ``FaultDetected`` Warning event and a
     ``status.faults`` entry per verdict, the blamed nodes onto ``status.avoidNodes`` (the new pods
     get a required node anti-affinity against them), optionally a cordon, and a restart of the job
     in a new epoch from the last committed checkpoint (which deletes the faulty pods). The restart
-    counts against ``runPolicy.backoffLimit`` like any other."""
+    counts against ``runPolicy.backoffLimit`` like any other. A live-capable job instead drops the
+    blamed pods and continues with the others (:func:`_live_shrink`, not a restart) when enough remain."""
     st = p.status
     cordon = spec.detector.cordon_nodes
     causes = []
@@ -818,6 +1008,9 @@ def _act_on_faults(p: _Planner, spec: TrainingJobSpec, findings: Sequence[FaultF
         reason=Reason.fault_detected.value, message="; ".join(causes), pods=blamed_pods, nodes=blamed,
         epoch=st.membership_epoch, time=rfc3339(p.now),
     )
+    blamed_here = [pod for pod in current if pod.name in blamed_pods]
+    if _live_shrink(p, spec, current, blamed_here, len(current) if size is None else size, "; ".join(causes)):
+        return
     if st.restarts + 1 > spec.run_policy.backoff_limit:
         p.fail(Reason.backoff_limit_exceeded,
                f"{causes[0]}; backoffLimit ({spec.run_policy.backoff_limit}) reached after {st.restarts} restarts",

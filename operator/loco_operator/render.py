@@ -64,8 +64,13 @@ class JobRef:
         return f"{self.name}-worker-{rank}"
 
     def pod_dns(self, rank: int) -> str:
-        """Stable DNS name of a worker (hostname + subdomain through the headless Service)."""
-        return f"{self.pod_name(rank)}.{self.name}.{self.namespace}.svc"
+        """Stable DNS name of the worker named for ``rank`` (hostname + subdomain through the headless Service)."""
+        return self.pod_dns_by_name(self.pod_name(rank))
+
+    def pod_dns_by_name(self, pod_name: str) -> str:
+        """Stable DNS name of the worker pod ``pod_name`` (its hostname is its name). After a live
+        resize a pod's name no longer implies its rank, so the rendezvous host is named by pod."""
+        return f"{pod_name}.{self.name}.{self.namespace}.svc"
 
     def owner_reference(self) -> dict[str, Any]:
         return {
@@ -151,12 +156,16 @@ def stall_after_s(spec: TrainingJobSpec) -> float:
 
 
 def worker_env(
-    job: JobRef, spec: TrainingJobSpec, rank: int, epoch: int, restarts: int, resume_from: str, num_replicas: int | None = None
+    job: JobRef, spec: TrainingJobSpec, rank: int, epoch: int, restarts: int, resume_from: str, num_replicas: int | None = None,
+    *, join: bool = False, master_addr: str | None = None, master_port: int | None = None,
 ) -> list[dict[str, Any]]:
     """The container environment: the contract variables (EnvVar), then template.env.
 
     ``num_replicas``: the worker count of this epoch (default ``spec.replicas``; lower while an
-    elastic job is shrunk).
+    elastic job is shrunk). ``join``: the pod joins a running membership (a live grow,
+    ``LOCO_JOIN=1``). ``master_addr``/``master_port``: the epoch's rendezvous (default: the DNS name
+    of ``<job>-worker-0`` and :data:`MASTER_PORT`). ``LOCO_LIVE_RESIZE`` is ``1`` for every pod of a
+    job whose resizes keep the survivors running (``spec.live_membership``).
 
     A template variable with the same name as a contract variable replaces it (the user's explicit
     choice wins); every other template variable is appended in order.
@@ -171,11 +180,13 @@ def worker_env(
         EnvVar.EPOCH: str(epoch),
         EnvVar.RESTART_COUNT: str(restarts),
         EnvVar.RESUME_FROM: resume_from,
-        EnvVar.MASTER_ADDR: job.pod_dns(0),
-        EnvVar.MASTER_PORT: str(MASTER_PORT),
+        EnvVar.MASTER_ADDR: master_addr or job.pod_dns(0),
+        EnvVar.MASTER_PORT: str(MASTER_PORT if master_port is None else master_port),
         EnvVar.STATUS_PORT: str(DEFAULT_STATUS_PORT),
         EnvVar.STALL_AFTER_S: f"{stall_after_s(spec):g}",
         EnvVar.RING_ALL_REDUCE: "1" if spec.detector.ring_all_reduce else "0",
+        EnvVar.LIVE_RESIZE: "1" if spec.live_membership else "0",
+        EnvVar.JOIN: "1" if join else "0",
     }
     env: list[dict[str, Any]] = [{"name": k.value, "value": v} for k, v in values.items()]
     env += [
@@ -215,11 +226,14 @@ def avoid_nodes_affinity(affinity: dict[str, Any] | None, avoid_nodes: Sequence[
 
 def render_pod(
     job: JobRef, spec: TrainingJobSpec, rank: int, epoch: int, restarts: int = 0, resume_from: str = "",
-    avoid_nodes: Sequence[str] = (), num_replicas: int | None = None,
+    avoid_nodes: Sequence[str] = (), num_replicas: int | None = None, *, name: str | None = None, join: bool = False,
+    master_addr: str | None = None, master_port: int | None = None,
 ) -> dict[str, Any]:
-    """Worker pod ``<job>-worker-<rank>`` of membership epoch ``epoch``.
+    """Worker pod of rank ``rank`` in membership epoch ``epoch``, named ``name`` (default
+    ``<job>-worker-<rank>``; a pod keeps its name across live resizes, so a new one takes a free name).
 
     ``num_replicas``: the epoch's worker count (``LOCO_NUM_REPLICAS``; default ``spec.replicas``).
+    ``join``, ``master_addr``, ``master_port``: see :func:`worker_env` (a live grow's joiners).
 
     ``resume_from`` is the last committed checkpoint known to the operator (``""``: none); it
     reaches the trainer as ``LOCO_RESUME_FROM``. Contract labels win over template labels.
@@ -227,12 +241,14 @@ def render_pod(
     anti-affinity merged into the template's affinity (:func:`avoid_nodes_affinity`).
     """
     tpl = spec.template
+    name = name or job.pod_name(rank)
     labels = {**tpl.labels, **job_labels(job), LABEL_RANK: str(rank), LABEL_EPOCH: str(epoch)}
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
         "image": tpl.image,
         "command": list(tpl.command) if tpl.command else list(DEFAULT_COMMAND),
-        "env": worker_env(job, spec, rank, epoch, restarts, resume_from, num_replicas),
+        "env": worker_env(job, spec, rank, epoch, restarts, resume_from, num_replicas,
+                          join=join, master_addr=master_addr, master_port=master_port),
         "ports": [
             {"name": "status", "containerPort": DEFAULT_STATUS_PORT, "protocol": "TCP"},
             {"name": "rendezvous", "containerPort": MASTER_PORT, "protocol": "TCP"},
@@ -253,7 +269,7 @@ def render_pod(
         container["resources"] = {k: dict(v) for k, v in tpl.resources.items()}
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
-        "hostname": job.pod_name(rank),
+        "hostname": name,
         "subdomain": job.name,
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
@@ -275,7 +291,7 @@ def render_pod(
         pod_spec["priorityClassName"] = tpl.priority_class_name
     if tpl.scheduler_name:
         pod_spec["schedulerName"] = tpl.scheduler_name
-    metadata = _metadata(job, job.pod_name(rank))
+    metadata = _metadata(job, name)
     metadata["labels"] = labels
     if tpl.annotations:
         metadata["annotations"] = dict(tpl.annotations)

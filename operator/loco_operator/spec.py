@@ -17,6 +17,7 @@ from pydantic import Field, model_validator
 from loco_operator.faults.types import DetectorConfig
 from loco_trainer.config import (
     AlgorithmSpec,
+    LIVE_MEMBERSHIP_ALGORITHMS,
     CheckpointSpec,
     DataSpec,
     FaultInjection,
@@ -50,6 +51,12 @@ class ElasticSpec(Model):
     )
     placement_timeout_seconds: int = Field(
         15, ge=0, description="A worker pod left Unschedulable this long is dropped: the job shrinks (down to minReplicas)."
+    )
+    live_resize: bool = Field(
+        True,
+        description="Resize without restarting the surviving workers where the algorithm allows (DiLoCo, Streaming "
+        "DiLoCo; one process per pod): they continue at their next outer step and joining workers adopt the global "
+        "state from them. false, or any other algorithm: every resize is a coordinated restart from the last checkpoint.",
     )
 
 
@@ -135,6 +142,13 @@ class TrainingJobSpec(Model):
     def detector(self) -> DetectorConfig:
         """The fault detector's thresholds: ``faultDetection``, or the defaults when it is omitted."""
         return self.fault_detection or DetectorConfig()
+
+    @property
+    def live_membership(self) -> bool:
+        """Whether resizes of this job keep the survivors running (docs/elastic.md "Live resizing"):
+        elastic with ``elastic.liveResize``, an algorithm of ``LIVE_MEMBERSHIP_ALGORITHMS``, one process per pod."""
+        return (self.elastic is not None and self.elastic.live_resize and self.nproc_per_worker == 1
+                and self.algorithm.name in LIVE_MEMBERSHIP_ALGORITHMS)
 
     @model_validator(mode="after")
     def _cross_field(self) -> "TrainingJobSpec":

@@ -259,6 +259,16 @@ class Comm:
         )
         return cls(None, history=history)
 
+    def carry_counters(self, previous: "Comm") -> None:
+        """Start this Comm's byte and call counters from ``previous``'s (a live membership change
+        replaces the Comm; the counters a worker exports stay cumulative, as Prometheus expects)."""
+        for kind, counter in getattr(previous, "_counters", {}).items():
+            mine = self._counters.get(kind)
+            if mine is not None:
+                mine.calls += counter.calls
+                mine.sent += counter.sent
+                mine.recv += counter.recv
+
     @property
     def group(self) -> Any | None:
         """The wrapped ``torch.distributed`` group (``None`` = the default group)."""

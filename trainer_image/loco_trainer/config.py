@@ -200,6 +200,11 @@ class AlgorithmName(str, Enum):
     co2 = "co2"
 
 
+#: Algorithms whose survivors keep running across a membership change (docs/elastic.md "Live
+#: resizing"); every other one resizes by a coordinated restart from the latest checkpoint.
+LIVE_MEMBERSHIP_ALGORITHMS = frozenset({AlgorithmName.diloco, AlgorithmName.streaming_diloco})
+
+
 class Quantization(str, Enum):
     none = "none"
     bf16 = "bf16"
@@ -408,6 +413,13 @@ class EnvVar(str, Enum):
     STALL_AFTER_S = "LOCO_STALL_AFTER_S"
     # "1": the outer all-reduce runs as a ring of point-to-point steps (faultDetection.ringAllReduce)
     RING_ALL_REDUCE = "LOCO_RING_ALL_REDUCE"
+    # "1": live membership changes (docs/elastic.md, "Live resizing"): at every outer-step boundary the
+    # worker checks for a membership update (POST /membership) and, when a peer is lost, waits for one
+    # instead of failing; set for elastic jobs of the DiLoCo family with one process per pod
+    LIVE_RESIZE = "LOCO_LIVE_RESIZE"
+    # "1": this pod joins a running job (a live grow): it takes the step, data position, global
+    # parameters and outer state from the group's rank 0 instead of a checkpoint
+    JOIN = "LOCO_JOIN"
     POD_NAME = "POD_NAME"
     POD_IP = "POD_IP"
     NODE_NAME = "NODE_NAME"
@@ -438,6 +450,8 @@ class RuntimeEnv(Model):
     status_port: int = DEFAULT_STATUS_PORT
     stall_after_s: float = Field(5.0, gt=0)
     ring_all_reduce: bool = False
+    live_resize: bool = False
+    join: bool = False
     pod_name: str = ""
     pod_ip: str = ""
     node_name: str = ""

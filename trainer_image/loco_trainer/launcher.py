@@ -11,6 +11,7 @@ Exit codes: 0 success; a child's code when a local rank fails (the others are te
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import os
@@ -223,6 +224,7 @@ def run_rank(options: LaunchOptions, local_rank: int) -> NoReturn:
     if not info.is_pod_leader:  # one voice per pod; progress lines come from global rank 0 only
         logging.getLogger().setLevel(logging.WARNING)
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: every thread's stack to stderr
     metrics = TrainerMetrics(cfg.job_name, cfg.namespace, info.replica_index, info.rank)
     progress = server = None
     if info.is_pod_leader:

@@ -3,7 +3,9 @@
 Local rank 0 of every pod runs a :class:`ProgressServer` on a background thread:
 
 * ``GET /status``  -> the current :class:`loco_trainer.protocol.ProgressReport` as JSON;
-* ``GET /metrics`` -> the Prometheus text of :class:`loco_trainer.metrics.TrainerMetrics`.
+* ``GET /metrics`` -> the Prometheus text of :class:`loco_trainer.metrics.TrainerMetrics`;
+* ``POST /membership`` -> a :class:`loco_trainer.protocol.MembershipUpdate` from the operator (a live
+  resize, docs/elastic.md): kept in the state until the training loop switches to it.
 
 The state moves starting -> running -> finished | failed. When the trainer exits it writes the
 final report to the termination message file (:func:`write_termination_message`).
@@ -12,6 +14,7 @@ final report to the termination message file (:func:`write_termination_message`)
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import os
 import threading
@@ -20,7 +23,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
 from loco_trainer.config import TERMINATION_MESSAGE_PATH, RuntimeEnv
-from loco_trainer.protocol import METRICS_PATH, STATUS_PATH, CollectiveSummary, LinkSummary, ProgressReport
+from pydantic import ValidationError
+
+from loco_trainer.protocol import (
+    MEMBERSHIP_PATH,
+    METRICS_PATH,
+    STATUS_PATH,
+    CollectiveSummary,
+    LinkSummary,
+    MembershipUpdate,
+    ProgressReport,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +51,46 @@ class ProgressState:
         self._lock = threading.Lock()
         self._report = report
         self._fault_source: FaultSource | None = None
+        self._membership: MembershipUpdate | None = None
+        self._membership_changed = threading.Condition(self._lock)
+        self._membership_listener: Callable[[MembershipUpdate], None] | None = None
+
+    # ------------------------------------------------------------------ membership updates
+
+    def offer_membership(self, update: MembershipUpdate) -> int:
+        """Keep ``update`` if it is newer than the epoch the worker runs in and than any update held.
+        Returns the HTTP status: 202 kept, 200 already held (same epoch), 409 older than what the
+        worker runs in or holds (the body says which)."""
+        with self._lock:
+            running, held = self._report.epoch, self._membership.epoch if self._membership is not None else None
+            if update.epoch < running or (held is not None and update.epoch < held):
+                return 409
+            if update.epoch == running or update.epoch == held:
+                return 200
+            self._membership = update
+            self._membership_changed.notify_all()
+            listener = self._membership_listener
+        if listener is not None:
+            listener(update)
+        return 202
+
+    def on_membership(self, listener: "Callable[[MembershipUpdate], None] | None") -> None:
+        """Call ``listener(update)`` (on the HTTP thread) whenever a new update is kept."""
+        self._membership_listener = listener
+
+    def pending_membership(self) -> MembershipUpdate | None:
+        """The newest update held whose epoch is above the one the worker runs in, or None."""
+        with self._lock:
+            m = self._membership
+            return m if m is not None and m.epoch > self._report.epoch else None
+
+    def wait_membership(self, min_epoch: int, timeout_s: float) -> MembershipUpdate | None:
+        """Block until an update with ``epoch >= min_epoch`` is held (then return it), or ``timeout_s`` passed (None)."""
+        with self._membership_changed:
+            self._membership_changed.wait_for(
+                lambda: self._membership is not None and self._membership.epoch >= min_epoch, timeout_s)
+            m = self._membership
+            return m if m is not None and m.epoch >= min_epoch else None
 
     def set_fault_source(self, source: "FaultSource | None") -> None:
         """Where :meth:`snapshot` takes collective records and probe samples from:
@@ -100,6 +153,37 @@ def _handler(state: ProgressState, render_metrics: Callable[[], bytes]) -> type[
                 return
             self.send_response(200)
             self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self) -> None:  # noqa: N802 (http.server naming)
+            path = self.path.partition("?")[0]
+            if path != MEMBERSHIP_PATH:
+                self._reply(404, {"error": f"unknown path {path}; POST {MEMBERSHIP_PATH}"})
+                return
+            length = int(self.headers.get("Content-Length") or 0)
+            try:
+                update = MembershipUpdate.model_validate_json(self.rfile.read(length) if length else b"")
+            except ValidationError as exc:
+                problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
+                self._reply(400, {"error": f"invalid membership update: {problems} (expected JSON with epoch, rank, "
+                                           f"worldSize, masterAddr, masterPort)"})
+                return
+            code = state.offer_membership(update)
+            if code == 409:
+                current = state.snapshot().epoch
+                self._reply(409, {"error": f"epoch {update.epoch} is not newer than the epoch this worker runs in "
+                                           f"({current}) or holds already"})
+                return
+            log.info("membership update: epoch %d, rank %d of %d, master %s:%d (%s)", update.epoch, update.rank,
+                     update.world_size, update.master_addr, update.master_port, "new" if code == 202 else "held already")
+            self._reply(code, {"accepted": True, "epoch": update.epoch})
+
+        def _reply(self, code: int, payload: dict[str, Any]) -> None:
+            body = json.dumps(payload).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)

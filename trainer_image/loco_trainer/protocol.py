@@ -25,6 +25,7 @@ from loco_trainer.config import Model
 PROTOCOL_VERSION = 1
 STATUS_PATH = "/status"
 METRICS_PATH = "/metrics"
+MEMBERSHIP_PATH = "/membership"
 
 
 class WorkerState(str, Enum):
@@ -93,3 +94,24 @@ class ProgressReport(Model):
     )
     links: list[LinkSummary] | None = Field(None, description="Probe samples with id > sinceLink (at most 512).")
     clock_error_s: float | None = Field(None, description="Spread of the clock-offset estimate against global rank 0.")
+
+
+class MembershipUpdate(Model):
+    """``POST /membership``: the operator tells a running worker its place in a new membership epoch
+    (a live resize, docs/elastic.md "Live resizing"). The worker switches at its next outer-step
+    boundary (or at once when it lost a peer and is waiting): it leaves the old process group and
+    joins the new one as ``rank`` of ``worldSize``, whose rank 0 hosts the rendezvous store on
+    ``masterAddr:masterPort``. The endpoint answers 202 when the update is newer than what the
+    worker holds, 200 when it holds it already, 400 naming the bad field."""
+
+    epoch: int = Field(ge=0, description="The new membership epoch (status.membershipEpoch).")
+    rank: int = Field(ge=0, description="This pod's rank in the new epoch.")
+    world_size: int = Field(ge=1, description="Workers (pods) in the new epoch.")
+    master_addr: str = Field(min_length=1, description="DNS name or IP of the new epoch's rank 0 pod.")
+    master_port: int = Field(ge=1, le=65535, description="Rendezvous port of the new epoch (epoch_master_port).")
+
+
+def epoch_master_port(base_port: int, epoch: int) -> int:
+    """The rendezvous port of a live membership epoch: a new store per epoch, on a port no earlier
+    epoch of the last 1,000 used (the old rank 0 may still hold the previous one)."""
+    return base_port + 1 + epoch % 1000

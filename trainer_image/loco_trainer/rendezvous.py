@@ -146,8 +146,10 @@ def _interface_of(address: str) -> str | None:
 
 
 def init_process_group(env: RuntimeEnv, info: RankInfo, backend: str, timeout_s: float = 600.0,
-                       resolve_timeout_s: float = 300.0) -> str:
-    """Join the job's default process group; returns the local address chosen.
+                       resolve_timeout_s: float = 300.0, store_timeout_s: float | None = None) -> str:
+    """Join the job's default process group; returns the local address chosen. ``timeout_s`` bounds
+    every collective of the group; ``store_timeout_s`` (default ``timeout_s``) the wait for the
+    other ranks at the rendezvous store.
 
     Gloo binds its pairs to the interface named by ``GLOO_SOCKET_IFNAME``; unless the user set it,
     it is set to the interface holding the chosen address, so pods sharing a host (each with its
@@ -165,7 +167,7 @@ def init_process_group(env: RuntimeEnv, info: RankInfo, backend: str, timeout_s:
         env.master_port, address, backend,
     )
     try:
-        store = _tcp_store(master_ip, env.master_port, info, timeout_s)
+        store = _tcp_store(master_ip, env.master_port, info, timeout_s if store_timeout_s is None else store_timeout_s)
         dist.init_process_group(backend=backend, store=store, rank=info.rank, world_size=info.world_size,
                                 timeout=dt.timedelta(seconds=timeout_s))
     except RendezvousError:
@@ -175,6 +177,27 @@ def init_process_group(env: RuntimeEnv, info: RankInfo, backend: str, timeout_s:
             f"rank {info.rank}: joining the process group at {master_ip}:{env.master_port} failed: {exc}"
         ) from exc
     return address
+
+
+def join_epoch(env: RuntimeEnv, rank: int, world_size: int, master_addr: str, master_port: int, backend: str,
+               rendezvous_timeout_s: float = 120.0, timeout_s: float = 600.0) -> RankInfo:
+    """Leave the current process group (if any) and join the one of a new membership epoch as
+    ``rank`` of ``world_size`` (one process per pod), rendezvousing at ``master_addr:master_port``
+    (hosted by the new rank 0), waiting at most ``rendezvous_timeout_s`` for the others. The
+    live-resize path (docs/elastic.md): the process keeps its model and optimizer, only its group
+    changes. Returns the new :class:`RankInfo`."""
+    if env.nproc_per_worker != 1:
+        raise RendezvousError("a live membership change needs one process per pod (LOCO_NPROC_PER_WORKER=1)")
+    if not 0 <= rank < world_size:
+        raise RendezvousError(f"membership update: rank {rank} outside 0..{world_size - 1}")
+    if dist.is_initialized():
+        dist.destroy_process_group()  # also every subgroup (the checkpoint engine's)
+    info = RankInfo(rank=rank, local_rank=0, world_size=world_size, replica_index=rank, nproc_per_worker=1)
+    new_env = env.model_copy(update={"master_addr": master_addr, "master_port": master_port,
+                                     "replica_index": rank, "num_replicas": world_size})
+    init_process_group(new_env, info, backend, timeout_s=timeout_s, resolve_timeout_s=rendezvous_timeout_s,
+                       store_timeout_s=rendezvous_timeout_s)
+    return info
 
 
 def _tcp_store(master_ip: str, port: int, info: RankInfo, timeout_s: float) -> dist.TCPStore:

@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import random
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -183,6 +184,29 @@ def format_progress_line(step: int, total: int, loss: float, eval_loss: float | 
 # ---------------------------------------------------------------------------------- trainer
 
 
+#: How long a survivor waits for the operator's new membership after losing a peer, and bounds the
+#: rendezvous of a new epoch (docs/elastic.md, Live resizing); then it fails and the job restarts.
+REGROUP_TIMEOUT_S = 120.0
+#: A smaller membership arrived and the loop has not switched this long: abort the old group (see
+#: Trainer._on_membership_update).
+ABORT_OLD_GROUP_AFTER_S = 1.0
+#: How long a worker waits for a membership update a peer already holds (the operator posts to all at once).
+MEMBERSHIP_WAIT_S = 30.0
+#: Texts of gloo/NCCL/store errors that mean a peer process is gone.
+PEER_LOSS_MARKERS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused",
+                     "ECONNRESET", "EPIPE", "Socket Timeout", "timed out", "Timed out", "communicator was aborted")
+
+
+@dataclass(frozen=True)
+class _Sizing:
+    """What the batch rule gives at the current world size (:meth:`Trainer._sizing`)."""
+
+    global_batch: int
+    tokens_per_step_local: int
+    peak_lr: float
+    loss_weight: float
+
+
 @dataclass
 class TrainResult:
     """What one process's run ended with."""
@@ -243,6 +267,14 @@ class Trainer:
         self._last_committed: ucp.CheckpointInfo | None = None
         self._checkpoint_failures = 0
         self._view: sharding.LocalView | None = None
+        self._mesh: Any = None
+        self._comm: Any = None
+        self._strategy: Any = None
+        self._live = False
+        self._epoch = env.epoch  # the membership epoch this worker runs in
+        self._group_lock = threading.Lock()  # the loop's regroup vs the HTTP thread's abort of a stale group
+        self._regrouping = False
+        self._aborted_epoch: int | None = None
 
     # ---------------------------------------------------------------- collective helpers
 
@@ -318,52 +350,43 @@ class Trainer:
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=tr.lr, betas=(tr.beta1, tr.beta2), weight_decay=tr.weight_decay
         )
-        from loco_trainer.comm import Comm
-
-        comm = Comm(mesh.replicate_group if mesh else None, stall_after_s=self.env.stall_after_s,
-                    ring_p2p=self.env.ring_all_reduce,
-                    fault_hook=comm_faults(cfg.fault_injection, info.rank, self.env.restart_count))
+        self._mesh = mesh
+        comm = self._make_comm()
         strategy = self.strategy_factory(cfg.algorithm, self._view or model, optimizer, comm)
+        self._comm, self._strategy = comm, strategy
+        self._live = self._live_capable(strategy)
+        if self._live and self.progress is not None:
+            self.progress.on_membership(self._on_membership_update)
         self.engine = self._build_engine(num_replicas, nproc)
         seed_everything(tr.seed + info.rank)  # dropout etc. differ per rank
 
         start_step, position, reference_world = 0, DataPosition(0), info.world_size
         last_ckpt: ucp.CheckpointInfo | None = None
-        chosen = self.choose_checkpoint()
         resumed_from = None
-        if chosen is not None:
-            last_ckpt, storage = chosen
-            start_step, position, reference_world = self.restore(last_ckpt, storage, model, optimizer, strategy)
-            resumed_from = last_ckpt.url
-            self._set_progress(last_checkpoint=self._ref(last_ckpt), step=start_step)
+        if self.env.join:  # a live grow: step, data position and global state come from the running workers
+            if not self._live:
+                raise ValueError(f"LOCO_JOIN=1 but {cfg.algorithm.name.value} with {nproc} processes per pod cannot "
+                                 f"join a running job (docs/elastic.md, Live resizing)")
+            comm.sync_clock()
+            start_step, position, reference_world = self._agree_membership(
+                0, DataPosition(0), reference_world, joining=True, interrupted=False, planned=True)
+            seed_everything(tr.seed + info.rank + 1_000_003 * start_step)
+            wrapped = strategy.wrap(model)
+            self._set_progress(step=start_step)
+        else:
+            chosen = self.choose_checkpoint()
+            if chosen is not None:
+                last_ckpt, storage = chosen
+                start_step, position, reference_world = self.restore(last_ckpt, storage, model, optimizer, strategy)
+                resumed_from = last_ckpt.url
+                self._set_progress(last_checkpoint=self._ref(last_ckpt), step=start_step)
 
-        wrapped = model if self._view is not None else strategy.wrap(model)  # sharded: FSDP is the wrapper
-        strategy.setup()
-        # Fault detection: one common clock for the records, and the records on the progress channel.
-        comm.sync_clock()
-        if self.progress is not None:
-            self.progress.set_fault_source(
-                lambda since_seq, since_link: (comm.export_records(since_seq), comm.export_links(since_link),
-                                               comm.clock_error_s))
-        global_batch = global_batch_size(tr, info.world_size, reference_world)
-        if global_batch < info.world_size:
-            raise ValueError(
-                f"training.batchRule keepGlobalBatch: the global batch of {global_batch} sequences (batchSize "
-                f"{tr.batch_size} x the start world size {reference_world}) leaves ranks of the {info.world_size}-rank "
-                f"world without data: raise training.batchSize to at least {-(-info.world_size // reference_world)} "
-                f"or use keepWorkerBatch"
-            )
-        tokens_per_step_local = rank_slice(global_batch, info.rank, info.world_size)[1] * tr.seq_len
-        # the batch rule (docs/elastic.md): peak lr for the batch the inner optimizer sees now, and this
-        # rank's loss weight so an uneven split still averages to the mean over the sequences
-        algorithm = cfg.algorithm.name.value
-        peak_lr = effective_lr(tr, algorithm, info.world_size, reference_world)
-        loss_weight = gradient_weight(global_batch, info.rank, info.world_size,
-                                      inner_batch_ranks(algorithm, info.world_size, nproc))
-        if peak_lr != tr.lr and info.rank == 0:
-            log.info("lr %g -> %g: training.lrScaling %s for %s at %d ranks (the job started with %d, batchRule %s)",
-                     tr.lr, peak_lr, tr.lr_scaling.value, algorithm, info.world_size, reference_world,
-                     tr.batch_rule.value)
+            wrapped = model if self._view is not None else strategy.wrap(model)  # sharded: FSDP is the wrapper
+            strategy.setup()
+            # Fault detection: one common clock for the records, and the records on the progress channel.
+            comm.sync_clock()
+        self._publish_records(comm)
+        sz = self._sizing(reference_world)
 
         autocast = (
             torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
@@ -381,7 +404,7 @@ class Trainer:
                 self.metrics.checkpoint_step.set(last_ckpt.step)
         log.info(
             "training %s: %d params, %d ranks, global batch %d x %d tokens, steps %d..%d, algorithm %s, device %s",
-            cfg.model.name, num_params(model), info.world_size, global_batch, tr.seq_len, start_step, tr.steps,
+            cfg.model.name, num_params(model), info.world_size, sz.global_batch, tr.seq_len, start_step, tr.steps,
             cfg.algorithm.name.value, self.device,
         )
 
@@ -401,14 +424,14 @@ class Trainer:
                 time.sleep(delay_s)
             step_start = time.perf_counter()
 
-            lr = lr_at(step, tr, peak_lr)
+            lr = lr_at(step, tr, sz.peak_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x, y = data.train_batch(position, global_batch, info.rank, info.world_size)
+            x, y = data.train_batch(position, sz.global_batch, info.rank, info.world_size)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with autocast:
                 _, loss = wrapped(x, y)
-            (loss * loss_weight if loss_weight != 1.0 else loss).backward()
+            (loss * sz.loss_weight if sz.loss_weight != 1.0 else loss).backward()
             if self._view is not None:
                 self._view.pull_grads()  # the algorithm reduces this process's gradient shards
             strategy.after_backward(step)
@@ -418,10 +441,17 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
             calls_before = _comm_calls(comm) if self.metrics else 0
             hook_start = time.perf_counter()
-            strategy.after_inner_step(step)
-            if self.metrics and _comm_calls(comm) != calls_before:  # it synchronised: an outer step
+            lost: BaseException | None = None  # a peer was lost (live resize): the collective that noticed
+            interrupted = False  # ... and it was the strategy's own exchange
+            try:
+                strategy.after_inner_step(step)
+            except Exception as exc:
+                if not self._peer_lost(exc):
+                    raise
+                lost, interrupted = exc, True
+            if self.metrics and not lost and _comm_calls(comm) != calls_before:  # it synchronised: an outer step
                 self.metrics.outer_sync_seconds.observe(time.perf_counter() - hook_start)
-            position = position.advance(global_batch)
+            position = position.advance(sz.global_batch)
             completed = step + 1
 
             loss_value = float(loss.detach().float().item())
@@ -431,13 +461,18 @@ class Trainer:
             step_seconds = time.perf_counter() - step_start
             if self.metrics:
                 self.metrics.step_seconds.observe(step_seconds)
-                self.metrics.tokens.inc(tokens_per_step_local)
+                self.metrics.tokens.inc(sz.tokens_per_step_local)
                 self.metrics.step.set(completed)
                 self.metrics.lr.set(lr)
 
             is_last = completed == tr.steps
-            if tr.eval_every and completed % tr.eval_every == 0 and not is_last:
-                eval_loss = self.evaluate(model, data, autocast)
+            if tr.eval_every and completed % tr.eval_every == 0 and not is_last and not lost:
+                try:
+                    eval_loss = self.evaluate(model, data, autocast)
+                except Exception as exc:
+                    if not self._peer_lost(exc):
+                        raise
+                    lost = exc
             record: dict[str, Any] = {"step": completed, "loss": loss_value, "lr": lr,
                                       "wallS": round(time.perf_counter() - loop_start, 6)}
             if tr.eval_every and completed % tr.eval_every == 0 and not is_last:
@@ -449,24 +484,53 @@ class Trainer:
             if completed % tr.log_every == 0 or is_last:
                 elapsed = time.perf_counter() - interval_start
                 mean_loss = sum(interval_losses) / len(interval_losses)
-                local_tps = tokens_per_step_local * interval_steps / elapsed
-                global_tps = global_batch * tr.seq_len * interval_steps / elapsed
+                local_tps = sz.tokens_per_step_local * interval_steps / elapsed
+                global_tps = sz.global_batch * tr.seq_len * interval_steps / elapsed
                 if info.rank == 0:
                     log.info(format_progress_line(completed, tr.steps, mean_loss, eval_loss, global_tps,
                                                   1000 * elapsed / interval_steps))
                 self._report_interval(completed, mean_loss, eval_loss, local_tps, strategy, comm)
-                if not is_last:  # fills the connection matrix (docs/fault-detection.md); every rank logs together
-                    comm.probe(links=not strategy.p2p_covers_links(comm.world_size))
+                if not is_last and not lost:  # fills the connection matrix (docs/fault-detection.md); every rank logs together
+                    try:
+                        comm.probe(links=not strategy.p2p_covers_links(comm.world_size))
+                    except Exception as exc:
+                        if not self._peer_lost(exc):
+                            raise
+                        lost = exc
                 interval_losses, interval_start, interval_steps = [], time.perf_counter(), 0
             else:
                 self._set_progress(step=completed)
 
             last_ckpt = self._poll_save() or last_ckpt
             every = self.config.checkpoint.every_steps
-            if every and completed % every == 0 and not is_last:
-                self.save_async(completed, model, optimizer, strategy, position, reference_world)
-                if not self.config.checkpoint.async_save:
-                    last_ckpt = self._finish_save() or last_ckpt
+            if every and completed % every == 0 and not is_last and not lost:
+                try:
+                    self.save_async(completed, model, optimizer, strategy, position, reference_world)
+                    if not self.config.checkpoint.async_save:
+                        last_ckpt = self._finish_save() or last_ckpt
+                except Exception as exc:
+                    if not self._peer_lost(exc):
+                        raise
+                    lost = exc
+
+            # live resize (docs/elastic.md): a lost peer -> regroup with the survivors now; a membership
+            # update -> switch at this outer-step boundary
+            update = None
+            if self._live and not lost and not is_last and strategy.at_membership_boundary():
+                try:
+                    update = self._agreed_update()
+                except Exception as exc:
+                    if not self._peer_lost(exc):
+                        raise
+                    lost = exc
+            if lost is not None or update is not None:
+                if lost is not None:
+                    update = self._await_update(lost, completed)
+                else:
+                    last_ckpt = self._finish_save() or last_ckpt  # the old group is still whole: commit first
+                position, reference_world = self._enter_epoch(update, completed, position, reference_world,
+                                                              interrupted=interrupted, planned=lost is None)[1:]
+                info, comm, sz = self.info, self._comm, self._sizing(reference_world)
 
         last_ckpt = self._finish_save() or last_ckpt
         comm.finish_probe()
@@ -489,6 +553,197 @@ class Trainer:
                            loss=losses[-1] if losses else None)
         return TrainResult(final_step, losses[-1] if losses else None, eval_loss, last_ckpt, resumed_from, losses)
 
+    # ------------------------------------------------------- per-epoch sizing, comm, live membership
+
+    def _make_comm(self) -> Any:
+        """This rank's :class:`~loco_trainer.comm.Comm` over the current group (the pods' replicate
+        group when sharded), with the fault-injection hook of its rank."""
+        from loco_trainer.comm import Comm
+
+        return Comm(self._mesh.replicate_group if self._mesh else None, stall_after_s=self.env.stall_after_s,
+                    ring_p2p=self.env.ring_all_reduce,
+                    fault_hook=comm_faults(self.config.fault_injection, self.info.rank, self.env.restart_count))
+
+    def _publish_records(self, comm: Any) -> None:
+        """Fault detection: the progress channel ships ``comm``'s records (docs/fault-detection.md)."""
+        if self.progress is not None and hasattr(comm, "export_records"):
+            self.progress.set_fault_source(
+                lambda since_seq, since_link: (comm.export_records(since_seq), comm.export_links(since_link),
+                                               comm.clock_error_s))
+
+    def _sizing(self, reference_world: int) -> "_Sizing":
+        """The batch rule (docs/elastic.md) at the current world size: the global batch, this rank's
+        tokens per step, the peak lr for the batch the inner optimizer sees now, and this rank's loss
+        weight so an uneven split still averages to the mean over the sequences."""
+        tr, info = self.config.training, self.info
+        global_batch = global_batch_size(tr, info.world_size, reference_world)
+        if global_batch < info.world_size:
+            raise ValueError(
+                f"training.batchRule keepGlobalBatch: the global batch of {global_batch} sequences (batchSize "
+                f"{tr.batch_size} x the start world size {reference_world}) leaves ranks of the {info.world_size}-rank "
+                f"world without data: raise training.batchSize to at least {-(-info.world_size // reference_world)} "
+                f"or use keepWorkerBatch"
+            )
+        algorithm = self.config.algorithm.name.value
+        peak_lr = effective_lr(tr, algorithm, info.world_size, reference_world)
+        if peak_lr != tr.lr and info.rank == 0:
+            log.info("lr %g -> %g: training.lrScaling %s for %s at %d ranks (the job started with %d, batchRule %s)",
+                     tr.lr, peak_lr, tr.lr_scaling.value, algorithm, info.world_size, reference_world,
+                     tr.batch_rule.value)
+        return _Sizing(
+            global_batch=global_batch,
+            tokens_per_step_local=rank_slice(global_batch, info.rank, info.world_size)[1] * tr.seq_len,
+            peak_lr=peak_lr,
+            loss_weight=gradient_weight(global_batch, info.rank, info.world_size,
+                                        inner_batch_ranks(algorithm, info.world_size, info.nproc_per_worker)),
+        )
+
+    def _live_capable(self, strategy: Any) -> bool:
+        """Live resizing is on (``LOCO_LIVE_RESIZE``), one process per pod, and the algorithm can go on
+        after losing a peer (it overrides ``Strategy.continue_after_peer_loss``)."""
+        from loco_trainer.algorithms.base import Strategy
+
+        supported = type(strategy).continue_after_peer_loss is not Strategy.continue_after_peer_loss
+        if self.env.live_resize and not supported and self.info.rank == 0:
+            log.warning("LOCO_LIVE_RESIZE=1 but %s cannot continue after a lost peer: resizes restart the job",
+                        self.config.algorithm.name.value)
+        return self.env.live_resize and self.info.nproc_per_worker == 1 and supported
+
+    def _on_membership_update(self, update: Any) -> None:
+        """(HTTP thread) A smaller membership means workers are gone. A survivor notices at its next
+        collective, but one blocked in a collective with a survivor that has not noticed yet (one not
+        connected to the lost peer) could wait out the group's timeout. So unless the loop has switched
+        within :data:`ABORT_OLD_GROUP_AFTER_S`, the old group is aborted: its next or current collective
+        fails and the loop regroups. A larger membership (a grow) waits for the next boundary."""
+        if update.world_size >= self.info.world_size:
+            return
+
+        def abort_if_still_there() -> None:
+            with self._group_lock:
+                if self._epoch < update.epoch and not self._regrouping:
+                    log.warning("membership epoch %d has %d workers, this one still runs %d in epoch %d: aborting "
+                                "the old group", update.epoch, update.world_size, self.info.world_size, self._epoch)
+                    self._aborted_epoch = self._epoch
+                    _abort_group()
+
+        timer = threading.Timer(ABORT_OLD_GROUP_AFTER_S, abort_if_still_there)
+        timer.daemon = True
+        timer.start()
+
+    def _peer_lost(self, exc: BaseException) -> bool:
+        """Whether ``exc`` (raised by a collective) means a peer is gone and the live path applies."""
+        if not self._live:
+            return False
+        if self._aborted_epoch == self._epoch:  # we aborted the group ourselves (a smaller membership arrived)
+            return True
+        text = str(exc)
+        return isinstance(exc, RuntimeError) and (
+            type(exc).__name__.startswith("Dist") or any(marker in text for marker in PEER_LOSS_MARKERS))
+
+    def _agreed_update(self) -> Any:
+        """At an outer-step boundary: the membership update every rank switches to now, or None.
+
+        One 8-byte all-reduce (MAX of the newest epoch each rank was told about). A rank that has not
+        received the update yet waits for it (the operator posts it to every pod at once)."""
+        mine = self.progress.pending_membership() if self.progress is not None else None
+        newest = mine.epoch if mine is not None else self._epoch
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            t = torch.tensor([newest], dtype=torch.int64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            newest = int(t.item())
+        if newest <= self._epoch:
+            return None
+        update = self.progress.wait_membership(newest, MEMBERSHIP_WAIT_S) if self.progress is not None else None
+        if update is None:
+            raise RuntimeError(f"a peer was told about membership epoch {newest}, this worker was not within "
+                               f"{MEMBERSHIP_WAIT_S:.0f}s; the job restarts from its checkpoint")
+        return update
+
+    def _await_update(self, lost: BaseException, completed: int) -> Any:
+        """A peer was lost: wait for the operator's new membership (it shrinks the job to the survivors)."""
+        with self._group_lock:
+            self._regrouping = True
+        log.warning("rank %d: a peer was lost at step %d (%s); waiting up to %.0fs for the new membership",
+                    self.info.rank, completed, str(lost).splitlines()[0][:200], REGROUP_TIMEOUT_S)
+        self._set_progress(message=f"a peer was lost at step {completed}: waiting for the new membership")
+        # Leave the old group at once: closing its connections fails the collectives that survivors not
+        # connected to the lost peer may still be blocked in (they would wait out the group's timeout),
+        # so every survivor comes here within moments. The save in flight then fails (or has completed).
+        _abort_group()
+        self._finish_save()
+        update = self.progress.wait_membership(self._epoch + 1, REGROUP_TIMEOUT_S) if self.progress is not None else None
+        if update is None:
+            raise RuntimeError(f"a peer was lost at step {completed} and no membership update arrived within "
+                               f"{REGROUP_TIMEOUT_S:.0f}s: {lost}") from lost
+        return update
+
+    def _enter_epoch(self, update: Any, completed: int, position: DataPosition, reference_world: int, *,
+                     interrupted: bool, planned: bool) -> tuple[int, DataPosition, int]:
+        """Leave the current group and go on in ``update``'s epoch (survivors; joiners enter through
+        :meth:`run`): join its group, rebuild the comm and the checkpoint engine, agree on the
+        position with the other members and hand the new group to the strategy. Returns rank 0's
+        ``(step, data position, reference world)``."""
+        from loco_trainer.launcher import _call_interruptibly
+        from loco_trainer.rendezvous import join_epoch, pick_backend
+
+        old = self._comm
+        started = time.perf_counter()
+        with self._group_lock:
+            self._regrouping = True
+        if planned and self.engine is not None:
+            self.engine.close()
+        self.info = _call_interruptibly(join_epoch, self.env, update.rank, update.world_size, update.master_addr,
+                                        update.master_port, pick_backend(self.device), REGROUP_TIMEOUT_S)
+        self._comm = self._make_comm()
+        if hasattr(self._comm, "carry_counters"):
+            self._comm.carry_counters(old)  # bytes and calls stay cumulative for the metrics
+        previous_metrics = self.engine.metrics if self.engine is not None else None
+        self.engine = self._build_engine(self.info.world_size, 1, register_metrics=previous_metrics is None)
+        if previous_metrics is not None:
+            self.engine.metrics = previous_metrics  # the registry holds them already; the counts go on
+        self._comm.sync_clock()
+        agreed = self._agree_membership(completed, position, reference_world, joining=False,
+                                        interrupted=interrupted, planned=planned)
+        with self._group_lock:
+            self._epoch, self._regrouping = update.epoch, False
+        self._publish_records(self._comm)
+        self._set_progress(epoch=update.epoch, replica_index=self.info.rank, message="")
+        if self.info.rank == 0:
+            log.info("membership epoch %d: %d workers, continuing at step %d (%s, regrouped in %.2fs)", update.epoch,
+                     self.info.world_size, agreed[0], "planned, at an outer-step boundary" if planned
+                     else "after a lost peer", time.perf_counter() - started)
+        return agreed
+
+    def _agree_membership(self, completed: int, position: DataPosition, reference_world: int, *, joining: bool,
+                          interrupted: bool, planned: bool) -> tuple[int, DataPosition, int]:
+        """Every member of a new group, right after joining it: one all_gather of
+        ``[joining, step, data position, reference world, interrupted]``. The survivors must agree
+        (the same step and position: they left the old group at the same point); rank 0 must be a
+        survivor; joiners adopt its values. Then the strategy takes the new group: with joiners (or
+        at a planned boundary) ``on_membership_change`` (rank 0 sends the global state), else
+        ``continue_after_peer_loss``. Raises ``RuntimeError`` (the job then restarts from its
+        checkpoint) when the survivors disagree or a joiner arrives mid-round."""
+        comm, strategy = self._comm, self._strategy
+        mine = torch.tensor([int(joining), completed, position.sequences, reference_world, int(interrupted)],
+                            dtype=torch.int64)
+        rows = [row.tolist() for row in comm.all_gather(mine)] if comm.world_size > 1 else [mine.tolist()]
+        survivors = {tuple(row[1:]) for row in rows if not row[0]}
+        if rows[0][0]:
+            raise RuntimeError("membership change: rank 0 of the new group is a joining worker; the operator must "
+                               "order the survivors first")
+        if len(survivors) != 1:
+            raise RuntimeError(f"membership change: the survivors left the old group at different points "
+                               f"(step, position, reference world, interrupted) {sorted(survivors)}")
+        step, sequences, reference, was_interrupted = rows[0][1:]
+        joiners = sum(row[0] for row in rows)
+        if joiners and not (planned or joining) or joiners and was_interrupted:
+            raise RuntimeError("membership change: workers cannot join mid-round (after a lost peer)")
+        if joiners or planned:
+            strategy.on_membership_change(comm, 0)
+        else:
+            strategy.continue_after_peer_loss(comm, bool(was_interrupted))
+        return int(step), DataPosition(int(sequences)), int(reference)
+
     # --------------------------------------------------------------------- pieces
 
     @torch.no_grad()
@@ -510,7 +765,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints (universal format)
 
-    def _build_engine(self, num_replicas: int, nproc: int) -> ucp.CheckpointEngine:
+    def _build_engine(self, num_replicas: int, nproc: int, register_metrics: bool = True) -> ucp.CheckpointEngine:
         """The job's checkpoint engine (collective; rank 0 removes incomplete ``.tmp-*`` saves).
         Replicas that may differ at save time (every algorithm but DDP) save rank 0's copy of the
         shared tensors; DDP spreads the writes of identical replicas over all ranks."""
@@ -519,7 +774,7 @@ class Trainer:
             self.ckpt_dir, self.info.rank, self.info.world_size,
             layout=ucp.WorldLayout(num_replicas, nproc, "fsdp-in-pod" if nproc > 1 else "replicated"),
             keep=self.config.checkpoint.keep, algorithm=algorithm, on_event=self._on_checkpoint_event,
-            metrics_registry=self.metrics.registry if self.metrics else None,
+            metrics_registry=self.metrics.registry if self.metrics and register_metrics else None,
             balance_replicated_writes=not _replicas_diverge(algorithm),
             dtensor_writer=self.info.replica_index == 0,  # sharded: every pod holds a copy, pod 0's is saved
         )
@@ -653,6 +908,19 @@ class Trainer:
             return
         with open(self.history_path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
+
+
+def _abort_group() -> None:
+    """Abort the default process group and every subgroup: their connections close, so peers blocked
+    in a collective with this process fail promptly instead of at the group's timeout."""
+    if not dist.is_initialized():
+        return
+    try:
+        from torch.distributed.distributed_c10d import _abort_process_group
+
+        _abort_process_group()
+    except Exception:  # noqa: BLE001 - an older torch or backend without abort: a plain destroy
+        dist.destroy_process_group()
 
 
 def _replicas_diverge(algorithm: str) -> bool:

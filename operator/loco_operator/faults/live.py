@@ -183,6 +183,8 @@ class LiveDetectors:
         and ``links`` lists; pods that did not answer are simply absent: their silence is a signal).
         Detection starts once every rank has a node (all pods scheduled); until then, and while
         ``config.enabled`` is false, nothing is fed.
+        A report of an older epoch than ``epoch`` (a live resize's survivor that has not switched
+        yet) counts as heard from its pod, but its records are not taken and its cursor stays.
         """
         if not config.enabled or not placement:
             return []
@@ -206,6 +208,11 @@ class LiveDetectors:
             if rank is None:
                 continue
             state.heard[rank] = now_s
+            report_epoch = getattr(report, "epoch", None)
+            if isinstance(report_epoch, int) and report_epoch < epoch:
+                # a survivor of a live resize that has not switched yet: alive, but its records
+                # belong to the old membership (old ranks, old collective sequence)
+                continue
             collectives = [_wire(x) for x in getattr(report, "collectives", None) or []]
             link_items = [_wire(x) for x in getattr(report, "links", None) or []]
             recs = records_from_wire(rank, collectives)

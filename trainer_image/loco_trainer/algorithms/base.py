@@ -108,6 +108,24 @@ class Strategy(abc.ABC):
             f"workers from the latest checkpoint"
         )
 
+    def at_membership_boundary(self) -> bool:
+        """True between rounds, where :meth:`on_membership_change` may be called (no local progress
+        since the last outer step that a switch would have to reconcile, no exchange in flight).
+        The live-resize loop checks for a membership update only there. Default False (never)."""
+        return False
+
+    def continue_after_peer_loss(self, comm: Any, interrupted: bool) -> None:
+        """Go on with ``comm``, the group of the survivors after one or more workers were lost
+        mid-round (a collective failed because a peer died). Survivors only: nobody joins here.
+
+        ``interrupted``: the loss interrupted this strategy's own communication in the last
+        :meth:`after_inner_step`, which must then be completed or abandoned over ``comm`` as the
+        algorithm documents. Every survivor calls it at the same point (the loop checks that they
+        agree on the step). The lost workers' contributions to the current round are dropped.
+        Default: ``NotImplementedError`` (the job restarts from its checkpoint instead)."""
+        raise NotImplementedError(f"{self.name}: continuing after a lost peer is not supported; the job restarts "
+                                  f"from its latest checkpoint")
+
     def p2p_covers_links(self, world_size: int) -> bool:
         """Whether this algorithm's own point-to-point traffic gives every ordered pair of ranks
         (src -> dst) a connection sample in every outer step, over a group of ``world_size`` ranks.

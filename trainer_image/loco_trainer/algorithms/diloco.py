@@ -173,6 +173,18 @@ class DiLoCo(OuterLoopStrategy):
         self._adopt_global()
         self._loaded = True
 
+    def at_membership_boundary(self) -> bool:
+        return self.steps_since_sync == 0
+
+    def continue_after_peer_loss(self, comm: Comm, interrupted: bool) -> None:
+        """Survivors go on with ``comm``; the lost workers' inner steps of this round are dropped.
+        An interrupted outer step is run again over ``comm``: it changes nothing before its
+        all-reduce completes (the pseudo-gradients are temporaries, the global parameters and the
+        outer momentum are untouched), so the redo is exactly the outer step of the survivors."""
+        self.comm = comm
+        if interrupted and self.steps_since_sync > 0:
+            self.sync()
+
     def _momentum_buffers(self) -> list[torch.Tensor]:
         """The outer momentum buffers, created as zeros where missing (equivalent for SGD: the first
         step then sets v = Δ either way), so every rank has the same tensors to exchange."""

@@ -221,6 +221,19 @@ class StreamingDiLoCo(DiLoCo):
 
     # --------------------------------------------------------------------------- membership
 
+    def at_membership_boundary(self) -> bool:
+        """Once per H steps, when no exchange is in flight (the schedule's last fragment merges at t ≡ 0 mod H)."""
+        return not self._pending and self.t % self.sync_every == 0
+
+    def continue_after_peer_loss(self, comm: Comm, interrupted: bool) -> None:
+        """Survivors go on with ``comm``. Every exchange still in flight (started over the old group,
+        its result lost with the peer) is abandoned: its fragment keeps its local progress and
+        synchronises at its next turn in the schedule (its pseudo-gradient then covers both
+        periods). Exchanges already resolved are merged as scheduled."""
+        self.comm = comm
+        for p in [p for p, pending in self._pending.items() if pending.average is None]:
+            del self._pending[p]
+
     def on_membership_change(self, comm: Comm, src: int = 0) -> None:
         """Switch groups when no exchange is in flight: group rank ``src`` broadcasts the global
         parameters and outer momentum, every member adopts them (local progress since each fragment's

@@ -1,0 +1,150 @@
+"""Live resizing in the trainer (docs/elastic.md, "Live resizing"), with real worker processes.
+
+The test plays the operator: three DiLoCo pods (``python -m loco_trainer``, one process each, their
+own progress endpoints) run with ``LOCO_LIVE_RESIZE=1``; pod 2 crashes; the test POSTs the new
+membership to the survivors, which regroup and go on without restarting; then a fourth process
+joins (``LOCO_JOIN=1``) and the survivors take it in at an outer-step boundary. Every process must
+exit 0, the survivors being the same processes throughout, and the final checkpoint must hold the
+same model on every replica, at the data position the resizes imply.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+import yaml
+
+from loco_trainer.ucp.tools import consolidated_state, pick
+from loco_trainer.protocol import epoch_master_port
+from loco_trainer.rendezvous import free_port
+
+pytestmark = [pytest.mark.multiproc, pytest.mark.timeout(240)]
+
+STEPS, H, BATCH = 72, 8, 4
+
+
+def _config(tmp_path, algorithm: dict) -> str:
+    config = {
+        "jobName": "live", "namespace": "test",
+        "model": {"gpt": {"nLayer": 1, "nHead": 2, "nEmbd": 32, "blockSize": 32}},
+        "data": {"maxBytes": 200_000},
+        "training": {"steps": STEPS, "batchSize": BATCH, "seqLen": 32, "lr": 3e-3, "warmupSteps": 2,
+                     "logEvery": 4, "evalEvery": 0, "evalBatches": 1},
+        "algorithm": algorithm,
+        "checkpoint": {"path": str(tmp_path / "ckpt"), "everySteps": 16},
+        # a slow trainer (all ranks), so the test can act between steps; rank 2 crashes at step 12
+        "faultInjection": {"stepDelayS": 0.12, "crashAtStep": 12, "ranks": [2], "exitCode": 137},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def _start(config: str, index: int, replicas: int, epoch: int, port: int, status_port: int, log_path, join=False):
+    env = {**os.environ, "LOCO_REPLICA_INDEX": str(index), "LOCO_NUM_REPLICAS": str(replicas),
+           "LOCO_EPOCH": str(epoch), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "LOCO_LIVE_RESIZE": "1", "LOCO_JOIN": "1" if join else "0", "LOCO_STALL_AFTER_S": "5",
+           "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "loco_trainer", "--config", config, "--status-port", str(status_port),
+           "--status-host", "127.0.0.1", "--no-termination-message"]
+    return subprocess.Popen(cmd, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+
+
+def _status(port: int) -> dict | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=2) as r:
+            return json.loads(r.read())
+    except (OSError, ValueError):
+        return None
+
+
+def _post(port: int, body: dict) -> int:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/membership", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as r:
+            return r.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def _wait(predicate, timeout_s: float, what: str, procs=()):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        for p in procs:
+            assert p.poll() in (None, 0), f"a worker exited with {p.returncode} while waiting for {what}"
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.parametrize("algorithm", [
+    {"name": "diloco", "syncEvery": H},
+    {"name": "streaming-diloco", "syncEvery": H, "fragments": 2, "overlapSteps": 1},
+], ids=["diloco", "streaming-diloco"])
+def test_survivors_keep_running_through_a_lost_worker_and_a_joiner(tmp_path, algorithm) -> None:
+    config = _config(tmp_path, algorithm)
+    base = free_port()
+    status = [free_port() for _ in range(4)]
+    logs = [tmp_path / f"pod{i}.log" for i in range(4)]
+    pods = [_start(config, i, 3, 0, base, status[i], logs[i]) for i in range(3)]
+    try:
+        # pod 2 crashes at step 12 (injected); the operator would now shrink the job to the survivors
+        assert pods[2].wait(timeout=120) == 137, logs[2].read_text()[-3000:]
+        master = "127.0.0.1"
+        for rank in (0, 1):
+            code = _post(status[rank], {"epoch": 1, "rank": rank, "worldSize": 2, "masterAddr": master,
+                                        "masterPort": epoch_master_port(base, 1)})
+            assert code == 202
+        # a stale or malformed update is refused with the reason
+        assert _post(status[0], {"epoch": 1, "rank": 0, "worldSize": 2, "masterAddr": master,
+                                 "masterPort": epoch_master_port(base, 1)}) in (200, 409)
+        assert _post(status[0], {"epoch": 9, "rank": 0, "worldSize": 0}) == 400
+        _wait(lambda: all((_status(status[r]) or {}).get("epoch") == 1 for r in (0, 1)), 90, "the survivors in epoch 1",
+              pods[:2])
+        step_at_shrink = min(_status(status[r])["step"] for r in (0, 1))
+        assert step_at_shrink < STEPS - 2 * H, "the run ended before the test could grow it: slow it down"
+
+        # a live grow: the joiner starts first (it waits at the epoch-2 rendezvous), then the survivors are told
+        pods.append(_start(config, 2, 3, 2, epoch_master_port(base, 2), status[3], logs[3], join=True))
+        _wait(lambda: _status(status[3]), 90, "the joiner's progress endpoint", pods[:2] + pods[3:])
+        for rank in (0, 1):
+            assert _post(status[rank], {"epoch": 2, "rank": rank, "worldSize": 3, "masterAddr": master,
+                                        "masterPort": epoch_master_port(base, 2)}) == 202
+        for i in (0, 1, 3):
+            assert pods[i].wait(timeout=180) == 0, logs[i].read_text()[-4000:]
+    finally:
+        for p in pods:
+            if p.poll() is None:
+                p.kill()
+
+    text0 = logs[0].read_text()
+    # the survivors never restarted: one process each, one "training ..." start line, two regroups
+    assert text0.count("training gpt:") == 1, text0[-3000:]
+    shrink = re.search(r"membership epoch 1: 2 workers, continuing at step (\d+) \(after a lost peer", text0)
+    grow = re.search(r"membership epoch 2: 3 workers, continuing at step (\d+) \(planned", text0)
+    assert shrink and grow, text0[-4000:]
+    s1, s2 = int(shrink.group(1)), int(grow.group(1))
+    assert 12 <= s1 < s2 < STEPS
+
+    # the final checkpoint: every replica holds the same model (the joiner adopted the global state
+    # and every rank ends on the global parameters), at the data position the sizes imply
+    state = consolidated_state(*pick(str(tmp_path / "ckpt" / "test" / "live")))
+    assert state["step"] == STEPS and state["layout"]["numReplicas"] == 3, state["layout"]
+    assert sorted(state["replicas"]) == [1, 2]
+    for name, tensor in state["model"].items():
+        for r in (1, 2):
+            assert torch.equal(tensor, state["replicas"][r]["model"][name]), (name, r)
+    # steps [0, s1) at 3 workers, [s1, s2) at 2, [s2, STEPS) at 3: nothing skipped or repeated in the stream
+    assert state["extra_state"]["data"]["sequences"] == BATCH * (3 * s1 + 2 * (s2 - s1) + 3 * (STEPS - s2))
