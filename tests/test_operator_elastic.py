@@ -459,6 +459,31 @@ def test_live_user_scale_up_creates_a_joiner_when_every_worker_reports():
     assert not of(result, DeletePod) and body["status"]["phase"] == "Running"
 
 
+def test_live_scale_waits_until_the_previous_live_change_is_done():
+    """A user scale-down right after a live grow must not delete the joiner the survivors are still
+    regrouping with (they would wait for it at the rendezvous): the resize waits for every worker
+    to report the new epoch, and the joiner is not counted ready before the survivors are."""
+    spec = live_spec(3)
+    body = live_running(spec, 3)
+    up = live_spec(4)
+    pods = (wpod(0, 0, 0), wpod(1, 1, 0), wpod(2, 2, 0))
+    body, _ = step({**body, "spec": up}, live_seen(up, *pods, reported={x.name: 0 for x in pods}))
+    grown = (wpod(0, 0, 1), wpod(1, 1, 1), wpod(2, 2, 1), wpod(3, 3, 1))
+    down = live_spec(2)
+    body = {**body, "spec": down}
+    # the survivors still report epoch 0 (switching), the joiner epoch 1: nothing is resized or deleted
+    switching = {"j-worker-0": 0, "j-worker-1": 0, "j-worker-2": 0, "j-worker-3": 1}
+    body, result = step(body, live_seen(down, *grown, reported=switching))
+    assert not of(result, DeletePod) and not resize_events(result), result.actions
+    assert sorted(posted(result)) == ["j-worker-0", "j-worker-1", "j-worker-2"]
+    assert body["status"]["workers"] == {"desired": 4, "ready": 1} and body["status"]["targetReplicas"] == 4
+    assert result.requeue_after_s is not None and result.requeue_after_s <= 2.0
+    # everyone in epoch 1: now the scale-down runs, keeping ranks 0 and 1
+    body, result = step(body, live_seen(down, *grown, reported={x.name: 1 for x in grown}))
+    assert resize_events(result) == ["Resized 4→2 (spec.replicas changed); 2 workers continue without restarting (epoch 2)"]
+    assert sorted(a.name for a in of(result, DeletePod)) == ["j-worker-2", "j-worker-3"]
+
+
 def _live_shrunk(spec: dict[str, Any]) -> dict[str, Any]:
     """3 workers, worker-1 failed at NOW: worker-0 and worker-2 run on as ranks 0, 1 of epoch 1."""
     body = live_running(spec, 3)

@@ -148,3 +148,41 @@ def test_survivors_keep_running_through_a_lost_worker_and_a_joiner(tmp_path, alg
             assert torch.equal(tensor, state["replicas"][r]["model"][name]), (name, r)
     # steps [0, s1) at 3 workers, [s1, s2) at 2, [s2, STEPS) at 3: nothing skipped or repeated in the stream
     assert state["extra_state"]["data"]["sequences"] == BATCH * (3 * s1 + 2 * (s2 - s1) + 3 * (STEPS - s2))
+
+
+def test_survivors_leave_a_rendezvous_that_cannot_complete_for_a_newer_membership(tmp_path) -> None:
+    """A joiner dies before it reaches the rendezvous of its epoch; the survivors, told of that epoch,
+    wait there for it. The operator's next update (the survivors alone) must take them out of that
+    rendezvous into the new one, and the run must finish without a restart."""
+    config = _config(tmp_path, {"name": "diloco", "syncEvery": H})
+    base = free_port()
+    status = [free_port() for _ in range(4)]
+    logs = [tmp_path / f"pod{i}.log" for i in range(4)]
+    pods = [_start(config, i, 3, 0, base, status[i], logs[i]) for i in range(3)]
+    try:
+        assert pods[2].wait(timeout=120) == 137, logs[2].read_text()[-3000:]
+        for rank in (0, 1):
+            assert _post(status[rank], {"epoch": 1, "rank": rank, "worldSize": 2, "masterAddr": "127.0.0.1",
+                                        "masterPort": epoch_master_port(base, 1)}) == 202
+        _wait(lambda: all((_status(status[r]) or {}).get("epoch") == 1 for r in (0, 1)), 90, "the survivors in epoch 1",
+              pods[:2])
+        # epoch 2 announces a joiner that never comes (its process is killed before it rendezvouses)
+        for rank in (0, 1):
+            assert _post(status[rank], {"epoch": 2, "rank": rank, "worldSize": 3, "masterAddr": "127.0.0.1",
+                                        "masterPort": epoch_master_port(base, 2)}) == 202
+        _wait(lambda: "waiting" in logs[0].read_text() or "rendezvous: rank 0/3" in logs[0].read_text(), 60,
+              "the survivors at the epoch-2 rendezvous", pods[:2])
+        time.sleep(1.0)
+        for rank in (0, 1):
+            assert _post(status[rank], {"epoch": 3, "rank": rank, "worldSize": 2, "masterAddr": "127.0.0.1",
+                                        "masterPort": epoch_master_port(base, 3)}) == 202
+        for i in (0, 1):
+            assert pods[i].wait(timeout=180) == 0, logs[i].read_text()[-4000:]
+    finally:
+        for p in pods:
+            if p.poll() is None:
+                p.kill()
+    text0 = logs[0].read_text()
+    assert "membership epoch 3 arrived while joining epoch 2" in text0, text0[-3000:]
+    assert re.search(r"membership epoch 3: 2 workers, continuing at step \d+", text0), text0[-3000:]
+    assert text0.count("training gpt:") == 1

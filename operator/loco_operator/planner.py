@@ -606,7 +606,7 @@ def _live_shrink(
     p.delete_pods([pod for pod in members if pod.name not in keep], f"{Reason.resizing.value}: epoch {epoch}")
     for rank, pod in enumerate(survivors):
         p.actions.append(PatchPodLabels(pod.name, {LABEL_RANK: str(rank), LABEL_EPOCH: str(epoch)}))
-    p.status.workers = WorkersStatus(desired=size, ready=sum(pod.name in p.observed.reports for pod in survivors))
+    p.status.workers = WorkersStatus(desired=size, ready=0)  # ready again once they report the new epoch
     return True
 
 
@@ -629,6 +629,21 @@ def _live_grow(p: _Planner, spec: TrainingJobSpec, members: Sequence[ObservedPod
         p.actions.append(CreatePod(name, rank, epoch, _render_joiner(p, spec, rank, size, name, ordered[0].name)))
     p.status.workers = WorkersStatus(desired=size, ready=n)
     return True
+
+
+def _switching(p: _Planner, spec: TrainingJobSpec, current: Sequence[ObservedPod]) -> bool:
+    """A live membership change is still under way: some Running worker of this epoch still reports
+    an older one (it has not regrouped yet). Planned changes (grow, scale) wait for it, one at a time:
+    a second change now could remove a joiner the survivors are already waiting for at the rendezvous.
+    Failures are still acted on at once."""
+    if not _live(p, spec):
+        return False
+    reports, epoch = p.observed.reports, p.status.membership_epoch
+    behind = any(pod.live and pod.phase == "Running" and pod.name in reports and reports[pod.name].epoch < epoch
+                 for pod in current)
+    if behind:
+        _requeue(p, 2.0)
+    return behind
 
 
 def _free_names(p: _Planner, count: int, taken: Sequence[str] = ()) -> list[str]:
@@ -792,7 +807,12 @@ def _reconcile(p: _Planner, spec: TrainingJobSpec) -> None:
     policy = spec.run_policy
     epoch = st.membership_epoch
     size = _size(spec, st)  # this epoch's worker count (below spec.replicas while an elastic job is shrunk)
-    st.target_replicas = spec.replicas
+    desired_before = st.workers.desired if st.workers else 0
+    if (desired_before and size != desired_before and st.phase is Phase.running
+            and _switching(p, spec, [pod for pod in p.observed.pods if pod.epoch == epoch and pod.rank < desired_before])):
+        size = desired_before  # spec.replicas changed during a live switch: resize once it is done
+    else:
+        st.target_replicas = spec.replicas
     current = [pod for pod in p.observed.pods if pod.epoch == epoch and pod.rank < size]
     stale = [pod for pod in p.observed.pods if pod not in current]
     _progress(p, spec, current)
@@ -839,7 +859,6 @@ def _reconcile(p: _Planner, spec: TrainingJobSpec) -> None:
         p.event(EventType.normal, Reason.config_updated, "Trainer config changed; workers pick it up on their next restart")
 
     # 4. resize (spec.replicas changed under live workers)
-    desired_before = st.workers.desired if st.workers else 0
     if desired_before and desired_before != size and any(pod.live for pod in current):
         members = [pod for pod in p.observed.pods if pod.epoch == epoch]
         if size < desired_before:  # keep the lowest ranks
@@ -892,7 +911,8 @@ def _reconcile(p: _Planner, spec: TrainingJobSpec) -> None:
         return
 
     # 5c. elastic: grow back when the cluster can place more workers
-    if spec.elastic is not None and size < spec.replicas and st.phase is Phase.running and _elastic_grow(p, spec, size, current):
+    if (spec.elastic is not None and size < spec.replicas and st.phase is Phase.running and not _switching(p, spec, current)
+            and _elastic_grow(p, spec, size, current)):
         return
 
     # 6. success: every worker of this epoch exited 0
@@ -948,7 +968,8 @@ def _reconcile(p: _Planner, spec: TrainingJobSpec) -> None:
 
     # 9. phase from the workers
     running = [pod for pod in current if pod.phase == "Running" and not pod.deleting]
-    ready = sum(1 for pod in running if pod.name in p.observed.reports)
+    # ready: answering /status in this epoch (a survivor of a live resize counts once it has regrouped)
+    ready = sum(1 for pod in running if pod.name in p.observed.reports and p.observed.reports[pod.name].epoch == epoch)
     st.workers = WorkersStatus(desired=size, ready=ready)
     if not missing and len(running) + sum(pod.phase == "Succeeded" for pod in current) == size and running:
         if st.phase is not Phase.running:

@@ -27,6 +27,10 @@ from loco_trainer.config import RuntimeEnv
 log = logging.getLogger(__name__)
 
 
+#: Store key rank 0 sets once every rank has connected to its store (see :func:`_tcp_store`).
+ALL_JOINED_KEY = "loco/all-joined"
+
+
 class RendezvousError(RuntimeError):
     """The process group could not be formed (the message says what was tried)."""
 
@@ -206,7 +210,13 @@ def _tcp_store(master_ip: str, port: int, info: RankInfo, timeout_s: float) -> d
     cluster, each with its own loopback IP -- can all use MASTER_PORT 29500."""
     timeout = dt.timedelta(seconds=timeout_s)
     if info.rank != 0:
-        return dist.TCPStore(master_ip, port, info.world_size, False, timeout=timeout)
+        store = dist.TCPStore(master_ip, port, info.world_size, False, timeout=timeout)
+        # Build the process group only once every rank has reached the store (rank 0 says so). A
+        # rendezvous that can never complete -- a live epoch whose joiner died -- then stays in the
+        # store, where a newer epoch's rendezvous in another thread can still proceed; a pending
+        # process-group construction would block it (Trainer._join_newest).
+        store.wait([ALL_JOINED_KEY], timeout)
+        return store
     family = socket.AF_INET6 if ":" in master_ip else socket.AF_INET
     listener = socket.socket(family, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -219,8 +229,11 @@ def _tcp_store(master_ip: str, port: int, info: RankInfo, timeout_s: float) -> d
             f"on this address, or does MASTER_ADDR not name this pod?"
         ) from exc
     listener.listen(max(128, info.world_size))
-    # the store owns the descriptor from here on (detach: Python must not close it)
-    return dist.TCPStore(master_ip, port, info.world_size, True, timeout=timeout, master_listen_fd=listener.detach())
+    # the store owns the descriptor from here on (detach: Python must not close it); the constructor
+    # returns once all world_size ranks have connected
+    store = dist.TCPStore(master_ip, port, info.world_size, True, timeout=timeout, master_listen_fd=listener.detach())
+    store.set(ALL_JOINED_KEY, "1")
+    return store
 
 
 def pick_backend(device: torch.device) -> str:

@@ -683,17 +683,13 @@ class Trainer:
         :meth:`run`): join its group, rebuild the comm and the checkpoint engine, agree on the
         position with the other members and hand the new group to the strategy. Returns rank 0's
         ``(step, data position, reference world)``."""
-        from loco_trainer.launcher import _call_interruptibly
-        from loco_trainer.rendezvous import join_epoch, pick_backend
-
         old = self._comm
         started = time.perf_counter()
         with self._group_lock:
             self._regrouping = True
         if planned and self.engine is not None:
             self.engine.close()
-        self.info = _call_interruptibly(join_epoch, self.env, update.rank, update.world_size, update.master_addr,
-                                        update.master_port, pick_backend(self.device), REGROUP_TIMEOUT_S)
+        self.info, update = self._join_newest(update)
         self._comm = self._make_comm()
         if hasattr(self._comm, "carry_counters"):
             self._comm.carry_counters(old)  # bytes and calls stay cumulative for the metrics
@@ -713,6 +709,40 @@ class Trainer:
                      self.info.world_size, agreed[0], "planned, at an outer-step boundary" if planned
                      else "after a lost peer", time.perf_counter() - started)
         return agreed
+
+    def _join_newest(self, update: Any) -> tuple[RankInfo, Any]:
+        """Join ``update``'s group (``rendezvous.join_epoch`` in a helper thread, so SIGTERM is honoured).
+        If a newer update arrives while the rendezvous waits (e.g. a joiner of this epoch died and the
+        operator shrank again), that rendezvous can never complete: it is left to time out in its daemon
+        thread and the newer one is joined instead. Returns the new rank and the update joined."""
+        from loco_trainer.rendezvous import join_epoch, pick_backend
+
+        while True:
+            outcome: dict[str, Any] = {}
+
+            def target(u: Any = update, out: dict[str, Any] = outcome) -> None:
+                try:
+                    out["value"] = join_epoch(self.env, u.rank, u.world_size, u.master_addr, u.master_port,
+                                              pick_backend(self.device), REGROUP_TIMEOUT_S)
+                except BaseException as exc:  # noqa: BLE001 - handed to the loop below
+                    out["error"] = exc
+
+            thread = threading.Thread(target=target, daemon=True, name=f"loco-join-epoch-{update.epoch}")
+            thread.start()
+            newer = None
+            while thread.is_alive():
+                thread.join(0.2)
+                pending = self.progress.pending_membership() if self.progress is not None else None
+                if thread.is_alive() and pending is not None and pending.epoch > update.epoch:
+                    newer = pending
+                    break
+            if newer is None:
+                if "error" in outcome:
+                    raise outcome["error"]
+                return outcome["value"], update
+            log.warning("membership epoch %d arrived while joining epoch %d: joining %d instead", newer.epoch,
+                        update.epoch, newer.epoch)
+            update = newer
 
     def _agree_membership(self, completed: int, position: DataPosition, reference_world: int, *, joining: bool,
                           interrupted: bool, planned: bool) -> tuple[int, DataPosition, int]:
