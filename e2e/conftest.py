@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import os
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -89,4 +91,17 @@ def dump_debug(stack: LocalStack, job: str) -> str:
     log = stack.operator_log
     if log.exists():
         parts.append("--- operator log (tail) ---\n" + "\n".join(log.read_text(errors="replace").splitlines()[-60:]))
+    # every live trainer's thread stacks (the trainer dumps them to its log on SIGUSR1), then the logs' tails
+    procs = worker_processes(job)
+    for proc in procs:
+        try:
+            proc.send_signal(signal.SIGUSR1)
+        except psutil.Error:
+            pass
+    if procs:
+        time.sleep(1.0)
+    for path in sorted(stack.state_dir.glob(f"pods/*/{job}-worker-*/*.log")):
+        lines = path.read_text(errors="replace").splitlines()
+        lines = [x for x in lines if not x.startswith("frame #")][-80:]
+        parts.append(f"--- {path.parent.name}/{path.name} (tail) ---\n" + "\n".join(lines))
     return "\n".join(parts)

@@ -68,12 +68,13 @@ def test_node_failure_shrinks_capacity_grows_and_kubectl_scale_resizes(stack: Lo
         running_with(2, "the job to shrink to 2 workers and run")
         mark("shrunk to 2")
         live_uids = {p["metadata"]["uid"] for p in stack.list_pods(name) if not p["metadata"].get("deletionTimestamp")}
-        assert (survivors <= live_uids) == live, (survivors, live_uids)  # live: the same two pods run on
+        # live: the same two pods run on
+        assert (survivors <= live_uids) == live, f"{survivors} vs {live_uids}\n{dump_debug(stack, name)}"
         stack.cluster.set_node_ready(node, True)
         running_with(3, "the job to grow back to 3 workers")
         mark("grown to 3")
         live_uids = {p["metadata"]["uid"] for p in stack.list_pods(name) if not p["metadata"].get("deletionTimestamp")}
-        assert (survivors <= live_uids) == live, (survivors, live_uids)
+        assert (survivors <= live_uids) == live, f"{survivors} vs {live_uids}\n{dump_debug(stack, name)}"
         stack.kubectl("scale", f"tj/{name}", "--replicas=2")
         running_with(2, "kubectl scale to take the job to 2 workers")
         mark("scaled to 2")

@@ -33,6 +33,10 @@ CONFIG_VOLUME = "loco-config"
 CONFIG_DIR = DEFAULT_CONFIG_PATH.rsplit("/", 1)[0]  # /etc/loco
 CONFIG_KEY = DEFAULT_CONFIG_PATH.rsplit("/", 1)[1]  # config.json
 MASTER_PORT = 29500
+#: Seconds one collective may take before it fails (LOCO_COLLECTIVE_TIMEOUT_S): torch's default, and
+#: the bound for live-resize jobs (override with a template.env entry of the same name).
+COLLECTIVE_TIMEOUT_S = 600
+LIVE_COLLECTIVE_TIMEOUT_S = 120
 RUN_AS_USER = 1000
 HOSTNAME_LABEL = "kubernetes.io/hostname"  # what status.avoidNodes is matched against
 DEFAULT_COMMAND = ["python", "-m", "loco_trainer", "--config", DEFAULT_CONFIG_PATH]
@@ -187,6 +191,8 @@ def worker_env(
         EnvVar.RING_ALL_REDUCE: "1" if spec.detector.ring_all_reduce else "0",
         EnvVar.LIVE_RESIZE: "1" if spec.live_membership else "0",
         EnvVar.JOIN: "1" if join else "0",
+        # a live job's survivor stuck in a collective with a vanished peer recovers within this (docs/elastic.md)
+        EnvVar.COLLECTIVE_TIMEOUT_S: str(LIVE_COLLECTIVE_TIMEOUT_S if spec.live_membership else COLLECTIVE_TIMEOUT_S),
     }
     env: list[dict[str, Any]] = [{"name": k.value, "value": v} for k, v in values.items()]
     env += [

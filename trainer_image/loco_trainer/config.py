@@ -420,6 +420,9 @@ class EnvVar(str, Enum):
     # "1": this pod joins a running job (a live grow): it takes the step, data position, global
     # parameters and outer state from the group's rank 0 instead of a checkpoint
     JOIN = "LOCO_JOIN"
+    # seconds any one collective may take before it fails (the process group's timeout); live-resize
+    # jobs get 120 so a survivor stuck in a collective with a vanished peer recovers in bounded time
+    COLLECTIVE_TIMEOUT_S = "LOCO_COLLECTIVE_TIMEOUT_S"
     POD_NAME = "POD_NAME"
     POD_IP = "POD_IP"
     NODE_NAME = "NODE_NAME"
@@ -452,6 +455,7 @@ class RuntimeEnv(Model):
     ring_all_reduce: bool = False
     live_resize: bool = False
     join: bool = False
+    collective_timeout_s: float = Field(600.0, gt=0)
     pod_name: str = ""
     pod_ip: str = ""
     node_name: str = ""

@@ -250,7 +250,7 @@ def run_rank(options: LaunchOptions, local_rank: int) -> NoReturn:
         def join_process_group() -> None:
             if device.type == "cuda":
                 torch.cuda.set_device(device)  # the current CUDA device is per thread
-            init_process_group(env, info, pick_backend(device))
+            init_process_group(env, info, pick_backend(device), timeout_s=env.collective_timeout_s)
 
         # in a thread, so SIGTERM is honoured while the rendezvous blocks (see _call_interruptibly)
         _call_interruptibly(join_process_group)

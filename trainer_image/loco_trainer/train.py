@@ -190,6 +190,8 @@ REGROUP_TIMEOUT_S = 120.0
 #: A smaller membership arrived and the loop has not switched this long: abort the old group (see
 #: Trainer._on_membership_update).
 ABORT_OLD_GROUP_AFTER_S = 1.0
+#: After losing a peer, how long the save in flight may take to end before it is abandoned.
+SAVE_SETTLE_S = 5.0
 #: How long a worker waits for a membership update a peer already holds (the operator posts to all at once).
 MEMBERSHIP_WAIT_S = 30.0
 #: Texts of gloo/NCCL/store errors that mean a peer process is gone.
@@ -619,12 +621,14 @@ class Trainer:
             return
 
         def abort_if_still_there() -> None:
-            with self._group_lock:
-                if self._epoch < update.epoch and not self._regrouping:
-                    log.warning("membership epoch %d has %d workers, this one still runs %d in epoch %d: aborting "
-                                "the old group", update.epoch, update.world_size, self.info.world_size, self._epoch)
+            with self._group_lock:  # decide under the lock, abort outside it (an abort may take a while)
+                stale = self._epoch < update.epoch and not self._regrouping
+                if stale:
                     self._aborted_epoch = self._epoch
-                    _abort_group()
+            if stale:
+                log.warning("membership epoch %d has %d workers, this one still runs %d in epoch %d: aborting the "
+                            "old group", update.epoch, update.world_size, self.info.world_size, self._epoch)
+                _abort_group()
 
         timer = threading.Timer(ABORT_OLD_GROUP_AFTER_S, abort_if_still_there)
         timer.daemon = True
@@ -664,18 +668,41 @@ class Trainer:
         with self._group_lock:
             self._regrouping = True
         log.warning("rank %d: a peer was lost at step %d (%s); waiting up to %.0fs for the new membership",
-                    self.info.rank, completed, str(lost).splitlines()[0][:200], REGROUP_TIMEOUT_S)
+                    self.info.rank, completed, str(lost).splitlines()[0][:200], self._regroup_timeout_s())
         self._set_progress(message=f"a peer was lost at step {completed}: waiting for the new membership")
         # Leave the old group at once: closing its connections fails the collectives that survivors not
         # connected to the lost peer may still be blocked in (they would wait out the group's timeout),
         # so every survivor comes here within moments. The save in flight then fails (or has completed).
         _abort_group()
-        self._finish_save()
-        update = self.progress.wait_membership(self._epoch + 1, REGROUP_TIMEOUT_S) if self.progress is not None else None
+        self._settle_save(SAVE_SETTLE_S)
+        timeout = self._regroup_timeout_s()
+        update = self.progress.wait_membership(self._epoch + 1, timeout) if self.progress is not None else None
         if update is None:
             raise RuntimeError(f"a peer was lost at step {completed} and no membership update arrived within "
-                               f"{REGROUP_TIMEOUT_S:.0f}s: {lost}") from lost
+                               f"{timeout:.0f}s: {lost}") from lost
         return update
+
+    def _regroup_timeout_s(self) -> float:
+        """How long to wait for the membership update and at the new rendezvous: long enough for a
+        survivor stuck in a collective of the old group to reach its timeout and come too."""
+        return max(REGROUP_TIMEOUT_S, self.env.collective_timeout_s + 60.0)
+
+    def _settle_save(self, timeout_s: float) -> None:
+        """Record the save in flight if it ends within ``timeout_s``; else abandon it: its commit
+        waits on the old group (a lost peer), fails at that group's timeout in its daemon thread and
+        is never committed. The previous committed checkpoint stays the resume point."""
+        handle = self._pending
+        if handle is None:
+            return
+        try:
+            handle.wait(timeout_s)
+        except TimeoutError:
+            log.warning("abandoning checkpoint step %d: its commit is waiting on the old group", handle.step)
+            self._pending = None
+            return
+        except ucp.CheckpointSaveError:
+            pass
+        self._record_save()
 
     def _enter_epoch(self, update: Any, completed: int, position: DataPosition, reference_world: int, *,
                      interrupted: bool, planned: bool) -> tuple[int, DataPosition, int]:
@@ -723,7 +750,8 @@ class Trainer:
             def target(u: Any = update, out: dict[str, Any] = outcome) -> None:
                 try:
                     out["value"] = join_epoch(self.env, u.rank, u.world_size, u.master_addr, u.master_port,
-                                              pick_backend(self.device), REGROUP_TIMEOUT_S)
+                                              pick_backend(self.device), self._regroup_timeout_s(),
+                                              timeout_s=self.env.collective_timeout_s)
                 except BaseException as exc:  # noqa: BLE001 - handed to the loop below
                     out["error"] = exc
 
@@ -807,6 +835,7 @@ class Trainer:
             metrics_registry=self.metrics.registry if self.metrics and register_metrics else None,
             balance_replicated_writes=not _replicas_diverge(algorithm),
             dtensor_writer=self.info.replica_index == 0,  # sharded: every pod holds a copy, pod 0's is saved
+            coordination_timeout_s=self.env.collective_timeout_s,  # a commit waits no longer than a collective
         )
 
     def _on_checkpoint_event(self, reason: str, message: str) -> None:
