@@ -186,12 +186,17 @@ def test_worker_lost_with_its_node_names_the_node_in_the_resize():
         assert resize_events(result)[0].startswith(f"Resized 3→2 ({failure}; its replacement cannot be placed: {UNSCHED})")
 
 
+def rank2_hang() -> FaultFinding:
+    """The detector's verdict of epoch 0: rank 2 (j-worker-2 on n2) never entered collective #41."""
+    verdict = Verdict(kind=VerdictKind.hang_comm, ranks=(2,), link=None, node="n2", seq=41,
+                      evidence={"scope": "rank"}, message="rank 2 never entered collective #41")
+    return FaultFinding(verdict=verdict, epoch=0, pods=("j-worker-2",), nodes=("n2",))
+
+
 def test_pod_blamed_by_the_fault_detector_whose_replacement_cannot_be_placed_names_the_fault():
     spec = spec_of(3)
     body = running(spec, 3)
-    verdict = Verdict(kind=VerdictKind.hang_comm, ranks=(2,), link=None, node="n2", seq=41,
-                      evidence={"scope": "rank"}, message="rank 2 never entered collective #41")
-    finding = FaultFinding(verdict=verdict, epoch=0, pods=("j-worker-2",), nodes=("n2",))
+    finding = rank2_hang()
     live = (pod(0), pod(1), pod(2))
     cfg = seen(spec, *live)
     body, result = step(body, Observed(pods=live, service_exists=True, configmap_data=cfg.configmap_data, findings=(finding,)))
@@ -413,9 +418,7 @@ def test_live_membership_update_waits_until_every_worker_reports():
 def test_live_fault_verdict_drops_the_blamed_pod_and_avoids_its_node():
     spec = live_spec(3)
     body = live_running(spec, 3)
-    verdict = Verdict(kind=VerdictKind.hang_comm, ranks=(2,), link=None, node="n2", seq=41,
-                      evidence={"scope": "rank"}, message="rank 2 never entered collective #41")
-    finding = FaultFinding(verdict=verdict, epoch=0, pods=("j-worker-2",), nodes=("n2",))
+    finding = rank2_hang()
     pods = (wpod(0, 0, 0), wpod(1, 1, 0), wpod(2, 2, 0))
     body, result = step(body, live_seen(spec, *pods, findings=(finding,)))
     st = body["status"]

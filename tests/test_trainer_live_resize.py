@@ -89,39 +89,50 @@ def _wait(predicate, timeout_s: float, what: str, procs=()):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-@pytest.mark.parametrize("algorithm", [
-    {"name": "diloco", "syncEvery": H},
-    {"name": "streaming-diloco", "syncEvery": H, "fragments": 2, "overlapSteps": 1},
-], ids=["diloco", "streaming-diloco"])
-def test_survivors_keep_running_through_a_lost_worker_and_a_joiner(tmp_path, algorithm) -> None:
+def _tell(status: list[int], epoch: int, world: int, base: int, ranks=(0, 1)) -> list[int]:
+    """POST each rank in ``ranks`` its place in ``epoch`` (the operator's job); returns the status codes."""
+    return [_post(status[r], {"epoch": epoch, "rank": r, "worldSize": world, "masterAddr": "127.0.0.1",
+                              "masterPort": epoch_master_port(base, epoch)}) for r in ranks]
+
+
+def _shrunk_after_crash(tmp_path, algorithm: dict):
+    """Three pods start; pod 2 crashes at step 12 (injected); the survivors are told their place in
+    epoch 1 and switch to it. Returns (config path, base port, status ports, log paths, processes)."""
     config = _config(tmp_path, algorithm)
     base = free_port()
     status = [free_port() for _ in range(4)]
     logs = [tmp_path / f"pod{i}.log" for i in range(4)]
     pods = [_start(config, i, 3, 0, base, status[i], logs[i]) for i in range(3)]
     try:
-        # pod 2 crashes at step 12 (injected); the operator would now shrink the job to the survivors
         assert pods[2].wait(timeout=120) == 137, logs[2].read_text()[-3000:]
-        master = "127.0.0.1"
-        for rank in (0, 1):
-            code = _post(status[rank], {"epoch": 1, "rank": rank, "worldSize": 2, "masterAddr": master,
-                                        "masterPort": epoch_master_port(base, 1)})
-            assert code == 202
+        assert _tell(status, 1, 2, base) == [202, 202]
         # a stale or malformed update is refused with the reason
-        assert _post(status[0], {"epoch": 1, "rank": 0, "worldSize": 2, "masterAddr": master,
-                                 "masterPort": epoch_master_port(base, 1)}) in (200, 409)
+        assert _tell(status, 1, 2, base, ranks=(0,))[0] in (200, 409)
         assert _post(status[0], {"epoch": 9, "rank": 0, "worldSize": 0}) == 400
         _wait(lambda: all((_status(status[r]) or {}).get("epoch") == 1 for r in (0, 1)), 90, "the survivors in epoch 1",
               pods[:2])
+    except BaseException:
+        for p in pods:
+            if p.poll() is None:
+                p.kill()
+        raise
+    return config, base, status, logs, pods
+
+
+@pytest.mark.parametrize("algorithm", [
+    {"name": "diloco", "syncEvery": H},
+    {"name": "streaming-diloco", "syncEvery": H, "fragments": 2, "overlapSteps": 1},
+], ids=["diloco", "streaming-diloco"])
+def test_survivors_keep_running_through_a_lost_worker_and_a_joiner(tmp_path, algorithm) -> None:
+    config, base, status, logs, pods = _shrunk_after_crash(tmp_path, algorithm)
+    try:
         step_at_shrink = min(_status(status[r])["step"] for r in (0, 1))
         assert step_at_shrink < STEPS - 2 * H, "the run ended before the test could grow it: slow it down"
 
         # a live grow: the joiner starts first (it waits at the epoch-2 rendezvous), then the survivors are told
         pods.append(_start(config, 2, 3, 2, epoch_master_port(base, 2), status[3], logs[3], join=True))
         _wait(lambda: _status(status[3]), 90, "the joiner's progress endpoint", pods[:2] + pods[3:])
-        for rank in (0, 1):
-            assert _post(status[rank], {"epoch": 2, "rank": rank, "worldSize": 3, "masterAddr": master,
-                                        "masterPort": epoch_master_port(base, 2)}) == 202
+        assert _tell(status, 2, 3, base) == [202, 202]
         for i in (0, 1, 3):
             assert pods[i].wait(timeout=180) == 0, logs[i].read_text()[-4000:]
     finally:
@@ -154,28 +165,14 @@ def test_survivors_leave_a_rendezvous_that_cannot_complete_for_a_newer_membershi
     """A joiner dies before it reaches the rendezvous of its epoch; the survivors, told of that epoch,
     wait there for it. The operator's next update (the survivors alone) must take them out of that
     rendezvous into the new one, and the run must finish without a restart."""
-    config = _config(tmp_path, {"name": "diloco", "syncEvery": H})
-    base = free_port()
-    status = [free_port() for _ in range(4)]
-    logs = [tmp_path / f"pod{i}.log" for i in range(4)]
-    pods = [_start(config, i, 3, 0, base, status[i], logs[i]) for i in range(3)]
+    _, base, status, logs, pods = _shrunk_after_crash(tmp_path, {"name": "diloco", "syncEvery": H})
     try:
-        assert pods[2].wait(timeout=120) == 137, logs[2].read_text()[-3000:]
-        for rank in (0, 1):
-            assert _post(status[rank], {"epoch": 1, "rank": rank, "worldSize": 2, "masterAddr": "127.0.0.1",
-                                        "masterPort": epoch_master_port(base, 1)}) == 202
-        _wait(lambda: all((_status(status[r]) or {}).get("epoch") == 1 for r in (0, 1)), 90, "the survivors in epoch 1",
-              pods[:2])
         # epoch 2 announces a joiner that never comes (its process is killed before it rendezvouses)
-        for rank in (0, 1):
-            assert _post(status[rank], {"epoch": 2, "rank": rank, "worldSize": 3, "masterAddr": "127.0.0.1",
-                                        "masterPort": epoch_master_port(base, 2)}) == 202
+        assert _tell(status, 2, 3, base) == [202, 202]
         _wait(lambda: "waiting" in logs[0].read_text() or "rendezvous: rank 0/3" in logs[0].read_text(), 60,
               "the survivors at the epoch-2 rendezvous", pods[:2])
         time.sleep(1.0)
-        for rank in (0, 1):
-            assert _post(status[rank], {"epoch": 3, "rank": rank, "worldSize": 2, "masterAddr": "127.0.0.1",
-                                        "masterPort": epoch_master_port(base, 3)}) == 202
+        assert _tell(status, 3, 2, base) == [202, 202]
         for i in (0, 1):
             assert pods[i].wait(timeout=180) == 0, logs[i].read_text()[-4000:]
     finally:

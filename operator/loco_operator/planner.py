@@ -930,11 +930,9 @@ def _reconcile(p: _Planner, spec: TrainingJobSpec) -> None:
         return
 
     # 7. stale workers (an old epoch, or ranks beyond replicas) must be gone before new ones start
-    if stale and _live(p, spec):
-        # a live job runs on while the pods it left behind (failed, dropped) terminate
+    if stale:
         p.delete_pods(stale, f"{Reason.stale_epoch.value}: epoch is {epoch}")
-    elif stale:
-        p.delete_pods(stale, f"{Reason.stale_epoch.value}: epoch is {epoch}")
+    if stale and not _live(p, spec):  # a live job runs on while the pods it left behind terminate
         st.phase = st.phase or Phase.pending
         st.message = f"Waiting for {len(stale)} old workers to terminate before starting epoch {epoch}"
         st.workers = WorkersStatus(desired=size, ready=0)

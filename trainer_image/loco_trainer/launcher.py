@@ -176,7 +176,12 @@ def _raise_terminated(signum: int, frame: Any) -> None:
     raise _Terminated()
 
 
-def _call_interruptibly(fn: Callable[..., T], *args: Any, poll_s: float = 0.2) -> T:
+class Abandoned(Exception):
+    """:func:`_call_interruptibly` stopped waiting because its ``abandon`` predicate said so."""
+
+
+def _call_interruptibly(fn: Callable[..., T], *args: Any, poll_s: float = 0.2,
+                        abandon: Callable[[], bool] | None = None) -> T:
     """``fn(*args)`` run in a worker thread while this (main) thread waits in short joins.
 
     Why: Python signal handlers run only in the main thread, between bytecodes. A rank blocked in
@@ -185,6 +190,8 @@ def _call_interruptibly(fn: Callable[..., T], *args: Any, poll_s: float = 0.2) -
     grace period kills it. Waiting here instead lets :func:`_raise_terminated` raise
     :class:`_Terminated` at once; the still-blocked daemon thread dies with ``os._exit``.
     An exception raised by ``fn`` is re-raised here unchanged (same object: type, message, cause).
+    ``abandon``: checked at every poll while ``fn`` runs; when it returns True the wait ends with
+    :class:`Abandoned` and ``fn`` is left to finish or fail in its daemon thread.
     """
     outcome: dict[str, Any] = {}
 
@@ -198,6 +205,8 @@ def _call_interruptibly(fn: Callable[..., T], *args: Any, poll_s: float = 0.2) -
     thread.start()
     while thread.is_alive():
         thread.join(poll_s)
+        if abandon is not None and thread.is_alive() and abandon():
+            raise Abandoned(getattr(fn, "__name__", "call"))
     if "error" in outcome:
         raise outcome.pop("error")
     return outcome["value"]

@@ -568,7 +568,7 @@ class Trainer:
 
     def _publish_records(self, comm: Any) -> None:
         """Fault detection: the progress channel ships ``comm``'s records (docs/fault-detection.md)."""
-        if self.progress is not None and hasattr(comm, "export_records"):
+        if self.progress is not None:
             self.progress.set_fault_source(
                 lambda since_seq, since_link: (comm.export_records(since_seq), comm.export_links(since_link),
                                                comm.clock_error_s))
@@ -718,8 +718,7 @@ class Trainer:
             self.engine.close()
         self.info, update = self._join_newest(update)
         self._comm = self._make_comm()
-        if hasattr(self._comm, "carry_counters"):
-            self._comm.carry_counters(old)  # bytes and calls stay cumulative for the metrics
+        self._comm.carry_counters(old)  # bytes and calls stay cumulative for the metrics
         previous_metrics = self.engine.metrics if self.engine is not None else None
         self.engine = self._build_engine(self.info.world_size, 1, register_metrics=previous_metrics is None)
         if previous_metrics is not None:
@@ -742,35 +741,24 @@ class Trainer:
         If a newer update arrives while the rendezvous waits (e.g. a joiner of this epoch died and the
         operator shrank again), that rendezvous can never complete: it is left to time out in its daemon
         thread and the newer one is joined instead. Returns the new rank and the update joined."""
+        from loco_trainer.launcher import Abandoned, _call_interruptibly
         from loco_trainer.rendezvous import join_epoch, pick_backend
 
         while True:
-            outcome: dict[str, Any] = {}
-
-            def target(u: Any = update, out: dict[str, Any] = outcome) -> None:
-                try:
-                    out["value"] = join_epoch(self.env, u.rank, u.world_size, u.master_addr, u.master_port,
-                                              pick_backend(self.device), self._regroup_timeout_s(),
-                                              timeout_s=self.env.collective_timeout_s)
-                except BaseException as exc:  # noqa: BLE001 - handed to the loop below
-                    out["error"] = exc
-
-            thread = threading.Thread(target=target, daemon=True, name=f"loco-join-epoch-{update.epoch}")
-            thread.start()
-            newer = None
-            while thread.is_alive():
-                thread.join(0.2)
+            def newer(epoch: int = update.epoch) -> Any:
                 pending = self.progress.pending_membership() if self.progress is not None else None
-                if thread.is_alive() and pending is not None and pending.epoch > update.epoch:
-                    newer = pending
-                    break
-            if newer is None:
-                if "error" in outcome:
-                    raise outcome["error"]
-                return outcome["value"], update
-            log.warning("membership epoch %d arrived while joining epoch %d: joining %d instead", newer.epoch,
-                        update.epoch, newer.epoch)
-            update = newer
+                return pending if pending is not None and pending.epoch > epoch else None
+
+            try:
+                info = _call_interruptibly(join_epoch, self.env, update.rank, update.world_size, update.master_addr,
+                                           update.master_port, pick_backend(self.device), self._regroup_timeout_s(),
+                                           self.env.collective_timeout_s, abandon=lambda: newer() is not None)
+                return info, update
+            except Abandoned:
+                arrived = newer()
+                log.warning("membership epoch %d arrived while joining epoch %d: joining %d instead", arrived.epoch,
+                            update.epoch, arrived.epoch)
+                update = arrived
 
     def _agree_membership(self, completed: int, position: DataPosition, reference_world: int, *, joining: bool,
                           interrupted: bool, planned: bool) -> tuple[int, DataPosition, int]:
@@ -794,7 +782,7 @@ class Trainer:
                                f"(step, position, reference world, interrupted) {sorted(survivors)}")
         step, sequences, reference, was_interrupted = rows[0][1:]
         joiners = sum(row[0] for row in rows)
-        if joiners and not (planned or joining) or joiners and was_interrupted:
+        if joiners and (was_interrupted or not (planned or joining)):
             raise RuntimeError("membership change: workers cannot join mid-round (after a lost peer)")
         if joiners or planned:
             strategy.on_membership_change(comm, 0)
