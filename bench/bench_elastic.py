@@ -22,8 +22,8 @@ Then, from the moment the node is Ready again: **running at 3** and **training o
 useful tokens (each step counted once, the first time the job reaches it, at the size it ran at)
 over the wall time, relative to the steady-state tokens/s before the failure.
 
-DiLoCo and Streaming DiLoCo resize live (docs/elastic.md, "Live resizing": the survivors keep
-running, a joiner takes the global state from them); DDP, NoLoCo and CO2 resize by a coordinated
+DiLoCo, Streaming DiLoCo and CO2 resize live (docs/elastic.md, "Live resizing": the survivors keep
+running, a joiner takes the global state from them); DDP and NoLoCo resize by a coordinated
 restart of all workers from the last universal checkpoint. ``diloco-restart`` is DiLoCo with
 ``elastic.liveResize: false``: the same algorithm through the restart path, for the comparison.
 
@@ -89,6 +89,7 @@ class Tracker:
         self.max_step = 0
         self.useful_tokens = 0.0
         self.status: dict[str, Any] = {}
+        self.timeline: list[tuple[float, int, int, int, int]] = []  # (t, step, desired, ready, epoch)
 
     def poll(self) -> dict[str, Any]:
         st = (self.stack.get_job(self.name) or {}).get("status") or {}
@@ -100,6 +101,9 @@ class Tracker:
         if st.get("phase") in ("Failed", "Succeeded"):
             raise SystemExit(f"{self.name}: job ended {st.get('phase')}: {st.get('message')}")
         self.status = st
+        workers = st.get("workers") or {}
+        self.timeline.append((round(time.monotonic(), 2), step, desired, int(workers.get("ready") or 0),
+                              int(st.get("membershipEpoch") or 0)))
         return st
 
     def until(self, predicate, what: str) -> float:  # noqa: ANN001 - a status predicate
@@ -155,6 +159,9 @@ def scenario(algorithm: str) -> dict[str, float]:
         t.poll()
         t_end = time.monotonic()
         goodput = (t.useful_tokens - tokens_before) / (t_end - t_fail)
+        if os.environ.get("LOCO_BENCH_TIMELINE"):  # (t since the failure, step, desired, ready, epoch) per poll
+            Path(os.environ["LOCO_BENCH_TIMELINE"]).write_text(json.dumps(
+                [(round(p[0] - t_fail, 2), *p[1:]) for p in t.timeline if p[0] >= t_fail - 5]))
         return {
             "steady_tokens_per_s": steady_tps,
             "failure_noticed_s": t_evicted - t_fail,

@@ -16,7 +16,7 @@ from dist_helpers import rank_pool, flat_params, run_loop, tiny_model
 from loco_trainer.algorithms import CO2, DDP, DiLoCo, NoLoCo, StreamingDiLoCo
 from loco_trainer.algorithms.base import membership_roles
 from loco_trainer.algorithms.noloco import gossip_groups
-from loco_trainer.comm import Comm, flatten
+from loco_trainer.comm import Comm, CommHandle, flatten
 
 H = 2
 ALPHA, BETA, GAMMA = 0.7, 0.5, 0.7  # NoLoCo α, β, γ
@@ -226,6 +226,95 @@ def test_co2_survivors_go_on_without_a_departed_worker(rank_pool) -> None:
         assert r["world"] == 3 and r["all_reduces"] == 2 and set(r["peers"]) <= {0, 1, 2}
         assert r["old_calls"][0] == r["old_calls"][1]  # nothing more on the group that held rank 3
     assert not torch.equal(results[0]["final"], results[0]["joined"])
+
+
+class _PairComm:
+    """A group of two seen from rank 0: the other worker's Δ is always ``peer``. Once ``lost`` is set
+    (the peer died), every collective not completed yet fails, as gloo's do when a peer is gone."""
+
+    def __init__(self, peer: torch.Tensor) -> None:
+        self.peer, self.lost, self.calls = peer, False, 0
+        self.world_size, self.rank = 2, 0
+
+    def all_reduce(self, t: torch.Tensor, op: str = "avg", *, async_op: bool = False):
+        assert op == "avg"
+        self.calls += 1
+        work = _PairWork(self, t)
+        return work if async_op else work.wait()
+
+
+class _PairWork:
+    def __init__(self, comm: _PairComm, t: torch.Tensor) -> None:
+        self.comm, self.t, self.done = comm, t, False
+
+    def wait(self) -> torch.Tensor:
+        if not self.done:
+            if self.comm.lost:
+                raise RuntimeError("[gloo] Connection closed by peer")
+            self.t.add_(self.comm.peer).div_(2)
+            self.done = True
+        return self.t
+
+
+def _co2_two_rounds(peer: torch.Tensor):
+    """Rank 0 of a two-worker CO2 after two rounds: round 1 applied, round 2's all-reduce started."""
+    model = tiny_model(seed=0)
+    comm = _PairComm(peer)
+    strategy, opt = _co2(model, comm)
+    run_loop(strategy, model, opt, 0, 0, 2 * H)
+    return model, comm, strategy, opt
+
+
+def test_co2_redoes_an_interrupted_round_end_over_the_survivors() -> None:
+    """The peer dies before round 3 ends: waiting there for round 2's average fails. Nothing is applied;
+    the survivors redo round 2's all-reduce from the kept Δ (the lost worker's Δ dropped, the other
+    survivor's taken), then round 3 ends over the new group, applying round 2 one round late."""
+    n = sum(p.numel() for p in tiny_model().parameters())
+    lost_delta, survivor_delta = torch.full((n,), 0.3), torch.full((n,), -0.1)
+    model, old, strategy, opt = _co2_two_rounds(lost_delta)
+    phi2, m2, rounds = strategy.outer_params.clone(), strategy.momentum.clone(), strategy.rounds
+    own_delta2 = strategy._pending_delta.clone()  # this worker's Δ of round 2 (white box)
+    run_loop(strategy, model, opt, 0, 2 * H, 3 * H - 1)
+    old.lost = True
+    with pytest.raises(RuntimeError, match="Connection closed"):
+        run_loop(strategy, model, opt, 0, 3 * H - 1, 3 * H)  # the round end fails waiting for round 2
+    torch.testing.assert_close(strategy.outer_params, phi2, rtol=0, atol=0)  # nothing applied
+    torch.testing.assert_close(strategy.momentum, m2, rtol=0, atol=0)
+    assert (strategy.rounds, strategy.steps_since_sync) == (rounds, H)
+
+    survivors = _PairComm(survivor_delta)
+    calls_on_old = old.calls
+    strategy.continue_after_peer_loss(survivors, interrupted=True)
+    assert old.calls == calls_on_old and survivors.calls == 2  # round 2 redone, round 3 started: the new group
+    m3 = (MU * m2 + (own_delta2 + survivor_delta) / 2 / LAMBDA).clamp(-CLIP, CLIP)
+    torch.testing.assert_close(strategy.momentum, m3, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(strategy.outer_params, phi2 - ETA * m3, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(flat_params(model), phi2 - ETA * m3, rtol=1e-6, atol=1e-7)  # θ = φ
+    assert (strategy.rounds, strategy.steps_since_sync) == (rounds + 1, 0)
+    with_lost = (MU * m2 + (own_delta2 + lost_delta) / 2 / LAMBDA).clamp(-CLIP, CLIP)
+    assert not torch.allclose(strategy.momentum, with_lost)  # the lost worker's Δ is not in it
+
+
+def test_co2_redoes_a_resolved_round_after_a_peer_loss_so_survivors_agree() -> None:
+    """A checkpoint waited for round 2's average on the old group (it includes the lost worker's Δ);
+    then the peer is lost. Whether a survivor got that average depends on timing, so every survivor
+    redoes round 2 over the survivors; it is applied at the next round end, not now."""
+    n = sum(p.numel() for p in tiny_model().parameters())
+    lost_delta, survivor_delta = torch.full((n,), 0.3), torch.full((n,), -0.1)
+    model, old, strategy, opt = _co2_two_rounds(lost_delta)
+    with_lost = strategy.state_dict()["pending_average"].clone()  # (own Δ₂ + lost Δ₂) / 2
+    phi2, m2 = strategy.outer_params.clone(), strategy.momentum.clone()
+    old.lost = True
+    survivors = _PairComm(survivor_delta)
+    strategy.continue_after_peer_loss(survivors, interrupted=False)
+    redone = strategy.state_dict()["pending_average"]
+    torch.testing.assert_close(redone, with_lost + (survivor_delta - lost_delta) / 2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(strategy.outer_params, phi2, rtol=0, atol=0)  # not applied yet
+    torch.testing.assert_close(strategy.momentum, m2, rtol=0, atol=0)
+    run_loop(strategy, model, opt, 0, 2 * H, 3 * H)  # the next round end applies it
+    expected_m = (MU * m2 + redone / LAMBDA).clamp(-CLIP, CLIP)
+    torch.testing.assert_close(strategy.outer_params, phi2 - ETA * expected_m, rtol=1e-6, atol=1e-7)
+    assert survivors.calls == 2 and old.calls == 2  # the redo and round 3, all on the new group
 
 
 # ------------------------------------------------------------------- DiLoCo, Streaming DiLoCo

@@ -531,6 +531,28 @@ def test_live_grow_on_capacity_creates_a_joiner_under_a_free_name():
         "j-worker-0": (0, 3, DNS.format(0), 29503), "j-worker-2": (1, 3, DNS.format(0), 29503)}
 
 
+def test_live_joiner_still_loading_does_not_pull_the_job_step_back():
+    """A joiner reports step 0 while it loads (state starting) until it adopts the survivors' step:
+    ``status.step`` comes from the running workers meanwhile, so a dashboard never sees it drop."""
+    spec = live_spec(3)
+    body = _live_shrunk(spec)
+    survivors = (wpod(0, 0, 1), wpod(2, 1, 1))
+    body, result = step(body, live_seen(spec, *survivors, reported={"j-worker-0": 1, "j-worker-2": 1}, free=5),
+                        NOW + timedelta(seconds=31))
+    assert body["status"]["membershipEpoch"] == 2 and len(of(result, CreatePod)) == 1
+    pods = (wpod(0, 0, 2), wpod(2, 1, 2), wpod(1, 2, 2))
+    reports = {"j-worker-0": ProgressReport(job_name="j", replica_index=0, epoch=1, state="running", step=40),
+               "j-worker-2": ProgressReport(job_name="j", replica_index=1, epoch=1, state="running", step=41),
+               "j-worker-1": ProgressReport(job_name="j", replica_index=2, epoch=2, state="starting", step=0)}
+    observed = Observed(pods=pods, service_exists=True, configmap_data=seen(spec).configmap_data, reports=reports)
+    body, _ = step(body, observed, NOW + timedelta(seconds=32))
+    assert body["status"]["step"] == 40
+    # once it runs, it counts like any worker (a restarted job's workers all start together: min of all)
+    reports["j-worker-1"] = ProgressReport(job_name="j", replica_index=2, epoch=2, state="running", step=39)
+    body, _ = step(body, observed, NOW + timedelta(seconds=33))
+    assert body["status"]["step"] == 39
+
+
 def test_live_joiner_that_cannot_be_placed_is_dropped_live():
     spec = live_spec(3)
     body = _live_shrunk(spec)

@@ -1,6 +1,6 @@
 """Live resizing in the trainer (docs/elastic.md, "Live resizing"), with real worker processes.
 
-The test plays the operator: three DiLoCo pods (``python -m loco_trainer``, one process each, their
+The test plays the operator: three DiLoCo (Streaming DiLoCo, CO2) pods (``python -m loco_trainer``, one process each, their
 own progress endpoints) run with ``LOCO_LIVE_RESIZE=1``; pod 2 crashes; the test POSTs the new
 membership to the survivors, which regroup and go on without restarting; then a fourth process
 joins (``LOCO_JOIN=1``) and the survivors take it in at an outer-step boundary. Every process must
@@ -122,7 +122,8 @@ def _shrunk_after_crash(tmp_path, algorithm: dict):
 @pytest.mark.parametrize("algorithm", [
     {"name": "diloco", "syncEvery": H},
     {"name": "streaming-diloco", "syncEvery": H, "fragments": 2, "overlapSteps": 1},
-], ids=["diloco", "streaming-diloco"])
+    {"name": "co2", "syncEvery": H},
+], ids=["diloco", "streaming-diloco", "co2"])
 def test_survivors_keep_running_through_a_lost_worker_and_a_joiner(tmp_path, algorithm) -> None:
     config, base, status, logs, pods = _shrunk_after_crash(tmp_path, algorithm)
     try:

@@ -37,7 +37,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from loco_trainer.protocol import MembershipUpdate, ProgressReport, epoch_master_port
+from loco_trainer.protocol import MembershipUpdate, ProgressReport, WorkerState, epoch_master_port
 
 from .faults.live import FaultFinding, blamed_nodes
 
@@ -415,7 +415,10 @@ def _progress(p: _Planner, spec: TrainingJobSpec, current: Sequence[ObservedPod]
         if report is not None:
             reports.append(report)
     if reports:
-        st.step = min(r.step for r in reports)
+        # a worker still loading (a joiner of a live grow, state starting) reports step 0 until it
+        # adopts the running workers' step: the job's step comes from the others, so it never drops
+        counted = [r for r in reports if r.state != WorkerState.starting] or reports
+        st.step = min(r.step for r in counted)
         st.total_steps = max([spec.training.steps, *(r.total_steps for r in reports)])
         by_rank = sorted(reports, key=lambda r: r.replica_index)
         # rounded for display (`kubectl get tj` prints numbers as stored)

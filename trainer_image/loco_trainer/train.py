@@ -530,6 +530,7 @@ class Trainer:
                     update = self._await_update(lost, completed)
                 else:
                     last_ckpt = self._finish_save() or last_ckpt  # the old group is still whole: commit first
+                    strategy.before_membership_change()  # ... and complete what is in flight on it
                 position, reference_world = self._enter_epoch(update, completed, position, reference_world,
                                                               interrupted=interrupted, planned=lost is None)[1:]
                 info, comm, sz = self.info, self._comm, self._sizing(reference_world)

@@ -114,6 +114,10 @@ class Strategy(abc.ABC):
         The live-resize loop checks for a membership update only there. Default False (never)."""
         return False
 
+    def before_membership_change(self) -> None:
+        """Called at a planned boundary just before the switch, while the old group is still whole:
+        complete what is still in flight on it (CO2's asynchronous round). Default: nothing."""
+
     def continue_after_peer_loss(self, comm: Any, interrupted: bool) -> None:
         """Go on with ``comm``, the group of the survivors after one or more workers were lost
         mid-round (a collective failed because a peer died). Survivors only: nobody joins here.

@@ -86,6 +86,9 @@ class CO2(OuterLoopStrategy):
         self.last_clipped_fraction = 0.0
         self._pending: CommHandle | None = None
         self._pending_average: torch.Tensor | None = None
+        #: this worker's Δ of the round not applied yet (kept to redo its all-reduce over the survivors
+        #: if a peer is lost before the round is applied: 4N bytes of CPU memory)
+        self._pending_delta: torch.Tensor | None = None
         #: True once this worker ended a round or joined a membership: it has state of its own
         #: (the default ``joining`` of :meth:`on_membership_change` is ``not _active``)
         self._active = False
@@ -121,10 +124,14 @@ class CO2(OuterLoopStrategy):
 
     @torch.no_grad()
     def round_end(self) -> None:
+        """End the round: resolve the previous round's all-reduce, start this round's, apply the previous
+        average, adopt φ. Safe to call again after a failure part-way (a lost peer): nothing is applied
+        before the new all-reduce has started, and a resolved average is kept until it is."""
         delta = self.outer_params - flatten(cpu_fp32(self.params))
-        previous = self._take_pending() if self._has_pending() else None
-        self._pending = self.comm.all_reduce(delta, op="avg", async_op=True)
-        self._pending_average = None
+        self._resolve()  # raises on a lost peer: nothing changed yet
+        handle = self.comm.all_reduce(delta.clone(), op="avg", async_op=True)
+        previous = self._pending_average
+        self._pending, self._pending_delta, self._pending_average = handle, delta, None
         if previous is not None:
             self._apply(previous)
         self._adopt()
@@ -166,12 +173,43 @@ class CO2(OuterLoopStrategy):
             self._loaded = True  # a later setup() keeps the adopted state
         self._active = True
 
+    def at_membership_boundary(self) -> bool:
+        """Right after a round end (the all-reduce it started is in flight on the current group)."""
+        return self.steps_since_sync == 0
+
+    def before_membership_change(self) -> None:
+        """Called while the old group is still whole, just before a planned switch: wait for the round
+        in flight, so :meth:`on_membership_change` applies it instead of losing it with the old group."""
+        self._resolve()
+
+    @torch.no_grad()
+    def continue_after_peer_loss(self, comm: Comm, interrupted: bool) -> None:
+        """Survivors go on with ``comm`` after a peer was lost. The round not applied yet (its all-reduce
+        was started on the old group; its result may be lost with the peer) is all-reduced again over
+        ``comm`` from the kept Δ: it becomes the survivors' average, the lost workers' contribution to it
+        is dropped, and it is applied at the next round end as usual (one round stale). It is redone even
+        where this worker had received the old group's average: whether a survivor did depends on timing,
+        and the survivors must apply the same update. An interrupted round end is then completed. A round
+        pending from a checkpoint (no Δ kept; identical on every rank) is kept."""
+        self.comm = comm
+        if self._pending_delta is not None:
+            self._pending = None
+            self._pending_average = comm.all_reduce(self._pending_delta.clone(), op="avg")
+        if interrupted and self.steps_since_sync > 0:
+            self.round_end()
+
     def _has_pending(self) -> bool:
         return self._pending is not None or self._pending_average is not None
 
+    def _resolve(self) -> None:
+        """Wait for the all-reduce in flight, if any, and keep its average until it is applied."""
+        if self._pending is not None:
+            self._pending_average = self._pending.wait()
+            self._pending = None
+
     def _take_pending(self) -> torch.Tensor:
-        average = self._pending_average if self._pending_average is not None else self._pending.wait()
-        self._pending, self._pending_average = None, None
+        self._resolve()
+        average, self._pending_average, self._pending_delta = self._pending_average, None, None
         return average
 
     @torch.no_grad()
@@ -202,9 +240,7 @@ class CO2(OuterLoopStrategy):
     def state_dict(self) -> dict[str, Any]:
         """φ, m, the round position and the pending round: an all-reduce in flight is waited for
         (all ranks already issued it) and its average saved, so a resumed run applies it on time."""
-        if self._pending is not None:
-            self._pending_average = self._pending.wait()
-            self._pending = None
+        self._resolve()
         return {
             "format": STATE_FORMAT,
             "algorithm": self.name,
@@ -226,7 +262,8 @@ class CO2(OuterLoopStrategy):
         self.outer_params.copy_(state["outer_params"])
         self.momentum.copy_(state["momentum"])
         pending = state["pending_average"]
-        self._pending, self._pending_average = None, (None if pending is None else pending.clone())
+        self._pending, self._pending_delta = None, None
+        self._pending_average = None if pending is None else pending.clone()
         self.steps_since_sync = int(state["steps_since_sync"])
         self.rounds = int(state["rounds"])
         self.updates = int(state["updates"])
