@@ -22,8 +22,8 @@ Then, from the moment the node is Ready again: **running at 3** and **training o
 useful tokens (each step counted once, the first time the job reaches it, at the size it ran at)
 over the wall time, relative to the steady-state tokens/s before the failure.
 
-DiLoCo, Streaming DiLoCo and CO2 resize live (docs/elastic.md, "Live resizing": the survivors keep
-running, a joiner takes the global state from them); DDP and NoLoCo resize by a coordinated
+DiLoCo, Streaming DiLoCo, NoLoCo and CO2 resize live (docs/elastic.md, "Live resizing": the survivors keep
+running, a joiner takes the global state from them); DDP resizes by a coordinated
 restart of all workers from the last universal checkpoint. ``diloco-restart`` is DiLoCo with
 ``elastic.liveResize: false``: the same algorithm through the restart path, for the comparison.
 

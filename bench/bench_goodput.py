@@ -10,10 +10,10 @@ trains at 3 workers with a first checkpoint, the window starts; at every ``--fai
 into it one worker process, drawn at random (seeded), is SIGKILLed (a crashed worker: its node stays
 healthy, so a replacement can be placed at once). What follows is the operator's ordinary handling:
 
-* DiLoCo, Streaming DiLoCo and CO2 (``liveResize``, the default): a live shrink, the survivors go on
+* DiLoCo, Streaming DiLoCo, NoLoCo and CO2 (``liveResize``, the default): a live shrink, the survivors go on
   at 2 workers, and the job grows back to 3 after ``scaleUpDelaySeconds`` (a joiner comes in at an
   outer-step boundary);
-* DDP, NoLoCo and ``diloco-restart`` (DiLoCo with ``liveResize: false``): a coordinated restart of
+* DDP and ``diloco-restart`` (DiLoCo with ``liveResize: false``): a coordinated restart of
   all workers from the last universal checkpoint, at 3 workers.
 
 **Goodput** = useful tokens (each step counted once, the first time the job reaches it, at the number

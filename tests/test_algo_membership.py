@@ -317,6 +317,55 @@ def test_co2_redoes_a_resolved_round_after_a_peer_loss_so_survivors_agree() -> N
     assert survivors.calls == 2 and old.calls == 2  # the redo and round 3, all on the new group
 
 
+class _LostPartnerComm:
+    """Two workers seen from rank 0 whose partner is gone: every gossip transfer fails."""
+
+    world_size, rank = 2, 0
+
+    def batch_isend_irecv(self, ops):
+        return [_FailedTransfer() for _ in ops]
+
+
+class _FailedTransfer:
+    def wait(self):
+        raise RuntimeError("[gloo] Connection closed by peer")
+
+
+def test_noloco_survivor_whose_gossip_was_interrupted_skips_that_update_and_goes_on() -> None:
+    """The partner dies: the gossip at the round end fails. Nothing was changed (φ, m, θ as before),
+    the round counts as taken, and the next round, over the survivors (here one worker alone),
+    applies the ordinary update with the outer gradient of both rounds' local progress."""
+    model = tiny_model(seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    strategy = NoLoCo(model, opt, _LostPartnerComm(), sync_every=H, outer_lr=ALPHA, outer_momentum=BETA,
+                      mean_pull=GAMMA, init_sync=False)
+    strategy.setup()
+    phi0 = flatten(strategy.outer_params).clone()
+    with pytest.raises(RuntimeError, match="Connection closed"):
+        run_loop(strategy, model, opt, 0, 0, H)  # the round end's gossip fails
+    theta = flat_params(model)
+    assert not torch.equal(theta, phi0)  # local progress, kept
+    torch.testing.assert_close(flatten(strategy.outer_params), phi0, rtol=0, atol=0)
+    assert float(flatten(strategy.momentum).abs().sum()) == 0.0 and strategy.rounds == 0
+
+    strategy.continue_after_peer_loss(Comm(), interrupted=True)
+    assert (strategy.rounds, strategy.steps_since_sync, strategy.at_membership_boundary()) == (1, 0, True)
+    torch.testing.assert_close(flat_params(model), theta, rtol=0, atol=0)
+    before_gossip = []
+    gossip = strategy.gossip
+    strategy.gossip = lambda r: (before_gossip.append(flat_params(model)), gossip(r))[1]
+    run_loop(strategy, model, opt, 0, H, 2 * H)  # a round alone: its group is itself (mean φ = φ)
+    # m = β·0 + α·(θ − φ0) + γ·0, θ = the local weights after both rounds' inner steps; φ = φ0 + m
+    [theta2] = before_gossip
+    m = flatten(strategy.momentum)
+    torch.testing.assert_close(m, ALPHA * (theta2 - phi0), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(flatten(strategy.outer_params), phi0 + m, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(flat_params(model), phi0 + m, rtol=1e-6, atol=1e-7)
+    assert strategy.rounds == 2 and strategy.comm.world_size == 1
+    # a survivor, not a joiner: a later membership change keeps its own state
+    assert strategy._active
+
+
 # ------------------------------------------------------------------- DiLoCo, Streaming DiLoCo
 
 

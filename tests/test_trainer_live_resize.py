@@ -123,7 +123,8 @@ def _shrunk_after_crash(tmp_path, algorithm: dict):
     {"name": "diloco", "syncEvery": H},
     {"name": "streaming-diloco", "syncEvery": H, "fragments": 2, "overlapSteps": 1},
     {"name": "co2", "syncEvery": H},
-], ids=["diloco", "streaming-diloco", "co2"])
+    {"name": "noloco", "syncEvery": H},
+], ids=["diloco", "streaming-diloco", "co2", "noloco"])
 def test_survivors_keep_running_through_a_lost_worker_and_a_joiner(tmp_path, algorithm) -> None:
     config, base, status, logs, pods = _shrunk_after_crash(tmp_path, algorithm)
     try:
@@ -151,13 +152,19 @@ def test_survivors_keep_running_through_a_lost_worker_and_a_joiner(tmp_path, alg
     assert 12 <= s1 < s2 < STEPS
 
     # the final checkpoint: every replica holds the same model (the joiner adopted the global state
-    # and every rank ends on the global parameters), at the data position the sizes imply
+    # and every rank ends on the global parameters; NoLoCo's replicas differ by design, but stay close:
+    # the joiner adopted a survivor's and gossip keeps pulling them together), at the data position
+    # the sizes imply
     state = consolidated_state(*pick(str(tmp_path / "ckpt" / "test" / "live")))
     assert state["step"] == STEPS and state["layout"]["numReplicas"] == 3, state["layout"]
     assert sorted(state["replicas"]) == [1, 2]
     for name, tensor in state["model"].items():
         for r in (1, 2):
-            assert torch.equal(tensor, state["replicas"][r]["model"][name]), (name, r)
+            other = state["replicas"][r]["model"][name]
+            if algorithm["name"] == "noloco":
+                assert torch.isfinite(other).all() and (other - tensor).norm() <= 0.1 * tensor.norm() + 1e-3, (name, r)
+            else:
+                assert torch.equal(tensor, other), (name, r)
     # steps [0, s1) at 3 workers, [s1, s2) at 2, [s2, STEPS) at 3: nothing skipped or repeated in the stream
     assert state["extra_state"]["data"]["sequences"] == BATCH * (3 * s1 + 2 * (s2 - s1) + 3 * (STEPS - s2))
 

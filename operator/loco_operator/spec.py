@@ -55,7 +55,7 @@ class ElasticSpec(Model):
     live_resize: bool = Field(
         True,
         description="Resize without restarting the surviving workers where the algorithm allows (DiLoCo, Streaming "
-        "DiLoCo, CO2; one process per pod): they continue at their next outer step and joining workers adopt the global "
+        "DiLoCo, NoLoCo, CO2; one process per pod): they continue at their next outer step and joining workers adopt the global "
         "state from them. false, or any other algorithm: every resize is a coordinated restart from the last checkpoint.",
     )
 

@@ -202,7 +202,8 @@ class AlgorithmName(str, Enum):
 
 #: Algorithms whose survivors keep running across a membership change (docs/elastic.md "Live
 #: resizing"); every other one resizes by a coordinated restart from the latest checkpoint.
-LIVE_MEMBERSHIP_ALGORITHMS = frozenset({AlgorithmName.diloco, AlgorithmName.streaming_diloco, AlgorithmName.co2})
+LIVE_MEMBERSHIP_ALGORITHMS = frozenset(
+    {AlgorithmName.diloco, AlgorithmName.streaming_diloco, AlgorithmName.noloco, AlgorithmName.co2})
 
 
 class Quantization(str, Enum):

@@ -765,30 +765,36 @@ class Trainer:
                           interrupted: bool, planned: bool) -> tuple[int, DataPosition, int]:
         """Every member of a new group, right after joining it: one all_gather of
         ``[joining, step, data position, reference world, interrupted]``. The survivors must agree
-        (the same step and position: they left the old group at the same point); rank 0 must be a
-        survivor; joiners adopt its values. Then the strategy takes the new group: with joiners (or
-        at a planned boundary) ``on_membership_change`` (rank 0 sends the global state), else
-        ``continue_after_peer_loss``. Raises ``RuntimeError`` (the job then restarts from its
-        checkpoint) when the survivors disagree or a joiner arrives mid-round."""
+        (the same step and position: they left the old group at the same point; and whether the loss
+        interrupted the strategy's exchange, unless ``Strategy.interruption_is_local``: then each
+        survivor recovers its own); rank 0 must be a survivor; joiners adopt its values. Then the
+        strategy takes the new group: with joiners (or at a planned boundary) ``on_membership_change``
+        (rank 0 sends the global state), else ``continue_after_peer_loss``. Raises ``RuntimeError``
+        (the job then restarts from its checkpoint) when the survivors disagree or a joiner arrives
+        mid-round."""
         comm, strategy = self._comm, self._strategy
         mine = torch.tensor([int(joining), completed, position.sequences, reference_world, int(interrupted)],
                             dtype=torch.int64)
         rows = [row.tolist() for row in comm.all_gather(mine)] if comm.world_size > 1 else [mine.tolist()]
-        survivors = {tuple(row[1:]) for row in rows if not row[0]}
+        local = strategy.interruption_is_local
+        survivors = {tuple(row[1:4] if local else row[1:]) for row in rows if not row[0]}
         if rows[0][0]:
             raise RuntimeError("membership change: rank 0 of the new group is a joining worker; the operator must "
                                "order the survivors first")
         if len(survivors) != 1:
             raise RuntimeError(f"membership change: the survivors left the old group at different points "
-                               f"(step, position, reference world, interrupted) {sorted(survivors)}")
+                               f"(step, position, reference world{'' if local else ', interrupted'}) "
+                               f"{sorted(survivors)}")
         step, sequences, reference, was_interrupted = rows[0][1:]
+        if local:
+            was_interrupted = max(row[4] for row in rows)  # any survivor's: a joiner cannot come in then
         joiners = sum(row[0] for row in rows)
         if joiners and (was_interrupted or not (planned or joining)):
             raise RuntimeError("membership change: workers cannot join mid-round (after a lost peer)")
         if joiners or planned:
             strategy.on_membership_change(comm, 0)
         else:
-            strategy.continue_after_peer_loss(comm, bool(was_interrupted))
+            strategy.continue_after_peer_loss(comm, bool(interrupted if local else was_interrupted))
         return int(step), DataPosition(int(sequences)), int(reference)
 
     # --------------------------------------------------------------------- pieces

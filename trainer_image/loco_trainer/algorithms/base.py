@@ -64,6 +64,11 @@ class Strategy(abc.ABC):
 
     #: the ``algorithm.name`` this strategy implements
     name: str = ""
+    #: Whether an exchange a lost peer interrupted concerns only the ranks that took part in it, so each
+    #: survivor recovers on its own (:meth:`continue_after_peer_loss` gets its own ``interrupted``, and the
+    #: survivors need not agree on it): NoLoCo's pairwise gossip. False for the collectives of DiLoCo,
+    #: Streaming DiLoCo and CO2, where every survivor must redo or abandon the same exchange.
+    interruption_is_local: bool = False
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """The module the loop runs forward/backward on (default: the model itself)."""
@@ -125,7 +130,8 @@ class Strategy(abc.ABC):
         ``interrupted``: the loss interrupted this strategy's own communication in the last
         :meth:`after_inner_step`, which must then be completed or abandoned over ``comm`` as the
         algorithm documents. Every survivor calls it at the same point (the loop checks that they
-        agree on the step). The lost workers' contributions to the current round are dropped.
+        agree on the step, and on ``interrupted`` unless :attr:`interruption_is_local`). The lost
+        workers' contributions to the current round are dropped.
         Default: ``NotImplementedError`` (the job restarts from its checkpoint instead)."""
         raise NotImplementedError(f"{self.name}: continuing after a lost peer is not supported; the job restarts "
                                   f"from its latest checkpoint")

@@ -30,6 +30,13 @@ counters; its inner optimizer state is its own (fresh or from its checkpoint), m
 exchanged. From the next round on the gossip permutation is drawn over the new group's ranks
 0..n'−1 (same (seed, round) rule), so a departed worker is never a partner again. Which members join
 is agreed with one small all_gather (see :func:`loco_trainer.algorithms.base.membership_roles`).
+
+After a lost peer (:meth:`NoLoCo.continue_after_peer_loss`, survivors only, at the same step): a
+survivor whose gossip the loss interrupted (its partner died, or the group was aborted mid-exchange)
+skips that round's update: nothing was changed before every transfer completed, so it keeps φᵢ, mᵢ,
+θᵢ, and the round counts as taken. Its partner may have completed the same exchange and applied it;
+both stay valid NoLoCo replicas (they differ by design), which is why each survivor decides on its own
+(:attr:`interruption_is_local`). The next rounds draw their groups over the survivors.
 """
 
 from __future__ import annotations
@@ -71,6 +78,7 @@ class NoLoCo(OuterLoopStrategy):
     """
 
     name = "noloco"
+    interruption_is_local = True
 
     def __init__(
         self,
@@ -217,6 +225,21 @@ class NoLoCo(OuterLoopStrategy):
             self.last_spread, self.last_group = 0.0, []
             self._loaded = True  # a later setup() keeps the adopted state
         self._active = True
+
+    def at_membership_boundary(self) -> bool:
+        """Right after a gossip round."""
+        return self.steps_since_sync == 0
+
+    def continue_after_peer_loss(self, comm: Comm, interrupted: bool) -> None:
+        """Go on over ``comm`` (the survivors). ``interrupted``: this worker's gossip of the round just
+        ended failed; its update is skipped (nothing had changed) and the round counts as taken, so
+        every survivor's round counter stays in step. See the module docstring."""
+        self.comm = comm
+        if interrupted and self.steps_since_sync > 0:
+            self.steps_since_sync = 0
+            self.rounds += 1
+            self.last_group = []
+        self._active = True  # a survivor: its state is its own (a later membership change keeps it)
 
     def p2p_covers_links(self, world_size: int) -> bool:
         """True when every round's gossip is one group of all the ranks: ``2 <= world_size <= G + 1``
