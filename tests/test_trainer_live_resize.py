@@ -53,6 +53,9 @@ def _start(config: str, index: int, replicas: int, epoch: int, port: int, status
     env = {**os.environ, "LOCO_REPLICA_INDEX": str(index), "LOCO_NUM_REPLICAS": str(replicas),
            "LOCO_EPOCH": str(epoch), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
            "LOCO_LIVE_RESIZE": "1", "LOCO_JOIN": "1" if join else "0", "LOCO_STALL_AFTER_S": "5",
+           # what the operator sets for live jobs is 120 s: a survivor blocked in a point-to-point wait
+           # (NoLoCo) is not woken by the group abort under gloo and recovers at this timeout
+           "LOCO_COLLECTIVE_TIMEOUT_S": "30",
            "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "loco_trainer", "--config", config, "--status-port", str(status_port),
            "--status-host", "127.0.0.1", "--no-termination-message"]

@@ -625,7 +625,8 @@ class Comm:
             receive.wait()
             elapsed = (time.monotonic_ns() - start) / 1e9
             sender_late = float(inp[0])
-            seconds = max(elapsed - sender_late, 1e-6) if 0.0 <= sender_late < elapsed else elapsed
+            # a sender later than the whole wait (the receiver left the barrier after it): connection ~0
+            seconds = max(elapsed - sender_late, 1e-6) if sender_late >= 0.0 else elapsed
             with self._lock:
                 self._links.append((self._link_id, src_global, me_global, seconds, _nbytes(inp), start / 1e9))
                 self._link_id += 1
