@@ -384,10 +384,9 @@ def main(argv: list[str] | None = None) -> None:
             plan = {h: plan.get(h, 100) for h in args.h}
         if args.outer_steps:
             plan = {h: args.outer_steps for h in plan}
-        algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
-        unknown = sorted(set(algorithms) - set(ALGORITHMS))
-        if unknown:
-            raise SystemExit(f"--algorithms: unknown {unknown}; choose from {', '.join(ALGORITHMS)}")
+        from benchdoc import parse_algorithms  # bench/ is on sys.path when run as a script
+
+        algorithms = parse_algorithms(args.algorithms, ALGORITHMS)
         overrides = parse_overrides(args.overrides)
         started = time.perf_counter()
         meta_key = "meta_tuning" if args.tag else "meta"  # tuning runs keep the main protocol's machine line

@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from benchdoc import cpu_model, markers, write_section  # noqa: E402
+from benchdoc import cpu_model, markers, parse_algorithms, write_section  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "bench_elastic.json"
 START, END = markers("bench_elastic")
@@ -242,10 +242,7 @@ def main() -> None:
     if args.render_only:
         write_section(render(json.loads(RESULTS.read_text())), START, END)
         return
-    algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
-    unknown = sorted(set(algorithms) - set(ALGORITHMS))
-    if unknown:
-        parser.error(f"--algorithms: unknown {unknown}; choose from {', '.join(ALGORITHMS)}")
+    algorithms = parse_algorithms(args.algorithms, ALGORITHMS)
     previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"runs": {}}
     runs = dict(previous.get("runs") or {})
     for algorithm in algorithms:

@@ -42,12 +42,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_elastic import BATCH, SEQ, Tracker, _job as _elastic_job, _running, machine  # noqa: E402
-from benchdoc import markers, write_section  # noqa: E402
+from bench_elastic import ALGORITHMS, BATCH, SEQ, Tracker, _job as _elastic_job, _running, machine  # noqa: E402
+from benchdoc import markers, parse_algorithms, write_section  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "bench_goodput.json"
 START, END = markers("bench_goodput")
-ALGORITHMS = ("ddp", "diloco", "streaming-diloco", "noloco", "co2", "diloco-restart")
 POLL_S = 0.5
 STEP_DELAY_S = 0.5
 CHECKPOINT_EVERY = 50
@@ -197,10 +196,7 @@ def main() -> None:
     if args.render_only:
         write_section(render(json.loads(RESULTS.read_text())), START, END)
         return
-    algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
-    unknown = sorted(set(algorithms) - set(ALGORITHMS))
-    if unknown:
-        parser.error(f"--algorithms: unknown {unknown}; choose from {', '.join(ALGORITHMS)}")
+    algorithms = parse_algorithms(args.algorithms, ALGORITHMS)
     if args.minutes <= 0 or args.failure_every <= 0:
         parser.error("--minutes and --failure-every must be positive")
     if args.parallel < 1:

@@ -35,6 +35,15 @@ def write_section(section: str, start: str, end: str, path: Path | str = DOC) ->
     path.write_text(text.rstrip("\n") + "\n")
 
 
+def parse_algorithms(text: str, known: tuple[str, ...]) -> list[str]:
+    """The comma-separated ``--algorithms`` value as a list; ``SystemExit`` naming the unknown ones."""
+    algorithms = [a.strip() for a in text.split(",") if a.strip()]
+    unknown = sorted(set(algorithms) - set(known))
+    if unknown:
+        raise SystemExit(f"--algorithms: unknown {unknown}; choose from {', '.join(known)}")
+    return algorithms
+
+
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo (the platform's processor string elsewhere)."""
     import platform

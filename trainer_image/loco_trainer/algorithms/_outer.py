@@ -64,6 +64,10 @@ class OuterLoopStrategy(Strategy):
         self.steps_since_sync = 0
         self._loaded = False
 
+    def at_membership_boundary(self) -> bool:
+        """Right after an outer step (DiLoCo, NoLoCo, CO2; Streaming DiLoCo has its own schedule)."""
+        return self.steps_since_sync == 0
+
     def _broadcast_model_from_rank0(self) -> None:
         """Every rank adopts rank 0's parameters (all of them, trainable or not) and buffers."""
         broadcast_flat(self.comm, [p.data for p in self.model.parameters()] + list(self.model.buffers()), src=0)

@@ -173,10 +173,6 @@ class CO2(OuterLoopStrategy):
             self._loaded = True  # a later setup() keeps the adopted state
         self._active = True
 
-    def at_membership_boundary(self) -> bool:
-        """Right after a round end (the all-reduce it started is in flight on the current group)."""
-        return self.steps_since_sync == 0
-
     def before_membership_change(self) -> None:
         """Called while the old group is still whole, just before a planned switch: wait for the round
         in flight, so :meth:`on_membership_change` applies it instead of losing it with the old group."""

@@ -173,9 +173,6 @@ class DiLoCo(OuterLoopStrategy):
         self._adopt_global()
         self._loaded = True
 
-    def at_membership_boundary(self) -> bool:
-        return self.steps_since_sync == 0
-
     def continue_after_peer_loss(self, comm: Comm, interrupted: bool) -> None:
         """Survivors go on with ``comm``; the lost workers' inner steps of this round are dropped.
         An interrupted outer step is run again over ``comm``: it changes nothing before its

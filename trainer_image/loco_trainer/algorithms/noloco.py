@@ -226,10 +226,6 @@ class NoLoCo(OuterLoopStrategy):
             self._loaded = True  # a later setup() keeps the adopted state
         self._active = True
 
-    def at_membership_boundary(self) -> bool:
-        """Right after a gossip round."""
-        return self.steps_since_sync == 0
-
     def continue_after_peer_loss(self, comm: Comm, interrupted: bool) -> None:
         """Go on over ``comm`` (the survivors). ``interrupted``: this worker's gossip of the round just
         ended failed; its update is skipped (nothing had changed) and the round counts as taken, so
