@@ -22,6 +22,7 @@ import datetime
 import os
 import pickle
 import queue as queue_mod
+import random
 import socket
 import time
 import traceback
@@ -36,6 +37,32 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def free_port_block(count: int, host: str = "127.0.0.1") -> int:
+    """The first of ``count`` consecutive ports on ``host``, all free a moment ago and all below the
+    ephemeral range, so that no connection or gloo listener opened later takes one of them: a live
+    job's epochs use ``epoch_master_port(base, e)`` = base + 1 + e, and a base from :func:`free_port`
+    (inside the ephemeral range) once lost its epoch-2 port to such a socket in CI."""
+    from loco_trainer.rendezvous import ephemeral_port_range
+
+    low = (ephemeral_port_range() or (32768, 60999))[0]
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, low - count)
+        sockets = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sockets.append(s)
+                s.bind((host, port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError(f"no {count} consecutive free ports on {host} between 20000 and {low}")
 
 
 def _serve(rank: int, world_size: int, port: int, tasks: Any, results: Any) -> None:

@@ -27,6 +27,8 @@ from loco_trainer.ucp.tools import consolidated_state, pick
 from loco_trainer.protocol import epoch_master_port
 from loco_trainer.rendezvous import free_port
 
+from dist_helpers import free_port_block
+
 pytestmark = [pytest.mark.multiproc, pytest.mark.timeout(240)]
 
 STEPS, H, BATCH = 72, 8, 4
@@ -102,7 +104,8 @@ def _shrunk_after_crash(tmp_path, algorithm: dict):
     """Three pods start; pod 2 crashes at step 12 (injected); the survivors are told their place in
     epoch 1 and switch to it. Returns (config path, base port, status ports, log paths, processes)."""
     config = _config(tmp_path, algorithm)
-    base = free_port()
+    # epochs 0..2 use base, base + 2, base + 3: ports below the ephemeral range, which no socket takes
+    base = free_port_block(4)
     status = [free_port() for _ in range(4)]
     logs = [tmp_path / f"pod{i}.log" for i in range(4)]
     pods = [_start(config, i, 3, 0, base, status[i], logs[i]) for i in range(3)]

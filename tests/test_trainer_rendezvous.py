@@ -74,3 +74,24 @@ def test_local_runtime_env_round_trips_through_the_environment():
     assert (pods.num_replicas, pods.nproc_per_worker, pods.replica_index) == (2, 2, 0)
     with pytest.raises(ValueError, match="--nproc-per-worker 2 must be >= 1 and divide --nproc 3"):
         local_runtime_env(3, TrainerConfig(job_name="j", namespace="n"), environ={}, nproc_per_worker=2)
+
+
+def test_a_taken_master_port_in_the_ephemeral_range_says_so_and_what_to_choose():
+    import socket
+
+    from loco_trainer.rendezvous import RankInfo, RendezvousError, _tcp_store, ephemeral_port_range
+
+    ephemeral = ephemeral_port_range()
+    if ephemeral is None:
+        pytest.fail("this test needs Linux's /proc/sys/net/ipv4/ip_local_port_range")
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))  # the kernel picks from the ephemeral range
+        holder.listen(1)
+        port = holder.getsockname()[1]
+        info = RankInfo(rank=0, local_rank=0, world_size=1, replica_index=0, nproc_per_worker=1)
+        with pytest.raises(RendezvousError) as err:
+            _tcp_store("127.0.0.1", port, info, timeout_s=5)
+    message = str(err.value)
+    assert f"127.0.0.1:{port}" in message
+    assert f"ephemeral range {ephemeral[0]}-{ephemeral[1]}" in message
+    assert f"MASTER_PORT below {ephemeral[0] - 1000}" in message

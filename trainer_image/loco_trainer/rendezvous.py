@@ -224,9 +224,14 @@ def _tcp_store(master_ip: str, port: int, info: RankInfo, timeout_s: float) -> d
         listener.bind((master_ip, port))
     except OSError as exc:
         listener.close()
+        hint = "is another job's master on this address, or does MASTER_ADDR not name this pod?"
+        ephemeral = ephemeral_port_range()
+        if ephemeral and ephemeral[0] <= port <= ephemeral[1]:
+            hint = (f"port {port} lies in this host's ephemeral range {ephemeral[0]}-{ephemeral[1]}, where the kernel "
+                    f"hands ports to outgoing connections and to gloo's listeners: choose a MASTER_PORT below "
+                    f"{ephemeral[0] - 1000} (a live job also uses the next 1,000 ports, one per membership epoch)")
         raise RendezvousError(
-            f"rank 0 cannot listen on MASTER_ADDR {master_ip}:{port} ({exc.strerror}): is another job's master "
-            f"on this address, or does MASTER_ADDR not name this pod?"
+            f"rank 0 cannot listen on MASTER_ADDR {master_ip}:{port} ({exc.strerror}): {hint}"
         ) from exc
     listener.listen(max(128, info.world_size))
     # the store owns the descriptor from here on (detach: Python must not close it); the constructor
@@ -234,6 +239,16 @@ def _tcp_store(master_ip: str, port: int, info: RankInfo, timeout_s: float) -> d
     store = dist.TCPStore(master_ip, port, info.world_size, True, timeout=timeout, master_listen_fd=listener.detach())
     store.set(ALL_JOINED_KEY, "1")
     return store
+
+
+def ephemeral_port_range() -> tuple[int, int] | None:
+    """The kernel's ephemeral port range (Linux), or None where it cannot be read."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = f.read().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return None
 
 
 def pick_backend(device: torch.device) -> str:
