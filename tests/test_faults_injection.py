@@ -30,7 +30,8 @@ CONFIG = DetectorConfig(warmup_collectives=3, consecutive=3, hang_timeout_floor_
                         warmup_hang_timeout_seconds=1.0, silence_timeout_seconds=5.0)
 
 
-def _rank_main(rank: int, port: int, fault: dict, iterations: int, probe_every: int, outdir: str) -> None:
+def _rank_main(rank: int, port: int, fault: dict, iterations: int, probe_every: int, outdir: str,
+               sync_every: int = 1, slow: tuple[int, int, float] | None = None) -> None:
     import torch
     import torch.distributed as dist
 
@@ -64,7 +65,10 @@ def _rank_main(rank: int, port: int, fault: dict, iterations: int, probe_every: 
                 dump()
                 raise InjectedCrash(spec.exit_code)
             time.sleep(0.05)  # "compute"
-            comm.all_reduce(t, "sum")
+            if slow is not None and rank == slow[0] and i >= slow[1]:
+                time.sleep(slow[2])  # a straggler: this rank's compute is slower from iteration slow[1]
+            if i % sync_every == sync_every - 1:
+                comm.all_reduce(t, "sum")
             if probe_every and i % probe_every == 0:
                 comm.probe()
     except InjectedCrash:
@@ -75,10 +79,11 @@ def _rank_main(rank: int, port: int, fault: dict, iterations: int, probe_every: 
     os._exit(0)
 
 
-def _run(tmp_path, fault: dict, iterations: int, probe_every: int = 0) -> tuple[list, dict[int, dict]]:
+def _run(tmp_path, fault: dict, iterations: int, probe_every: int = 0, sync_every: int = 1,
+         slow: tuple[int, int, float] | None = None) -> tuple[list, dict[int, dict]]:
     ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, port, fault, iterations, probe_every, str(tmp_path)))
+    procs = [ctx.Process(target=_rank_main, args=(r, port, fault, iterations, probe_every, str(tmp_path), sync_every, slow))
              for r in range(WORLD)]
     for p in procs:
         p.start()
@@ -117,8 +122,26 @@ def test_straggler_is_blamed_within_k_collectives_after_warmup(tmp_path) -> None
     assert all(2 in v.ranks for v in verdicts), verdicts  # the ranks that waited are never blamed
 
 
+def test_probes_time_a_straggler_between_outer_syncs(tmp_path) -> None:
+    """DiLoCo-like: one all-reduce every 8 iterations, a probe every iteration (a log interval).
+    Rank 2 computes 0.3 s longer per iteration from iteration 12: its lateness shows at the probes'
+    barriers, and the verdict comes before the second outer all-reduce after the slowdown (with
+    only the all-reduces it would take K = 3 of them: 3 sync periods)."""
+    sync_every, slow_from = 8, 12
+    verdicts, dumps = _run(tmp_path, {}, iterations=32, probe_every=1, sync_every=sync_every, slow=(2, slow_from, 0.3))
+    assert verdicts, "no verdict for a rank 0.3 s slower per log interval"
+    first = verdicts[0]
+    assert first.kind.value == "slow-noncomm" and first.ranks == (2,), first
+    assert all(v.ranks == (2,) for v in verdicts), verdicts  # the ranks that waited are never blamed
+    kinds = {r["seq"]: r["kind"] for r in dumps[0]["records"]}
+    assert kinds[first.seq] == "barrier", f"blamed at a {kinds[first.seq]}, not at a probe"
+    # outer all-reduces entered from the slowdown up to the verdict: the verdict needs at most one
+    syncs_before = sum(1 for r in dumps[0]["records"] if r["kind"] == "all_reduce" and r["seq"] <= first.seq)
+    assert syncs_before - slow_from // sync_every <= 1, (syncs_before, first)
+
+
 def test_hang_before_collective_is_hang_noncomm_of_that_rank_at_that_seq(tmp_path) -> None:
-    hang_at = 24  # an all-reduce: 3 calls per probed iteration (all_reduce, recv, send)
+    hang_at = 24  # an all-reduce: 4 calls per probed iteration (all_reduce, the probe's barrier, recv, send)
     verdicts, dumps = _run(tmp_path, {"hangBeforeCollective": hang_at, "ranks": [1]}, iterations=14, probe_every=1)
     hangs = [v for v in verdicts if v.kind.value == "hang-noncomm"]
     assert hangs, verdicts

@@ -566,6 +566,10 @@ class Comm:
         connection, :meth:`Strategy.p2p_covers_links`) keeps only the probe's cadence: the periodic
         clock re-estimate below, no transfer.
 
+        The opening barrier is recorded as a collective (kind ``barrier``, not counted in
+        :meth:`stats`) and shipped by :meth:`export_records`: each rank's entry time is its arrival
+        at the log boundary, a timing point between the algorithm's own syncs.
+
         Call ``k`` (counted from 0) shifts by ``1 + k % (n - 1)``: rank ``r`` sends to ``r + shift``
         and receives from ``r - shift`` right after a common barrier, so ``n - 1`` calls cover every
         ordered pair of ranks. The receive is recorded first, then the send, on every rank, so the
@@ -587,6 +591,12 @@ class Comm:
         """
         if self._world_size == 1:
             return
+        # The probe's opening barrier is a collective every rank enters at the same step: recorded
+        # (and shipped) as one, it gives the detector a timing point per log interval between the
+        # algorithm's syncs, so a straggler or a stopped rank shows long before the next outer
+        # all-reduce (docs/fault-detection.md, "Probes"). Entered before waiting for the previous
+        # probe's transfers, so a slow connection never makes its endpoints look late.
+        opening = self._enter("barrier", 0, 0, 0, count=False) if links else None
         self.finish_probe()
         if self.clock_resync_probes and self._probes and self._probes % self.clock_resync_probes == 0:
             self.sync_clock(rounds=3)  # collective: every rank probes the same number of times
@@ -601,7 +611,7 @@ class Comm:
         dst, src = (self._rank + shift) % n, (self._rank - shift) % n
         src_global, me_global = self._global_rank(src), self._global_rank(self._rank)
         dist.barrier(group=self._group)
-        start = time.monotonic_ns()
+        start = opening.exit_ns = time.monotonic_ns()
         recv_record = self._enter("recv", _nbytes(inp), 0, 0, peer=src, count=False)
         recv_record.probe = True
         receive = CommHandle(dist.irecv(inp, src=src_global, group=self._group), inp, recv_record)

@@ -356,7 +356,7 @@ class DetectorConfig(Model):
         description="K: a rank or link is blamed when its slow informative observations in a row reach an evidence score of K. Each adds its strength (lateness / max(threshold, largest one-off outlier / 1.5) for a rank, ratio / linkSlownessFactor for a link) capped at 1.5, and an observation that is not slow resets the score to 0: a marginal fault needs K observations, a clear one ceil(K / 1.5), and with K >= 2 never fewer than 2, so a single outlier never convicts.",
     )
     mad_multiplier: float = Field(
-        3.0, gt=0, le=1000,
+        4.0, gt=0, le=1000,
         description="A rank is late when it enters more than this many robust standard deviations (1.4826 x MAD) after the median rank.",
     )
     min_lateness_seconds: float = Field(
