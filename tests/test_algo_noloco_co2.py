@@ -87,12 +87,13 @@ def test_gossip_groups_are_a_partition_and_odd_counts_make_a_triple() -> None:
 # -------------------------------------------------------------------------------------- CO2
 
 
-def _co2(rank: int, world_size: int) -> dict:
+def _co2(rank: int, world_size: int, nesterov: bool = False) -> dict:
     h, rounds = 2, 4
     model = tiny_model(seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.2)
     comm = Comm()
-    strategy = CO2(model, opt, comm, sync_every=h, outer_lr=0.9, outer_momentum=0.5, staleness_penalty=2.0, clip_threshold=0.05)
+    strategy = CO2(model, opt, comm, sync_every=h, outer_lr=0.9, outer_momentum=0.5, staleness_penalty=2.0, clip_threshold=0.05,
+                   nesterov=nesterov)
     strategy.setup()
     setup_bytes = comm.stats()["bytes_sent"]
     phi0 = strategy.outer_params.clone()
@@ -118,9 +119,14 @@ def _co2(rank: int, world_size: int) -> dict:
 
 
 @pytest.mark.multiproc
-def test_co2_applies_each_round_exactly_one_round_late_with_clipped_momentum(rank_pool) -> None:
-    results = rank_pool.run(_co2, 2)
+@pytest.mark.parametrize("nesterov", [False, True], ids=["momentum", "nesterov"])
+def test_co2_applies_each_round_exactly_one_round_late_with_clipped_momentum(rank_pool, nesterov: bool) -> None:
+    results = rank_pool.run(_co2, 2, args=(nesterov,))
     eta, beta, lam, c = 0.9, 0.5, 2.0, 0.05
+
+    def step(phi, m, g):  # the outer SGD step on the clipped momentum: plain, or Nesterov's g + beta * m
+        return phi - eta * (g + beta * m) if nesterov else phi - eta * m
+
     phi = results[0]["phi0"].clone()
     m = torch.zeros_like(phi)
     previous = None
@@ -129,7 +135,7 @@ def test_co2_applies_each_round_exactly_one_round_late_with_clipped_momentum(ran
         average = phi - (results[0]["thetas"][r] + results[1]["thetas"][r]) / 2  # Δ̄ of round r, from this φ
         if previous is not None:  # round r applies round r-1's average
             m = (beta * m + previous / lam).clamp(-c, c)
-            phi = phi - eta * m
+            phi = step(phi, m, previous / lam)
         expected_phis.append(phi.clone())
         previous = average
     for res in results:
@@ -142,7 +148,7 @@ def test_co2_applies_each_round_exactly_one_round_late_with_clipped_momentum(ran
         torch.testing.assert_close(res["final"], results[0]["final"], rtol=0, atol=0)
     # finish() applied the last round too (its progress is not lost)
     m_last = (beta * m + previous / lam).clamp(-c, c)
-    torch.testing.assert_close(results[0]["phi_final"], phi - eta * m_last, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[0]["phi_final"], step(phi, m_last, previous / lam), rtol=1e-5, atol=1e-6)
 
 
 def test_co2_clipping_really_bounds_the_momentum() -> None:

@@ -129,6 +129,7 @@ CASES = [
     {"algorithm": {"name": "diloco", "groupSize": 2, "fragments": 3}},
     {"algorithm": {"name": "streaming-diloco", "fragments": 3, "quantization": "bf16"}},
     {"algorithm": {"name": "co2", "stalenessPenalty": 0.5, "nesterov": True}},
+    {"algorithm": {"name": "co2", "stalenessPenalty": 0.5, "fragments": 2}},
     {"nprocPerWorker": 2},
     {"nprocPerWorker": 2, "algorithm": {"name": "ddp"}},
     {"nprocPerWorker": 2, "algorithm": {"name": "noloco"}},

@@ -17,9 +17,10 @@ Round 1 has no previous average, so φ is unchanged after it; round r's progress
 of round r+1 ("exactly one round late"). The released code divides by λ as above; the paper's
 adaptive, gap-dependent penalty is not reproduced (λ is a constant here).
 
-Symbols -> arguments: H -> ``sync_every``, η -> ``outer_lr`` (0.5; the released code's 1.0 oscillates,
+Symbols -> arguments: H -> ``sync_every``, η -> ``outer_lr`` (0.3; the released code's 1.0 oscillates,
 see docs/algorithms.md "Convergence and the defaults"), β -> ``outer_momentum`` (0.5),
-λ -> ``staleness_penalty`` (1.0), c -> ``clip_threshold`` (1.0).
+λ -> ``staleness_penalty`` (1.0), c -> ``clip_threshold`` (1.0). ``nesterov`` (off, as in the paper)
+takes the step on ``Δ̄/λ + β·m`` instead of ``m`` (torch.optim.SGD's Nesterov form, clipped m).
 
 Bytes per inner step per rank (N parameters, fp32): 2(n−1)/n · 4N / H — as DiLoCo, but hidden
 behind computation.
@@ -66,6 +67,7 @@ class CO2(OuterLoopStrategy):
         outer_momentum: float,
         staleness_penalty: float = 1.0,
         clip_threshold: float = 1.0,
+        nesterov: bool = False,
     ) -> None:
         self._init_outer(
             model, inner_optimizer, comm, sync_every=sync_every, outer_lr=outer_lr, outer_momentum=outer_momentum
@@ -74,6 +76,7 @@ class CO2(OuterLoopStrategy):
         require_positive("clipThreshold", clip_threshold)
         self.staleness_penalty = staleness_penalty
         self.clip_threshold = clip_threshold
+        self.nesterov = bool(nesterov) and outer_momentum > 0
         numel = sum(p.numel() for p in self.params)
         #: φ, the outer parameters (flat fp32, CPU)
         self.outer_params = flatten(cpu_fp32(self.params)).clone()
@@ -97,7 +100,7 @@ class CO2(OuterLoopStrategy):
     def from_spec(cls, spec: Any, model: torch.nn.Module, inner_optimizer: Any, comm: Comm) -> "CO2":
         return cls(model, inner_optimizer, comm, sync_every=spec.sync_every, outer_lr=spec.outer_lr,
                    outer_momentum=spec.outer_momentum, staleness_penalty=spec.staleness_penalty,
-                   clip_threshold=spec.clip_threshold)
+                   clip_threshold=spec.clip_threshold, nesterov=bool(spec.nesterov))
 
     def setup(self) -> None:
         """Fresh start: every rank adopts rank 0's parameters and buffers; φ = θ."""
@@ -215,7 +218,11 @@ class CO2(OuterLoopStrategy):
         c = self.clip_threshold
         self.last_clipped_fraction = float((m.abs() > c).float().mean())
         m.clamp_(-c, c)  # in place: the clipped momentum is the one used and kept
-        self.outer_params.add_(m, alpha=-self.outer_lr)
+        if self.nesterov:  # torch.optim.SGD's Nesterov form, on the clipped momentum: g + beta * m
+            self.outer_params.add_(average, alpha=-self.outer_lr / self.staleness_penalty)
+            self.outer_params.add_(m, alpha=-self.outer_lr * self.outer_momentum)
+        else:
+            self.outer_params.add_(m, alpha=-self.outer_lr)
         self.updates += 1
 
     @torch.no_grad()
