@@ -25,7 +25,6 @@ import yaml
 
 from loco_trainer.ucp.tools import consolidated_state, pick
 from loco_trainer.protocol import epoch_master_port
-from loco_trainer.rendezvous import free_port
 
 from dist_helpers import free_port_block
 
@@ -104,9 +103,11 @@ def _shrunk_after_crash(tmp_path, algorithm: dict):
     """Three pods start; pod 2 crashes at step 12 (injected); the survivors are told their place in
     epoch 1 and switch to it. Returns (config path, base port, status ports, log paths, processes)."""
     config = _config(tmp_path, algorithm)
-    # epochs 0..2 use base, base + 2, base + 3: ports below the ephemeral range, which no socket takes
-    base = free_port_block(4)
-    status = [free_port() for _ in range(4)]
+    # ports below the ephemeral range, which no outgoing connection or gloo listener takes in the
+    # meantime: epochs 0..3 rendezvous on base and base + 2 .. base + 4; then the 4 pods' status ports
+    # (the joiner binds its own half a minute after this pick)
+    base = free_port_block(9)
+    status = [base + 5 + i for i in range(4)]
     logs = [tmp_path / f"pod{i}.log" for i in range(4)]
     pods = [_start(config, i, 3, 0, base, status[i], logs[i]) for i in range(3)]
     try:
