@@ -278,3 +278,42 @@ def test_ring_all_reduce_matches_all_reduce_bytes_and_fills_the_ring_cells(rank_
         assert {(x["src"], x["dst"]) for x in r["links"]} == {((rank - 1) % n, rank)}  # its ring cell, from real traffic
     with pytest.raises(ValueError, match="op"):
         Comm().ring_all_reduce(torch.ones(4), op="max")
+
+
+def _interrupted_recv(rank: int, world_size: int) -> dict:
+    """Rank 0 waits for a transfer rank 1 posts only 3 s later; a timer interrupts rank 0's Comm
+    after 0.3 s (as the trainer does just before it aborts a group it is leaving)."""
+    import threading
+    import time
+
+    from loco_trainer.comm import CommInterrupted
+
+    comm = Comm(interruptible=True)
+    t = torch.zeros(4)
+    if rank == 1:
+        time.sleep(3.0)
+        comm.isend(torch.full((4,), 7.0), 0).wait()
+        return {}
+    handle = comm.irecv(t, 1)
+    threading.Timer(0.3, comm.interrupt).start()
+    start = time.monotonic()
+    try:
+        handle.wait()
+        outcome = "completed"
+    except CommInterrupted as exc:
+        outcome = str(exc)
+    given_up_after = time.monotonic() - start
+    deadline = time.monotonic() + 30  # the transfer itself still completes, in the helper thread
+    while t[0] != 7.0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return {"outcome": outcome, "given_up_after": given_up_after, "received": t.tolist(),
+            "still_interrupted": comm.interrupted.is_set()}
+
+
+def test_interrupt_gives_up_a_pending_point_to_point_wait_at_once(rank_pool) -> None:
+    """gloo's abort of a group does not wake this process's own pending transfers (measured: the
+    wait returned only when the peer exited); Comm.interrupt does, so a live survivor regroups."""
+    result = rank_pool.run(_interrupted_recv, 2)[0]
+    assert "communicator was aborted" in result["outcome"], result  # the marker the trainer's live path knows
+    assert result["given_up_after"] < 2.0, result  # not the 3 s until the peer's send
+    assert result["received"] == [7.0] * 4 and result["still_interrupted"]

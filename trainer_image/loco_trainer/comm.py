@@ -90,11 +90,21 @@ class CollectiveRecord:
         return None if self.exit_ns is None else self.exit_ns - self.enter_ns
 
 
+class CommInterrupted(RuntimeError):
+    """A point-to-point wait given up because :meth:`Comm.interrupt` was called (the group is being
+    aborted: a smaller membership arrived and this worker must regroup)."""
+
+
 class CommHandle:
     """Handle of an async operation: ``wait()`` blocks until it completes and returns the result
-    tensor (averaged for ``op="avg"``). Waiting twice is harmless."""
+    tensor (averaged for ``op="avg"``). Waiting twice is harmless.
 
-    __slots__ = ("_work", "_result", "_post", "_record", "_done")
+    A handle given ``interrupt`` (point-to-point transfers) waits in short polls instead, and raises
+    :class:`CommInterrupted` as soon as the event is set: gloo's abort of a process group wakes the
+    *peers'* pending transfers (their connection closes) but not this process's own, which would
+    otherwise wait until the peer exits or the group's timeout expires."""
+
+    __slots__ = ("_work", "_result", "_post", "_record", "_done", "_interrupt")
 
     def __init__(
         self,
@@ -102,11 +112,13 @@ class CommHandle:
         result: Any,
         record: CollectiveRecord | None,
         post: Callable[[], None] | None = None,
+        interrupt: threading.Event | None = None,
     ) -> None:
         self._work = work
         self._result = result
         self._post = post
         self._record = record
+        self._interrupt = interrupt
         self._done = work is None
         if self._done and record is not None and record.exit_ns is None:
             record.exit_ns = time.monotonic_ns()
@@ -115,7 +127,10 @@ class CommHandle:
         if not self._done:
             if self._record is not None:
                 self._record.waited = True
-            self._work.wait()
+            if self._interrupt is not None:
+                self._wait_interruptibly(self._interrupt)
+            else:
+                self._work.wait()
             if self._post is not None:
                 self._post()
             if self._record is not None:
@@ -126,6 +141,32 @@ class CommHandle:
     def is_completed(self) -> bool:
         """True once the operation finished (``wait()`` then returns at once)."""
         return self._done or bool(self._work.is_completed())
+
+    def _wait_interruptibly(self, interrupt: threading.Event) -> None:
+        """Wait for the work in a helper thread while watching ``interrupt``. (gloo's point-to-point
+        works neither report completion through ``is_completed()`` nor survive a timed ``wait``: a
+        timeout closes the connection.) On an interrupt the helper stays blocked until the group's
+        connections close; it is a daemon and holds nothing else."""
+        done, failure = threading.Event(), []
+
+        def wait() -> None:
+            try:
+                self._work.wait()
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the waiting thread
+                failure.append(exc)
+            finally:
+                done.set()
+
+        if not interrupt.is_set():
+            threading.Thread(target=wait, name="loco-p2p-wait", daemon=True).start()
+            while not done.wait(0.01):
+                if interrupt.is_set():
+                    break
+        if not done.is_set():
+            raise CommInterrupted("communicator was aborted: the wait for a point-to-point transfer was "
+                                  "interrupted (this worker is leaving its process group)")
+        if failure:
+            raise failure[0]
 
 
 class _HeldWork:
@@ -167,7 +208,7 @@ class Comm:
 
     def __init__(
         self, group: Any | None = None, *, history: int = 4096, fault_hook: Any | None = None, stall_after_s: float = 5.0,
-        probe_wait_s: float = 0.05, clock_resync_probes: int = 32, ring_p2p: bool = False,
+        probe_wait_s: float = 0.05, clock_resync_probes: int = 32, ring_p2p: bool = False, interruptible: bool = False,
     ) -> None:
         """``stall_after_s``: a send/recv in flight for longer than this is shipped as a stalled
         connection sample (:meth:`export_links`); keep it below the detector's
@@ -178,7 +219,9 @@ class Comm:
         hosts whose clocks drift apart (tens of ppm without NTP: 0.1 s in an hour) keep a common
         clock on long jobs; 0 never re-estimates. ``ring_p2p``: :func:`all_reduce_flat` (the outer
         all-reduce of the DiLoCo family) runs as :meth:`ring_all_reduce`, whose point-to-point steps
-        give every ring connection a transfer time and localise a hang to one connection."""
+        give every ring connection a transfer time and localise a hang to one connection.
+        ``interruptible``: point-to-point waits can be given up with :meth:`interrupt` (live jobs;
+        each such wait then runs in a helper thread, tens of microseconds)."""
         if history < 1:
             raise ValueError(f"history must be >= 1 (got {history})")
         if not stall_after_s > 0:
@@ -196,6 +239,9 @@ class Comm:
         #: seqs of p2p records already turned into connection samples (completed / stalled)
         self._p2p_sampled: set[int] = set()
         self._p2p_stalled: set[int] = set()
+        #: set by :meth:`interrupt`: pending point-to-point waits raise :class:`CommInterrupted`
+        self.interrupted = threading.Event()
+        self._p2p_interrupt = self.interrupted if interruptible else None
         self._group = group
         if group is None and not dist.is_initialized():
             self._rank, self._world_size = 0, 1
@@ -434,14 +480,14 @@ class Comm:
             return CommHandle(_HeldWork(self._fault_hook.hold), t, record)
         self._transfer_delay("send", dst)
         work = dist.isend(t, dst=self._global_rank(dst), group=self._group)
-        return CommHandle(work, t, record)
+        return CommHandle(work, t, record, interrupt=self._p2p_interrupt)
 
     def irecv(self, t: torch.Tensor, src: int) -> CommHandle:
         self._check_peer(src, "src")
         size = _nbytes(t)
         record = self._enter("recv", size, 0, size, peer=src)
         work = dist.irecv(t, src=self._global_rank(src), group=self._group)
-        return CommHandle(work, t, record)
+        return CommHandle(work, t, record, interrupt=self._p2p_interrupt)
 
     def batch_isend_irecv(self, ops: Iterable[tuple[str, torch.Tensor, int]]) -> list[CommHandle]:
         """Post several point-to-point operations at once: ``ops`` are ``("send"|"recv", tensor,
@@ -469,7 +515,7 @@ class Comm:
             # some backends return a single work for the whole batch: every handle waits on it
             works = works if len(works) == len(p2p) else [works[0]] * len(p2p)
             for i, w in zip(posted, works):
-                handles[i] = CommHandle(w, ops[i][1], records[i])
+                handles[i] = CommHandle(w, ops[i][1], records[i], interrupt=self._p2p_interrupt)
         return [h if h is not None else CommHandle(_HeldWork(self._fault_hook.hold), ops[i][1], records[i])
                 for i, h in enumerate(handles)]
 
@@ -507,6 +553,12 @@ class Comm:
         if op == "avg":
             flat.div_(n)
         return t
+
+    def interrupt(self) -> None:
+        """Give up this Comm's pending and future point-to-point waits (``interruptible`` Comms): they
+        raise :class:`CommInterrupted` at once. Called (from any thread) just before the process group
+        is aborted, whose own transfers gloo's abort does not wake (see :class:`CommHandle`)."""
+        self.interrupted.set()
 
     def barrier(self) -> None:
         """Block until every rank of the group reached the barrier."""

@@ -564,7 +564,7 @@ class Trainer:
         from loco_trainer.comm import Comm
 
         return Comm(self._mesh.replicate_group if self._mesh else None, stall_after_s=self.env.stall_after_s,
-                    ring_p2p=self.env.ring_all_reduce,
+                    ring_p2p=self.env.ring_all_reduce, interruptible=self.env.live_resize,
                     fault_hook=comm_faults(self.config.fault_injection, self.info.rank, self.env.restart_count))
 
     def _publish_records(self, comm: Any) -> None:
@@ -629,6 +629,9 @@ class Trainer:
             if stale:
                 log.warning("membership epoch %d has %d workers, this one still runs %d in epoch %d: aborting the "
                             "old group", update.epoch, update.world_size, self.info.world_size, self._epoch)
+                comm = getattr(self, "_comm", None)
+                if comm is not None:  # gloo's abort does not wake this process's own point-to-point waits
+                    comm.interrupt()
                 _abort_group()
 
         timer = threading.Timer(ABORT_OLD_GROUP_AFTER_S, abort_if_still_there)
