@@ -99,10 +99,10 @@ class CommHandle:
     """Handle of an async operation: ``wait()`` blocks until it completes and returns the result
     tensor (averaged for ``op="avg"``). Waiting twice is harmless.
 
-    A handle given ``interrupt`` (point-to-point transfers) waits in short polls instead, and raises
-    :class:`CommInterrupted` as soon as the event is set: gloo's abort of a process group wakes the
-    *peers'* pending transfers (their connection closes) but not this process's own, which would
-    otherwise wait until the peer exits or the group's timeout expires."""
+    A handle given ``interrupt`` (point-to-point transfers of an ``interruptible`` Comm) waits in a
+    helper thread instead, and raises :class:`CommInterrupted` as soon as the event is set: gloo's
+    abort of a process group wakes the *peers'* pending transfers (their connection closes) but not
+    this process's own, which would otherwise wait until the peer exits or the group's timeout."""
 
     __slots__ = ("_work", "_result", "_post", "_record", "_done", "_interrupt")
 
