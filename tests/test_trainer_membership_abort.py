@@ -1,0 +1,47 @@
+"""Trainer._on_membership_update: a smaller membership that the loop has not switched to within
+ABORT_OLD_GROUP_AFTER_S interrupts the Comm's point-to-point waits, then aborts the old group (in
+that order: gloo's abort does not wake this process's own pending transfers)."""
+
+from __future__ import annotations
+
+import threading
+import time
+import types
+
+import loco_trainer.train as train
+from loco_trainer.protocol import MembershipUpdate
+
+
+def _trainer_state(epoch: int, world_size: int, regrouping: bool = False):
+    calls: list[str] = []
+    comm = types.SimpleNamespace(interrupt=lambda: calls.append("interrupt"))
+    state = types.SimpleNamespace(
+        info=types.SimpleNamespace(world_size=world_size), _epoch=epoch, _regrouping=regrouping,
+        _group_lock=threading.Lock(), _aborted_epoch=None, _comm=comm)
+    return state, calls
+
+
+def _update(epoch: int, world_size: int) -> MembershipUpdate:
+    return MembershipUpdate(epoch=epoch, rank=0, world_size=world_size, master_addr="127.0.0.1", master_port=29502)
+
+
+def _run(monkeypatch, state, update, calls) -> None:
+    monkeypatch.setattr(train, "ABORT_OLD_GROUP_AFTER_S", 0.05)
+    monkeypatch.setattr(train, "_abort_group", lambda: calls.append("abort"))
+    train.Trainer._on_membership_update(state, update)
+    time.sleep(0.5)  # the timer fires after ABORT_OLD_GROUP_AFTER_S
+
+
+def test_a_stale_group_is_interrupted_then_aborted(monkeypatch) -> None:
+    state, calls = _trainer_state(epoch=1, world_size=3)
+    _run(monkeypatch, state, _update(epoch=2, world_size=2), calls)
+    assert calls == ["interrupt", "abort"]
+    assert state._aborted_epoch == 1  # the loop's next error counts as a lost peer
+
+
+def test_a_loop_already_regrouping_or_a_grow_leaves_the_group_alone(monkeypatch) -> None:
+    state, calls = _trainer_state(epoch=1, world_size=3, regrouping=True)
+    _run(monkeypatch, state, _update(epoch=2, world_size=2), calls)
+    grow, grow_calls = _trainer_state(epoch=1, world_size=3)
+    _run(monkeypatch, grow, _update(epoch=2, world_size=4), grow_calls)
+    assert calls == [] and grow_calls == [] and state._aborted_epoch is None
