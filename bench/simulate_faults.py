@@ -84,6 +84,11 @@ class SimConfig:
     jitter_model: str = "realistic"
     seed: int = 0
 
+    @property
+    def per_period(self) -> int:
+        """Collectives per sync period: the syncs, plus the probe barriers (the last probe follows the sync)."""
+        return self.fragments * (self.probes + 1 if self.probes else 1)
+
 
 @dataclasses.dataclass(frozen=True)
 class Fault:
@@ -297,8 +302,7 @@ def run_trial(cfg: SimConfig, kind: str | None, *, steps: int = 40, horizon_peri
     cluster = Cluster(cfg)
     fault = None
     if kind is not None:
-        per_period = cfg.probes + 1 if cfg.probes else 1
-        step = int(cluster.rng.integers(12 * per_period, 18 * per_period))
+        step = int(cluster.rng.integers(12 * cfg.per_period, 18 * cfg.per_period))
         if kind == "hang-comm":  # a connection stops moving data: it shows in the sync's transfers
             step = cluster.sync_index(step)
         fault = cluster.pick_fault(kind, step=step)
@@ -346,7 +350,7 @@ def benchmark(scales: list[int], trials: dict[int, int], healthy_steps: dict[int
     """Run every class at every scale; return the table rows (``healthy_steps[n] == 0``: no healthy run).
     ``healthy_steps`` counts sync periods; the CPU time is per collective (all the polls it took)."""
     rows, healthy, cpu = [], [], []
-    per_period = fragments * (probes + 1 if probes else 1)
+    per_period = SimConfig(fragments=fragments, probes=probes).per_period
     for n in scales:
         for kind in classes or FAULT_CLASSES:
             res = [run_trial(SimConfig(world=n, seed=seed + 1000 * i + 37 * FAULT_CLASSES.index(kind), jitter_model=jitter_model,

@@ -629,9 +629,8 @@ class Trainer:
             if stale:
                 log.warning("membership epoch %d has %d workers, this one still runs %d in epoch %d: aborting the "
                             "old group", update.epoch, update.world_size, self.info.world_size, self._epoch)
-                comm = getattr(self, "_comm", None)
-                if comm is not None:  # gloo's abort does not wake this process's own point-to-point waits
-                    comm.interrupt()
+                if self._comm is not None:  # gloo's abort does not wake this process's own point-to-point waits
+                    self._comm.interrupt()
                 _abort_group()
 
         timer = threading.Timer(ABORT_OLD_GROUP_AFTER_S, abort_if_still_there)
