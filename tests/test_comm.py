@@ -235,6 +235,50 @@ def test_probes_re_estimate_the_clock_offset_every_n_probes(rank_pool, links: bo
         Comm(clock_resync_probes=-1)
 
 
+def _probe_schedule(rank: int, world_size: int, interval_s: float, probes: int) -> dict:
+    comm = Comm(probe_interval_s=interval_s)
+    comm.sync_clock()
+    per_probe = []
+    for _ in range(probes):
+        before = len(comm.export_links())
+        comm.probe()
+        comm.finish_probe()
+        links = comm.export_links()
+        per_probe.append([(x["src"], x["dst"]) for x in links[before:]])
+    barriers = [r for r in comm.export_records() if r["kind"] == "barrier"]
+    return {"per_probe": per_probe, "barriers": len(barriers), "closed": all(r["exitS"] is not None for r in barriers)}
+
+
+@pytest.mark.multiproc
+def test_every_transfer_probe_samples_the_ring_and_rotates_over_the_other_pairs(rank_pool) -> None:
+    """4 ranks, probe_interval_s 0: each probe samples every ring connection r -> r + 1 (the
+    connections the outer ring all-reduce uses) and one rotating shift (2, then 3), so two probes
+    cover every ordered pair; every probe is also a timing point (a closed barrier record)."""
+    n = 4
+    results = rank_pool.run(_probe_schedule, n, args=(0.0, 4))
+    ring = {(r, (r + 1) % n) for r in range(n)}
+    for k in range(4):
+        sampled = [pair for res in results for pair in res["per_probe"][k]]
+        assert len(sampled) == len(set(sampled)) == 2 * n, (k, sampled)  # each rank receives twice
+        rotating = {(r, (r + 2 + k % 2) % n) for r in range(n)}
+        assert set(sampled) == ring | rotating, (k, sorted(sampled))
+    first_two = {pair for res in results for pair in res["per_probe"][0] + res["per_probe"][1]}
+    assert first_two == {(a, b) for a in range(n) for b in range(n) if a != b}
+    assert all(res["barriers"] == 4 and res["closed"] for res in results), results
+
+
+@pytest.mark.multiproc
+def test_probe_interval_bounds_the_transfers_not_the_timing_points(rank_pool) -> None:
+    """probe_interval_s 60: the first probe transfers (nothing was sampled yet), the next ones are
+    timing points only; all ranks agree (no rank posts a transfer its peer does not)."""
+    results = rank_pool.run(_probe_schedule, 2, args=(60.0, 3))
+    for res in results:
+        assert [len(p) for p in res["per_probe"]] == [1, 0, 0], res
+        assert res["barriers"] == 3 and res["closed"], res
+    with pytest.raises(ValueError, match="probe_interval_s"):
+        Comm(probe_interval_s=-1.0)
+
+
 def _ring(rank: int, world_size: int) -> dict:
     import torch.distributed as dist
 

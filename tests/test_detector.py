@@ -435,6 +435,41 @@ def test_link_floor_still_blames_a_link_slower_by_more_than_the_floor() -> None:
     assert [(v.kind, v.link) for v in verdicts] == [(VerdictKind.slow_comm_link, (2, 6))]
 
 
+def _rotating_probes(det: Detector, n: int, rounds: range, slow_node: int | None, rpn: int) -> list:
+    """The trainer's transfer probes (Comm.probe) on ``n`` ranks: every round samples the ring
+    (shift 1) and one rotating shift 2 .. n - 1; 1 ms healthy, 3 ms for every cross-node connection
+    of ``slow_node``. Returns the verdicts with the round they came in."""
+    ranks = np.arange(n)
+    out = []
+    for k in rounds:
+        shift = 2 + k % (n - 2)
+        src = np.concatenate([ranks, ranks])
+        dst = np.concatenate([(ranks + 1) % n, (ranks + shift) % n])
+        seconds = np.full(src.size, 1e-3)
+        if slow_node is not None:
+            touches = (src // rpn == slow_node) | (dst // rpn == slow_node)
+            seconds[touches & (src // rpn != dst // rpn)] *= 3.0
+        out += [(k, v) for v in det.observe((), LinkBatch.from_arrays(src=src, dst=dst, seconds=seconds, nbytes=4096,
+                                                                       at_s=float(k)), float(k))]
+    return out
+
+
+def test_a_slow_node_is_judged_on_the_connections_sampled_since_it_became_slow() -> None:
+    """8 ranks on 4 nodes, rotating probes: 30 healthy rounds sample every pair, then node-1's
+    cross-node connections turn 3x slow. Each round samples only 2 of its many cross-node
+    connections per rank; the old healthy samples of the others must not dilute its row, or the
+    slowness would be pinned on its NICs or on single links. Blamed as the node, within 2 rounds."""
+    n, rpn = 8, 2
+    det = Detector(DetectorConfig(min_link_excess_seconds=0.0), Topology.uniform(n, rpn))
+    assert _rotating_probes(det, n, range(30), None, rpn) == []
+    verdicts = _rotating_probes(det, n, range(30, 40), 1, rpn)
+    assert verdicts, "no verdict for a 3x slow node"
+    k, first = verdicts[0]
+    assert (first.kind, first.node, first.evidence["scope"]) == (VerdictKind.slow_comm_node, "node-1", "node"), first.message
+    assert k <= 31, k  # a clear 3x slowdown: two slow rounds
+    assert all(v.node == "node-1" for _, v in verdicts), [v.message for _, v in verdicts]
+
+
 def test_ranks_held_in_a_stalled_exchange_are_not_blamed_for_missing_the_next_collective() -> None:
     """Rank 0's send to 1 stalls inside seq 0/1 (a p2p exchange); rank 2 finished its part and waits in the
     all-reduce #2 that 0 and 1 never reach. The fault is the stalled connection, not a non-comm hang."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client import generate_latest
 
@@ -169,3 +170,21 @@ def test_live_resize_joiner_pod_name_rendezvous_and_flags() -> None:
 
 def _values(pod: dict) -> dict[str, str]:
     return {e["name"]: e["value"] for e in pod["spec"]["containers"][0]["env"] if "value" in e}
+
+
+def test_probe_interval_is_passed_to_the_workers() -> None:
+    """faultDetection.probeIntervalSeconds reaches the trainer as LOCO_PROBE_INTERVAL_S (1 s by
+    default, 0 = transfers at every log interval); a negative value is refused, naming the field."""
+    from loco_operator.render import worker_env
+    from loco_trainer.config import RuntimeEnv
+
+    def interval(fault_detection: dict | None) -> float:
+        spec = TrainingJobSpec.model_validate({"replicas": 2, **({"faultDetection": fault_detection} if fault_detection else {})})
+        env = {e["name"]: e["value"] for e in worker_env(JobRef("default", "j", "uid"), spec, 0, 0, 0, "") if "value" in e}
+        return RuntimeEnv.from_environ(env).probe_interval_s
+
+    assert interval(None) == 1.0
+    assert interval({"probeIntervalSeconds": 0}) == 0.0
+    assert interval({"probeIntervalSeconds": 7.5}) == 7.5
+    with pytest.raises(ValueError, match="probeIntervalSeconds|probe_interval_seconds"):
+        TrainingJobSpec.model_validate({"replicas": 2, "faultDetection": {"probeIntervalSeconds": -1}})

@@ -13,8 +13,9 @@
 
 **Fault detection** (docs/fault-detection.md). :meth:`Comm.sync_clock` estimates this rank's clock
 offset against global rank 0's wall clock, so :meth:`Comm.export_records` can ship entry/exit times
-on one common clock; :meth:`Comm.probe` times a small ring exchange between every pair of ranks over
-successive calls (the connection matrix when the algorithm has no point-to-point traffic); a
+on one common clock; :meth:`Comm.probe` adds a timing point per log interval and times small transfers on the ring's
+connections and on a rotating set of other pairs (the connection matrix when the algorithm has
+no point-to-point traffic); a
 ``fault_hook`` (:class:`loco_trainer.faults.CommFaults`) injects hangs, stragglers, slow links and
 stalled connections for tests and demos, and costs one ``is None`` test per call when absent.
 
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import threading
 import time
 from typing import Any, Callable, Iterable, Sequence
@@ -60,6 +62,10 @@ _NATIVE_OPS = {
     "min": dist.ReduceOp.MIN,
 }
 
+#: How many different "rotating" shifts :meth:`Comm.probe` cycles through besides the ring (shift 1):
+#: shifts 2 .. 9, so every rank gets samples with up to 10 peers and the detector tracks at most
+#: 10 connections per rank, whatever the world size.
+PROBE_ROTATING_SHIFTS = 8
 KINDS = ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "send", "recv", "barrier")
 
 
@@ -209,6 +215,7 @@ class Comm:
     def __init__(
         self, group: Any | None = None, *, history: int = 4096, fault_hook: Any | None = None, stall_after_s: float = 5.0,
         probe_wait_s: float = 0.05, clock_resync_probes: int = 32, ring_p2p: bool = False, interruptible: bool = False,
+        probe_interval_s: float = 0.0,
     ) -> None:
         """``stall_after_s``: a send/recv in flight for longer than this is shipped as a stalled
         connection sample (:meth:`export_links`); keep it below the detector's
@@ -221,7 +228,9 @@ class Comm:
         all-reduce of the DiLoCo family) runs as :meth:`ring_all_reduce`, whose point-to-point steps
         give every ring connection a transfer time and localise a hang to one connection.
         ``interruptible``: point-to-point waits can be given up with :meth:`interrupt` (live jobs;
-        each such wait then runs in a helper thread, tens of microseconds)."""
+        each such wait then runs in a helper thread, tens of microseconds). ``probe_interval_s``:
+        the shortest time between two :meth:`probe` calls that transfer data (the timing point runs
+        at every call); 0 transfers at every call."""
         if history < 1:
             raise ValueError(f"history must be >= 1 (got {history})")
         if not stall_after_s > 0:
@@ -230,6 +239,11 @@ class Comm:
         if not probe_wait_s >= 0:
             raise ValueError(f"probe_wait_s must be >= 0 (got {probe_wait_s})")
         self.probe_wait_s = float(probe_wait_s)
+        if not probe_interval_s >= 0:
+            raise ValueError(f"probe_interval_s must be >= 0 (got {probe_interval_s})")
+        self.probe_interval_s = float(probe_interval_s)
+        self._last_transfer_probe = -math.inf
+        self._transfer_probes = 0
         if clock_resync_probes < 0:
             raise ValueError(f"clock_resync_probes must be >= 0 (got {clock_resync_probes})")
         self.clock_resync_probes = int(clock_resync_probes)
@@ -612,39 +626,51 @@ class Comm:
         return self.clock_offset_s
 
     def probe(self, nbytes: int = 4096, *, links: bool = True) -> None:
-        """Time one small transfer per rank around a ring; collective (every rank calls it).
+        """A timing point for the detector and, at most every ``probe_interval_s``, one small timed
+        transfer per rank on each of two connections; collective (every rank calls it).
 
         ``links=False`` (an algorithm whose own point-to-point traffic already samples every
         connection, :meth:`Strategy.p2p_covers_links`) keeps only the probe's cadence: the periodic
-        clock re-estimate below, no transfer.
+        clock re-estimate below, no timing point, no transfer.
 
-        The opening barrier is recorded as a collective (kind ``barrier``, not counted in
-        :meth:`stats`) and shipped by :meth:`export_records`: each rank's entry time is its arrival
-        at the log boundary, a timing point between the algorithm's own syncs.
+        **Timing point.** The call opens with an 8-byte all-reduce, recorded as a collective (kind
+        ``barrier``, not counted in :meth:`stats`) and shipped by :meth:`export_records`: each
+        rank's entry time is its arrival at the log boundary, a timing point between the
+        algorithm's own syncs. It also agrees, as the maximum over ranks, on whether the transfers
+        are due: a rank wants them when ``probe_interval_s`` passed since the last ones (every
+        call when 0), so on a job with short steps the transfers cost a bounded share of the time
+        while the timing point stays at every log interval.
 
-        Call ``k`` (counted from 0) shifts by ``1 + k % (n - 1)``: rank ``r`` sends to ``r + shift``
-        and receives from ``r - shift`` right after a common barrier, so ``n - 1`` calls cover every
-        ordered pair of ranks. The receive is recorded first, then the send, on every rank, so the
-        sequence numbers stay aligned; injected faults apply to both. The call does not wait for
-        the transfers: two helper threads wait for them (so a slow link delays neither this rank
-        nor its peer's training, as it would not in a real asynchronous probe) and the receive
-        time, barrier exit to arrival, becomes one connection sample ``(src, dst, seconds)`` in
-        global ranks for :meth:`export_links`. The next call first waits for the previous one. Probe
-        traffic is recorded but not counted in :meth:`stats`.
+        **Transfers** (when due). Rank ``r`` sends to ``r + shift`` and receives from
+        ``r - shift`` for two shifts: 1, the ring the outer all-reduce runs on
+        (:meth:`ring_all_reduce`), whose connections are therefore sampled at every transfer
+        probe, so a slow connection the training uses is convicted within ``consecutive`` probes;
+        and a rotating shift ``2 + k % min(n - 2, PROBE_ROTATING_SHIFTS)`` (``k`` counts the
+        transfer probes; none when ``n == 2``), which gives every rank samples with several other
+        peers, so a slow node or NIC shows in its whole row, and with ``n <= 10`` covers every
+        ordered pair every ``n - 2`` probes. The number of connections sampled stays ``<= 2 n``
+        per probe and ``<= 10 n`` in all, however large the job. The receives are recorded
+        first, then the sends, shift by shift, on every rank, so the sequence numbers stay aligned;
+        injected faults apply to all of them. The call does not wait for the transfers: one helper
+        thread per transfer waits (so a slow link delays neither this rank nor its peer's
+        training, as it would not in a real asynchronous probe), and each receive time, from the
+        opening all-reduce's exit to arrival, becomes one connection sample ``(src, dst,
+        seconds)`` in global ranks for :meth:`export_links`. The next call first waits for the
+        previous one. Probe traffic is recorded but not counted in :meth:`stats`.
 
-        The call then waits up to ``probe_wait_s`` for its own two transfers and leaves through a
-        second barrier, so a healthy probe (about a millisecond) is measured while no rank trains:
+        The call then waits up to ``probe_wait_s`` for its own transfers and leaves through a
+        barrier, so a healthy probe (about a millisecond) is measured while no rank trains:
         neither a trainer's CPU work nor its hold on the GIL delays the helper threads' timestamps.
         (Measured while training went on, on a shared 2-core host, healthy millisecond links read
         20-40 ms, several probes in a row: false slow-link restarts.) A slower or stalled transfer
         finishes in the background, so a bad connection delays training by at most ``probe_wait_s``.
-        The sender also ships how late it posted the send after the barrier; the receiver subtracts
-        it, so a sender's scheduling delay is not counted as connection time.
+        Each sender also ships how late it posted the send after the opening all-reduce; the
+        receiver subtracts it, so a sender's scheduling delay is not counted as connection time.
         """
         if self._world_size == 1:
             return
-        # The probe's opening barrier is a collective every rank enters at the same step: recorded
-        # (and shipped) as one, it gives the detector a timing point per log interval between the
+        # The opening collective is one every rank enters at the same step: recorded (and shipped)
+        # as a barrier, it gives the detector a timing point per log interval between the
         # algorithm's syncs, so a straggler or a stopped rank shows long before the next outer
         # all-reduce (docs/fault-detection.md, "Probes"). Entered before waiting for the previous
         # probe's transfers, so a slow connection never makes its endpoints look late.
@@ -652,18 +678,44 @@ class Comm:
         self.finish_probe()
         if self.clock_resync_probes and self._probes and self._probes % self.clock_resync_probes == 0:
             self.sync_clock(rounds=3)  # collective: every rank probes the same number of times
-        if not links:
-            self._probes += 1
-            return
-        n = self._world_size
-        shift = 1 + self._probes % (n - 1)
         self._probes += 1
+        if not links:
+            return
+        now = time.monotonic()
+        due = torch.tensor([1.0 if now - self._last_transfer_probe >= self.probe_interval_s else 0.0])
+        dist.all_reduce(due, op=dist.ReduceOp.MAX, group=self._group)  # the timing point; agrees on `due`
+        start = opening.exit_ns = time.monotonic_ns()
+        if not due.item():
+            return
+        self._last_transfer_probe = now
+        n = self._world_size
+        shifts = [1]
+        if n > 2:
+            shifts.append(2 + self._transfer_probes % min(n - 2, PROBE_ROTATING_SHIFTS))
+        self._transfer_probes += 1
+        threads: list[threading.Thread] = []
+        for shift in shifts:
+            threads += self._probe_transfer(shift, nbytes, start)
+        self._probe_threads = threads
+        for t in threads:
+            t.start()
+        if self.probe_wait_s:
+            deadline = time.monotonic() + self.probe_wait_s
+            for t in threads:
+                t.join(max(0.0, deadline - time.monotonic()))
+            # nobody resumes training while a peer still measures: a rank back at work would take
+            # the CPU from a peer whose receive thread has yet to wake up (on a shared host the
+            # healthy samples then read 20-40 ms instead of 1 ms)
+            dist.barrier(group=self._group)
+
+    def _probe_transfer(self, shift: int, nbytes: int, start: int) -> list[threading.Thread]:
+        """Post one probe transfer (send to ``rank + shift``, receive from ``rank - shift``) and
+        return its two not yet started helper threads (see :meth:`probe`)."""
+        n = self._world_size
         out = torch.zeros(max(1, nbytes // 4), dtype=torch.float32)
         inp = torch.empty_like(out)
         dst, src = (self._rank + shift) % n, (self._rank - shift) % n
         src_global, me_global = self._global_rank(src), self._global_rank(self._rank)
-        dist.barrier(group=self._group)
-        start = opening.exit_ns = time.monotonic_ns()
         recv_record = self._enter("recv", _nbytes(inp), 0, 0, peer=src, count=False)
         recv_record.probe = True
         receive = CommHandle(dist.irecv(inp, src=src_global, group=self._group), inp, recv_record)
@@ -675,10 +727,10 @@ class Comm:
                 send_record.waited = True
                 self._fault_hook.hold()  # a stalled connection: the send never completes
                 return
-            # how late this rank posts the send after leaving the barrier (a CPU-starved process, a
-            # thread waiting for the GIL): shipped in the payload, the receiver subtracts it, so the
-            # sample times the connection, not the sender's scheduling. Taken before an injected
-            # link delay, which stands for the connection itself being slow.
+            # how late this rank posts the send after leaving the opening all-reduce (a CPU-starved
+            # process, a thread waiting for the GIL): shipped in the payload, the receiver subtracts
+            # it, so the sample times the connection, not the sender's scheduling. Taken before an
+            # injected link delay, which stands for the connection itself being slow.
             out[0] = (time.monotonic_ns() - start) / 1e9
             self._transfer_delay("send", dst)
             CommHandle(dist.isend(out, dst=self._global_rank(dst), group=self._group), out, send_record).wait()
@@ -693,18 +745,8 @@ class Comm:
                 self._links.append((self._link_id, src_global, me_global, seconds, _nbytes(inp), start / 1e9))
                 self._link_id += 1
 
-        self._probe_threads = [threading.Thread(target=fn, name=f"loco-probe-{fn.__name__}", daemon=True)
-                               for fn in (do_send, do_receive)]
-        for t in self._probe_threads:
-            t.start()
-        if self.probe_wait_s:
-            deadline = time.monotonic() + self.probe_wait_s
-            for t in self._probe_threads:
-                t.join(max(0.0, deadline - time.monotonic()))
-            # nobody resumes training while a peer still measures: a rank back at work would take
-            # the CPU from a peer whose receive thread has yet to wake up (on a shared host the
-            # healthy samples then read 20-40 ms instead of 1 ms)
-            dist.barrier(group=self._group)
+        return [threading.Thread(target=fn, name=f"loco-probe-{fn.__name__}-{shift}", daemon=True)
+                for fn in (do_send, do_receive)]
 
     def finish_probe(self, timeout_s: float | None = None) -> None:
         """Wait for the transfers of the last :meth:`probe` (a no-op when none is outstanding)."""

@@ -418,6 +418,9 @@ class EnvVar(str, Enum):
     STALL_AFTER_S = "LOCO_STALL_AFTER_S"
     # "1": the outer all-reduce runs as a ring of point-to-point steps (faultDetection.ringAllReduce)
     RING_ALL_REDUCE = "LOCO_RING_ALL_REDUCE"
+    # shortest time between two probes that transfer data (faultDetection.probeIntervalSeconds): the
+    # probe's timing point runs at every log interval, its connection samples at most this often
+    PROBE_INTERVAL_S = "LOCO_PROBE_INTERVAL_S"
     # "1": live membership changes (docs/elastic.md, "Live resizing"): at every outer-step boundary the
     # worker checks for a membership update (POST /membership) and, when a peer is lost, waits for one
     # instead of failing; set for elastic jobs of the DiLoCo family with one process per pod
@@ -458,6 +461,7 @@ class RuntimeEnv(Model):
     status_port: int = DEFAULT_STATUS_PORT
     stall_after_s: float = Field(5.0, gt=0)
     ring_all_reduce: bool = False
+    probe_interval_s: float = Field(1.0, ge=0)
     live_resize: bool = False
     join: bool = False
     collective_timeout_s: float = Field(600.0, gt=0)

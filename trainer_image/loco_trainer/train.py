@@ -565,6 +565,7 @@ class Trainer:
 
         return Comm(self._mesh.replicate_group if self._mesh else None, stall_after_s=self.env.stall_after_s,
                     ring_p2p=self.env.ring_all_reduce, interruptible=self.env.live_resize,
+                    probe_interval_s=self.env.probe_interval_s,
                     fault_hook=comm_faults(self.config.fault_injection, self.info.rank, self.env.restart_count))
 
     def _publish_records(self, comm: Any) -> None:

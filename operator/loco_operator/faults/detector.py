@@ -21,6 +21,8 @@ fault, not noise (C4, arXiv 2406.04594). The detector applies four rules:
    samples in a row until their evidence score reaches ``consecutive`` is slow. A node whose row or column of
    cross-node connections is (mostly) slow is a slow node; a rank whose own cross-node (or
    intra-node) row and column are slow is a slow NIC; any other slow connection is a slow link.
+   Rows and columns count only the connections sampled since the slow streaks began (probes
+   visit most pairs only now and then).
 
 Evidence score (rules 3 and 4): each slow observation adds its strength, capped,
 ``min(strength, EVIDENCE_CAP)`` with ``strength = lateness / threshold`` for a rank and
@@ -152,6 +154,8 @@ class Detector:
         self._link_count = np.zeros(0, dtype=np.int64)
         self._link_ratio = np.zeros(0)  # flat ring: link i's samples at [i * window, (i + 1) * window)
         self._link_blamed = np.zeros(0, dtype=bool)
+        self._link_last_at = np.zeros(0)  # time of the latest judged sample, by link id
+        self._link_streak_from = np.zeros(0)  # time of the first sample of the current slow streak (inf: none)
         self._references: dict[tuple[int, bool], np.ndarray] = {}
         empty = np.zeros(0, np.int64)
         self._last_link_lookup: tuple[np.ndarray, ...] = (empty, empty, empty, empty, empty)
@@ -587,6 +591,8 @@ class Detector:
             self._link_score = np.concatenate([self._link_score, np.zeros(grow)])
             self._link_count = np.concatenate([self._link_count, np.zeros(grow, np.int64)])
             self._link_blamed = np.concatenate([self._link_blamed, np.zeros(grow, bool)])
+            self._link_last_at = np.concatenate([self._link_last_at, np.full(grow, -np.inf)])
+            self._link_streak_from = np.concatenate([self._link_streak_from, np.full(grow, np.inf)])
             self._link_ratio = np.concatenate([self._link_ratio, np.full(grow * self.config.window, np.nan)])
             pos = np.searchsorted(self._link_keys, keys)
         return self._link_id_of_key[pos]
@@ -625,13 +631,17 @@ class Detector:
         judged = ~np.isnan(ratio)
         if not judged.any():
             return []
+        at = lb.at_s
         if not judged.all():
             ids = (np.arange(self._link_src.size) if isinstance(ids, slice) else ids)[judged]
             ratio = ratio[judged]
             excess = excess[judged]
+            at = at[judged]
         # slow = relatively slow AND slower by more than the absolute floor (a CPU-starved probe
         # thread can double a millisecond sample; that is no reason to restart a job)
         slow = (ratio > self.config.link_slowness_factor) & (excess > self.config.min_link_excess_seconds)
+        self._link_streak_from[ids] = np.where(slow, np.where(self._link_streak[ids] == 0, at, self._link_streak_from[ids]), np.inf)
+        self._link_last_at[ids] = at
         self._link_streak[ids] = np.where(slow, self._link_streak[ids] + 1, 0)
         strength = np.clip(ratio / self.config.link_slowness_factor, 1.0, EVIDENCE_CAP)
         self._link_score[ids] = np.where(slow, self._link_score[ids] + strength, 0.0)
@@ -652,7 +662,11 @@ class Detector:
         """Explain the candidate slow links by slow nodes, then slow NICs, then single links."""
         cfg = self.config
         src, dst = self._link_src, self._link_dst
-        observed = self._link_count > 0
+        # Only connections sampled since the candidates' slow streaks began count, slow or not: the
+        # trainer's probes visit most pairs only now and then (the ring at every probe, other pairs in
+        # rotation), and a sample from before the fault says nothing about a node's row now.
+        since = float(self._link_streak_from[candidates].min())
+        observed = (self._link_count > 0) & (self._link_last_at >= since)
         slow_now = (self._link_streak >= 1) & observed  # siblings lagging a little behind the first to trip
         unexplained = slow_now.copy()
         cross = self._node_of[src] != self._node_of[dst]

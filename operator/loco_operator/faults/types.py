@@ -407,6 +407,10 @@ class DetectorConfig(Model):
         False,
         description="Run the outer all-reduce of the DiLoCo family (DiLoCo, Streaming DiLoCo, CO2) as a ring of point-to-point steps in the trainer's communication layer instead of one opaque collective: every ring connection then gets a transfer time from real traffic, and a connection that stops moving data is blamed as hang-comm on that one link. Same bytes; costs 2(n-1) small latencies per bucket (negligible once every H steps). DDP's per-step gradient all-reduce is unchanged.",
     )
+    probe_interval_seconds: float = Field(
+        1.0, ge=0, le=3600,
+        description="Shortest time between two trainer probes that transfer data. The probe's timing point (an 8-byte all-reduce at every log interval) always runs; its small timed transfers on the ring's connections and on a rotating set of other pairs, which give the detector its connection samples, run at most this often, so jobs with short steps spend a bounded share of their time on them (about 2 ms per transfer probe on a CPU host). 0: at every log interval. Slow connections are convicted after `consecutive` transfer probes, so a larger value makes their verdicts slower.",
+    )
     cordon_nodes: bool = Field(
         False,
         description="Also cordon a blamed node (spec.unschedulable, a loco.dev/fault taint and an annotation with the reason); needs RBAC to patch nodes. Off: the node is only avoided by this job's pods.",
