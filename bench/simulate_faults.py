@@ -1,9 +1,17 @@
 """Simulate collective timings of 8 ... 16,384 ranks with injected faults; benchmark the detector.
 
 The simulated job is low-communication training (DiLoCo-like): every rank computes for one
-sync period, then all ranks run one all-reduce (a hierarchical, rail-aligned ring: an
-intra-node ring over NVLink and, per local rank, a cross-node ring over that rank's NIC).
-Every connection of the all-reduce reports its transfer time (C4's transport-level timestamps).
+sync period, then all ranks run one all-reduce, a ring in rank order (``faultDetection.
+ringAllReduce``: the trainer's ``Comm.ring_all_reduce``; its hops inside a node run over NVLink,
+the one hop from a node's last rank to the next node's first over a NIC). Every connection of
+the ring reports its transfer time, as the trainer's ring does.
+
+Probes (``--probes``, the rows "1 + 5 probes"): the trainer's ``Comm.probe`` at every log
+interval, modelled as it runs: a timing point (recorded as a barrier) and, since the probes of a
+30 s period are 6 s apart (more than ``probeIntervalSeconds``, 1 s), a transfer probe every
+time: one 4 KiB transfer per rank on the ring (shift 1) and one on a rotating shift
+``2 + k % min(n - 2, 8)``. A transfer takes latency + bytes / bandwidth (5 us + NVLink inside a
+node, 10 us + the NIC across nodes), with the connection jitter below.
 
 Jitter model (``--jitter-model``):
 
@@ -15,8 +23,10 @@ Jitter model (``--jitter-model``):
 Injected faults (one per trial, at a random step after warm-up):
 hang-noncomm (a rank stops computing and never enters the next collective), hang-comm (one
 cross-node connection stops moving data: its sample is reported stalled), slow-noncomm (a
-rank computes 1.5x slower), slow-comm-link (one cross-node connection 3x slower),
-slow-comm-node (every cross-node connection of one node 3x slower).
+rank computes 1.5x slower), slow-comm-link (one cross-node connection of the ring 3x slower),
+slow-comm-node (every cross-node connection of one node 3x slower). A slow connection is slow
+at every size (congestion, a degraded or flapping port, retransmits): a fault that only cuts
+bandwidth would barely show in the probes' 4 KiB and be found by the ring's samples alone.
 
 The detector is fed as the operator feeds it: every ``poll`` seconds, with what became
 visible since the last poll. Measured: right blame (precision/recall per class), detection
@@ -72,10 +82,13 @@ class SimConfig:
     ranks_per_node: int = 8
     period_s: float = 30.0  # one sync period (DiLoCo: H inner steps)
     fragments: int = 1  # collectives per sync period (Streaming DiLoCo syncs M fragments, spread over the period)
-    # probe barriers per sync period (the trainer's Comm.probe at every log interval: H / logEvery, 5 at the
-    # defaults); the last one follows the sync all-reduce at once. Only with fragments == 1. Their 4 KiB
-    # transfers are not modelled: connections are judged on the all-reduce's samples alone, as without probes.
+    # probes per sync period (the trainer's Comm.probe at every log interval: H / logEvery, 5 at the
+    # defaults); the last one follows the sync all-reduce at once. Only with fragments == 1. Each is a
+    # timing point (a barrier record) and a transfer probe (ring + rotating shift, see the module docstring).
     probes: int = 0
+    probe_bytes: int = 4096
+    intra_latency_s: float = 5e-6
+    cross_latency_s: float = 10e-6
     barrier_s: float = 50e-6  # a barrier's duration once the last rank has entered
     nbytes: int = 1 << 30  # payload of the sync all-reduce (a 256M-parameter fp32 model)
     intra_bytes_per_s: float = 150e9  # NVLink
@@ -122,16 +135,8 @@ class Cluster:
         n, rpn = cfg.world, cfg.ranks_per_node
         self.topology = Topology.uniform(n, rpn)
         ranks = np.arange(n)
-        base = ranks - ranks % rpn
-        src, dst = [], []
-        if rpn > 1:  # intra-node ring
-            src.append(ranks)
-            dst.append(base + (ranks % rpn + 1) % min(rpn, n))
-        if n > rpn:  # per-rail cross-node ring
-            src.append(ranks)
-            dst.append((ranks + rpn) % n)
-        self.src = np.concatenate(src)
-        self.dst = np.concatenate(dst)
+        self.src = ranks  # the ring, in rank order
+        self.dst = (ranks + 1) % n
         node = self.topology.node_index
         self.cross = node[self.src] != node[self.dst]
         self.chunk = cfg.nbytes // n
@@ -144,6 +149,43 @@ class Cluster:
         self.faulted = False  # a slow connection or node, once it started
         self.injected_at_s: float | None = None
         self.stopped = False
+        self.transfer_probes = 0
+
+    def _slowdown(self, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+        """The injected slowdown (1 = healthy) of any connections ``src -> dst``, once it started."""
+        f, out = self.fault, np.ones(src.size)
+        if f is None or not self.faulted:
+            return out
+        if f.kind == "slow-comm-link":
+            out[(src == f.link[0]) & (dst == f.link[1])] = f.factor
+        elif f.kind == "slow-comm-node":
+            node = self.topology.node_index
+            x = self.topology.node_names.index(f.node)
+            out[(node[src] != node[dst]) & ((node[src] == x) | (node[dst] == x))] = f.factor
+        return out
+
+    def _jitter(self, size: int) -> np.ndarray:
+        jitter = 1 + np.abs(self.rng.normal(0, 0.05, size))
+        if self.cfg.jitter_model == "realistic":
+            hiccup = self.rng.random(size) < 0.001
+            jitter[hiccup] *= self.rng.uniform(1, 1.8, int(hiccup.sum()))
+        return jitter
+
+    def _probe_transfers(self, exit_s: np.ndarray) -> LinkBatch:
+        """The connection samples of one transfer probe (Comm.probe) that left its timing point at ``exit_s``."""
+        cfg, n = self.cfg, self.cfg.world
+        ranks = np.arange(n)
+        shifts = [1] + ([2 + self.transfer_probes % min(n - 2, 8)] if n > 2 else [])
+        self.transfer_probes += 1
+        src = np.concatenate([ranks] * len(shifts))
+        dst = np.concatenate([(ranks + s) % n for s in shifts])
+        node = self.topology.node_index
+        cross = node[src] != node[dst]
+        base = np.where(cross, cfg.cross_latency_s + cfg.probe_bytes / cfg.cross_bytes_per_s,
+                        cfg.intra_latency_s + cfg.probe_bytes / cfg.intra_bytes_per_s)
+        seconds = base * self._jitter(src.size) * self._slowdown(src, dst)
+        start = float(exit_s.max())
+        return LinkBatch.from_arrays(src=src, dst=dst, seconds=seconds, nbytes=cfg.probe_bytes, at_s=start + seconds)
 
     def pick_fault(self, kind: str, step: int) -> Fault:
         """A random fault of class ``kind`` for this cluster, starting at ``step``."""
@@ -190,14 +232,9 @@ class Cluster:
             self.injected_at_s = float(self.ready_s.min())
         if active and f.kind == "slow-noncomm":
             compute[f.rank] *= f.factor
-        if active and f.kind == "slow-comm-link" and not self.faulted:
-            self.slow[(self.src == f.link[0]) & (self.dst == f.link[1])] = f.factor
+        if active and f.kind in ("slow-comm-link", "slow-comm-node") and not self.faulted:
             self.faulted = True
-        if active and f.kind == "slow-comm-node" and not self.faulted:
-            node = self.topology.node_index
-            x = self.topology.node_names.index(f.node)
-            self.slow[self.cross & ((node[self.src] == x) | (node[self.dst] == x))] = f.factor
-            self.faulted = True
+            self.slow = self._slowdown(self.src, self.dst)
         enter = self.ready_s + compute
         if active and f.kind == "hang-noncomm":
             # the rank stops somewhere in its compute phase and never enters this collective
@@ -211,12 +248,9 @@ class Cluster:
             exit_s = start + cfg.barrier_s + rng.uniform(0, 1e-4, n)
             self.ready_s = exit_s
             self.step += 1
-            return RecordBatch.from_arrays(rank=np.arange(n), seq=seq, enter_s=enter, exit_s=exit_s, kind=kind), LinkBatch.empty()
-        jitter = 1 + np.abs(rng.normal(0, 0.05, self.src.size))
-        if cfg.jitter_model == "realistic":
-            hiccup = rng.random(self.src.size) < 0.001
-            jitter[hiccup] *= rng.uniform(1, 1.8, int(hiccup.sum()))
-        link_s = self.base_s * jitter * self.slow
+            records = RecordBatch.from_arrays(rank=np.arange(n), seq=seq, enter_s=enter, exit_s=exit_s, kind=kind)
+            return records, self._probe_transfers(exit_s)
+        link_s = self.base_s * self._jitter(self.src.size) * self.slow
         ring_steps = 2 * (n - 1)
         duration = float(link_s.max()) * ring_steps  # the slowest connection paces the ring
         if active and f.kind == "hang-comm":
@@ -426,14 +460,19 @@ def render(result: dict[str, Any], sim: SimConfig, det: DetectorConfig, command:
         f"Generated by `{command}` ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average"
         f" {os.getloadavg()[0]:.1f} while it ran (other work shared the machine), Python {platform.python_version()},"
         f" numpy {np.__version__}; CPU time is process time of the detector's `observe` calls only). Simulated job: DiLoCo-like, one {sim.nbytes >> 20} MiB all-reduce per"
-        f" {period:.0f} s sync period, 8 ranks per node, hierarchical rail-aligned ring (every connection reports its"
-        f" transfer time), {sim.jitter_model} jitter (see `bench/simulate_faults.py`); the detector is polled every"
+        f" {period:.0f} s sync period, 8 ranks per node, a ring in rank order (`faultDetection.ringAllReduce`, the"
+        f" trainer's `Comm.ring_all_reduce`: every connection reports its transfer time), {sim.jitter_model} jitter (see `bench/simulate_faults.py`); the detector is polled every"
         f" {sim.poll_s:.0f} s with default thresholds (`DetectorConfig()`, slow-link absolute floor off for the simulated sub-millisecond hops: `minLinkExcessSeconds: 0`). Rows with 4 collectives per sync period"
         " simulate Streaming DiLoCo (a fragment sync every quarter period)."
-        + (f" Rows with `1 + {probes} probes` add the trainer's probe: a barrier at every log interval, {probes} per"
-           f" sync period as with the defaults `syncEvery: 50`, `logEvery: 10` (the last one right after the sync), whose"
-           " entry times the trainer ships as collective records; the probes' 4 KiB transfers are not simulated, so"
-           " connections are judged on the all-reduce's samples alone in every row." if probes else ""),
+        + (f" Rows with `1 + {probes} probes` add the trainer's probe (`Comm.probe`) at every log interval, {probes} per"
+           f" sync period as with the defaults `syncEvery: 50`, `logEvery: 10` (the last one right after the sync): a"
+           " timing point whose entry times the trainer ships as collective records, and, the probes being 6 s apart"
+           f" (more than `probeIntervalSeconds`, 1 s), a transfer probe each time: one {sim.probe_bytes // 1024} KiB"
+           " transfer per rank on the ring and one on a rotating shift (2 to 9), latency"
+           f" ({sim.intra_latency_s * 1e6:.0f} us inside a node, {sim.cross_latency_s * 1e6:.0f} us across) plus"
+           " size / bandwidth, with the connections' jitter. An injected slow connection is slow at every size"
+           " (congestion, a degraded port, retransmits); one that only lost bandwidth would barely show in 4 KiB"
+           " and be convicted by the ring's own samples alone, as in the rows without probes." if probes else ""),
         "",
         "Latency: from injection to the first right verdict, in collectives (the collective during which the fault"
         " started counts as 1; probe barriers count) and in seconds / sync periods. Precision: right verdicts / all verdicts in the faulty"
@@ -449,7 +488,7 @@ def render(result: dict[str, Any], sim: SimConfig, det: DetectorConfig, command:
             f"{r['lat_s_max'] / period:.2f} |"
         )
     lines += ["", "Healthy runs (no fault injected) and detector CPU time per collective (all the polls it took; a sync"
-              " all-reduce also brings one transfer time per ring connection, a probe barrier none):", "",
+              " all-reduce brings one transfer time per ring connection, a probe two per rank):", "",
               "| ranks | collectives per sync period | healthy sync periods | verdicts (false positives) | CPU ms/collective median | p99 | max |",
               "|---:|---:|---:|---:|---:|---:|---:|"]
     for h, c in zip(result["healthy"], result["cpu"]):
@@ -481,12 +520,11 @@ def render(result: dict[str, Any], sim: SimConfig, det: DetectorConfig, command:
         lines.append(
             f"- **with the probes** (`1 + {probes} probes`), a stopped rank or a straggler shows at the next probe barrier, a"
             f" fifth of a period later: hang-noncomm and slow-noncomm in at most {_span(probed_noncomm, '.2f')} sync periods,"
-            " within the goal. Slow links and nodes are unchanged"
-            + (f" ({_span(probed_comm)} periods)" if probed_comm else "")
-            + ": a probe samples each connection once every n - 1 probes, while the detector needs `consecutive`"
-            " slow samples of the same connection, so at these scales only the sync all-reduce's transfers convict"
-            " a connection. Evidence per endpoint (a node whose every sampled connection is slow, whichever they"
-            " are) would let the probes count for slow nodes; it is not built.")
+            " within the goal. Every transfer probe samples every ring connection, so a slow link or node gets a slow"
+            " sample a fifth of a period after it starts and is convicted at its second (clear) or third (marginal)"
+            + (f" one: at most {_span(probed_comm, '.2f')} sync periods, within the goal too." if probed_comm else " one.")
+            + " A slow node is told from a slow link by its row and column: the connections sampled since the slowness"
+            " began, its ring neighbours' and the rotating shift's.")
     lines.append("")
     return "\n".join(lines)
 
@@ -504,7 +542,7 @@ def write_section(path: Path, section: str) -> None:
 @click.option("--healthy-steps", default="1000,1000,1000", show_default=True, help="Healthy sync steps at each scale.")
 @click.option("--jitter-model", type=click.Choice(["realistic", "uniform"]), default="realistic", show_default=True)
 @click.option("--seed", default=1, show_default=True)
-@click.option("--quick", is_flag=True, help="Small run (16 and 64 ranks, few trials) for a smoke test.")
+@click.option("--quick", is_flag=True, help="Small run (32 and 64 ranks, few trials) for a smoke test.")
 @click.option("--docs/--no-docs", default=True, show_default=True, help="Write the section of docs/benchmarks.md.")
 @click.option("--trace", "trace_path", type=click.Path(dir_okay=False), help="Instead: write one simulated run as a trace file.")
 @click.option("--world", default=64, show_default=True, help="With --trace: ranks.")
@@ -523,7 +561,7 @@ def main(scales: str, trials: str, healthy_steps: str, jitter_model: str, seed: 
         click.echo(f"wrote {trace_path}: {len(records)} records, {len(links)} connection samples; injected {r['fault']}")
         return
     if quick:
-        scales, trials, healthy_steps = "16,64", "3,3", "200,200"
+        scales, trials, healthy_steps = "32,64", "3,3", "200,200"  # >= 4 nodes: with 2, a slow node is ambiguous
     ns = [int(x) for x in scales.split(",")]
     tr = dict(zip(ns, (int(x) for x in trials.split(","))))
     hs = dict(zip(ns, (int(x) for x in healthy_steps.split(","))))
@@ -538,7 +576,7 @@ def main(scales: str, trials: str, healthy_steps: str, jitter_model: str, seed: 
                           classes=["hang-noncomm", "slow-noncomm", "slow-comm-link", "slow-comm-node"])
     result["rows"] += streaming["rows"]
     # the trainer's probes: a barrier at every log interval, 5 per sync period at the defaults (H 50, logEvery 10)
-    click.echo(f"1 sync + {PROBES} probe barriers per sync period:")
+    click.echo(f"1 sync + {PROBES} probes per sync period:")
     probed = benchmark(ns, tr, hs, seed, jitter_model, log=click.echo, probes=PROBES)
     for key in ("rows", "healthy", "cpu"):
         result[key] += probed[key]

@@ -52,6 +52,21 @@ def test_probe_barriers_bring_rank_faults_within_one_sync_period(sim, kind: str)
         assert hit.seq is not None
 
 
+@pytest.mark.parametrize("kind", ["slow-comm-link", "slow-comm-node"])
+def test_transfer_probes_bring_slow_connections_within_one_sync_period(sim, kind: str) -> None:  # noqa: ANN001
+    """The probes' transfers sample every ring connection at every probe (5 per sync period): a
+    slow link or node is blamed exactly, under one period after it starts, where the sync
+    all-reduce's samples alone take 2-4 periods (3 slow samples, one per period)."""
+    period = sim.SimConfig().period_s
+    for seed in range(6):
+        cfg = sim.SimConfig(world=64, seed=seed, probes=5)
+        result = sim.run_trial(cfg, kind, steps=40 * 6)
+        assert result["found"] and result["wrong"] == 0, [v.message for v, _ in result["verdicts"]]
+        assert result["latency_s"] < period, (seed, result["latency_s"])
+    without = sim.run_trial(sim.SimConfig(world=64, seed=0), kind)  # the same fault, syncs only
+    assert without["found"] and without["latency_s"] > period, without["latency_s"]
+
+
 def test_probe_barriers_add_no_false_positive(sim) -> None:  # noqa: ANN001
     result = sim.run_trial(sim.SimConfig(world=64, seed=4, probes=5), None, steps=300 * 6)
     assert result["verdicts"] == []
