@@ -448,8 +448,8 @@ def render(result: dict[str, Any], sim: SimConfig, det: DetectorConfig, command:
     if not one:
         one_period = "With one collective per period"
     elif max(one) > 2:
-        one_period = (f"With one collective per period that is {_span(one)} sync periods in the worst"
-                      " case, above the 2-period goal:")
+        one_period = (f"With one collective per period and no probes (what a job without timing points between its"
+                      f" syncs would get) that is {_span(one)} sync periods in the worst case, above the 2-period goal:")
     else:
         one_period = f"With one collective per period that is at most {max(one):.1f} sync periods, within the goal, although"
     probed_noncomm = _worst_periods(rows, period, ("hang-noncomm", "slow-noncomm"), probes=True)
@@ -525,6 +525,16 @@ def render(result: dict[str, Any], sim: SimConfig, det: DetectorConfig, command:
             + (f" one: at most {_span(probed_comm, '.2f')} sync periods, within the goal too." if probed_comm else " one.")
             + " A slow node is told from a slow link by its row and column: the connections sampled since the slowness"
             " began, its ring neighbours' and the rotating shift's.")
+    wrong = [(r, m) for r in rows for m in r["wrong"]]
+    if wrong:
+        rank_fp = [m for _, m in wrong if "consecutive collectives late" in m]
+        lines.append(
+            "- **wrong verdicts** in the faulty runs (the rows' precision below 100 %; at most 3 per row shown): "
+            + "; ".join(f"{r['ranks']} ranks, `{_per_period(r)}`, {r['class']} run: \"{m}\"" for r, m in wrong[:3])
+            + (". A healthy rank blamed as a straggler is two back-to-back pauses (the jitter model pauses 0.1 % of"
+               " rank-intervals for up to 30 % of an interval) before any one-off pause raised its bar; about once per"
+               " 10^6 rank-intervals, more often per period the more timing points a period has (docs/fault-detection.md,"
+               " Limits)." if rank_fp else "."))
     lines.append("")
     return "\n".join(lines)
 
