@@ -63,8 +63,8 @@ _NATIVE_OPS = {
 }
 
 #: How many different "rotating" shifts :meth:`Comm.probe` cycles through besides the ring (shift 1):
-#: shifts 2 .. 9, so every rank gets samples with up to 10 peers and the detector tracks at most
-#: 10 connections per rank, whatever the world size.
+#: shifts 2 .. 9, so every rank sends samples to up to 9 peers (shift 1 and 8 rotating ones) and the
+#: detector tracks at most 9 outgoing connections per rank, whatever the world size.
 PROBE_ROTATING_SHIFTS = 8
 KINDS = ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "send", "recv", "barrier")
 
@@ -649,7 +649,7 @@ class Comm:
         transfer probes; none when ``n == 2``), which gives every rank samples with several other
         peers, so a slow node or NIC shows in its whole row, and with ``n <= 10`` covers every
         ordered pair every ``n - 2`` probes. The number of connections sampled stays ``<= 2 n``
-        per probe and ``<= 10 n`` in all, however large the job. The receives are recorded
+        per probe and ``<= 9 n`` in all, however large the job. The receives are recorded
         first, then the sends, shift by shift, on every rank, so the sequence numbers stay aligned;
         injected faults apply to all of them. The call does not wait for the transfers: one helper
         thread per transfer waits (so a slow link delays neither this rank nor its peer's

@@ -80,7 +80,7 @@ MIN_REFERENCE_SAMPLES = 16
 #: Recent samples kept per (size, class) reference.
 REFERENCE_SAMPLES = 1024
 _SEND, _RECV = KINDS.index("send"), KINDS.index("recv")
-#: Batch layouts whose link lookups are kept (the probes' ring + rotating shifts make 8, a ring 1).
+#: Batch layouts whose link lookups are kept (the probes make 8, one per rotating shift; a sync ring 1).
 LINK_LOOKUPS = 32
 #: Most evidence one slow observation adds to a rank's or link's score (in units of "just slow").
 #: Below 2, so with ``consecutive >= 2`` a single outlier, however large, never convicts.
