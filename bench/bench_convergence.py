@@ -140,8 +140,9 @@ def parse_history(lines: Iterable[str]) -> dict[str, Any]:
             "steps": final["step"], "wall_s": last_step.get("wallS")}
 
 
-def run_key(algorithm: str, h: int | None, steps: int, tag: str = "") -> str:
-    return f"{algorithm}|H={h if h else '-'}|steps={steps}" + (f"|{tag}" if tag else "")
+def run_key(algorithm: str, h: int | None, steps: int, tag: str = "", seed: int | None = None) -> str:
+    return (f"{algorithm}|H={h if h else '-'}|steps={steps}" + (f"|{tag}" if tag else "")
+            + (f"|seed={seed}" if seed is not None else ""))
 
 
 def tokens_per_step(config: dict[str, Any]) -> int:
@@ -167,6 +168,7 @@ def summarize(runs: dict[str, dict[str, Any]], tag: str = "") -> list[dict[str, 
     at 25/50/100 % of the run (at the algorithm's eval nearest that point; DDP is evaluated at the
     same step)."""
     rows: list[dict[str, Any]] = []
+    runs = {k: r for k, r in runs.items() if r.get("seed") is None}  # seed-variation runs: see summarize_seeds
     ddp_by_steps = {r["steps"]: r for r in runs.values() if r["algorithm"] == "ddp" and not r.get("tag")}
     low = sorted((r for r in runs.values() if r["algorithm"] != "ddp" and r.get("tag", "") == tag),
                  key=lambda r: (r["h"], r["steps"], ALGORITHMS.index(r["algorithm"])))
@@ -199,6 +201,51 @@ def _row(r: dict[str, Any], ddp: dict[str, Any] | None) -> dict[str, Any]:
             if mine and ref and ref[0] == mine[0]:
                 row["gaps"][str(f)] = {"step": mine[0], "gap_pct": gap_pct(mine[1], ref[1])}
     return row
+
+
+def summarize_seeds(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Seed-to-seed variation: for every (algorithm, H, steps) with runs at other seeds
+    (``--seed``), the gap vs the DDP run of the same seed and length, at the default seed (the main
+    table's run) and at each other seed; DDP's own final eval loss per seed."""
+    default = BASE_CONFIG["training"]["seed"]
+    by_key = {(r["algorithm"], r.get("h"), r["steps"], r.get("seed", default)): r
+              for r in runs.values() if not r.get("tag")}
+    groups = sorted({(a, h, st) for (a, h, st, seed) in by_key if seed != default},
+                    key=lambda g: (g[2], g[1] or 0, ALGORITHMS.index(g[0])))
+    out = []
+    for algorithm, h, steps in groups:
+        seeds = sorted(seed for (a, hh, st, seed) in by_key if (a, hh, st) == (algorithm, h, steps))
+        per_seed = []
+        for seed in seeds:
+            r = by_key[(algorithm, h, steps, seed)]
+            ddp = by_key.get(("ddp", None, steps, seed))
+            if algorithm == "ddp":
+                per_seed.append({"seed": seed, "final_eval": r["final_eval"], "gap_pct": None})
+            elif ddp is not None:
+                per_seed.append({"seed": seed, "final_eval": r["final_eval"], "gap_pct": gap_pct(r["final_eval"], ddp["final_eval"])})
+        out.append({"algorithm": algorithm, "h": h, "steps": steps, "per_seed": per_seed})
+    return out
+
+
+def render_seeds(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines of :func:`summarize_seeds` rows (empty when there are none)."""
+    if not rows:
+        return []
+    lines = ["", "Seed-to-seed variation (`--seed S`: every run of the row, DDP included, with `training.seed` S; "
+                 f"{BASE_CONFIG['training']['seed']} is the main table's): final eval loss, and the gap vs DDP of the same seed.", "",
+             "| algorithm | H | inner steps | per seed: final eval loss (gap vs DDP) | gap mean | gap range |",
+             "|---|---:|---:|---|---:|---:|"]
+    for r in rows:
+        cells = ", ".join(f"{p['seed']}: {p['final_eval']:.4f}" + (f" ({p['gap_pct']:+.2f} %)" if p["gap_pct"] is not None else "")
+                          for p in r["per_seed"])
+        gaps = [p["gap_pct"] for p in r["per_seed"] if p["gap_pct"] is not None]
+        evals = [p["final_eval"] for p in r["per_seed"]]
+        if gaps:
+            mean, spread = f"{sum(gaps) / len(gaps):+.2f} %", f"{max(gaps) - min(gaps):.2f} points"
+        else:  # DDP: the spread of its own loss, relative
+            mean, spread = "-", f"{100 * (max(evals) - min(evals)) / min(evals):.2f} % of the loss"
+        lines.append(f"| {r['algorithm']} | {r['h'] or '-'} | {r['steps']:,} | {cells} | {mean} | {spread} |")
+    return lines
 
 
 def fmt_bytes(n: float) -> str:
@@ -252,6 +299,7 @@ def render(results: dict[str, Any]) -> str:
         "",
     ]
     lines += render_table(summarize(runs))
+    lines += render_seeds(summarize_seeds(runs))
     tags = sorted({r.get("tag", "") for r in runs.values()} - {""})
     if tags:
         lines += ["", "Tuning runs (the same protocol with the parameters shown changed; `--set ... --tag`), "
@@ -291,7 +339,7 @@ def plot(results: dict[str, Any], path: Path = PLOT) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [r for r in results.get("runs", {}).values() if not r.get("tag")]
+    runs = [r for r in results.get("runs", {}).values() if not r.get("tag") and r.get("seed") is None]
     hs = sorted({r["h"] for r in runs if r["algorithm"] != "ddp"})
     if not hs:
         return
@@ -370,11 +418,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="config override for the low-communication runs (tuning; use with --tag)")
     parser.add_argument("--tag", default="", help="label kept with the runs (tuning runs are listed apart)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="training.seed for every run, DDP included (seed-to-seed variation, listed apart)")
     parser.add_argument("--render-only", action="store_true", help="only re-render docs from the results file")
     parser.add_argument("--force", action="store_true", help="re-run runs already in the results file")
     parser.add_argument("--results", type=Path, default=RESULTS, help="results file (default %(default)s)")
     parser.add_argument("--no-doc", action="store_true", help="do not touch docs/benchmarks.md or docs/convergence.png")
     args = parser.parse_args(argv)
+    if args.seed is not None and (args.tag or args.overrides):
+        parser.error("--seed measures the variation of the default settings: it cannot be combined with --tag or --set")
+    if args.seed == BASE_CONFIG["training"]["seed"]:
+        parser.error(f"--seed {args.seed} is the main table's seed: pick another")
 
     results: dict[str, Any] = json.loads(args.results.read_text()) if args.results.exists() else {}
     results.setdefault("runs", {})
@@ -389,7 +443,8 @@ def main(argv: list[str] | None = None) -> None:
         algorithms = parse_algorithms(args.algorithms, ALGORITHMS)
         overrides = parse_overrides(args.overrides)
         started = time.perf_counter()
-        meta_key = "meta_tuning" if args.tag else "meta"  # tuning runs keep the main protocol's machine line
+        # tuning and seed runs keep the main protocol's machine line
+        meta_key = "meta_tuning" if args.tag else "meta_seeds" if args.seed is not None else "meta"
         results[meta_key] = {**machine(), "command": "python bench/bench_convergence.py " + " ".join(sys.argv[1:] if argv is None else argv)}
         with tempfile.TemporaryDirectory(prefix="bench-convergence-") as tmp:
             work = Path(tmp)
@@ -398,7 +453,7 @@ def main(argv: list[str] | None = None) -> None:
                 for algorithm in algorithms:
                     is_ddp = algorithm == "ddp"
                     tag = "" if is_ddp else args.tag
-                    key = run_key(algorithm, None if is_ddp else h, steps, tag)
+                    key = run_key(algorithm, None if is_ddp else h, steps, tag, args.seed)
                     if key in results["runs"] and not args.force:
                         print(f"{key}: have it", flush=True)
                         continue
@@ -406,9 +461,12 @@ def main(argv: list[str] | None = None) -> None:
                     eval_every = 50 if is_ddp else eval_every_for(h, outer)
                     config = build_config(algorithm, None if is_ddp else h, steps, eval_every,
                                           str(work / "ckpt" / key.replace("|", "_")), None if is_ddp else overrides)
+                    if args.seed is not None:
+                        config["training"]["seed"] = args.seed
                     t0 = time.perf_counter()
                     parsed = run_one(config, work, key.replace("|", "_").replace("=", ""))
                     results["runs"][key] = {"algorithm": algorithm, "h": None if is_ddp else h, "tag": tag,
+                                            **({"seed": args.seed} if args.seed is not None else {}),
                                             "overrides": {} if is_ddp else overrides, "params": num_params(config),
                                             "tokens_per_step": tokens_per_step(config), **parsed}
                     save(results, args.results)

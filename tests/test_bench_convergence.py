@@ -82,3 +82,29 @@ def test_summary_gaps_and_byte_reduction_against_ddp_of_the_same_length() -> Non
     assert [r["gap_pct"] for r in bc.summarize(runs, "t")][1] == pytest.approx(1.0)
     table = "\n".join(bc.render_table(rows))
     assert "| diloco | 10 | 20 | 200 | 2.1000 | +5.00 % | +10.0 % / +4.0 % / +5.0 % |" in table
+
+
+def test_seed_runs_are_compared_with_ddp_of_their_own_seed_and_kept_out_of_the_main_rows() -> None:
+    """--seed S runs (DDP included) form the seed-variation table: each algorithm's gap is taken
+    against DDP of the same seed and length; the main and tuning rows, and the plot, ignore them."""
+    default = bc.BASE_CONFIG["training"]["seed"]
+    runs = {
+        "ddp": _run("ddp", None, 200, [], 2.0, 1000),
+        "diloco": _run("diloco", 10, 200, [], 2.1, 20),
+        "ddp|seed=7": {**_run("ddp", None, 200, [], 2.2, 1000), "seed": 7},
+        "diloco|seed=7": {**_run("diloco", 10, 200, [], 2.2, 20), "seed": 7},
+    }
+    main = bc.summarize(runs)
+    assert [(r["algorithm"], r["final_eval"]) for r in main] == [("ddp", 2.0), ("diloco", 2.1)]
+    seeds = {r["algorithm"]: r for r in bc.summarize_seeds(runs)}
+    assert [p["seed"] for p in seeds["diloco"]["per_seed"]] == sorted([7, default])
+    gaps = {p["seed"]: p["gap_pct"] for p in seeds["diloco"]["per_seed"]}
+    assert gaps[default] == pytest.approx(5.0) and gaps[7] == pytest.approx(0.0)  # vs DDP of seed 7, not 1337
+    table = "\n".join(bc.render_seeds(bc.summarize_seeds(runs)))
+    assert "| diloco | 10 | 200 | 7: 2.2000 (+0.00 %), 1337: 2.1000 (+5.00 %) | +2.50 % | 5.00 points |" in table
+    assert "| ddp | - | 200 | 7: 2.2000, 1337: 2.0000 | - | 10.00 % of the loss |" in table
+    assert bc.run_key("diloco", 10, 200, seed=7) == "diloco|H=10|steps=200|seed=7"
+    with pytest.raises(SystemExit):
+        bc.main(["--seed", "7", "--tag", "x", "--no-doc"])
+    with pytest.raises(SystemExit):
+        bc.main(["--seed", str(default), "--no-doc"])
