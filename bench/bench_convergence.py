@@ -299,7 +299,12 @@ def render(results: dict[str, Any]) -> str:
         "",
     ]
     lines += render_table(summarize(runs))
-    lines += render_seeds(summarize_seeds(runs))
+    seed_rows = summarize_seeds(runs)
+    lines += render_seeds(seed_rows)
+    seed_meta = results.get("meta_seeds")
+    if seed_rows and seed_meta:
+        lines += ["", f"Seed runs: {seed_meta.get('cpu', '?')}, {seed_meta.get('cores', '?')} cores, torch {seed_meta.get('torch', '?')} "
+                      f"({seed_meta.get('date', '?')}); last command `{seed_meta.get('command', '?')}` (one invocation per H and seed)."]
     tags = sorted({r.get("tag", "") for r in runs.values()} - {""})
     if tags:
         lines += ["", "Tuning runs (the same protocol with the parameters shown changed; `--set ... --tag`), "
