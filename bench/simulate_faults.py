@@ -25,8 +25,9 @@ hang-noncomm (a rank stops computing and never enters the next collective), hang
 cross-node connection stops moving data: its sample is reported stalled), slow-noncomm (a
 rank computes 1.5x slower), slow-comm-link (one cross-node connection of the ring 3x slower),
 slow-comm-node (every cross-node connection of one node 3x slower). A slow connection is slow
-at every size (congestion, a degraded or flapping port, retransmits): a fault that only cuts
-bandwidth would barely show in the probes' 4 KiB and be found by the ring's samples alone.
+at every size (congestion, a degraded or flapping port, retransmits), except in the rows marked
+bandwidth-only (``SimConfig.slow_model``), where only the size / bandwidth part of a transfer is
+slower: those run with the default 4 KiB probes and with 1 MiB ones (``probeBytes``).
 
 The detector is fed as the operator feeds it: every ``poll`` seconds, with what became
 visible since the last poll. Measured: right blame (precision/recall per class), detection
@@ -95,6 +96,9 @@ class SimConfig:
     cross_bytes_per_s: float = 25e9  # one 200 Gb/s NIC per GPU
     poll_s: float = 2.0  # how often the operator hands the detector new records
     jitter_model: str = "realistic"
+    # what an injected slow connection slows: "all" (latency and bandwidth alike: congestion, retransmits,
+    # a flapping port) or "bandwidth" (only the size / bandwidth part: one link of a bond down)
+    slow_model: str = "all"
     seed: int = 0
 
     @property
@@ -181,9 +185,13 @@ class Cluster:
         dst = np.concatenate([(ranks + s) % n for s in shifts])
         node = self.topology.node_index
         cross = node[src] != node[dst]
-        base = np.where(cross, cfg.cross_latency_s + cfg.probe_bytes / cfg.cross_bytes_per_s,
-                        cfg.intra_latency_s + cfg.probe_bytes / cfg.intra_bytes_per_s)
-        seconds = base * self._jitter(src.size) * self._slowdown(src, dst)
+        latency = np.where(cross, cfg.cross_latency_s, cfg.intra_latency_s)
+        transfer = cfg.probe_bytes / np.where(cross, cfg.cross_bytes_per_s, cfg.intra_bytes_per_s)
+        slow = self._slowdown(src, dst)
+        if cfg.slow_model == "bandwidth":
+            seconds = (latency + transfer * slow) * self._jitter(src.size)
+        else:
+            seconds = (latency + transfer) * self._jitter(src.size) * slow
         start = float(exit_s.max())
         return LinkBatch.from_arrays(src=src, dst=dst, seconds=seconds, nbytes=cfg.probe_bytes, at_s=start + seconds)
 
@@ -380,15 +388,17 @@ def _pct(x: float) -> str:
 
 def benchmark(scales: list[int], trials: dict[int, int], healthy_steps: dict[int, int], seed: int,
               jitter_model: str, log=print, fragments: int = 1, classes: list[str] | None = None,
-              probes: int = 0) -> dict[str, Any]:  # noqa: ANN001
+              probes: int = 0, variant: dict[str, Any] | None = None) -> dict[str, Any]:  # noqa: ANN001
     """Run every class at every scale; return the table rows (``healthy_steps[n] == 0``: no healthy run).
-    ``healthy_steps`` counts sync periods; the CPU time is per collective (all the polls it took)."""
+    ``healthy_steps`` counts sync periods; the CPU time is per collective (all the polls it took).
+    ``variant``: further :class:`SimConfig` fields for every run (shown in the rows)."""
+    variant = variant or {}
     rows, healthy, cpu = [], [], []
     per_period = SimConfig(fragments=fragments, probes=probes).per_period
     for n in scales:
         for kind in classes or FAULT_CLASSES:
             res = [run_trial(SimConfig(world=n, seed=seed + 1000 * i + 37 * FAULT_CLASSES.index(kind), jitter_model=jitter_model,
-                                       fragments=fragments, probes=probes), kind, steps=40 * per_period)
+                                       fragments=fragments, probes=probes, **variant), kind, steps=40 * per_period)
                    for i in range(trials[n])]
             found = [r for r in res if r["found"]]
             correct = sum(r["correct"] for r in res)
@@ -404,7 +414,7 @@ def benchmark(scales: list[int], trials: dict[int, int], healthy_steps: dict[int
                 "lat_s_max": max(lat_s) if lat_s else math.nan,
                 "wrong": [v.message for r in res for v, _ in r["verdicts"] if not r["fault"].matches(v)][:3],
             }
-            row["fragments"], row["probes"] = fragments, probes
+            row["fragments"], row["probes"], row["variant"] = fragments, probes, _variant_label(variant)
             rows.append(row)
             log(f"  {n:>6} ranks {kind:<15} recall {_pct(row['recall'])} precision {_pct(row['precision'])} "
                 f"latency {row['lat_coll_median']} coll / {row['lat_s_median']:.1f} s" + (f"  WRONG: {row['wrong']}" if row["wrong"] else ""))
@@ -424,15 +434,25 @@ def benchmark(scales: list[int], trials: dict[int, int], healthy_steps: dict[int
     return {"rows": rows, "healthy": healthy, "cpu": cpu}
 
 
+def _variant_label(variant: dict[str, Any]) -> str:
+    parts = []
+    if variant.get("slow_model") == "bandwidth":
+        parts.append("bandwidth-only fault")
+    if "probe_bytes" in variant:
+        parts.append(f"{variant['probe_bytes'] // 1024} KiB probes")
+    return ", ".join(parts)
+
+
 def _per_period(row: dict[str, Any]) -> str:
-    """The "collectives per sync period" cell: syncs, plus the probe barriers when there are some."""
-    return f"{row['fragments']} + {row['probes']} probes" if row.get("probes") else f"{row['fragments']}"
+    """The "collectives per sync period" cell: syncs, plus the probe barriers when there are some, and the variant."""
+    cell = f"{row['fragments']} + {row['probes']} probes" if row.get("probes") else f"{row['fragments']}"
+    return cell + (f" ({row['variant']})" if row.get("variant") else "")
 
 
 def _worst_periods(rows: list[dict[str, Any]], period: float, classes: tuple[str, ...], probes: bool) -> list[float]:
     return [r["lat_s_max"] / period for r in rows
             if r["class"].startswith(classes) and r["fragments"] == 1 and bool(r.get("probes")) == probes
-            and not math.isnan(r["lat_s_max"])]
+            and not r.get("variant") and not math.isnan(r["lat_s_max"])]
 
 
 def _span(values: list[float], fmt: str = ".1f") -> str:
@@ -525,6 +545,15 @@ def render(result: dict[str, Any], sim: SimConfig, det: DetectorConfig, command:
             + (f" one: at most {_span(probed_comm, '.2f')} sync periods, within the goal too." if probed_comm else " one.")
             + " A slow node is told from a slow link by its row and column: the connections sampled since the slowness"
             " began, its ring neighbours' and the rotating shift's.")
+    bw = {r["variant"]: r for r in rows if r.get("variant") and r["class"] == "slow-comm-link"}
+    if bw:
+        cells = "; ".join(f"{label}: {r['lat_s_max'] / period:.2f} periods at worst" for label, r in bw.items())
+        lines.append(
+            "- **a connection that only lost bandwidth** (rows marked bandwidth-only: the fault slows only the size /"
+            " bandwidth part of a transfer, as one link of a bond down would) hardly shows in 4 KiB probes, which are"
+            " latency-bound, and is convicted by the sync ring's samples alone; probes of 1 MiB"
+            " (`faultDetection.probeBytes: 1048576`, about 10x the bandwidth-delay product of a 200 Gb/s, 10 us hop)"
+            f" are bandwidth-bound and find it within the period again. Slow links: {cells}.")
     wrong = [(r, m) for r in rows for m in r["wrong"]]
     if wrong:
         rank_fp = [m for _, m in wrong if "consecutive collectives late" in m]
@@ -590,6 +619,12 @@ def main(scales: str, trials: str, healthy_steps: str, jitter_model: str, seed: 
     probed = benchmark(ns, tr, hs, seed, jitter_model, log=click.echo, probes=PROBES)
     for key in ("rows", "healthy", "cpu"):
         result[key] += probed[key]
+    # a connection that only lost bandwidth, with the default 4 KiB probes and with faultDetection.probeBytes 1 MiB
+    for probe_bytes in (4096, 1 << 20):
+        variant = {"slow_model": "bandwidth", "probe_bytes": probe_bytes}
+        click.echo(f"bandwidth-only slow connections, {probe_bytes // 1024} KiB probes, at {mid} ranks:")
+        result["rows"] += benchmark([mid], {mid: tr[mid]}, {mid: 0}, seed, jitter_model, log=click.echo, probes=PROBES,
+                                    classes=["slow-comm-link", "slow-comm-node"], variant=variant)["rows"]
     click.echo(f"done in {time.perf_counter() - t0:.0f} s")
     if docs:
         cmd = "python bench/simulate_faults.py" + (" --quick" if quick else "")

@@ -235,18 +235,20 @@ def test_probes_re_estimate_the_clock_offset_every_n_probes(rank_pool, links: bo
         Comm(clock_resync_probes=-1)
 
 
-def _probe_schedule(rank: int, world_size: int, interval_s: float, probes: int) -> dict:
+def _probe_schedule(rank: int, world_size: int, interval_s: float, probes: int, nbytes: int = 4096) -> dict:
     comm = Comm(probe_interval_s=interval_s)
     comm.sync_clock()
     per_probe = []
     for _ in range(probes):
         before = len(comm.export_links())
-        comm.probe()
+        comm.probe(nbytes)
         comm.finish_probe()
         links = comm.export_links()
         per_probe.append([(x["src"], x["dst"]) for x in links[before:]])
+        sizes = {x["nbytes"] for x in links}
     barriers = [r for r in comm.export_records() if r["kind"] == "barrier"]
-    return {"per_probe": per_probe, "barriers": len(barriers), "closed": all(r["exitS"] is not None for r in barriers)}
+    return {"per_probe": per_probe, "barriers": len(barriers), "closed": all(r["exitS"] is not None for r in barriers),
+            "sizes": sizes}
 
 
 @pytest.mark.multiproc
@@ -270,10 +272,12 @@ def test_every_transfer_probe_samples_the_ring_and_rotates_over_the_other_pairs(
 @pytest.mark.multiproc
 def test_probe_interval_bounds_the_transfers_not_the_timing_points(rank_pool) -> None:
     """probe_interval_s 60: the first probe transfers (nothing was sampled yet), the next ones are
-    timing points only; all ranks agree (no rank posts a transfer its peer does not)."""
-    results = rank_pool.run(_probe_schedule, 2, args=(60.0, 3))
+    timing points only; all ranks agree (no rank posts a transfer its peer does not). The payload
+    is the one asked for (faultDetection.probeBytes)."""
+    results = rank_pool.run(_probe_schedule, 2, args=(60.0, 3, 1 << 16))
     for res in results:
         assert [len(p) for p in res["per_probe"]] == [1, 0, 0], res
+        assert res["sizes"] == {1 << 16}, res
         assert res["barriers"] == 3 and res["closed"], res
     with pytest.raises(ValueError, match="probe_interval_s"):
         Comm(probe_interval_s=-1.0)

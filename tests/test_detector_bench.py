@@ -69,6 +69,23 @@ def test_transfer_probes_bring_slow_connections_within_one_sync_period(sim, kind
     assert without["found"] and without["latency_s"] > sim.SimConfig().period_s, without["latency_s"]
 
 
+@pytest.mark.parametrize("kind", ["slow-comm-link", "slow-comm-node"])
+def test_a_connection_that_lost_only_bandwidth_is_found_and_bigger_probes_find_it_sooner(sim, kind: str) -> None:  # noqa: ANN001
+    """The fault slows only the size / bandwidth part of a transfer. 4 KiB probes stay healthy on
+    it; they must not wipe out the slow samples of the sync ring's megabyte chunks (nor dilute a
+    node's row), so it is still blamed exactly, at the ring's pace. 1 MiB probes
+    (faultDetection.probeBytes) are bandwidth-bound and find it within a sync period."""
+    period = sim.SimConfig().period_s
+    for probe_bytes, bound in ((4096, 5 * period), (1 << 20, period)):
+        for seed in range(3):
+            cfg = sim.SimConfig(world=64, seed=seed, probes=5, slow_model="bandwidth", probe_bytes=probe_bytes)
+            result = sim.run_trial(cfg, kind, steps=40 * 6)
+            assert result["found"] and result["wrong"] == 0, (probe_bytes, [v.message for v, _ in result["verdicts"]])
+            assert result["latency_s"] < bound, (probe_bytes, seed, result["latency_s"])
+            hit = next(v for v, _ in result["verdicts"] if result["fault"].matches(v))
+            assert hit.evidence["median_ratio"] > 2.0, hit.evidence  # the slow samples, not the healthy small ones
+
+
 def test_probe_barriers_add_no_false_positive(sim) -> None:  # noqa: ANN001
     result = sim.run_trial(sim.SimConfig(world=64, seed=4, probes=5), None, steps=300 * 6)
     assert result["verdicts"] == []

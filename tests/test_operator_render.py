@@ -172,19 +172,23 @@ def _values(pod: dict) -> dict[str, str]:
     return {e["name"]: e["value"] for e in pod["spec"]["containers"][0]["env"] if "value" in e}
 
 
-def test_probe_interval_is_passed_to_the_workers() -> None:
-    """faultDetection.probeIntervalSeconds reaches the trainer as LOCO_PROBE_INTERVAL_S (1 s by
-    default, 0 = transfers at every log interval); a negative value is refused, naming the field."""
+def test_probe_interval_and_size_are_passed_to_the_workers() -> None:
+    """faultDetection.probeIntervalSeconds and probeBytes reach the trainer as LOCO_PROBE_INTERVAL_S
+    (1 s by default, 0 = transfers at every log interval) and LOCO_PROBE_BYTES (4 KiB); a value out
+    of range is refused, naming the field."""
     from loco_operator.render import worker_env
     from loco_trainer.config import RuntimeEnv
 
-    def interval(fault_detection: dict | None) -> float:
+    def probe(fault_detection: dict | None) -> tuple[float, int]:
         spec = TrainingJobSpec.model_validate({"replicas": 2, **({"faultDetection": fault_detection} if fault_detection else {})})
         env = {e["name"]: e["value"] for e in worker_env(JobRef("default", "j", "uid"), spec, 0, 0, 0, "") if "value" in e}
-        return RuntimeEnv.from_environ(env).probe_interval_s
+        runtime = RuntimeEnv.from_environ(env)
+        return runtime.probe_interval_s, runtime.probe_bytes
 
-    assert interval(None) == 1.0
-    assert interval({"probeIntervalSeconds": 0}) == 0.0
-    assert interval({"probeIntervalSeconds": 7.5}) == 7.5
-    with pytest.raises(ValueError, match="probeIntervalSeconds|probe_interval_seconds"):
-        TrainingJobSpec.model_validate({"replicas": 2, "faultDetection": {"probeIntervalSeconds": -1}})
+    assert probe(None) == (1.0, 4096)
+    assert probe({"probeIntervalSeconds": 0}) == (0.0, 4096)
+    assert probe({"probeIntervalSeconds": 7.5, "probeBytes": 1 << 20}) == (7.5, 1 << 20)
+    for bad, field in (({"probeIntervalSeconds": -1}, "probeIntervalSeconds|probe_interval_seconds"),
+                       ({"probeBytes": 2}, "probeBytes|probe_bytes")):
+        with pytest.raises(ValueError, match=field):
+            TrainingJobSpec.model_validate({"replicas": 2, "faultDetection": bad})

@@ -190,6 +190,7 @@ def worker_env(
         EnvVar.STALL_AFTER_S: f"{stall_after_s(spec):g}",
         EnvVar.RING_ALL_REDUCE: "1" if spec.detector.ring_all_reduce else "0",
         EnvVar.PROBE_INTERVAL_S: f"{spec.detector.probe_interval_seconds:g}",
+        EnvVar.PROBE_BYTES: str(spec.detector.probe_bytes),
         EnvVar.LIVE_RESIZE: "1" if spec.live_membership else "0",
         EnvVar.JOIN: "1" if join else "0",
         # a live job's survivor stuck in a collective with a vanished peer recovers within this (docs/elastic.md)

@@ -421,6 +421,8 @@ class EnvVar(str, Enum):
     # shortest time between two probes that transfer data (faultDetection.probeIntervalSeconds): the
     # probe's timing point runs at every log interval, its connection samples at most this often
     PROBE_INTERVAL_S = "LOCO_PROBE_INTERVAL_S"
+    # payload of each probe transfer (faultDetection.probeBytes)
+    PROBE_BYTES = "LOCO_PROBE_BYTES"
     # "1": live membership changes (docs/elastic.md, "Live resizing"): at every outer-step boundary the
     # worker checks for a membership update (POST /membership) and, when a peer is lost, waits for one
     # instead of failing; set for elastic jobs of the DiLoCo family with one process per pod
@@ -462,6 +464,7 @@ class RuntimeEnv(Model):
     stall_after_s: float = Field(5.0, gt=0)
     ring_all_reduce: bool = False
     probe_interval_s: float = Field(1.0, ge=0)
+    probe_bytes: int = Field(4096, ge=4)
     live_resize: bool = False
     join: bool = False
     collective_timeout_s: float = Field(600.0, gt=0)

@@ -494,7 +494,7 @@ class Trainer:
                 self._report_interval(completed, mean_loss, eval_loss, local_tps, strategy, comm)
                 if not is_last and not lost:  # fills the connection matrix (docs/fault-detection.md); every rank logs together
                     try:
-                        comm.probe(links=not strategy.p2p_covers_links(comm.world_size))
+                        comm.probe(self.env.probe_bytes, links=not strategy.p2p_covers_links(comm.world_size))
                     except Exception as exc:
                         if not self._peer_lost(exc):
                             raise

@@ -22,7 +22,8 @@ fault, not noise (C4, arXiv 2406.04594). The detector applies four rules:
    cross-node connections is (mostly) slow is a slow node; a rank whose own cross-node (or
    intra-node) row and column are slow is a slow NIC; any other slow connection is a slow link.
    Rows and columns count only the connections sampled since the slow streaks began (probes
-   visit most pairs only now and then).
+   visit most pairs only now and then). A healthy sample smaller than a link's slow ones does not
+   reset its streak (a connection that lost only bandwidth is slow for megabytes, not for 4 KiB).
 
 Evidence score (rules 3 and 4): each slow observation adds its strength, capped,
 ``min(strength, EVIDENCE_CAP)`` with ``strength = lateness / threshold`` for a rank and
@@ -82,6 +83,8 @@ REFERENCE_SAMPLES = 1024
 _SEND, _RECV = KINDS.index("send"), KINDS.index("recv")
 #: Batch layouts whose link lookups are kept (the probes make 8, one per rotating shift; a sync ring 1).
 LINK_LOOKUPS = 32
+#: Size bucket (log2 bytes) from which a transfer counts as bandwidth-bound: 64 KiB.
+LARGE_BUCKET = 16
 #: Most evidence one slow observation adds to a rank's or link's score (in units of "just slow").
 #: Below 2, so with ``consecutive >= 2`` a single outlier, however large, never convicts.
 EVIDENCE_CAP = 1.5
@@ -158,6 +161,8 @@ class Detector:
         self._link_blamed = np.zeros(0, dtype=bool)
         self._link_last_at = np.zeros(0)  # time of the latest judged sample, by link id
         self._link_streak_from = np.zeros(0)  # time of the first sample of the current slow streak (while streak >= 1)
+        self._link_streak_bucket = np.zeros(0, dtype=np.int64)  # largest size bucket of the streak's slow samples (-1: none)
+        self._link_last_large_at = np.zeros(0)  # time of the latest judged sample of LARGE_BUCKET or more
         self._references: dict[tuple[int, bool], np.ndarray] = {}
         self._link_lookups: dict[tuple[int, ...], list[tuple[Any, ...]]] = {}  # see _link_ids_and_classes
         self._stalled: dict[tuple[int, int], float] = {}
@@ -603,6 +608,8 @@ class Detector:
             self._link_blamed = np.concatenate([self._link_blamed, np.zeros(grow, bool)])
             self._link_last_at = np.concatenate([self._link_last_at, np.full(grow, -np.inf)])
             self._link_streak_from = np.concatenate([self._link_streak_from, np.full(grow, np.inf)])
+            self._link_streak_bucket = np.concatenate([self._link_streak_bucket, np.full(grow, -1, np.int64)])
+            self._link_last_large_at = np.concatenate([self._link_last_large_at, np.full(grow, -np.inf)])
             self._link_ratio = np.concatenate([self._link_ratio, np.full(grow * self.config.window, np.nan)])
             pos = np.searchsorted(self._link_keys, keys)
         return self._link_id_of_key[pos]
@@ -641,12 +648,12 @@ class Detector:
         judged = ~np.isnan(ratio)
         if not judged.any():
             return []
-        at = lb.at_s
+        at, bucket = lb.at_s, classes // 2
         if not judged.all():
             ids = (np.arange(self._link_src.size) if isinstance(ids, slice) else ids)[judged]
             ratio = ratio[judged]
             excess = excess[judged]
-            at = at[judged]
+            at, bucket = at[judged], bucket[judged]
         # slow = relatively slow AND slower by more than the absolute floor (a CPU-starved probe
         # thread can double a millisecond sample; that is no reason to restart a job)
         slow = (ratio > self.config.link_slowness_factor) & (excess > self.config.min_link_excess_seconds)
@@ -655,9 +662,19 @@ class Detector:
         if starts.any():
             self._link_streak_from[(np.arange(self._link_src.size) if isinstance(ids, slice) else ids)[starts]] = at[starts]
         self._link_last_at[ids] = at
-        self._link_streak[ids] = np.where(slow, prev_streak + 1, 0)
+        large = bucket >= LARGE_BUCKET
+        if large.any():
+            self._link_last_large_at[(np.arange(self._link_src.size) if isinstance(ids, slice) else ids)[large]] = at[large]
+        # A healthy sample resets a link's streak, unless it is smaller than the slow ones: a
+        # connection that lost bandwidth but not latency is slow for a ring chunk of megabytes and
+        # healthy for a 4 KiB probe, and the probes in between must not wipe out that evidence.
+        prev_bucket = self._link_streak_bucket[ids]
+        keep = ~slow & (prev_streak > 0) & (bucket < prev_bucket)
+        self._link_streak[ids] = np.where(slow, prev_streak + 1, np.where(keep, prev_streak, 0))
+        self._link_streak_bucket[ids] = np.where(slow, np.maximum(prev_bucket, bucket), np.where(keep, prev_bucket, -1))
         strength = np.clip(ratio / self.config.link_slowness_factor, 1.0, EVIDENCE_CAP)
-        self._link_score[ids] = np.where(slow, self._link_score[ids] + strength, 0.0)
+        score = self._link_score[ids]
+        self._link_score[ids] = np.where(slow, score + strength, np.where(keep, score, 0.0))
         w = self.config.window
         base = np.arange(0, self._link_src.size * w, w) if isinstance(ids, slice) else ids * w
         self._link_ratio[base + self._link_count[ids] % w] = ratio
@@ -679,7 +696,11 @@ class Detector:
         # trainer's probes visit most pairs only now and then (the ring at every probe, other pairs in
         # rotation), and a sample from before the fault says nothing about a node's row now.
         since = float(self._link_streak_from[candidates].min())
-        observed = (self._link_count > 0) & (self._link_last_at >= since)
+        # slowness seen only in large transfers (lost bandwidth) is judged against large samples only:
+        # a 4 KiB probe that went fine says nothing about a connection's bandwidth
+        large_only = bool((self._link_streak_bucket[candidates] >= LARGE_BUCKET).all())
+        last_at = self._link_last_large_at if large_only else self._link_last_at
+        observed = (self._link_count > 0) & (last_at >= since)
         slow_now = (self._link_streak >= 1) & observed  # siblings lagging a little behind the first to trip
         unexplained = slow_now.copy()
         cross = self._node_of[src] != self._node_of[dst]
@@ -769,13 +790,16 @@ class Detector:
         return verdicts
 
     def _streak_ratios(self, link_ids: np.ndarray) -> np.ndarray:
-        """Each link's ratios over its current slow streak (at most ``window`` samples back)."""
+        """Each link's slow ratios over its current slow streak (at most ``window`` samples back;
+        the healthy smaller samples a streak survives, see :meth:`_ingest_links`, left out)."""
         w = self.config.window
         out = []
         for i in np.atleast_1d(link_ids).tolist():
-            k = int(min(max(self._link_streak[i], 1), w, self._link_count[i]))
+            k = int(min(w, self._link_count[i]))
             idx = (self._link_count[i] - 1 - np.arange(k)) % w
-            out.append(self._link_ratio[i * w + idx])
+            recent = self._link_ratio[i * w + idx]
+            slow = recent[recent > self.config.link_slowness_factor][: max(int(self._link_streak[i]), 1)]
+            out.append(slow if slow.size else recent[:1])
         return np.concatenate(out) if out else np.zeros(0)
 
     def _slow_endpoint(

@@ -411,6 +411,10 @@ class DetectorConfig(Model):
         1.0, ge=0, le=3600,
         description="Shortest time between two trainer probes that transfer data. The probe's timing point (an 8-byte all-reduce at every log interval) always runs; its small timed transfers on the ring's connections and on a rotating set of other pairs, which give the detector its connection samples, run at most this often, so jobs with short steps spend a bounded share of their time on them (about 2 ms per transfer probe on a CPU host). 0: at every log interval. Slow connections are convicted after `consecutive` transfer probes, so a larger value makes their verdicts slower.",
     )
+    probe_bytes: int = Field(
+        4096, ge=4, le=64 * 1024 * 1024,
+        description="Payload of each trainer probe transfer. The default 4 KiB is latency-bound: it shows congestion, retransmits and dead or flapping ports, but hardly a connection that only lost bandwidth (one link of a bond down). On a fast fabric, a payload of about 10x the bandwidth-delay product (1 MiB at 200 Gb/s and 10 us) makes the transfer bandwidth-bound, so such a connection is found within a few probes too; each transfer probe then moves 2 x this per rank.",
+    )
     cordon_nodes: bool = Field(
         False,
         description="Also cordon a blamed node (spec.unschedulable, a loco.dev/fault taint and an annotation with the reason); needs RBAC to patch nodes. Off: the node is only avoided by this job's pods.",
