@@ -245,7 +245,7 @@ def _probe_schedule(rank: int, world_size: int, interval_s: float, probes: int, 
         comm.finish_probe()
         links = comm.export_links()
         per_probe.append([(x["src"], x["dst"]) for x in links[before:]])
-        sizes = {x["nbytes"] for x in links}
+    sizes = {x["nbytes"] for x in comm.export_links()}
     barriers = [r for r in comm.export_records() if r["kind"] == "barrier"]
     return {"per_probe": per_probe, "barriers": len(barriers), "closed": all(r["exitS"] is not None for r in barriers),
             "sizes": sizes}

@@ -586,6 +586,10 @@ class Detector:
                 (lb.src.copy(), lb.dst.copy(), lb.nbytes.copy(), self._link_src.size, ids, classes))
         return ids, classes
 
+    def _id_array(self, ids: np.ndarray | slice) -> np.ndarray:
+        """Link ids as an array (``slice(None)`` stands for every known link, in id order)."""
+        return np.arange(self._link_src.size) if isinstance(ids, slice) else ids
+
     def _lookup_link_ids(self, keys: np.ndarray) -> np.ndarray:
         pos = np.searchsorted(self._link_keys, keys)
         pos_c = np.minimum(pos, max(self._link_keys.size - 1, 0))
@@ -650,7 +654,7 @@ class Detector:
             return []
         at, bucket = lb.at_s, classes // 2
         if not judged.all():
-            ids = (np.arange(self._link_src.size) if isinstance(ids, slice) else ids)[judged]
+            ids = self._id_array(ids)[judged]
             ratio = ratio[judged]
             excess = excess[judged]
             at, bucket = at[judged], bucket[judged]
@@ -660,11 +664,11 @@ class Detector:
         prev_streak = self._link_streak[ids]
         starts = slow & (prev_streak == 0)  # meaningful only while the streak lasts (streak >= 1)
         if starts.any():
-            self._link_streak_from[(np.arange(self._link_src.size) if isinstance(ids, slice) else ids)[starts]] = at[starts]
+            self._link_streak_from[self._id_array(ids)[starts]] = at[starts]
         self._link_last_at[ids] = at
         large = bucket >= LARGE_BUCKET
         if large.any():
-            self._link_last_large_at[(np.arange(self._link_src.size) if isinstance(ids, slice) else ids)[large]] = at[large]
+            self._link_last_large_at[self._id_array(ids)[large]] = at[large]
         # A healthy sample resets a link's streak, unless it is smaller than the slow ones: a
         # connection that lost bandwidth but not latency is slow for a ring chunk of megabytes and
         # healthy for a 4 KiB probe, and the probes in between must not wipe out that evidence.
