@@ -358,6 +358,86 @@ def _interrupted_recv(rank: int, world_size: int) -> dict:
             "still_interrupted": comm.interrupted.is_set()}
 
 
+def _interrupted_collective(rank: int, world_size: int, kind: str) -> dict:
+    """Rank 0 enters a collective rank 1 enters only 3 s later; a timer interrupts rank 0's Comm
+    after 0.3 s. (A survivor blocked in the outer all-reduce of a group whose lost peer's connection
+    was already closed waited out gloo's whole timeout, 120 s, before the interrupt covered it.)"""
+    import threading
+    import time
+
+    import torch.distributed as dist
+
+    from loco_trainer.comm import CommInterrupted
+
+    # a group of its own: the calls rank 0 gives up still complete later, in the background, when
+    # rank 1 makes the same calls; nothing is left pending on the pool's default group
+    comm = Comm(dist.new_group(ranks=[0, 1]), interruptible=True, probe_wait_s=0.0)
+    t = torch.ones(4)
+
+    def enter() -> None:
+        if kind == "probe" and rank == 1:
+            comm.agree(torch.zeros(1), "max")  # the probe's timing point (rank 0 gives up before its transfers)
+        elif kind == "all_reduce":
+            comm.all_reduce(t, op="sum")
+        elif kind == "async_all_reduce":
+            comm.all_reduce(t, op="sum", async_op=True).wait()
+        elif kind == "barrier":
+            comm.barrier()
+        elif kind == "agree":
+            comm.agree(t, "max")
+        elif kind == "probe":
+            comm.probe(64)
+
+    if rank == 1:
+        time.sleep(3.0)
+        enter()
+        return {}
+    threading.Timer(0.3, comm.interrupt).start()
+    start = time.monotonic()
+    try:
+        enter()
+        outcome = "completed"
+    except CommInterrupted as exc:
+        outcome = str(exc)
+    given_up_after = time.monotonic() - start
+    try:  # once interrupted, the Comm refuses every later call before issuing it
+        comm.all_reduce(torch.ones(1))
+        later = "completed"
+    except CommInterrupted:
+        later = "interrupted"
+    return {"outcome": outcome, "given_up_after": given_up_after, "later": later}
+
+
+@pytest.mark.parametrize("kind", ["all_reduce", "async_all_reduce", "barrier", "agree", "probe"])
+def test_interrupt_gives_up_a_pending_collective_at_once(rank_pool, kind) -> None:
+    result = rank_pool.run(_interrupted_collective, 2, args=(kind,))[0]
+    assert "communicator was aborted" in result["outcome"], result
+    assert result["given_up_after"] < 2.0, result  # not the 3 s until the peer enters
+    assert result["later"] == "interrupted", result
+
+
+def _completed_then_interrupted(rank: int, world_size: int) -> dict:
+    """An async all-reduce that completed before the interrupt still returns its result (CO2 waits
+    for its previous round one round later: that round is not lost to an interrupt)."""
+    import time
+
+    import torch.distributed as dist
+
+    comm = Comm(dist.new_group(ranks=[0, 1]), interruptible=True)
+    t = torch.full((4,), float(rank + 1))
+    handle = comm.all_reduce(t, op="sum", async_op=True)
+    deadline = time.monotonic() + 30
+    while not handle.is_completed() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    comm.interrupt()
+    return {"result": handle.wait().tolist()}
+
+
+def test_a_collective_completed_before_the_interrupt_keeps_its_result(rank_pool) -> None:
+    results = rank_pool.run(_completed_then_interrupted, 2)
+    assert [r["result"] for r in results] == [[3.0] * 4] * 2
+
+
 def test_interrupt_gives_up_a_pending_point_to_point_wait_at_once(rank_pool) -> None:
     """gloo's abort of a group does not wake this process's own pending transfers (measured: the
     wait returned only when the peer exited); Comm.interrupt does, so a live survivor regroups."""

@@ -186,7 +186,10 @@ def test_survivors_leave_a_rendezvous_that_cannot_complete_for_a_newer_membershi
         assert _tell(status, 2, 3, base) == [202, 202]
         # (not any "waiting": the crash before epoch 1 logged one already, and telling epoch 3 before
         # the survivors reach epoch 2's rendezvous lets them skip epoch 2 at their next boundary)
-        _wait(lambda: "rendezvous: rank 0/3" in logs[0].read_text(), 60,
+        # (nor the epoch-0 rendezvous line, also "rank 0/3": the epoch-2 one names epoch 2's port)
+        port2 = f":{epoch_master_port(base, 2)} via"
+        _wait(lambda: any("rendezvous: rank 0/3" in line and port2 in line
+                          for line in logs[0].read_text().splitlines()), 60,
               "the survivors at the epoch-2 rendezvous", pods[:2])
         time.sleep(1.0)
         assert _tell(status, 3, 2, base) == [202, 202]

@@ -8,6 +8,9 @@ import threading
 import time
 import types
 
+import pytest
+import torch
+
 import loco_trainer.train as train
 from loco_trainer.protocol import MembershipUpdate
 
@@ -45,3 +48,27 @@ def test_a_loop_already_regrouping_or_a_grow_leaves_the_group_alone(monkeypatch)
     grow, grow_calls = _trainer_state(epoch=1, world_size=3)
     _run(monkeypatch, grow, _update(epoch=2, world_size=4), grow_calls)
     assert calls == [] and grow_calls == [] and state._aborted_epoch is None
+
+
+def test_a_loss_seen_outside_the_exchange_leaves_the_group_and_the_next_exchange_stops_there(monkeypatch) -> None:
+    """Trainer._defer_peer_loss (a probe, eval or save saw the loss): the Comm is interrupted, then
+    the group aborted, and the interrupted exchange the loop then reaches counts as the lost peer,
+    so every survivor stops at that exchange (docs/elastic.md, "A lost peer")."""
+    from loco_trainer.comm import Comm, CommInterrupted
+
+    state, calls = _trainer_state(epoch=1, world_size=3)
+    comm = Comm(interruptible=True)
+    state._comm = types.SimpleNamespace(interrupt=lambda: (calls.append("interrupt"), comm.interrupt()))
+    state._live = True
+    state.info.rank = 0
+    monkeypatch.setattr(train, "_abort_group", lambda: calls.append("abort"))
+    seen = RuntimeError("Connection closed by peer [10.0.0.3]:4000")
+    assert train.Trainer._defer_peer_loss(state, seen, 75) is seen
+    assert calls == ["interrupt", "abort"] and state._aborted_epoch == 1
+    # what the algorithm's exchange raises next on the interrupted Comm, even one the default group
+    # (gone after the abort) would have failed with an unrelated message, counts as the lost peer
+    comm._world_size = 2  # as if the group were still there: the call is refused before it is issued
+    with pytest.raises(CommInterrupted) as refused:
+        comm.all_reduce(torch.ones(2))
+    assert train.Trainer._peer_lost(state, refused.value)
+    assert train.Trainer._peer_lost(state, RuntimeError("Default process group has not been initialized"))

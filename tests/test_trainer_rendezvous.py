@@ -14,6 +14,7 @@ from loco_trainer.rendezvous import (
     RendezvousError,
     local_address,
     lookup_hosts_file,
+    pick_backend,
     rank_info,
     resolve_master,
 )
@@ -95,3 +96,17 @@ def test_a_taken_master_port_in_the_ephemeral_range_says_so_and_what_to_choose()
     assert f"127.0.0.1:{port}" in message
     assert f"ephemeral range {ephemeral[0]}-{ephemeral[1]}" in message
     assert f"MASTER_PORT below {ephemeral[0] - 1000}" in message
+
+
+def test_a_cuda_job_keeps_gloo_for_its_cpu_tensors() -> None:
+    """The loop's control all-reduces, the probes and the clock estimate use CPU tensors: on CUDA the
+    default group must route them to gloo (a NCCL-only group refuses them), as torch reads the spec."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import BackendConfig
+
+    def devices(spec: str) -> dict[str, str]:
+        return BackendConfig(dist.Backend(spec)).get_device_backend_map()
+
+    assert devices(pick_backend(torch.device("cuda", 0))) == {"cpu": "gloo", "cuda": "nccl"}
+    assert devices(pick_backend(torch.device("cpu")))["cpu"] == "gloo"

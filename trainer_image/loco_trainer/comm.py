@@ -97,18 +97,77 @@ class CollectiveRecord:
 
 
 class CommInterrupted(RuntimeError):
-    """A point-to-point wait given up because :meth:`Comm.interrupt` was called (the group is being
-    aborted: a smaller membership arrived and this worker must regroup)."""
+    """A wait given up because :meth:`Comm.interrupt` was called (the group is being aborted: a
+    smaller membership arrived, or this worker saw a peer fail, and it must regroup)."""
+
+
+class Interrupt:
+    """The flag :meth:`Comm.interrupt` sets. Setting it wakes every wait in progress at once (no
+    polling): see :meth:`wait_for`."""
+
+    def __init__(self) -> None:
+        self._flag = threading.Event()
+        self._lock = threading.Lock()
+        self._wakers: set[threading.Event] = set()
+
+    def set(self) -> None:
+        with self._lock:
+            self._flag.set()
+            wakers = list(self._wakers)
+        for wake in wakers:
+            wake.set()
+
+    def is_set(self) -> bool:
+        return self._flag.is_set()
+
+    def wait_for(self, work: Any) -> None:
+        """``work.wait()`` in a daemon helper thread, given up with :class:`CommInterrupted` as soon
+        as the flag is set (or at once when it is set already). gloo's abort of a process group does
+        not wake this process's own waits, and a wait posted on a connection whose peer is already
+        gone can sit until the group's timeout (observed: a survivor blocked in the outer all-reduce
+        for the whole 120 s). Neither does gloo's point-to-point work survive a timed ``wait`` (a
+        timeout closes the connection), hence the thread. An interrupted helper stays blocked until the
+        old group's connections close or time out; it holds nothing else."""
+        if work.is_completed():  # done already (an async round waited on late): not given up, even when interrupted
+            work.wait()
+            return
+        finished, wake, failure = threading.Event(), threading.Event(), []
+
+        def run() -> None:
+            try:
+                work.wait()
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the waiting thread
+                failure.append(exc)
+            finally:
+                finished.set()
+                wake.set()
+
+        with self._lock:
+            if self._flag.is_set():
+                raise CommInterrupted(_INTERRUPTED)
+            self._wakers.add(wake)
+        try:
+            threading.Thread(target=run, name="loco-comm-wait", daemon=True).start()
+            wake.wait()
+        finally:
+            with self._lock:
+                self._wakers.discard(wake)
+        if not finished.is_set():
+            raise CommInterrupted(_INTERRUPTED)
+        if failure:
+            raise failure[0]
+
+
+_INTERRUPTED = "communicator was aborted: the wait was interrupted (this worker is leaving its process group)"
 
 
 class CommHandle:
     """Handle of an async operation: ``wait()`` blocks until it completes and returns the result
     tensor (averaged for ``op="avg"``). Waiting twice is harmless.
 
-    A handle given ``interrupt`` (point-to-point transfers of an ``interruptible`` Comm) waits in a
-    helper thread instead, and raises :class:`CommInterrupted` as soon as the event is set: gloo's
-    abort of a process group wakes the *peers'* pending transfers (their connection closes) but not
-    this process's own, which would otherwise wait until the peer exits or the group's timeout."""
+    A handle given ``interrupt`` (every operation of an ``interruptible`` Comm) waits through
+    :meth:`Interrupt.wait_for`, so it raises :class:`CommInterrupted` as soon as the Comm is
+    interrupted."""
 
     __slots__ = ("_work", "_result", "_post", "_record", "_done", "_interrupt")
 
@@ -118,7 +177,7 @@ class CommHandle:
         result: Any,
         record: CollectiveRecord | None,
         post: Callable[[], None] | None = None,
-        interrupt: threading.Event | None = None,
+        interrupt: Interrupt | None = None,
     ) -> None:
         self._work = work
         self._result = result
@@ -134,7 +193,7 @@ class CommHandle:
             if self._record is not None:
                 self._record.waited = True
             if self._interrupt is not None:
-                self._wait_interruptibly(self._interrupt)
+                self._interrupt.wait_for(self._work)
             else:
                 self._work.wait()
             if self._post is not None:
@@ -147,32 +206,6 @@ class CommHandle:
     def is_completed(self) -> bool:
         """True once the operation finished (``wait()`` then returns at once)."""
         return self._done or bool(self._work.is_completed())
-
-    def _wait_interruptibly(self, interrupt: threading.Event) -> None:
-        """Wait for the work in a helper thread while watching ``interrupt``. (gloo's point-to-point
-        works neither report completion through ``is_completed()`` nor survive a timed ``wait``: a
-        timeout closes the connection.) On an interrupt the helper stays blocked until the group's
-        connections close; it is a daemon and holds nothing else."""
-        done, failure = threading.Event(), []
-
-        def wait() -> None:
-            try:
-                self._work.wait()
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the waiting thread
-                failure.append(exc)
-            finally:
-                done.set()
-
-        if not interrupt.is_set():
-            threading.Thread(target=wait, name="loco-p2p-wait", daemon=True).start()
-            while not done.wait(0.01):
-                if interrupt.is_set():
-                    break
-        if not done.is_set():
-            raise CommInterrupted("communicator was aborted: the wait for a point-to-point transfer was "
-                                  "interrupted (this worker is leaving its process group)")
-        if failure:
-            raise failure[0]
 
 
 class _HeldWork:
@@ -227,8 +260,9 @@ class Comm:
         clock on long jobs; 0 never re-estimates. ``ring_p2p``: :func:`all_reduce_flat` (the outer
         all-reduce of the DiLoCo family) runs as :meth:`ring_all_reduce`, whose point-to-point steps
         give every ring connection a transfer time and localise a hang to one connection.
-        ``interruptible``: point-to-point waits can be given up with :meth:`interrupt` (live jobs;
-        each such wait then runs in a helper thread, tens of microseconds). ``probe_interval_s``:
+        ``interruptible``: every wait (collectives, point-to-point, probes) can be given up with
+        :meth:`interrupt` (live jobs; each wait then runs in a helper thread, tens of microseconds:
+        a few per outer step and per log interval). ``probe_interval_s``:
         the shortest time between two :meth:`probe` calls that transfer data (the timing point runs
         at every call); 0 transfers at every call."""
         if history < 1:
@@ -253,9 +287,9 @@ class Comm:
         #: seqs of p2p records already turned into connection samples (completed / stalled)
         self._p2p_sampled: set[int] = set()
         self._p2p_stalled: set[int] = set()
-        #: set by :meth:`interrupt`: pending point-to-point waits raise :class:`CommInterrupted`
-        self.interrupted = threading.Event()
-        self._p2p_interrupt = self.interrupted if interruptible else None
+        #: set by :meth:`interrupt`: the waits of an ``interruptible`` Comm raise :class:`CommInterrupted`
+        self.interrupted = Interrupt()
+        self._interrupt = self.interrupted if interruptible else None
         self._group = group
         if group is None and not dist.is_initialized():
             self._rank, self._world_size = 0, 1
@@ -352,7 +386,10 @@ class Comm:
         self, kind: str, nbytes: int, sent: float, recv: float, peer: int | None = None, *, count: bool = True
     ) -> CollectiveRecord:
         """Record a call being entered (``count=False``: recorded, but kept out of the byte counters,
-        for the fault-detection probes, so algorithms are still compared on their own traffic)."""
+        for the fault-detection probes, so algorithms are still compared on their own traffic).
+        An interrupted Comm issues nothing more: it raises :class:`CommInterrupted` here."""
+        if self._interrupt is not None and self._interrupt.is_set():
+            raise CommInterrupted(_INTERRUPTED)
         if self._fault_hook is not None:
             self._fault_hook.before_enter(self._seq, kind, peer)
         with self._lock:
@@ -403,9 +440,10 @@ class Comm:
         size = _nbytes(t)
         record = self._enter("all_reduce", size, 2 * (n - 1) / n * size, 2 * (n - 1) / n * size)
         post = (lambda: t.div_(n)) if op == "avg" else None
-        work = dist.all_reduce(t, op=native, group=self._group, async_op=async_op)
+        work = dist.all_reduce(t, op=native, group=self._group, async_op=self._async(async_op))
         if async_op:
-            return CommHandle(work, t, record, post)
+            return CommHandle(work, t, record, post, self._interrupt)
+        self._block(work)
         if post is not None:
             post()
         record.exit_ns = time.monotonic_ns()
@@ -433,6 +471,19 @@ class Comm:
 
         return work.get_future().then(done)
 
+    def agree(self, t: torch.Tensor, op: str = "max") -> torch.Tensor:
+        """A small control all-reduce in place (``max``, ``min``, ``sum``, ``avg``): a flag or a figure every
+        rank must agree on, such as the newest membership epoch or a mean for the logs. Neither
+        recorded nor counted (it is not the algorithm's traffic), but it waits like every call of
+        this Comm, so an interrupt gives it up too."""
+        if self._world_size > 1:
+            if self._interrupt is not None and self._interrupt.is_set():
+                raise CommInterrupted(_INTERRUPTED)
+            self._block(dist.all_reduce(t, op=_op(op), group=self._group, async_op=self._async(False)))
+            if op == "avg":
+                t.div_(self._world_size)
+        return t
+
     def broadcast(self, t: torch.Tensor, src: int = 0, *, async_op: bool = False) -> Any:
         """Overwrite ``t`` on every rank with the group rank ``src``'s ``t``."""
         self._check_rank(src, "src")
@@ -442,7 +493,7 @@ class Comm:
         size = _nbytes(t)
         is_src = self._rank == src
         record = self._enter("broadcast", size, (n - 1) * size if is_src else 0, 0 if is_src else size, peer=src)
-        work = dist.broadcast(t, src=self._global_rank(src), group=self._group, async_op=async_op)
+        work = dist.broadcast(t, src=self._global_rank(src), group=self._group, async_op=self._async(async_op))
         return self._finish(work, t, record, async_op)
 
     def all_gather(self, t: torch.Tensor, *, async_op: bool = False) -> Any:
@@ -455,7 +506,7 @@ class Comm:
         out = [torch.empty_like(t) for _ in range(n)]
         total = _nbytes(t) * n
         record = self._enter("all_gather", total, (n - 1) / n * total, (n - 1) / n * total)
-        work = dist.all_gather(out, t.contiguous(), group=self._group, async_op=async_op)
+        work = dist.all_gather(out, t.contiguous(), group=self._group, async_op=self._async(async_op))
         return self._finish(work, out, record, async_op)
 
     def reduce_scatter(self, output: torch.Tensor, inputs: list[torch.Tensor], op: str = "avg", *, async_op: bool = False) -> Any:
@@ -469,10 +520,11 @@ class Comm:
         n = self._world_size
         total = sum(_nbytes(x) for x in inputs)
         record = self._enter("reduce_scatter", total, (n - 1) / n * total, (n - 1) / n * total)
-        work = dist.reduce_scatter(output, inputs, op=native, group=self._group, async_op=async_op)
+        work = dist.reduce_scatter(output, inputs, op=native, group=self._group, async_op=self._async(async_op))
         post = (lambda: output.div_(n)) if op == "avg" else None
         if async_op:
-            return CommHandle(work, output, record, post)
+            return CommHandle(work, output, record, post, self._interrupt)
+        self._block(work)
         if post is not None:
             post()
         record.exit_ns = time.monotonic_ns()
@@ -494,14 +546,14 @@ class Comm:
             return CommHandle(_HeldWork(self._fault_hook.hold), t, record)
         self._transfer_delay("send", dst)
         work = dist.isend(t, dst=self._global_rank(dst), group=self._group)
-        return CommHandle(work, t, record, interrupt=self._p2p_interrupt)
+        return CommHandle(work, t, record, interrupt=self._interrupt)
 
     def irecv(self, t: torch.Tensor, src: int) -> CommHandle:
         self._check_peer(src, "src")
         size = _nbytes(t)
         record = self._enter("recv", size, 0, size, peer=src)
         work = dist.irecv(t, src=self._global_rank(src), group=self._group)
-        return CommHandle(work, t, record, interrupt=self._p2p_interrupt)
+        return CommHandle(work, t, record, interrupt=self._interrupt)
 
     def batch_isend_irecv(self, ops: Iterable[tuple[str, torch.Tensor, int]]) -> list[CommHandle]:
         """Post several point-to-point operations at once: ``ops`` are ``("send"|"recv", tensor,
@@ -529,7 +581,7 @@ class Comm:
             # some backends return a single work for the whole batch: every handle waits on it
             works = works if len(works) == len(p2p) else [works[0]] * len(p2p)
             for i, w in zip(posted, works):
-                handles[i] = CommHandle(w, ops[i][1], records[i], interrupt=self._p2p_interrupt)
+                handles[i] = CommHandle(w, ops[i][1], records[i], interrupt=self._interrupt)
         return [h if h is not None else CommHandle(_HeldWork(self._fault_hook.hold), ops[i][1], records[i])
                 for i, h in enumerate(handles)]
 
@@ -579,7 +631,7 @@ class Comm:
         if self._world_size == 1:
             return
         record = self._enter("barrier", 0, 0, 0)
-        dist.barrier(group=self._group)
+        self._block(dist.barrier(group=self._group, async_op=self._async(False)))
         record.exit_ns = time.monotonic_ns()
 
     # ------------------------------------------------------------------------- fault detection
@@ -613,11 +665,11 @@ class Comm:
         estimates = []
         root = self._global_rank(0)
         for _ in range(max(1, rounds)):
-            dist.barrier(group=self._group)
+            self._block(dist.barrier(group=self._group, async_op=self._async(False)))
             mono = time.monotonic()
             wall = time.time()
             t = torch.tensor([wall if self._rank == 0 else 0.0], dtype=torch.float64)
-            dist.broadcast(t, src=root, group=self._group)
+            self._block(dist.broadcast(t, src=root, group=self._group, async_op=self._async(False)))
             estimates.append(float(t.item()) - mono)
         estimates.sort()
         self.clock_syncs += 1
@@ -683,7 +735,8 @@ class Comm:
             return
         now = time.monotonic()
         due = torch.tensor([1.0 if now - self._last_transfer_probe >= self.probe_interval_s else 0.0])
-        dist.all_reduce(due, op=dist.ReduceOp.MAX, group=self._group)  # the timing point; agrees on `due`
+        # the timing point; agrees on `due`
+        self._block(dist.all_reduce(due, op=dist.ReduceOp.MAX, group=self._group, async_op=self._async(False)))
         start = opening.exit_ns = time.monotonic_ns()
         if not due.item():
             return
@@ -706,7 +759,7 @@ class Comm:
             # nobody resumes training while a peer still measures: a rank back at work would take
             # the CPU from a peer whose receive thread has yet to wake up (on a shared host the
             # healthy samples then read 20-40 ms instead of 1 ms)
-            dist.barrier(group=self._group)
+            self._block(dist.barrier(group=self._group, async_op=self._async(False)))
 
     def _probe_transfer(self, shift: int, nbytes: int, start: int) -> list[threading.Thread]:
         """Post one probe transfer (send to ``rank + shift``, receive from ``rank - shift``) and
@@ -749,10 +802,19 @@ class Comm:
                 for fn in (do_send, do_receive)]
 
     def finish_probe(self, timeout_s: float | None = None) -> None:
-        """Wait for the transfers of the last :meth:`probe` (a no-op when none is outstanding)."""
-        for t in getattr(self, "_probe_threads", ()):
-            t.join(timeout_s)
-        self._probe_threads = []
+        """Wait for the transfers of the last :meth:`probe` (a no-op when none is outstanding); on an
+        interruptible Comm, raises :class:`CommInterrupted` when interrupted meanwhile (a transfer
+        to a peer that is gone may otherwise wait out the group's timeout)."""
+        threads, self._probe_threads = getattr(self, "_probe_threads", []), []
+        for t in threads:
+            if self._interrupt is None:
+                t.join(timeout_s)
+                continue
+            end = math.inf if timeout_s is None else time.monotonic() + timeout_s
+            while t.is_alive() and not self._interrupt.is_set() and time.monotonic() < end:
+                t.join(0.01)  # only while a transfer is still out: normally it finished long ago
+            if t.is_alive() and self._interrupt.is_set():
+                raise CommInterrupted(_INTERRUPTED)
 
     def export_records(self, since_seq: int = -1, limit: int = 512) -> list[dict[str, Any]]:
         """Records (probes excluded: they are shipped as :meth:`export_links` samples) with
@@ -835,9 +897,23 @@ class Comm:
 
     def _finish(self, work: Any, result: Any, record: CollectiveRecord, async_op: bool) -> Any:
         if async_op:
-            return CommHandle(work, result, record)
+            return CommHandle(work, result, record, interrupt=self._interrupt)
+        self._block(work)
         record.exit_ns = time.monotonic_ns()
         return result
+
+    def _async(self, async_op: bool) -> bool:
+        """Whether to issue a collective asynchronously: when the caller asked, and always on an
+        interruptible Comm, whose blocking calls then wait in :meth:`_block`."""
+        return async_op or self._interrupt is not None
+
+    def _block(self, work: Any) -> None:
+        """Complete a collective the caller wanted blocking (``work`` is None when it was issued so)."""
+        if work is not None:
+            if self._interrupt is not None:
+                self._interrupt.wait_for(work)
+            else:
+                work.wait()
 
     def _check_rank(self, r: int, what: str) -> None:
         if not 0 <= r < self._world_size:

@@ -161,7 +161,7 @@ def init_process_group(env: RuntimeEnv, info: RankInfo, backend: str, timeout_s:
     """
     master_ip = resolve_master(env.master_addr, env.local_hosts, timeout_s=resolve_timeout_s)
     address = local_address(master_ip, env.pod_ip)
-    if backend == "gloo" and "GLOO_SOCKET_IFNAME" not in os.environ:
+    if "gloo" in backend and "GLOO_SOCKET_IFNAME" not in os.environ:
         iface = _interface_of(address)
         if iface:
             os.environ["GLOO_SOCKET_IFNAME"] = iface
@@ -252,8 +252,10 @@ def ephemeral_port_range() -> tuple[int, int] | None:
 
 
 def pick_backend(device: torch.device) -> str:
-    """NCCL for CUDA, gloo otherwise."""
-    return "nccl" if device.type == "cuda" else "gloo"
+    """gloo on CPU. On CUDA, NCCL for CUDA tensors and gloo for CPU ones: the loop's control
+    all-reduces, the fault-detection probes and the clock estimate use small CPU tensors, which a
+    NCCL-only group refuses."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -287,6 +287,8 @@ class Trainer:
     def _mean_over_ranks(self, value: float) -> float:
         if not (dist.is_initialized() and dist.get_world_size() > 1):
             return value
+        if self._live:  # through the Comm (one process per pod: its group is the default group), so an interrupt ends the wait
+            return float(self._comm.agree(torch.tensor([value], dtype=torch.float64), "avg").item())
         t = torch.tensor([value], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return float(t.item()) / dist.get_world_size()
@@ -416,6 +418,11 @@ class Trainer:
         interval_start, interval_steps = time.perf_counter(), 0
         loop_start = time.perf_counter()
         step = start_step
+        # live resize: a peer loss seen outside the strategy's own exchange (eval, probe, save, the
+        # boundary agreement). Such a collective can complete on some survivors and fail on others, so
+        # stopping there would leave the survivors at different steps; the worker trains on instead,
+        # without those collectives, to the strategy's next exchange, where every survivor stops
+        deferred: BaseException | None = None
         model.train()
         for step in range(start_step, tr.steps):
             if step == crash_at:
@@ -468,13 +475,13 @@ class Trainer:
                 self.metrics.lr.set(lr)
 
             is_last = completed == tr.steps
-            if tr.eval_every and completed % tr.eval_every == 0 and not is_last and not lost:
+            if tr.eval_every and completed % tr.eval_every == 0 and not is_last and not lost and not deferred:
                 try:
                     eval_loss = self.evaluate(model, data, autocast)
                 except Exception as exc:
                     if not self._peer_lost(exc):
                         raise
-                    lost = exc
+                    deferred = self._defer_peer_loss(exc, completed)
             record: dict[str, Any] = {"step": completed, "loss": loss_value, "lr": lr,
                                       "wallS": round(time.perf_counter() - loop_start, 6)}
             if tr.eval_every and completed % tr.eval_every == 0 and not is_last:
@@ -492,20 +499,20 @@ class Trainer:
                     log.info(format_progress_line(completed, tr.steps, mean_loss, eval_loss, global_tps,
                                                   1000 * elapsed / interval_steps))
                 self._report_interval(completed, mean_loss, eval_loss, local_tps, strategy, comm)
-                if not is_last and not lost:  # fills the connection matrix (docs/fault-detection.md); every rank logs together
+                if not is_last and not lost and not deferred:  # fills the connection matrix (docs/fault-detection.md); every rank logs together
                     try:
                         comm.probe(self.env.probe_bytes, links=not strategy.p2p_covers_links(comm.world_size))
                     except Exception as exc:
                         if not self._peer_lost(exc):
                             raise
-                        lost = exc
+                        deferred = self._defer_peer_loss(exc, completed)
                 interval_losses, interval_start, interval_steps = [], time.perf_counter(), 0
             else:
                 self._set_progress(step=completed)
 
             last_ckpt = self._poll_save() or last_ckpt
             every = self.config.checkpoint.every_steps
-            if every and completed % every == 0 and not is_last and not lost:
+            if every and completed % every == 0 and not is_last and not lost and not deferred:
                 try:
                     self.save_async(completed, model, optimizer, strategy, position, reference_world)
                     if not self.config.checkpoint.async_save:
@@ -513,19 +520,22 @@ class Trainer:
                 except Exception as exc:
                     if not self._peer_lost(exc):
                         raise
-                    lost = exc
+                    deferred = self._defer_peer_loss(exc, completed)
 
             # live resize (docs/elastic.md): a lost peer -> regroup with the survivors now; a membership
             # update -> switch at this outer-step boundary
             update = None
-            if self._live and not lost and not is_last and strategy.at_membership_boundary():
+            if self._live and not lost and not deferred and not is_last and strategy.at_membership_boundary():
                 try:
                     update = self._agreed_update()
                 except Exception as exc:
                     if not self._peer_lost(exc):
                         raise
-                    lost = exc
+                    deferred = self._defer_peer_loss(exc, completed)
+            if deferred is not None and lost is None and (is_last or strategy.at_membership_boundary()):
+                lost = deferred  # a round boundary passed without an exchange to stop at: stop here
             if lost is not None or update is not None:
+                deferred = None
                 if lost is not None:
                     update = self._await_update(lost, completed)
                 else:
@@ -656,9 +666,7 @@ class Trainer:
         mine = self.progress.pending_membership() if self.progress is not None else None
         newest = mine.epoch if mine is not None else self._epoch
         if dist.is_initialized() and dist.get_world_size() > 1:
-            t = torch.tensor([newest], dtype=torch.int64)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            newest = int(t.item())
+            newest = int(self._comm.agree(torch.tensor([newest], dtype=torch.int64), "max").item())
         if newest <= self._epoch:
             return None
         update = self.progress.wait_membership(newest, MEMBERSHIP_WAIT_S) if self.progress is not None else None
@@ -666,6 +674,20 @@ class Trainer:
             raise RuntimeError(f"a peer was told about membership epoch {newest}, this worker was not within "
                                f"{MEMBERSHIP_WAIT_S:.0f}s; the job restarts from its checkpoint")
         return update
+
+    def _defer_peer_loss(self, exc: BaseException, completed: int) -> BaseException:
+        """A peer loss seen outside the strategy's own exchange (see ``deferred`` in :meth:`run`):
+        leave the old group at once (interrupt this worker's waits on it, abort it, so peers waiting
+        on this worker fail promptly) and train on to the strategy's next exchange, which then fails
+        here at once: every survivor stops at the same step. Returns ``exc``."""
+        log.warning("rank %d: a peer was lost at step %d (%s); training on to the next exchange of the "
+                    "algorithm, where the survivors regroup", self.info.rank, completed, str(exc).splitlines()[0][:200])
+        with self._group_lock:
+            self._aborted_epoch = self._epoch
+        if self._comm is not None:
+            self._comm.interrupt()
+        _abort_group()
+        return exc
 
     def _await_update(self, lost: BaseException, completed: int) -> Any:
         """A peer was lost: wait for the operator's new membership (it shrinks the job to the survivors)."""
