@@ -120,18 +120,41 @@ class Interrupt:
     def is_set(self) -> bool:
         return self._flag.is_set()
 
-    def wait_for(self, work: Any) -> None:
-        """``work.wait()`` in a daemon helper thread, given up with :class:`CommInterrupted` as soon
-        as the flag is set (or at once when it is set already). gloo's abort of a process group does
-        not wake this process's own waits, and a wait posted on a connection whose peer is already
-        gone can sit until the group's timeout (observed: a survivor blocked in the outer all-reduce
-        for the whole 120 s). Neither does gloo's point-to-point work survive a timed ``wait`` (a
-        timeout closes the connection), hence the thread. An interrupted helper stays blocked until the
-        old group's connections close or time out; it holds nothing else."""
+    def wait_for(self, work: Any, p2p: bool = False) -> None:
+        """``work.wait()``, given up with :class:`CommInterrupted` as soon as the flag is set (or at
+        once when it is set already). gloo's abort of a process group does not wake this process's
+        own waits, and a wait posted on a connection whose peer is already gone can sit until the
+        group's timeout (observed: a survivor blocked in the outer all-reduce for the whole 120 s).
+
+        A collective is waited on through its future (completion or interrupt wakes this thread; no
+        extra thread). gloo's point-to-point work (``p2p``) has no usable future and does not survive
+        a timed ``wait`` (a timeout closes the connection), so it is waited on in a daemon helper
+        thread. An interrupted wait leaves the work in flight until the old group's connections close
+        or time out; it holds nothing else. Work that completed before the interrupt is not given up."""
         if work.is_completed():  # done already (an async round waited on late): not given up, even when interrupted
             work.wait()
             return
-        finished, wake, failure = threading.Event(), threading.Event(), []
+        wake = threading.Event()
+        with self._lock:
+            if self._flag.is_set():
+                raise CommInterrupted(_INTERRUPTED)
+            self._wakers.add(wake)
+        try:
+            if p2p:
+                self._wait_in_thread(work, wake)
+                return
+            future = work.get_future()
+            future.add_done_callback(lambda _: wake.set())
+            wake.wait()
+            if not future.done():
+                raise CommInterrupted(_INTERRUPTED)
+            work.wait()  # returns at once; raises the work's failure, if any
+        finally:
+            with self._lock:
+                self._wakers.discard(wake)
+
+    def _wait_in_thread(self, work: Any, wake: threading.Event) -> None:
+        finished, failure = threading.Event(), []
 
         def run() -> None:
             try:
@@ -142,16 +165,8 @@ class Interrupt:
                 finished.set()
                 wake.set()
 
-        with self._lock:
-            if self._flag.is_set():
-                raise CommInterrupted(_INTERRUPTED)
-            self._wakers.add(wake)
-        try:
-            threading.Thread(target=run, name="loco-comm-wait", daemon=True).start()
-            wake.wait()
-        finally:
-            with self._lock:
-                self._wakers.discard(wake)
+        threading.Thread(target=run, name="loco-comm-wait", daemon=True).start()
+        wake.wait()
         if not finished.is_set():
             raise CommInterrupted(_INTERRUPTED)
         if failure:
@@ -169,7 +184,7 @@ class CommHandle:
     :meth:`Interrupt.wait_for`, so it raises :class:`CommInterrupted` as soon as the Comm is
     interrupted."""
 
-    __slots__ = ("_work", "_result", "_post", "_record", "_done", "_interrupt")
+    __slots__ = ("_work", "_result", "_post", "_record", "_done", "_interrupt", "_p2p")
 
     def __init__(
         self,
@@ -178,8 +193,10 @@ class CommHandle:
         record: CollectiveRecord | None,
         post: Callable[[], None] | None = None,
         interrupt: Interrupt | None = None,
+        p2p: bool = False,
     ) -> None:
         self._work = work
+        self._p2p = p2p
         self._result = result
         self._post = post
         self._record = record
@@ -193,7 +210,7 @@ class CommHandle:
             if self._record is not None:
                 self._record.waited = True
             if self._interrupt is not None:
-                self._interrupt.wait_for(self._work)
+                self._interrupt.wait_for(self._work, self._p2p)
             else:
                 self._work.wait()
             if self._post is not None:
@@ -261,8 +278,8 @@ class Comm:
         all-reduce of the DiLoCo family) runs as :meth:`ring_all_reduce`, whose point-to-point steps
         give every ring connection a transfer time and localise a hang to one connection.
         ``interruptible``: every wait (collectives, point-to-point, probes) can be given up with
-        :meth:`interrupt` (live jobs; each wait then runs in a helper thread, tens of microseconds:
-        a few per outer step and per log interval). ``probe_interval_s``:
+        :meth:`interrupt` (live jobs; see :meth:`Interrupt.wait_for`: about 0.1 ms per wait on a
+        2-core machine, a few waits per outer step and per log interval). ``probe_interval_s``:
         the shortest time between two :meth:`probe` calls that transfer data (the timing point runs
         at every call); 0 transfers at every call."""
         if history < 1:
@@ -440,9 +457,9 @@ class Comm:
         size = _nbytes(t)
         record = self._enter("all_reduce", size, 2 * (n - 1) / n * size, 2 * (n - 1) / n * size)
         post = (lambda: t.div_(n)) if op == "avg" else None
-        work = dist.all_reduce(t, op=native, group=self._group, async_op=self._async(async_op))
+        work = dist.all_reduce(t, op=native, group=self._group, async_op=self._async(async_op, t))
         if async_op:
-            return CommHandle(work, t, record, post, self._interrupt)
+            return CommHandle(work, t, record, post, self._interrupt_for(t))
         self._block(work)
         if post is not None:
             post()
@@ -479,7 +496,7 @@ class Comm:
         if self._world_size > 1:
             if self._interrupt is not None and self._interrupt.is_set():
                 raise CommInterrupted(_INTERRUPTED)
-            self._block(dist.all_reduce(t, op=_op(op), group=self._group, async_op=self._async(False)))
+            self._block(dist.all_reduce(t, op=_op(op), group=self._group, async_op=self._async(False, t)))
             if op == "avg":
                 t.div_(self._world_size)
         return t
@@ -493,8 +510,8 @@ class Comm:
         size = _nbytes(t)
         is_src = self._rank == src
         record = self._enter("broadcast", size, (n - 1) * size if is_src else 0, 0 if is_src else size, peer=src)
-        work = dist.broadcast(t, src=self._global_rank(src), group=self._group, async_op=self._async(async_op))
-        return self._finish(work, t, record, async_op)
+        work = dist.broadcast(t, src=self._global_rank(src), group=self._group, async_op=self._async(async_op, t))
+        return self._finish(work, t, record, async_op, t)
 
     def all_gather(self, t: torch.Tensor, *, async_op: bool = False) -> Any:
         """Gather ``t`` from every rank: returns a list of ``world_size`` tensors (or a handle whose
@@ -506,8 +523,8 @@ class Comm:
         out = [torch.empty_like(t) for _ in range(n)]
         total = _nbytes(t) * n
         record = self._enter("all_gather", total, (n - 1) / n * total, (n - 1) / n * total)
-        work = dist.all_gather(out, t.contiguous(), group=self._group, async_op=self._async(async_op))
-        return self._finish(work, out, record, async_op)
+        work = dist.all_gather(out, t.contiguous(), group=self._group, async_op=self._async(async_op, t))
+        return self._finish(work, out, record, async_op, t)
 
     def reduce_scatter(self, output: torch.Tensor, inputs: list[torch.Tensor], op: str = "avg", *, async_op: bool = False) -> Any:
         """Reduce ``inputs`` (one tensor per rank) and leave chunk ``rank`` in ``output``."""
@@ -520,10 +537,10 @@ class Comm:
         n = self._world_size
         total = sum(_nbytes(x) for x in inputs)
         record = self._enter("reduce_scatter", total, (n - 1) / n * total, (n - 1) / n * total)
-        work = dist.reduce_scatter(output, inputs, op=native, group=self._group, async_op=self._async(async_op))
+        work = dist.reduce_scatter(output, inputs, op=native, group=self._group, async_op=self._async(async_op, output))
         post = (lambda: output.div_(n)) if op == "avg" else None
         if async_op:
-            return CommHandle(work, output, record, post, self._interrupt)
+            return CommHandle(work, output, record, post, self._interrupt_for(output))
         self._block(work)
         if post is not None:
             post()
@@ -546,14 +563,14 @@ class Comm:
             return CommHandle(_HeldWork(self._fault_hook.hold), t, record)
         self._transfer_delay("send", dst)
         work = dist.isend(t, dst=self._global_rank(dst), group=self._group)
-        return CommHandle(work, t, record, interrupt=self._interrupt)
+        return CommHandle(work, t, record, interrupt=self._interrupt, p2p=True)
 
     def irecv(self, t: torch.Tensor, src: int) -> CommHandle:
         self._check_peer(src, "src")
         size = _nbytes(t)
         record = self._enter("recv", size, 0, size, peer=src)
         work = dist.irecv(t, src=self._global_rank(src), group=self._group)
-        return CommHandle(work, t, record, interrupt=self._interrupt)
+        return CommHandle(work, t, record, interrupt=self._interrupt, p2p=True)
 
     def batch_isend_irecv(self, ops: Iterable[tuple[str, torch.Tensor, int]]) -> list[CommHandle]:
         """Post several point-to-point operations at once: ``ops`` are ``("send"|"recv", tensor,
@@ -581,7 +598,7 @@ class Comm:
             # some backends return a single work for the whole batch: every handle waits on it
             works = works if len(works) == len(p2p) else [works[0]] * len(p2p)
             for i, w in zip(posted, works):
-                handles[i] = CommHandle(w, ops[i][1], records[i], interrupt=self._interrupt)
+                handles[i] = CommHandle(w, ops[i][1], records[i], interrupt=self._interrupt, p2p=True)
         return [h if h is not None else CommHandle(_HeldWork(self._fault_hook.hold), ops[i][1], records[i])
                 for i, h in enumerate(handles)]
 
@@ -895,17 +912,23 @@ class Comm:
 
     # ------------------------------------------------------------------------------- helpers
 
-    def _finish(self, work: Any, result: Any, record: CollectiveRecord, async_op: bool) -> Any:
+    def _finish(self, work: Any, result: Any, record: CollectiveRecord, async_op: bool, t: torch.Tensor) -> Any:
         if async_op:
-            return CommHandle(work, result, record, interrupt=self._interrupt)
+            return CommHandle(work, result, record, interrupt=self._interrupt_for(t))
         self._block(work)
         record.exit_ns = time.monotonic_ns()
         return result
 
-    def _async(self, async_op: bool) -> bool:
+    def _async(self, async_op: bool, t: torch.Tensor | None = None) -> bool:
         """Whether to issue a collective asynchronously: when the caller asked, and always on an
-        interruptible Comm, whose blocking calls then wait in :meth:`_block`."""
-        return async_op or self._interrupt is not None
+        interruptible Comm for CPU tensors (gloo), whose blocking calls then wait in :meth:`_block`.
+        CUDA tensors (NCCL) keep NCCL's own semantics: a blocking call or a wait only orders the
+        stream and does not block the CPU, and NCCL's abort of a group ends its pending work."""
+        return async_op or (self._interrupt_for(t) is not None)
+
+    def _interrupt_for(self, t: torch.Tensor | None) -> Interrupt | None:
+        """This Comm's interrupt for a call on ``t`` (None: a CUDA tensor, see :meth:`_async`)."""
+        return self._interrupt if t is None or t.device.type != "cuda" else None
 
     def _block(self, work: Any) -> None:
         """Complete a collective the caller wanted blocking (``work`` is None when it was issued so)."""
