@@ -180,9 +180,9 @@ class CommHandle:
     """Handle of an async operation: ``wait()`` blocks until it completes and returns the result
     tensor (averaged for ``op="avg"``). Waiting twice is harmless.
 
-    A handle given ``interrupt`` (every operation of an ``interruptible`` Comm) waits through
-    :meth:`Interrupt.wait_for`, so it raises :class:`CommInterrupted` as soon as the Comm is
-    interrupted."""
+    A handle given ``interrupt`` (every operation of an ``interruptible`` Comm but those on CUDA
+    tensors, see :meth:`Comm._async`) waits through :meth:`Interrupt.wait_for`, so it raises
+    :class:`CommInterrupted` as soon as the Comm is interrupted."""
 
     __slots__ = ("_work", "_result", "_post", "_record", "_done", "_interrupt", "_p2p")
 
