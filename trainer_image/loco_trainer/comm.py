@@ -405,8 +405,7 @@ class Comm:
         """Record a call being entered (``count=False``: recorded, but kept out of the byte counters,
         for the fault-detection probes, so algorithms are still compared on their own traffic).
         An interrupted Comm issues nothing more: it raises :class:`CommInterrupted` here."""
-        if self._interrupt is not None and self._interrupt.is_set():
-            raise CommInterrupted(_INTERRUPTED)
+        self._refuse_if_interrupted()
         if self._fault_hook is not None:
             self._fault_hook.before_enter(self._seq, kind, peer)
         with self._lock:
@@ -494,9 +493,8 @@ class Comm:
         recorded nor counted (it is not the algorithm's traffic), but it waits like every call of
         this Comm, so an interrupt gives it up too."""
         if self._world_size > 1:
-            if self._interrupt is not None and self._interrupt.is_set():
-                raise CommInterrupted(_INTERRUPTED)
-            self._block(dist.all_reduce(t, op=_op(op), group=self._group, async_op=self._async(False, t)))
+            self._refuse_if_interrupted()
+            self._blocking(dist.all_reduce, t, op=_op(op), group=self._group, tensor=t)
             if op == "avg":
                 t.div_(self._world_size)
         return t
@@ -648,7 +646,7 @@ class Comm:
         if self._world_size == 1:
             return
         record = self._enter("barrier", 0, 0, 0)
-        self._block(dist.barrier(group=self._group, async_op=self._async(False)))
+        self._blocking(dist.barrier, group=self._group)
         record.exit_ns = time.monotonic_ns()
 
     # ------------------------------------------------------------------------- fault detection
@@ -682,11 +680,11 @@ class Comm:
         estimates = []
         root = self._global_rank(0)
         for _ in range(max(1, rounds)):
-            self._block(dist.barrier(group=self._group, async_op=self._async(False)))
+            self._blocking(dist.barrier, group=self._group)
             mono = time.monotonic()
             wall = time.time()
             t = torch.tensor([wall if self._rank == 0 else 0.0], dtype=torch.float64)
-            self._block(dist.broadcast(t, src=root, group=self._group, async_op=self._async(False)))
+            self._blocking(dist.broadcast, t, src=root, group=self._group)
             estimates.append(float(t.item()) - mono)
         estimates.sort()
         self.clock_syncs += 1
@@ -753,7 +751,7 @@ class Comm:
         now = time.monotonic()
         due = torch.tensor([1.0 if now - self._last_transfer_probe >= self.probe_interval_s else 0.0])
         # the timing point; agrees on `due`
-        self._block(dist.all_reduce(due, op=dist.ReduceOp.MAX, group=self._group, async_op=self._async(False)))
+        self._blocking(dist.all_reduce, due, op=dist.ReduceOp.MAX, group=self._group)
         start = opening.exit_ns = time.monotonic_ns()
         if not due.item():
             return
@@ -776,7 +774,7 @@ class Comm:
             # nobody resumes training while a peer still measures: a rank back at work would take
             # the CPU from a peer whose receive thread has yet to wake up (on a shared host the
             # healthy samples then read 20-40 ms instead of 1 ms)
-            self._block(dist.barrier(group=self._group, async_op=self._async(False)))
+            self._blocking(dist.barrier, group=self._group)
 
     def _probe_transfer(self, shift: int, nbytes: int, start: int) -> list[threading.Thread]:
         """Post one probe transfer (send to ``rank + shift``, receive from ``rank - shift``) and
@@ -929,6 +927,16 @@ class Comm:
     def _interrupt_for(self, t: torch.Tensor | None) -> Interrupt | None:
         """This Comm's interrupt for a call on ``t`` (None: a CUDA tensor, see :meth:`_async`)."""
         return self._interrupt if t is None or t.device.type != "cuda" else None
+
+    def _refuse_if_interrupted(self) -> None:
+        """An interrupted Comm issues nothing more (see :meth:`interrupt`)."""
+        if self._interrupt is not None and self._interrupt.is_set():
+            raise CommInterrupted(_INTERRUPTED)
+
+    def _blocking(self, collective: Callable[..., Any], *args: Any, tensor: torch.Tensor | None = None, **kwargs: Any) -> None:
+        """Run the ``torch.distributed`` call ``collective(*args, **kwargs)`` to completion, waiting
+        as :meth:`_block` does (interruptibly on an interruptible Comm, unless ``tensor`` is on CUDA)."""
+        self._block(collective(*args, async_op=self._async(False, tensor), **kwargs))
 
     def _block(self, work: Any) -> None:
         """Complete a collective the caller wanted blocking (``work`` is None when it was issued so)."""
