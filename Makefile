@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # The CPU wheel of torch 2.13.0 lies on the build machines; the pin keeps pip from pulling a CUDA build.
 PIP_INSTALL := $(PY) -m pip install --disable-pip-version-check -q
 
-.PHONY: install tools test e2e demo demo-fault crds bench clean help
+.PHONY: install tools test e2e demo demo-fault crds bench gpu-wheels clean help
 
 help:
 	@echo "make demo   - create .venv, install, run a real TrainingJob on the embedded local cluster"
@@ -16,6 +16,7 @@ help:
 	@echo "make crds   - regenerate crds/trainingjob.yaml from the pydantic models"
 	@echo "make demo-fault - the demo with a straggler injected: blamed, isolated, resumed"
 	@echo "make bench  - the trainer CPU benchmark (others: bench/*.py, see docs/benchmarks.md)"
+	@echo "make gpu-wheels - .whl/: the wheels bench/gpu_checks.sh installs on a lent GPU machine"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +49,17 @@ crds: install
 
 bench: install
 	$(PY) bench/bench_trainer.py
+
+# The Python packages the trainer needs that the device machine's image lacks (Python 3.12 there; see
+# bench/gpu_checks.sh), at the versions installed here: carried as .whl/ to the lent GPU machine.
+GPU_WHEELS := pydantic pydantic-core annotated-types typing-inspection typing-extensions
+gpu-wheels: install
+	rm -rf .whl && mkdir -p .whl
+	$(PY) -m pip download --disable-pip-version-check -q --no-deps --only-binary=:all: -d .whl \
+		--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		$$($(PY) -c 'import sys; from importlib.metadata import version; print(*(f"{n}=={version(n)}" for n in sys.argv[1:]))' $(GPU_WHEELS))
+	@ls .whl
 
 clean:
 	rm -rf $(VENV) .loco .pytest_cache

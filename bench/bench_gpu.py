@@ -212,7 +212,9 @@ def render(results: dict[str, Any]) -> str:
             f"| trainer (DDP, 1 process, bf16) tokens/s and MFU vs a bare loop of the same model and batch | >= 0.97x | "
             f"**owed**: no GPU has run `{COMMAND}` yet |",
             f"| per-step overhead of the comm-counting layer (`Comm`) | < 1 % | **owed**: `{COMMAND}` |",
-            "", "Method: see the module docstring of `bench/bench_gpu.py`.", "", END,
+            "", "Method: see the module docstring of `bench/bench_gpu.py`. Every GPU check in one device call "
+                "(with a CUDA smoke of each algorithm and its checkpoint resume first): `make gpu-wheels` here, then "
+                "`bash bench/gpu_checks.sh` on the GPU machine with `.whl` carried.", "", END,
         ]
         return "\n".join(lines)
     t, b, c, m = r["trainer"], r["bare"], r["comm"], r["machine"]
