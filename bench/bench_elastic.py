@@ -214,7 +214,10 @@ def render(result: dict[str, Any]) -> str:
         "",
         "*Training on* = `status.step` passes the last step reported before the event (the steps since the last "
         "checkpoint are redone); times are read from the job's status, so their resolution is the operator's "
-        "progress poll (about 2 s): *training on* equal to *running* means within one poll. *Goodput / steady*: useful tokens (each step once, at the size it ran at) "
+        "progress poll (about 2 s): *training on* equal to *running* means within one poll, and runs of the same code "
+        "land on either side of a poll (live `diloco`'s grow: 8.5 and 10.5 s in two runs on 2026-12-03). After a loss, a "
+        "survivor blocked in a wait that gloo does not end is interrupted 1 s after the operator's update "
+        "(`ABORT_OLD_GROUP_AFTER_S`, docs/elastic.md), which the shrink columns include. *Goodput / steady*: useful tokens (each step once, at the size it ran at) "
         "per second over the window from the failure to 30 s after training on at 3, over the steady "
         "3-worker tokens/s before the failure. One window of about a minute is noisy: two runs of live `diloco` on the "
         "same code gave 60 % and 105 % (on 2 shared cores, 2 workers step faster than 3). "
