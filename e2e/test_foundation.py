@@ -51,6 +51,8 @@ def test_worker_killed_mid_run_restarts_from_last_checkpoint(stack: LocalStack) 
     try:
         stack.wait_for(lambda: (_status(stack, name).get("lastCheckpoint") or {}).get("step", 0) >= 10,
                        timeout_s=TIMEOUT_S, what="a first checkpoint")
+        # training workers are Ready pods: the readinessProbe (GET /ready) passes while the trainer takes steps
+        stack.wait_for(lambda: _ready_pods(stack, name) == 2, timeout_s=10, what="both training pods Ready")
         victims = [p for p in worker_processes(name) if p.environ().get("LOCO_REPLICA_INDEX") == "1"]
         assert victims, "no worker process of replica 1 found"
         for proc in victims:
@@ -116,3 +118,8 @@ def test_operator_killed_and_restarted_carries_the_job_on(stack: LocalStack) -> 
     pods_after = {p["metadata"]["uid"] for p in stack.list_pods(name)}
     # cleanPodPolicy Running keeps finished pods: the same pods ran to the end, none was recreated
     assert pods_after <= pods_before, (pods_before, pods_after)
+
+
+def _ready_pods(stack: LocalStack, name: str) -> int:
+    return sum(1 for pod in stack.list_pods(name)
+               if any(c.get("type") == "Ready" and c.get("status") == "True" for c in pod["status"].get("conditions") or []))

@@ -17,6 +17,7 @@ import pytest
 
 from loco_local.apiclient import ApiClient, ApiError
 from loco_local.cluster import LocalCluster, claim_octet, octet_for_port
+from loco_local.kubelet import next_readiness
 from loco_local.nodes import NodeSpec
 
 pytestmark = pytest.mark.timeout(120)
@@ -366,6 +367,27 @@ async def test_http_readiness_probe_gates_ready(cluster: LocalCluster, api: ApiC
     assert running["status"]["containerStatuses"][0]["ready"] is False
     gate.touch()
     await wait_for(lambda: api.get(f"/api/v1/namespaces/{NS}/pods/probed"), lambda p: ready(p) == "True", "probed ready")
+
+
+def test_readiness_follows_the_probe_thresholds_like_the_kubelet():
+    probe = {"failureThreshold": 2, "successThreshold": 2}
+    state = (False, 0, 0)  # a started container is not Ready
+
+    def fold(*results: bool) -> bool:
+        nonlocal state
+        for ok in results:
+            state = next_readiness(probe, *state, ok)
+        return state[0]
+
+    assert fold(True) is False  # one success of the two required
+    assert fold(False, True) is False  # a failure resets the successes
+    assert fold(True) is True
+    assert fold(False) is True  # one failure of the two that make it NotReady
+    assert fold(True, False) is True  # a success resets the failures
+    assert fold(False) is False
+    # defaults: successThreshold 1, failureThreshold 3
+    assert next_readiness({}, False, 0, 0, True)[0] is True
+    assert next_readiness({}, True, 0, 1, False)[0] is True and next_readiness({}, True, 0, 2, False)[0] is False
 
 
 def test_two_clusters_claim_different_loopback_ranges(tmp_path: Path):

@@ -12,6 +12,7 @@ from loco_operator.metrics import OperatorMetrics
 from loco_operator.render import JobRef, render_configmap, render_pod, render_service
 from loco_operator.spec import TrainingJobSpec
 from loco_trainer.config import EnvVar, TrainerConfig
+from loco_trainer.protocol import READY_PATH
 
 REF = JobRef("gpt", "team-a", "uid-9")
 
@@ -39,6 +40,10 @@ def test_pod_has_contract_labels_env_and_security():
     assert container["command"] == ["python", "-m", "loco_trainer", "--config", "/etc/loco/config.json"]
     assert container["terminationMessagePath"] == "/dev/termination-log"
     assert {"name": "status", "containerPort": 8080, "protocol": "TCP"} in container["ports"]
+    # Ready = training: the readinessProbe asks the trainer's GET /ready on the named status port
+    probe = container["readinessProbe"]
+    assert probe["httpGet"] == {"path": READY_PATH, "port": "status"}
+    assert probe["periodSeconds"] >= 1 and probe["failureThreshold"] >= 1
     env = {e["name"]: e for e in container["env"]}
     values = {k: v["value"] for k, v in env.items() if "value" in v}
     assert values[EnvVar.REPLICA_INDEX.value] == "2"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import urllib.error
 import urllib.request
 
 import pytest
@@ -11,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from loco_trainer.config import RuntimeEnv
 from loco_trainer.metrics import TrainerMetrics
 from loco_trainer.progress import ProgressServer, ProgressState, termination_message_path, write_termination_message
-from loco_trainer.protocol import ProgressReport, WorkerState
+from loco_trainer.protocol import READY_PATH, ProgressReport, WorkerState
 
 
 @pytest.fixture()
@@ -36,6 +37,24 @@ def test_status_serves_the_current_report(served):
     assert code == 200 and ctype == "application/json"
     assert (report.state, report.step, report.loss, report.total_steps) == (WorkerState.running, 3, 2.5, 10)
     assert json.loads(body)["jobName"] == "job-a" and report.time.endswith("Z")
+
+
+def test_ready_answers_200_only_while_the_worker_trains(served):
+    state, _, base = served
+
+    def ready_code() -> int:
+        try:
+            return _get(base + READY_PATH)[0]
+        except urllib.error.HTTPError as exc:
+            assert "not training: " + state.worker_state().value in exc.read().decode()
+            return exc.code
+
+    assert ready_code() == 503  # starting: rendezvous, model build, resume
+    state.update(state=WorkerState.running, step=1)
+    assert ready_code() == 200
+    for done in (WorkerState.finished, WorkerState.failed):
+        state.update(state=done)
+        assert ready_code() == 503
 
 
 def test_metrics_serve_prometheus_text_with_labels(served):

@@ -160,6 +160,18 @@ def exit_reason(code: int) -> str:
 # ------------------------------------------------------------------------------------ containers
 
 
+
+def next_readiness(probe: Obj, ready: bool, successes: int, failures: int, ok: bool) -> tuple[bool, int, int]:
+    """A readinessProbe result folded into (ready, consecutive successes, consecutive failures), as the
+    kubelet does: Ready after ``successThreshold`` (1) successes in a row, not Ready after
+    ``failureThreshold`` (3) failures in a row; a container starts not Ready."""
+    if ok:
+        successes, failures = successes + 1, 0
+        return (ready or successes >= int(probe.get("successThreshold", 1))), successes, failures
+    successes, failures = 0, failures + 1
+    return (ready and failures < int(probe.get("failureThreshold", 3))), successes, failures
+
+
 @dataclass
 class ContainerRun:
     """Runtime state of one container of a pod."""
@@ -176,6 +188,8 @@ class ContainerRun:
     next_start_at: float | None = None  # monotonic time of the next (re)start when backing off
     ready: bool = False
     probe_at: float = 0.0
+    probe_successes: int = 0  # consecutive readinessProbe results (successThreshold / failureThreshold)
+    probe_failures: int = 0
 
     @property
     def name(self) -> str:
@@ -431,7 +445,7 @@ class PodWorker:
         c.started_at = now_rfc3339()
         c.terminated = None
         c.waiting = None
-        c.ready = False
+        c.ready, c.probe_successes, c.probe_failures = False, 0, 0
         c.probe_at = time.monotonic() + float((spec.get("readinessProbe") or {}).get("initialDelaySeconds", 0))
         c.wait_task = asyncio.create_task(c.proc.wait())
         await self.kubelet.api.event(self.pod, "Created", f"Created container {c.name}", host=self._node)
@@ -512,7 +526,8 @@ class PodWorker:
             if time.monotonic() < c.probe_at:
                 continue
             c.probe_at = time.monotonic() + float(probe.get("periodSeconds", 10))
-            c.ready = await self._probe_once(c, probe)
+            c.ready, c.probe_successes, c.probe_failures = next_readiness(
+                probe, c.ready, c.probe_successes, c.probe_failures, await self._probe_once(c, probe))
 
     async def _probe_once(self, c: ContainerRun, probe: Obj) -> bool:
         timeout = float(probe.get("timeoutSeconds", 1))

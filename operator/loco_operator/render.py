@@ -20,6 +20,7 @@ from loco_trainer.config import (
     EnvVar,
     TrainerConfig,
 )
+from loco_trainer.protocol import READY_PATH
 
 from .spec import API_VERSION, KIND, TrainingJobSpec
 
@@ -261,6 +262,10 @@ def render_pod(
             {"name": "status", "containerPort": DEFAULT_STATUS_PORT, "protocol": "TCP"},
             {"name": "rendezvous", "containerPort": MASTER_PORT, "protocol": "TCP"},
         ],
+        # Ready = the trainer is taking steps (GET /ready, docs/progress-protocol.md): `kubectl get pods` says
+        # which workers train, and the Ready change is a pod event, so the operator reconciles at once
+        "readinessProbe": {"httpGet": {"path": READY_PATH, "port": "status"}, "periodSeconds": 1,
+                           "timeoutSeconds": 1, "failureThreshold": 3},
         "volumeMounts": [{"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": True}, *tpl.volume_mounts],
         "terminationMessagePath": TERMINATION_MESSAGE_PATH,
         "terminationMessagePolicy": "File",

@@ -4,6 +4,8 @@ Local rank 0 of every pod runs a :class:`ProgressServer` on a background thread:
 
 * ``GET /status``  -> the current :class:`loco_trainer.protocol.ProgressReport` as JSON;
 * ``GET /metrics`` -> the Prometheus text of :class:`loco_trainer.metrics.TrainerMetrics`;
+* ``GET /ready``   -> 200 while the worker trains (state ``running``), 503 otherwise (starting,
+  finished, failed): the pod's readinessProbe, so a pod is Ready when its trainer is training;
 * ``POST /membership`` -> a :class:`loco_trainer.protocol.MembershipUpdate` from the operator (a live
   resize, docs/elastic.md): kept in the state until the training loop switches to it.
 
@@ -28,11 +30,13 @@ from pydantic import ValidationError
 from loco_trainer.protocol import (
     MEMBERSHIP_PATH,
     METRICS_PATH,
+    READY_PATH,
     STATUS_PATH,
     CollectiveSummary,
     LinkSummary,
     MembershipUpdate,
     ProgressReport,
+    WorkerState,
 )
 
 log = logging.getLogger(__name__)
@@ -98,6 +102,11 @@ class ProgressState:
         (``Comm.export_records``/``export_links``). Called on the HTTP thread."""
         self._fault_source = source
 
+    def worker_state(self) -> WorkerState:
+        """The report's ``state`` (what ``GET /ready`` answers from), without building a report."""
+        with self._lock:
+            return self._report.state
+
     def update(self, **fields: Any) -> None:
         """Replace the given fields (snake_case names of ProgressReport)."""
         with self._lock:
@@ -148,6 +157,12 @@ def _handler(state: ProgressState, render_metrics: Callable[[], bytes]) -> type[
                 body, ctype = render_metrics(), "text/plain; version=0.0.4; charset=utf-8"
             elif path == "/healthz":
                 body, ctype = b"ok", "text/plain"
+            elif path == READY_PATH:
+                worker_state = state.worker_state()
+                if worker_state != WorkerState.running:
+                    self.send_error(503, f"not training: {worker_state.value}")
+                    return
+                body, ctype = b"running", "text/plain"
             else:
                 self.send_error(404, f"unknown path {path}; try {STATUS_PATH} or {METRICS_PATH}")
                 return

@@ -26,6 +26,8 @@ PROTOCOL_VERSION = 1
 STATUS_PATH = "/status"
 METRICS_PATH = "/metrics"
 MEMBERSHIP_PATH = "/membership"
+#: 200 while the worker trains (state ``running``), 503 otherwise: the worker pod's readinessProbe
+READY_PATH = "/ready"
 
 
 class WorkerState(str, Enum):
