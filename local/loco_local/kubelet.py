@@ -160,7 +160,6 @@ def exit_reason(code: int) -> str:
 # ------------------------------------------------------------------------------------ containers
 
 
-
 def next_readiness(probe: Obj, ready: bool, successes: int, failures: int, ok: bool) -> tuple[bool, int, int]:
     """A readinessProbe result folded into (ready, consecutive successes, consecutive failures), as the
     kubelet does: Ready after ``successThreshold`` (1) successes in a row, not Ready after
