@@ -41,10 +41,11 @@ def test_the_smoke_check_passes_a_resumed_run_and_fails_one_that_started_over(tm
     assert not row["ok"] and "did not start at step 31" in row["why"]
 
 
-def test_the_benchmarks_are_refused_without_a_gpu() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU: the refusal is for CPU-only machines")
+def test_the_benchmarks_and_cuda_are_refused_without_a_gpu(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(gc, "machine", lambda: {"torch": "2.13.0+cpu", "python": "3.11", "cuda": False})
     with pytest.raises(SystemExit):
-        gc.main(["--device", "cpu", "--algorithms", "ddp", "--skip-smoke"])
+        gc.main(["--device", "cpu", "--skip-smoke"])
+    assert "the benchmarks need a GPU" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        gc.main(["--device", "cuda"])
+    assert "torch sees no GPU" in capsys.readouterr().err
