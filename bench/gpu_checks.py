@@ -79,15 +79,22 @@ def run_trainer(config: dict[str, Any], workdir: Path, name: str, timeout_s: flo
     cfg.write_text(json.dumps(config))
     cmd = [sys.executable, "-m", "loco_trainer", "--config", str(cfg), "--nproc", "1", "--history", str(history),
            "--status-port", "-1"]
+    code, out, wall = run_command(cmd, timeout_s)
+    records = [json.loads(line) for line in history.read_text().splitlines()] if history.exists() else []
+    return {"code": code, "wall_s": wall, "records": records, "tail": out[-3000:]}
+
+
+def run_command(cmd: list[str], timeout_s: float) -> tuple[int | str, str, float]:
+    """``cmd`` from the repository root: (exit code or "timeout", stdout + stderr, wall seconds)."""
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
-        code, out = proc.returncode, proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as exc:
-        code, out = "timeout", f"{exc.stdout or ''}{exc.stderr or ''}"
-        out = out.decode(errors="replace") if isinstance(out, bytes) else out
-    records = [json.loads(line) for line in history.read_text().splitlines()] if history.exists() else []
-    return {"code": code, "wall_s": round(time.perf_counter() - start, 1), "records": records, "tail": out[-3000:]}
+        code: int | str = proc.returncode
+        parts = [proc.stdout, proc.stderr]
+    except subprocess.TimeoutExpired as exc:  # its output can be bytes even with text=True
+        code, parts = "timeout", [exc.stdout, exc.stderr]
+    out = "".join(p.decode(errors="replace") if isinstance(p, bytes) else (p or "") for p in parts)
+    return code, out, round(time.perf_counter() - start, 1)
 
 
 def smoke(algorithm: str, device: str, workdir: Path, steps: int = 30, more: int = 10) -> dict[str, Any]:
@@ -115,15 +122,8 @@ def smoke(algorithm: str, device: str, workdir: Path, steps: int = 30, more: int
 
 
 def run_bench(args: list[str], timeout_s: int) -> dict[str, Any]:
-    start = time.perf_counter()
-    try:
-        proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
-        code, out = proc.returncode, proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as exc:
-        code, out = "timeout", f"{exc.stdout or ''}{exc.stderr or ''}"
-        out = out.decode(errors="replace") if isinstance(out, bytes) else out
-    return {"command": "python " + " ".join(args), "code": code, "wall_s": round(time.perf_counter() - start, 1),
-            "tail": out[-2500:], "output": out}
+    code, out, wall = run_command([sys.executable, *args], timeout_s)
+    return {"command": "python " + " ".join(args), "code": code, "wall_s": wall, "tail": out[-2500:], "output": out}
 
 
 def machine() -> dict[str, Any]:
