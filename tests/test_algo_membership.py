@@ -419,6 +419,98 @@ def test_survivors_go_on_at_three_after_a_fourth_worker_leaves(rank_pool, algori
     assert not torch.equal(survivors[0]["final"], survivors[0]["joined"])  # training went on over three
 
 
+class _DeadGroupComm:
+    """The old group seen by a survivor whose exchange failed: every collective raises as gloo's do."""
+
+    def __init__(self, world_size: int, rank: int) -> None:
+        self.world_size, self.rank, self.ring_p2p = world_size, rank, False
+
+    def all_reduce(self, *_args, **_kwargs):
+        raise RuntimeError("[gloo] Connection closed by peer")
+
+
+def _split_exchange(rank: int, world_size: int, algorithm: str) -> dict:
+    """Three workers train two rounds. The exchange at the end of round 3 completes on rank 0 (over a
+    group with rank 2, the worker then lost: it stands for the old group whose result rank 0 received)
+    and fails on rank 1. Ranks 0 and 1 go on as the survivors: rank 1 adopts rank 0's outcome."""
+    full = Comm()
+    old_pair, survivors = Comm.from_ranks([0, 2]), Comm.from_ranks([0, 1])  # collective: every rank creates them
+    model = tiny_model(seed=rank)
+    if algorithm == "diloco":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        strategy = DiLoCo(model, opt, full, sync_every=H, outer_lr=0.7, outer_momentum=0.9)
+    else:
+        strategy, opt = _co2(model, full)
+    strategy.setup()
+    run_loop(strategy, model, opt, rank, 0, 3 * H - 1)  # two rounds, then up to the third round's exchange
+    phi_before = _global_flat(strategy)
+    strategy.comm = _DeadGroupComm(3, rank) if rank == 1 else old_pair
+    try:
+        run_loop(strategy, model, opt, rank, 3 * H - 1, 3 * H)
+        completed = True
+    except RuntimeError as exc:
+        assert "Connection closed" in str(exc)
+        completed = False
+    if rank == 2:
+        return {"completed": completed}
+    outcome = _global_flat(strategy) if completed else None
+    theta_at_exchange = None if completed else flat_params(model)  # a failed round end changed nothing
+    strategy.adopt_completed_exchange(survivors, src=0, completed=completed)
+    after = {"phi": _global_flat(strategy), "theta": flat_params(model), "m": _momentum_flat(strategy),
+             "counters": (strategy.outer_steps,) if algorithm == "diloco" else (strategy.rounds, strategy.updates),
+             "steps_since_sync": strategy.steps_since_sync}
+    if algorithm == "co2":
+        after["own_delta"] = strategy._pending_delta.clone()
+        after["pending"] = strategy.state_dict()["pending_average"].clone()
+    run_loop(strategy, model, opt, rank, 3 * H, 5 * H)
+    strategy.finish()
+    return {"completed": completed, "phi_before": phi_before, "outcome": outcome, "after": after,
+            "theta_at_exchange": theta_at_exchange,
+            "final": flat_params(model), "survivor_calls": len(survivors.records())}
+
+
+def _global_flat(strategy) -> torch.Tensor:
+    if isinstance(strategy, DiLoCo):
+        return torch.cat([g.reshape(-1) for g in strategy.global_params]).clone()
+    return strategy.outer_params.clone()
+
+
+def _momentum_flat(strategy) -> torch.Tensor:
+    if isinstance(strategy, DiLoCo):
+        return torch.cat([b.reshape(-1) for b in strategy._momentum_buffers()]).clone()
+    return strategy.momentum.clone()
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("algorithm", ["diloco", "co2"])
+def test_survivors_whose_exchange_failed_adopt_the_outcome_of_one_where_it_completed(rank_pool, algorithm: str) -> None:
+    """The lost worker died in its exchange's final hops: it completed on one survivor and failed on the
+    other. Instead of a restart, the survivor without the result takes it from the one that has it, and
+    both go on in step (docs/elastic.md, "A lost peer")."""
+    results = rank_pool.run(_split_exchange, 3, args=(algorithm,), timeout_s=120)
+    done, failed = results[0], results[1]
+    assert (done["completed"], failed["completed"], results[2]["completed"]) == (True, False, True)
+    # the failed survivor held the pre-exchange global state; it now holds the completed outcome
+    assert not torch.equal(failed["phi_before"], done["outcome"])
+    for key in ("phi", "theta", "m"):
+        torch.testing.assert_close(failed["after"][key], done["after"][key], rtol=0, atol=0)
+    assert failed["after"]["counters"] == done["after"]["counters"]
+    assert failed["after"]["steps_since_sync"] == done["after"]["steps_since_sync"] == 0
+    if algorithm == "diloco":
+        torch.testing.assert_close(done["after"]["phi"], done["outcome"], rtol=0, atol=0)  # the outcome is kept
+        torch.testing.assert_close(done["after"]["theta"], done["after"]["phi"], rtol=0, atol=0)  # θ = φ
+    else:
+        # round 3 is redone over the survivors from each one's own Δ (the failed one computed its Δ from
+        # φ before the round end, as the others did), and applied at the next round end as usual
+        torch.testing.assert_close(failed["after"]["own_delta"], failed["phi_before"] - failed["theta_at_exchange"],
+                                   rtol=0, atol=0)
+        expected = (done["after"]["own_delta"] + failed["after"]["own_delta"]) / 2
+        torch.testing.assert_close(done["after"]["pending"], expected, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(failed["after"]["pending"], done["after"]["pending"], rtol=0, atol=0)
+    torch.testing.assert_close(failed["final"], done["final"], rtol=0, atol=0)  # in step two rounds later
+    assert done["survivor_calls"] == failed["survivor_calls"] > 0
+
+
 # ------------------------------------------------------------------------ single process
 
 

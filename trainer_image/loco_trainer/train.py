@@ -794,30 +794,44 @@ class Trainer:
         interrupted the strategy's exchange, unless ``Strategy.interruption_is_local``: then each
         survivor recovers its own); rank 0 must be a survivor; joiners adopt its values. Then the
         strategy takes the new group: with joiners (or at a planned boundary) ``on_membership_change``
-        (rank 0 sends the global state), else ``continue_after_peer_loss``. Raises ``RuntimeError``
-        (the job then restarts from its checkpoint) when the survivors disagree or a joiner arrives
-        mid-round."""
+        (rank 0 sends the global state), else ``continue_after_peer_loss``; survivors on which the
+        strategy's last exchange completed and survivors on which it failed (the lost worker died in its
+        final hops) reconcile through ``Strategy.adopt_completed_exchange``. Raises ``RuntimeError``
+        (the job then restarts from its checkpoint) when the survivors disagree otherwise or a joiner
+        arrives mid-round."""
+        from loco_trainer.algorithms.base import Strategy
+
         comm, strategy = self._comm, self._strategy
         mine = torch.tensor([int(joining), completed, position.sequences, reference_world, int(interrupted)],
                             dtype=torch.int64)
         rows = [row.tolist() for row in comm.all_gather(mine)] if comm.world_size > 1 else [mine.tolist()]
         local = strategy.interruption_is_local
-        survivors = {tuple(row[1:4] if local else row[1:]) for row in rows if not row[0]}
+        survivors = {tuple(row[1:4]) for row in rows if not row[0]}
+        flags = {row[4] for row in rows if not row[0]}
+        split = not local and len(flags) > 1  # the exchange completed on some survivors only
+        reconcilable = type(strategy).adopt_completed_exchange is not Strategy.adopt_completed_exchange
         if rows[0][0]:
             raise RuntimeError("membership change: rank 0 of the new group is a joining worker; the operator must "
                                "order the survivors first")
-        if len(survivors) != 1:
+        if len(survivors) != 1 or (split and not reconcilable):
+            points = {tuple(row[1:4] if local or reconcilable else row[1:]) for row in rows if not row[0]}
             raise RuntimeError(f"membership change: the survivors left the old group at different points "
-                               f"(step, position, reference world{'' if local else ', interrupted'}) "
-                               f"{sorted(survivors)}")
+                               f"(step, position, reference world{'' if local or reconcilable else ', interrupted'}) "
+                               f"{sorted(points)}")
         step, sequences, reference, was_interrupted = rows[0][1:]
-        if local:
+        if local or split:
             was_interrupted = max(row[4] for row in rows)  # any survivor's: a joiner cannot come in then
         joiners = sum(row[0] for row in rows)
         if joiners and (was_interrupted or not (planned or joining)):
             raise RuntimeError("membership change: workers cannot join mid-round (after a lost peer)")
         if joiners or planned:
             strategy.on_membership_change(comm, 0)
+        elif split:
+            src = next(r for r, row in enumerate(rows) if not row[4])
+            if self.info.rank == 0:
+                log.warning("the exchange at step %d completed on ranks %s of the survivors only: the others adopt "
+                            "its outcome from rank %d", step, [r for r, row in enumerate(rows) if not row[4]], src)
+            strategy.adopt_completed_exchange(comm, src, completed=not interrupted)
         else:
             strategy.continue_after_peer_loss(comm, bool(interrupted if local else was_interrupted))
         return int(step), DataPosition(int(sequences)), int(reference)

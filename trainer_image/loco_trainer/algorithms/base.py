@@ -136,6 +136,17 @@ class Strategy(abc.ABC):
         raise NotImplementedError(f"{self.name}: continuing after a lost peer is not supported; the job restarts "
                                   f"from its latest checkpoint")
 
+    def adopt_completed_exchange(self, comm: Any, src: int, completed: bool) -> None:
+        """Go on with ``comm`` (the survivors) when the exchange of the last :meth:`after_inner_step`
+        completed on some survivors and failed on the others: the lost worker died during its final
+        hops, so some received the old group's result. ``completed``: whether it did on this worker;
+        group rank ``src`` is one that did. Instead of a redo, the others adopt ``src``'s outcome, which
+        already holds every survivor's contribution; what then goes on over ``comm`` is as in
+        :meth:`continue_after_peer_loss` with ``interrupted=False``. Every survivor calls it at the same
+        step. Default: ``NotImplementedError`` (the job restarts from its checkpoint instead)."""
+        raise NotImplementedError(f"{self.name}: survivors that disagree on whether the last exchange completed "
+                                  f"cannot reconcile; the job restarts from its latest checkpoint")
+
     def p2p_covers_links(self, world_size: int) -> bool:
         """Whether this algorithm's own point-to-point traffic gives every ordered pair of ranks
         (src -> dst) a connection sample in every outer step, over a group of ``world_size`` ranks.

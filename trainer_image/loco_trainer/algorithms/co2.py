@@ -197,6 +197,26 @@ class CO2(OuterLoopStrategy):
         if interrupted and self.steps_since_sync > 0:
             self.round_end()
 
+    @torch.no_grad()
+    def adopt_completed_exchange(self, comm: Comm, src: int, completed: bool) -> None:
+        """The round end completed on ``src`` (and maybe others) but failed part-way here: waiting for the
+        previous round's average, or starting this round's all-reduce. Such a worker finishes its half
+        (its Δ of this round, from φ before the round end, as the others computed theirs) and takes
+        ``src``'s outcome: the round counters (one small ``all_gather``), then φ and m (``src``'s
+        broadcast; they include the previous round's average, with every worker's contribution). Then,
+        as after any peer loss, every survivor redoes this round's all-reduce from its kept Δ over
+        ``comm`` (:meth:`continue_after_peer_loss`), applied at the next round end."""
+        if not completed:
+            self._pending_delta = self.outer_params - flatten(cpu_fp32(self.params))
+            self._pending = self._pending_average = None
+            self.steps_since_sync = 0
+        self.comm = comm
+        rounds, updates = membership_roles(comm, src, not completed, (self.rounds, self.updates))[1]
+        broadcast_flat(comm, [self.outer_params, self.momentum], src=src)
+        self._adopt()
+        self.rounds, self.updates, self._active = int(rounds), int(updates), True
+        self.continue_after_peer_loss(comm, interrupted=False)
+
     def _has_pending(self) -> bool:
         return self._pending is not None or self._pending_average is not None
 

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from loco_trainer.algorithms._outer import OuterLoopStrategy, require_positive
+from loco_trainer.algorithms.base import membership_roles
 from loco_trainer.comm import Comm, all_reduce_flat, broadcast_flat
 
 STATE_FORMAT = 1
@@ -181,6 +182,19 @@ class DiLoCo(OuterLoopStrategy):
         self.comm = comm
         if interrupted and self.steps_since_sync > 0:
             self.sync()
+
+    @torch.no_grad()
+    def adopt_completed_exchange(self, comm: Comm, src: int, completed: bool) -> None:
+        """The outer step completed on ``src`` (and maybe others) but not here: take its outcome. One
+        small ``all_gather`` agrees on the outer-step count (the workers that completed hold one more),
+        then ``src`` broadcasts the global parameters and the outer momentum, and every survivor adopts
+        them. A worker whose step failed drops its round's local progress: its pseudo-gradient is already
+        in the average ``src`` applied (every contribution reaches every rank before any rank completes)."""
+        self.comm = comm
+        (outer_steps,) = membership_roles(comm, src, not completed, (self.outer_steps,))[1]
+        broadcast_flat(comm, list(self.global_params) + self._momentum_buffers(), src=src, bucket_bytes=self.bucket_bytes)
+        self._adopt_global()
+        self.steps_since_sync, self.outer_steps = 0, int(outer_steps)
 
     def _momentum_buffers(self) -> list[torch.Tensor]:
         """The outer momentum buffers, created as zeros where missing (equivalent for SGD: the first
