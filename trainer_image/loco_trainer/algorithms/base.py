@@ -130,8 +130,9 @@ class Strategy(abc.ABC):
         ``interrupted``: the loss interrupted this strategy's own communication in the last
         :meth:`after_inner_step`, which must then be completed or abandoned over ``comm`` as the
         algorithm documents. Every survivor calls it at the same point (the loop checks that they
-        agree on the step, and on ``interrupted`` unless :attr:`interruption_is_local`). The lost
-        workers' contributions to the current round are dropped.
+        agree on the step, and on ``interrupted`` unless :attr:`interruption_is_local`; where they do not,
+        :meth:`adopt_completed_exchange` is called instead). The lost workers' contributions to the
+        current round are dropped.
         Default: ``NotImplementedError`` (the job restarts from its checkpoint instead)."""
         raise NotImplementedError(f"{self.name}: continuing after a lost peer is not supported; the job restarts "
                                   f"from its latest checkpoint")
