@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from loco_trainer import sharding, ucp
+from loco_trainer.algorithms.base import Strategy
 from loco_trainer.config import BatchRule, LrScaling, RuntimeEnv, TrainerConfig, TrainingSpec
 from loco_trainer.faults import InjectedCrash, comm_faults, crash_step, step_delay_s
 from loco_trainer.data import Dataset, DataPosition, rank_slice
@@ -615,8 +616,6 @@ class Trainer:
     def _live_capable(self, strategy: Any) -> bool:
         """Live resizing is on (``LOCO_LIVE_RESIZE``), one process per pod, and the algorithm can go on
         after losing a peer (it overrides ``Strategy.continue_after_peer_loss``)."""
-        from loco_trainer.algorithms.base import Strategy
-
         supported = type(strategy).continue_after_peer_loss is not Strategy.continue_after_peer_loss
         if self.env.live_resize and not supported and self.info.rank == 0:
             log.warning("LOCO_LIVE_RESIZE=1 but %s cannot continue after a lost peer: resizes restart the job",
@@ -799,8 +798,6 @@ class Trainer:
         final hops) reconcile through ``Strategy.adopt_completed_exchange``. Raises ``RuntimeError``
         (the job then restarts from its checkpoint) when the survivors disagree otherwise or a joiner
         arrives mid-round."""
-        from loco_trainer.algorithms.base import Strategy
-
         comm, strategy = self._comm, self._strategy
         mine = torch.tensor([int(joining), completed, position.sequences, reference_world, int(interrupted)],
                             dtype=torch.int64)
