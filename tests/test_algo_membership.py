@@ -150,9 +150,9 @@ def _co2(model, comm) -> CO2:
                clip_threshold=CLIP), opt
 
 
-def _co2_drained(phi: torch.Tensor, m: torch.Tensor, average: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """φ, m after applying the pending average, by the module docstring's rule."""
-    m = (MU * m + average / LAMBDA).clamp(-CLIP, CLIP)
+def _co2_drained(phi: torch.Tensor, m: torch.Tensor, mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """φ, m after applying the pending mean parameters x̄, by the module docstring's rule (g = φ − x̄)."""
+    m = (MU * m + (phi - mean) / LAMBDA).clamp(-CLIP, CLIP)
     return phi - ETA * m, m
 
 
@@ -176,7 +176,7 @@ def _co2_members(rank: int, world_size: int, mode: str) -> dict:
     out: dict = {}
     if trains:
         saved = strategy.state_dict()  # waits for the round in flight; on_membership_change then applies it
-        out["phi"], out["m"], out["pending"] = saved["outer_params"], saved["momentum"], saved["pending_average"]
+        out["phi"], out["m"], out["pending"] = saved["outer_params"], saved["momentum"], saved["pending_mean"]
     if mode == "leave" and rank == 3:
         strategy.finish()  # the departing worker drains the all-reduce it issued, then stops
         return {**out, "left": flat_params(model)}
@@ -229,7 +229,7 @@ def test_co2_survivors_go_on_without_a_departed_worker(rank_pool) -> None:
 
 
 class _PairComm:
-    """A group of two seen from rank 0: the other worker's Δ is always ``peer``. Once ``lost`` is set
+    """A group of two seen from rank 0: the other worker's contribution (CO2: its parameters) is always ``peer``. Once ``lost`` is set
     (the peer died), every collective not completed yet fails, as gloo's do when a peer is gone."""
 
     def __init__(self, peer: torch.Tensor) -> None:
@@ -267,13 +267,13 @@ def _co2_two_rounds(peer: torch.Tensor):
 
 def test_co2_redoes_an_interrupted_round_end_over_the_survivors() -> None:
     """The peer dies before round 3 ends: waiting there for round 2's average fails. Nothing is applied;
-    the survivors redo round 2's all-reduce from the kept Δ (the lost worker's Δ dropped, the other
+    the survivors redo round 2's all-reduce from the kept parameters (the lost worker's dropped, the other
     survivor's taken), then round 3 ends over the new group, applying round 2 one round late."""
     n = sum(p.numel() for p in tiny_model().parameters())
-    lost_delta, survivor_delta = torch.full((n,), 0.3), torch.full((n,), -0.1)
-    model, old, strategy, opt = _co2_two_rounds(lost_delta)
+    lost_params, survivor_params = torch.full((n,), 0.3), torch.full((n,), -0.1)
+    model, old, strategy, opt = _co2_two_rounds(lost_params)
     phi2, m2, rounds = strategy.outer_params.clone(), strategy.momentum.clone(), strategy.rounds
-    own_delta2 = strategy._pending_delta.clone()  # this worker's Δ of round 2 (white box)
+    own_params2 = strategy._pending_local.clone()  # this worker's θ at the end of round 2 (white box)
     run_loop(strategy, model, opt, 0, 2 * H, 3 * H - 1)
     old.lost = True
     with pytest.raises(RuntimeError, match="Connection closed"):
@@ -282,37 +282,37 @@ def test_co2_redoes_an_interrupted_round_end_over_the_survivors() -> None:
     torch.testing.assert_close(strategy.momentum, m2, rtol=0, atol=0)
     assert (strategy.rounds, strategy.steps_since_sync) == (rounds, H)
 
-    survivors = _PairComm(survivor_delta)
+    survivors = _PairComm(survivor_params)
     calls_on_old = old.calls
     strategy.continue_after_peer_loss(survivors, interrupted=True)
     assert old.calls == calls_on_old and survivors.calls == 2  # round 2 redone, round 3 started: the new group
-    m3 = (MU * m2 + (own_delta2 + survivor_delta) / 2 / LAMBDA).clamp(-CLIP, CLIP)
+    m3 = (MU * m2 + (phi2 - (own_params2 + survivor_params) / 2) / LAMBDA).clamp(-CLIP, CLIP)
     torch.testing.assert_close(strategy.momentum, m3, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(strategy.outer_params, phi2 - ETA * m3, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(flat_params(model), phi2 - ETA * m3, rtol=1e-6, atol=1e-7)  # θ = φ
     assert (strategy.rounds, strategy.steps_since_sync) == (rounds + 1, 0)
-    with_lost = (MU * m2 + (own_delta2 + lost_delta) / 2 / LAMBDA).clamp(-CLIP, CLIP)
-    assert not torch.allclose(strategy.momentum, with_lost)  # the lost worker's Δ is not in it
+    with_lost = (MU * m2 + (phi2 - (own_params2 + lost_params) / 2) / LAMBDA).clamp(-CLIP, CLIP)
+    assert not torch.allclose(strategy.momentum, with_lost)  # the lost worker's parameters are not in it
 
 
 def test_co2_redoes_a_resolved_round_after_a_peer_loss_so_survivors_agree() -> None:
-    """A checkpoint waited for round 2's average on the old group (it includes the lost worker's Δ);
+    """A checkpoint waited for round 2's average on the old group (it includes the lost worker's parameters);
     then the peer is lost. Whether a survivor got that average depends on timing, so every survivor
     redoes round 2 over the survivors; it is applied at the next round end, not now."""
     n = sum(p.numel() for p in tiny_model().parameters())
-    lost_delta, survivor_delta = torch.full((n,), 0.3), torch.full((n,), -0.1)
-    model, old, strategy, opt = _co2_two_rounds(lost_delta)
-    with_lost = strategy.state_dict()["pending_average"].clone()  # (own Δ₂ + lost Δ₂) / 2
+    lost_params, survivor_params = torch.full((n,), 0.3), torch.full((n,), -0.1)
+    model, old, strategy, opt = _co2_two_rounds(lost_params)
+    with_lost = strategy.state_dict()["pending_mean"].clone()  # (own θ₂ + lost θ₂) / 2
     phi2, m2 = strategy.outer_params.clone(), strategy.momentum.clone()
     old.lost = True
-    survivors = _PairComm(survivor_delta)
+    survivors = _PairComm(survivor_params)
     strategy.continue_after_peer_loss(survivors, interrupted=False)
-    redone = strategy.state_dict()["pending_average"]
-    torch.testing.assert_close(redone, with_lost + (survivor_delta - lost_delta) / 2, rtol=1e-5, atol=1e-6)
+    redone = strategy.state_dict()["pending_mean"]
+    torch.testing.assert_close(redone, with_lost + (survivor_params - lost_params) / 2, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(strategy.outer_params, phi2, rtol=0, atol=0)  # not applied yet
     torch.testing.assert_close(strategy.momentum, m2, rtol=0, atol=0)
     run_loop(strategy, model, opt, 0, 2 * H, 3 * H)  # the next round end applies it
-    expected_m = (MU * m2 + redone / LAMBDA).clamp(-CLIP, CLIP)
+    expected_m = (MU * m2 + (phi2 - redone) / LAMBDA).clamp(-CLIP, CLIP)
     torch.testing.assert_close(strategy.outer_params, phi2 - ETA * expected_m, rtol=1e-6, atol=1e-7)
     assert survivors.calls == 2 and old.calls == 2  # the redo and round 3, all on the new group
 
@@ -460,8 +460,8 @@ def _split_exchange(rank: int, world_size: int, algorithm: str) -> dict:
              "counters": (strategy.outer_steps,) if algorithm == "diloco" else (strategy.rounds, strategy.updates),
              "steps_since_sync": strategy.steps_since_sync}
     if algorithm == "co2":
-        after["own_delta"] = strategy._pending_delta.clone()
-        after["pending"] = strategy.state_dict()["pending_average"].clone()
+        after["own_params"] = strategy._pending_local.clone()
+        after["pending"] = strategy.state_dict()["pending_mean"].clone()
     run_loop(strategy, model, opt, rank, 3 * H, 5 * H)
     strategy.finish()
     return {"completed": completed, "phi_before": phi_before, "outcome": outcome, "after": after,
@@ -500,11 +500,10 @@ def test_survivors_whose_exchange_failed_adopt_the_outcome_of_one_where_it_compl
         torch.testing.assert_close(done["after"]["phi"], done["outcome"], rtol=0, atol=0)  # the outcome is kept
         torch.testing.assert_close(done["after"]["theta"], done["after"]["phi"], rtol=0, atol=0)  # θ = φ
     else:
-        # round 3 is redone over the survivors from each one's own Δ (the failed one computed its Δ from
-        # φ before the round end, as the others did), and applied at the next round end as usual
-        torch.testing.assert_close(failed["after"]["own_delta"], failed["phi_before"] - failed["theta_at_exchange"],
-                                   rtol=0, atol=0)
-        expected = (done["after"]["own_delta"] + failed["after"]["own_delta"]) / 2
+        # round 3 is redone over the survivors from each one's own parameters at the round end (the failed
+        # one kept its θ of the failed exchange, as the others did), and applied at the next round end as usual
+        torch.testing.assert_close(failed["after"]["own_params"], failed["theta_at_exchange"], rtol=0, atol=0)
+        expected = (done["after"]["own_params"] + failed["after"]["own_params"]) / 2
         torch.testing.assert_close(done["after"]["pending"], expected, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(failed["after"]["pending"], done["after"]["pending"], rtol=0, atol=0)
     torch.testing.assert_close(failed["final"], done["final"], rtol=0, atol=0)  # in step two rounds later

@@ -132,12 +132,13 @@ def test_co2_applies_each_round_exactly_one_round_late_with_clipped_momentum(ran
     previous = None
     expected_phis = []
     for r in range(4):
-        average = phi - (results[0]["thetas"][r] + results[1]["thetas"][r]) / 2  # Δ̄ of round r, from this φ
-        if previous is not None:  # round r applies round r-1's average
-            m = (beta * m + previous / lam).clamp(-c, c)
-            phi = step(phi, m, previous / lam)
+        mean = (results[0]["thetas"][r] + results[1]["thetas"][r]) / 2  # x̄ of round r: the mean parameters
+        if previous is not None:  # round r applies round r-1's mean, measured from the current φ
+            g = phi - previous
+            m = (beta * m + g / lam).clamp(-c, c)
+            phi = step(phi, m, g / lam)
         expected_phis.append(phi.clone())
-        previous = average
+        previous = mean
     for res in results:
         assert res["pending"]  # the last round's all-reduce was still outstanding at the end
         torch.testing.assert_close(res["phis"][0], res["phi0"], rtol=0, atol=0)  # round 1 changes nothing
@@ -147,8 +148,9 @@ def test_co2_applies_each_round_exactly_one_round_late_with_clipped_momentum(ran
         assert res["bytes"] == res["formula"]
         torch.testing.assert_close(res["final"], results[0]["final"], rtol=0, atol=0)
     # finish() applied the last round too (its progress is not lost)
-    m_last = (beta * m + previous / lam).clamp(-c, c)
-    torch.testing.assert_close(results[0]["phi_final"], step(phi, m_last, previous / lam), rtol=1e-5, atol=1e-6)
+    g_last = phi - previous
+    m_last = (beta * m + g_last / lam).clamp(-c, c)
+    torch.testing.assert_close(results[0]["phi_final"], step(phi, m_last, g_last / lam), rtol=1e-5, atol=1e-6)
 
 
 def test_co2_clipping_really_bounds_the_momentum() -> None:
@@ -188,7 +190,7 @@ def _co2_resume(rank: int, world_size: int) -> dict:
     strategy2.setup()
     run_loop(strategy2, model2, opt2, rank, 5, 10)
     strategy2.finish()
-    return {"pending_saved": saved["algo"]["pending_average"] is not None, "a": flat_params(model), "b": flat_params(model2)}
+    return {"pending_saved": saved["algo"]["pending_mean"] is not None, "a": flat_params(model), "b": flat_params(model2)}
 
 
 @pytest.mark.multiproc
@@ -196,6 +198,40 @@ def test_co2_state_dict_keeps_the_pending_round(rank_pool) -> None:
     for res in rank_pool.run(_co2_resume, 2):
         assert res["pending_saved"]
         torch.testing.assert_close(res["b"], res["a"], rtol=0, atol=0)
+
+
+def _format1_state(n: int) -> dict:
+    """What a version before the parameter-mean exchange saved after round 2: its pending result was
+    the workers' mean Δ̄ from the round's start."""
+    gen = torch.Generator().manual_seed(7)
+    return {"format": 1, "algorithm": "co2", "outer_params": torch.randn(n, generator=gen),
+            "momentum": 0.01 * torch.randn(n, generator=gen), "pending_average": 0.05 * torch.randn(n, generator=gen),
+            "steps_since_sync": 0, "rounds": 2, "updates": 1}
+
+
+def test_co2_reads_a_format_1_checkpoint_and_applies_its_pending_round_as_that_version_would() -> None:
+    model = tiny_model(seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    strategy = CO2(model, opt, Comm(), sync_every=2, outer_lr=0.5, outer_momentum=0.5, staleness_penalty=2.0)
+    old = _format1_state(num_parameters(model))
+    strategy.load_state_dict(copy.deepcopy(old))
+    strategy.setup()
+    assert strategy.state_dict()["format"] == 2 and "pending_average" not in strategy.state_dict()
+    run_loop(strategy, model, opt, 0, 4, 6)  # round 3 ends: it applies round 2, saved as a Δ̄
+    m = 0.5 * old["momentum"] + old["pending_average"] / 2.0  # that version's rule: g = Δ̄
+    torch.testing.assert_close(strategy.momentum, m.clamp(-1.0, 1.0), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(strategy.outer_params, old["outer_params"] - 0.5 * m, rtol=1e-6, atol=1e-7)
+    assert (strategy.rounds, strategy.updates) == (3, 2)
+
+
+def test_co2_refuses_a_state_format_it_does_not_know_and_keeps_its_own() -> None:
+    model = tiny_model(seed=0)
+    strategy = CO2(model, None, Comm(), sync_every=2, outer_lr=1.0, outer_momentum=0.5)
+    before = strategy.outer_params.clone()
+    state = {**_format1_state(num_parameters(model)), "format": 9}
+    with pytest.raises(ValueError, match="co2 state format 9 is not supported"):
+        strategy.load_state_dict(state)
+    torch.testing.assert_close(strategy.outer_params, before, rtol=0, atol=0)
 
 
 # ------------------------------------------------------------- NoLoCo parameters from the spec

@@ -238,11 +238,11 @@ ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
     # NoLoCo (2025): alpha (outer lr) 0.7, beta (momentum) 0.5, groups of 2; gamma (meanPull) is left
     # unset here on purpose: resolved() sets it to the resolved outerLr, as the authors' code does.
     "noloco": {"sync_every": 50, "outer_lr": 0.7, "outer_momentum": 0.5, "group_size": 2, "group_seed": 0},
-    # CO2 (ICLR 2024): beta 0.5 as in the released code, penalty and clipping from the paper; eta 0.3, not the
-    # released 1.0: the one-round-stale step oscillates at 1.0 (bench_convergence, gap vs DDP at H = 10 / 50 / 100:
-    # eta 1.0 +25 / +38 / +58 %, 0.5 +20 / +19 / +20 %, 0.3 +10 / +18 / +15 %; docs/algorithms.md "Convergence
-    # and the defaults"). Plain momentum, as in the paper: Nesterov was worse (+18 % at H = 10, +35 % at beta 0.9).
-    "co2": {"sync_every": 50, "outer_lr": 0.3, "outer_momentum": 0.5, "nesterov": False, "staleness_penalty": 1.0,
+    # CO2 (ICLR 2024): eta 1.0 and beta 0.5 as in the released code, penalty and clipping from the paper. With the
+    # outer gradient measured from the current phi (co2.py), eta 1.0 no longer oscillates: gap vs DDP at
+    # H = 10 / 50 / 100 of +9.1 / +15.3 / +14.2 %, against +10.2 / +18.4 / +14.6 % for the earlier rule's best eta
+    # (0.3; docs/algorithms.md "Convergence and the defaults"). Plain momentum, as in the paper (Nesterov was worse).
+    "co2": {"sync_every": 50, "outer_lr": 1.0, "outer_momentum": 0.5, "nesterov": False, "staleness_penalty": 1.0,
             "clip_threshold": 1.0},
 }
 
@@ -257,7 +257,7 @@ class AlgorithmSpec(Model):
     sync_every: int | None = Field(
         None, ge=1, description="H: inner steps between outer synchronisations (diloco family; default 50)."
     )
-    outer_lr: float | None = Field(None, gt=0.0, le=10.0, description="Outer learning rate (diloco 0.7, co2 0.3, noloco 0.7).")
+    outer_lr: float | None = Field(None, gt=0.0, le=10.0, description="Outer learning rate (diloco 0.7, co2 1.0, noloco 0.7).")
     outer_momentum: float | None = Field(None, ge=0.0, lt=1.0, description="Outer momentum (diloco 0.9, co2 0.5, noloco 0.5).")
     nesterov: bool | None = Field(
         None, description="Use Nesterov momentum in the outer SGD (diloco and streaming-diloco: default true; co2: default false, as in the paper)."
