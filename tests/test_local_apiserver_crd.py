@@ -244,6 +244,7 @@ async def test_crd_with_a_broken_rule_is_rejected(call):
 
 TRAININGJOB_CRD = REPO / "crds" / "trainingjob.yaml"
 QUICKSTART = REPO / "examples" / "quickstart.yaml"
+EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 
 
 @pytest.mark.skipif(not TRAININGJOB_CRD.exists(), reason="crds/trainingjob.yaml not generated yet")
@@ -267,3 +268,16 @@ async def test_real_trainingjob_crd_accepts_the_example_and_rejects_a_bad_job(ca
     long_name["metadata"]["name"] = "x" * 60  # root-level CEL rule on self.metadata.name
     status, body = await call("POST", jobs, long_name)
     assert status == 422 and "at most 51 characters" in body["message"]
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+async def test_every_example_trainingjob_is_accepted_by_the_real_crd(call, path):
+    """What `kubectl apply -f examples/<file>` sends: the CRD's schema and CEL rules accept it."""
+    status, body = await call("POST", CRDS, yaml.safe_load(TRAININGJOB_CRD.read_text()))
+    assert status == 201, body
+    jobs = [d for d in yaml.safe_load_all(path.read_text()) if d and d["kind"] == "TrainingJob"]
+    assert jobs, f"{path.name} holds no TrainingJob"
+    for job in jobs:
+        status, created = await call("POST", "/apis/loco.dev/v1alpha1/namespaces/default/trainingjobs", job)
+        assert status == 201, created
+

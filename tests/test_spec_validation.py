@@ -2,14 +2,44 @@
 
 from __future__ import annotations
 
-import pytest
+import json
+from pathlib import Path
 
+import pytest
+import yaml
+
+from loco_operator.render import JobRef, render_configmap, render_pod
 from loco_operator.spec import TrainingJobSpec
+from loco_trainer.config import TrainerConfig
 from loco_operator.validation import FieldError, InvalidSpecError, parse_spec, validate_job
 
 
 def errors_of(spec, name: str = "job") -> dict[str, FieldError]:
     return {e.path: e for e in validate_job({"metadata": {"name": name}, "spec": spec})}
+
+
+EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_every_shipped_example_is_valid_and_mounts_only_claims_it_defines(path):
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    jobs = [d for d in docs if d["kind"] == "TrainingJob"]
+    assert jobs, f"{path.name} holds no TrainingJob"
+    defined = {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"}
+    for job in jobs:
+        assert validate_job(job) == [], path.name
+        spec = parse_spec(job)
+        used = {v["persistentVolumeClaim"]["claimName"] for v in spec.template.volumes if "persistentVolumeClaim" in v}
+        assert used <= defined, f"{path.name}: claims {sorted(used - defined)} are mounted but not defined in the file"
+        mounted = {m["name"] for m in spec.template.volume_mounts}
+        assert mounted <= {v["name"] for v in spec.template.volumes}, path.name
+        # what the operator renders: the trainer reads the ConfigMap back, the pod asks for the template's GPUs
+        ref = JobRef(job["metadata"]["name"], "default", "uid")
+        wire = json.loads(render_configmap(ref, spec)["data"]["config.json"])
+        assert TrainerConfig.model_validate(wire).algorithm.name == spec.algorithm.name
+        limits = render_pod(ref, spec, 0, 0)["spec"]["containers"][0]["resources"].get("limits", {})
+        assert limits.get("nvidia.com/gpu") == spec.template.resources.get("limits", {}).get("nvidia.com/gpu")
 
 
 def test_defaults_and_full_examples_are_valid():
