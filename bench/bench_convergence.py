@@ -26,6 +26,8 @@ each run, so an interrupted benchmark keeps what finished) and are rendered into
     python bench/bench_convergence.py --render-only    # re-render the doc and plot from the results
     python bench/bench_convergence.py --h 50 --outer-steps 40 --algorithms diloco \\
         --set algorithm.outerLr=1.0 --tag lr1.0       # a tuning run, kept apart from the main rows
+    python bench/bench_convergence.py --h 100 --outer-steps 100 --algorithms ddp,streaming-diloco \
+        --seed 2 --set algorithm.overlapSteps=0 --tag sd-tau0   # the same at another seed (vs its DDP)
 """
 
 from __future__ import annotations
@@ -162,13 +164,13 @@ def gap_pct(loss: float, ddp_loss: float) -> float:
     return 100.0 * (loss - ddp_loss) / ddp_loss
 
 
-def summarize(runs: dict[str, dict[str, Any]], tag: str = "") -> list[dict[str, Any]]:
-    """One row per low-communication run (and its DDP reference) of the given tag: final eval loss,
-    gap vs the DDP run of the same length, bytes per step and total, reduction vs DDP, and the gap
-    at 25/50/100 % of the run (at the algorithm's eval nearest that point; DDP is evaluated at the
-    same step)."""
+def summarize(runs: dict[str, dict[str, Any]], tag: str = "", seed: int | None = None) -> list[dict[str, Any]]:
+    """One row per low-communication run (and its DDP reference) of the given tag and seed (None: the
+    main seed): final eval loss, gap vs the DDP run of the same length and seed, bytes per step and
+    total, reduction vs DDP, and the gap at 25/50/100 % of the run (at the algorithm's eval nearest
+    that point; DDP is evaluated at the same step). Untagged runs at other seeds: see summarize_seeds."""
     rows: list[dict[str, Any]] = []
-    runs = {k: r for k, r in runs.items() if r.get("seed") is None}  # seed-variation runs: see summarize_seeds
+    runs = {k: r for k, r in runs.items() if r.get("seed") == seed}
     ddp_by_steps = {r["steps"]: r for r in runs.values() if r["algorithm"] == "ddp" and not r.get("tag")}
     low = sorted((r for r in runs.values() if r["algorithm"] != "ddp" and r.get("tag", "") == tag),
                  key=lambda r: (r["h"], r["steps"], ALGORITHMS.index(r["algorithm"])))
@@ -190,6 +192,7 @@ def _row(r: dict[str, Any], ddp: dict[str, Any] | None) -> dict[str, Any]:
         "final_eval": r["final_eval"], "bytes_per_step": r["final_bytes"] / steps,
         "total_bytes": r["final_bytes"] * WORLD, "tokens": steps * r["tokens_per_step"], "params": r.get("params"),
         "gap_pct": None, "reduction": None, "gaps": {}, "tag": r.get("tag", ""), "overrides": r.get("overrides", {}),
+        "seed": r.get("seed"),
     }
     if ddp is not None:
         row["gap_pct"] = gap_pct(r["final_eval"], ddp["final_eval"])
@@ -311,9 +314,11 @@ def render(results: dict[str, Any]) -> str:
                       "against the DDP run of the same length above:", "",
                   "| tag | algorithm | H | changed | final eval loss | gap vs DDP | gap at 25 % / 50 % / 100 % |",
                   "|---|---|---:|---|---:|---:|---|"]
-        tuned = [r for tag in tags for r in summarize(runs, tag) if r["algorithm"] != "ddp"]
-        for r in sorted(tuned, key=lambda r: (r["algorithm"], r["h"], r["tag"])):
-            changed = ", ".join(f"`{k.split('.', 1)[-1]}={v}`" for k, v in r["overrides"].items())
+        seeds = sorted({r.get("seed") for r in runs.values() if r.get("tag")}, key=lambda s: (s is not None, s or 0))
+        tuned = [r for tag in tags for seed in seeds for r in summarize(runs, tag, seed) if r["algorithm"] != "ddp"]
+        for r in sorted(tuned, key=lambda r: (r["algorithm"], r["h"], r["tag"], r["seed"] or 0)):
+            changed = ", ".join([f"`{k.split('.', 1)[-1]}={v}`" for k, v in r["overrides"].items()]
+                                + ([f"seed {r['seed']}"] if r["seed"] is not None else []))
             gaps = " / ".join(f"{r['gaps'][str(f)]['gap_pct']:+.1f} %" if str(f) in r["gaps"] else "-" for f in FRACTIONS)
             gap = "-" if r["gap_pct"] is None else f"{r['gap_pct']:+.2f} %"
             lines.append(f"| `{r['tag']}` | {r['algorithm']} | {r['h']} | {changed} | {r['final_eval']:.4f} | {gap} | {gaps} |")
@@ -424,14 +429,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="config override for the low-communication runs (tuning; use with --tag)")
     parser.add_argument("--tag", default="", help="label kept with the runs (tuning runs are listed apart)")
     parser.add_argument("--seed", type=int, default=None,
-                        help="training.seed for every run, DDP included (seed-to-seed variation, listed apart)")
+                        help="training.seed for every run, DDP included (seed-to-seed variation, listed apart; "
+                             "with --tag, a tuning run at that seed, compared with DDP of the same seed)")
     parser.add_argument("--render-only", action="store_true", help="only re-render docs from the results file")
     parser.add_argument("--force", action="store_true", help="re-run runs already in the results file")
     parser.add_argument("--results", type=Path, default=RESULTS, help="results file (default %(default)s)")
     parser.add_argument("--no-doc", action="store_true", help="do not touch docs/benchmarks.md or docs/convergence.png")
     args = parser.parse_args(argv)
-    if args.seed is not None and (args.tag or args.overrides):
-        parser.error("--seed measures the variation of the default settings: it cannot be combined with --tag or --set")
+    if args.overrides and not args.tag:
+        parser.error("--set makes a tuning run: name it with --tag (tuning runs are listed apart from the main rows)")
     if args.seed == BASE_CONFIG["training"]["seed"]:
         parser.error(f"--seed {args.seed} is the main table's seed: pick another")
 
@@ -450,6 +456,10 @@ def main(argv: list[str] | None = None) -> None:
         started = time.perf_counter()
         # tuning and seed runs keep the main protocol's machine line
         meta_key = "meta_tuning" if args.tag else "meta_seeds" if args.seed is not None else "meta"
+        if args.tag and args.seed is not None and "ddp" not in algorithms:
+            missing = [h * outer for h, outer in plan.items() if run_key("ddp", None, h * outer, "", args.seed) not in results["runs"]]
+            if missing:
+                parser.error(f"no DDP run at seed {args.seed} for {missing} steps to compare with: add ddp to --algorithms")
         results[meta_key] = {**machine(), "command": "python bench/bench_convergence.py " + " ".join(sys.argv[1:] if argv is None else argv)}
         with tempfile.TemporaryDirectory(prefix="bench-convergence-") as tmp:
             work = Path(tmp)

@@ -105,6 +105,33 @@ def test_seed_runs_are_compared_with_ddp_of_their_own_seed_and_kept_out_of_the_m
     assert "| ddp | - | 200 | 7: 2.2000, 1337: 2.0000 | - | 10.00 % of the loss |" in table
     assert bc.run_key("diloco", 10, 200, seed=7) == "diloco|H=10|steps=200|seed=7"
     with pytest.raises(SystemExit):
-        bc.main(["--seed", "7", "--tag", "x", "--no-doc"])
-    with pytest.raises(SystemExit):
         bc.main(["--seed", str(default), "--no-doc"])
+
+
+def test_tuning_runs_at_another_seed_are_compared_with_ddp_of_that_seed(tmp_path) -> None:
+    """--seed S --set ... --tag T: a tuning row at seed S, its gap taken against DDP of seed S; the
+    main table and the seed-variation table leave it out."""
+    runs = {
+        "ddp": _run("ddp", None, 200, [], 2.0, 1000),
+        "diloco": _run("diloco", 10, 200, [], 2.1, 20),
+        "ddp|seed=7": {**_run("ddp", None, 200, [], 2.2, 1000), "seed": 7},
+        "diloco|lr|seed=7": {**_run("diloco", 10, 200, [], 2.31, 20, tag="lr"), "seed": 7,
+                             "overrides": {"algorithm.outerLr": 0.5}},
+        "diloco|lr": {**_run("diloco", 10, 200, [], 2.05, 20, tag="lr"), "overrides": {"algorithm.outerLr": 0.5}},
+    }
+    assert [(r["algorithm"], r["final_eval"]) for r in bc.summarize(runs)] == [("ddp", 2.0), ("diloco", 2.1)]
+    at7 = bc.summarize(runs, "lr", 7)
+    assert [(r["algorithm"], r["final_eval"]) for r in at7] == [("ddp", 2.2), ("diloco", 2.31)]
+    assert at7[1]["gap_pct"] == pytest.approx(5.0)  # against DDP of seed 7 (2.2), not of the main seed (2.0)
+    assert [r["algorithm"] for r in bc.summarize_seeds(runs)] == ["ddp"]  # the tagged run stays out of it
+    doc = bc.render({"runs": runs})
+    assert "| `lr` | diloco | 10 | `outerLr=0.5` | 2.0500 | +2.50 % |" in doc
+    assert "| `lr` | diloco | 10 | `outerLr=0.5`, seed 7 | 2.3100 | +5.00 % |" in doc
+    results = tmp_path / "r.json"
+    results.write_text(json.dumps({"runs": runs}))
+    with pytest.raises(SystemExit):  # no DDP at seed 9 to compare with, and ddp not asked for
+        bc.main(["--seed", "9", "--tag", "x", "--algorithms", "diloco", "--h", "10", "--outer-steps", "20",
+                 "--results", str(results), "--no-doc"])
+    with pytest.raises(SystemExit):  # a --set run needs a --tag, or it would land in the main rows
+        bc.main(["--set", "algorithm.outerLr=0.5", "--results", str(results), "--no-doc"])
+    assert json.loads(results.read_text()) == {"runs": runs}  # refused before anything ran or was written
