@@ -26,7 +26,7 @@ each run, so an interrupted benchmark keeps what finished) and are rendered into
     python bench/bench_convergence.py --render-only    # re-render the doc and plot from the results
     python bench/bench_convergence.py --h 50 --outer-steps 40 --algorithms diloco \\
         --set algorithm.outerLr=1.0 --tag lr1.0       # a tuning run, kept apart from the main rows
-    python bench/bench_convergence.py --h 100 --outer-steps 100 --algorithms ddp,streaming-diloco \
+    python bench/bench_convergence.py --h 100 --outer-steps 100 --algorithms ddp,streaming-diloco \\
         --seed 2 --set algorithm.overlapSteps=0 --tag sd-tau0   # the same at another seed (vs its DDP)
 """
 
@@ -311,7 +311,7 @@ def render(results: dict[str, Any]) -> str:
     tags = sorted({r.get("tag", "") for r in runs.values()} - {""})
     if tags:
         lines += ["", "Tuning runs (the same protocol with the parameters shown changed; `--set ... --tag`), "
-                      "against the DDP run of the same length above:", "",
+                      "against the DDP run of the same length (and seed) above:", "",
                   "| tag | algorithm | H | changed | final eval loss | gap vs DDP | gap at 25 % / 50 % / 100 % |",
                   "|---|---|---:|---|---:|---:|---|"]
         seeds = sorted({r.get("seed") for r in runs.values() if r.get("tag")}, key=lambda s: (s is not None, s or 0))
