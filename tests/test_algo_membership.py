@@ -428,6 +428,8 @@ class _DeadGroupComm:
     def all_reduce(self, *_args, **_kwargs):
         raise RuntimeError("[gloo] Connection closed by peer")
 
+    all_gather = all_reduce
+
 
 def _split_exchange(rank: int, world_size: int, algorithm: str) -> dict:
     """Three workers train two rounds. The exchange at the end of round 3 completes on rank 0 (over a
@@ -506,6 +508,86 @@ def test_survivors_whose_exchange_failed_adopt_the_outcome_of_one_where_it_compl
         expected = (done["after"]["own_params"] + failed["after"]["own_params"]) / 2
         torch.testing.assert_close(done["after"]["pending"], expected, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(failed["after"]["pending"], done["after"]["pending"], rtol=0, atol=0)
+    torch.testing.assert_close(failed["final"], done["final"], rtol=0, atol=0)  # in step two rounds later
+    assert done["survivor_calls"] == failed["survivor_calls"] > 0
+
+
+def _train_dropping_lost_exchanges(strategy, model, opt, rank: int, start: int, stop: int) -> list[int]:
+    """The trainer loop for a strategy that drops a lost exchange (Strategy.drop_lost_exchange): an
+    exchange that raises is dropped and training goes on. Returns the steps at which one was dropped."""
+    dropped = []
+
+    def step_and_drop(step: int) -> None:
+        try:
+            run_loop(strategy, model, opt, rank, step, step + 1)
+        except RuntimeError as exc:
+            assert "Connection closed" in str(exc)
+            assert strategy.drop_lost_exchange()
+            dropped.append(step)
+
+    for step in range(start, stop):
+        step_and_drop(step)
+    return dropped
+
+
+def _streaming_split_exchange(rank: int, world_size: int) -> dict:
+    """Three Streaming DiLoCo workers (P = 2, H = 4, τ = 1, α = 0.5) train two rounds. In round 3 the
+    exchange of fragment 0 (started at t = 9, merged at t = 10) completes on rank 0 (over a group with
+    rank 2, the worker then lost) and fails on rank 1. Both train on, dropping every exchange that fails
+    from then on (rank 0's of fragment 1 at t = 11), to the boundary at t = 12, and regroup there."""
+    full = Comm()
+    old_pair, survivors = Comm.from_ranks([0, 2]), Comm.from_ranks([0, 1])
+    model = tiny_model(seed=rank)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    strategy = StreamingDiLoCo(model, opt, full, sync_every=4, outer_lr=0.7, outer_momentum=0.9, fragments=2,
+                               overlap_steps=1, mixing_factor=0.5, quantization="e3m0")
+    strategy.setup()
+    run_loop(strategy, model, opt, rank, 0, 8)
+    strategy.comm = _DeadGroupComm(3, rank) if rank == 1 else old_pair
+    dropped = _train_dropping_lost_exchanges(strategy, model, opt, rank, 8, 10)  # fragment 0's exchange
+    if rank == 2:
+        return {}
+    strategy.comm = _DeadGroupComm(3, rank)  # rank 2 is gone: whatever comes next over the old group fails
+    dropped += _train_dropping_lost_exchanges(strategy, model, opt, rank, 10, 12)
+    frag0 = strategy.fragment_params[0]
+    before = {"global": _global_flat(strategy), "m": _momentum_flat(strategy),
+              "last_sync_t": list(strategy.last_sync_t), "outer_steps": strategy.outer_steps,
+              "params": [p.detach().clone() for p in strategy.params], "boundary": strategy.at_membership_boundary()}
+    strategy.continue_after_peer_loss(survivors, interrupted=False)
+    after = {"global": _global_flat(strategy), "m": _momentum_flat(strategy),
+             "last_sync_t": list(strategy.last_sync_t), "outer_steps": strategy.outer_steps,
+             "params": [p.detach().clone() for p in strategy.params],
+             "frag0_global": [strategy.global_params[i].detach().clone() for i in frag0]}
+    run_loop(strategy, model, opt, rank, 12, 20)
+    strategy.finish()
+    return {"dropped": dropped, "frag0": frag0, "before": before, "after": after, "final": flat_params(model),
+            "survivor_calls": len(survivors.records())}
+
+
+@pytest.mark.multiproc
+def test_streaming_survivors_train_on_to_the_boundary_and_take_a_fragment_merged_on_one_only(rank_pool) -> None:
+    """Streaming DiLoCo: the lost worker died in the final hops of a fragment exchange, which completed on
+    one survivor and failed on the other. The one where it failed drops it and trains on (so both stop
+    at the same boundary, not at steps apart); there the survivors reconcile: the fragment is taken from
+    the one that merged it, and both go on in step (docs/elastic.md, "A lost peer")."""
+    results = rank_pool.run(_streaming_split_exchange, 3, timeout_s=120)
+    done, failed = results[0], results[1]
+    assert done["dropped"] == [10] and failed["dropped"] == [8, 10]  # exchange starts at t = 9 and t = 11
+    assert done["before"]["boundary"] and failed["before"]["boundary"]  # both at the boundary t = 12
+    assert done["before"]["last_sync_t"] == [10, 8] and failed["before"]["last_sync_t"] == [6, 8]
+    assert not torch.equal(done["before"]["global"], failed["before"]["global"])  # fragment 0 differs
+    for r in (done, failed):
+        assert r["after"]["last_sync_t"] == [10, 8] and r["after"]["outer_steps"] == done["before"]["outer_steps"]
+        torch.testing.assert_close(r["after"]["global"], done["before"]["global"], rtol=0, atol=0)  # rank 0's kept
+        torch.testing.assert_close(r["after"]["m"], done["before"]["m"], rtol=0, atol=0)
+    for i, (before, after) in enumerate(zip(failed["before"]["params"], failed["after"]["params"])):
+        if i in failed["frag0"]:  # merged as the merge would have: (1 - α)·θ_p + α·θ_local
+            g = failed["after"]["frag0_global"][failed["frag0"].index(i)]
+            torch.testing.assert_close(after, torch.lerp(g, before, 0.5), rtol=0, atol=0)
+        else:  # fragment 1 (dropped everywhere) keeps its local progress
+            torch.testing.assert_close(after, before, rtol=0, atol=0)
+    for before, after in zip(done["before"]["params"], done["after"]["params"]):
+        torch.testing.assert_close(after, before, rtol=0, atol=0)  # nothing to take: untouched
     torch.testing.assert_close(failed["final"], done["final"], rtol=0, atol=0)  # in step two rounds later
     assert done["survivor_calls"] == failed["survivor_calls"] > 0
 

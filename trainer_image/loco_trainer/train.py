@@ -422,7 +422,8 @@ class Trainer:
         # live resize: a peer loss seen outside the strategy's own exchange (eval, probe, save, the
         # boundary agreement). Such a collective can complete on some survivors and fail on others, so
         # stopping there would leave the survivors at different steps; the worker trains on instead,
-        # without those collectives, to the strategy's next exchange, where every survivor stops
+        # without those collectives, to the strategy's next exchange, where every survivor stops (or,
+        # where the strategy drops a lost exchange (Strategy.drop_lost_exchange), to its next boundary)
         deferred: BaseException | None = None
         model.train()
         for step in range(start_step, tr.steps):
@@ -458,8 +459,11 @@ class Trainer:
             except Exception as exc:
                 if not self._peer_lost(exc):
                     raise
-                lost, interrupted = exc, True
-            if self.metrics and not lost and _comm_calls(comm) != calls_before:  # it synchronised: an outer step
+                if strategy.drop_lost_exchange():  # Streaming DiLoCo: train on to the next boundary
+                    deferred = deferred or self._defer_peer_loss(exc, step + 1)
+                else:
+                    lost, interrupted = exc, True
+            if self.metrics and not lost and not deferred and _comm_calls(comm) != calls_before:  # an outer step
                 self.metrics.outer_sync_seconds.observe(time.perf_counter() - hook_start)
             position = position.advance(sz.global_batch)
             completed = step + 1
@@ -675,12 +679,14 @@ class Trainer:
         return update
 
     def _defer_peer_loss(self, exc: BaseException, completed: int) -> BaseException:
-        """A peer loss seen outside the strategy's own exchange (see ``deferred`` in :meth:`run`):
-        leave the old group at once (interrupt this worker's waits on it, abort it, so peers waiting
-        on this worker fail promptly) and train on to the strategy's next exchange, which then fails
-        here at once: every survivor stops at the same step. Returns ``exc``."""
-        log.warning("rank %d: a peer was lost at step %d (%s); training on to the next exchange of the "
-                    "algorithm, where the survivors regroup", self.info.rank, completed, str(exc).splitlines()[0][:200])
+        """A peer loss seen outside the strategy's own exchange, or in one the strategy dropped (see
+        ``deferred`` in :meth:`run`): leave the old group at once (interrupt this worker's waits on it,
+        abort it, so peers waiting on this worker fail promptly) and train on to the strategy's next
+        exchange, which then fails here at once, or, for a strategy that drops lost exchanges, to its
+        next boundary: every survivor stops at the same step. Returns ``exc``."""
+        log.warning("rank %d: a peer was lost at step %d (%s); training on to the next exchange or round "
+                    "boundary of the algorithm, where the survivors regroup", self.info.rank, completed,
+                    str(exc).splitlines()[0][:200])
         with self._group_lock:
             self._aborted_epoch = self._epoch
         if self._comm is not None:

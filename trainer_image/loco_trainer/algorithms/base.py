@@ -137,6 +137,18 @@ class Strategy(abc.ABC):
         raise NotImplementedError(f"{self.name}: continuing after a lost peer is not supported; the job restarts "
                                   f"from its latest checkpoint")
 
+    def drop_lost_exchange(self) -> bool:
+        """A peer loss interrupted this strategy's own exchange in :meth:`after_inner_step` (its
+        collective raised). Return True after dropping whatever that exchange left in flight, so that
+        the worker trains on to the next :meth:`at_membership_boundary` and regroups there with the
+        other survivors, some of which may have completed that exchange (it then runs no collective
+        that needs the lost peer: the loop skips its probes, evals and saves; the strategy's own
+        exchanges fail again and are dropped again). :meth:`continue_after_peer_loss` then reconciles
+        what the survivors completed differently. Return False (the default) to stop at this step:
+        the survivors then agree there (DiLoCo, CO2 and NoLoCo, whose exchange ends at a boundary
+        every survivor stops at)."""
+        return False
+
     def adopt_completed_exchange(self, comm: Any, src: int, completed: bool) -> None:
         """Go on with ``comm`` (the survivors) when the exchange of the last :meth:`after_inner_step`
         completed on some survivors and failed on the others: the lost worker died during its final

@@ -225,14 +225,60 @@ class StreamingDiLoCo(DiLoCo):
         """Once per H steps, when no exchange is in flight (the schedule's last fragment merges at t ≡ 0 mod H)."""
         return not self._pending and self.t % self.sync_every == 0
 
+    def drop_lost_exchange(self) -> bool:
+        """A lost peer failed a fragment exchange (its start or its wait): drop it here and train on to
+        the next boundary (t ≡ 0 mod H), where every survivor stops. Stopping at the failed merge would
+        not do: a survivor on which that exchange completed (the peer died in its final hops) notices
+        the loss only at its next collective, steps later, so the survivors would not agree on the step.
+        The fragment keeps its local progress, as after any abandoned exchange."""
+        self._abandon_unresolved()
+        return True
+
+    def _abandon_unresolved(self) -> None:
+        for p in [p for p, pending in self._pending.items() if pending.average is None]:
+            del self._pending[p]
+
     def continue_after_peer_loss(self, comm: Comm, interrupted: bool) -> None:
         """Survivors go on with ``comm``. Every exchange still in flight (started over the old group,
         its result lost with the peer) is abandoned: its fragment keeps its local progress and
         synchronises at its next turn in the schedule (its pseudo-gradient then covers both
-        periods). Exchanges already resolved are merged as scheduled."""
+        periods). Exchanges already resolved are merged as scheduled.
+
+        Then the survivors reconcile the fragments: one small ``all_gather`` of every fragment's last
+        merge step and the outer-step count. A fragment whose exchange completed on some survivors only
+        (the lost peer died in its final hops; the others dropped it, :meth:`drop_lost_exchange`) is
+        taken from the lowest group rank with the latest merge: it broadcasts that fragment's global
+        parameters and outer momentum, and each of the others merges them into its local parameters
+        as the merge would have (θᵢ,p ← (1−α)·θ_p + α·θᵢ,p). Whoever completed an exchange holds every
+        survivor's contribution (none completes before all have arrived), so nothing is counted twice."""
         self.comm = comm
-        for p in [p for p, pending in self._pending.items() if pending.average is None]:
-            del self._pending[p]
+        self._abandon_unresolved()
+        self._reconcile_fragments(comm)
+
+    @torch.no_grad()
+    def _reconcile_fragments(self, comm: Comm) -> None:
+        if comm.world_size == 1:
+            return
+        mine = torch.tensor([*self.last_sync_t, self.outer_steps], dtype=torch.int64)
+        rows = [row.tolist() for row in comm.all_gather(mine)]
+        momentum = self._momentum_buffers()
+        for p in range(self.fragments):  # the same order on every rank: every rank sees the same rows
+            merged = [row[p] for row in rows]
+            latest = max(merged)
+            if min(merged) == latest:
+                continue
+            src = merged.index(latest)
+            idx = self.fragment_params[p]
+            tensors = [self.global_params[i] for i in idx] + ([momentum[i] for i in idx] if momentum else [])
+            broadcast_flat(comm, tensors, src=src, bucket_bytes=self.bucket_bytes)
+            if self.last_sync_t[p] != latest:
+                for i in idx:
+                    param, g = self.params[i], self.global_params[i]
+                    param.copy_(g.to(param.device, param.dtype) if self.mixing_factor == 0
+                                else torch.lerp(g.to(param.device, torch.float32), param.detach().float(),
+                                                self.mixing_factor))
+                self.last_sync_t[p] = latest
+        self.outer_steps = max(row[-1] for row in rows)
 
     def on_membership_change(self, comm: Comm, src: int = 0) -> None:
         """Switch groups when no exchange is in flight: group rank ``src`` broadcasts the global
