@@ -61,10 +61,14 @@ def test_a_loss_seen_outside_the_exchange_leaves_the_group_and_the_next_exchange
     state._comm = types.SimpleNamespace(interrupt=lambda: (calls.append("interrupt"), comm.interrupt()))
     state._live = True
     state.info.rank = 0
+    progress: list[dict] = []
+    state._set_progress = lambda **fields: progress.append(fields)
     monkeypatch.setattr(train, "_abort_group", lambda: calls.append("abort"))
     seen = RuntimeError("Connection closed by peer [10.0.0.3]:4000")
     assert train.Trainer._defer_peer_loss(state, seen, 75) is seen
     assert calls == ["interrupt", "abort"] and state._aborted_epoch == 1
+    # /status says why the worker still runs in the old epoch
+    assert progress == [{"message": "a peer was lost at step 75: training on to where the survivors regroup"}]
     # what the algorithm's exchange raises next on the interrupted Comm, even one the default group
     # (gone after the abort) would have failed with an unrelated message, counts as the lost peer
     comm._world_size = 2  # as if the group were still there: the call is refused before it is issued

@@ -687,6 +687,7 @@ class Trainer:
         log.warning("rank %d: a peer was lost at step %d (%s); training on to the next exchange or round "
                     "boundary of the algorithm, where the survivors regroup", self.info.rank, completed,
                     str(exc).splitlines()[0][:200])
+        self._set_progress(message=f"a peer was lost at step {completed}: training on to where the survivors regroup")
         with self._group_lock:
             self._aborted_epoch = self._epoch
         if self._comm is not None:
