@@ -210,14 +210,19 @@ class StreamingDiLoCo(DiLoCo):
             self.global_params[i].grad = d.to(self.global_params[i].device)
         self.outer_optimizer.step()  # only this fragment has gradients: the others are skipped
         self.outer_optimizer.zero_grad(set_to_none=True)
-        for i in idx:
-            p, g = self.params[i], self.global_params[i]
-            merged = g.to(p.device, p.dtype) if alpha == 0 else torch.lerp(g.to(p.device, torch.float32), p.detach().float(), alpha)
-            p.copy_(merged)
+        self._mix_into_local(idx, alpha)
         del self._pending[pending.fragment]
         self.last_sync_t[pending.fragment] = self.t
         if pending.fragment == self.fragments - 1:
             self.outer_steps += 1
+
+    @torch.no_grad()
+    def _mix_into_local(self, idx: Sequence[int], alpha: float) -> None:
+        """θᵢ,p ← (1−α)·θ_p + α·θᵢ,p for the tensors ``idx`` of a fragment (α = 0: adopt θ_p)."""
+        for i in idx:
+            p, g = self.params[i], self.global_params[i]
+            merged = g.to(p.device, p.dtype) if alpha == 0 else torch.lerp(g.to(p.device, torch.float32), p.detach().float(), alpha)
+            p.copy_(merged)
 
     # --------------------------------------------------------------------------- membership
 
@@ -261,22 +266,17 @@ class StreamingDiLoCo(DiLoCo):
             return
         mine = torch.tensor([*self.last_sync_t, self.outer_steps], dtype=torch.int64)
         rows = [row.tolist() for row in comm.all_gather(mine)]
-        momentum = self._momentum_buffers()
         for p in range(self.fragments):  # the same order on every rank: every rank sees the same rows
             merged = [row[p] for row in rows]
             latest = max(merged)
             if min(merged) == latest:
                 continue
-            src = merged.index(latest)
             idx = self.fragment_params[p]
+            momentum = self._momentum_buffers()
             tensors = [self.global_params[i] for i in idx] + ([momentum[i] for i in idx] if momentum else [])
-            broadcast_flat(comm, tensors, src=src, bucket_bytes=self.bucket_bytes)
+            broadcast_flat(comm, tensors, src=merged.index(latest), bucket_bytes=self.bucket_bytes)
             if self.last_sync_t[p] != latest:
-                for i in idx:
-                    param, g = self.params[i], self.global_params[i]
-                    param.copy_(g.to(param.device, param.dtype) if self.mixing_factor == 0
-                                else torch.lerp(g.to(param.device, torch.float32), param.detach().float(),
-                                                self.mixing_factor))
+                self._mix_into_local(idx, self.mixing_factor)
                 self.last_sync_t[p] = latest
         self.outer_steps = max(row[-1] for row in rows)
 
