@@ -28,6 +28,8 @@ each run, so an interrupted benchmark keeps what finished) and are rendered into
         --set algorithm.outerLr=1.0 --tag lr1.0       # a tuning run, kept apart from the main rows
     python bench/bench_convergence.py --h 100 --outer-steps 100 --algorithms ddp,streaming-diloco \\
         --seed 2 --set algorithm.overlapSteps=0 --tag sd-tau0   # the same at another seed (vs its DDP)
+    python bench/bench_convergence.py --h 100 --outer-steps 100 --algorithms ddp,diloco \
+        --set training.warmupSteps=20 --tag wu20   # a protocol change: DDP runs with it too (vs that DDP)
 """
 
 from __future__ import annotations
@@ -164,22 +166,36 @@ def gap_pct(loss: float, ddp_loss: float) -> float:
     return 100.0 * (loss - ddp_loss) / ddp_loss
 
 
+def protocol_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    """The overrides that change the training protocol (every section but ``algorithm``: the lr
+    schedule, the batch, ...). A tuning run with any also runs DDP with them, under its tag, so the
+    low-communication rows compare with DDP trained the same way."""
+    return {k: v for k, v in overrides.items() if not k.startswith("algorithm.")}
+
+
 def summarize(runs: dict[str, dict[str, Any]], tag: str = "", seed: int | None = None) -> list[dict[str, Any]]:
     """One row per low-communication run (and its DDP reference) of the given tag and seed (None: the
     main seed): final eval loss, gap vs the DDP run of the same length and seed, bytes per step and
     total, reduction vs DDP, and the gap at 25/50/100 % of the run (at the algorithm's eval nearest
-    that point; DDP is evaluated at the same step). Untagged runs at other seeds: see summarize_seeds."""
+    that point; DDP is evaluated at the same step). Untagged runs at other seeds: see summarize_seeds.
+
+    A tag that changed the training protocol has its own DDP run (see :func:`protocol_overrides`):
+    its rows compare with that one, and its DDP row with the untagged DDP (what the change did to
+    DDP itself)."""
     rows: list[dict[str, Any]] = []
     runs = {k: r for k, r in runs.items() if r.get("seed") == seed}
-    ddp_by_steps = {r["steps"]: r for r in runs.values() if r["algorithm"] == "ddp" and not r.get("tag")}
+    default_ddp = {r["steps"]: r for r in runs.values() if r["algorithm"] == "ddp" and not r.get("tag")}
+    tagged_ddp = {r["steps"]: r for r in runs.values() if r["algorithm"] == "ddp" and tag and r.get("tag") == tag}
     low = sorted((r for r in runs.values() if r["algorithm"] != "ddp" and r.get("tag", "") == tag),
                  key=lambda r: (r["h"], r["steps"], ALGORITHMS.index(r["algorithm"])))
     seen_ddp: set[int] = set()
+    for steps in sorted(set(tagged_ddp) - {r["steps"] for r in low}):  # a tagged DDP run alone
+        rows.append(_row(tagged_ddp[steps], default_ddp.get(steps)))
     for r in low:
-        ddp = ddp_by_steps.get(r["steps"])
+        ddp = tagged_ddp.get(r["steps"], default_ddp.get(r["steps"]))
         if ddp is not None and r["steps"] not in seen_ddp:
             seen_ddp.add(r["steps"])
-            rows.append(_row(ddp, None))
+            rows.append(_row(ddp, default_ddp.get(r["steps"]) if ddp.get("tag") else None))
         rows.append(_row(r, ddp))
     return rows
 
@@ -311,17 +327,20 @@ def render(results: dict[str, Any]) -> str:
     tags = sorted({r.get("tag", "") for r in runs.values()} - {""})
     if tags:
         lines += ["", "Tuning runs (the same protocol with the parameters shown changed; `--set ... --tag`), "
-                      "against the DDP run of the same length (and seed) above:", "",
+                      "against the DDP run of the same length (and seed) above. A change to the training protocol "
+                      "(a `training.*` field) also ran DDP with it: that tag's rows compare with that DDP run, and "
+                      "the DDP row with the default DDP run.", "",
                   "| tag | algorithm | H | changed | final eval loss | gap vs DDP | gap at 25 % / 50 % / 100 % |",
                   "|---|---|---:|---|---:|---:|---|"]
         seeds = sorted({r.get("seed") for r in runs.values() if r.get("tag")}, key=lambda s: (s is not None, s or 0))
-        tuned = [r for tag in tags for seed in seeds for r in summarize(runs, tag, seed) if r["algorithm"] != "ddp"]
-        for r in sorted(tuned, key=lambda r: (r["algorithm"], r["h"], r["tag"], r["seed"] or 0)):
+        tuned = [r for tag in tags for seed in seeds for r in summarize(runs, tag, seed)
+                 if r["algorithm"] != "ddp" or r["tag"]]
+        for r in sorted(tuned, key=lambda r: (ALGORITHMS.index(r["algorithm"]), r["h"] or 0, r["tag"], r["seed"] or 0)):
             changed = ", ".join([f"`{k.split('.', 1)[-1]}={v}`" for k, v in r["overrides"].items()]
                                 + ([f"seed {r['seed']}"] if r["seed"] is not None else []))
             gaps = " / ".join(f"{r['gaps'][str(f)]['gap_pct']:+.1f} %" if str(f) in r["gaps"] else "-" for f in FRACTIONS)
             gap = "-" if r["gap_pct"] is None else f"{r['gap_pct']:+.2f} %"
-            lines.append(f"| `{r['tag']}` | {r['algorithm']} | {r['h']} | {changed} | {r['final_eval']:.4f} | {gap} | {gaps} |")
+            lines.append(f"| `{r['tag']}` | {r['algorithm']} | {r['h'] or '-'} | {changed} | {r['final_eval']:.4f} | {gap} | {gaps} |")
     notes = results.get("notes")
     if notes:
         lines += ["", notes.strip()]
@@ -426,7 +445,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--outer-steps", type=int, default=None, help="outer steps per run (default: the plan's)")
     parser.add_argument("--algorithms", default=",".join(ALGORITHMS), help="comma-separated (default: all, ddp first)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                        help="config override for the low-communication runs (tuning; use with --tag)")
+                        help="config override for the low-communication runs (tuning; use with --tag); one outside "
+                             "`algorithm` (training.warmupSteps, ...) applies to DDP too, which must then be in --algorithms")
     parser.add_argument("--tag", default="", help="label kept with the runs (tuning runs are listed apart)")
     parser.add_argument("--seed", type=int, default=None,
                         help="training.seed for every run, DDP included (seed-to-seed variation, listed apart; "
@@ -456,10 +476,15 @@ def main(argv: list[str] | None = None) -> None:
         started = time.perf_counter()
         # tuning and seed runs keep the main protocol's machine line
         meta_key = "meta_tuning" if args.tag else "meta_seeds" if args.seed is not None else "meta"
-        if args.tag and args.seed is not None and "ddp" not in algorithms:
-            missing = [h * outer for h, outer in plan.items() if run_key("ddp", None, h * outer, "", args.seed) not in results["runs"]]
+        protocol = protocol_overrides(overrides)
+        ddp_tag = args.tag if protocol else ""
+        if args.tag and (args.seed is not None or protocol) and "ddp" not in algorithms:
+            missing = [h * outer for h, outer in plan.items()
+                       if run_key("ddp", None, h * outer, ddp_tag, args.seed) not in results["runs"]]
             if missing:
-                parser.error(f"no DDP run at seed {args.seed} for {missing} steps to compare with: add ddp to --algorithms")
+                what = (f"with {', '.join(sorted(protocol))} (a change to the training protocol: DDP needs it too)"
+                        if protocol else f"at seed {args.seed}")
+                parser.error(f"no DDP run {what} for {missing} steps to compare with: add ddp to --algorithms")
         results[meta_key] = {**machine(), "command": "python bench/bench_convergence.py " + " ".join(sys.argv[1:] if argv is None else argv)}
         with tempfile.TemporaryDirectory(prefix="bench-convergence-") as tmp:
             work = Path(tmp)
@@ -467,7 +492,8 @@ def main(argv: list[str] | None = None) -> None:
                 steps = h * outer
                 for algorithm in algorithms:
                     is_ddp = algorithm == "ddp"
-                    tag = "" if is_ddp else args.tag
+                    tag = ddp_tag if is_ddp else args.tag
+                    run_overrides = protocol if is_ddp else overrides
                     key = run_key(algorithm, None if is_ddp else h, steps, tag, args.seed)
                     if key in results["runs"] and not args.force:
                         print(f"{key}: have it", flush=True)
@@ -475,14 +501,14 @@ def main(argv: list[str] | None = None) -> None:
                     # DDP is evaluated every 50 steps so it has a point at every other run's eval step
                     eval_every = 50 if is_ddp else eval_every_for(h, outer)
                     config = build_config(algorithm, None if is_ddp else h, steps, eval_every,
-                                          str(work / "ckpt" / key.replace("|", "_")), None if is_ddp else overrides)
+                                          str(work / "ckpt" / key.replace("|", "_")), run_overrides)
                     if args.seed is not None:
                         config["training"]["seed"] = args.seed
                     t0 = time.perf_counter()
                     parsed = run_one(config, work, key.replace("|", "_").replace("=", ""))
                     results["runs"][key] = {"algorithm": algorithm, "h": None if is_ddp else h, "tag": tag,
                                             **({"seed": args.seed} if args.seed is not None else {}),
-                                            "overrides": {} if is_ddp else overrides, "params": num_params(config),
+                                            "overrides": run_overrides, "params": num_params(config),
                                             "tokens_per_step": tokens_per_step(config), **parsed}
                     save(results, args.results)
                     print(f"{key}: eval {parsed['final_eval']:.4f}, {parsed['final_bytes'] / 1e6:.2f} MB sent by rank 0, "

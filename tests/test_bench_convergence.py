@@ -135,3 +135,36 @@ def test_tuning_runs_at_another_seed_are_compared_with_ddp_of_that_seed(tmp_path
     with pytest.raises(SystemExit):  # a --set run needs a --tag, or it would land in the main rows
         bc.main(["--set", "algorithm.outerLr=0.5", "--results", str(results), "--no-doc"])
     assert json.loads(results.read_text()) == {"runs": runs}  # refused before anything ran or was written
+
+
+def test_a_training_protocol_change_runs_ddp_with_it_and_compares_with_that_run(tmp_path) -> None:
+    """--set training.X=V changes what DDP trains too: the tag's own DDP run is the reference of its
+    rows (not the default DDP), and its DDP row shows what the change did to DDP against the default."""
+    wu = {"training.warmupSteps": 20}
+    runs = {
+        "ddp": _run("ddp", None, 200, [(100, 2.5)], 2.0, 1000),
+        "diloco": _run("diloco", 10, 200, [(100, 2.6)], 2.1, 20),
+        "ddp|wu": {**_run("ddp", None, 200, [(100, 2.4)], 2.2, 1000, tag="wu"), "overrides": wu},
+        "diloco|wu": {**_run("diloco", 10, 200, [(100, 2.52)], 2.31, 20, tag="wu"), "overrides": wu},
+        "diloco|lr": {**_run("diloco", 10, 200, [], 2.05, 20, tag="lr"), "overrides": {"algorithm.outerLr": 0.5}},
+    }
+    assert bc.protocol_overrides({"algorithm.outerLr": 0.5, **wu}) == wu
+    assert [(r["algorithm"], r["final_eval"]) for r in bc.summarize(runs)] == [("ddp", 2.0), ("diloco", 2.1)]
+    ddp_row, diloco_row = bc.summarize(runs, "wu")
+    assert (ddp_row["tag"], ddp_row["gap_pct"]) == ("wu", pytest.approx(10.0))  # DDP itself vs the default DDP
+    assert diloco_row["gap_pct"] == pytest.approx(5.0)  # vs DDP with the same warm-up (2.2), not 2.0
+    assert diloco_row["gaps"]["0.5"]["gap_pct"] == pytest.approx(5.0)
+    assert bc.summarize(runs, "lr")[1]["gap_pct"] == pytest.approx(2.5)  # an algorithm-only tag: the default DDP
+    doc = bc.render({"runs": runs})
+    assert "| `wu` | ddp | - | `warmupSteps=20` | 2.2000 | +10.00 % |" in doc
+    assert "| `wu` | diloco | 10 | `warmupSteps=20` | 2.3100 | +5.00 % |" in doc
+    assert "| `lr` | ddp |" not in doc
+    cfg = bc.build_config("ddp", None, 200, 50, "/tmp/ck", bc.protocol_overrides({"algorithm.outerLr": 0.5, **wu}))
+    assert cfg["training"]["warmupSteps"] == 20 and cfg["algorithm"] == {"name": "ddp"}
+    TrainerConfig.model_validate(cfg)
+    results = tmp_path / "r.json"
+    results.write_text(json.dumps({"runs": runs}))
+    with pytest.raises(SystemExit):  # a protocol change without DDP under it to compare with
+        bc.main(["--set", "training.warmupSteps=50", "--tag", "wu50", "--algorithms", "diloco", "--h", "10",
+                 "--outer-steps", "20", "--results", str(results), "--no-doc"])
+    assert json.loads(results.read_text()) == {"runs": runs}
