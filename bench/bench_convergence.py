@@ -28,7 +28,7 @@ each run, so an interrupted benchmark keeps what finished) and are rendered into
         --set algorithm.outerLr=1.0 --tag lr1.0       # a tuning run, kept apart from the main rows
     python bench/bench_convergence.py --h 100 --outer-steps 100 --algorithms ddp,streaming-diloco \\
         --seed 2 --set algorithm.overlapSteps=0 --tag sd-tau0   # the same at another seed (vs its DDP)
-    python bench/bench_convergence.py --h 100 --outer-steps 100 --algorithms ddp,diloco \
+    python bench/bench_convergence.py --h 100 --outer-steps 100 --algorithms ddp,diloco \\
         --set training.warmupSteps=20 --tag wu20   # a protocol change: DDP runs with it too (vs that DDP)
 """
 
