@@ -361,37 +361,51 @@ def write_doc(section: str, doc: Path = DOC) -> None:
     write_section(section, START, END, doc)
 
 
+def plot_panels(results: dict[str, Any]) -> list[tuple[int, int, list[dict[str, Any]]]]:
+    """The plot's panels: one per H and run length of the untagged main-seed runs, as (H, inner
+    steps, runs), the DDP run of that length first and then the algorithms in table order. Runs of
+    one H but different lengths go to separate panels (in one, their lines would be alike)."""
+    runs = [r for r in results.get("runs", {}).values() if not r.get("tag") and r.get("seed") is None]
+    ddp = {r["steps"]: r for r in runs if r["algorithm"] == "ddp"}
+    panels = []
+    for h, steps in sorted({(r["h"], r["steps"]) for r in runs if r["algorithm"] != "ddp"}):
+        mine = sorted((r for r in runs if r["algorithm"] != "ddp" and (r["h"], r["steps"]) == (h, steps)),
+                      key=lambda r: ALGORITHMS.index(r["algorithm"]))
+        panels.append((h, steps, ([ddp[steps]] if steps in ddp else []) + mine))
+    return panels
+
+
 def plot(results: dict[str, Any], path: Path = PLOT) -> None:
-    """Eval loss vs training tokens, one panel per H (untagged runs; DDP of the same length in each)."""
+    """Eval loss vs training tokens, one panel per H and run length (:func:`plot_panels`), two panels a row."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [r for r in results.get("runs", {}).values() if not r.get("tag") and r.get("seed") is None]
-    hs = sorted({r["h"] for r in runs if r["algorithm"] != "ddp"})
-    if not hs:
+    panels = plot_panels(results)
+    if not panels:
         return
-    fig, axes = plt.subplots(1, len(hs), figsize=(5.2 * len(hs), 4.2), squeeze=False)
+    ncols = min(2, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.4 * ncols, 4.4 * nrows), squeeze=False)
     styles = {"ddp": ("black", "-"), "diloco": ("tab:blue", "-"), "streaming-diloco": ("tab:orange", "--"),
               "noloco": ("tab:green", "-."), "co2": ("tab:red", ":")}
-    for ax, h in zip(axes[0], hs):
-        mine = [r for r in runs if r["algorithm"] != "ddp" and r["h"] == h]
-        lengths = {r["steps"] for r in mine}
-        for r in [r for r in runs if r["algorithm"] == "ddp" and r["steps"] in lengths] + mine:
+    for ax, (h, steps, runs) in zip(axes.flat, panels):
+        for r in runs:
             color, ls = styles.get(r["algorithm"], ("gray", "-"))
             xs = [e[0] * r["tokens_per_step"] / 1e6 for e in r["evals"]]
             label = r["algorithm"] + ("" if r["algorithm"] == "ddp" else f" ({fmt_bytes(r['final_bytes'] * WORLD)})")
             ax.plot(xs, [e[1] for e in r["evals"]], color=color, ls=ls, label=label, lw=1.6)
-        steps = max(lengths)
         ax.set_title(f"H = {h}: {steps // h} outer steps ({steps:,} inner)")
         ax.set_xlabel("training tokens (M, all ranks)")
         ax.set_ylabel("eval loss (nats/byte)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, title="algorithm (total bytes)", title_fontsize=8)
-        finals = [e[1] for r in mine for e in r["evals"][len(r["evals"]) // 4:]]
+        finals = [e[1] for r in runs for e in r["evals"][len(r["evals"]) // 4:]]
         if finals:
             ax.set_ylim(min(finals) - 0.1, max(finals) + 0.4)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
     fig.suptitle(f"Eval loss vs training tokens ({WORLD} ranks, equal tokens)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

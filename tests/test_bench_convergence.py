@@ -84,6 +84,29 @@ def test_summary_gaps_and_byte_reduction_against_ddp_of_the_same_length() -> Non
     assert "| diloco | 10 | 20 | 200 | 2.1000 | +5.00 % | +10.0 % / +4.0 % / +5.0 % |" in table
 
 
+def test_the_plot_has_one_panel_per_h_and_run_length_each_with_its_own_ddp(tmp_path) -> None:
+    """Two run lengths at one H used to share a panel, their lines alike and the legend doubled."""
+    runs = {
+        "ddp-5k": _run("ddp", None, 500, [(250, 2.0)], 1.8, 1000),
+        "ddp-10k": _run("ddp", None, 1000, [(500, 1.9)], 1.6, 1000),
+        "co2-100-5k": _run("co2", 100, 500, [(250, 2.3)], 2.0, 20),
+        "diloco-100-5k": _run("diloco", 100, 500, [(250, 2.1)], 1.9, 20),
+        "diloco-100-10k": _run("diloco", 100, 1000, [(500, 2.0)], 1.7, 20),
+        "diloco-10-5k": _run("diloco", 10, 500, [(250, 2.2)], 1.9, 200),
+        "tuned": _run("diloco", 100, 1000, [(500, 2.0)], 1.65, 20, tag="t"),
+        "seed": {**_run("diloco", 100, 1000, [(500, 2.0)], 1.66, 20), "seed": 2},
+    }
+    panels = bc.plot_panels({"runs": runs})
+    assert [(h, steps) for h, steps, _ in panels] == [(10, 500), (100, 500), (100, 1000)]
+    lines = {(h, steps): [(r["algorithm"], r["steps"], r["final_eval"]) for r in rs] for h, steps, rs in panels}
+    assert lines[(100, 500)] == [("ddp", 500, 1.8), ("diloco", 500, 1.9), ("co2", 500, 2.0)]
+    assert lines[(100, 1000)] == [("ddp", 1000, 1.6), ("diloco", 1000, 1.7)]  # no tagged or other-seed run
+    assert lines[(10, 500)] == [("ddp", 500, 1.8), ("diloco", 500, 1.9)]
+    png = tmp_path / "convergence.png"
+    bc.plot({"runs": runs}, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_seed_runs_are_compared_with_ddp_of_their_own_seed_and_kept_out_of_the_main_rows() -> None:
     """--seed S runs (DDP included) form the seed-variation table: each algorithm's gap is taken
     against DDP of the same seed and length; the main and tuning rows, and the plot, ignore them."""
