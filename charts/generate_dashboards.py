@@ -258,8 +258,11 @@ def operator_dashboard() -> DashboardSpec:
         .with_row(dash.Row("TrainingJobs"))
         .with_panel(timeseries("Jobs by phase", "TrainingJobs in each phase.", "none",
                                [("sum by (phase) (loco_operator_jobs)", "{{phase}}")], stacked=True))
-        .with_panel(timeseries("Phase transitions", "Transitions per minute, by from -> to.", "none",
-                               [(f"sum by (from, to) (rate(loco_operator_job_transitions_total[{rate}])) * 60", "{{from}} -> {{to}}")]))
+        # every transition is exported at 0 from the operator's start, so increase() sees the first of each;
+        # "> 0" keeps the ones that did not happen out of the legend
+        .with_panel(timeseries("Phase transitions", "Phase transitions in the past hour, by from -> to (those that "
+                               "happened; from is empty for a new job).", "none",
+                               [("sum by (from, to) (increase(loco_operator_job_transitions_total[1h])) > 0", "{{from}} -> {{to}}")]))
         .with_panel(timeseries("Restarts", "Job restarts from checkpoint in the past hour, all jobs and per job.", "none",
                                [("sum (increase(loco_operator_restarts_total[1h]))", "all jobs"),
                                 (f"sum by (namespace, job) (increase(loco_operator_job_restarts_total{{{SEL}}}[1h]))", "{{namespace}}/{{job}}")]))

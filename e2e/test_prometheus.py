@@ -132,6 +132,8 @@ def test_real_prometheus_evaluates_every_dashboard_query_on_a_real_run(stack, tm
             assert value(prom, "loco_operator_job_time_to_running_seconds_count") >= 1
             # per-job counters start at 0, so increase() (the Restarts panel) sees the first restart
             assert value(prom, f'sum(increase(loco_operator_job_restarts_total{{job="{JOB}"}}[1h]))') >= 0.9
+            # so are the phase transitions (the Phase transitions panel): the crash's Running -> Restarting shows
+            assert value(prom, 'sum(increase(loco_operator_job_transitions_total{from="Running", to="Restarting"}[1h]))') >= 0.9
             assert value(prom, f'count(loco_trainer_step{{job="{JOB}"}})') == 2  # both workers scraped
             assert value(prom, f'max(loco_operator_job_workers{{job="{JOB}", state="desired"}})') == 2
             job = stack.wait_for_phase(JOB, {"Succeeded", "Failed"}, timeout_s=240)

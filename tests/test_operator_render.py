@@ -101,6 +101,17 @@ def test_service_is_headless_and_configmap_holds_trainer_config():
 
 def test_operator_metrics_track_phases_transitions_and_restarts():
     metrics = OperatorMetrics()
+    fresh = {
+        tuple(sorted(s.labels.items())): s.value
+        for family in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+        for s in family.samples if s.name == "loco_operator_job_transitions_total"
+    }
+    # every transition a job can make is exported at 0 from the start, so increase() sees the first one;
+    # none out of a terminal phase
+    assert fresh[(("from", ""), ("to", "Pending"))] == 0 and fresh[(("from", "Running"), ("to", "Restarting"))] == 0
+    assert fresh[(("from", "Restarting"), ("to", "Running"))] == 0 and fresh[(("from", "Suspended"), ("to", "Pending"))] == 0
+    assert set(fresh.values()) == {0.0} and len(fresh) == 26
+    assert not [k for k in fresh if dict(k)["from"] in ("Succeeded", "Failed") or dict(k)["from"] == dict(k)["to"]]
     metrics.observe_job("ns/a", None, "Pending")
     metrics.observe_job("ns/a", "Pending", "Running")
     metrics.observe_job("ns/b", None, "Running")

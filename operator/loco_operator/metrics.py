@@ -30,6 +30,16 @@ JOB_SECONDS_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600,
 #: events), then the C4 detector's verdict kinds (``FaultDetected`` events, whose message starts with the kind).
 FAULT_KINDS = ("worker-exit", "worker-oom", "worker-evicted", "worker-lost") + tuple(k.value for k in VerdictKind)
 
+#: ``(from, to)`` of ``loco_operator_job_transitions_total`` that a job can make: from a new job (``""``) or
+#: any phase but the terminal ones (Succeeded, Failed) to any other phase. Each starts at 0 when the
+#: operator starts, so ``increase()``/``rate()`` see the first of its kind (a series born at 1 shows none).
+PHASE_TRANSITIONS = tuple(
+    (old, new.value)
+    for old in ("",) + tuple(ph.value for ph in Phase if ph not in (Phase.succeeded, Phase.failed))
+    for new in Phase
+    if new.value != old
+)
+
 
 def fault_kind(message: str) -> str:
     """The fault kind of a planner ``WorkerFailed`` event message (see ``planner._failure_message``):
@@ -118,6 +128,8 @@ class OperatorMetrics:
         )
         for phase in Phase:
             self.jobs.labels(phase=phase.value)
+        for old, new in PHASE_TRANSITIONS:
+            self.transitions.labels(**{"from": old, "to": new})
         self._phases: dict[str, str] = {}
         self._lock = threading.Lock()
         self._server: Any = None
