@@ -291,8 +291,10 @@ def operator_dashboard() -> DashboardSpec:
         .with_panel(timeseries("Reconcile queue", "Reconciles running or waiting behind another reconcile of the same job "
                                "(max over the interval).", "none",
                                [(f"max (max_over_time(loco_operator_reconciles_in_flight[{rate}]))", "in flight")]))
+        # every operation's series exists from the start at 0 (metrics.API_OPERATIONS): "> 0" keeps the failing ones,
+        # vector(0) one flat line when none fails
         .with_panel(timeseries("API errors/s", "Failed Kubernetes API calls per second, by operation (0 when none).", "reqps",
-                               [(f"sum by (operation) (rate(loco_operator_api_errors_total[{rate}])) or vector(0)", "{{operation}}")]))
+                               [(f"sum by (operation) (rate(loco_operator_api_errors_total[{rate}])) > 0 or vector(0)", "{{operation}}")]))
     )
     return DashboardSpec("operator.json", _finish(builder))
 

@@ -8,7 +8,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client import generate_latest
 
-from loco_operator.metrics import OperatorMetrics
+from loco_operator.metrics import API_OPERATIONS, OperatorMetrics
 from loco_operator.render import JobRef, render_configmap, render_pod, render_service
 from loco_operator.spec import TrainingJobSpec
 from loco_trainer.config import EnvVar, TrainerConfig
@@ -112,6 +112,10 @@ def test_operator_metrics_track_phases_transitions_and_restarts():
     assert fresh[(("from", "Restarting"), ("to", "Running"))] == 0 and fresh[(("from", "Suspended"), ("to", "Pending"))] == 0
     assert set(fresh.values()) == {0.0} and len(fresh) == 26
     assert not [k for k in fresh if dict(k)["from"] in ("Succeeded", "Failed") or dict(k)["from"] == dict(k)["to"]]
+    errors = {s.labels["operation"]: s.value
+              for family in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+              for s in family.samples if s.name == "loco_operator_api_errors_total"}
+    assert errors == dict.fromkeys(API_OPERATIONS, 0.0)
     metrics.observe_job("ns/a", None, "Pending")
     metrics.observe_job("ns/a", "Pending", "Running")
     metrics.observe_job("ns/b", None, "Running")
@@ -127,6 +131,22 @@ def test_operator_metrics_track_phases_transitions_and_restarts():
     assert samples[("loco_operator_job_transitions_total", (("from", "Pending"), ("to", "Running")))] == 1
     assert samples[("loco_operator_job_transitions_total", (("from", ""), ("to", "Pending")))] == 1
     assert samples[("loco_operator_restarts_total", ())] == 1
+
+
+def test_every_api_call_of_the_handlers_has_its_api_errors_series_from_the_start() -> None:
+    """The handlers name each Kubernetes API call (the ``operation`` of ``loco_operator_api_errors_total``);
+    metrics.API_OPERATIONS must list every one, or its first failure would be invisible to rate()."""
+    import re
+    from pathlib import Path
+
+    import loco_operator.handlers as handlers
+
+    source = Path(handlers.__file__).read_text()
+    named = set(re.findall(r'(?:_call|_create|_delete)\(ctx, "(\w+)"|_get\("(\w+)"', source))
+    operations = {a or b for a, b in named}
+    assert len(operations) >= 15 and operations == set(API_OPERATIONS)
+    # every call goes through a helper that names it: no bare client call with a computed name
+    assert not re.findall(r'(?:_call|_create|_delete)\(ctx, [a-z]', source.replace("_call(ctx, operation", ""))
 
 
 def test_stall_threshold_follows_the_hang_timeout_floor() -> None:

@@ -30,6 +30,14 @@ JOB_SECONDS_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600,
 #: events), then the C4 detector's verdict kinds (``FaultDetected`` events, whose message starts with the kind).
 FAULT_KINDS = ("worker-exit", "worker-oom", "worker-evicted", "worker-lost") + tuple(k.value for k in VerdictKind)
 
+#: ``operation`` label of ``loco_operator_api_errors_total``: every Kubernetes API call the handlers make
+#: (``handlers.py``; a test keeps the two in step). Each starts at 0, so ``rate()`` sees the first failure.
+API_OPERATIONS = (
+    "get_job", "list_pods", "get_service", "get_configmap", "list_nodes", "list_all_pods", "read_node",
+    "create_service", "create_configmap", "create_pod", "patch_configmap", "patch_pod", "patch_node",
+    "delete_pod", "delete_job",
+)
+
 #: ``(from, to)`` of ``loco_operator_job_transitions_total`` that a job can make: from a new job (``""``) or
 #: any phase but the terminal ones (Succeeded, Failed) to any other phase. Each starts at 0 when the
 #: operator starts, so ``increase()``/``rate()`` see the first of its kind (a series born at 1 shows none).
@@ -130,6 +138,8 @@ class OperatorMetrics:
             self.jobs.labels(phase=phase.value)
         for old, new in PHASE_TRANSITIONS:
             self.transitions.labels(**{"from": old, "to": new})
+        for operation in API_OPERATIONS:
+            self.api_errors.labels(operation=operation)
         self._phases: dict[str, str] = {}
         self._lock = threading.Lock()
         self._server: Any = None
