@@ -7,7 +7,9 @@ job's worker pods (``IP:8080``, through a file_sd file following the pod list: t
 one worker once (fault injection), restarts from its checkpoint and finishes. While it runs, every
 panel query of both dashboards goes through ``/api/v1/query`` with the template variables
 substituted; each must parse and return data (the GPU panel only has to run: this is a CPU run).
-Then ``kubectl get tj -o wide`` and ``kubectl describe tj`` must tell the story of the run.
+Loco's alerting rules (``charts/loco-operator/alerts/loco.rules.yaml``) are loaded too: the crash must fire
+``LocoWorkerFault`` for the job, and no other alert. Then ``kubectl get tj -o wide`` and ``kubectl describe tj``
+must tell the story of the run.
 
 With ``LOCO_DASHBOARD_DUMP=<file.json>`` the test also saves every panel's series over the run
 (range queries), which ``charts/plot_dashboards.py`` renders to docs/dashboards/*.png.
@@ -28,7 +30,7 @@ from typing import Any
 import pytest
 
 from e2e.conftest import REPO, dump_debug, small_job
-from loco_local.prometheus import PodTargetFollower, Prometheus, PrometheusError
+from loco_local.prometheus import ALERT_RULES, PodTargetFollower, Prometheus, PrometheusError
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -104,7 +106,7 @@ def test_real_prometheus_evaluates_every_dashboard_query_on_a_real_run(stack, tm
     port = operator_metrics_port(stack.operator_log)
     doc = small_job(JOB, steps=STEPS, training__evalEvery=10, checkpoint__everySteps=10,
                     faultInjection={"crashAtStep": 25, "ranks": [1], "exitCode": 3, "stepDelayS": 0.15})
-    with Prometheus(tmp_path / "prometheus", [f"127.0.0.1:{port}"], interval_s=1.0) as prom:
+    with Prometheus(tmp_path / "prometheus", [f"127.0.0.1:{port}"], interval_s=1.0, rule_files=[ALERT_RULES]) as prom:
         follower = PodTargetFollower(lambda: stack.list_pods(JOB), prom.workers_file, interval_s=1.0).start()
         started = time.time()
         try:
@@ -134,6 +136,11 @@ def test_real_prometheus_evaluates_every_dashboard_query_on_a_real_run(stack, tm
             assert value(prom, f'sum(increase(loco_operator_job_restarts_total{{job="{JOB}"}}[1h]))') >= 0.9
             # so are the phase transitions (the Phase transitions panel): the crash's Running -> Restarting shows
             assert value(prom, 'sum(increase(loco_operator_job_transitions_total{from="Running", to="Restarting"}[1h]))') >= 0.9
+            # Loco's alerts (charts/loco-operator/alerts): the crash fires LocoWorkerFault for this job, nothing else fires
+            firing = f'ALERTS{{alertname="LocoWorkerFault", alertstate="firing", job="{JOB}", kind="worker-exit"}}'
+            stack.wait_for(lambda: prom.query(firing), timeout_s=30, what="LocoWorkerFault firing for the crash")
+            others = prom.query('ALERTS{alertname!="LocoWorkerFault"}')
+            assert not others, [s["metric"] for s in others]
             assert value(prom, f'count(loco_trainer_step{{job="{JOB}"}})') == 2  # both workers scraped
             assert value(prom, f'max(loco_operator_job_workers{{job="{JOB}", state="desired"}})') == 2
             job = stack.wait_for_phase(JOB, {"Succeeded", "Failed"}, timeout_s=240)

@@ -102,11 +102,37 @@ _MONITOR_SCHEMA = {
 }
 
 
+#: PrometheusRule: the fields of the Prometheus Operator's CRD the chart uses (spec.groups[].rules[]), strict.
+_RULE_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "metadata": {"type": "object", "required": ["name", "namespace"]},
+        "spec": {
+            "type": "object", "required": ["groups"], "additionalProperties": False,
+            "properties": {"groups": {"type": "array", "minItems": 1, "items": {
+                "type": "object", "required": ["name", "rules"], "additionalProperties": False,
+                "properties": {"name": {"type": "string"}, "interval": {"type": "string"}, "rules": {
+                    "type": "array", "minItems": 1, "items": {
+                        "type": "object", "required": ["expr"], "additionalProperties": False,
+                        "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
+                        "properties": {
+                            "alert": {"type": "string"}, "record": {"type": "string"}, "expr": {"type": "string"},
+                            "for": {"type": "string", "pattern": "^(0|(([0-9]+)(y|w|d|h|m|s|ms))+)$"},
+                            "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                            "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+                        }}}}}}},
+        },
+    },
+}
+
+
 def validate_object(obj: dict[str, Any]) -> None:
     """Validate one rendered object: strict Kubernetes OpenAPI schema, or its CRD's schema."""
     kind, name = obj["kind"], obj["metadata"].get("name")
     if obj["apiVersion"].startswith("monitoring.coreos.com/"):
-        jsonschema.validate(obj, _MONITOR_SCHEMA)
+        jsonschema.validate(obj, _RULE_SCHEMA if kind == "PrometheusRule" else _MONITOR_SCHEMA)
         return
     if obj["apiVersion"].startswith("kopf.dev/"):
         crd = next(c for c in chart_crds() if c["spec"]["names"]["kind"] == kind)
@@ -130,6 +156,7 @@ TOGGLES: dict[str, dict[str, Any]] = {
     "monitors": {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
                              "podMonitor": {"enabled": True, "labels": {"release": "prom"}}}},
     "podmonitor-namespaces": {"watchNamespaces": ["team-a"], "metrics": {"podMonitor": {"enabled": True}}},
+    "prometheusrule": {"metrics": {"prometheusRule": {"enabled": True, "labels": {"release": "prom"}}}},
     "no-dashboards": {"dashboards": {"enabled": False}},
     "dashboards-elsewhere": {"dashboards": {"namespace": "monitoring", "annotations": {"grafana_folder": "Loco"}}},
     "no-metrics-service": {"metrics": {"service": {"enabled": False}}},

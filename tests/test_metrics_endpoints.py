@@ -350,13 +350,15 @@ def test_scrape_config_is_valid_for_promtool(tmp_path):
 
     import yaml
 
-    from loco_local.prometheus import scrape_config, worker_targets
+    from loco_local.prometheus import ALERT_RULES, scrape_config, worker_targets
 
     workers = tmp_path / "workers.json"
     workers.write_text(json.dumps(worker_targets([{"metadata": {"name": "p", "namespace": "ns", "labels": {"loco.dev/job": "j"}},
                                                     "status": {"phase": "Running", "podIP": "127.0.2.1"}}])))
-    config = scrape_config(["127.0.0.1:9090"], workers, interval_s=1.5)
+    config = scrape_config(["127.0.0.1:9090"], workers, interval_s=1.5, rule_files=[ALERT_RULES])
     assert config["global"]["scrape_interval"] == "1500ms" and config["global"]["scrape_timeout"] == "1200ms"
+    assert config["rule_files"] == [str(ALERT_RULES)] and ALERT_RULES.is_file()  # promtool checks the rules too
+    assert "rule_files" not in scrape_config(["127.0.0.1:9090"], workers)
     assert all(job["honor_labels"] for job in config["scrape_configs"]), "trainer/operator job labels must win"
     path = tmp_path / "prometheus.yml"
     path.write_text(yaml.safe_dump(config))

@@ -233,9 +233,12 @@ async def _serve(state_dir: Path, specs: list[NodeSpec], host: str, port: int, p
 
 def _start_prometheus(state_dir: Path, api_url: str, opts: dict[str, Any]) -> tuple[Any, Any]:
     """Start Prometheus (data in ``<state-dir>/prometheus``) and the worker-target follower."""
-    from loco_local.prometheus import PodTargetFollower, Prometheus, PrometheusError
+    from loco_local.prometheus import ALERT_RULES, PodTargetFollower, Prometheus, PrometheusError
 
-    prom = Prometheus(state_dir / "prometheus", [opts["operator"]], port=int(opts["port"]), interval_s=15.0)
+    # Loco's alerts too, where the chart's rule file is at hand (a source checkout)
+    rules = [ALERT_RULES] if ALERT_RULES.is_file() else []
+    prom = Prometheus(state_dir / "prometheus", [opts["operator"]], port=int(opts["port"]), interval_s=15.0,
+                      rule_files=rules)
     try:
         prom.start()
     except PrometheusError as exc:

@@ -37,6 +37,8 @@ WORKER_METRICS_PORT = 8080
 #: Label selecting Loco worker pods.
 WORKER_LABEL = "loco.dev/job"
 INSTALL_HINT = "install Debian's prometheus package: apt-get install -y prometheus (or run 'make tools')"
+#: Loco's alerting rules, shipped by the chart (docs/helm.md, "Alerts"); present in a source checkout.
+ALERT_RULES = Path(__file__).resolve().parents[2] / "charts" / "loco-operator" / "alerts" / "loco.rules.yaml"
 
 
 class PrometheusError(RuntimeError):
@@ -78,13 +80,16 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def scrape_config(operator_targets: Sequence[str], workers_file: Path, *, interval_s: float = 15.0) -> dict[str, Any]:
+def scrape_config(operator_targets: Sequence[str], workers_file: Path, *, interval_s: float = 15.0,
+                  rule_files: Sequence[Path] = ()) -> dict[str, Any]:
     """The Prometheus configuration: the operator job (static ``host:port`` targets) and the worker job
-    (``file_sd`` from ``workers_file``), both with ``honor_labels``."""
+    (``file_sd`` from ``workers_file``), both with ``honor_labels``; ``rule_files`` (alerting rules, e.g.
+    :data:`ALERT_RULES`) are evaluated every interval."""
     interval = f"{round(interval_s * 1000)}ms"  # Prometheus durations take integers only
     timeout = f"{round(min(interval_s, 10.0) * 800)}ms"
     return {
         "global": {"scrape_interval": interval, "evaluation_interval": interval, "scrape_timeout": timeout},
+        **({"rule_files": [str(path) for path in rule_files]} if rule_files else {}),
         "scrape_configs": [
             {"job_name": "loco-operator", "honor_labels": True, "metrics_path": "/metrics",
              "static_configs": [{"targets": list(operator_targets)}]},
@@ -141,8 +146,9 @@ class Prometheus:
     """
 
     def __init__(self, workdir: Path, operator_targets: Sequence[str], *, port: int = 0, interval_s: float = 1.0,
-                 binary: str | None = None, retention: str = "1d") -> None:
+                 binary: str | None = None, retention: str = "1d", rule_files: Sequence[Path] = ()) -> None:
         self.workdir = Path(workdir)
+        self.rule_files = list(rule_files)
         self.operator_targets = list(operator_targets)
         self.port = port or free_port()
         self.interval_s = interval_s
@@ -165,7 +171,8 @@ class Prometheus:
         if not self.workers_file.exists():
             write_json_atomic(self.workers_file, [])
         self.config_file.write_text(yaml.safe_dump(scrape_config(self.operator_targets, self.workers_file,
-                                                                 interval_s=self.interval_s), sort_keys=False))
+                                                                 interval_s=self.interval_s, rule_files=self.rule_files),
+                                                   sort_keys=False))
         cmd = [self.binary, f"--config.file={self.config_file}", f"--storage.tsdb.path={self.workdir / 'data'}",
                f"--storage.tsdb.retention.time={self.retention}", f"--web.listen-address=127.0.0.1:{self.port}",
                "--log.level=warn"]
