@@ -82,50 +82,48 @@ def container(objects: list[dict[str, Any]]) -> dict[str, Any]:
 #: Custom resources the chart may render, and how to validate them offline.
 #: Kopf's peering kinds: against the CRDs the chart ships. Prometheus Operator kinds: their CRDs are
 #: not available offline, so against the fields the chart relies on (see _MONITOR_SCHEMA).
-_MONITOR_SCHEMA = {
-    "type": "object",
-    "required": ["apiVersion", "kind", "metadata", "spec"],
-    "properties": {
-        "apiVersion": {"const": "monitoring.coreos.com/v1"},
-        "metadata": {"type": "object", "required": ["name", "namespace"]},
-        "spec": {
-            "type": "object",
-            "required": ["selector"],
-            "properties": {
-                "selector": {"type": "object", "properties": {"matchLabels": {"type": "object"}}},
-                "namespaceSelector": {"type": "object"},
-                "endpoints": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["port", "path"]}},
-                "podMetricsEndpoints": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["port", "path"]}},
-            },
+def _monitoring_object(spec: dict[str, Any]) -> dict[str, Any]:
+    """A monitoring.coreos.com/v1 object's schema around ``spec``'s."""
+    return {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "monitoring.coreos.com/v1"},
+            "metadata": {"type": "object", "required": ["name", "namespace"]},
+            "spec": spec,
         },
-    },
-}
+    }
 
+
+_MONITOR_SCHEMA = _monitoring_object({
+    "type": "object",
+    "required": ["selector"],
+    "properties": {
+        "selector": {"type": "object", "properties": {"matchLabels": {"type": "object"}}},
+        "namespaceSelector": {"type": "object"},
+        "endpoints": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["port", "path"]}},
+        "podMetricsEndpoints": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["port", "path"]}},
+    },
+})
 
 #: PrometheusRule: the fields of the Prometheus Operator's CRD the chart uses (spec.groups[].rules[]), strict.
-_RULE_SCHEMA = {
-    "type": "object",
-    "required": ["apiVersion", "kind", "metadata", "spec"],
+_RULE = {
+    "type": "object", "required": ["expr"], "additionalProperties": False,
+    "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
     "properties": {
-        "apiVersion": {"const": "monitoring.coreos.com/v1"},
-        "metadata": {"type": "object", "required": ["name", "namespace"]},
-        "spec": {
-            "type": "object", "required": ["groups"], "additionalProperties": False,
-            "properties": {"groups": {"type": "array", "minItems": 1, "items": {
-                "type": "object", "required": ["name", "rules"], "additionalProperties": False,
-                "properties": {"name": {"type": "string"}, "interval": {"type": "string"}, "rules": {
-                    "type": "array", "minItems": 1, "items": {
-                        "type": "object", "required": ["expr"], "additionalProperties": False,
-                        "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
-                        "properties": {
-                            "alert": {"type": "string"}, "record": {"type": "string"}, "expr": {"type": "string"},
-                            "for": {"type": "string", "pattern": "^(0|(([0-9]+)(y|w|d|h|m|s|ms))+)$"},
-                            "labels": {"type": "object", "additionalProperties": {"type": "string"}},
-                            "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
-                        }}}}}}},
-        },
+        "alert": {"type": "string"}, "record": {"type": "string"}, "expr": {"type": "string"},
+        "for": {"type": "string", "pattern": "^(0|(([0-9]+)(y|w|d|h|m|s|ms))+)$"},
+        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
     },
 }
+_RULE_SCHEMA = _monitoring_object({
+    "type": "object", "required": ["groups"], "additionalProperties": False,
+    "properties": {"groups": {"type": "array", "minItems": 1, "items": {
+        "type": "object", "required": ["name", "rules"], "additionalProperties": False,
+        "properties": {"name": {"type": "string"}, "interval": {"type": "string"},
+                       "rules": {"type": "array", "minItems": 1, "items": _RULE}}}}},
+})
 
 
 def validate_object(obj: dict[str, Any]) -> None:
