@@ -1,7 +1,9 @@
 """Loco's alerting rules (charts/loco-operator/alerts/loco.rules.yaml): well-formed and honest.
 
 Every expression parses (promql-parser) and reads only metrics Loco's code exports (the same check as
-the dashboards'); every alert has a severity and says what happened and what to do. The chart ships
+the dashboards'); every alert has a severity and says what happened and what to do; ``promtool test rules``
+runs tests/alerts/loco.rules.test.yaml, which feeds each alert synthetic series and says when it must fire,
+with which labels and rendered annotations, and when it must not. The chart ships
 the file verbatim as a PrometheusRule. ``e2e/test_prometheus.py`` loads it into a real Prometheus and
 checks that a worker crash fires ``LocoWorkerFault`` for that job, and nothing else.
 """
@@ -9,6 +11,8 @@ checks that a worker crash fires ``LocoWorkerFault`` for that job, and nothing e
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from typing import Any
 
 import pytest
@@ -19,6 +23,8 @@ pytest.importorskip("promql_parser", reason="promql-parser is in the dev extra")
 from test_dashboards import REPO, exported_series, metric_names  # noqa: E402
 
 RULES_FILE = REPO / "charts" / "loco-operator" / "alerts" / "loco.rules.yaml"
+#: promtool unit tests of every alert: synthetic series, when each must fire (labels, rendered annotations) and not
+RULE_TESTS = REPO / "tests" / "alerts" / "loco.rules.test.yaml"
 SEVERITIES = {"critical", "warning", "info"}
 #: Prometheus template references an annotation may use: labels the expression keeps, and $value
 TEMPLATE_REF = re.compile(r"\$labels\.(\w+)")
@@ -83,3 +89,17 @@ def test_the_chart_ships_the_rules_verbatim_as_a_prometheusrule() -> None:
     assert rule["spec"]["groups"] == yaml.safe_load(RULES_FILE.read_text())["groups"]
     # Helm did not eat Prometheus's own templates
     assert "{{ $labels.job }}" in yaml.safe_dump(rule["spec"], width=1000)
+
+
+def test_promtool_unit_tests_cover_every_alert_and_pass() -> None:
+    tested = {case["alertname"] for test in yaml.safe_load(RULE_TESTS.read_text())["tests"]
+              for case in test["alert_rule_test"]}
+    assert tested == {rule["alert"] for rule in rules()}, "every alert needs a promtool case"
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        # `make test` installs promtool first (`make tools`, as root in CI): this skips only outside it.
+        pytest.skip("promtool is not installed (Debian package 'prometheus'; 'make tools' installs it)")
+    done = subprocess.run([promtool, "test", "rules", RULE_TESTS.name], cwd=RULE_TESTS.parent,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SUCCESS" in done.stdout
