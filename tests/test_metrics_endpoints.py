@@ -238,11 +238,31 @@ def test_operator_endpoint_exports_every_documented_metric_and_passes_promtool()
         2026, 3, 1, 12, 0, 30, tzinfo=timezone.utc).timestamp()
     assert values[("loco_operator_jobs", (("phase", "Restarting"),))] == 1
     assert values[("loco_operator_reconciles_in_flight", ())] == 0
+    # the job checkpoints every 50 steps (the default): its start is exported, for the checkpoint-age alert
+    assert values[("loco_operator_job_start_timestamp_seconds", job)] == T0.timestamp()
     promtool_check(text)
 
     metrics.forget_job("ns/j")
     after = {f.name: f for f in text_string_to_metric_families(_render(metrics))}
     assert not after["loco_operator_job_workers"].samples and not after["loco_operator_job_checkpoint_step"].samples
+    assert not after["loco_operator_job_start_timestamp_seconds"].samples
+
+
+def test_a_job_that_checkpoints_only_at_the_end_exports_no_start_time():
+    """checkpoint.everySteps 0 means no checkpoint until the end, by choice: the stale-checkpoint alert must not
+    count from such a job's start."""
+    def start_samples(every: int | None) -> list:
+        metrics = OperatorMetrics()
+        body = _job(None)
+        if every is not None:
+            body["spec"]["checkpoint"] = {"everySteps": every}
+        metrics.observe_reconcile(body, {}, {"phase": "Running", "startTime": "2026-03-01T12:00:00Z"})
+        families = {f.name: f for f in text_string_to_metric_families(_render(metrics))}
+        return families["loco_operator_job_start_timestamp_seconds"].samples
+
+    assert [s.value for s in start_samples(None)] == [datetime(2026, 3, 1, 12, tzinfo=timezone.utc).timestamp()]
+    assert [s.value for s in start_samples(100)] == [datetime(2026, 3, 1, 12, tzinfo=timezone.utc).timestamp()]
+    assert start_samples(0) == []
 
 
 def _render(metrics: OperatorMetrics) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from .faults.types import VerdictKind
-from .spec import Phase
+from .spec import CheckpointSpec, Phase
 
 #: Buckets of the job-level durations (creation -> running, fault -> running): 1 s to 2 h.
 JOB_SECONDS_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
@@ -60,6 +60,18 @@ def fault_kind(message: str) -> str:
     if "OOMKilled" in message:
         return "worker-oom"
     return "worker-exit"
+
+
+#: checkpoint.everySteps when the spec leaves it out
+_EVERY_STEPS_DEFAULT = CheckpointSpec.model_fields["every_steps"].default
+
+
+def _remove(gauge: Gauge, *labels: str) -> None:
+    """Drop one labelled series of ``gauge`` (absent: nothing to do)."""
+    try:
+        gauge.remove(*labels)
+    except KeyError:
+        pass
 
 
 def parse_rfc3339(text: Any) -> float | None:
@@ -134,6 +146,13 @@ class OperatorMetrics:
             "Commit time (Unix seconds) of a TrainingJob's last committed checkpoint; time() minus it is the checkpoint age.",
             ["namespace", "job"], registry=r,
         )
+        self.start_time = Gauge(
+            "loco_operator_job_start_timestamp_seconds",
+            "When a TrainingJob's workers were first created (status.startTime, Unix seconds; reset by a resume from "
+            "suspension). Only for jobs that checkpoint periodically (checkpoint.everySteps > 0): with the checkpoint "
+            "timestamp, the age of the newest thing a failure would fall back to.",
+            ["namespace", "job"], registry=r,
+        )
         for phase in Phase:
             self.jobs.labels(phase=phase.value)
         for old, new in PHASE_TRANSITIONS:
@@ -191,6 +210,12 @@ class OperatorMetrics:
         workers = new_status.get("workers") or {}
         self.workers.labels(namespace=namespace, job=name, state="desired").set(int(workers.get("desired") or 0))
         self.workers.labels(namespace=namespace, job=name, state="ready").set(int(workers.get("ready") or 0))
+        every = ((job.get("spec") or {}).get("checkpoint") or {}).get("everySteps", _EVERY_STEPS_DEFAULT)
+        started = parse_rfc3339(new_status.get("startTime"))
+        if started is not None and every:
+            self.start_time.labels(namespace=namespace, job=name).set(started)
+        else:
+            _remove(self.start_time, namespace, name)
         ckpt = new_status.get("lastCheckpoint") or {}
         if ckpt.get("step") is not None:
             self.checkpoint_step.labels(namespace=namespace, job=name).set(int(ckpt["step"]))
@@ -221,12 +246,10 @@ class OperatorMetrics:
             self._phases.pop(key, None)
             self._refresh()
         for gauge, label_sets in ((self.workers, [(namespace, name, "desired"), (namespace, name, "ready")]),
-                                  (self.checkpoint_step, [(namespace, name)]), (self.checkpoint_time, [(namespace, name)])):
+                                  (self.checkpoint_step, [(namespace, name)]), (self.checkpoint_time, [(namespace, name)]),
+                                  (self.start_time, [(namespace, name)])):
             for values in label_sets:
-                try:
-                    gauge.remove(*values)
-                except KeyError:
-                    pass
+                _remove(gauge, *values)
 
     def _refresh(self) -> None:
         counts = {phase.value: 0 for phase in Phase}
