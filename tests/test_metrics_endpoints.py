@@ -417,6 +417,12 @@ def test_loco_local_up_prometheus_prints_where_to_scrape_and_scrapes(tmp_path):
         assert {t["labels"]["job"] for t in targets} == {"loco-operator"}  # no worker pods yet
         assert targets[0]["scrapeUrl"] == "http://127.0.0.1:19999/metrics"
         assert (state / "prometheus" / "workers.json").read_text().strip() == "[]"
+        # Loco's alerting rules are loaded (docs/helm.md, "Alerts"), and the output says where to see them
+        with urllib.request.urlopen(prom_url + "/api/v1/rules?type=alert", timeout=10) as resp:
+            groups = json.loads(resp.read())["data"]["groups"]
+        alerts = {rule["name"] for group in groups for rule in group["rules"]}
+        assert {"LocoWorkerFault", "LocoTrainingJobFailed", "LocoCheckpointStale"} <= alerts, alerts
+        assert f"alerts:     {prom_url}/alerts" in up.stdout, up.stdout
     finally:
         down = subprocess.run([*loco, "down", "--state-dir", str(state)], capture_output=True, text=True, timeout=60)
     assert down.returncode == 0, down.stdout + down.stderr

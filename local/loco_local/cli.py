@@ -106,6 +106,7 @@ def _print_scrape(prometheus_url: str | None, operator_metrics: str) -> None:
         click.echo(f"  prometheus: {prometheus_url}   scraping both every 15s; e.g. "
                    f"curl '{prometheus_url}/api/v1/query?query=loco_trainer_loss'")
         click.echo("  dashboards: import charts/loco-operator/dashboards/*.json into Grafana with this Prometheus as data source")
+        click.echo(f"  alerts:     {prometheus_url}/alerts   (charts/loco-operator/alerts/loco.rules.yaml, docs/helm.md)")
 
 
 # ------------------------------------------------------------------------------------------ up
