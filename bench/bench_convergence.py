@@ -294,6 +294,12 @@ def render_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def machine_line(what: str, meta: dict[str, Any], how: str) -> str:
+    """Where and how a set of runs was made: the machine of the newest invocation and its command."""
+    return (f"{what}: {meta.get('cpu', '?')}, {meta.get('cores', '?')} cores, torch {meta.get('torch', '?')} "
+            f"({meta.get('date', '?')}); last command `{meta.get('command', '?')}` ({how}).")
+
+
 def render(results: dict[str, Any]) -> str:
     """The ``## Convergence (CPU)`` section of docs/benchmarks.md."""
     runs = results.get("runs", {})
@@ -320,10 +326,8 @@ def render(results: dict[str, Any]) -> str:
     lines += render_table(summarize(runs))
     seed_rows = summarize_seeds(runs)
     lines += render_seeds(seed_rows)
-    seed_meta = results.get("meta_seeds")
-    if seed_rows and seed_meta:
-        lines += ["", f"Seed runs: {seed_meta.get('cpu', '?')}, {seed_meta.get('cores', '?')} cores, torch {seed_meta.get('torch', '?')} "
-                      f"({seed_meta.get('date', '?')}); last command `{seed_meta.get('command', '?')}` (one invocation per H and seed)."]
+    if seed_rows and results.get("meta_seeds"):
+        lines += ["", machine_line("Seed runs", results["meta_seeds"], "one invocation per H and seed")]
     tags = sorted({r.get("tag", "") for r in runs.values()} - {""})
     if tags:
         lines += ["", "Tuning runs (the same protocol with the parameters shown changed; `--set ... --tag`), "
@@ -341,6 +345,9 @@ def render(results: dict[str, Any]) -> str:
             gaps = " / ".join(f"{r['gaps'][str(f)]['gap_pct']:+.1f} %" if str(f) in r["gaps"] else "-" for f in FRACTIONS)
             gap = "-" if r["gap_pct"] is None else f"{r['gap_pct']:+.2f} %"
             lines.append(f"| `{r['tag']}` | {r['algorithm']} | {r['h'] or '-'} | {changed} | {r['final_eval']:.4f} | {gap} | {gaps} |")
+        if results.get("meta_tuning"):
+            lines += ["", machine_line("Tuning runs", results["meta_tuning"], "one invocation per tag, H and seed; the "
+                                       "reading notes below date each set")]
     notes = results.get("notes")
     if notes:
         lines += ["", notes.strip()]

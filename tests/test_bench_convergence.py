@@ -150,6 +150,12 @@ def test_tuning_runs_at_another_seed_are_compared_with_ddp_of_that_seed(tmp_path
     doc = bc.render({"runs": runs})
     assert "| `lr` | diloco | 10 | `outerLr=0.5` | 2.0500 | +2.50 % |" in doc
     assert "| `lr` | diloco | 10 | `outerLr=0.5`, seed 7 | 2.3100 | +5.00 % |" in doc
+    assert "Tuning runs: " not in doc  # nothing on record says where they ran
+    meta = {"cpu": "Some CPU", "cores": 2, "torch": "2.13.0+cpu", "date": "2026-12-04",
+            "command": "python bench/bench_convergence.py --tag lr --set algorithm.outerLr=0.5"}
+    assert ("Tuning runs: Some CPU, 2 cores, torch 2.13.0+cpu (2026-12-04); last command "
+            "`python bench/bench_convergence.py --tag lr --set algorithm.outerLr=0.5`") in bc.render(
+                {"runs": runs, "meta_tuning": meta})
     results = tmp_path / "r.json"
     results.write_text(json.dumps({"runs": runs}))
     with pytest.raises(SystemExit):  # no DDP at seed 9 to compare with, and ddp not asked for
