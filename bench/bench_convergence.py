@@ -19,10 +19,12 @@ layer (``loco_trainer.comm.Comm``). All algorithms are symmetric, so total bytes
 
 Results accumulate in ``bench/results/bench_convergence.json`` (one entry per run, written after
 each run, so an interrupted benchmark keeps what finished) and are rendered into the
-``## Convergence (CPU)`` section of ``docs/benchmarks.md`` and into ``docs/convergence.png``.
+``## Convergence (CPU)`` section of ``docs/benchmarks.md``, into ``docs/convergence.png`` (the curves)
+and into ``docs/convergence-gap.png`` (the final gap by H and run length).
 
     python bench/bench_convergence.py                  # the 2-core budget protocol (~30 min)
     python bench/bench_convergence.py --full           # >= 100 outer steps at every H
+    python bench/bench_convergence.py --grid           # every H at 1,000 / 5,000 / 10,000 inner steps
     python bench/bench_convergence.py --render-only    # re-render the doc and plot from the results
     python bench/bench_convergence.py --h 50 --outer-steps 40 --algorithms diloco \\
         --set algorithm.outerLr=1.0 --tag lr1.0       # a tuning run, kept apart from the main rows
@@ -49,6 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "bench_convergence.json"
 DOC = ROOT / "docs" / "benchmarks.md"
 PLOT = ROOT / "docs" / "convergence.png"
+GAP_PLOT = ROOT / "docs" / "convergence-gap.png"
 START, END = "<!-- bench_convergence:start -->", "<!-- bench_convergence:end -->"
 
 WORLD = 4
@@ -70,6 +73,10 @@ BASE_CONFIG: dict[str, Any] = {
 #: Outer steps per H: the 2-core budget protocol, and --full (>= 100 outer steps everywhere).
 BUDGET_PLAN = {10: 100, 50: 100, 100: 50}
 FULL_PLAN = {10: 100, 50: 100, 100: 100}
+#: --grid: every H at each token budget it reaches in >= 50 outer steps (1,000 / 5,000 / 10,000
+#: inner steps), so that the gap reads as a function of H at equal tokens and of run length at equal
+#: H. The budget plans confound the two: their H = 10 run is 5x shorter than the others.
+GRID_PLAN = {10: (100, 500, 1000), 50: (100, 200), 100: (50, 100)}
 
 
 # ------------------------------------------------------------------------------ pure pieces
@@ -78,6 +85,20 @@ FULL_PLAN = {10: 100, 50: 100, 100: 100}
 def eval_every_for(h: int, outer_steps: int) -> int:
     """Eval interval of a low-communication run: a multiple of H, about 20 evals per run."""
     return h * max(1, outer_steps // 20)
+
+
+def run_plan(hs: list[int] | None = None, outer_steps: int | None = None, *, full: bool = False,
+             grid: bool = False) -> list[tuple[int, int]]:
+    """The (H, outer steps) pairs to run: the budget plan, ``--full``'s or ``--grid``'s, kept to the
+    ``--h`` values given (an H outside the plan gets 100 outer steps), each with ``--outer-steps``
+    when given."""
+    base = ({h: list(outers) for h, outers in GRID_PLAN.items()} if grid
+            else {h: [outer] for h, outer in (FULL_PLAN if full else BUDGET_PLAN).items()})
+    if hs:
+        base = {h: base.get(h, [100]) for h in hs}
+    if outer_steps:
+        base = {h: [outer_steps] for h in base}
+    return [(h, outer) for h, outers in base.items() for outer in outers]
 
 
 def warmup_for(steps: int) -> int:
@@ -187,7 +208,7 @@ def summarize(runs: dict[str, dict[str, Any]], tag: str = "", seed: int | None =
     default_ddp = {r["steps"]: r for r in runs.values() if r["algorithm"] == "ddp" and not r.get("tag")}
     tagged_ddp = {r["steps"]: r for r in runs.values() if r["algorithm"] == "ddp" and tag and r.get("tag") == tag}
     low = sorted((r for r in runs.values() if r["algorithm"] != "ddp" and r.get("tag", "") == tag),
-                 key=lambda r: (r["h"], r["steps"], ALGORITHMS.index(r["algorithm"])))
+                 key=lambda r: (r["steps"], r["h"], ALGORITHMS.index(r["algorithm"])))
     seen_ddp: set[int] = set()
     for steps in sorted(set(tagged_ddp) - {r["steps"] for r in low}):  # a tagged DDP run alone
         rows.append(_row(tagged_ddp[steps], default_ddp.get(steps)))
@@ -267,6 +288,68 @@ def render_seeds(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def gap_grid(runs: dict[str, dict[str, Any]]) -> tuple[list[int], list[dict[str, Any]]]:
+    """The final gap vs DDP of the untagged main-seed runs, by H and run length: ``(lengths, rows)``
+    with ``lengths`` the inner-step counts that have a DDP run and a low-communication one, and one
+    row per (algorithm, H), in table order, as ``{"algorithm", "h", "reduction", "cells"}``;
+    ``cells`` maps a length to ``{"gap_pct", "outer_steps", "best", "seeds"}`` (``best``: the smallest
+    gap of that algorithm at that length at the main seed, when more than one H ran it; ``seeds``: the
+    gap at every seed, main seed included, each against DDP of its seed, when the cell also ran at other
+    seeds, else empty). ``reduction`` is the byte reduction vs DDP of the row's longest run (it depends
+    on H, hardly on the length)."""
+    main = {k: r for k, r in runs.items() if not r.get("tag") and r.get("seed") is None}
+    ddp = {r["steps"]: r for r in main.values() if r["algorithm"] == "ddp"}
+    default_seed = BASE_CONFIG["training"]["seed"]
+    seeded: dict[tuple[str, int, int], dict[int, float]] = {}
+    for s in summarize_seeds(runs):
+        if s["algorithm"] != "ddp" and len(s["per_seed"]) > 1:
+            seeded[(s["algorithm"], s["h"], s["steps"])] = {p["seed"]: p["gap_pct"] for p in s["per_seed"]
+                                                            if p["gap_pct"] is not None}
+    low = [r for r in main.values() if r["algorithm"] != "ddp" and r["steps"] in ddp]
+    lengths = sorted({r["steps"] for r in low})
+    rows: dict[tuple[str, int], dict[str, Any]] = {}
+    for r in sorted(low, key=lambda r: (ALGORITHMS.index(r["algorithm"]), r["h"], r["steps"])):
+        row = rows.setdefault((r["algorithm"], r["h"]), {"algorithm": r["algorithm"], "h": r["h"], "cells": {}})
+        ref = ddp[r["steps"]]
+        seeds = seeded.get((r["algorithm"], r["h"], r["steps"]), {})
+        row["cells"][r["steps"]] = {"gap_pct": gap_pct(r["final_eval"], ref["final_eval"]),
+                                    "outer_steps": r["steps"] // r["h"], "best": False,
+                                    "seeds": seeds if default_seed in seeds else {}}
+        row["reduction"] = ref["final_bytes"] / r["final_bytes"] if r["final_bytes"] > 0 else None
+    for algorithm in LOW_COMM:
+        for steps in lengths:
+            cells = [row["cells"][steps] for (a, _), row in rows.items() if a == algorithm and steps in row["cells"]]
+            if len(cells) > 1:
+                min(cells, key=lambda c: c["gap_pct"])["best"] = True
+    return lengths, list(rows.values())
+
+
+def render_gap_grid(lengths: list[int], rows: list[dict[str, Any]], tokens_per_step: int) -> list[str]:
+    """Markdown lines of :func:`gap_grid` (empty when there is nothing to show)."""
+    if not rows:
+        return []
+    lines = ["", "**The gap as a function of H and of run length** (the rows above; final eval loss vs DDP of the "
+                 "same length, outer steps in brackets, in bold the best H of each algorithm at that length; "
+                 "where a cell also ran at other seeds, the range of the gap over all its seeds, each against DDP "
+                 "of its seed; `--grid` runs them all):", "",
+             "| algorithm | H | byte reduction | " + " | ".join(
+                 f"{steps:,} inner steps ({steps * tokens_per_step / 1e6:.1f} M tokens)" for steps in lengths) + " |",
+             "|---|---:|---:|" + "---:|" * len(lengths)]
+    for row in rows:
+        cells = []
+        for steps in lengths:
+            c = row["cells"].get(steps)
+            text = "-" if c is None else f"{c['gap_pct']:+.2f} % ({c['outer_steps']})"
+            text = f"**{text}**" if c and c["best"] else text
+            if c and c["seeds"]:
+                gaps = c["seeds"].values()
+                text += f"; {len(c['seeds'])} seeds: {min(gaps):+.2f} to {max(gaps):+.2f} %"
+            cells.append(text)
+        reduction = "-" if row.get("reduction") is None else f"{row['reduction']:,.0f}x"
+        lines.append(f"| {row['algorithm']} | {row['h']} | {reduction} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def fmt_bytes(n: float) -> str:
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= scale:
@@ -324,6 +407,7 @@ def render(results: dict[str, Any]) -> str:
         "",
     ]
     lines += render_table(summarize(runs))
+    lines += render_gap_grid(*gap_grid(runs), tokens_per_step=any_run["tokens_per_step"])
     seed_rows = summarize_seeds(runs)
     lines += render_seeds(seed_rows)
     if seed_rows and results.get("meta_seeds"):
@@ -351,7 +435,7 @@ def render(results: dict[str, Any]) -> str:
     notes = results.get("notes")
     if notes:
         lines += ["", notes.strip()]
-    lines += ["", "![eval loss vs tokens](convergence.png)", ""]
+    lines += ["", "![eval loss vs tokens](convergence.png)", "", "![gap vs DDP by H and run length](convergence-gap.png)", ""]
     if meta:
         lines += [f"Machine: {meta.get('cpu', '?')}, {meta.get('cores', '?')} cores, torch {meta.get('torch', '?')}, "
                   f"Python {meta.get('python', '?')} ({meta.get('date', '?')}; 1-minute load {meta.get('load_1min', '?')} "
@@ -382,8 +466,22 @@ def plot_panels(results: dict[str, Any]) -> list[tuple[int, int, list[dict[str, 
     return panels
 
 
+def panel_layout(panels: list[tuple[int, int, list[dict[str, Any]]]]) -> tuple[int, int, list[tuple[int, int]]]:
+    """Where :func:`plot_panels`' panels go: ``(nrows, ncols, [(row, col) per panel])``, a row per
+    run length and a column per H, so that a column reads run length at one H and a row H at equal
+    tokens; cells no run fills stay empty."""
+    lengths = sorted({steps for _, steps, _ in panels})
+    hs = sorted({h for h, _, _ in panels})
+    return len(lengths), len(hs), [(lengths.index(steps), hs.index(h)) for h, steps, _ in panels]
+
+
+STYLES = {"ddp": ("black", "-"), "diloco": ("tab:blue", "-"), "streaming-diloco": ("tab:orange", "--"),
+          "noloco": ("tab:green", "-."), "co2": ("tab:red", ":")}
+
+
 def plot(results: dict[str, Any], path: Path = PLOT) -> None:
-    """Eval loss vs training tokens, one panel per H and run length (:func:`plot_panels`), two panels a row."""
+    """Eval loss vs training tokens, one panel per H and run length (:func:`plot_panels`), laid out by
+    :func:`panel_layout`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -392,14 +490,13 @@ def plot(results: dict[str, Any], path: Path = PLOT) -> None:
     panels = plot_panels(results)
     if not panels:
         return
-    ncols = min(2, len(panels))
-    nrows = -(-len(panels) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(6.4 * ncols, 4.4 * nrows), squeeze=False)
-    styles = {"ddp": ("black", "-"), "diloco": ("tab:blue", "-"), "streaming-diloco": ("tab:orange", "--"),
-              "noloco": ("tab:green", "-."), "co2": ("tab:red", ":")}
-    for ax, (h, steps, runs) in zip(axes.flat, panels):
+    nrows, ncols, cells = panel_layout(panels)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.4 * ncols, 3.9 * nrows), squeeze=False)
+    used = set(cells)
+    for (h, steps, runs), (i, j) in zip(panels, cells):
+        ax = axes[i][j]
         for r in runs:
-            color, ls = styles.get(r["algorithm"], ("gray", "-"))
+            color, ls = STYLES.get(r["algorithm"], ("gray", "-"))
             xs = [e[0] * r["tokens_per_step"] / 1e6 for e in r["evals"]]
             label = r["algorithm"] + ("" if r["algorithm"] == "ddp" else f" ({fmt_bytes(r['final_bytes'] * WORLD)})")
             ax.plot(xs, [e[1] for e in r["evals"]], color=color, ls=ls, label=label, lw=1.6)
@@ -411,11 +508,62 @@ def plot(results: dict[str, Any], path: Path = PLOT) -> None:
         finals = [e[1] for r in runs for e in r["evals"][len(r["evals"]) // 4:]]
         if finals:
             ax.set_ylim(min(finals) - 0.1, max(finals) + 0.4)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.set_visible(False)
-    fig.suptitle(f"Eval loss vs training tokens ({WORLD} ranks, equal tokens)", fontsize=10)
+    for i in range(nrows):
+        for j in range(ncols):
+            if (i, j) not in used:
+                axes[i][j].set_visible(False)
+    fig.suptitle(f"Eval loss vs training tokens ({WORLD} ranks, equal tokens; a row per run length, a column per H)",
+                 fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_gaps(results: dict[str, Any], path: Path = GAP_PLOT, goal_pct: float = 3.0) -> None:
+    """The final gap vs DDP against run length, one panel per algorithm and one line per H
+    (:func:`gap_grid`; the line at the main seed, a bar over the range of the seeds where a cell ran
+    at several), with the goal as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths, rows = gap_grid(results.get("runs", {}))
+    algorithms = [a for a in LOW_COMM if any(r["algorithm"] == a for r in rows)]
+    if not algorithms:
+        return
+    hs = sorted({r["h"] for r in rows})
+    colors = dict(zip(hs, ("tab:purple", "tab:cyan", "tab:olive", "tab:brown", "tab:pink")))
+    ncols = min(2, len(algorithms))
+    nrows = -(-len(algorithms) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.4 * ncols, 3.6 * nrows), squeeze=False, sharex=True)
+    for ax, algorithm in zip(axes.flat, algorithms):
+        for r in (r for r in rows if r["algorithm"] == algorithm):
+            steps = sorted(r["cells"])
+            reduction = f", {r['reduction']:,.0f}x fewer bytes" if r.get("reduction") else ""
+            color = colors.get(r["h"], "gray")
+            ax.plot(steps, [r["cells"][s]["gap_pct"] for s in steps], marker="o", color=color,
+                    label=f"H = {r['h']}{reduction}")
+            for s in steps:  # the range over seeds, where the cell ran at several
+                if r["cells"][s]["seeds"]:
+                    gaps = r["cells"][s]["seeds"].values()
+                    ax.vlines(s * (1 + 0.03 * (hs.index(r["h"]) - 1)), min(gaps), max(gaps), color=color, lw=3, alpha=0.35)
+        ax.axhline(goal_pct, color="gray", ls="--", lw=1, label=f"goal: {goal_pct:g} %")
+        ax.axhline(0, color="black", lw=0.6)
+        ax.set_xscale("log")
+        ax.set_xticks(lengths, [f"{s:,}" for s in lengths])
+        ax.minorticks_off()
+        ax.set_title(algorithm)
+        ax.set_xlabel("run length (inner steps, equal tokens)")
+        ax.set_ylabel("final eval loss gap vs DDP (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(algorithms):]:
+        ax.set_visible(False)
+    fig.suptitle(f"Gap to DDP by H and run length ({WORLD} ranks, equal tokens; bars: the range over seeds, where a point "
+                 "ran at several)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -462,6 +610,8 @@ def save(results: dict[str, Any], path: Path = RESULTS) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--full", action="store_true", help="100 outer steps at every H (needs a bigger machine)")
+    parser.add_argument("--grid", action="store_true",
+                        help="every H at every token budget of GRID_PLAN (1,000 / 5,000 / 10,000 inner steps; ~75 min on 2 cores)")
     parser.add_argument("--h", type=int, action="append", help="only this H (repeatable; default: 10, 50, 100)")
     parser.add_argument("--outer-steps", type=int, default=None, help="outer steps per run (default: the plan's)")
     parser.add_argument("--algorithms", default=",".join(ALGORITHMS), help="comma-separated (default: all, ddp first)")
@@ -475,7 +625,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--render-only", action="store_true", help="only re-render docs from the results file")
     parser.add_argument("--force", action="store_true", help="re-run runs already in the results file")
     parser.add_argument("--results", type=Path, default=RESULTS, help="results file (default %(default)s)")
-    parser.add_argument("--no-doc", action="store_true", help="do not touch docs/benchmarks.md or docs/convergence.png")
+    parser.add_argument("--no-doc", action="store_true", help="do not touch docs/benchmarks.md or the plots (docs/convergence*.png)")
     args = parser.parse_args(argv)
     if args.overrides and not args.tag:
         parser.error("--set makes a tuning run: name it with --tag (tuning runs are listed apart from the main rows)")
@@ -485,11 +635,7 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, Any] = json.loads(args.results.read_text()) if args.results.exists() else {}
     results.setdefault("runs", {})
     if not args.render_only:
-        plan = dict(FULL_PLAN if args.full else BUDGET_PLAN)
-        if args.h:
-            plan = {h: plan.get(h, 100) for h in args.h}
-        if args.outer_steps:
-            plan = {h: args.outer_steps for h in plan}
+        plan = run_plan(args.h, args.outer_steps, full=args.full, grid=args.grid)
         from benchdoc import parse_algorithms  # bench/ is on sys.path when run as a script
 
         algorithms = parse_algorithms(args.algorithms, ALGORITHMS)
@@ -500,7 +646,7 @@ def main(argv: list[str] | None = None) -> None:
         protocol = protocol_overrides(overrides)
         ddp_tag = args.tag if protocol else ""
         if args.tag and (args.seed is not None or protocol) and "ddp" not in algorithms:
-            missing = [h * outer for h, outer in plan.items()
+            missing = [h * outer for h, outer in plan
                        if run_key("ddp", None, h * outer, ddp_tag, args.seed) not in results["runs"]]
             if missing:
                 what = (f"with {', '.join(sorted(protocol))} (a change to the training protocol: DDP needs it too)"
@@ -509,7 +655,7 @@ def main(argv: list[str] | None = None) -> None:
         results[meta_key] = {**machine(), "command": "python bench/bench_convergence.py " + " ".join(sys.argv[1:] if argv is None else argv)}
         with tempfile.TemporaryDirectory(prefix="bench-convergence-") as tmp:
             work = Path(tmp)
-            for h, outer in plan.items():
+            for h, outer in plan:
                 steps = h * outer
                 for algorithm in algorithms:
                     is_ddp = algorithm == "ddp"
@@ -541,7 +687,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     write_doc(render(results))
     plot(results)
-    print(f"updated {DOC.relative_to(ROOT)} and {PLOT.relative_to(ROOT)}")
+    plot_gaps(results)
+    print(f"updated {DOC.relative_to(ROOT)}, {PLOT.relative_to(ROOT)} and {GAP_PLOT.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

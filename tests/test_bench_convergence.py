@@ -45,8 +45,8 @@ def test_build_config_is_a_valid_trainer_config_with_equal_tokens() -> None:
 
 
 def test_eval_points_fall_on_outer_steps() -> None:
-    for plan in (bc.BUDGET_PLAN, bc.FULL_PLAN):
-        for h, outer in plan.items():
+    for plan in (bc.run_plan(), bc.run_plan(full=True), bc.run_plan(grid=True)):
+        for h, outer in plan:
             every = bc.eval_every_for(h, outer)
             # on an outer step, and DDP (evaluated every 50 steps) has the same point
             assert every % h == 0 and every % 50 == 0 and (h * outer) // every >= 10
@@ -98,12 +98,67 @@ def test_the_plot_has_one_panel_per_h_and_run_length_each_with_its_own_ddp(tmp_p
     }
     panels = bc.plot_panels({"runs": runs})
     assert [(h, steps) for h, steps, _ in panels] == [(10, 500), (100, 500), (100, 1000)]
+    # a row per run length, a column per H: (100, 1000) sits under (100, 500), beside an empty cell
+    assert bc.panel_layout(panels) == (2, 2, [(0, 0), (0, 1), (1, 1)])
     lines = {(h, steps): [(r["algorithm"], r["steps"], r["final_eval"]) for r in rs] for h, steps, rs in panels}
     assert lines[(100, 500)] == [("ddp", 500, 1.8), ("diloco", 500, 1.9), ("co2", 500, 2.0)]
     assert lines[(100, 1000)] == [("ddp", 1000, 1.6), ("diloco", 1000, 1.7)]  # no tagged or other-seed run
     assert lines[(10, 500)] == [("ddp", 500, 1.8), ("diloco", 500, 1.9)]
     png = tmp_path / "convergence.png"
     bc.plot({"runs": runs}, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_run_plans() -> None:
+    assert bc.run_plan() == [(10, 100), (50, 100), (100, 50)]
+    assert bc.run_plan(full=True) == [(10, 100), (50, 100), (100, 100)]
+    grid = bc.run_plan(grid=True)
+    assert grid == [(10, 100), (10, 500), (10, 1000), (50, 100), (50, 200), (100, 50), (100, 100)]
+    # every H at each budget it reaches in >= 50 outer steps, and every budget shared by two H or more
+    budgets = {h * outer for h, outer in grid}
+    assert budgets == {1000, 5000, 10000} and all(outer >= 50 for _, outer in grid)
+    assert all(sum(h * outer == b for h, outer in grid) >= 2 for b in budgets - {1000})
+    assert bc.run_plan([100], grid=True) == [(100, 50), (100, 100)]
+    assert bc.run_plan([100, 25]) == [(100, 50), (25, 100)]  # an H outside the plan: 100 outer steps
+    assert bc.run_plan([10, 50], 200, grid=True) == [(10, 200), (50, 200)]
+
+
+def test_the_gap_grid_reads_h_at_equal_tokens_and_run_length_at_equal_h(tmp_path) -> None:
+    """One row per (algorithm, H), one column per run length that has a DDP run; the best H of an
+    algorithm at a length is marked; tagged, other-seed and DDP-less runs stay out."""
+    runs = {
+        "ddp-1k": _run("ddp", None, 1000, [], 2.0, 1000),
+        "ddp-5k": _run("ddp", None, 5000, [], 1.6, 1000),
+        "diloco-10-1k": _run("diloco", 10, 1000, [], 2.1, 100),
+        "diloco-10-5k": _run("diloco", 10, 5000, [], 1.64, 100),
+        "diloco-50-5k": _run("diloco", 50, 5000, [], 1.62, 20),
+        "streaming-10-5k": _run("streaming-diloco", 10, 5000, [], 1.68, 25),
+        "diloco-50-20k": _run("diloco", 50, 20000, [], 1.0, 20),  # no DDP of that length
+        "tuned": _run("diloco", 50, 5000, [], 1.5, 20, tag="t"),
+        "seed": {**_run("diloco", 50, 5000, [], 1.5, 20), "seed": 2},
+        "ddp-seed": {**_run("ddp", None, 5000, [], 1.4, 1000), "seed": 2},
+        "seed-10-1k": {**_run("diloco", 10, 1000, [], 1.5, 100), "seed": 2},  # no DDP at seed 2, 1k: no range
+    }
+    lengths, rows = bc.gap_grid(runs)
+    assert lengths == [1000, 5000]
+    by = {(r["algorithm"], r["h"]): r for r in rows}
+    assert list(by) == [("diloco", 10), ("diloco", 50), ("streaming-diloco", 10)]
+    assert by[("diloco", 10)]["cells"][1000] == {"gap_pct": pytest.approx(5.0), "outer_steps": 100, "best": False,
+                                                 "seeds": {}}
+    assert by[("diloco", 10)]["cells"][5000]["gap_pct"] == pytest.approx(2.5)
+    # seed 2 against DDP of seed 2 (1.5 vs 1.4), the main seed against the main DDP
+    seeds = {2: pytest.approx(100 * 0.1 / 1.4), bc.BASE_CONFIG["training"]["seed"]: pytest.approx(1.25)}
+    assert by[("diloco", 50)]["cells"] == {5000: {"gap_pct": pytest.approx(1.25), "outer_steps": 100, "best": True,
+                                                  "seeds": seeds}}
+    assert not by[("streaming-diloco", 10)]["cells"][5000]["best"]  # the only H of its algorithm there
+    assert by[("diloco", 50)]["reduction"] == pytest.approx((5000 * 1000 + 7) / (5000 * 20 + 7))
+    table = "\n".join(bc.render_gap_grid(lengths, rows, tokens_per_step=1024))
+    assert "| algorithm | H | byte reduction | 1,000 inner steps (1.0 M tokens) | 5,000 inner steps (5.1 M tokens) |" in table
+    assert "| diloco | 10 | 10x | +5.00 % (100) | +2.50 % (500) |" in table
+    assert "| diloco | 50 | 50x | - | **+1.25 % (100)**; 2 seeds: +1.25 to +7.14 % |" in table
+    assert bc.render_gap_grid([], [], 1024) == []
+    png = tmp_path / "gap.png"
+    bc.plot_gaps({"runs": runs}, png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
