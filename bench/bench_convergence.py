@@ -339,7 +339,7 @@ def render_gap_grid(lengths: list[int], rows: list[dict[str, Any]], tokens_per_s
         cells = []
         for steps in lengths:
             c = row["cells"].get(steps)
-            text = "-" if c is None else f"{c['gap_pct']:+.2f} % ({c['outer_steps']})"
+            text = "-" if c is None else f"{c['gap_pct']:+.2f} % ({c['outer_steps']:,})"
             text = f"**{text}**" if c and c["best"] else text
             if c and c["seeds"]:
                 gaps = c["seeds"].values()
@@ -370,8 +370,9 @@ def render_table(rows: list[dict[str, Any]]) -> list[str]:
         ) if r["gap_pct"] is not None else "-"
         gap = "-" if r["gap_pct"] is None else f"{r['gap_pct']:+.2f} %"
         reduction = "-" if r["reduction"] is None else f"{r['reduction']:,.0f}x"
+        outer = f"{r['outer_steps']:,}" if r["outer_steps"] else "-"
         lines.append(
-            f"| {r['algorithm']} | {r['h'] or '-'} | {r['outer_steps'] or '-'} | {r['steps']:,} | {r['final_eval']:.4f} | "
+            f"| {r['algorithm']} | {r['h'] or '-'} | {outer} | {r['steps']:,} | {r['final_eval']:.4f} | "
             f"{gap} | {gaps} | {fmt_bytes(r['bytes_per_step'])} | {fmt_bytes(r['total_bytes'])} | {reduction} |"
         )
     return lines
@@ -418,17 +419,17 @@ def render(results: dict[str, Any]) -> str:
                       "against the DDP run of the same length (and seed) above. A change to the training protocol "
                       "(a `training.*` field) also ran DDP with it: that tag's rows compare with that DDP run, and "
                       "the DDP row with the default DDP run.", "",
-                  "| tag | algorithm | H | changed | final eval loss | gap vs DDP | gap at 25 % / 50 % / 100 % |",
-                  "|---|---|---:|---|---:|---:|---|"]
+                  "| tag | algorithm | H | inner steps | changed | final eval loss | gap vs DDP | gap at 25 % / 50 % / 100 % |",
+                  "|---|---|---:|---:|---|---:|---:|---|"]
         seeds = sorted({r.get("seed") for r in runs.values() if r.get("tag")}, key=lambda s: (s is not None, s or 0))
         tuned = [r for tag in tags for seed in seeds for r in summarize(runs, tag, seed)
                  if r["algorithm"] != "ddp" or r["tag"]]
-        for r in sorted(tuned, key=lambda r: (ALGORITHMS.index(r["algorithm"]), r["h"] or 0, r["tag"], r["seed"] or 0)):
+        for r in sorted(tuned, key=lambda r: (ALGORITHMS.index(r["algorithm"]), r["h"] or 0, r["tag"], r["steps"], r["seed"] or 0)):
             changed = ", ".join([f"`{k.split('.', 1)[-1]}={v}`" for k, v in r["overrides"].items()]
                                 + ([f"seed {r['seed']}"] if r["seed"] is not None else []))
             gaps = " / ".join(f"{r['gaps'][str(f)]['gap_pct']:+.1f} %" if str(f) in r["gaps"] else "-" for f in FRACTIONS)
             gap = "-" if r["gap_pct"] is None else f"{r['gap_pct']:+.2f} %"
-            lines.append(f"| `{r['tag']}` | {r['algorithm']} | {r['h'] or '-'} | {changed} | {r['final_eval']:.4f} | {gap} | {gaps} |")
+            lines.append(f"| `{r['tag']}` | {r['algorithm']} | {r['h'] or '-'} | {r['steps']:,} | {changed} | {r['final_eval']:.4f} | {gap} | {gaps} |")
         if results.get("meta_tuning"):
             lines += ["", machine_line("Tuning runs", results["meta_tuning"], "one invocation per tag, H and seed; the "
                                        "reading notes below date each set")]

@@ -196,6 +196,8 @@ def test_tuning_runs_at_another_seed_are_compared_with_ddp_of_that_seed(tmp_path
         "diloco|lr|seed=7": {**_run("diloco", 10, 200, [], 2.31, 20, tag="lr"), "seed": 7,
                              "overrides": {"algorithm.outerLr": 0.5}},
         "diloco|lr": {**_run("diloco", 10, 200, [], 2.05, 20, tag="lr"), "overrides": {"algorithm.outerLr": 0.5}},
+        "ddp-long": _run("ddp", None, 400, [], 1.6, 1000),
+        "diloco|lr|long": {**_run("diloco", 10, 400, [], 1.68, 20, tag="lr"), "overrides": {"algorithm.outerLr": 0.5}},
     }
     assert [(r["algorithm"], r["final_eval"]) for r in bc.summarize(runs)] == [("ddp", 2.0), ("diloco", 2.1)]
     at7 = bc.summarize(runs, "lr", 7)
@@ -203,8 +205,10 @@ def test_tuning_runs_at_another_seed_are_compared_with_ddp_of_that_seed(tmp_path
     assert at7[1]["gap_pct"] == pytest.approx(5.0)  # against DDP of seed 7 (2.2), not of the main seed (2.0)
     assert [r["algorithm"] for r in bc.summarize_seeds(runs)] == ["ddp"]  # the tagged run stays out of it
     doc = bc.render({"runs": runs})
-    assert "| `lr` | diloco | 10 | `outerLr=0.5` | 2.0500 | +2.50 % |" in doc
-    assert "| `lr` | diloco | 10 | `outerLr=0.5`, seed 7 | 2.3100 | +5.00 % |" in doc
+    assert "| `lr` | diloco | 10 | 200 | `outerLr=0.5` | 2.0500 | +2.50 % |" in doc
+    assert "| `lr` | diloco | 10 | 200 | `outerLr=0.5`, seed 7 | 2.3100 | +5.00 % |" in doc
+    # the same tag at another run length: its own row, told apart by its inner steps, against DDP of that length
+    assert "| `lr` | diloco | 10 | 400 | `outerLr=0.5` | 1.6800 | +5.00 % |" in doc
     assert "Tuning runs: " not in doc  # nothing on record says where they ran
     meta = {"cpu": "Some CPU", "cores": 2, "torch": "2.13.0+cpu", "date": "2026-12-04",
             "command": "python bench/bench_convergence.py --tag lr --set algorithm.outerLr=0.5"}
@@ -240,8 +244,8 @@ def test_a_training_protocol_change_runs_ddp_with_it_and_compares_with_that_run(
     assert diloco_row["gaps"]["0.5"]["gap_pct"] == pytest.approx(5.0)
     assert bc.summarize(runs, "lr")[1]["gap_pct"] == pytest.approx(2.5)  # an algorithm-only tag: the default DDP
     doc = bc.render({"runs": runs})
-    assert "| `wu` | ddp | - | `warmupSteps=20` | 2.2000 | +10.00 % |" in doc
-    assert "| `wu` | diloco | 10 | `warmupSteps=20` | 2.3100 | +5.00 % |" in doc
+    assert "| `wu` | ddp | - | 200 | `warmupSteps=20` | 2.2000 | +10.00 % |" in doc
+    assert "| `wu` | diloco | 10 | 200 | `warmupSteps=20` | 2.3100 | +5.00 % |" in doc
     assert "| `lr` | ddp |" not in doc
     cfg = bc.build_config("ddp", None, 200, 50, "/tmp/ck", bc.protocol_overrides({"algorithm.outerLr": 0.5, **wu}))
     assert cfg["training"]["warmupSteps"] == 20 and cfg["algorithm"] == {"name": "ddp"}
