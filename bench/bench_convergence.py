@@ -610,8 +610,9 @@ def save(results: dict[str, Any], path: Path = RESULTS) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--full", action="store_true", help="100 outer steps at every H (needs a bigger machine)")
-    parser.add_argument("--grid", action="store_true",
+    plans = parser.add_mutually_exclusive_group()
+    plans.add_argument("--full", action="store_true", help="100 outer steps at every H (needs a bigger machine)")
+    plans.add_argument("--grid", action="store_true",
                         help="every H at every token budget of GRID_PLAN (1,000 / 5,000 / 10,000 inner steps; ~75 min on 2 cores)")
     parser.add_argument("--h", type=int, action="append", help="only this H (repeatable; default: 10, 50, 100)")
     parser.add_argument("--outer-steps", type=int, default=None, help="outer steps per run (default: the plan's)")

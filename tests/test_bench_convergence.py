@@ -121,6 +121,8 @@ def test_the_run_plans() -> None:
     assert bc.run_plan([100], grid=True) == [(100, 50), (100, 100)]
     assert bc.run_plan([100, 25]) == [(100, 50), (25, 100)]  # an H outside the plan: 100 outer steps
     assert bc.run_plan([10, 50], 200, grid=True) == [(10, 200), (50, 200)]
+    with pytest.raises(SystemExit):  # one plan at a time
+        bc.main(["--full", "--grid", "--no-doc"])
 
 
 def test_the_gap_grid_reads_h_at_equal_tokens_and_run_length_at_equal_h(tmp_path) -> None:

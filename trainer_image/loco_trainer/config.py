@@ -229,7 +229,8 @@ ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
     "ddp": {},
     # DiLoCo (Douillard et al. 2023): H=500 in the paper; our tiny demo models use a smaller H. H = 50 had the
     # smallest gap to DDP at every seed over 10,000 inner steps at equal tokens, against H = 10 and 100. Outer lr: the
-    # paper's 0.7 is the best or within 0.6 points of it at every H measured (1.0 wins at H = 50 only; docs/algorithms.md).
+    # paper's 0.7 is the best or within 0.6 points of it at every H and length measured, and the best over 10,000 steps
+    # at H = 50 (1.0 won over 5,000 steps there only; docs/algorithms.md).
     "diloco": {"sync_every": 50, "outer_lr": 0.7, "outer_momentum": 0.9, "nesterov": True},
     # Streaming DiLoCo (Douillard et al. 2025): tau small, 4-bit E3M0 exchange; alpha 0 rather than the paper's
     # 0.5 (bench_convergence, H=50: gap vs DDP +6.4 % at 0.5, +2.1 % at 0; docs/algorithms.md).
