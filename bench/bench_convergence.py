@@ -299,7 +299,6 @@ def gap_grid(runs: dict[str, dict[str, Any]]) -> tuple[list[int], list[dict[str,
     on H, hardly on the length)."""
     main = {k: r for k, r in runs.items() if not r.get("tag") and r.get("seed") is None}
     ddp = {r["steps"]: r for r in main.values() if r["algorithm"] == "ddp"}
-    default_seed = BASE_CONFIG["training"]["seed"]
     seeded: dict[tuple[str, int, int], dict[int, float]] = {}
     for s in summarize_seeds(runs):
         if s["algorithm"] != "ddp" and len(s["per_seed"]) > 1:
@@ -311,10 +310,9 @@ def gap_grid(runs: dict[str, dict[str, Any]]) -> tuple[list[int], list[dict[str,
     for r in sorted(low, key=lambda r: (ALGORITHMS.index(r["algorithm"]), r["h"], r["steps"])):
         row = rows.setdefault((r["algorithm"], r["h"]), {"algorithm": r["algorithm"], "h": r["h"], "cells": {}})
         ref = ddp[r["steps"]]
-        seeds = seeded.get((r["algorithm"], r["h"], r["steps"]), {})
         row["cells"][r["steps"]] = {"gap_pct": gap_pct(r["final_eval"], ref["final_eval"]),
                                     "outer_steps": r["steps"] // r["h"], "best": False,
-                                    "seeds": seeds if default_seed in seeds else {}}
+                                    "seeds": seeded.get((r["algorithm"], r["h"], r["steps"]), {})}
         row["reduction"] = ref["final_bytes"] / r["final_bytes"] if r["final_bytes"] > 0 else None
     for algorithm in LOW_COMM:
         for steps in lengths:
