@@ -5,20 +5,25 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 LOCO := $(VENV)/bin/loco
 STAMP := $(VENV)/.installed
-# The CPU wheel of torch 2.13.0 lies on the build machines; the pin keeps pip from pulling a CUDA build.
+# torch==2.13.0 from PyPI is its CUDA build (about 4.5 GB with the nvidia-* wheels; PyPI has no CPU-only wheel):
+# it runs on CPU as well, and the disk check below fails early, with the numbers, where it cannot fit.
 PIP_INSTALL := $(PY) -m pip install --disable-pip-version-check -q
+INSTALL_MIN_FREE_GB := 8
 
-.PHONY: install tools test e2e demo demo-fault crds bench gpu-wheels clean help
+.PHONY: install tools kube test e2e demo demo-fault crds bench gpu-wheels clean help
 
 help:
 	@echo "make demo   - create .venv, install, run a real TrainingJob on the embedded local cluster"
 	@echo "make test   - create .venv, install, run the whole suite (unit, multi-process, e2e)"
 	@echo "make crds   - regenerate crds/trainingjob.yaml from the pydantic models"
+	@echo "make kube   - build the real Kubernetes control plane (Go) into ~/.cache/loco/kube"
 	@echo "make demo-fault - the demo with a straggler injected: blamed, isolated, resumed"
 	@echo "make bench  - the trainer CPU benchmark (others: bench/*.py, see docs/benchmarks.md)"
 	@echo "make gpu-wheels - .whl/: the wheels bench/gpu_checks.sh installs on a lent GPU machine"
 
 $(STAMP): pyproject.toml
+	@free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); if [ "$$free" -lt $(INSTALL_MIN_FREE_GB) ]; then \
+		echo "make install: $$free GB free here; the install (torch's CUDA build from PyPI) needs $(INSTALL_MIN_FREE_GB) GB" >&2; exit 1; fi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) -e '.[operator,trainer,dev]'
 	@touch $(STAMP)
@@ -32,7 +37,12 @@ tools:
 		apt-get update -q && apt-get install -y -q --no-install-recommends prometheus; \
 		else echo "note: promtool/prometheus missing and no root apt-get: install Debian's 'prometheus' package"; fi; }
 
-test: install tools
+# The real Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler) from the
+# Go modules pinned in local/kube, built once into ~/.cache/loco/kube/<hash of its sources>/ (docs/local-cluster.md).
+kube:
+	@local/kube/build.sh >/dev/null
+
+test: install tools kube
 	$(PY) -m pytest -q -ra tests e2e
 
 e2e: install

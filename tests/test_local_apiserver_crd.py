@@ -242,6 +242,34 @@ async def test_crd_with_a_broken_rule_is_rejected(call):
     assert status == 422 and "x-kubernetes-validations[0].rule" in body["message"]
 
 
+async def test_crd_whose_metadata_schema_says_more_than_name_rules_is_rejected_as_kube_apiserver_does(call):
+    # found against the real kube-apiserver: the TrainingJob CRD's metadata schema carried a description
+    crd = copy.deepcopy(WIDGET_CRD)
+    crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["metadata"] = {
+        "type": "object", "description": "Standard object metadata."}
+    status, body = await call("POST", CRDS, crd)
+    assert status == 422
+    assert "openAPIV3Schema.properties[metadata]: Forbidden: must not specify anything other than name and " \
+           "generateName" in body["message"]
+    crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["metadata"] = {"type": "object"}
+    status, _ = await call("POST", CRDS, crd)
+    assert status == 201
+
+
+async def test_crd_whose_rule_fails_on_a_default_value_is_rejected_as_kube_apiserver_does(call):
+    # kube-apiserver checks each default as written, nested defaults not applied (found with the TrainingJob CRD)
+    crd = copy.deepcopy(WIDGET_CRD)
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    spec["default"] = {}
+    spec["x-kubernetes-validations"] = [{"rule": "self.replicas >= 1", "message": "needs replicas"}]
+    status, body = await call("POST", CRDS, crd)
+    assert status == 422
+    assert "spec.validation.openAPIV3Schema.properties[spec].default" in body["message"], body["message"]
+    spec["x-kubernetes-validations"] = [{"rule": "!has(self.replicas) || self.replicas >= 1", "message": "m"}]
+    status, _ = await call("POST", CRDS, crd)
+    assert status == 201
+
+
 TRAININGJOB_CRD = REPO / "crds" / "trainingjob.yaml"
 QUICKSTART = REPO / "examples" / "quickstart.yaml"
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))

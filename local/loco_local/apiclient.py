@@ -17,11 +17,14 @@ import contextlib
 import json
 import logging
 import secrets
+import ssl
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import yaml
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +54,29 @@ class ApiError(Exception):
 class ApiClient:
     """JSON over HTTP to one API server. Create it inside a running event loop; ``await close()``."""
 
-    def __init__(self, url: str, *, timeout_s: float = 30.0) -> None:
+    def __init__(self, url: str, *, timeout_s: float = 30.0, ssl_context: ssl.SSLContext | None = None,
+                 token: str | None = None) -> None:
         self.url = url.rstrip("/")
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout_s))
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        connector = aiohttp.TCPConnector(ssl=ssl_context) if ssl_context is not None else None
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout_s),
+                                              headers=headers, connector=connector)
         self._timeout_s = timeout_s
+
+    @classmethod
+    def from_kubeconfig(cls, path: str | Path, **kwargs: Any) -> "ApiClient":
+        """A client for the current context of a kubeconfig: its server, CA, client certificate or token
+        (file references, as the kubeconfigs Loco writes hold)."""
+        doc = yaml.safe_load(Path(path).read_text())
+        context = next(c["context"] for c in doc["contexts"] if c["name"] == doc["current-context"])
+        cluster = next(c["cluster"] for c in doc["clusters"] if c["name"] == context["cluster"])
+        user = next((u.get("user") or {} for u in doc.get("users") or [] if u["name"] == context.get("user")), {})
+        ssl_context = None
+        if cluster["server"].startswith("https:"):
+            ssl_context = ssl.create_default_context(cafile=cluster.get("certificate-authority"))
+            if user.get("client-certificate"):
+                ssl_context.load_cert_chain(user["client-certificate"], user.get("client-key"))
+        return cls(cluster["server"], ssl_context=ssl_context, token=user.get("token"), **kwargs)
 
     async def close(self) -> None:
         await self._session.close()
@@ -116,10 +138,11 @@ class ApiClient:
                 raise
             return await self.merge_patch(path, {"status": status})
 
-    async def watch(self, path: str, resource_version: str, timeout_s: int = 60) -> AsyncIterator[Obj]:
+    async def watch(self, path: str, resource_version: str, timeout_s: int = 60,
+                    params: dict[str, str] | None = None) -> AsyncIterator[Obj]:
         """Yield watch events (``{"type", "object"}``) from ``resource_version`` until the server ends the stream."""
-        params = {"watch": "true", "resourceVersion": resource_version, "timeoutSeconds": str(timeout_s),
-                  "allowWatchBookmarks": "true"}
+        params = {**(params or {}), "watch": "true", "resourceVersion": resource_version,
+                  "timeoutSeconds": str(timeout_s), "allowWatchBookmarks": "true"}
         async with self._session.get(
             self.url + path, params=params, timeout=aiohttp.ClientTimeout(total=timeout_s + 30, sock_read=timeout_s + 30)
         ) as resp:
@@ -208,9 +231,11 @@ class Informer:
     converge. The watch restarts from a fresh list on any error (410 Gone included).
     """
 
-    def __init__(self, api: ApiClient, path: str) -> None:
+    def __init__(self, api: ApiClient, path: str, *, field_selector: str | None = None) -> None:
         self.api = api
         self.path = path
+        # a node agent may only list its own pods and node (the Node authorizer's selector rule)
+        self.params = {"fieldSelector": field_selector} if field_selector else {}
         self.cache: dict[str, Obj] = {}
         self._synced = asyncio.Event()
         self._changed = asyncio.Event()  # set (and replaced) on every change
@@ -249,13 +274,13 @@ class Informer:
     async def _run(self) -> None:
         while True:
             try:
-                listing = await self.api.get(self.path)
+                listing = await self.api.get(self.path, **self.params)
                 self.cache = {key_of(item): item for item in listing.get("items", [])}
                 self._synced.set()
                 await self._bump()
                 rv = listing.get("metadata", {}).get("resourceVersion", "0")
                 while True:
-                    async for event in self.api.watch(self.path, rv):
+                    async for event in self.api.watch(self.path, rv, params=self.params):
                         kind, obj = event.get("type"), event.get("object", {})
                         if kind == "ERROR":
                             raise ApiError(int(obj.get("code", 500)), obj.get("message", "watch error"), "WATCH", self.path)

@@ -430,7 +430,7 @@ class PodWorker:
             with open(self.dir / f"{c.name}.log", "ab") as logf:
                 c.proc = await asyncio.create_subprocess_exec(
                     *argv, cwd=workdir, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=logf,
-                    stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+                    stderr=asyncio.subprocess.STDOUT, start_new_session=True, preexec_fn=procs.die_with_parent,
                 )
         except (OSError, ValueError) as exc:
             stamp = now_rfc3339()
@@ -790,6 +790,8 @@ class Kubelet(Controller):
         octet2: int,
         restart_backoff_s: float = 1.0,
         stop_grace_s: float = 3.0,
+        pod_ip_blocks: range = range(1, 256),
+        write_hosts: bool = True,
     ) -> None:
         self.api = api
         self.pods = pods
@@ -800,6 +802,11 @@ class Kubelet(Controller):
         self.restart_backoff_s = restart_backoff_s
         self.stop_grace_s = stop_grace_s
         self.hosts_file = self.state_dir / "hosts"
+        # third octets of this kubelet's pod IPs (node agents of one cluster each get their own block)
+        self.pod_ip_blocks = pod_ip_blocks
+        # the embedded kubelet sees every pod and writes the DNS hosts file; a node agent of the real
+        # control plane sees its own pods only, so the cluster's DNS controller writes it instead
+        self.write_hosts = write_hosts
         self.workers: dict[str, PodWorker] = {}
         self._done: set[str] = set()  # uids whose worker finished: never started again
         self._ips: dict[str, str] = {}  # uid -> ip
@@ -816,7 +823,7 @@ class Kubelet(Controller):
 
     def start(self) -> None:
         self.hosts_file.parent.mkdir(parents=True, exist_ok=True)
-        if not self.hosts_file.exists():
+        if self.write_hosts and not self.hosts_file.exists():
             atomic_write(self.hosts_file, "")
         super().start()
 
@@ -856,12 +863,13 @@ class Kubelet(Controller):
 
     def _allocate_ip(self, uid: str) -> str:
         used = set(self._ips.values()) | {(p.get("status") or {}).get("podIP") for p in self.pods.cache.values()}
-        for n in range(254 * 255):
-            ip = f"127.{self.octet2}.{1 + n // 254}.{1 + n % 254}"
-            if ip not in used:
-                self._ips[uid] = ip
-                return ip
-        raise RuntimeError("no free pod IP left in 127.%d.0.0/16" % self.octet2)
+        for block in self.pod_ip_blocks:
+            for last in range(1, 255):
+                ip = f"127.{self.octet2}.{block}.{last}"
+                if ip not in used:
+                    self._ips[uid] = ip
+                    return ip
+        raise RuntimeError(f"no free pod IP left in 127.{self.octet2}.{self.pod_ip_blocks}.0/24")
 
     async def sync(self) -> None:
         """Converge: start workers for new pods, pass updates, finish deletions, rewrite hosts."""
@@ -898,7 +906,8 @@ class Kubelet(Controller):
                 worker.forget()
         self._done &= live_uids
         self._ips = {uid: ip for uid, ip in self._ips.items() if uid in live_uids}
-        self._write_hosts(pods)
+        if self.write_hosts:
+            self._write_hosts(pods)
 
     def _write_hosts(self, pods: list[Obj]) -> None:
         text = "".join(line + "\n" for line in hosts_lines(pods))

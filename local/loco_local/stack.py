@@ -45,10 +45,19 @@ class LocalStack:
         namespace: str = "default",
         operator_args: Iterable[str] = (),
         operator_env: dict[str, str] | None = None,
+        control_plane: str = "embedded",
     ) -> None:
         self.state_dir = Path(state_dir)
         self.namespace = namespace
-        self.cluster = LocalCluster(self.state_dir, nodes or default_nodes())
+        self.control_plane = control_plane
+        if control_plane == "kubernetes":
+            from loco_local.realcluster import RealCluster
+
+            self.cluster: LocalCluster = RealCluster(self.state_dir, nodes or default_nodes())
+        elif control_plane == "embedded":
+            self.cluster = LocalCluster(self.state_dir, nodes or default_nodes())
+        else:
+            raise ValueError(f"control_plane must be 'embedded' or 'kubernetes', got {control_plane!r}")
         self._operator_args = list(operator_args)
         self._operator_env = dict(operator_env or {})
         self._operator: subprocess.Popen[bytes] | None = None

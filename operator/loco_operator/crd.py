@@ -142,7 +142,8 @@ def openapi_schema() -> dict[str, Any]:
         "properties": {
             "apiVersion": {"type": "string", "description": "APIVersion of this object: loco.dev/v1alpha1."},
             "kind": {"type": "string", "description": "Kind of this object: TrainingJob."},
-            "metadata": {"type": "object", "description": "Standard object metadata."},
+            # a real API server refuses anything but type (and name/generateName rules) under metadata
+            "metadata": {"type": "object"},
             "spec": spec_schema,
             "status": status_schema,
         },

@@ -8,7 +8,10 @@ both on the same objects and checks they agree.
 
 Both sides see the object *after* structural defaulting (the API server applies the CRD's
 ``default`` values before CEL runs; :func:`loco_operator.crd.apply_defaults` does the same for
-the Python side), so only optional fields without a default need ``has()`` guards.
+the Python side). But kube-apiserver also runs every rule on each ``default`` value itself, as
+written (``spec: {}``, ``model: {}``), without the defaults nested inside it, and refuses the CRD
+when a rule errors there ("no such key"). So every rule reads its fields behind :func:`_present`
+guards: a field that is absent only happens in that check, and the rule then holds.
 """
 
 from __future__ import annotations
@@ -76,7 +79,7 @@ def _alg_rule(param: str) -> CrossFieldRule:
     return CrossFieldRule(
         scope=("spec", "algorithm"),
         field=alias,
-        cel=f"!has(self.{alias}) || self.name in [{users_cel}]",
+        cel=_present((alias, "name"), f"self.name in [{users_cel}]"),
         message=(
             f"spec.algorithm.{alias} applies only to algorithm {' | '.join(users)}: "
             f"remove spec.algorithm.{alias} or set spec.algorithm.name to "
@@ -84,6 +87,19 @@ def _alg_rule(param: str) -> CrossFieldRule:
         ),
         check=lambda a, _alias=alias, _users=tuple(users): a.get(_alias) is None or a.get("name") in _users,
     )
+
+
+def _present(fields: tuple[str, ...], cel: str) -> str:
+    """``cel`` guarded by ``has()`` on every prefix of each dotted field (``model.gpt.blockSize`` needs
+    ``self.model``, ``self.model.gpt`` and ``self.model.gpt.blockSize``), in order and without repeats."""
+    checks: list[str] = []
+    for dotted in fields:
+        parts = dotted.split(".")
+        for i in range(1, len(parts) + 1):
+            check = "has(self." + ".".join(parts[:i]) + ")"
+            if check not in checks:
+                checks.append(check)
+    return f"!({' && '.join(checks)}) || ({cel})"
 
 
 def _elastic(spec: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -118,29 +134,30 @@ RULES: tuple[CrossFieldRule, ...] = (
     CrossFieldRule(
         scope=("spec",),
         field="replicas",
-        cel="!has(self.elastic) || !has(self.elastic.minReplicas) || self.elastic.minReplicas <= self.replicas",
+        cel=_present(("elastic.minReplicas", "replicas"), "self.elastic.minReplicas <= self.replicas"),
         message="spec.replicas must be >= spec.elastic.minReplicas: raise replicas or lower elastic.minReplicas",
         check=lambda s: _elastic(s).get("minReplicas") is None or _elastic(s)["minReplicas"] <= s["replicas"],
     ),
     CrossFieldRule(
         scope=("spec",),
         field="replicas",
-        cel="!has(self.elastic) || !has(self.elastic.maxReplicas) || self.replicas <= self.elastic.maxReplicas",
+        cel=_present(("elastic.maxReplicas", "replicas"), "self.replicas <= self.elastic.maxReplicas"),
         message="spec.replicas must be <= spec.elastic.maxReplicas: lower replicas or raise elastic.maxReplicas",
         check=lambda s: _elastic(s).get("maxReplicas") is None or s["replicas"] <= _elastic(s)["maxReplicas"],
     ),
     CrossFieldRule(
         scope=("spec",),
         field="training.seqLen",
-        cel="self.model.name != 'gpt' || self.training.seqLen <= self.model.gpt.blockSize",
+        cel=_present(("model.name", "training.seqLen", "model.gpt.blockSize"),
+                     "self.model.name != 'gpt' || self.training.seqLen <= self.model.gpt.blockSize"),
         message="spec.training.seqLen must be <= spec.model.gpt.blockSize: lower training.seqLen or raise model.gpt.blockSize",
         check=lambda s: s["model"]["name"] != "gpt" or s["training"]["seqLen"] <= s["model"]["gpt"]["blockSize"],
     ),
     CrossFieldRule(
         scope=("spec",),
         field="nprocPerWorker",
-        cel="self.nprocPerWorker <= 1 || self.algorithm.name in ["
-        + ", ".join(f"'{a}'" for a in SHARDABLE_ALGORITHMS) + "]",
+        cel=_present(("nprocPerWorker", "algorithm.name"), "self.nprocPerWorker <= 1 || self.algorithm.name in ["
+                     + ", ".join(f"'{a}'" for a in SHARDABLE_ALGORITHMS) + "]"),
         message=(
             f"spec.nprocPerWorker > 1 (FSDP sharding inside a pod) requires spec.algorithm.name "
             f"{' | '.join(SHARDABLE_ALGORITHMS)}: set nprocPerWorker to 1 or algorithm.name to one of those"
@@ -150,21 +167,21 @@ RULES: tuple[CrossFieldRule, ...] = (
     CrossFieldRule(
         scope=("spec", "model", "gpt"),
         field="nEmbd",
-        cel="self.nEmbd % self.nHead == 0",
+        cel=_present(("nEmbd", "nHead"), "self.nEmbd % self.nHead == 0"),
         message="spec.model.gpt.nEmbd must be a multiple of spec.model.gpt.nHead: change nEmbd or nHead",
         check=lambda g: g["nEmbd"] % g["nHead"] == 0,
     ),
     CrossFieldRule(
         scope=("spec", "model"),
         field="factory",
-        cel="self.name != 'custom' || (has(self.factory) && self.factory != '')",
+        cel=_present(("name",), "self.name != 'custom' || (has(self.factory) && self.factory != '')"),
         message="spec.model.factory is required when spec.model.name is 'custom': set factory to 'package.module:callable'",
         check=lambda m: m["name"] != "custom" or bool(m.get("factory")),
     ),
     CrossFieldRule(
         scope=("spec", "model"),
         field="factory",
-        cel="!has(self.factory) || self.name == 'custom'",
+        cel=_present(("factory", "name"), "self.name == 'custom'"),
         message="spec.model.factory is set but spec.model.name is not 'custom': set name to 'custom' or remove factory",
         check=lambda m: m.get("factory") is None or m["name"] == "custom",
     ),
@@ -178,7 +195,7 @@ RULES: tuple[CrossFieldRule, ...] = (
     CrossFieldRule(
         scope=("spec", "data"),
         field="path",
-        cel="self.source != 'shards' || (has(self.path) && self.path != '')",
+        cel=_present(("source",), "self.source != 'shards' || (has(self.path) && self.path != '')"),
         message="spec.data.path is required when spec.data.source is 'shards': set it to the directory of *.bin token shards",
         check=lambda d: d["source"] != "shards" or bool(d.get("path")),
     ),

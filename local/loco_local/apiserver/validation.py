@@ -335,15 +335,42 @@ def validate_crd(crd: dict[str, Any]) -> list[Cause]:
         where = f"spec.versions[{index}].schema.openAPIV3Schema"
         if schema is None:
             continue
+        meta_schema = (schema.get("properties") or {}).get("metadata")
+        if isinstance(meta_schema, dict) and (set(meta_schema) - {"type", "properties"}
+                                              or set(meta_schema.get("properties") or {}) - {"name", "generateName"}):
+            # kube-apiserver's wording and path (it names spec.validation even for per-version schemas)
+            causes.append(("spec.validation.openAPIV3Schema.properties[metadata]",
+                           "spec.validation.openAPIV3Schema.properties[metadata]: Forbidden: must not specify anything "
+                           "other than name and generateName, but metadata is implicitly specified"))
         try:
             jsonschema.Draft4Validator.check_schema(_to_json_schema(schema))
         except jsonschema.SchemaError as exc:
             causes.append((where, f"{where}: Invalid value: \"object\": {exc.message}"))
+        compiled = True
         for rule_path, rule in _rules(schema, where):
             try:
                 compile_rule(rule)
             except Exception as exc:  # noqa: BLE001 - report any compile failure on the rule's path
+                compiled = False
                 causes.append((rule_path, f"{rule_path}: Invalid value: {json.dumps(rule)}: compilation failed: {_short(exc)}"))
+        if compiled:
+            causes += _default_causes(schema, "spec.validation.openAPIV3Schema")
+    return causes
+
+
+def _default_causes(schema: Any, path: str) -> list[Cause]:
+    """kube-apiserver runs each node's rules on its ``default`` as written (nested defaults not applied)
+    and refuses the CRD when one fails or errors."""
+    if not isinstance(schema, dict):
+        return []
+    causes: list[Cause] = []
+    if "default" in schema:
+        for _, message in _cel_causes(schema, schema["default"], None, f"{path}.default"):
+            causes.append((f"{path}.default", f"{path}.default: Invalid value: \"object\": {message}"))
+    for key, child in (schema.get("properties") or {}).items():
+        causes += _default_causes(child, f"{path}.properties[{key}]")
+    for key in ("items", "additionalProperties"):
+        causes += _default_causes(schema.get(key), f"{path}.{key}")
     return causes
 
 
