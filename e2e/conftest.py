@@ -19,6 +19,31 @@ from loco_local.stack import LocalStack, default_nodes
 REPO = Path(__file__).resolve().parents[1]
 
 
+#: the control planes a scenario module runs on unless it says otherwise (``CONTROL_PLANES = (...)`` in it)
+DEFAULT_CONTROL_PLANES = ("embedded",)
+#: the shared checkpoint claim of :func:`small_job` (a real scheduler keeps a pod whose claim is missing Pending)
+CHECKPOINT_CLAIM = {
+    "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "e2e-checkpoints"},
+    "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}},
+}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--control-plane", choices=("embedded", "kubernetes", "both"), default="embedded",
+        help="run the e2e scenarios on loco_local's embedded API server, on the real Kubernetes control plane "
+             "(make kube), or on both; a module lists the planes it supports in CONTROL_PLANES")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "control_plane" not in metafunc.fixturenames:
+        return
+    chosen = metafunc.config.getoption("--control-plane")
+    wanted = ("embedded", "kubernetes") if chosen == "both" else (chosen,)
+    supported = getattr(metafunc.module, "CONTROL_PLANES", DEFAULT_CONTROL_PLANES)
+    metafunc.parametrize("control_plane", [p for p in wanted if p in supported], scope="module")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "/e2e/" in str(item.fspath):
@@ -26,9 +51,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    state = tmp_path_factory.mktemp("loco-e2e")
-    with LocalStack(state, default_nodes(3)) as s:
+def stack(tmp_path_factory: pytest.TempPathFactory, control_plane: str) -> Iterator[LocalStack]:
+    state = tmp_path_factory.mktemp(f"loco-e2e-{control_plane}")
+    with LocalStack(state, default_nodes(3), control_plane=control_plane) as s:
+        s.apply(copy.deepcopy(CHECKPOINT_CLAIM))
         yield s
 
 

@@ -13,6 +13,7 @@ from e2e.conftest import REPO, dump_debug, small_job, worker_processes
 from loco_local.stack import LocalStack
 
 TIMEOUT_S = 420
+CONTROL_PLANES = ("embedded", "kubernetes")
 
 
 def _status(stack: LocalStack, name: str) -> dict:

@@ -74,7 +74,7 @@ def test_tls_kubeconfig_is_owner_only_and_names_its_credential(tmp_path: Path) -
 
 
 def test_missing_control_plane_binary_says_how_to_build_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("LOCO_KUBE_BIN", str(tmp_path / "nope"))
+    monkeypatch.setenv("LOCO_KUBE_BIN_DIR", str(tmp_path / "nope"))
     with pytest.raises(KubeBinaryMissing, match="make kube"):
         kube_binary()
 

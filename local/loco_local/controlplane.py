@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 #: the Go module of the control plane, in a checkout or an editable install
 KUBE_MODULE = Path(__file__).resolve().parents[1] / "kube"
-KUBE_BIN_ENV = "LOCO_KUBE_BIN"
+KUBE_BIN_ENV = "LOCO_KUBE_BIN_DIR"
 SERVICE_CIDR = "10.96.0.0/16"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 
@@ -40,19 +40,32 @@ class KubeBinaryMissing(RuntimeError):
     """The control-plane binary has not been built (``make kube``)."""
 
 
-def kube_binary() -> Path:
-    """Where ``local/kube/build.sh`` puts ``loco-kube`` for the current sources (``$LOCO_KUBE_BIN`` wins)."""
+def kube_bin_dir() -> Path:
+    """The directory where ``local/kube/build.sh`` puts ``loco-kube`` and ``helm`` for the current
+    sources (``$LOCO_KUBE_BIN_DIR`` wins); raises :class:`KubeBinaryMissing` saying how to build them."""
     if os.environ.get(KUBE_BIN_ENV):
         path = Path(os.environ[KUBE_BIN_ENV])
     else:
-        sources = b"".join((KUBE_MODULE / name).read_bytes() for name in ("go.mod", "go.sum", "main.go"))
-        key = hashlib.sha256(sources).hexdigest()[:16]
+        names = ("go.mod", "go.sum", "main.go", "helm/go.mod", "helm/go.sum", "helm/main.go")
+        key = hashlib.sha256(b"".join((KUBE_MODULE / name).read_bytes() for name in names)).hexdigest()[:16]
         cache = os.environ.get("LOCO_KUBE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loco" / "kube"
-        path = Path(cache) / key / "loco-kube"
-    if not os.access(path, os.X_OK):
-        raise KubeBinaryMissing(f"the Kubernetes control plane is not built ({path} is missing): run 'make kube' "
-                                "(builds kube-apiserver, kube-controller-manager, kube-scheduler and etcd from Go modules)")
+        path = Path(cache) / key
+    missing = [name for name in ("loco-kube", "helm") if not os.access(path / name, os.X_OK)]
+    if missing:
+        raise KubeBinaryMissing(f"the Kubernetes control plane is not built ({', '.join(missing)} missing in {path}): "
+                                "run 'make kube' (builds kube-apiserver, kube-controller-manager, kube-scheduler, "
+                                "etcd and helm from Go modules)")
     return path
+
+
+def kube_binary() -> Path:
+    """``loco-kube``: etcd and the three Kubernetes components in one binary."""
+    return kube_bin_dir() / "loco-kube"
+
+
+def helm_binary() -> Path:
+    """``helm``, built from helm.sh/helm/v4."""
+    return kube_bin_dir() / "helm"
 
 
 def free_port() -> int:
@@ -197,6 +210,9 @@ class ControlPlane:
             "--use-service-account-credentials=true",
             f"--service-account-private-key-file={pki.sa_key}", f"--root-ca-file={pki.ca_cert}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
+            # pod IPs are loopback addresses, which the API refuses in Endpoints and EndpointSlices: those
+            # controllers could only fail (cluster DNS is served from the pods instead, loco_local.realcluster)
+            "--controllers=*,-endpoint,-endpointslice,-endpointslicemirroring",
             # a lost node is noticed in node_monitor_grace_s (checked every 2 s), as the issue's tests need
             "--node-monitor-period=2s", f"--node-monitor-grace-period={self.node_monitor_grace_s}s",
         ]).start()
