@@ -109,6 +109,9 @@ KOPF_FRAMEWORK: set[Rule] = {
     ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
     ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
 }
+#: Kopf given namespaces (--namespace, watchNamespaces) lists and watches Namespaces to follow them;
+#: without it, found on the real control plane, every list/watch answers 403 and Kopf retries forever.
+KOPF_NAMESPACE_OBSERVER: set[Rule] = {("", "namespaces", "list"), ("", "namespaces", "watch")}
 #: Kopf peering (replicaCount > 1): its own peering object is read, watched and patched (keep-alives).
 PEERING_VERBS = ("get", "list", "patch", "watch")
 #: Resources that exist outside namespaces: always granted by the ClusterRole.
@@ -216,6 +219,8 @@ def required_rules(peering: bool, clusterwide: bool) -> set[Rule]:
     if handlers or _uses_kopf_events():
         rules.add(KOPF_EVENTS)
     rules |= KOPF_FRAMEWORK
+    if not clusterwide:
+        rules |= KOPF_NAMESPACE_OBSERVER
     if peering:
         plural = "clusterkopfpeerings" if clusterwide else "kopfpeerings"
         rules |= {("kopf.dev", plural, verb) for verb in PEERING_VERBS}

@@ -144,3 +144,18 @@ async def test_apply_patches_pod_labels_on_the_embedded_api_server(tmp_path):
         assert pod.metadata.labels == {"loco.dev/job": "j", "loco.dev/rank": "1", "loco.dev/epoch": "4"}
     finally:
         await srv.stop()
+
+
+def test_kopf_logs_in_with_the_token_of_a_token_kubeconfig(tmp_path):
+    """Found on the real control plane: with a ServiceAccount token in the kubeconfig, the official client
+    files it under api_key['BearerToken'], and Kopf was handed no token at all (every request 401)."""
+    from loco_local.apiserver.kubeconfig import write_tls_kubeconfig
+    from loco_operator.cli import load_api_client
+    from loco_operator.handlers import bearer_token
+
+    (tmp_path / "ca.crt").write_text("")
+    path = write_tls_kubeconfig(tmp_path / "kc", "https://127.0.0.1:6443", ca=tmp_path / "ca.crt", token="tok-123")
+    configuration = load_api_client(str(path)).configuration
+    assert bearer_token(configuration.api_key) == "tok-123"
+    assert bearer_token({"authorization": "Bearer old-style"}) == "old-style"
+    assert bearer_token({}) is None

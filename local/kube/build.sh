@@ -5,7 +5,7 @@
 # loco_local.controlplane.kube_bin_dir() computes the same path.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-key=$(cd "$here" && cat go.mod go.sum main.go helm/go.mod helm/go.sum helm/main.go | sha256sum | cut -c1-16)
+key=$(cd "$here" && cat go.mod go.sum main.go helm/go.mod helm/go.sum helm/main.go build.sh | sha256sum | cut -c1-16)
 cache=${LOCO_KUBE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/loco/kube}
 out=$cache/$key
 if [ -x "$out/loco-kube" ] && [ -x "$out/helm" ]; then echo "$out"; exit 0; fi
@@ -18,7 +18,14 @@ fi
 mkdir -p "$out"
 start=$(date +%s)
 echo "building the Kubernetes control plane and helm (cold: about 10 minutes on 2 cores) ..." >&2
-(cd "$here" && go build -mod=readonly -trimpath -ldflags='-s -w' -o "$out/loco-kube.tmp" .)
+# the version the components report (kubectl version, Helm's kubeVersion check), as Kubernetes' own build sets it
+kube_version=$(cd "$here" && go list -m -f '{{.Version}}' k8s.io/kubernetes)
+major=${kube_version#v}; minor=${major#*.}; major=${major%%.*}; minor=${minor%%.*}
+version_flags=""
+for pkg in k8s.io/client-go/pkg/version k8s.io/component-base/version; do
+  version_flags+=" -X $pkg.gitVersion=$kube_version -X $pkg.gitMajor=$major -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean"
+done
+(cd "$here" && go build -mod=readonly -trimpath -ldflags="-s -w$version_flags" -o "$out/loco-kube.tmp" .)
 helm_version=$(cd "$here/helm" && go list -m -f '{{.Version}}' helm.sh/helm/v4)
 (cd "$here/helm" && go build -mod=readonly -trimpath \
   -ldflags="-s -w -X helm.sh/helm/v4/internal/version.version=$helm_version" -o "$out/helm.tmp" .)

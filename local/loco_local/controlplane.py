@@ -46,7 +46,7 @@ def kube_bin_dir() -> Path:
     if os.environ.get(KUBE_BIN_ENV):
         path = Path(os.environ[KUBE_BIN_ENV])
     else:
-        names = ("go.mod", "go.sum", "main.go", "helm/go.mod", "helm/go.sum", "helm/main.go")
+        names = ("go.mod", "go.sum", "main.go", "helm/go.mod", "helm/go.sum", "helm/main.go", "build.sh")
         key = hashlib.sha256(b"".join((KUBE_MODULE / name).read_bytes() for name in names)).hexdigest()[:16]
         cache = os.environ.get("LOCO_KUBE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loco" / "kube"
         path = Path(cache) / key

@@ -13,6 +13,7 @@ cluster, so killing and restarting it (``stack.restart_operator()``) is a real o
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from loco_local.cluster import LocalCluster
 from loco_local.nodes import NodeSpec, uniform_nodes
 
 TJ_GROUP, TJ_VERSION, TJ_PLURAL = "loco.dev", "v1alpha1", "trainingjobs"
+RBAC_DENIAL = re.compile(r'cannot [a-z]+ resource "')
 
 
 def default_nodes(count: int = 3, *, cpu: str = "4", memory: str = "16Gi", gpus: int = 0) -> list[NodeSpec]:
@@ -63,6 +65,10 @@ class LocalStack:
         self._operator: subprocess.Popen[bytes] | None = None
         self._operator_log_count = 0
         self._api: Any = None
+        #: the operator's credential: the admin kubeconfig on the embedded cluster, the chart's
+        #: ServiceAccount token on the real control plane
+        self.operator_kubeconfig: Path | None = None
+        self.chart: Any = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -70,6 +76,8 @@ class LocalStack:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.cluster.__enter__()
         try:
+            if self.control_plane == "kubernetes":
+                self._install_chart()
             self.start_operator()
         except BaseException:
             self.cluster.__exit__(None, None, None)
@@ -86,6 +94,31 @@ class LocalStack:
     def kubeconfig(self) -> Path:
         return Path(self.cluster.kubeconfig)
 
+    def _install_chart(self) -> None:
+        """Real control plane: Helm installs the chart into ``loco-system`` (Pod Security ``restricted``), and the
+        operator gets the chart's ServiceAccount token, so its every call passes the chart's RBAC or fails."""
+        from loco_local.chart import NAMESPACE, ChartRelease
+
+        self.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE, "labels": {
+            f"pod-security.kubernetes.io/{mode}": "restricted" for mode in ("enforce", "audit", "warn")}}})
+        self.chart = ChartRelease(self.state_dir, self.kubeconfig)
+        # namespaced mode (a Role in the job namespace), as the operator here is told --namespace
+        self.chart.install({"watchNamespaces": [self.namespace]})
+        cluster = self.cluster
+        self.operator_kubeconfig = self.chart.operator_kubeconfig(cluster.url, cluster.control_plane.pki.ca_cert)
+
+    def rbac_denials(self) -> list[str]:
+        """The operator's log lines (all its runs) where the API refused it for want of a permission."""
+        lines = []
+        for i in range(1, self._operator_log_count + 1):
+            path = self.state_dir / f"operator-{i}.log"
+            if path.exists():
+                # the authorizer's own words ('User "..." cannot list resource "x"'), not any 403: a pod that
+                # Pod Security admission refuses is a 403 too, and is the job's failure, not the chart's
+                lines += [line for line in path.read_text(errors="replace").splitlines()
+                          if RBAC_DENIAL.search(line)]
+        return lines
+
     @property
     def operator_log(self) -> Path:
         return self.state_dir / f"operator-{self._operator_log_count}.log"
@@ -96,10 +129,11 @@ class LocalStack:
             return
         self._operator_log_count += 1
         log = open(self.operator_log, "wb")  # noqa: SIM115 - owned by the child until it exits
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1", **self._operator_env}
+        kubeconfig = self.operator_kubeconfig or self.kubeconfig
+        env = {**os.environ, "KUBECONFIG": str(kubeconfig), "PYTHONUNBUFFERED": "1", **self._operator_env}
         cmd = [
             sys.executable, "-c", "import loco_cli; loco_cli.main()", "operator", "run",
-            "--kubeconfig", str(self.kubeconfig), "--namespace", self.namespace, "--metrics-port", "0",
+            "--kubeconfig", str(kubeconfig), "--namespace", self.namespace, "--metrics-port", "0",
             *self._operator_args,
         ]
         self._operator = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)

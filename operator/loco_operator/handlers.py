@@ -135,12 +135,21 @@ async def close(memo: kopf.Memo, **_: Any) -> None:
         ctx.http = None
 
 
+def bearer_token(api_key: dict[str, str] | None) -> str | None:
+    """The bearer token of a client configuration: the official client files it under ``BearerToken``
+    (kubeconfig tokens, recent releases) or ``authorization`` (older ones), each as ``Bearer <token>``."""
+    for key in ("BearerToken", "authorization"):
+        value = (api_key or {}).get(key) or ""
+        if value:
+            return value[len("bearer "):] if value.lower().startswith("bearer ") else value
+    return None
+
+
 @kopf.on.login(registry=registry)
 def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
     """Kopf talks to the same cluster, with the same credentials, as the handlers' client."""
     cfg: k8s.Configuration = _ctx(memo).api_client.configuration
-    auth = (cfg.api_key or {}).get("authorization") or ""
-    token = auth[len("bearer "):] if auth.lower().startswith("bearer ") else (auth or None)
+    token = bearer_token(cfg.api_key)
     return kopf.ConnectionInfo(
         server=cfg.host,
         ca_path=cfg.ssl_ca_cert,
