@@ -158,6 +158,7 @@ TOGGLES: dict[str, dict[str, Any]] = {
     "no-dashboards": {"dashboards": {"enabled": False}},
     "dashboards-elsewhere": {"dashboards": {"namespace": "monitoring", "annotations": {"grafana_folder": "Loco"}}},
     "no-metrics-service": {"metrics": {"service": {"enabled": False}}},
+    "node-lost-grace": {"nodeLostGraceSeconds": 300},
     "existing-serviceaccount": {"serviceAccount": {"create": False, "name": "ops-sa"}},
     "no-rbac": {"rbac": {"create": False}},
     "debug": {"logLevel": "debug"},
@@ -357,7 +358,8 @@ def test_default_install_watches_every_namespace_standalone_with_recreate() -> N
     assert deployment["spec"]["strategy"] == {"type": "Recreate"}
     c = container(objects)
     assert c["command"] == ["loco", "operator", "run"]
-    assert c["args"] == ["--all-namespaces", "--metrics-port=9090", "--liveness=http://0.0.0.0:8081/healthz"]
+    assert c["args"] == ["--all-namespaces", "--metrics-port=9090", "--liveness=http://0.0.0.0:8081/healthz",
+                         "--node-lost-grace-seconds=60"]
     assert c["image"] == "ghcr.io/loco-dev/loco-operator:0.1.0"
     assert not by_kind(objects, "ClusterKopfPeering") and not by_kind(objects, "KopfPeering")
 
@@ -411,6 +413,7 @@ def test_chart_arguments_are_accepted_by_the_operator_cli() -> None:
         assert params["metrics_port"] == (values.get("metrics", {}).get("port") or 9090)
         assert params["all_namespaces"] is (not values.get("watchNamespaces"))
         assert params["peering_name"] == ("loco-operator" if values.get("replicaCount", 1) > 1 else None)
+        assert params["node_lost_grace_s"] == values.get("nodeLostGraceSeconds", 60)
 
 
 # ------------------------------------------------------------------------------- metrics

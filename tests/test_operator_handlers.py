@@ -159,3 +159,17 @@ def test_kopf_logs_in_with_the_token_of_a_token_kubeconfig(tmp_path):
     assert bearer_token(configuration.api_key) == "tok-123"
     assert bearer_token({"authorization": "Bearer old-style"}) == "old-style"
     assert bearer_token({}) is None
+
+
+def test_a_node_is_lost_since_its_ready_condition_stopped_being_true():
+    from loco_operator.handlers import node_not_ready_since
+
+    def node(status: str) -> dict:
+        return {"status": {"conditions": [
+            {"type": "MemoryPressure", "status": "False", "lastTransitionTime": "2026-01-01T00:00:00Z"},
+            {"type": "Ready", "status": status, "lastTransitionTime": "2026-01-01T00:05:00Z"}]}}
+
+    assert node_not_ready_since(node("True")) is None
+    assert node_not_ready_since(node("Unknown")) == "2026-01-01T00:05:00Z"  # kubelet stopped posting
+    assert node_not_ready_since(node("False")) == "2026-01-01T00:05:00Z"
+    assert node_not_ready_since({"status": {}}) is None

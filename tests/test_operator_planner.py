@@ -15,6 +15,7 @@ from loco_operator.planner import (
     DeleteJob,
     DeletePod,
     EmitEvent,
+    ForceDeletePod,
     Observed,
     ObservedPod,
     UpdateConfigMap,
@@ -146,6 +147,38 @@ def test_worker_failure_restarts_with_next_epoch_and_resume_path():
     back = plan(body, children(pod(0, epoch=1), pod(1, epoch=1)), NOW)
     assert back.status["phase"] == "Running"
     assert {c["type"]: c["status"] for c in back.status["conditions"]}["Restarting"] == "False"
+
+
+def test_a_worker_on_a_node_lost_past_the_grace_fails_and_its_stuck_pod_is_force_deleted():
+    """Real clusters: a node whose kubelet died leaves its pods Running (not Ready), and once deleted
+    Terminating forever. Past the grace the worker counts as lost; a stuck deletion is forced, with an Event."""
+    status = running_status(lastCheckpoint={"step": 40, "path": "/ckpt/ns/j/step-40", "time": "t"})
+    since = "2026-01-01T11:58:50Z"  # 70 s before NOW
+    stranded = pod(1, node_name="n2", ready=False, node_lost_since=since)
+    # within the grace: nothing happens yet (a short network blip must not restart the job)
+    early = plan(job(status=status), children(pod(0, ready=True), stranded), NOW, node_lost_grace_s=120)
+    assert [a for a in early.actions if not isinstance(a, EmitEvent) or a.reason != "Running"] == []
+    assert early.status["restarts"] == 0
+    # past it: the worker failed as NodeLost, and the job restarts from its checkpoint
+    result = plan(job(status=status), children(pod(0, ready=True), stranded), NOW, node_lost_grace_s=60)
+    msg = "j-worker-1 failed on node n2: NodeLost: node not Ready since 2026-01-01T11:58:50Z (70s, grace 60s)"
+    assert list(result.actions) == [
+        EmitEvent("Warning", "WorkerFailed", msg),
+        EmitEvent("Warning", "Restarting", f"Restarting from step 40 (restart 1/3): {msg}"),
+        DeletePod("j-worker-0", "Restarting: epoch 1"),
+        DeletePod("j-worker-1", "Restarting: epoch 1"),
+    ]
+    # the deletion sticks on the lost node: forced, said why, and the job does not wait forever
+    body = job(status=result.status)
+    terminating = pod(1, node_name="n2", ready=False, deleting=True, node_lost_since=since)
+    forced = plan(body, children(terminating), NOW, node_lost_grace_s=60)
+    why = ("Force-deleted pod j-worker-1: stuck Terminating on node n2, not Ready since 2026-01-01T11:58:50Z "
+           "(70s, grace 60s); no kubelet will confirm its end")
+    assert list(forced.actions) == [ForceDeletePod("j-worker-1", why), EmitEvent("Warning", "ForceDeleted", why)]
+    assert forced.status["restarts"] == 1
+    # a pod Terminating on a healthy node is left to its kubelet
+    healthy = plan(body, children(pod(1, node_name="n1", deleting=True)), NOW, node_lost_grace_s=60)
+    assert not [a for a in healthy.actions if isinstance(a, ForceDeletePod)]
 
 
 def test_pod_vanishing_while_running_counts_as_failure():

@@ -3,7 +3,7 @@
 ::
 
     loco local up [--nodes 3] [--gpus-per-node 0] [--cpu 8] [--memory 32Gi] [--nodes-file F]
-                  [--port 0] [--state-dir ./.loco/local] [--detach]
+                  [--port 0] [--state-dir ./.loco/local] [--detach] [--control-plane embedded|kubernetes]
                   [--prometheus [--prometheus-port 9091] [--operator-metrics 127.0.0.1:9090]]
     loco local status
     loco local node not-ready node-1      # simulate a node failure (ready / cordon / uncordon too)
@@ -70,11 +70,23 @@ def _require_running(state_dir: Path) -> dict[str, Any]:
     return info
 
 
-def _http(url: str, method: str = "GET", body: Any = None) -> Any:
+def _http(url: str, method: str = "GET", body: Any = None, kubeconfig: str | Path | None = None) -> Any:
+    """One JSON request to the cluster's API; over HTTPS (the real control plane) with the kubeconfig's
+    CA and client certificate."""
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method, headers={
         "Accept": "application/json", "Content-Type": "application/merge-patch+json"})
-    with urllib.request.urlopen(req, timeout=30) as resp:
+    context = None
+    if url.startswith("https:"):
+        import ssl
+
+        import yaml
+
+        doc = yaml.safe_load(Path(kubeconfig or "").read_text())
+        user = doc["users"][0]["user"]
+        context = ssl.create_default_context(cafile=doc["clusters"][0]["cluster"]["certificate-authority"])
+        context.load_cert_chain(user["client-certificate"], user["client-key"])
+    with urllib.request.urlopen(req, timeout=30, context=context) as resp:
         return json.loads(resp.read() or b"{}")
 
 
@@ -133,10 +145,24 @@ def _print_scrape(prometheus_url: str | None, operator_metrics: str) -> None:
               help="Prometheus web/API port with --prometheus (0: any free port).")
 @click.option("--operator-metrics", default="127.0.0.1:9090", show_default=True, metavar="HOST:PORT",
               help="Where the operator serves /metrics (loco operator run --metrics-port).")
+@click.option("--control-plane", type=click.Choice(["embedded", "kubernetes"]), default="embedded", show_default=True,
+              help="embedded: Loco's own API server (quick, no build). kubernetes: the real etcd, kube-apiserver, "
+                   "kube-controller-manager and kube-scheduler ('make kube' builds them), TLS and RBAC, with one "
+                   "node agent process per node.")
 def up(nodes: int, gpus_per_node: int, cpu: str, memory: str, nodes_file: Path | None, port: int, host: str,
        pod_eviction_timeout_s: float, state_dir: Path, detach: bool, with_prometheus: bool = False,
-       prometheus_port: int = 9091, operator_metrics: str = "127.0.0.1:9090") -> None:
+       prometheus_port: int = 9091, operator_metrics: str = "127.0.0.1:9090", control_plane: str = "embedded") -> None:
     """Start the local cluster."""
+    if control_plane == "kubernetes":
+        from loco_local.controlplane import KubeBinaryMissing, kube_bin_dir
+
+        if host != "127.0.0.1" or port != 0:
+            raise click.BadParameter("the real control plane listens on loopback, on a free port: drop --host/--port",
+                                     param_hint="--control-plane kubernetes")
+        try:
+            kube_bin_dir()
+        except KubeBinaryMissing as exc:
+            raise click.ClickException(str(exc)) from None
     if with_prometheus:
         from loco_local.prometheus import INSTALL_HINT, find_binary
 
@@ -156,7 +182,7 @@ def up(nodes: int, gpus_per_node: int, cpu: str, memory: str, nodes_file: Path |
     (state_dir / INFO_FILE).unlink(missing_ok=True)
     if detach:
         argv = ["up", "--port", str(port), "--host", host, "--pod-eviction-timeout", str(pod_eviction_timeout_s),
-                "--state-dir", str(state_dir), "--operator-metrics", operator_metrics]
+                "--state-dir", str(state_dir), "--operator-metrics", operator_metrics, "--control-plane", control_plane]
         if with_prometheus:
             argv += ["--prometheus", "--prometheus-port", str(prometheus_port)]
         if nodes_file is not None:
@@ -166,7 +192,7 @@ def up(nodes: int, gpus_per_node: int, cpu: str, memory: str, nodes_file: Path |
         _up_detached(state_dir, argv)
     else:
         try:
-            asyncio.run(_serve(state_dir, specs, host, port, pod_eviction_timeout_s, prom_options))
+            asyncio.run(_serve(state_dir, specs, host, port, pod_eviction_timeout_s, prom_options, control_plane))
         except OSError as exc:
             raise click.ClickException(f"cannot start the local cluster on {host}:{port}: {exc}") from None
         except ValueError as exc:  # e.g. a CRD manifest the API server refuses
@@ -197,10 +223,15 @@ def _up_detached(state_dir: Path, up_args: list[str]) -> None:
 
 
 async def _serve(state_dir: Path, specs: list[NodeSpec], host: str, port: int, pod_eviction_timeout_s: float,
-                 prom_options: dict[str, Any] | None = None) -> None:
+                 prom_options: dict[str, Any] | None = None, control_plane: str = "embedded") -> None:
     from loco_local.cluster import LocalCluster
 
-    cluster = LocalCluster(state_dir, specs, host=host, port=port, pod_eviction_timeout_s=pod_eviction_timeout_s)
+    if control_plane == "kubernetes":
+        from loco_local.realcluster import RealCluster
+
+        cluster: LocalCluster = RealCluster(state_dir, specs)
+    else:
+        cluster = LocalCluster(state_dir, specs, host=host, port=port, pod_eviction_timeout_s=pod_eviction_timeout_s)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -210,11 +241,11 @@ async def _serve(state_dir: Path, specs: list[NodeSpec], host: str, port: int, p
     try:
         opts = prom_options or {}
         if opts.get("enabled"):
-            prom, follower = await asyncio.to_thread(_start_prometheus, state_dir, cluster.url, opts)
+            prom, follower = await asyncio.to_thread(_start_prometheus, state_dir, cluster.url, opts, cluster.kubeconfig)
         procs.write_pid_file(state_dir / PID_FILE, os.getpid())
         info = {"pid": os.getpid(), "url": cluster.url, "kubeconfig": str(cluster.kubeconfig),
                 "nodes": [s.name for s in specs], "operatorMetrics": opts.get("operator", "127.0.0.1:9090"),
-                "prometheus": prom.url if prom else None}
+                "prometheus": prom.url if prom else None, "controlPlane": control_plane}
         tmp = state_dir / (INFO_FILE + ".tmp")
         tmp.write_text(json.dumps(info, indent=2))
         tmp.replace(state_dir / INFO_FILE)
@@ -232,7 +263,7 @@ async def _serve(state_dir: Path, specs: list[NodeSpec], host: str, port: int, p
             (state_dir / name).unlink(missing_ok=True)
 
 
-def _start_prometheus(state_dir: Path, api_url: str, opts: dict[str, Any]) -> tuple[Any, Any]:
+def _start_prometheus(state_dir: Path, api_url: str, opts: dict[str, Any], kubeconfig: Path) -> tuple[Any, Any]:
     """Start Prometheus (data in ``<state-dir>/prometheus``) and the worker-target follower."""
     from loco_local.prometheus import ALERT_RULES, PodTargetFollower, Prometheus, PrometheusError
 
@@ -245,7 +276,8 @@ def _start_prometheus(state_dir: Path, api_url: str, opts: dict[str, Any]) -> tu
     except PrometheusError as exc:
         raise click.ClickException(f"--prometheus: {exc}") from None
     follower = PodTargetFollower(
-        lambda: _http(f"{api_url}/api/v1/pods?labelSelector=loco.dev%2Fjob").get("items", []), prom.workers_file,
+        lambda: _http(f"{api_url}/api/v1/pods?labelSelector=loco.dev%2Fjob", kubeconfig=kubeconfig).get("items", []),
+        prom.workers_file,
         interval_s=2.0).start()
     return prom, follower
 
@@ -294,8 +326,8 @@ def status(state_dir: Path) -> None:
     click.echo(f"local cluster running (pid {info['pid']}) at {info['url']}")
     click.echo(f"kubeconfig: {info['kubeconfig']}\n  export KUBECONFIG={info['kubeconfig']}")
     try:
-        nodes = _http(info["url"] + "/api/v1/nodes").get("items", [])
-        pods = _http(info["url"] + "/api/v1/pods").get("items", [])
+        nodes = _http(info["url"] + "/api/v1/nodes", kubeconfig=info["kubeconfig"]).get("items", [])
+        pods = _http(info["url"] + "/api/v1/pods", kubeconfig=info["kubeconfig"]).get("items", [])
     except (urllib.error.URLError, OSError) as exc:
         raise click.ClickException(f"the API at {info['url']} does not answer: {exc}") from None
     table = Table("NODE", "READY", "SCHEDULABLE", "CPU", "MEMORY", "GPUS", "PODS")
@@ -331,10 +363,13 @@ def node(action: str, name: str, state_dir: Path) -> None:
     pod eviction timeout its pods fail with reason NodeLost and their processes are killed.
     """
     info = _require_running(state_dir.resolve())
+    if info.get("controlPlane") == "kubernetes" and action in ("ready", "not-ready"):
+        raise click.ClickException("on the real control plane a node fails for real, not by annotation: stop its node "
+                                   "agent (the 'node-<name>' process, logs/node-<name>.log) to lose it")
     patch = {"ready": ready_patch(True), "not-ready": ready_patch(False),
              "cordon": cordon_patch(True), "uncordon": cordon_patch(False)}[action]
     try:
-        _http(f"{info['url']}/api/v1/nodes/{name}", "PATCH", patch)
+        _http(f"{info['url']}/api/v1/nodes/{name}", "PATCH", patch, kubeconfig=info["kubeconfig"])
     except urllib.error.HTTPError as exc:
         if exc.code == 404:
             raise click.ClickException(f"no node named {name!r}; nodes are {info.get('nodes')}") from None

@@ -21,6 +21,7 @@ import click
 
 from .apidoc import API_DOC_PATH, write_api_doc
 from .crd import CRD_PATH, render_crd_yaml, write_crd
+from .planner import NODE_LOST_GRACE_S
 
 
 def load_api_client(kubeconfig: str | None, context: str | None = None) -> Any:
@@ -53,6 +54,7 @@ async def run_operator(
     standalone: bool = True,
     peering_name: str | None = None,
     priority: int = 0,
+    node_lost_grace_s: float | None = None,
     status_port: int | None = None,
     ready_flag: asyncio.Event | threading.Event | None = None,
     stop_flag: asyncio.Event | threading.Event | None = None,
@@ -67,6 +69,8 @@ async def run_operator(
     from .handlers import OperatorContext, registry
 
     ctx = OperatorContext(api_client=api_client)
+    if node_lost_grace_s is not None:
+        ctx.node_lost_grace_s = node_lost_grace_s
     if status_port is not None:
         ctx.status_port = status_port
     if metrics_port is not None:
@@ -105,10 +109,15 @@ def operator() -> None:
 @click.option("--priority", type=click.IntRange(0, None), default=None, envvar="LOCO_OPERATOR_PRIORITY",
               help="Peering priority: the highest-priority operator acts, the others stand by "
                    "(default with --peering: derived from $POD_NAME or the host name, so replicas differ).")
+@click.option("--node-lost-grace-seconds", "node_lost_grace_s", type=click.FloatRange(0, None), default=NODE_LOST_GRACE_S,
+              show_default=True, envvar="LOCO_NODE_LOST_GRACE_SECONDS",
+              help="How long a worker's node may be not Ready before the worker counts as lost: the job restarts "
+                   "(or shrinks) without it, and a pod stuck Terminating there is force-deleted.")
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging.")
 def run(
     kubeconfig: str | None, context: str | None, namespaces: tuple[str, ...], all_namespaces: bool,
-    metrics_port: int, liveness: str, peering_name: str | None, priority: int | None, verbose: bool,
+    metrics_port: int, liveness: str, peering_name: str | None, priority: int | None, node_lost_grace_s: float,
+    verbose: bool,
 ) -> None:
     """Run the operator until interrupted."""
     if all_namespaces and namespaces:
@@ -133,6 +142,7 @@ def run(
             standalone=peering_name is None,
             peering_name=peering_name,
             priority=peering_priority(priority),
+            node_lost_grace_s=node_lost_grace_s,
         )
     )
 

@@ -25,6 +25,7 @@ travels in the operator memo as ``memo.loco`` (:class:`OperatorContext`), never 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -53,6 +54,8 @@ from .planner import (
     DeleteJob,
     DeletePod,
     EmitEvent,
+    ForceDeletePod,
+    NODE_LOST_GRACE_S,
     Observed,
     ObservedPod,
     PatchPodLabels,
@@ -85,6 +88,8 @@ class OperatorContext:
     metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
     status_port: int = DEFAULT_STATUS_PORT
     poll_timeout_s: float = POLL_TIMEOUT_S
+    #: How long a pod's node may be not Ready before the pod counts as lost (``--node-lost-grace-seconds``).
+    node_lost_grace_s: float = NODE_LOST_GRACE_S
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     http: aiohttp.ClientSession | None = None
     #: Per-job live fault detectors (docs/fault-detection.md); rebuilt from scratch after a restart.
@@ -233,7 +238,7 @@ async def _reconcile_locked(ctx: OperatorContext, namespace: str, name: str, key
             return
         observed = await observe(ctx, job)
         now = datetime.now(timezone.utc)
-        result = plan(job, observed, now)
+        result = plan(job, observed, now, node_lost_grace_s=ctx.node_lost_grace_s)
         errors = await apply(ctx, job, result.actions)
         old_status = job.get("status") or {}
         if result.status != old_status:
@@ -300,6 +305,7 @@ async def observe(ctx: OperatorContext, job: dict[str, Any]) -> Observed:
         observed_pod = ObservedPod.from_manifest(manifest)
         if observed_pod is not None:
             pods.append(observed_pod)
+    pods = await observe_lost_nodes(ctx, pods)
     epoch = int((job.get("status") or {}).get("membershipEpoch") or 0)
     key = f"{ref.namespace}/{ref.name}"
     reports = await poll_reports(ctx, pods, cursors=lambda pod: ctx.faults.cursor(key, epoch, pod.name))
@@ -314,6 +320,32 @@ async def observe(ctx: OperatorContext, job: dict[str, Any]) -> Observed:
         findings=tuple(findings),
         free_slots=slots,
     )
+
+
+async def observe_lost_nodes(ctx: OperatorContext, pods: list[ObservedPod]) -> list[ObservedPod]:
+    """Each pod that is not Ready, or is being deleted, learns since when its node has not been Ready
+    (``node_lost_since``). Only those pods' nodes are read: a healthy job costs no node reads."""
+    suspects = {p.node_name for p in pods if p.node_name and (p.deleting or not p.ready) and p.phase not in ("Succeeded", "Failed")}
+    lost_since: dict[str, str] = {}
+    for node_name in sorted(suspects):
+        try:
+            node = await _call(ctx, "read_node", ctx.core.read_node, node_name)
+        except ApiException as exc:
+            log.debug(f"cannot read node {node_name}: {exc.reason}")
+            continue
+        since = node_not_ready_since(node)
+        if since:
+            lost_since[node_name] = since
+    return [dataclasses.replace(p, node_lost_since=lost_since[p.node_name]) if p.node_name in lost_since
+            and (p.deleting or not p.ready) else p for p in pods]
+
+
+def node_not_ready_since(node: dict[str, Any]) -> str | None:
+    """When a Node's Ready condition stopped being True (None while it is Ready)."""
+    for cond in (node.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "Ready":
+            return None if cond.get("status") == "True" else (cond.get("lastTransitionTime") or cond.get("lastHeartbeatTime"))
+    return None
 
 
 async def observe_capacity(ctx: OperatorContext, job: dict[str, Any]) -> int | None:
@@ -414,6 +446,10 @@ async def apply(ctx: OperatorContext, job: dict[str, Any], actions: Sequence[Act
             elif isinstance(action, DeletePod):
                 log.info(f"[{ref.namespace}/{ref.name}] deleting pod {action.name}: {action.reason}")
                 await _delete(ctx, "delete_pod", core.delete_namespaced_pod, action.name, ref.namespace)
+            elif isinstance(action, ForceDeletePod):
+                log.warning(f"[{ref.namespace}/{ref.name}] {action.reason}")
+                await _delete(ctx, "force_delete_pod", core.delete_namespaced_pod, action.name, ref.namespace,
+                              grace_period_seconds=0)
             elif isinstance(action, PatchPodLabels):
                 await patch_pod_labels(ctx, ref, action)
             elif isinstance(action, PostMembership):
@@ -436,9 +472,9 @@ async def _create(ctx: OperatorContext, operation: str, fn: Any, namespace: str,
             raise
 
 
-async def _delete(ctx: OperatorContext, operation: str, fn: Any, *args: Any) -> None:
+async def _delete(ctx: OperatorContext, operation: str, fn: Any, *args: Any, **kwargs: Any) -> None:
     try:
-        await _call(ctx, operation, fn, *args, propagation_policy="Background")
+        await _call(ctx, operation, fn, *args, propagation_policy="Background", **kwargs)
     except ApiException as exc:
         if exc.status != 404:  # NotFound: already gone
             raise

@@ -35,7 +35,7 @@ FAULT_KINDS = ("worker-exit", "worker-oom", "worker-evicted", "worker-lost") + t
 API_OPERATIONS = (
     "get_job", "list_pods", "get_service", "get_configmap", "list_nodes", "list_all_pods", "read_node",
     "create_service", "create_configmap", "create_pod", "patch_configmap", "patch_pod", "patch_node",
-    "delete_pod", "delete_job",
+    "delete_pod", "force_delete_pod", "delete_job",
 )
 
 #: ``(from, to)`` of ``loco_operator_job_transitions_total`` that a job can make: from a new job (``""``) or

@@ -27,6 +27,7 @@ Idempotence: when the children match the status, the plan has no actions and the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -65,6 +66,9 @@ from .spec import (
 from .validation import FieldError, validate_job
 
 TERMINAL = (Phase.succeeded, Phase.failed)
+#: How long a pod's node may be not Ready before the pod counts as lost (the operator's
+#: ``--node-lost-grace-seconds``): after the node lifecycle controller's own grace (50 s by default).
+NODE_LOST_GRACE_S = 60.0
 
 
 class Reason(str, Enum):
@@ -92,6 +96,7 @@ class Reason(str, Enum):
     node_cordoned = "NodeCordoned"
     waiting_for_capacity = "WaitingForCapacity"
     node_avoidance_expired = "NodeAvoidanceExpired"
+    force_deleted = "ForceDeleted"
 
 
 class ConditionType(str, Enum):
@@ -133,6 +138,12 @@ class ObservedPod:
     #: The scheduler's message while the pod's PodScheduled condition is False/Unschedulable, and since when.
     unschedulable: str | None = None
     unschedulable_since: str | None = None
+    #: The pod's Ready condition is True.
+    ready: bool = False
+    #: Since when the pod's node has not been Ready (its Ready condition's lastTransitionTime; set by the
+    #: handlers from the Node, only for pods that are not Ready or are being deleted). On a real cluster
+    #: a node that stops answering leaves its pods Running, or Terminating forever: no kubelet confirms.
+    node_lost_since: str | None = None
 
     @classmethod
     def from_manifest(cls, pod: Mapping[str, Any]) -> "ObservedPod | None":
@@ -154,7 +165,10 @@ class ObservedPod:
                 break
         reason = status.get("reason") or reason
         unschedulable = since = disruption = None
+        ready = False
         for cond in status.get("conditions") or []:
+            if cond.get("type") == "Ready":
+                ready = cond.get("status") == "True"
             if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and cond.get("reason") == "Unschedulable":
                 unschedulable, since = cond.get("message") or "Unschedulable", cond.get("lastTransitionTime")
             if cond.get("type") == "DisruptionTarget" and cond.get("status") == "True":
@@ -173,6 +187,7 @@ class ObservedPod:
             unschedulable=unschedulable,
             unschedulable_since=since,
             disruption=disruption,
+            ready=ready,
         )
 
     @property
@@ -245,6 +260,14 @@ class DeletePod:
 
 
 @dataclass(frozen=True)
+class ForceDeletePod:
+    """Delete with grace period 0: the pod's node is lost, so no kubelet will ever confirm its end."""
+
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class DeleteJob:
     reason: str
 
@@ -286,8 +309,8 @@ class EmitEvent:
     message: str
 
 
-Action = (CreateService | CreateConfigMap | UpdateConfigMap | CreatePod | DeletePod | DeleteJob | EmitEvent | CordonNode
-          | PatchPodLabels | PostMembership)
+Action = (CreateService | CreateConfigMap | UpdateConfigMap | CreatePod | DeletePod | ForceDeletePod | DeleteJob | EmitEvent
+          | CordonNode | PatchPodLabels | PostMembership)
 
 #: How many status.faults entries are kept (oldest dropped first).
 MAX_FAULT_RECORDS = 20
@@ -468,14 +491,19 @@ def _summary(st: TrainingJobStatus, desired: int) -> None:
     st.workers_ready = f"{ready}/{desired}"
 
 
-def plan(job: Mapping[str, Any], observed: Observed, now: datetime) -> Plan:
+def plan(job: Mapping[str, Any], observed: Observed, now: datetime, *,
+         node_lost_grace_s: float = NODE_LOST_GRACE_S) -> Plan:
     """Decide what to do for one TrainingJob. Pure: same inputs, same plan.
 
     ``job`` is the TrainingJob body (camelCase dict with metadata, spec, status); ``observed`` the
-    job's children and progress reports; ``now`` an aware datetime. Returns the ordered actions and
-    the complete new status (apply the actions, then write the status if it changed).
+    job's children and progress reports; ``now`` an aware datetime; ``node_lost_grace_s`` how long a
+    pod's node may be not Ready before the pod counts as lost (:func:`_lost_with_their_nodes`).
+    Returns the ordered actions and the complete new status (apply the actions, then write the
+    status if it changed).
     """
+    observed, force_deletions = _lost_with_their_nodes(observed, now, node_lost_grace_s)
     p = _Planner(job, observed, now)
+    p.actions += force_deletions
     st = p.status
     meta = job.get("metadata") or {}
     st.observed_generation = meta.get("generation", st.observed_generation)
@@ -495,6 +523,30 @@ def plan(job: Mapping[str, Any], observed: Observed, now: datetime) -> Plan:
         st.workers = WorkersStatus(desired=desired, ready=0)
     _summary(st, st.workers.desired)
     return Plan(actions=tuple(p.actions), status=st.to_wire(), requeue_after_s=p.requeue_after_s)
+
+
+def _lost_with_their_nodes(observed: Observed, now: datetime, grace_s: float) -> tuple[Observed, list[Action]]:
+    """Pods whose node has not been Ready for ``grace_s``: a live one counts as failed (``NodeLost``, so the
+    job restarts or shrinks as for any lost worker); one being deleted is force-deleted, with a Warning
+    event saying why, since no kubelet will ever confirm it gone and the job would wait forever."""
+    pods: list[ObservedPod] = []
+    actions: list[Action] = []
+    for pod in observed.pods:
+        since = parse_time(pod.node_lost_since)
+        if since is None or (now - since).total_seconds() < grace_s:
+            pods.append(pod)
+            continue
+        lost_for = f"not Ready since {pod.node_lost_since} ({(now - since).total_seconds():.0f}s, grace {grace_s:.0f}s)"
+        if pod.deleting:
+            message = (f"Force-deleted pod {pod.name}: stuck Terminating on node {pod.node_name}, {lost_for}; "
+                       "no kubelet will confirm its end")
+            actions += [ForceDeletePod(pod.name, message), EmitEvent(EventType.warning.value, Reason.force_deleted.value, message)]
+            pods.append(pod)
+        elif pod.phase in ("Pending", "Running", "Unknown"):
+            pods.append(dataclasses.replace(pod, phase="Failed", termination_reason=f"NodeLost: node {lost_for}"))
+        else:
+            pods.append(pod)
+    return dataclasses.replace(observed, pods=tuple(pods)), actions
 
 
 def _invalid(p: _Planner, errors: list[FieldError]) -> None:

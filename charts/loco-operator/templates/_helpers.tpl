@@ -67,6 +67,7 @@ app.kubernetes.io/part-of: loco
 {{- end }}
 - --metrics-port={{ .Values.metrics.port }}
 - --liveness=http://0.0.0.0:{{ .Values.health.port }}/healthz
+- --node-lost-grace-seconds={{ .Values.nodeLostGraceSeconds }}
 {{- if eq .Values.logLevel "debug" }}
 - --verbose
 {{- end }}
