@@ -19,6 +19,7 @@ from e2e.conftest import dump_debug, small_job
 from loco_local.stack import LocalStack
 
 TIMEOUT_S = 240
+CONTROL_PLANES = ("embedded", "kubernetes")
 STEPS = 300
 #: After a resize (a restart from the last checkpoint at the new size) the training loss may exceed
 #: the lowest loss seen before it by at most this much (nats; a fresh byte-level model is at 5.55).
@@ -35,6 +36,11 @@ def test_node_failure_shrinks_capacity_grows_and_kubectl_scale_resizes(stack: Lo
         faultInjection={"stepDelayS": 0.1},
         runPolicy={"backoffLimit": 3},
         template__resources={"requests": {"cpu": "3", "memory": "256Mi"}},
+        # the node's loss is for the node controller to tell (on the real control plane: 20 s of silence and the
+        # operator's 5 s grace), not for the hang detector, which would blame and avoid the node first (its own
+        # scenario is e2e/test_faults.py) and keep the job from growing back onto it
+        faultDetection={"minLatenessSeconds": 0.8, "minLinkExcessSeconds": 0.1, "hangTimeoutFloorSeconds": 90,
+                        "warmupHangTimeoutSeconds": 90},
     ))
     samples: list[tuple[int, int, float]] = []  # (workers.desired, step, loss) as seen while polling
 

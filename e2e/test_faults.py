@@ -9,6 +9,7 @@ from e2e.conftest import dump_debug, small_job
 from loco_local.stack import LocalStack
 
 TIMEOUT_S = 420
+CONTROL_PLANES = ("embedded", "kubernetes")
 
 
 def _status(stack: LocalStack, name: str) -> dict:

@@ -239,6 +239,13 @@ def granted(roles: Iterable[dict[str, Any]]) -> set[Rule]:
     return triples
 
 
+def cluster_wide_calls() -> set[Rule]:
+    """Rules the operator needs across every namespace whatever it watches: its ``*_for_all_namespaces``
+    calls (elastic growth reads every pod on the nodes to see free capacity). A namespaced Role cannot
+    grant them; found on the real control plane, where growth was refused until the ClusterRole had it."""
+    return {CLIENT_CALLS[name] for name in client_calls() if name.endswith("_for_all_namespaces")}
+
+
 def _fmt(rules: set[Rule]) -> list[str]:
     return sorted(f"{g or 'core'}/{r}:{v}" for g, r, v in rules)
 
@@ -280,8 +287,8 @@ def test_namespaced_roles_grant_exactly_what_the_operator_uses(replicas: int) ->
     namespaces = ["team-a", "team-b"]
     objects = render({"replicaCount": replicas, "watchNamespaces": namespaces})
     need = required_rules(peering=replicas > 1, clusterwide=False)
-    need_cluster = {r for r in need if r[1] in CLUSTER_SCOPED}
-    need_namespaced = need - need_cluster
+    need_cluster = {r for r in need if r[1] in CLUSTER_SCOPED} | cluster_wide_calls()
+    need_namespaced = need - {r for r in need if r[1] in CLUSTER_SCOPED}
     roles = by_kind(objects, "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == namespaces
     for role in roles:

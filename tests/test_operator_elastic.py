@@ -268,6 +268,20 @@ def test_capacity_back_grows_after_scale_up_delay():
     assert [a.rank for a in result.actions if isinstance(a, CreatePod)] == [0, 1, 2]
 
 
+def test_a_shrunk_job_whose_workers_finished_succeeds_instead_of_growing():
+    """Found on the real control plane: the run ended while shrunk, its finished pods freed their nodes, the
+    capacity model saw room, and the job grew, restarted at its last step, shrank, grew... forever."""
+    spec = spec_of(3)
+    body = _shrunk(spec)
+    done = (pod(0, 1, "Succeeded"), pod(1, 1, "Succeeded"))
+    body, result = step(body, seen(spec, *done, free=5), NOW + timedelta(minutes=5))
+    assert resize_events(result) == []
+    assert body["status"]["phase"] == "Succeeded" and body["status"]["workers"]["desired"] == 2
+    # one worker done, the other still on its last steps: no resize either
+    _, result = step(_shrunk(spec), seen(spec, pod(0, 1, "Succeeded"), pod(1, 1), free=5), NOW + timedelta(minutes=5))
+    assert resize_events(result) == []
+
+
 def test_user_scale_up_and_down_within_bounds():
     spec = spec_of(3)
     body = running(spec, 3)

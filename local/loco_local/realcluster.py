@@ -27,7 +27,6 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 from loco_local.apiclient import ApiClient, ApiError, Controller, Informer, Obj, wait_any
@@ -304,7 +303,13 @@ class RealCluster(LocalCluster):
         if agent is not None:
             agent.stop(grace_s=20)
 
-    def set_node_ready(self, name: str, ready: bool) -> Any:
-        raise NotImplementedError("on the real control plane a node fails for real: use kill_node_agent(name) "
-                                  "and start_node_agent(name) to bring it back")
+    def set_node_ready(self, name: str, ready: bool) -> None:
+        """Fail a node for real (``ready=False``: its agent is killed, its pods die with it, the node
+        lifecycle controller notices) or bring it back (its agent starts again). Blocking; any thread."""
+        if name not in {n.name for n in self.node_specs}:
+            raise ValueError(f"no node named {name!r}; nodes are {[n.name for n in self.node_specs]}")
+        if not ready and name in self.agents:
+            self.kill_node_agent(name)
+        elif ready and name not in self.agents:
+            self.start_node_agent(name)
 

@@ -965,9 +965,10 @@ def _reconcile(p: _Planner, spec: TrainingJobSpec) -> None:
         _act_on_faults(p, spec, findings, current, size)
         return
 
-    # 5c. elastic: grow back when the cluster can place more workers
+    # 5c. elastic: grow back when the cluster can place more workers (never once a worker finished the run:
+    # its pod frees room that growing would only fill with a restart at the last step, again and again)
     if (spec.elastic is not None and size < spec.replicas and st.phase is Phase.running and not _switching(p, spec, current)
-            and _elastic_grow(p, spec, size, current)):
+            and not any(pod.phase == "Succeeded" for pod in current) and _elastic_grow(p, spec, size, current)):
         return
 
     # 6. success: every worker of this epoch exited 0
