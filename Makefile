@@ -42,11 +42,12 @@ tools:
 kube:
 	@local/kube/build.sh >/dev/null
 
+# The e2e scenarios run on both control planes: the embedded API server and the real Kubernetes one.
 test: install tools kube
-	$(PY) -m pytest -q -ra tests e2e
+	$(PY) -m pytest -q -ra tests e2e --control-plane both
 
-e2e: install
-	$(PY) -m pytest -q -ra e2e
+e2e: install kube
+	$(PY) -m pytest -q -ra e2e --control-plane both
 
 demo: install
 	$(LOCO) local demo examples/quickstart.yaml

@@ -124,3 +124,32 @@ def test_operator_killed_and_restarted_carries_the_job_on(stack: LocalStack) -> 
 def _ready_pods(stack: LocalStack, name: str) -> int:
     return sum(1 for pod in stack.list_pods(name)
                if any(c.get("type") == "Ready" and c.get("status") == "True" for c in pod["status"].get("conditions") or []))
+
+
+def test_suspend_deletes_the_workers_and_resume_carries_on_from_the_checkpoint(stack: LocalStack) -> None:
+    name = "pausable"
+    stack.apply(small_job(name, steps=60, faultInjection={"stepDelayS": 0.05}))
+    jobs = stack.resource("loco.dev/v1alpha1", "TrainingJob")
+
+    def suspend(value: bool) -> None:
+        jobs.patch(name=name, namespace=stack.namespace, body={"spec": {"runPolicy": {"suspend": value}}},
+                   content_type="application/merge-patch+json")
+
+    try:
+        stack.wait_for(lambda: (_status(stack, name).get("lastCheckpoint") or {}).get("step", 0) >= 10,
+                       timeout_s=TIMEOUT_S, what="a first checkpoint")
+        suspend(True)
+        stack.wait_for(lambda: _status(stack, name).get("phase") == "Suspended" and not stack.list_pods(name)
+                       and not worker_processes(name), timeout_s=120, what="the job suspended, its pods and processes gone")
+        kept = _status(stack, name)["lastCheckpoint"]["step"]
+        suspend(False)
+        job = stack.wait_for_phase(name, {"Succeeded", "Failed"}, timeout_s=TIMEOUT_S)
+    except TimeoutError:
+        raise AssertionError(dump_debug(stack, name)) from None
+    status = job["status"]
+    assert status["phase"] == "Succeeded" and status["step"] == 60, dump_debug(stack, name)
+    assert status["restarts"] == 0, dump_debug(stack, name)  # a suspension is not a failure
+    reasons = [e["reason"] for e in stack.events(name)]
+    assert "Suspended" in reasons and "Resumed" in reasons, reasons
+    resumed = [e["message"] for e in stack.events(name) if e["reason"] == "WorkersCreated"][-1]
+    assert f"resuming from step {kept}" in resumed, resumed

@@ -42,6 +42,7 @@ VARIABLES = {"$__rate_interval": "10s", "$__interval": "1s", "$__range": "1h", "
 GPU_ONLY_PANELS = {"GPU memory"}
 JOB = "prom"
 STEPS = 60
+CONTROL_PLANES = ("embedded", "kubernetes")
 
 
 def substitute(expr: str) -> str:
