@@ -293,6 +293,7 @@ class Operations:
               subresource: str | None = None, dry_run: bool = False, field_validation: str | None = None,
               warnings: list[str] | None = None) -> Obj:
         """PATCH with one of the :mod:`.patch` content types, then the same rules as :meth:`update`."""
+        patching.check_content_type(content_type)
         old = self._existing(rt, namespace, name)
         base = self.present(rt, copy.deepcopy(old))
         patched = patching.apply_patch(base, content_type, body, custom=rt.is_custom)
@@ -564,6 +565,7 @@ class Operations:
         return self.get_scale(rt, namespace, name)
 
     def patch_scale(self, rt: ResourceType, namespace: str | None, name: str, content_type: str, body: Any) -> Obj:
+        patching.check_content_type(content_type)
         current = self.get_scale(rt, namespace, name)
         patched = patching.apply_patch(current, content_type, body, custom=False)
         return self.update_scale(rt, namespace, name, patched)

@@ -1,0 +1,206 @@
+"""Differential test of the embedded API server against kube-apiserver v1.37.2: the same requests to both,
+and the answers compared (status code, the Status reason of an error, and the fields that must agree).
+
+Every step must agree, except those listed in :data:`ALLOWED` with the reason the difference is allowed
+(docs/local-cluster.md, "Embedded and real, side by side"). A difference that is neither is a bug to fix in
+the embedded server.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import yaml
+
+from loco_local.cluster import LocalCluster
+from loco_local.nodes import uniform_nodes
+
+CONTROL_PLANES = ("kubernetes",)  # it starts both itself; it runs once, where the real one is wanted
+NS = "diff"
+CM = f"/api/v1/namespaces/{NS}/configmaps"
+TJ = f"/apis/loco.dev/v1alpha1/namespaces/{NS}/trainingjobs"
+MERGE, JSON_PATCH, STRATEGIC, APPLY = ("application/merge-patch+json", "application/json-patch+json",
+                                        "application/strategic-merge-patch+json", "application/apply-patch+yaml")
+#: steps whose answers may differ, and why (the same words are in docs/local-cluster.md)
+ALLOWED: dict[str, str] = {
+    "server-side apply": "the embedded server answers 415 with a message naming the alternatives: it does not implement "
+                         "server-side apply (field ownership, conflicts); nothing on the embedded cluster uses it (kubectl "
+                         "apply is client-side by default, the operator merge-patches), and Helm v4, which applies "
+                         "server-side, runs against the real control plane",
+}
+
+
+@dataclass
+class Answer:
+    status: int
+    body: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def reason(self) -> str | None:
+        """The Status reason of an error (NotFound, AlreadyExists, Conflict, Invalid...), None on success."""
+        return self.body.get("reason") if self.status >= 400 else None
+
+
+class Api:
+    """A requests session with a kubeconfig's server and credentials (plain HTTP or client-certificate TLS)."""
+
+    def __init__(self, kubeconfig: Path) -> None:
+        doc = yaml.safe_load(Path(kubeconfig).read_text())
+        cluster, user = doc["clusters"][0]["cluster"], doc["users"][0]["user"]
+        self.url = cluster["server"]
+        self.session = requests.Session()
+        self.session.trust_env = False  # $REQUESTS_CA_BUNDLE would replace the cluster's CA
+        if cluster.get("certificate-authority"):
+            self.session.verify = cluster["certificate-authority"]
+        if user.get("client-certificate"):
+            self.session.cert = (user["client-certificate"], user["client-key"])
+
+    def __call__(self, method: str, path: str, body: Any = None, content_type: str = "application/json",
+                 **params: str) -> Answer:
+        data = None if body is None else (body if isinstance(body, str) else json.dumps(body))
+        resp = self.session.request(method, self.url + path, data=data, params=params or None, timeout=30,
+                                    headers={"Content-Type": content_type, "Accept": "application/json"})
+        try:
+            payload = resp.json()
+        except ValueError:
+            payload = {"raw": resp.text}
+        return Answer(resp.status_code, payload)
+
+
+@pytest.fixture(scope="module")
+def apis(tmp_path_factory: pytest.TempPathFactory, control_plane: str) -> Iterator[dict[str, Api]]:
+    from loco_local.realcluster import RealCluster
+
+    nodes = uniform_nodes(1)
+    with LocalCluster(tmp_path_factory.mktemp("diff-embedded"), nodes) as embedded, \
+            RealCluster(tmp_path_factory.mktemp("diff-real"), nodes, pod_security=None) as real:
+        apis = {"embedded": Api(embedded.kubeconfig), "real": Api(real.kubeconfig)}
+        for api in apis.values():
+            assert api("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
+                                                      "metadata": {"name": NS}}).status == 201
+        yield apis
+
+
+def configmap(name: str, **meta: Any) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, **meta}, "data": {"k": "v"}}
+
+
+def job(name: str, replicas: int = 2) -> dict[str, Any]:
+    return {"apiVersion": "loco.dev/v1alpha1", "kind": "TrainingJob", "metadata": {"name": name},
+            "spec": {"replicas": replicas}}
+
+
+def names(answer: Answer) -> list[str]:
+    return sorted(item["metadata"]["name"] for item in answer.body.get("items", []))
+
+
+#: (step, the request as a function of the API, what of the answer must agree besides status and reason)
+Step = tuple[str, Callable[[Api], Answer], Callable[[Answer], Any]]
+NOTHING: Callable[[Answer], Any] = lambda a: None  # noqa: E731
+
+
+def _stale_update(api: Api) -> Answer:
+    current = api("GET", f"{CM}/cm1").body
+    stale = copy.deepcopy(current)
+    api("PATCH", f"{CM}/cm1", {"data": {"bump": "1"}}, MERGE)
+    return api("PUT", f"{CM}/cm1", stale)
+
+
+def _finalized_delete(api: Api) -> Answer:
+    api("POST", CM, configmap("held", finalizers=["example.dev/keep"]))
+    api("DELETE", f"{CM}/held")
+    return api("GET", f"{CM}/held")
+
+
+def _release_finalizer(api: Api) -> Answer:
+    api("PATCH", f"{CM}/held", {"metadata": {"finalizers": None}}, MERGE)
+    for _ in range(50):
+        answer = api("GET", f"{CM}/held")
+        if answer.status == 404:
+            return answer
+        time.sleep(0.1)
+    return answer
+
+
+def _watch_from(api: Api) -> Answer:
+    rv = api("GET", CM).body["metadata"]["resourceVersion"]
+    api("POST", CM, configmap("watched"))
+    resp = api.session.get(api.url + CM, params={"watch": "true", "resourceVersion": rv, "timeoutSeconds": "2",
+                                                 "allowWatchBookmarks": "true"}, timeout=30)
+    events = [json.loads(line) for line in resp.text.splitlines() if line.strip()]
+    return Answer(resp.status_code, {"events": [(e["type"], e["object"]["metadata"]["name"]) for e in events
+                                                if e["type"] != "BOOKMARK"]})
+
+
+STEPS: list[Step] = [
+    ("create", lambda api: api("POST", CM, configmap("cm1", labels={"app": "a"})),
+     lambda a: (a.body["metadata"]["name"], a.body["data"], bool(a.body["metadata"]["resourceVersion"]))),
+    ("create again: 409 AlreadyExists", lambda api: api("POST", CM, configmap("cm1")), NOTHING),
+    ("get a missing object: 404 NotFound", lambda api: api("GET", f"{CM}/nope"), NOTHING),
+    ("create with an invalid name: 422 Invalid", lambda api: api("POST", CM, configmap("Bad_Name")),
+     lambda a: [c.get("field") for c in a.body["details"]["causes"]]),
+    ("list by label", lambda api: api("GET", CM, labelSelector="app=a"), names),
+    ("list by field", lambda api: api("GET", CM, fieldSelector="metadata.name=cm1"), names),
+    ("list by a bad selector: 400", lambda api: api("GET", CM, labelSelector="app in (a"), NOTHING),
+    ("merge patch", lambda api: api("PATCH", f"{CM}/cm1", {"data": {"m": "1"}}, MERGE), lambda a: a.body["data"]),
+    ("JSON patch", lambda api: api("PATCH", f"{CM}/cm1", [{"op": "add", "path": "/data/j", "value": "2"}], JSON_PATCH),
+     lambda a: a.body["data"]),
+    ("JSON patch whose test fails: 422", lambda api: api("PATCH", f"{CM}/cm1", [{"op": "test", "path": "/data/j",
+                                                                               "value": "nope"}], JSON_PATCH), NOTHING),
+    ("strategic merge patch", lambda api: api("PATCH", f"{CM}/cm1", {"data": {"s": "3"}}, STRATEGIC),
+     lambda a: a.body["data"]),
+    ("server-side apply", lambda api: api("PATCH", f"{CM}/applied", yaml.safe_dump(configmap("applied")), APPLY,
+                                          fieldManager="diff"),
+     lambda a: (a.body["data"], [m["manager"] for m in a.body["metadata"].get("managedFields", [])])),
+    ("update with a stale resourceVersion: 409 Conflict", _stale_update, NOTHING),
+    ("delete held by a finalizer: still there, deletionTimestamp set", _finalized_delete,
+     lambda a: (bool(a.body["metadata"].get("deletionTimestamp")), a.body["metadata"].get("finalizers"))),
+    ("finalizer removed: gone", _release_finalizer, NOTHING),
+    ("delete a missing object: 404", lambda api: api("DELETE", f"{CM}/nope"), NOTHING),
+    ("delete with propagationPolicy Foreground", lambda api: api("DELETE", f"{CM}/cm1",
+                                                                 {"propagationPolicy": "Foreground"}), NOTHING),
+    ("watch from a resourceVersion", _watch_from, lambda a: a.body["events"]),
+    ("custom resource: create with defaults", lambda api: api("POST", TJ, job("j1")),
+     lambda a: (a.body["spec"]["replicas"], a.body["spec"]["algorithm"]["name"], a.body["metadata"]["generation"])),
+    ("custom resource: CEL rule refused, the field named", lambda api: api(
+        "POST", TJ, {**job("j2", 1), "spec": {"replicas": 1, "elastic": {"minReplicas": 2, "maxReplicas": 3}}}),
+     lambda a: sorted(c.get("field") for c in a.body["details"]["causes"])),
+    ("custom resource: schema refused", lambda api: api("POST", TJ, job("j3", 0)),
+     lambda a: sorted(c.get("field") for c in a.body["details"]["causes"])),
+    ("status subresource: spec ignored", lambda api: api("PATCH", f"{TJ}/j1/status",
+                                                         {"spec": {"replicas": 5}, "status": {"phase": "Running"}}, MERGE),
+     lambda a: (a.body["spec"]["replicas"], a.body["status"]["phase"], a.body["metadata"]["generation"])),
+    ("main resource: status ignored", lambda api: api("PATCH", f"{TJ}/j1", {"status": {"phase": "Failed"}}, MERGE),
+     lambda a: a.body["status"]["phase"]),
+    ("scale subresource: get", lambda api: api("GET", f"{TJ}/j1/scale"),
+     lambda a: (a.body["kind"], a.body["spec"]["replicas"])),
+    ("scale subresource: patch", lambda api: api("PATCH", f"{TJ}/j1/scale", {"spec": {"replicas": 3}}, MERGE),
+     lambda a: a.body["spec"]["replicas"]),
+    ("after scale", lambda api: api("GET", f"{TJ}/j1"), lambda a: (a.body["spec"]["replicas"], a.body["metadata"]["generation"])),
+    ("unsupported media type: 415", lambda api: api("PATCH", f"{CM}/applied", {"data": {}}, "text/plain"), NOTHING),
+]
+
+
+def test_the_embedded_server_answers_as_kube_apiserver_does(apis: dict[str, Api]) -> None:
+    def fields(agree_on: Callable[[Answer], Any], answer: Answer) -> Any:
+        try:
+            return agree_on(answer)
+        except (KeyError, TypeError, IndexError) as exc:  # the field is missing: that is an answer too
+            return f"<missing {exc}>"
+
+    differences = []
+    for name, request, agree_on in STEPS:
+        answers = {plane: request(api) for plane, api in apis.items()}
+        seen = {plane: (a.status, a.reason, fields(agree_on, a)) for plane, a in answers.items()}
+        if seen["embedded"] != seen["real"] and name not in ALLOWED:
+            differences.append(f"{name}:\n  embedded {seen['embedded']}\n  real     {seen['real']}\n"
+                               f"  real body: {json.dumps(answers['real'].body)[:400]}")
+    assert not differences, "the embedded server differs from kube-apiserver:\n" + "\n".join(differences)
