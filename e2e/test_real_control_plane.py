@@ -6,7 +6,6 @@ upgrade and uninstall of the chart, and ``loco local down`` leaving no process b
 from __future__ import annotations
 
 import json
-import os
 import stat
 import subprocess
 import sys
@@ -161,4 +160,3 @@ def test_down_stops_every_process_it_started(tmp_path_factory: pytest.TempPathFa
     gone, alive = psutil.wait_procs(started, timeout=30)
     assert not [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], alive
     assert not _processes_of(state)
-    assert os.environ.get("KUBECONFIG") != str(state / "kubeconfig")

@@ -376,3 +376,24 @@ def test_unreadable_status_fields_are_dropped_but_the_restart_budget_survives():
     result = plan(job(status=status), children(pod(0, epoch=2), pod(1, epoch=2)), NOW)
     assert (result.status["restarts"], result.status["membershipEpoch"]) == (2, 2)
     assert "someoneElses" not in result.status and result.actions == ()
+
+
+def test_a_worker_pod_the_api_refuses_for_good_fails_the_job_quoting_the_api():
+    from loco_operator.planner import plan_pod_refused, refusal_is_permanent
+
+    psa = ('pods "j-worker-0" is forbidden: violates PodSecurity "restricted:latest": restricted volume types '
+           '(volume "data" uses restricted volume type "hostPath")')
+    assert refusal_is_permanent(403, psa) and refusal_is_permanent(422, "spec.containers[0].image: Required value")
+    assert not refusal_is_permanent(403, 'pods "j-worker-0" is forbidden: exceeded quota: team, requested: cpu=2')
+    assert not refusal_is_permanent(500, "etcdserver: request timed out")
+    created = plan(job(), Observed(), NOW)
+    result = plan_pod_refused(job(), created.status, "j-worker-0", psa, NOW)
+    message = f"The API refused worker pod j-worker-0: {psa}"
+    assert list(result.actions) == [EmitEvent("Warning", "PodRefused", message)]
+    st = result.status
+    assert st["phase"] == "Failed" and st["message"] == message and st["completionTime"]
+    failed = next(c for c in st["conditions"] if c["type"] == "Failed")
+    assert (failed["status"], failed["reason"], failed["message"]) == ("True", "PodRefused", message)
+    # and it stays failed: the next reconcile creates nothing
+    again = plan(job(status=st), Observed(service_exists=True, configmap_data=cfg()), NOW)
+    assert not [a for a in again.actions if isinstance(a, CreatePod)]

@@ -44,7 +44,8 @@ STORAGE_CLASS = "loco-local"
 PROVISIONER_ANNOTATION = "volume.kubernetes.io/storage-provisioner"
 POD_SECURITY_LABELS = ("enforce", "audit", "warn")
 
-CONTROLLERS_RBAC: list[Obj] = [
+#: what the bootstrap creates besides the CRDs: the two controllers' RBAC and the default StorageClass
+BOOTSTRAP_OBJECTS: list[Obj] = [
     {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": CONTROLLERS.user},
      "rules": [
          {"apiGroups": [""], "resources": ["pods", "services"], "verbs": ["get", "list", "watch"]},
@@ -218,7 +219,7 @@ class RealCluster(LocalCluster):
 
     async def _bootstrap(self, api: ApiClient) -> None:
         await self._register_crds(api)
-        for obj in CONTROLLERS_RBAC:
+        for obj in BOOTSTRAP_OBJECTS:
             group_version = obj["apiVersion"]
             plural = {"ClusterRole": "clusterroles", "ClusterRoleBinding": "clusterrolebindings",
                       "StorageClass": "storageclasses"}[obj["kind"]]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -63,6 +64,8 @@ from .planner import (
     UpdateConfigMap,
     parse_report,
     plan,
+    plan_pod_refused,
+    refusal_is_permanent,
 )
 from .render import CONFIG_KEY, LABEL_JOB, JobRef, render_pod
 from .spec import GROUP, PLURAL, VERSION, TrainingJobSpec
@@ -239,7 +242,11 @@ async def _reconcile_locked(ctx: OperatorContext, namespace: str, name: str, key
         observed = await observe(ctx, job)
         now = datetime.now(timezone.utc)
         result = plan(job, observed, now, node_lost_grace_s=ctx.node_lost_grace_s)
-        errors = await apply(ctx, job, result.actions)
+        refused: list[tuple[str, str]] = []
+        errors = await apply(ctx, job, result.actions, refused)
+        if refused:  # a worker pod the API will never accept: fail now, quoting it, rather than retry forever
+            result = plan_pod_refused(job, result.status, *refused[0], now)
+            errors = await apply(ctx, job, result.actions)
         old_status = job.get("status") or {}
         if result.status != old_status:
             try:
@@ -422,8 +429,19 @@ async def poll_reports(
     return {name: report for name, report in results if report is not None}
 
 
-async def apply(ctx: OperatorContext, job: dict[str, Any], actions: Sequence[Action]) -> list[str]:
-    """Perform the actions in order; returns the errors (empty when all succeeded)."""
+def api_message(exc: ApiException) -> str:
+    """The API's own words for a refusal (the Status message), else the HTTP reason."""
+    try:
+        return str(json.loads(exc.body or "{}").get("message") or exc.reason)
+    except (ValueError, AttributeError):
+        return str(exc.reason)
+
+
+async def apply(ctx: OperatorContext, job: dict[str, Any], actions: Sequence[Action],
+                refused: list[tuple[str, str]] | None = None) -> list[str]:
+    """Perform the actions in order; returns the errors (empty when all succeeded). A worker pod the API
+    refuses for good (:func:`refusal_is_permanent`) is added to ``refused`` as (pod, message), and the
+    remaining actions are skipped."""
     ref = JobRef.from_body(job)
     core, custom = ctx.core, ctx.custom
     errors: list[str] = []
@@ -460,6 +478,9 @@ async def apply(ctx: OperatorContext, job: dict[str, Any], actions: Sequence[Act
                 log.info(f"[{ref.namespace}/{ref.name}] deleting the TrainingJob: {action.reason}")
                 await _delete(ctx, "delete_job", custom.delete_namespaced_custom_object, GROUP, VERSION, ref.namespace, PLURAL, ref.name)
         except ApiException as exc:
+            if refused is not None and isinstance(action, CreatePod) and refusal_is_permanent(exc.status, api_message(exc)):
+                refused.append((action.name, api_message(exc)))
+                break
             errors.append(f"{type(action).__name__}: HTTP {exc.status} {exc.reason}")
     return errors
 

@@ -97,6 +97,7 @@ class Reason(str, Enum):
     waiting_for_capacity = "WaitingForCapacity"
     node_avoidance_expired = "NodeAvoidanceExpired"
     force_deleted = "ForceDeleted"
+    pod_refused = "PodRefused"
 
 
 class ConditionType(str, Enum):
@@ -523,6 +524,26 @@ def plan(job: Mapping[str, Any], observed: Observed, now: datetime, *,
         st.workers = WorkersStatus(desired=desired, ready=0)
     _summary(st, st.workers.desired)
     return Plan(actions=tuple(p.actions), status=st.to_wire(), requeue_after_s=p.requeue_after_s)
+
+
+def refusal_is_permanent(status: int, message: str) -> bool:
+    """Whether the API's refusal of a worker pod will never change by itself: invalid (422), or forbidden (403)
+    by admission such as Pod Security or by RBAC, but not a ResourceQuota that frees up as pods finish."""
+    return status == 422 or (status == 403 and "exceeded quota" not in message)
+
+
+def plan_pod_refused(job: Mapping[str, Any], status: Mapping[str, Any], pod: str, message: str, now: datetime) -> Plan:
+    """The API permanently refused to create worker ``pod`` (:func:`refusal_is_permanent`): the job fails at once
+    with a ``Failed`` condition quoting the API, instead of trying to create the pod again every reconcile.
+    ``status`` is the status the last plan wrote; the job's other pods are cleaned up per its policy."""
+    p = _Planner({**job, "status": dict(status)}, Observed(), now)
+    try:
+        policy = TrainingJobSpec.model_validate(job.get("spec") or {}).run_policy.clean_pod_policy
+    except ValidationError:
+        policy = CleanPodPolicy.all
+    p.fail(Reason.pod_refused, f"The API refused worker pod {pod}: {message}", policy)
+    _summary(p.status, p.status.workers.desired if p.status.workers else 0)
+    return Plan(actions=tuple(p.actions), status=p.status.to_wire())
 
 
 def _lost_with_their_nodes(observed: Observed, now: datetime, grace_s: float) -> tuple[Observed, list[Action]]:
