@@ -124,3 +124,33 @@ def test_up_rejects_bad_node_options(tmp_path: Path):
 def test_down_without_a_cluster_says_so(tmp_path: Path):
     result = CliRunner().invoke(local, ["down", "--state-dir", str(tmp_path)])
     assert result.exit_code == 0 and "no local cluster is running" in result.output
+
+
+def test_a_cluster_killed_with_sigkill_takes_its_pods_with_it(tmp_path: Path):
+    """Pods must not outlive their cluster (issue 22, finding 4): each container gets SIGKILL when the kubelet
+    that started it dies, however it dies, so `kill -9` of `loco local up` leaves no pod running."""
+    state = tmp_path / "state"
+    up = loco("up", "--detach", "--nodes", "1", "--state-dir", str(state))
+    assert up.returncode == 0, up.stderr + up.stdout
+    daemon = psutil.Process(json.loads((state / "cluster.json").read_text())["pid"])
+    from kubernetes import client, config
+
+    api = client.CoreV1Api(config.new_client_from_config(config_file=str(state / "kubeconfig")))
+    api.create_namespaced_pod("default", {
+        "metadata": {"name": "orphan"},
+        "spec": {"restartPolicy": "Never", "containers": [
+            {"name": "c", "image": "x", "command": ["python", "-c", "import time; time.sleep(600)"]}]},
+    })
+
+    def running_pid():
+        statuses = api.read_namespaced_pod("orphan", "default").status.container_statuses or []
+        return int(statuses[0].container_id.rsplit("/", 1)[1]) if statuses and statuses[0].state.running else None
+
+    try:
+        pod_pid = wait_until(running_pid, "pod orphan running")
+        daemon.kill()
+        daemon.wait(timeout=30)
+        wait_until(lambda: not psutil.pid_exists(pod_pid) or psutil.Process(pod_pid).status() == psutil.STATUS_ZOMBIE,
+                   "the pod's process to die with its cluster", timeout_s=30)
+    finally:
+        loco("down", "--state-dir", str(state))
