@@ -18,7 +18,8 @@ one of them it starts a :class:`PodWorker` that does what a kubelet and a contai
   ``secretKeyRef``, ``resourceFieldRef``), ``envFrom`` (configMap/secret, with prefix), plus
   ``HOSTNAME``, ``LOCO_LOCAL_ROOT``, ``LOCO_LOCAL_HOSTS`` and ``PATH`` (the cluster interpreter's
   directory first); ``python``/``python3`` as argv[0] run ``sys.executable``;
-* **processes**: each container is a session leader (its process group is the container), output to
+* **processes**: each container is a session leader (its process group is the container) that gets SIGKILL
+  when the kubelet dies, however it dies (``PR_SET_PDEATHSIG``: a killed cluster or node agent leaves no pod), output to
   ``<state>/pods/<ns>/<pod>/<container>.log``; init containers run first, in order; restartPolicy
   Never/OnFailure/Always with exponential back-off (``restart_backoff_s`` doubling, capped);
 * **status** like the real kubelet: phase Pending -> Running -> Succeeded/Failed, conditions
