@@ -99,7 +99,7 @@ def job(name: str, replicas: int = 2) -> dict[str, Any]:
 
 
 def names(answer: Answer) -> list[str]:
-    return sorted(item["metadata"]["name"] for item in answer.body.get("items", []))
+    return sorted(item["metadata"]["name"] for item in answer.body.get("items", []) if item["metadata"]["name"] != ROOT_CA)
 
 
 #: (step, the request as a function of the API, what of the answer must agree besides status and reason)
@@ -140,6 +140,64 @@ def _watch_from(api: Api) -> Answer:
                                                 if e["type"] != "BOOKMARK"]})
 
 
+def _eventually(api: Api, path: str, done: Callable[[Answer], bool], timeout_s: float = 20.0) -> Answer:
+    """GET ``path`` until ``done`` (the garbage collector works in the background on both servers)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        answer = api("GET", path)
+        if done(answer) or time.monotonic() > deadline:
+            return answer
+        time.sleep(0.2)
+
+
+def _owner_and_child(api: Api, tag: str) -> None:
+    owner = api("POST", CM, configmap(f"owner-{tag}")).body
+    ref = {"apiVersion": "v1", "kind": "ConfigMap", "name": owner["metadata"]["name"], "uid": owner["metadata"]["uid"]}
+    api("POST", CM, configmap(f"child-{tag}", ownerReferences=[ref]))
+
+
+def _delete_owner(policy: str) -> Callable[[Api], Answer]:
+    """Delete an owner with ``policy``; the answer is its child once the garbage collector has acted."""
+    def run(api: Api) -> Answer:
+        tag = policy.lower()
+        _owner_and_child(api, tag)
+        api("DELETE", f"{CM}/owner-{tag}", {"propagationPolicy": policy})
+        _eventually(api, f"{CM}/owner-{tag}", lambda a: a.status == 404)
+        if policy == "Orphan":  # the child stays, freed of its owner
+            return _eventually(api, f"{CM}/child-{tag}", lambda a: not a.body.get("metadata", {}).get("ownerReferences"))
+        return _eventually(api, f"{CM}/child-{tag}", lambda a: a.status == 404)
+    return run
+
+
+def _foreground_owner_waits(api: Api) -> Answer:
+    """Foreground: the owner stays, deleting, with the foregroundDeletion finalizer while a child is held."""
+    _owner_and_child(api, "fg")
+    api("PATCH", f"{CM}/child-fg", {"metadata": {"finalizers": ["example.dev/hold"]}}, MERGE)
+    api("DELETE", f"{CM}/owner-fg", {"propagationPolicy": "Foreground"})
+    held = _eventually(api, f"{CM}/owner-fg", lambda a: "foregroundDeletion" in (a.body["metadata"].get("finalizers") or []))
+    api("PATCH", f"{CM}/child-fg", {"metadata": {"finalizers": None}}, MERGE)
+    gone = _eventually(api, f"{CM}/owner-fg", lambda a: a.status == 404)
+    return Answer(held.status, {"held": held.body["metadata"].get("finalizers"),
+                                "deleting": bool(held.body["metadata"].get("deletionTimestamp")), "then": gone.status})
+
+
+#: the controller manager's root-CA ConfigMap in every namespace: the embedded cluster has none (no in-cluster TLS)
+ROOT_CA = "kube-root-ca.crt"
+
+
+def _initial_events(api: Api) -> Answer:
+    """A watch that streams the current state first and marks its end with a bookmark (sendInitialEvents)."""
+    resp = api.session.get(api.url + CM, timeout=30, params={
+        "watch": "true", "sendInitialEvents": "true", "resourceVersionMatch": "NotOlderThan", "resourceVersion": "",
+        "allowWatchBookmarks": "true", "timeoutSeconds": "3"})
+    events = [json.loads(line) for line in resp.text.splitlines() if line.strip()]
+    added = sorted(e["object"]["metadata"]["name"] for e in events
+                   if e["type"] == "ADDED" and e["object"]["metadata"]["name"] != ROOT_CA)
+    bookmarks = [e["object"]["metadata"].get("annotations") for e in events if e["type"] == "BOOKMARK"]
+    return Answer(resp.status_code, {"added": added, "last": events[-1]["type"] if events else None,
+                                     "bookmark": bookmarks[-1] if bookmarks else None})
+
+
 STEPS: list[Step] = [
     ("create", lambda api: api("POST", CM, configmap("cm1", labels={"app": "a"})),
      lambda a: (a.body["metadata"]["name"], a.body["data"], bool(a.body["metadata"]["resourceVersion"]))),
@@ -148,6 +206,7 @@ STEPS: list[Step] = [
     ("create with an invalid name: 422 Invalid", lambda api: api("POST", CM, configmap("Bad_Name")),
      lambda a: [c.get("field") for c in a.body["details"]["causes"]]),
     ("list by label", lambda api: api("GET", CM, labelSelector="app=a"), names),
+    ("watch with initial events, ended by a bookmark", _initial_events, lambda a: a.body),
     ("list by field", lambda api: api("GET", CM, fieldSelector="metadata.name=cm1"), names),
     ("list by a bad selector: 400", lambda api: api("GET", CM, labelSelector="app in (a"), NOTHING),
     ("merge patch", lambda api: api("PATCH", f"{CM}/cm1", {"data": {"m": "1"}}, MERGE), lambda a: a.body["data"]),
@@ -168,6 +227,10 @@ STEPS: list[Step] = [
     ("delete with propagationPolicy Foreground", lambda api: api("DELETE", f"{CM}/cm1",
                                                                  {"propagationPolicy": "Foreground"}), NOTHING),
     ("watch from a resourceVersion", _watch_from, lambda a: a.body["events"]),
+    ("delete an owner, Background: its child is collected", _delete_owner("Background"), NOTHING),
+    ("delete an owner, Orphan: its child stays, unowned", _delete_owner("Orphan"),
+     lambda a: (a.body["metadata"]["name"], a.body["metadata"].get("ownerReferences"))),
+    ("delete an owner, Foreground: it waits for its child", _foreground_owner_waits, lambda a: a.body),
     ("custom resource: create with defaults", lambda api: api("POST", TJ, job("j1")),
      lambda a: (a.body["spec"]["replicas"], a.body["spec"]["algorithm"]["name"], a.body["metadata"]["generation"])),
     ("custom resource: CEL rule refused, the field named", lambda api: api(
