@@ -24,7 +24,7 @@ def test_straggler_is_blamed_isolated_and_the_job_resumes_from_checkpoint(stack:
         faultInjection={"collectiveDelayS": 1.5, "ranks": [1], "onlyFirstAttempt": True},
         # judge only after the first checkpoint (step 5: ~6 collectives with the probe); thresholds well
         # above the scheduling noise of a loaded 2-core machine (checkpoint writes stall ranks ~0.5 s)
-        faultDetection={"warmupCollectives": 8, "consecutive": 3, "minLatenessSeconds": 0.8},
+        faultDetection={"warmupCollectives": 8, "consecutive": 3, "minLatenessSeconds": 0.8, "cordonNodes": True},
     ))
     try:
         stack.wait_for(lambda: _status(stack, name).get("phase") == "Running", timeout_s=TIMEOUT_S, what="Running")
@@ -44,6 +44,15 @@ def test_straggler_is_blamed_isolated_and_the_job_resumes_from_checkpoint(stack:
     assert fault["pods"] == [f"{name}-worker-1"] and fault["nodes"] == [straggler_node], (fault, placed)
     assert fault["epoch"] == 0 and fault["evidence"], fault
     assert status["avoidNodes"] == [straggler_node]
+    assert fault["cordoned"] is True, fault
+    # the blamed node is cordoned through the API (on the real control plane: with the chart's RBAC)
+    node = stack.resource("v1", "Node").get(name=straggler_node).to_dict()
+    assert node["spec"].get("unschedulable") is True, node["spec"]
+    assert any(t["key"] == "loco.dev/fault" and t["effect"] == "NoSchedule" for t in node["spec"].get("taints") or []), node["spec"]
+    stack.kubectl("uncordon", straggler_node)  # the module's other scenarios get the node back
+    stack.resource("v1", "Node").patch(name=straggler_node, body={"spec": {"taints": [
+        t for t in node["spec"].get("taints") or [] if t["key"] != "loco.dev/fault"]}},
+        content_type="application/merge-patch+json")
 
     # events tell the story: detected (naming the node), restarted from a checkpoint, succeeded
     events = stack.events(name)

@@ -160,3 +160,21 @@ def test_down_stops_every_process_it_started(tmp_path_factory: pytest.TempPathFa
     gone, alive = psutil.wait_procs(started, timeout=30)
     assert not [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], alive
     assert not _processes_of(state)
+
+
+#: the kubectl releases the image ships beside the default one (Google Cloud SDK's kubectl.1.NN)
+KUBECTLS = sorted(Path("/usr/lib/google-cloud-sdk/bin").glob("kubectl.1.*"), key=lambda p: int(p.name.rsplit(".", 1)[1]))
+
+
+def test_the_kubeconfig_works_with_every_kubectl_on_the_machine(cluster: dict) -> None:
+    """kubectl 1.27 to 1.33 (what the image ships) read the kubeconfig, authenticate with its client certificate
+    and talk to kube-apiserver v1.37.2."""
+    assert {f"kubectl.1.{minor}" for minor in range(27, 34)} <= {p.name for p in KUBECTLS}, KUBECTLS
+    for kubectl in ["kubectl", *map(str, KUBECTLS)]:
+        nodes = subprocess.run([kubectl, "--kubeconfig", cluster["kubeconfig"], "get", "nodes", "-o", "name"],
+                               capture_output=True, text=True, timeout=60)
+        assert nodes.returncode == 0, (kubectl, nodes.stderr)
+        assert nodes.stdout.split() == ["node/node-0", "node/node-1"], (kubectl, nodes.stdout)
+        version = json.loads(subprocess.run([kubectl, "--kubeconfig", cluster["kubeconfig"], "version", "-o", "json"],
+                                            capture_output=True, text=True, timeout=60, check=True).stdout)
+        assert version["serverVersion"]["gitVersion"] == "v1.37.2", (kubectl, version)
