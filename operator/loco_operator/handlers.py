@@ -7,11 +7,17 @@ All decisions live in :func:`loco_operator.planner.plan`; this module only does 
    every running worker's ``GET http://<podIP>:8080/status`` concurrently with a short timeout
    (aiohttp);
 2. **plan** (pure);
-3. **apply** the actions idempotently: AlreadyExists on create and NotFound on delete count as
-   success; other API errors are counted, the remaining actions still run, the status is still
-   written, and the handler then raises :class:`kopf.TemporaryError` so Kopf retries (a live
-   resize's ``POST /membership`` to a worker never fails the round: the next reconcile resends it);
-4. **patch** ``status`` (the status subresource) only when it changed.
+3. **patch** ``status`` (the status subresource), when it changed, *before* acting: the status is the
+   plan's intent (new epoch, restart and resize counts, fault records). A write that fails acts on
+   nothing and raises :class:`kopf.TemporaryError`, so Kopf's retry plans again from the same stored
+   status and counts the same restart once; a write that succeeded makes the retry plan from the new
+   epoch, where the old epoch's pods are merely stale. (Acting first let a retry re-plan from the old
+   status over pods already deleted or relabelled: a live resize was rolled back into the old epoch,
+   and every try counted its restart again in the metrics and events.)
+4. **apply** the actions idempotently: AlreadyExists on create and NotFound on delete count as
+   success; other API errors are counted, the remaining actions still run, and the handler then
+   raises :class:`kopf.TemporaryError` so Kopf retries (a live resize's ``POST /membership`` to a
+   worker never fails the round: the next reconcile resends it).
 
 Triggers: create/resume/update of a TrainingJob, a timer every :data:`RECONCILE_INTERVAL_S` per
 job, and every event of a pod labelled ``loco.dev/job`` (fast reaction to a worker's exit). A
@@ -242,28 +248,43 @@ async def _reconcile_locked(ctx: OperatorContext, namespace: str, name: str, key
         observed = await observe(ctx, job)
         now = datetime.now(timezone.utc)
         result = plan(job, observed, now, node_lost_grace_s=ctx.node_lost_grace_s)
+        old_status = job.get("status") or {}
+        stored, errors = await write_status(ctx, job, old_status, result.status)
+        if stored is None:  # nothing was acted on: the retry plans the same from the same status
+            if not errors:
+                return  # deleted meanwhile
+            ctx.metrics.observe_reconcile(job, old_status, old_status)
+            raise kopf.TemporaryError("; ".join(errors), delay=RECONCILE_INTERVAL_S)
         refused: list[tuple[str, str]] = []
         errors = await apply(ctx, job, result.actions, refused)
         if refused:  # a worker pod the API will never accept: fail now, quoting it, rather than retry forever
             result = plan_pod_refused(job, result.status, *refused[0], now)
-            errors = await apply(ctx, job, result.actions)
-        old_status = job.get("status") or {}
-        if result.status != old_status:
-            try:
-                await _call(
-                    ctx, "patch_status", ctx.custom.patch_namespaced_custom_object_status,
-                    GROUP, VERSION, namespace, PLURAL, name, {"status": _merge_patch(old_status, result.status)},
-                )
-            except ApiException as exc:
-                if exc.status != 404:
-                    errors.append(f"patching status: {exc.status} {exc.reason}")
+            written, errors = await write_status(ctx, job, stored, result.status)
+            if written is not None:
+                stored = written
+                errors = await apply(ctx, job, result.actions)
         ctx.metrics.observe_reconcile(
-            job, old_status, result.status,
+            job, old_status, stored,
             events=[(a.reason, a.message) for a in result.actions if isinstance(a, EmitEvent)], now_s=now.timestamp(),
         )
         ctx.metrics.reconcile_duration.observe(time.monotonic() - started)
         if errors:
             raise kopf.TemporaryError("; ".join(errors), delay=RECONCILE_INTERVAL_S)
+
+
+async def write_status(ctx: OperatorContext, job: dict[str, Any], old: dict[str, Any],
+                       new: dict[str, Any]) -> tuple[dict[str, Any] | None, list[str]]:
+    """Patch the job's status from ``old`` to ``new`` (nothing to do when equal). Returns the status now
+    stored and no errors, or None and the error (none when the job was deleted meanwhile)."""
+    if new == old:
+        return new, []
+    ref = JobRef.from_body(job)
+    try:
+        await _call(ctx, "patch_status", ctx.custom.patch_namespaced_custom_object_status,
+                    GROUP, VERSION, ref.namespace, PLURAL, ref.name, {"status": _merge_patch(old, new)})
+    except ApiException as exc:
+        return None, [] if exc.status == 404 else [f"patching status: {exc.status} {exc.reason}"]
+    return new, []
 
 
 def _merge_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:

@@ -35,7 +35,7 @@ FAULT_KINDS = ("worker-exit", "worker-oom", "worker-evicted", "worker-lost") + t
 API_OPERATIONS = (
     "get_job", "list_pods", "get_service", "get_configmap", "list_nodes", "list_all_pods", "read_node",
     "create_service", "create_configmap", "create_pod", "patch_configmap", "patch_pod", "patch_node",
-    "delete_pod", "force_delete_pod", "delete_job",
+    "delete_pod", "force_delete_pod", "delete_job", "patch_status",
 )
 
 #: ``(from, to)`` of ``loco_operator_job_transitions_total`` that a job can make: from a new job (``""``) or
@@ -160,6 +160,8 @@ class OperatorMetrics:
         for operation in API_OPERATIONS:
             self.api_errors.labels(operation=operation)
         self._phases: dict[str, str] = {}
+        #: Per job: (uid, the stored status.restarts already counted in the restart counters).
+        self._restarts_counted: dict[str, tuple[str, int]] = {}
         self._lock = threading.Lock()
         self._server: Any = None
 
@@ -199,7 +201,7 @@ class OperatorMetrics:
             for kind in FAULT_KINDS:
                 self.faults.labels(namespace=namespace, job=name, kind=kind)
         self.observe_job(f"{namespace}/{name}", old_phase, new_phase,
-                         restarts_added=int(new_status.get("restarts") or 0) - int(old_status.get("restarts") or 0))
+                         restarts_added=self._new_restarts(job, old_status, new_status))
         for reason, message in events:
             if reason == "WorkerFailed":
                 self.record_fault(namespace, name, fault_kind(message))
@@ -234,6 +236,21 @@ class OperatorMetrics:
             if created_s is not None:
                 self.time_to_running.observe(max(0.0, now_s - created_s))
 
+    def _new_restarts(self, job: Mapping[str, Any], old_status: Mapping[str, Any], new_status: Mapping[str, Any]) -> int:
+        """Restarts of ``job`` not counted yet: how far its stored ``status.restarts`` moved past the
+        highest value already counted (from ``old_status`` when this operator first sees the job). A
+        retried reconcile, or a status write stored although the client saw it fail, is never counted
+        twice nor lost."""
+        meta = job.get("metadata") or {}
+        key, uid = f"{meta.get('namespace') or 'default'}/{meta.get('name') or ''}", meta.get("uid") or ""
+        stored = int(new_status.get("restarts") or 0)
+        with self._lock:
+            seen_uid, counted = self._restarts_counted.get(key, (uid, int(old_status.get("restarts") or 0)))
+            if seen_uid != uid:  # a new job of the same name
+                counted = int(old_status.get("restarts") or 0)
+            self._restarts_counted[key] = (uid, max(counted, stored))
+        return max(0, stored - counted)
+
     def record_fault(self, namespace: str, job: str, kind: str) -> None:
         """Count one fault of ``kind`` in ``namespace/job`` (worker failures, detector verdicts)."""
         self.faults.labels(namespace=namespace, job=job, kind=kind).inc()
@@ -244,6 +261,7 @@ class OperatorMetrics:
         namespace, _, name = key.partition("/")
         with self._lock:
             self._phases.pop(key, None)
+            self._restarts_counted.pop(key, None)
             self._refresh()
         for gauge, label_sets in ((self.workers, [(namespace, name, "desired"), (namespace, name, "ready")]),
                                   (self.checkpoint_step, [(namespace, name)]), (self.checkpoint_time, [(namespace, name)]),
