@@ -30,12 +30,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# promtool (metrics lint) and prometheus (e2e/test_prometheus.py, loco local up --prometheus): Debian's package.
+# Debian packages the tests use: prometheus and promtool (metrics lint, e2e/test_prometheus.py, loco local up
+# --prometheus) and chromium (tests/test_local_apiserver_auth.py: a real browser page attacks the API server).
 # Needs root for apt; without it, say so and go on (those tests then skip and name the reason).
+TOOLS := promtool:prometheus chromium:chromium
 tools:
-	@command -v promtool >/dev/null || { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		apt-get update -q && apt-get install -y -q --no-install-recommends prometheus; \
-		else echo "note: promtool/prometheus missing and no root apt-get: install Debian's 'prometheus' package"; fi; }
+	@missing=$$(for t in $(TOOLS); do command -v $${t%%:*} >/dev/null || echo $${t##*:}; done); \
+	if [ -n "$$missing" ]; then if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -q && apt-get install -y -q --no-install-recommends $$missing; \
+		else echo "note: missing $$missing and no root apt-get: install Debian's packages: $$missing"; fi; fi
 
 # The real Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler) from the
 # Go modules pinned in local/kube, built once into ~/.cache/loco/kube/<hash of its sources>/ (docs/local-cluster.md).

@@ -50,24 +50,32 @@ class Answer:
 
 
 class Api:
-    """A requests session with a kubeconfig's server and credentials (plain HTTP or client-certificate TLS)."""
+    """A requests session with a kubeconfig's server and credentials (a bearer token or a client certificate)."""
 
-    def __init__(self, kubeconfig: Path) -> None:
+    def __init__(self, kubeconfig: Path, credentials: bool = True) -> None:
         doc = yaml.safe_load(Path(kubeconfig).read_text())
         cluster, user = doc["clusters"][0]["cluster"], doc["users"][0]["user"]
+        self.kubeconfig = kubeconfig
         self.url = cluster["server"]
         self.session = requests.Session()
         self.session.trust_env = False  # $REQUESTS_CA_BUNDLE would replace the cluster's CA
         if cluster.get("certificate-authority"):
             self.session.verify = cluster["certificate-authority"]
-        if user.get("client-certificate"):
+        if credentials and user.get("client-certificate"):
             self.session.cert = (user["client-certificate"], user["client-key"])
+        if credentials and user.get("token"):
+            self.session.headers["Authorization"] = f"Bearer {user['token']}"
 
-    def __call__(self, method: str, path: str, body: Any = None, content_type: str = "application/json",
+    def anonymous(self) -> Api:
+        """The same server, trusted the same way, with no credential."""
+        return Api(self.kubeconfig, credentials=False)
+
+    def __call__(self, method: str, path: str, body: Any = None, content_type: str | None = "application/json",
                  **params: str) -> Answer:
-        data = None if body is None else (body if isinstance(body, str) else json.dumps(body))
+        data = None if body is None else (body if isinstance(body, str | bytes) else json.dumps(body))
+        headers = {"Accept": "application/json", **({"Content-Type": content_type} if content_type else {})}
         resp = self.session.request(method, self.url + path, data=data, params=params or None, timeout=30,
-                                    headers={"Content-Type": content_type, "Accept": "application/json"})
+                                    headers=headers)
         try:
             payload = resp.json()
         except ValueError:
@@ -198,7 +206,31 @@ def _initial_events(api: Api) -> Answer:
                                      "bookmark": bookmarks[-1] if bookmarks else None})
 
 
+def _wrong_token(api: Api) -> Answer:
+    stranger = api.anonymous()
+    stranger.session.headers["Authorization"] = "Bearer not-the-token"
+    return stranger("GET", CM)
+
+
+#: a YAML "billion laughs": nine levels of nine aliases each, 9**9 strings once expanded
+YAML_BOMB = "\n".join(["apiVersion: v1", "kind: ConfigMap", "metadata: {name: bomb}", "a0: &a0 [lol]"]
+                      + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)])
+
+
 STEPS: list[Step] = [
+    ("no credential: 401 Unauthorized", lambda api: api.anonymous()("GET", CM), NOTHING),
+    ("a wrong bearer token: 401 Unauthorized", _wrong_token, NOTHING),
+    ("no credential, a write: 401, nothing created", lambda api: (api.anonymous()("POST", CM, configmap("sneaky")),
+                                                                   api("GET", f"{CM}/sneaky"))[1], NOTHING),
+    ("create sent as text/plain: 415", lambda api: api("POST", CM, configmap("plain"), "text/plain"), NOTHING),
+    ("create as a form: 415", lambda api: api("POST", CM, "a=b", "application/x-www-form-urlencoded"), NOTHING),
+    ("create with no Content-Type: read as JSON", lambda api: api("POST", CM, configmap("untyped"), None),
+     lambda a: a.body["metadata"]["name"]),
+    ("create as YAML", lambda api: api("POST", CM, yaml.safe_dump(configmap("yamled")), "application/yaml"),
+     lambda a: a.body["data"]),
+    ("a body over 3 MiB: 413", lambda api: api("POST", CM, {**configmap("huge"), "data": {"k": "x" * (4 << 20)}}),
+     NOTHING),
+    ("a YAML alias bomb: refused", lambda api: api("POST", CM, YAML_BOMB, "application/yaml"), NOTHING),
     ("create", lambda api: api("POST", CM, configmap("cm1", labels={"app": "a"})),
      lambda a: (a.body["metadata"]["name"], a.body["data"], bool(a.body["metadata"]["resourceVersion"]))),
     ("create again: 409 AlreadyExists", lambda api: api("POST", CM, configmap("cm1")), NOTHING),

@@ -210,7 +210,7 @@ async def test_embedded_api_server_refuses_sharding_with_an_unsupported_algorith
     srv = APIServer(port=0)
     await srv.start()
     try:
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession(headers=srv.auth_headers) as session:
             async def call(method: str, path: str, body: Any = None) -> tuple[int, Any]:
                 async with session.request(method, srv.url + path, data=None if body is None else json.dumps(body),
                                            headers={"Content-Type": "application/json"}) as resp:

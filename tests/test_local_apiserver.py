@@ -55,7 +55,7 @@ async def server(tmp_path):
 
 @pytest.fixture
 async def api(server):
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(headers=server.auth_headers) as session:
         yield Client(session, server.url)
 
 
@@ -316,7 +316,7 @@ async def test_pod_logs_container_tail_and_follow(api, server, tmp_path):
     status, body = await api.get(f"{PODS}/a/log?container=nope")
     assert status == 400 and "not valid" in body["message"]
 
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(headers=server.auth_headers) as session:
         async with session.get(f"{server.url}{PODS}/a/log?follow=true&container=main") as resp:
             assert (await resp.content.readline()) == b"one\n"
             await resp.content.readline(), await resp.content.readline()

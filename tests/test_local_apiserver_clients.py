@@ -8,6 +8,7 @@ import copy
 import json
 import os
 import shutil
+import ssl
 import subprocess
 import sys
 import textwrap
@@ -18,6 +19,7 @@ import pytest
 import yaml
 
 from loco_local.apiserver import APIServer, write_kubeconfig
+from loco_local.pki import serving_context
 
 from test_local_apiserver_crd import WIDGET_CRD  # the small test CRD
 
@@ -26,11 +28,19 @@ KUBECTL = shutil.which("kubectl")
 
 @pytest.fixture
 async def cluster(tmp_path):
-    srv = APIServer(port=0, log_root=tmp_path / "logs")
+    """The server as LocalCluster runs it: HTTPS, and a kubeconfig with its CA and token."""
+    ca, context = serving_context(tmp_path / "pki", ["127.0.0.1"])
+    srv = APIServer(port=0, log_root=tmp_path / "logs", ssl_context=context)
     await srv.start()
-    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", srv.url)
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", srv.url, token=srv.token, ca=ca)
     yield srv, kubeconfig
     await srv.stop()
+
+
+def http(server: APIServer, kubeconfig: Path) -> aiohttp.ClientSession:
+    """A plain HTTP client for the fixture's server: its token, its CA."""
+    context = ssl.create_default_context(cafile=kubeconfig.parent / "pki" / "ca.crt")
+    return aiohttp.ClientSession(headers=server.auth_headers, connector=aiohttp.TCPConnector(ssl=context))
 
 
 def run_kubectl(kubeconfig: Path, *args: str, stdin: str | None = None, check: bool = True
@@ -127,7 +137,7 @@ async def test_kubectl_get_watch_prints_rows_as_objects_change(cluster):
         KUBECTL, "--kubeconfig", str(kc), "--cache-dir", str(kc.parent / "kube-cache"), "get", "pods", "-w",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
-        async with aiohttp.ClientSession() as http:
+        async with http(server, kc) as session:
             async def wait_for_line(needle: str) -> str:
                 while True:
                     line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
@@ -135,10 +145,10 @@ async def test_kubectl_get_watch_prints_rows_as_objects_change(cluster):
                     if needle in line:
                         return line
             pod = {"metadata": {"name": "watched"}, "spec": {"containers": [{"name": "c", "image": "busybox"}]}}
-            async with http.post(f"{server.url}/api/v1/namespaces/default/pods", json=pod) as resp:
+            async with session.post(f"{server.url}/api/v1/namespaces/default/pods", json=pod) as resp:
                 assert resp.status == 201
             assert (await wait_for_line("watched")).split()[:3] == ["watched", "0/1", "Pending"]
-            async with http.patch(f"{server.url}/api/v1/namespaces/default/pods/watched/status",
+            async with session.patch(f"{server.url}/api/v1/namespaces/default/pods/watched/status",
                                   json={"status": {"phase": "Running"}},
                                   headers={"Content-Type": "application/merge-patch+json"}) as resp:
                 assert resp.status == 200
@@ -197,9 +207,9 @@ async def test_kopf_operator_reconciles_and_deletion_collects_children(cluster, 
     pytest.importorskip("kopf")
     server, kc = cluster
     (tmp_path / "operator.py").write_text(OPERATOR)
-    async with aiohttp.ClientSession() as http:
+    async with http(server, kc) as session:
         async def call(method: str, path: str, body=None):
-            async with http.request(method, server.url + path, json=body) as resp:
+            async with session.request(method, server.url + path, json=body) as resp:
                 return resp.status, await resp.json()
 
         crd = copy.deepcopy(WIDGET_CRD)  # kopf stores handler results in status: let it keep them

@@ -79,7 +79,7 @@ async def server():
 
 @pytest.fixture
 async def call(server):
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(headers=server.auth_headers) as session:
         async def request(method: str, path: str, body: Any = None, content_type: str = "application/json",
                           accept: str = "application/json") -> tuple[int, Any]:
             async with session.request(method, server.url + path, data=None if body is None else json.dumps(body),
@@ -136,7 +136,7 @@ async def test_unknown_fields_are_rejected_when_strict_and_pruned_with_a_warning
     status, body = await widgets("POST", f"{WIDGETS}?fieldValidation=Strict", widget("bad", replicas=1, colour="red"))
     assert status == 400 and 'unknown field "spec.colour"' in body["message"]
     assert (await widgets("GET", f"{WIDGETS}/bad"))[0] == 404
-    async with aiohttp.ClientSession() as session:  # no fieldValidation: kube-apiserver's default (Warn)
+    async with aiohttp.ClientSession(headers=server.auth_headers) as session:  # no fieldValidation: kube-apiserver's default (Warn)
         async with session.post(server.url + WIDGETS, json=widget("pruned", colour="red", extra={"kept": 1})) as resp:
             created = await resp.json()
             assert resp.status == 201 and resp.headers["Warning"] == '299 - "unknown field \\"spec.colour\\""'

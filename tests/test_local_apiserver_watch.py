@@ -24,8 +24,8 @@ async def server():
 
 
 @pytest.fixture
-async def session():
-    async with aiohttp.ClientSession() as s:
+async def session(server):
+    async with aiohttp.ClientSession(headers=server.auth_headers) as s:
         yield s
 
 
@@ -145,8 +145,8 @@ async def test_many_concurrent_watchers_all_see_a_change(server, session):
         s.resp.close()
 
 
-async def test_stopping_the_server_ends_open_watches(session):
-    srv = APIServer(port=0)
+async def test_stopping_the_server_ends_open_watches(session, server):
+    srv = APIServer(port=0, token=server.token)
     await srv.start()
     stream = Stream(await session.get(f"{srv.url}{CMS}?watch=1"))
     await srv.stop()

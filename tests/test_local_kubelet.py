@@ -40,7 +40,7 @@ async def cluster(tmp_path: Path) -> AsyncIterator[LocalCluster]:
 
 @pytest.fixture
 async def api(cluster: LocalCluster) -> AsyncIterator[ApiClient]:
-    client = ApiClient(cluster.url)
+    client = ApiClient.from_kubeconfig(cluster.kubeconfig)
     yield client
     await client.close()
 
@@ -284,7 +284,7 @@ async def test_node_not_ready_fails_its_pods_with_node_lost(cluster: LocalCluste
 async def test_node_back_before_the_eviction_timeout_keeps_its_pods(tmp_path: Path):
     c = LocalCluster(tmp_path / "state", [NodeSpec("only")], crd_paths=[], pod_eviction_timeout_s=120, heartbeat_s=1)
     await c.start()
-    api = ApiClient(c.url)
+    api = ApiClient.from_kubeconfig(c.kubeconfig)
     try:
         await create_pod(api, python_pod("survivor", "import time\nwhile True: time.sleep(0.1)"))
         running = await wait_phase(api, "survivor", {"Running"})
@@ -417,7 +417,7 @@ def test_stopping_the_cluster_leaves_no_orphan_processes(tmp_path: Path):
     """
     with LocalCluster(tmp_path / "state", [NodeSpec("solo")], crd_paths=[]) as c:
         async def run() -> list[int]:
-            client = ApiClient(c.url)
+            client = ApiClient.from_kubeconfig(c.kubeconfig)
             try:
                 await create_pod(client, python_pod("parent", script))
                 pod = await wait_phase(client, "parent", {"Running"})

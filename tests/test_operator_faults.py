@@ -142,14 +142,94 @@ def test_a_finding_records_the_fault_avoids_the_node_and_restarts_from_the_check
         assert env["LOCO_RESUME_FROM"] == "/ckpt/ns/j/step-40" and env["LOCO_EPOCH"] == "1"
 
 
-def test_cordon_nodes_adds_a_cordon_action_and_marks_the_record() -> None:
-    body = _running_job({"faultDetection": {"cordonNodes": True}})
-    result = plan(body, _with_findings(children(pod(0), pod(1), spec={"faultDetection": {"cordonNodes": True}}),
-                                       _finding()), NOW)
+def _cordon_plan(job_asks: bool, operator_allows: bool) -> Any:
+    spec = {"faultDetection": {"cordonNodes": job_asks}}
+    return plan(_running_job(spec), _with_findings(children(pod(0), pod(1), spec=spec), _finding()), NOW,
+                cordon_nodes=operator_allows)
+
+
+def test_a_jobs_cordon_request_is_honoured_when_the_operator_allows_cordoning() -> None:
+    result = _cordon_plan(job_asks=True, operator_allows=True)
     cordons = [a for a in result.actions if isinstance(a, CordonNode)]
     assert [(c.node, c.kind) for c in cordons] == [("node-b", "slow-noncomm")] and "ns/j" in cordons[0].reason
     assert result.status["faults"][0]["cordoned"] is True
     assert any(isinstance(a, EmitEvent) and a.reason == "NodeCordoned" for a in result.actions)
+
+
+def test_a_job_cannot_cordon_a_node_unless_the_cluster_operator_enabled_it() -> None:
+    """Cordoning a node affects every tenant: a job's faultDetection.cordonNodes is only a request. Without
+    the operator's --cordon-nodes (chart value faultIsolation.cordonNodes) it is answered with a Warning
+    event, and the job keeps its own avoid-list."""
+    result = _cordon_plan(job_asks=True, operator_allows=False)
+    assert not [a for a in result.actions if isinstance(a, CordonNode)]
+    assert not [a for a in result.actions if isinstance(a, EmitEvent) and a.reason == "NodeCordoned"]
+    (warning,) = [a for a in result.actions if isinstance(a, EmitEvent) and a.reason == "CordonNotEnabled"]
+    assert warning.type == "Warning" and "node-b" in warning.message
+    assert "--cordon-nodes" in warning.message and "faultIsolation.cordonNodes" in warning.message
+    st = result.status
+    assert st["faults"][0]["cordoned"] is False and st["avoidNodes"] == ["node-b"] and st["restarts"] == 1
+    created = [a for a in plan({**_running_job(), "status": st}, children(), NOW).actions if isinstance(a, CreatePod)]
+    assert created and all("node-b" in str(a.body["spec"]["affinity"]) for a in created)  # the job's own avoid-list
+
+
+def test_an_operator_that_may_cordon_leaves_jobs_that_did_not_ask_alone() -> None:
+    result = _cordon_plan(job_asks=False, operator_allows=True)
+    assert not [a for a in result.actions if isinstance(a, CordonNode)]
+    assert not [a for a in result.actions if isinstance(a, EmitEvent) and a.reason in ("NodeCordoned", "CordonNotEnabled")]
+    assert result.status["faults"][0]["cordoned"] is False
+
+
+@pytest.mark.parametrize("enabled", [False, True], ids=["operator-default", "operator-cordon-nodes"])
+async def test_reconcile_cordons_only_with_the_operators_permission(tmp_path, monkeypatch, enabled: bool) -> None:
+    """The handlers hand the operator's --cordon-nodes to the planner: a job asking for a cordon gets the
+    node cordoned through the API only when the operator runs with it."""
+    import asyncio
+
+    import kopf
+    from kubernetes import client as k8s
+
+    from loco_operator import handlers
+    from loco_operator.cli import load_api_client
+    from loco_operator.crd import build_crd
+
+    apiserver = pytest.importorskip("loco_local.apiserver")
+    server = apiserver.APIServer(host="127.0.0.1", port=0, log_root=tmp_path / "pods")
+    await server.start()
+    try:
+        token = getattr(server, "token", None)
+        kubeconfig = apiserver.write_kubeconfig(tmp_path / "kubeconfig", server.url, **({"token": token} if token else {}))
+        api_client = load_api_client(str(kubeconfig))
+        core, custom = k8s.CoreV1Api(api_client), k8s.CustomObjectsApi(api_client)
+        await asyncio.to_thread(k8s.ApiextensionsV1Api(api_client).create_custom_resource_definition, build_crd())
+        await asyncio.to_thread(core.create_node, {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-b"}})
+        body = {"apiVersion": "loco.dev/v1alpha1", "kind": "TrainingJob", "metadata": {"name": "j"},
+                "spec": {"replicas": 2, "faultDetection": {"cordonNodes": True}}}
+        await asyncio.to_thread(custom.create_namespaced_custom_object, "loco.dev", "v1alpha1", "default", "trainingjobs", body)
+        status = {"phase": "Running", "membershipEpoch": 0, "workers": {"desired": 2, "ready": 2}, "targetReplicas": 2}
+        await asyncio.to_thread(custom.patch_namespaced_custom_object_status, "loco.dev", "v1alpha1", "default",
+                                "trainingjobs", "j", {"status": status})
+        monkeypatch.setattr(handlers, "feed_detector", lambda *_args: [_finding()])
+        reasons: list[str] = []
+        monkeypatch.setattr(kopf, "event", lambda _obj, *, type, reason, message: reasons.append(reason))
+        ctx = handlers.OperatorContext(api_client=api_client, cordon_nodes=enabled)
+        await handlers.reconcile(ctx, "default", "j")
+        node = api_client.sanitize_for_serialization(await asyncio.to_thread(core.read_node, "node-b"))
+        assert bool((node.get("spec") or {}).get("unschedulable")) is enabled
+        assert ("NodeCordoned" in reasons) is enabled and ("CordonNotEnabled" in reasons) is not enabled
+        job = await asyncio.to_thread(custom.get_namespaced_custom_object, "loco.dev", "v1alpha1", "default", "trainingjobs", "j")
+        assert job["status"]["avoidNodes"] == ["node-b"] and job["status"]["faults"][0]["cordoned"] is enabled
+    finally:
+        await server.stop()
+
+
+def test_operator_run_takes_cordon_nodes_from_a_flag_or_the_environment(monkeypatch) -> None:
+    from loco_operator.cli import operator
+
+    run = operator.commands["run"]
+    assert run.make_context("run", []).params["cordon_nodes"] is False  # off unless the cluster operator says so
+    assert run.make_context("run", ["--cordon-nodes"]).params["cordon_nodes"] is True
+    monkeypatch.setenv("LOCO_CORDON_NODES", "true")
+    assert run.make_context("run", []).params["cordon_nodes"] is True
 
 
 def test_a_mild_straggler_is_reported_but_not_acted_on() -> None:
@@ -232,7 +312,7 @@ async def test_cordon_node_marks_the_node_keeps_its_taints_and_tolerates_forbidd
     server = apiserver.APIServer(host="127.0.0.1", port=0, log_root=tmp_path / "pods")
     await server.start()
     try:
-        api_client = load_api_client(str(apiserver.write_kubeconfig(tmp_path / "kubeconfig", server.url)))
+        api_client = load_api_client(str(apiserver.write_kubeconfig(tmp_path / "kubeconfig", server.url, token=server.token)))
         core = k8s.CoreV1Api(api_client)
         node = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-b"},
                 "spec": {"taints": [{"key": "gpu", "value": "a100", "effect": "NoSchedule"}]}}

@@ -128,7 +128,7 @@ async def test_apply_patches_pod_labels_on_the_embedded_api_server(tmp_path):
     srv = APIServer(port=0, log_root=tmp_path / "logs")
     await srv.start()
     try:
-        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", srv.url)
+        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", srv.url, token=srv.token)
         client = kubernetes.config.new_client_from_config(config_file=str(kubeconfig))
         core = kubernetes.client.CoreV1Api(client)
         labels = {"loco.dev/job": "j", "loco.dev/rank": "2", "loco.dev/epoch": "3"}

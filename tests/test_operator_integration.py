@@ -72,7 +72,7 @@ async def fake_workers():
 async def cluster(tmp_path, request, fake_workers):
     server = apiserver.APIServer(host="127.0.0.1", port=0, log_root=tmp_path / "pods")
     await server.start()
-    kubeconfig = apiserver.write_kubeconfig(tmp_path / "kubeconfig", server.url)
+    kubeconfig = apiserver.write_kubeconfig(tmp_path / "kubeconfig", server.url, token=server.token)
     api_client = load_api_client(str(kubeconfig))
     crd = build_crd() if getattr(request, "param", {}).get("cel", True) else strip_cel(build_crd())
     await asyncio.to_thread(k8s.ApiextensionsV1Api(api_client).create_custom_resource_definition, crd)

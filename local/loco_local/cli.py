@@ -71,21 +71,24 @@ def _require_running(state_dir: Path) -> dict[str, Any]:
 
 
 def _http(url: str, method: str = "GET", body: Any = None, kubeconfig: str | Path | None = None) -> Any:
-    """One JSON request to the cluster's API; over HTTPS (the real control plane) with the kubeconfig's
-    CA and client certificate."""
+    """One JSON request to the cluster's API with the kubeconfig's credential (bearer token or client
+    certificate) and, over HTTPS, its CA."""
+    import ssl
+
+    import yaml
+
+    doc = yaml.safe_load(Path(kubeconfig or "").read_text())
+    user, cluster = doc["users"][0]["user"], doc["clusters"][0]["cluster"]
+    headers = {"Accept": "application/json", "Content-Type": "application/merge-patch+json"}
+    if user.get("token"):
+        headers["Authorization"] = f"Bearer {user['token']}"
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method, headers={
-        "Accept": "application/json", "Content-Type": "application/merge-patch+json"})
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
     context = None
     if url.startswith("https:"):
-        import ssl
-
-        import yaml
-
-        doc = yaml.safe_load(Path(kubeconfig or "").read_text())
-        user = doc["users"][0]["user"]
-        context = ssl.create_default_context(cafile=doc["clusters"][0]["cluster"]["certificate-authority"])
-        context.load_cert_chain(user["client-certificate"], user["client-key"])
+        context = ssl.create_default_context(cafile=cluster["certificate-authority"])
+        if user.get("client-certificate"):
+            context.load_cert_chain(user["client-certificate"], user["client-key"])
     with urllib.request.urlopen(req, timeout=30, context=context) as resp:
         return json.loads(resp.read() or b"{}")
 
@@ -133,7 +136,11 @@ def _print_scrape(prometheus_url: str | None, operator_metrics: str) -> None:
 @click.option("--nodes-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="YAML list of nodes (name, cpu, memory, gpus, labels, taints, count); overrides --nodes.")
 @click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True, help="API port (0: any free port).")
-@click.option("--host", default="127.0.0.1", show_default=True, help="API listen address.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="API listen address. Off loopback it needs --allow-remote too.")
+@click.option("--allow-remote", is_flag=True,
+              help="Serve the API on a --host off loopback: over HTTPS (a CA in <state-dir>/pki), with the "
+                   "kubeconfig's bearer token. Anyone who can reach it and holds the token can run commands here.")
 @click.option("--pod-eviction-timeout", "pod_eviction_timeout_s", type=float, default=10.0, show_default=True,
               help="Seconds after a node fails before its pods are marked NodeLost.")
 @_state_dir_option
@@ -151,8 +158,16 @@ def _print_scrape(prometheus_url: str | None, operator_metrics: str) -> None:
                    "node agent process per node.")
 def up(nodes: int, gpus_per_node: int, cpu: str, memory: str, nodes_file: Path | None, port: int, host: str,
        pod_eviction_timeout_s: float, state_dir: Path, detach: bool, with_prometheus: bool = False,
-       prometheus_port: int = 9091, operator_metrics: str = "127.0.0.1:9090", control_plane: str = "embedded") -> None:
+       prometheus_port: int = 9091, operator_metrics: str = "127.0.0.1:9090", control_plane: str = "embedded",
+       allow_remote: bool = False) -> None:
     """Start the local cluster."""
+    from loco_local.cluster import is_loopback
+
+    if not is_loopback(host) and not allow_remote:
+        raise click.BadParameter(
+            f"{host} is off loopback: whoever reaches the API there can run commands on this machine. Add "
+            "--allow-remote to serve it there over HTTPS with the kubeconfig's token, or keep the default 127.0.0.1",
+            param_hint="--host")
     if control_plane == "kubernetes":
         from loco_local.controlplane import KubeBinaryMissing, kube_bin_dir
 
@@ -182,7 +197,8 @@ def up(nodes: int, gpus_per_node: int, cpu: str, memory: str, nodes_file: Path |
     (state_dir / INFO_FILE).unlink(missing_ok=True)
     if detach:
         argv = ["up", "--port", str(port), "--host", host, "--pod-eviction-timeout", str(pod_eviction_timeout_s),
-                "--state-dir", str(state_dir), "--operator-metrics", operator_metrics, "--control-plane", control_plane]
+                "--state-dir", str(state_dir), "--operator-metrics", operator_metrics, "--control-plane", control_plane,
+                *(["--allow-remote"] if allow_remote else [])]
         if with_prometheus:
             argv += ["--prometheus", "--prometheus-port", str(prometheus_port)]
         if nodes_file is not None:
@@ -192,7 +208,8 @@ def up(nodes: int, gpus_per_node: int, cpu: str, memory: str, nodes_file: Path |
         _up_detached(state_dir, argv)
     else:
         try:
-            asyncio.run(_serve(state_dir, specs, host, port, pod_eviction_timeout_s, prom_options, control_plane))
+            asyncio.run(_serve(state_dir, specs, host, port, pod_eviction_timeout_s, prom_options, control_plane,
+                               allow_remote))
         except OSError as exc:
             raise click.ClickException(f"cannot start the local cluster on {host}:{port}: {exc}") from None
         except ValueError as exc:  # e.g. a CRD manifest the API server refuses
@@ -223,7 +240,8 @@ def _up_detached(state_dir: Path, up_args: list[str]) -> None:
 
 
 async def _serve(state_dir: Path, specs: list[NodeSpec], host: str, port: int, pod_eviction_timeout_s: float,
-                 prom_options: dict[str, Any] | None = None, control_plane: str = "embedded") -> None:
+                 prom_options: dict[str, Any] | None = None, control_plane: str = "embedded",
+                 allow_remote: bool = False) -> None:
     from loco_local.cluster import LocalCluster
 
     if control_plane == "kubernetes":
@@ -231,7 +249,8 @@ async def _serve(state_dir: Path, specs: list[NodeSpec], host: str, port: int, p
 
         cluster: LocalCluster = RealCluster(state_dir, specs)
     else:
-        cluster = LocalCluster(state_dir, specs, host=host, port=port, pod_eviction_timeout_s=pod_eviction_timeout_s)
+        cluster = LocalCluster(state_dir, specs, host=host, port=port, pod_eviction_timeout_s=pod_eviction_timeout_s,
+                               allow_remote=allow_remote)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -19,7 +19,11 @@ Two ways to run it::
         subprocess.run(["kubectl", "--kubeconfig", cluster.kubeconfig, "get", "nodes"])
         cluster.set_node_ready("node-1", False)   # blocks until the API has it
 
-State directory layout: ``kubeconfig``, ``hosts`` (the DNS emulation), ``pods/<ns>/<pod>/`` (root,
+The API server serves HTTPS (its CA in ``<state_dir>/pki``) and wants the bearer token that
+``<state_dir>/kubeconfig`` (0600, in a 0700 state dir) holds. It listens on loopback only, unless
+``allow_remote=True`` (docs/security.md).
+
+State directory layout: ``kubeconfig``, ``pki/``, ``hosts`` (the DNS emulation), ``pods/<ns>/<pod>/`` (root,
 volumes, ``<container>.log``), ``volumes/<ns>/<claim>/`` (persistent volume claims).
 """
 
@@ -29,8 +33,10 @@ import asyncio
 import concurrent.futures
 import contextlib
 import fcntl
+import ipaddress
 import logging
 import os
+import socket
 import tempfile
 import threading
 from collections.abc import Awaitable, Coroutine, Sequence
@@ -43,6 +49,7 @@ import yaml
 from loco_local.apiclient import ApiClient, ApiError, Informer
 from loco_local.kubelet import Kubelet
 from loco_local.nodes import NodeController, NodeSpec, cordon_patch, node_address, ready_patch
+from loco_local.pki import serving_context
 from loco_local.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -93,6 +100,16 @@ def claim_octet(port: int, lock_dir: Path | None = None) -> tuple[int, IO[bytes]
     raise RuntimeError(f"all 254 loopback ranges are in use by other local clusters (locks in {lock_dir})")
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or ``localhost``) is only reachable from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class LocalCluster:
     """An embedded Kubernetes-like cluster (see the module docstring).
 
@@ -100,6 +117,7 @@ class LocalCluster:
         state_dir: where kubeconfig, pod roots, logs and volumes go (created).
         nodes: the fake nodes.
         host, port: where the API server listens (port 0: a free port).
+        allow_remote: required for a ``host`` off loopback.
         crd_paths: CRD manifests to register (None: :func:`default_crd_paths`).
         pod_eviction_timeout_s: how long after a node fails its pods are marked ``NodeLost``.
         heartbeat_s: node heartbeat period.
@@ -117,7 +135,12 @@ class LocalCluster:
         pod_eviction_timeout_s: float = 10.0,
         heartbeat_s: float = 10.0,
         restart_backoff_s: float = 1.0,
+        allow_remote: bool = False,
     ) -> None:
+        if not is_loopback(host) and not allow_remote:
+            raise ValueError(f"refusing to serve the API on {host!r}, off loopback: anyone who reaches it could run "
+                             "commands as you. Pass --allow-remote (allow_remote=True) as well to serve it there "
+                             "(HTTPS, with the bearer token of the kubeconfig)")
         if not nodes:
             raise ValueError("nodes is empty: a cluster needs at least one NodeSpec")
         names = [n.name for n in nodes]
@@ -149,14 +172,16 @@ class LocalCluster:
         from loco_local.apiserver.kubeconfig import write_kubeconfig
 
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.state_dir, 0o700)  # it holds the kubeconfig, pod roots and volumes: the owner's only
         (self.state_dir / "pods").mkdir(exist_ok=True)
-        self._server = APIServer(self.host, port=self.port, log_root=self.state_dir / "pods")
+        ca, ssl_context = serving_context(self.state_dir / "pki", [self.host, socket.gethostname()])
+        self._server = APIServer(self.host, port=self.port, log_root=self.state_dir / "pods", ssl_context=ssl_context)
         await self._server.start()
         try:
             self.url = self._server.url
-            write_kubeconfig(self.kubeconfig, self.url)
+            write_kubeconfig(self.kubeconfig, self.url, token=self._server.token, ca=ca)
             octet2, self._octet_lock = claim_octet(urlsplit(self.url).port or 0)
-            api = self.api = ApiClient(self.url)
+            api = self.api = ApiClient.from_kubeconfig(self.kubeconfig)
             await self._register_crds(api)
             pods, nodes = Informer(api, "/api/v1/pods"), Informer(api, "/api/v1/nodes")
             node_controller = NodeController(api, nodes, pods, self.node_specs, octet2=octet2,

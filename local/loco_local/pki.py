@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +65,16 @@ def write_private(path: Path, data: bytes) -> None:
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     os.chmod(path, 0o600)  # an existing file keeps its old mode through O_CREAT
+
+
+def serving_context(pki_dir: Path, hosts: list[str]) -> tuple[Path, ssl.SSLContext]:
+    """(the CA to trust, the TLS context to serve with) for a server reached as ``hosts``: the embedded API
+    server's. It always serves HTTPS, since kubectl sends a bearer token over HTTPS only."""
+    pki = ClusterPKI(pki_dir)
+    cert, key = pki.serving("loco-local-apiserver", hosts)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return pki.ca_cert, context
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -119,6 +130,22 @@ class ClusterPKI:
             write_private(self.sa_key, _key_pem(key))
             self.sa_pub.write_bytes(key.public_key().public_bytes(
                 serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+
+    def serving(self, stem: str, hosts: list[str]) -> tuple[Path, Path]:
+        """A serving certificate (and key) for ``hosts``, names or addresses, issued anew: the embedded API
+        server's, whose listen address may differ from one start to the next."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o700)
+        ca_key, ca = self._ca()
+        sans: list[x509.GeneralName] = []
+        for host in dict.fromkeys(["127.0.0.1", "localhost", *hosts]):
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+            except ValueError:
+                sans.append(x509.DNSName(host))
+        cert_path, key_path = self.path(stem, "crt"), self.path(stem, "key")
+        self._issue(cert_path, key_path, _name(stem), ca_key, ca, sans=sans, usage=ExtendedKeyUsageOID.SERVER_AUTH)
+        return cert_path, key_path
 
     def client(self, identity: Identity, ca_key: ec.EllipticCurvePrivateKey | None = None,
                ca: x509.Certificate | None = None) -> tuple[Path, Path]:

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -182,6 +183,7 @@ class RealCluster(LocalCluster):
 
     async def start(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.state_dir, 0o700)  # kubeconfigs, keys, pod roots and volumes: the owner's only
         (self.state_dir / "pods").mkdir(exist_ok=True)
         try:
             await asyncio.to_thread(self.control_plane.start, [n.name for n in self.node_specs])

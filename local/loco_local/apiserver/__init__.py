@@ -3,7 +3,7 @@
     from loco_local.apiserver import APIServer, write_kubeconfig
     server = APIServer(host="127.0.0.1", port=0, log_root=Path("state/pods"))
     await server.start()       # server.url -> "http://127.0.0.1:PORT"
-    write_kubeconfig(path, server.url)
+    write_kubeconfig(path, server.url, token=server.token)   # every request needs the token (0600 file)
     await server.stop()
 """
 

@@ -1,5 +1,6 @@
-"""A kubeconfig for the embedded API server (plain HTTP, no auth), read by kubectl, the
-``kubernetes`` Python client and kopf."""
+"""Kubeconfigs for the local clusters, read by kubectl, the ``kubernetes`` Python client and kopf.
+
+They are credentials: written owner-only (0600), into directories only the owner may enter."""
 
 from __future__ import annotations
 
@@ -23,20 +24,19 @@ def kubeconfig_dict(url: str, namespace: str = "default") -> dict:
     }
 
 
-def write_kubeconfig(path: Path | str, url: str, namespace: str = "default") -> Path:
-    """Write the kubeconfig for ``url`` (e.g. ``http://127.0.0.1:8001``) to ``path`` (parents created)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(kubeconfig_dict(url, namespace), sort_keys=False))
-    return path
+def write_kubeconfig(path: Path | str, url: str, *, token: str, ca: Path | None = None,
+                     namespace: str = "default") -> Path:
+    """The kubeconfig of the embedded API server at ``url`` (e.g. ``http://127.0.0.1:8001``), with its
+    bearer ``token`` (and the CA of its HTTPS certificate, when it serves HTTPS)."""
+    return write_tls_kubeconfig(path, url, ca=ca, token=token, namespace=namespace)
 
 
 def write_tls_kubeconfig(
-    path: Path | str, url: str, *, ca: Path, cert: Path | None = None, key: Path | None = None,
+    path: Path | str, url: str, *, ca: Path | None, cert: Path | None = None, key: Path | None = None,
     token: str | None = None, namespace: str = "default",
 ) -> Path:
-    """A kubeconfig for a TLS API server (the real control plane), authenticating with a client
-    certificate or a bearer token; written owner-only (it is a credential)."""
+    """A kubeconfig authenticating with a client certificate or a bearer token, trusting ``ca`` for
+    the server's certificate (the real control plane; the embedded one with ``--allow-remote``)."""
     from loco_local.pki import write_private
 
     credential: dict[str, str] = {}
@@ -45,7 +45,8 @@ def write_tls_kubeconfig(
     if token is not None:
         credential["token"] = token
     doc = kubeconfig_dict(url, namespace)
-    doc["clusters"][0]["cluster"]["certificate-authority"] = str(ca)
+    if ca is not None:
+        doc["clusters"][0]["cluster"]["certificate-authority"] = str(ca)
     doc["users"][0] = {"name": CONTEXT, "user": credential}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,15 +15,17 @@ returned when the Accept header asks ``as=Table``. Watches stream JSON lines.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
+import ssl
 from pathlib import Path
 from typing import Any
 
 import yaml
 from aiohttp import web
 
-from . import errors, openapi, protobuf, table
+from . import auth, errors, openapi, patch, protobuf, table
 from .errors import APIError
 from .operations import Operations
 from .resources import Registry, ResourceType
@@ -62,15 +64,22 @@ def _accept_table(request: web.Request) -> bool:
 class APIServer:
     """The embedded Kubernetes-compatible API server.
 
-    ``port=0`` picks a free port; after :meth:`start` the address is :attr:`url`. Pod logs are read
-    from ``<log_root>/<namespace>/<pod>/<container>.log``. ``history_size`` bounds the watch
-    history (older resourceVersions get 410 Gone); ``bookmark_interval_s`` paces watch bookmarks.
+    ``port=0`` picks a free port; after :meth:`start` the address is :attr:`url`. Every request but the
+    health probes needs ``Authorization: Bearer <token>`` (:attr:`token`, random unless given; see
+    :mod:`.auth`). ``ssl_context`` serves HTTPS. Pod logs are read from
+    ``<log_root>/<namespace>/<pod>/<container>.log``. ``history_size`` bounds the watch history (older
+    resourceVersions get 410 Gone); ``bookmark_interval_s`` paces watch bookmarks.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, log_root: Path | None = None, *,
+                 token: str | None = None, ssl_context: ssl.SSLContext | None = None,
                  history_size: int = 10_000, bookmark_interval_s: float = 15.0):
         self.host = host
         self.port = port
+        self.token = token or auth.new_token()
+        self.ssl_context = ssl_context
+        #: requests answered with an error, by status code (401s are the ones an attacker leaves)
+        self.refused: collections.Counter[int] = collections.Counter()
         self.log_root = Path(log_root) if log_root is not None else None
         self.bookmark_interval_s = bookmark_interval_s
         self.store = Store(history_size=history_size)
@@ -91,10 +100,18 @@ class APIServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        """Where clients on this machine reach it (a wildcard bind is reached on loopback)."""
+        scheme = "https" if self.ssl_context is not None else "http"
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else "[::1]" if self.host == "::" else self.host
+        return f"{scheme}://{host}:{self.port}"
+
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        """The header every request needs."""
+        return {"Authorization": f"Bearer {self.token}"}
 
     def build_app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=auth.MAX_BODY_BYTES)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         return app
 
@@ -104,7 +121,7 @@ class APIServer:
         self.store.open()
         self._runner = web.AppRunner(self.build_app(), access_log=None, shutdown_timeout=2.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True, ssl_context=self.ssl_context)
         await site.start()
         server = site._server  # noqa: SLF001 - aiohttp exposes the bound port only here
         if server is not None and server.sockets:
@@ -153,11 +170,13 @@ class APIServer:
     # ---- dispatch ---------------------------------------------------------------------------
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         try:
+            auth.authenticate(request.path.rstrip("/") or "/", request.headers.get("Authorization"), self.token)
             response = await self._dispatch(request)
             log.debug("%s %s -> %s", request.method, request.path_qs, response.status)
             return response
         except APIError as exc:
             log.debug("%s %s -> %s %s", request.method, request.path_qs, exc.code, exc.message)
+            self.refused[exc.code] += 1
             return _error(exc)
         except (ConnectionResetError, asyncio.CancelledError):
             raise
@@ -241,17 +260,30 @@ class APIServer:
         return rt, namespace, name, subresource, legacy_watch
 
     async def _body(self, request: web.Request) -> Any:
-        raw = await request.read()
+        """The decoded body; 415 for a media type Kubernetes does not read (checked before the body is), 413
+        past the size limit, 400 when it does not parse."""
+        # no Content-Type reads as JSON, as in kube-apiserver (the kubernetes Python client sends none)
+        content_type = request.content_type if request.headers.get("Content-Type") else auth.BODY_TYPES[0]
+        if request.method == "PATCH":
+            patch.check_content_type(content_type)
+        elif request.can_read_body:
+            auth.check_body_type(content_type)
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge as exc:
+            raise auth.too_large() from exc
         if not raw:
             return None
-        if request.content_type == protobuf.CONTENT_TYPE:
+        if content_type == protobuf.CONTENT_TYPE:
             return protobuf.decode(raw)
         try:
-            if "yaml" in request.content_type:
-                return yaml.safe_load(raw)
+            if "yaml" in content_type:
+                return auth.load_yaml(raw)
             return json.loads(raw)
         except (ValueError, yaml.YAMLError) as exc:
             raise errors.bad_request(f"the request body is not valid JSON: {exc}") from exc
+        except RecursionError as exc:
+            raise errors.bad_request("the request body is nested too deeply") from exc
 
     async def _resource_request(self, request: web.Request, group: str, version: str, rest: list[str]
                                 ) -> web.StreamResponse:
