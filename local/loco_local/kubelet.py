@@ -13,7 +13,13 @@ one of them it starts a :class:`PodWorker` that does what a kubelet and a contai
 * **filesystem**: the emulated container root ``<state>/pods/<ns>/<pod>/root`` (``LOCO_LOCAL_ROOT``)
   with volumes mounted by symlink (configMap/secret/downwardAPI -> files, emptyDir -> dir, hostPath
   -> the host path, persistentVolumeClaim -> ``<state>/volumes/<ns>/<claim>``, shared), the working
-  directory and the termination message file under it;
+  directory and the termination message file under it. Each volume keeps its own backing directory:
+  a mount nested in another (an emptyDir at ``/data/checkpoints`` in a claim at ``/data``) wins, and
+  nothing is written into the outer volume (:func:`loco_local.podpaths.plan_mounts`). Every path the
+  pod names is checked first (no ``..``, no symlink leading out of the root or its volumes:
+  :mod:`loco_local.podpaths`), else the container waits in ``CreateContainerConfigError``. Deleting
+  the pod removes its root and its own volume backing (emptyDir, configMap, ...), never following a
+  symlink; logs stay;
 * **environment**: ``env`` (values with ``$(VAR)`` expansion, ``fieldRef``, ``configMapKeyRef``,
   ``secretKeyRef``, ``resourceFieldRef``), ``envFrom`` (configMap/secret, with prefix), plus
   ``HOSTNAME``, ``LOCO_LOCAL_ROOT``, ``LOCO_LOCAL_HOSTS`` and ``PATH`` (the cluster interpreter's
@@ -50,8 +56,10 @@ import shutil
 import signal
 import sys
 import time
+from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -60,6 +68,8 @@ import aiohttp
 from loco_local import procs
 from loco_local.apiclient import ApiClient, ApiError, Controller, Informer, Obj, now_rfc3339, wait_any
 from loco_local.nodes import wants_ready
+from loco_local.podpaths import (PathError, claim_name, container_path, open_within, plan_mounts, pod_path_problems,
+                                 remove_owned, resolve_within, show_entries, volume_path)
 from loco_local.scheduler import quantity
 
 log = logging.getLogger(__name__)
@@ -74,7 +84,30 @@ _PYTHON_NAMES = re.compile(r"^python(3(\.\d+)?)?$")
 
 
 class ContainerConfigError(Exception):
-    """The pod cannot start as specified (missing ConfigMap key, unknown volume, ...)."""
+    """The pod cannot start as specified (missing ConfigMap key, unknown volume, unsafe path, ...)."""
+
+
+@contextlib.contextmanager
+def config_error(what: str) -> Iterator[None]:
+    """An unsafe path found inside the block becomes a ContainerConfigError about ``what``."""
+    try:
+        yield
+    except PathError as exc:
+        raise ContainerConfigError(f"{what}: {exc}") from None
+
+
+def pod_dir(state_dir: Path, namespace: str, name: str) -> Path:
+    return state_dir / "pods" / namespace / name
+
+
+def teardown_pod_dirs(directory: Path) -> None:
+    """What deleting a pod removes: its container root and its own volumes' backing (emptyDir,
+    configMap, ...), never following a symlink into another volume; its logs stay."""
+    for sub in ("root", "volumes"):
+        try:
+            remove_owned(directory / sub)
+        except OSError as exc:  # e.g. a directory a container made unwritable: leave it, keep the kubelet going
+            log.warning("pod directory %s not removed: %s", directory / sub, exc)
 
 
 # ---------------------------------------------------------------------------------- pure helpers
@@ -232,8 +265,9 @@ class PodWorker:
         meta = pod["metadata"]
         self.ns, self.name, self.uid = meta.get("namespace") or "default", meta["name"], meta.get("uid")
         self.path = f"/api/v1/namespaces/{self.ns}/pods/{self.name}"
-        self.dir = kubelet.state_dir / "pods" / self.ns / self.name
+        self.dir = pod_dir(kubelet.state_dir, self.ns, self.name)
         self.root = self.dir / "root"
+        self._roots: list[Path] = [self.root]  # where container paths may lead: the root and mounted volumes
         spec = pod.get("spec") or {}
         self.restart_policy = spec.get("restartPolicy") or "Always"
         self.inits = [ContainerRun(c, init=True) for c in spec.get("initContainers") or []]
@@ -396,6 +430,7 @@ class PodWorker:
             for c in self.inits + self.mains:
                 c.next_start_at = None
             await self._finish()
+            teardown_pod_dirs(self.dir)
             await self.kubelet.api.delete(self.path, {"gracePeriodSeconds": 0, "preconditions": {"uid": self.uid}})
             return True
         return False
@@ -423,11 +458,9 @@ class PodWorker:
                 raise FileNotFoundError(f"container {c.name} has no command: the embedded cluster has no image entrypoints; "
                                         f"set spec.containers[].command")
             argv[0] = self._resolve_exe(argv[0], env["PATH"])
-            workdir = self._container_path(spec.get("workingDir") or "/")
+            workdir = self._inside(spec.get("workingDir") or "/")
             workdir.mkdir(parents=True, exist_ok=True)
-            term = self._termination_file(c)
-            term.parent.mkdir(parents=True, exist_ok=True)
-            term.write_bytes(b"")
+            self._reset_termination_file(c)
             with open(self.dir / f"{c.name}.log", "ab") as logf:
                 c.proc = await asyncio.create_subprocess_exec(
                     *argv, cwd=workdir, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=logf,
@@ -497,13 +530,23 @@ class PodWorker:
         c.ready = False
 
     def _termination_file(self, c: ContainerRun) -> Path:
-        return self._container_path(c.spec.get("terminationMessagePath") or DEFAULT_TERMINATION_MESSAGE_PATH)
+        return self._inside(c.spec.get("terminationMessagePath") or DEFAULT_TERMINATION_MESSAGE_PATH)
+
+    def _reset_termination_file(self, c: ContainerRun) -> None:
+        """An empty termination message file; PathError if its path leads out of the pod."""
+        term = self._termination_file(c)
+        term.parent.mkdir(parents=True, exist_ok=True)
+        fd = open_within(term, self._roots, os.O_WRONLY | os.O_CREAT)
+        os.ftruncate(fd, 0)
+        os.close(fd)
 
     def _termination_message(self, c: ContainerRun, code: int) -> str:
         try:
-            with open(self._termination_file(c), "rb") as f:
+            # the container may have replaced the file by a link or a pipe: read only a file inside
+            fd = open_within(self._termination_file(c), self._roots, os.O_RDONLY)
+            with os.fdopen(fd, "rb") as f:
                 message = f.read(MAX_TERMINATION_MESSAGE_BYTES).decode(errors="replace")
-        except OSError:
+        except (OSError, ValueError):
             message = ""
         if not message and code != 0 and c.spec.get("terminationMessagePolicy") == "FallbackToLogsOnError":
             try:
@@ -557,39 +600,72 @@ class PodWorker:
     # -------------------------------------------------------------------------- filesystem
 
     def _container_path(self, path: str) -> Path:
-        return self.root / path.lstrip("/")
+        """A container path as a host path in the root (symlinks not resolved); PathError on ``..``."""
+        return self.root / container_path(path)
+
+    def _inside(self, path: str) -> Path:
+        """A container path as a host path in the root; PathError unless, symlinks resolved, it stays in the
+        root or a mounted volume."""
+        host = self._container_path(path)
+        resolve_within(host, self._roots)
+        return host
 
     def _reset_dirs(self) -> None:
-        for sub in ("root", "volumes"):
-            shutil.rmtree(self.dir / sub, ignore_errors=True)
+        teardown_pod_dirs(self.dir)
         self.root.mkdir(parents=True, exist_ok=True)
         (self.dir / "volumes").mkdir(exist_ok=True)
         for c in self.inits + self.mains:
             (self.dir / f"{c.name}.log").write_bytes(b"")
 
     async def _prepare(self) -> None:
-        """Materialise volumes and mounts, and build each container's environment."""
-        volumes = {}
-        for vol in (self.pod.get("spec") or {}).get("volumes") or []:
-            volumes[vol["name"]] = await self._materialise(vol)
+        """Check the pod's paths, materialise volumes and mounts, and build each container's environment."""
+        spec = self.pod.get("spec") or {}
+        problems = pod_path_problems(spec)
+        if problems:
+            raise ContainerConfigError("; ".join(problems))
+        volumes = {vol["name"]: await self._materialise(vol) for vol in spec.get("volumes") or []}
+        mounts: dict[PurePosixPath, Path] = {}
         for c in self.inits + self.mains:
-            for mount in c.spec.get("volumeMounts") or []:
-                src = volumes.get(mount.get("name"))
-                if src is None:
-                    raise ContainerConfigError(
-                        f"container {c.name}: volumeMounts {mount.get('name')!r} names no volume in spec.volumes")
-                if mount.get("subPath"):
-                    src = src / mount["subPath"]
-                    if not src.exists():
-                        src.mkdir(parents=True, exist_ok=True)
-                target = self._container_path(mount["mountPath"])
-                target.parent.mkdir(parents=True, exist_ok=True)
-                if target.is_symlink() or target.is_file():
-                    target.unlink()
-                elif target.is_dir():
-                    shutil.rmtree(target)
-                target.symlink_to(src, target_is_directory=src.is_dir())
             self._envs[c.name] = await self._environment(c)
+            for mount in c.spec.get("volumeMounts") or []:
+                mounts[container_path(mount["mountPath"])] = self._mount_source(c, mount, volumes)
+        self._build_root(mounts)
+
+    def _mount_source(self, c: ContainerRun, mount: Obj, volumes: dict[str, Path]) -> Path:
+        """The host directory ``mount`` shows: its volume, or the (created) subPath inside it."""
+        src = volumes.get(mount.get("name"))
+        if src is None:
+            raise ContainerConfigError(
+                f"container {c.name}: volumeMounts {mount.get('name')!r} names no volume in spec.volumes")
+        sub = mount.get("subPath") or expand_vars(mount.get("subPathExpr") or "", self._envs[c.name])
+        if not sub:
+            return src
+        with config_error(f"container {c.name}: volumeMounts {mount['name']!r} subPath"):
+            path = resolve_within(src / volume_path(sub), [src])  # a symlink in the volume may not lead out
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _build_root(self, mounts: dict[PurePosixPath, Path]) -> None:
+        """Lay the container root out afresh for ``mounts`` (container path -> host source): a symlink per
+        mount, directories showing the outer volume where mounts nest; nothing is written into a volume."""
+        remove_owned(self.root)
+        self.root.mkdir(parents=True)
+        steps = plan_mounts(mounts)
+        children: dict[PurePosixPath, set[str]] = defaultdict(set)
+        for step in steps:
+            children[step.path.parent].add(step.path.name)
+        for step in steps:
+            target = self.root / step.path
+            if step.link:
+                target.symlink_to(step.source)
+                continue
+            target.mkdir()
+            if step.source is not None and step.within is not None:
+                show_entries(target, step.source, step.within, children[step.path])
+        if any(not step.link and step.source is not None for step in steps):
+            log.info("pod %s/%s: volumes mounted inside others; entries created directly in the outer mount's "
+                     "directory stay in the pod's root", self.ns, self.name)
+        self._roots = [self.root, *mounts.values()]
 
     async def _get(self, kind: str, name: str, optional: bool) -> Obj | None:
         try:
@@ -629,7 +705,8 @@ class PodWorker:
             claim = vol["persistentVolumeClaim"].get("claimName")
             if not claim:
                 raise ContainerConfigError(f"volume {name}: persistentVolumeClaim.claimName is empty")
-            shared = self.kubelet.state_dir / "volumes" / self.ns / claim
+            with config_error(f"volume {name}: persistentVolumeClaim.claimName"):
+                shared = self.kubelet.state_dir / "volumes" / self.ns / claim_name(claim)
             shared.mkdir(parents=True, exist_ok=True)
             return shared
         for kind, key in (("configMap", "name"), ("secret", "secretName")):
@@ -645,10 +722,7 @@ class PodWorker:
                         if src.get("optional"):
                             continue
                         raise ContainerConfigError(f'volume {name}: key "{item["key"]}" not found in {resource} "{src.get(key)}"')
-                    path = target / item.get("path", item["key"])
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    path.write_text(data[item["key"]])
-                    path.chmod(int(item.get("mode", mode)))
+                    self._write_item(target, item.get("path", item["key"]), data[item["key"]], int(item.get("mode", mode)))
                 return target
         if "downwardAPI" in vol:
             target.mkdir(parents=True, exist_ok=True)
@@ -657,11 +731,22 @@ class PodWorker:
                     value = field_ref(self._pod_with_status(), (item.get("fieldRef") or {}).get("fieldPath", ""))
                 except ValueError as exc:
                     raise ContainerConfigError(f"volume {name}: {exc}") from None
-                (target / item["path"]).write_text(value)
+                mode = item.get("mode", vol["downwardAPI"].get("defaultMode", 0o644))
+                self._write_item(target, item["path"], value, int(mode))
             return target
         raise ContainerConfigError(
             f"volume {name}: only emptyDir, hostPath, persistentVolumeClaim, configMap, secret and downwardAPI "
             f"volumes are supported by the embedded cluster")
+
+    @staticmethod
+    def _write_item(volume: Path, path: str, text: str, mode: int) -> None:
+        """One file of a configMap/secret/downwardAPI volume; ConfigError if ``path`` (an item path, or a
+        key, which the embedded API server does not check) would leave the volume."""
+        with config_error(f"volume {volume.name}: item path"):
+            file = resolve_within(volume / volume_path(path, reserved=True), [volume])
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_text(text)
+        file.chmod(mode & 0o777)  # permission bits only, as kube-apiserver allows
 
     def _pod_with_status(self) -> Obj:
         return {**self.pod, "status": {**(self.pod.get("status") or {}), "podIP": self.ip, "hostIP": self.host_ip}}
@@ -809,7 +894,7 @@ class Kubelet(Controller):
         # control plane sees its own pods only, so the cluster's DNS controller writes it instead
         self.write_hosts = write_hosts
         self.workers: dict[str, PodWorker] = {}
-        self._done: set[str] = set()  # uids whose worker finished: never started again
+        self._done: dict[str, Path] = {}  # uid -> directory of the pods whose worker finished: never started again
         self._ips: dict[str, str] = {}  # uid -> ip
         self._poke = asyncio.Event()
 
@@ -843,7 +928,7 @@ class Kubelet(Controller):
 
     def worker_done(self, worker: PodWorker) -> None:
         self.workers.pop(worker.uid, None)
-        self._done.add(worker.uid)
+        self._done[worker.uid] = worker.dir
         self.poke()
 
     async def _run(self) -> None:
@@ -875,13 +960,12 @@ class Kubelet(Controller):
     async def sync(self) -> None:
         """Converge: start workers for new pods, pass updates, finish deletions, rewrite hosts."""
         pods = list(self.pods.cache.values())
-        live_uids = set()
-        for pod in pods:
+        mine = [p for p in pods if (p.get("spec") or {}).get("nodeName") in self.node_addresses]
+        live_uids = {p["metadata"].get("uid") for p in mine}
+        self._tear_down_removed(live_uids)  # before a namesake of a removed pod starts in its directories
+        for pod in mine:
             meta, spec = pod["metadata"], pod.get("spec") or {}
-            if spec.get("nodeName") not in self.node_addresses:
-                continue
             uid = meta.get("uid")
-            live_uids.add(uid)
             worker = self.workers.get(uid)
             if worker is not None:
                 worker.update(pod)
@@ -892,11 +976,14 @@ class Kubelet(Controller):
             if meta.get("deletionTimestamp"):
                 # never started, already finished, or lost with its node: nothing left to stop
                 if node_alive or phase in ("Succeeded", "Failed"):
+                    teardown_pod_dirs(pod_dir(self.state_dir, meta.get("namespace") or "default", meta["name"]))
                     await self.api.delete(f"/api/v1/namespaces/{meta.get('namespace')}/pods/{meta['name']}",
                                           {"gracePeriodSeconds": 0, "preconditions": {"uid": uid}})
                 continue
             if uid in self._done or phase in ("Succeeded", "Failed") or not node_alive:
                 continue
+            if self._worker_named(meta.get("namespace") or "default", meta["name"]):
+                continue  # a deleted namesake still tears down the directories it would use; next sync
             host_ip = self.node_addresses[spec["nodeName"]]
             ip = host_ip if spec.get("hostNetwork") else (self._ips.get(uid) or self._allocate_ip(uid))
             worker = PodWorker(self, pod, ip, host_ip)
@@ -905,10 +992,18 @@ class Kubelet(Controller):
         for uid, worker in list(self.workers.items()):
             if uid not in live_uids:  # force-deleted: nobody waits for a status any more
                 worker.forget()
-        self._done &= live_uids
         self._ips = {uid: ip for uid, ip in self._ips.items() if uid in live_uids}
         if self.write_hosts:
             self._write_hosts(pods)
+
+    def _tear_down_removed(self, live_uids: set[str]) -> None:
+        """Remove the directories of finished pods that are gone from the API (a finished pod is removed
+        by the API server, not by its kubelet)."""
+        for uid in [u for u in self._done if u not in live_uids]:
+            teardown_pod_dirs(self._done.pop(uid))
+
+    def _worker_named(self, namespace: str, name: str) -> bool:
+        return any(w.ns == namespace and w.name == name for w in self.workers.values())
 
     def _write_hosts(self, pods: list[Obj]) -> None:
         text = "".join(line + "\n" for line in hosts_lines(pods))

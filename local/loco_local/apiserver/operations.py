@@ -222,7 +222,7 @@ class Operations:
         if rt.is_custom:
             _warn(warnings, validation.prepare_custom_object(rt, obj, None, field_validation))
         elif rt.group == "" and rt.plural == "pods":
-            causes = _pod_problems(obj)
+            causes = _pod_problems(obj) + validation.pod_path_causes(obj)
             if causes:
                 raise self._invalid(rt, obj["metadata"]["name"], causes)
             _default_pod(obj)

@@ -10,6 +10,8 @@ path; the message matches kube-apiserver's, e.g.::
     should be greater than or equal to 1, spec: Invalid value: "object": elastic.minReplicas must be <= replicas]
 
 :func:`validate_crd` checks a ``CustomResourceDefinition`` itself (names, versions, schema, rules).
+
+:func:`pod_path_causes` checks the paths a pod names inside its volumes as kube-apiserver does.
 """
 
 from __future__ import annotations
@@ -17,17 +19,24 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import re
 from typing import Any, Iterator
 
 import celpy
 import jsonschema
 from celpy import celtypes
 
+from loco_local.podpaths import ITEM_SOURCES, local_path_problems
+
 from . import errors
 from .resources import ResourceType
 
 Cause = tuple[str, str]  # (field path, full message)
 _ROOT_META = ("apiVersion", "kind", "metadata")
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_DNS_LABEL_MESSAGE = ("a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must "
+                      "start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for "
+                      "validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')")
 
 
 # ---- paths and values -----------------------------------------------------------------------
@@ -384,3 +393,46 @@ def _rules(schema: Any, path: str) -> Iterator[tuple[str, str]]:
     for key in ("items", "additionalProperties"):
         if isinstance(schema.get(key), dict):
             yield from _rules(schema[key], f"{path}.{key}")
+
+
+# ---- pods -----------------------------------------------------------------------------------
+def _invalid(field: str, value: Any, why: str) -> Cause:
+    return field, f"{field}: Invalid value: {_go_value(value)}: {why}"
+
+
+def _local_path_causes(field: str, path: Any, *, reserved: bool = False) -> list[Cause]:
+    if not isinstance(path, str):
+        return []
+    return [_invalid(field, path, why) for why in local_path_problems(path, reserved=reserved)]
+
+
+def pod_path_causes(pod: dict[str, Any]) -> list[Cause]:
+    """kube-apiserver's checks on the paths and names a pod uses inside its volumes: item paths of
+    configMap/secret/downwardAPI volumes, volume names, ``subPath``/``subPathExpr``. Fields and
+    messages are its own, down to ``volumeMounts.subPath`` naming the list, not the mount
+    (``ValidateVolumeMounts`` passes the list's path). It checks neither mountPath nor workingDir nor
+    terminationMessagePath for ``..`` (a runtime confines them to the container); the kubelet does."""
+    spec = pod.get("spec") if isinstance(pod.get("spec"), dict) else {}
+    causes: list[Cause] = []
+    for v, vol in enumerate(spec.get("volumes") or []):
+        if not isinstance(vol, dict):
+            continue
+        where = f"spec.volumes[{v}]"
+        name = vol.get("name")
+        if not name:
+            causes.append((f"{where}.name", f"{where}.name: Required value"))
+        elif not isinstance(name, str) or len(name) > 63 or not _DNS_LABEL.fullmatch(name):
+            causes.append(_invalid(f"{where}.name", name, _DNS_LABEL_MESSAGE))
+        for kind in ITEM_SOURCES:
+            for i, item in enumerate((vol.get(kind) or {}).get("items") or []):
+                causes += _local_path_causes(f"{where}.{kind}.items[{i}].path", item.get("path"), reserved=True)
+    for group in ("initContainers", "containers"):
+        for c, container in enumerate(spec.get(group) or []):
+            mounts = f"spec.{group}[{c}].volumeMounts"
+            for m, mount in enumerate(container.get("volumeMounts") or [] if isinstance(container, dict) else []):
+                if mount.get("subPathExpr") and mount.get("subPath"):
+                    causes.append(_invalid(f"{mounts}[{m}].subPathExpr", mount["subPathExpr"],
+                                           "subPathExpr and subPath are mutually exclusive"))
+                for key in ("subPath", "subPathExpr"):
+                    causes += _local_path_causes(f"{mounts}.{key}", mount.get(key))
+    return causes
