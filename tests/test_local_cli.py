@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -154,3 +155,47 @@ def test_a_cluster_killed_with_sigkill_takes_its_pods_with_it(tmp_path: Path):
                    "the pod's process to die with its cluster", timeout_s=30)
     finally:
         loco("down", "--state-dir", str(state))
+
+
+def test_a_cluster_killed_with_sigkill_comes_back_with_its_objects_and_reaps_what_it_left(tmp_path: Path):
+    """Issue 22, finding 4, the rest: the API state survives `kill -9` (every object, its token, resourceVersions
+    that only grow), and a process a container started (which its parent-death signal cannot reach) is killed
+    by the next `loco local up` on the same state dir."""
+    from kubernetes import client, config
+
+    state = tmp_path / "state"
+    up = loco("up", "--detach", "--nodes", "1", "--state-dir", str(state))
+    assert up.returncode == 0, up.stderr + up.stdout
+    daemon = psutil.Process(json.loads((state / "cluster.json").read_text())["pid"])
+    token = (state / "kubeconfig").read_text()
+    api = client.CoreV1Api(config.new_client_from_config(config_file=str(state / "kubeconfig")))
+    created = api.create_namespaced_config_map("default", {"metadata": {"name": "kept"}, "data": {"k": "v"}})
+    # the container's main process starts a grandchild in its process group, then waits
+    grandchild_file = tmp_path / "grandchild.pid"
+    script = (f"import subprocess, time; p = subprocess.Popen(['sleep', '600']); "
+              f"open({str(grandchild_file)!r}, 'w').write(str(p.pid)); time.sleep(600)")
+    api.create_namespaced_pod("default", {
+        "metadata": {"name": "parent"},
+        "spec": {"restartPolicy": "Never", "containers": [
+            {"name": "c", "image": "x", "command": [sys.executable, "-c", script]}]}})
+    try:
+        grandchild = psutil.Process(int(wait_until(lambda: grandchild_file.exists() and grandchild_file.read_text(),
+                                                   "the grandchild to start")))
+        daemon.kill()
+        daemon.wait(timeout=30)
+        time.sleep(1)
+        assert grandchild.is_running(), "the grandchild outlives its cluster (no parent-death signal reaches it)"
+
+        again = loco("up", "--detach", "--nodes", "1", "--state-dir", str(state))
+        assert again.returncode == 0, again.stderr + again.stdout
+        grandchild.wait(timeout=30)  # reaped by the new cluster before it started anything
+        assert (state / "kubeconfig").read_text().split("token:")[1] == token.split("token:")[1]
+        api = client.CoreV1Api(config.new_client_from_config(config_file=str(state / "kubeconfig")))
+        kept = api.read_namespaced_config_map("kept", "default")
+        assert kept.data == {"k": "v"} and kept.metadata.uid == created.metadata.uid
+        newer = api.create_namespaced_config_map("default", {"metadata": {"name": "after"}})
+        assert int(newer.metadata.resource_version) > int(kept.metadata.resource_version)
+    finally:
+        loco("down", "--state-dir", str(state))
+        with contextlib.suppress(psutil.Error, NameError):
+            grandchild.kill()

@@ -23,7 +23,11 @@ The API server serves HTTPS (its CA in ``<state_dir>/pki``) and wants the bearer
 ``<state_dir>/kubeconfig`` (0600, in a 0700 state dir) holds. It listens on loopback only, unless
 ``allow_remote=True`` (docs/security.md).
 
-State directory layout: ``kubeconfig``, ``pki/``, ``hosts`` (the DNS emulation), ``pods/<ns>/<pod>/`` (root,
+The API objects persist in ``<state_dir>/apiserver.db``: a cluster started again on the same state dir (even
+after ``kill -9``) serves them again, keeps its token, and first kills the container processes an earlier
+run left behind.
+
+State directory layout: ``kubeconfig``, ``pki/``, ``apiserver.db``, ``hosts`` (the DNS emulation), ``pods/<ns>/<pod>/`` (root,
 volumes, ``<container>.log``), ``volumes/<ns>/<claim>/`` (persistent volume claims).
 """
 
@@ -46,6 +50,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from loco_local import procs
 from loco_local.apiclient import ApiClient, ApiError, Informer
 from loco_local.kubelet import Kubelet
 from loco_local.nodes import NodeController, NodeSpec, cordon_patch, node_address, ready_patch
@@ -58,6 +63,17 @@ T = TypeVar("T")
 CRD_PATH = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
 #: environment variable naming a directory of CRD manifests (overrides the repository's ``crds/``)
 CRDS_DIR_ENV = "LOCO_CRDS_DIR"
+#: the API server's objects, kept across restarts (SQLite)
+STORE_FILE = "apiserver.db"
+
+
+def kubeconfig_token(path: Path) -> str | None:
+    """The bearer token of an existing kubeconfig (a restarted cluster keeps it, so handed-out copies stay
+    valid), or None."""
+    try:
+        return yaml.safe_load(path.read_text())["users"][0]["user"].get("token") or None
+    except (OSError, yaml.YAMLError, KeyError, IndexError, TypeError):
+        return None
 
 
 def default_crd_paths() -> list[Path]:
@@ -174,8 +190,12 @@ class LocalCluster:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o700)  # it holds the kubeconfig, pod roots and volumes: the owner's only
         (self.state_dir / "pods").mkdir(exist_ok=True)
+        reaped = procs.kill_pid_files(sorted((self.state_dir / "pods").glob("*/*/*.pid")))
+        if reaped:  # a cluster killed with kill -9 before us left them (their parent-death signal missed them)
+            log.warning("killed %d container process group(s) left by an earlier cluster in %s", reaped, self.state_dir)
         ca, ssl_context = serving_context(self.state_dir / "pki", [self.host, socket.gethostname()])
-        self._server = APIServer(self.host, port=self.port, log_root=self.state_dir / "pods", ssl_context=ssl_context)
+        self._server = APIServer(self.host, port=self.port, log_root=self.state_dir / "pods", ssl_context=ssl_context,
+                                 token=kubeconfig_token(self.kubeconfig), store_path=self.state_dir / STORE_FILE)
         await self._server.start()
         try:
             self.url = self._server.url

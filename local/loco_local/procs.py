@@ -81,15 +81,38 @@ def read_pid_file(path: Path) -> psutil.Process | None:
         return None
 
 
+def recorded_group(path: Path) -> int | None:
+    """The process group a pid file records, if any of it still runs, else None.
+
+    The leader may be gone (killed by its parent-death signal) while processes it started live on in
+    its group: they are still this container's. Linux never hands out a pid that is still some process
+    group's id, so a group whose leader is gone cannot have been recycled; a live leader with another
+    start time is a recycled pid, not ours.
+    """
+    try:
+        pid_s, created_s = path.read_text().split()
+        pid, created = int(pid_s), float(created_s)
+    except (OSError, ValueError):
+        return None
+    try:
+        if abs(psutil.Process(pid).create_time() - created) > 0.01:
+            return None
+        return pid
+    except psutil.NoSuchProcess:
+        return pid if group_alive(pid) else None
+    except psutil.Error:
+        return None
+
+
 def kill_pid_files(paths: Iterable[Path], *, grace_s: float = 5.0) -> int:
-    """SIGTERM every recorded live process group, SIGKILL after ``grace_s``; remove the files.
-    Returns the number of groups that were alive."""
+    """SIGTERM every recorded process group still running (its leader alive or not), SIGKILL after
+    ``grace_s``; remove the files. Returns the number of groups that were alive."""
     live = []
     for path in paths:
-        proc = read_pid_file(path)
-        if proc is not None:
-            live.append(proc.pid)
-            signal_group(proc.pid, signal.SIGTERM)
+        pid = recorded_group(path)
+        if pid is not None:
+            live.append(pid)
+            signal_group(pid, signal.SIGTERM)
         with contextlib.suppress(OSError):
             path.unlink()
     deadline = time.monotonic() + grace_s

@@ -190,7 +190,7 @@ class Operations:
             return obj
         stored = self.store.put(rt.storage_key, obj)
         if rt.plural == "customresourcedefinitions":
-            self._register_crd(stored)
+            self.register_crd(stored)
         return self.present(rt, stored)
 
     def _decode(self, rt: ResourceType, body: Any) -> Obj:
@@ -271,7 +271,8 @@ class Operations:
         ]
         crd["status"] = {"acceptedNames": copy.deepcopy(names), "storedVersions": stored, "conditions": conditions}
 
-    def _register_crd(self, crd: Obj) -> None:
+    def register_crd(self, crd: Obj) -> None:
+        """Serve the kinds of a stored CRD."""
         self.registry.register(crd_types(crd), crd["metadata"]["name"])
 
     def _unregister_crd(self, crd: Obj) -> None:
@@ -357,7 +358,7 @@ class Operations:
             return self.present(rt, final)
         stored = self.store.put(rt.storage_key, new)
         if rt.plural == "customresourcedefinitions":
-            self._register_crd(stored)
+            self.register_crd(stored)
         return self.present(rt, stored)
 
     # ---- delete -----------------------------------------------------------------------------

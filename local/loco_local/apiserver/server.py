@@ -68,12 +68,13 @@ class APIServer:
     health probes needs ``Authorization: Bearer <token>`` (:attr:`token`, random unless given; see
     :mod:`.auth`). ``ssl_context`` serves HTTPS. Pod logs are read from
     ``<log_root>/<namespace>/<pod>/<container>.log``. ``history_size`` bounds the watch history (older
-    resourceVersions get 410 Gone); ``bookmark_interval_s`` paces watch bookmarks.
+    resourceVersions get 410 Gone); ``bookmark_interval_s`` paces watch bookmarks. ``store_path``: a SQLite
+    file that keeps every object across restarts (:class:`~.store.Store`).
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, log_root: Path | None = None, *,
                  token: str | None = None, ssl_context: ssl.SSLContext | None = None,
-                 history_size: int = 10_000, bookmark_interval_s: float = 15.0):
+                 store_path: Path | None = None, history_size: int = 10_000, bookmark_interval_s: float = 15.0):
         self.host = host
         self.port = port
         self.token = token or auth.new_token()
@@ -82,9 +83,11 @@ class APIServer:
         self.refused: collections.Counter[int] = collections.Counter()
         self.log_root = Path(log_root) if log_root is not None else None
         self.bookmark_interval_s = bookmark_interval_s
-        self.store = Store(history_size=history_size)
+        self.store = Store(history_size=history_size, path=store_path)
         self.registry = Registry()
         self.ops = Operations(self.store, self.registry)
+        for crd in self.store.list(("apiextensions.k8s.io", "customresourcedefinitions")):  # kept from a last run
+            self.ops.register_crd(crd)
         self._runner: web.AppRunner | None = None
         self._gc_wakeup = asyncio.Event()
         self._gc_task: asyncio.Task | None = None
@@ -96,7 +99,8 @@ class APIServer:
         namespaces = self.registry.get("", "v1", "namespaces")
         assert namespaces is not None
         for name in ("default", "kube-system", "kube-public", "kube-node-lease"):
-            self.ops.create(namespaces, None, {"metadata": {"name": name}})
+            if self.store.get(namespaces.storage_key, "", name) is None:
+                self.ops.create(namespaces, None, {"metadata": {"name": name}})
 
     @property
     def url(self) -> str:
