@@ -126,6 +126,13 @@ def test_a_pod_with_an_unsafe_path_is_422_invalid():
     assert err.value.details["causes"][0]["message"] == "Invalid value: \"../k\": must not contain '..'"
 
 
+def test_objects_of_the_wrong_shape_are_skipped_not_a_crash():
+    spec = {"volumes": ["x", {"name": "v", "configMap": "nope"}, {"name": "w", "secret": {"items": [3]}}],
+            "containers": [7, {"name": "c", "volumeMounts": "no"}]}
+    assert pod_path_causes({"spec": spec}) == [] and pod_path_causes({"spec": "nope"}) == []
+    assert pod_path_problems(spec) == []
+
+
 def test_the_kubelet_checks_every_path_a_pod_names():
     problems = pod_path_problems(bad_pod()["spec"])
     assert problems == [

@@ -24,7 +24,7 @@ import posixpath
 import re
 import shutil
 import stat
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -50,9 +50,11 @@ def json_quote(value: Any) -> str:
 # ------------------------------------------------------------------------------- pure rules
 
 
-def local_path_problems(path: str, *, reserved: bool = False) -> list[str]:
+def local_path_problems(path: Any, *, reserved: bool = False) -> list[str]:
     """kube-apiserver's complaints about a path inside a volume (``validateLocalDescendingPath``; with
     ``reserved``, ``ValidateLocalNonReservedPath`` for item paths: ``..data`` is the atomic writer's)."""
+    if not isinstance(path, str):
+        return ["must be a string"]
     problems = []
     if path.startswith("/"):
         problems.append("must be a relative path")
@@ -75,9 +77,11 @@ def volume_path(path: str, *, reserved: bool = False) -> PurePosixPath:
     return relative
 
 
-def container_path(path: str) -> PurePosixPath:
+def container_path(path: Any) -> PurePosixPath:
     """A container path (mountPath, workingDir, terminationMessagePath) relative to the container root;
     relative ones count from ``/``, as the kubelet makes them absolute. PathError on a ``..`` segment."""
+    if not isinstance(path, str):
+        raise PathError(path, "must be a string")
     if ".." in path.split("/"):
         raise PathError(path, "must not contain '..'")
     return PurePosixPath(posixpath.normpath("/" + path).lstrip("/") or ".")
@@ -103,6 +107,18 @@ def claim_name(name: Any) -> str:
     return name
 
 
+def entries(value: Any) -> Iterator[tuple[int, Mapping[str, Any]]]:
+    """(index, entry) for the objects of a list field; anything else in it (or instead of it) is skipped,
+    as neither the API server nor the kubelet can trust an object's shape."""
+    if isinstance(value, list):
+        yield from ((i, entry) for i, entry in enumerate(value) if isinstance(entry, Mapping))
+
+
+def field_of(obj: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = obj.get(key)
+    return value if isinstance(value, Mapping) else {}
+
+
 def pod_path_problems(spec: Mapping[str, Any]) -> list[str]:
     """Every unsafe path of a pod spec, as ``field: "value" why`` (empty when the kubelet may proceed).
 
@@ -110,19 +126,19 @@ def pod_path_problems(spec: Mapping[str, Any]) -> list[str]:
     ``..`` in mountPath, workingDir or terminationMessagePath. ``subPathExpr`` is checked once expanded.
     """
     problems: list[str] = []
-    for v, vol in enumerate(spec.get("volumes") or []):
+    for v, vol in entries(spec.get("volumes")):
         for kind in ITEM_SOURCES:
-            for i, item in enumerate((vol.get(kind) or {}).get("items") or []):
+            for i, item in entries(field_of(vol, kind).get("items")):
                 _checked(problems, f"spec.volumes[{v}].{kind}.items[{i}].path", item.get("path", ""),
                          lambda p: volume_path(p, reserved=True))
         _checked(problems, f"spec.volumes[{v}].name", vol.get("name"), _volume_name)
     for group in ("initContainers", "containers"):
-        for c, container in enumerate(spec.get(group) or []):
+        for c, container in entries(spec.get(group)):
             where = f"spec.{group}[{c}]"
             for key in ("workingDir", "terminationMessagePath"):
                 if container.get(key):
                     _checked(problems, f"{where}.{key}", container[key], container_path)
-            for m, mount in enumerate(container.get("volumeMounts") or []):
+            for m, mount in entries(container.get("volumeMounts")):
                 if mount.get("subPath"):
                     _checked(problems, f"{where}.volumeMounts[{m}].subPath", mount["subPath"], volume_path)
                 _checked(problems, f"{where}.volumeMounts[{m}].mountPath", mount.get("mountPath", ""), _mount_point)

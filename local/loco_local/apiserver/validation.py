@@ -26,7 +26,7 @@ import celpy
 import jsonschema
 from celpy import celtypes
 
-from loco_local.podpaths import ITEM_SOURCES, local_path_problems
+from loco_local.podpaths import ITEM_SOURCES, entries, field_of, local_path_problems
 
 from . import errors
 from .resources import ResourceType
@@ -401,7 +401,7 @@ def _invalid(field: str, value: Any, why: str) -> Cause:
 
 
 def _local_path_causes(field: str, path: Any, *, reserved: bool = False) -> list[Cause]:
-    if not isinstance(path, str):
+    if not path:
         return []
     return [_invalid(field, path, why) for why in local_path_problems(path, reserved=reserved)]
 
@@ -412,11 +412,9 @@ def pod_path_causes(pod: dict[str, Any]) -> list[Cause]:
     messages are its own, down to ``volumeMounts.subPath`` naming the list, not the mount
     (``ValidateVolumeMounts`` passes the list's path). It checks neither mountPath nor workingDir nor
     terminationMessagePath for ``..`` (a runtime confines them to the container); the kubelet does."""
-    spec = pod.get("spec") if isinstance(pod.get("spec"), dict) else {}
+    spec = field_of(pod, "spec")
     causes: list[Cause] = []
-    for v, vol in enumerate(spec.get("volumes") or []):
-        if not isinstance(vol, dict):
-            continue
+    for v, vol in entries(spec.get("volumes")):
         where = f"spec.volumes[{v}]"
         name = vol.get("name")
         if not name:
@@ -424,12 +422,12 @@ def pod_path_causes(pod: dict[str, Any]) -> list[Cause]:
         elif not isinstance(name, str) or len(name) > 63 or not _DNS_LABEL.fullmatch(name):
             causes.append(_invalid(f"{where}.name", name, _DNS_LABEL_MESSAGE))
         for kind in ITEM_SOURCES:
-            for i, item in enumerate((vol.get(kind) or {}).get("items") or []):
+            for i, item in entries(field_of(vol, kind).get("items")):
                 causes += _local_path_causes(f"{where}.{kind}.items[{i}].path", item.get("path"), reserved=True)
     for group in ("initContainers", "containers"):
-        for c, container in enumerate(spec.get(group) or []):
+        for c, container in entries(spec.get(group)):
             mounts = f"spec.{group}[{c}].volumeMounts"
-            for m, mount in enumerate(container.get("volumeMounts") or [] if isinstance(container, dict) else []):
+            for m, mount in entries(container.get("volumeMounts")):
                 if mount.get("subPathExpr") and mount.get("subPath"):
                     causes.append(_invalid(f"{mounts}[{m}].subPathExpr", mount["subPathExpr"],
                                            "subPathExpr and subPath are mutually exclusive"))
