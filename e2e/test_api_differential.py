@@ -25,6 +25,7 @@ from loco_local.nodes import uniform_nodes
 
 CONTROL_PLANES = ("kubernetes",)  # it starts both itself; it runs once, where the real one is wanted
 NS = "diff"
+COMPACTION_S = 3
 CM = f"/api/v1/namespaces/{NS}/configmaps"
 TJ = f"/apis/loco.dev/v1alpha1/namespaces/{NS}/trainingjobs"
 MERGE, JSON_PATCH, STRATEGIC, APPLY = ("application/merge-patch+json", "application/json-patch+json",
@@ -57,6 +58,7 @@ class Api:
         cluster, user = doc["clusters"][0]["cluster"], doc["users"][0]["user"]
         self.kubeconfig = kubeconfig
         self.url = cluster["server"]
+        self.first_version, self.started = "", time.monotonic()  # set by the fixture
         self.session = requests.Session()
         self.session.trust_env = False  # $REQUESTS_CA_BUNDLE would replace the cluster's CA
         if cluster.get("certificate-authority"):
@@ -88,12 +90,16 @@ def apis(tmp_path_factory: pytest.TempPathFactory, control_plane: str) -> Iterat
     from loco_local.realcluster import RealCluster
 
     nodes = uniform_nodes(1)
+    # etcd compacted every 3 s, so that a resourceVersion from the start is gone (410) by the end of the steps
     with LocalCluster(tmp_path_factory.mktemp("diff-embedded"), nodes) as embedded, \
-            RealCluster(tmp_path_factory.mktemp("diff-real"), nodes, pod_security=None) as real:
+            RealCluster(tmp_path_factory.mktemp("diff-real"), nodes, pod_security=None,
+                        apiserver_args=[f"--etcd-compaction-interval={COMPACTION_S}s"]) as real:
         apis = {"embedded": Api(embedded.kubeconfig), "real": Api(real.kubeconfig)}
         for api in apis.values():
-            assert api("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
-                                                      "metadata": {"name": NS}}).status == 201
+            created = api("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
+                                                         "metadata": {"name": NS}})
+            assert created.status == 201
+            api.first_version, api.started = created.body["metadata"]["resourceVersion"], time.monotonic()
         yield apis
 
 
@@ -217,6 +223,20 @@ YAML_BOMB = "\n".join(["apiVersion: v1", "kind: ConfigMap", "metadata: {name: bo
                       + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)])
 
 
+def _compacted_list(api: Api) -> Answer:
+    """A list at exactly the resourceVersion of the first write, once etcd has compacted it away (two
+    compaction periods): 410 on both (the embedded server keeps no old snapshots at all)."""
+    time.sleep(max(0.0, 3 * COMPACTION_S - (time.monotonic() - api.started)))
+    return api("GET", CM, resourceVersion=api.first_version, resourceVersionMatch="Exact")
+
+
+def _future_watch(api: Api) -> Answer:
+    rv = int(api("GET", CM).body["metadata"]["resourceVersion"])
+    resp = api.session.get(api.url + CM, timeout=30, params={"watch": "true", "resourceVersion": str(rv + 100_000),
+                                                             "timeoutSeconds": "2"})
+    return Answer(resp.status_code, {"events": [json.loads(line)["type"] for line in resp.text.splitlines() if line]})
+
+
 STEPS: list[Step] = [
     ("no credential: 401 Unauthorized", lambda api: api.anonymous()("GET", CM), NOTHING),
     ("a wrong bearer token: 401 Unauthorized", _wrong_token, NOTHING),
@@ -281,6 +301,11 @@ STEPS: list[Step] = [
      lambda a: a.body["spec"]["replicas"]),
     ("after scale", lambda api: api("GET", f"{TJ}/j1"), lambda a: (a.body["spec"]["replicas"], a.body["metadata"]["generation"])),
     ("unsupported media type: 415", lambda api: api("PATCH", f"{CM}/applied", {"data": {}}, "text/plain"), NOTHING),
+    ("list from a resourceVersion not reached yet: 504 after waiting",
+     lambda api: api("GET", CM, resourceVersion=str(int(api("GET", CM).body["metadata"]["resourceVersion"]) + 100_000)),
+     lambda a: (a.body["details"]["causes"], a.body["details"]["retryAfterSeconds"])),
+    ("watch from a resourceVersion not reached yet: no events, no error", _future_watch, lambda a: a.body),
+    ("list at exactly a compacted resourceVersion: 410 Expired", _compacted_list, lambda a: a.body["message"]),
 ]
 
 

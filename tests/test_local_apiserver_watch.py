@@ -91,14 +91,37 @@ async def test_watch_from_compacted_version_gets_410_gone(server, session):
         await write(session, server, "PATCH", f"{CMS}/a", {"data": {"i": str(i)}}, "application/merge-patch+json")
     stream = await open_watch(session, server, f"resourceVersion={first['metadata']['resourceVersion']}")
     event = await stream.next()
-    assert event["type"] == "ERROR" and event["object"]["code"] == 410 and event["object"]["reason"] == "Gone"
+    assert event["type"] == "ERROR" and event["object"]["code"] == 410 and event["object"]["reason"] == "Expired"
     assert await stream.next() is None  # the stream ends
 
 
-async def test_watch_from_a_version_never_issued_gets_410_gone(server, session):
-    stream = await open_watch(session, server, f"resourceVersion={server.store.resource_version + 100}")
+async def test_watch_from_a_version_not_reached_yet_waits_for_it(server, session):
+    """As kube-apiserver: no 410, no events until the store passes the version asked for."""
+    ahead = server.store.resource_version + 2
+    stream = await open_watch(session, server, f"resourceVersion={ahead}")
+    for name in ("a", "b", "c"):  # versions ahead - 1, ahead, ahead + 1
+        await write(session, server, "POST", CMS, {"metadata": {"name": name}})
     event = await stream.next()
-    assert event["type"] == "ERROR" and event["object"]["code"] == 410
+    assert (event["type"], event["object"]["metadata"]["name"]) == ("ADDED", "c")
+    assert int(event["object"]["metadata"]["resourceVersion"]) == ahead + 1
+    stream.resp.close()
+
+
+async def test_a_list_from_a_version_not_reached_waits_then_times_out(server, session):
+    ahead = server.store.resource_version + 1
+
+    async def later_write() -> None:
+        await asyncio.sleep(0.3)
+        await write(session, server, "POST", CMS, {"metadata": {"name": "late"}})
+
+    task = asyncio.create_task(later_write())
+    async with session.get(f"{server.url}{CMS}?resourceVersion={ahead}") as resp:
+        assert resp.status == 200 and [i["metadata"]["name"] for i in (await resp.json())["items"]] == ["late"]
+    await task
+    async with session.get(f"{server.url}{CMS}?resourceVersion={ahead + 50}") as resp:
+        body = await resp.json()
+        assert (resp.status, body["reason"]) == (504, "Timeout")
+        assert body["details"]["causes"] == [{"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}]
 
 
 async def test_watch_sends_bookmarks_and_ends_at_timeout(server, session):
@@ -154,3 +177,17 @@ async def test_stopping_the_server_ends_open_watches(session, server):
         assert await stream.next() is None
     except aiohttp.ClientPayloadError:
         pass  # a connection cut mid-chunk is an acceptable end too
+
+
+async def test_a_list_at_exactly_an_old_version_is_410_expired(server, session):
+    first = await write(session, server, "POST", CMS, {"metadata": {"name": "a"}})
+    await write(session, server, "POST", CMS, {"metadata": {"name": "b"}})
+    old = first["metadata"]["resourceVersion"]
+    async with session.get(f"{server.url}{CMS}?resourceVersion={old}&resourceVersionMatch=Exact") as resp:
+        body = await resp.json()
+        assert (resp.status, body["reason"]) == (410, "Expired")
+    now = server.store.resource_version
+    async with session.get(f"{server.url}{CMS}?resourceVersion={now}&resourceVersionMatch=Exact") as resp:
+        assert resp.status == 200 and len((await resp.json())["items"]) == 2
+    async with session.get(f"{server.url}{CMS}?resourceVersion={old}") as resp:  # NotOlderThan: the current state
+        assert resp.status == 200 and len((await resp.json())["items"]) == 2

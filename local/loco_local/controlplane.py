@@ -118,11 +118,13 @@ class ControlPlane:
         node_monitor_grace_s: how long a node may miss heartbeats before the node lifecycle controller
             marks it unreachable (Kubernetes' default is 50 s; tests want it shorter).
         verbosity: the components' ``-v``.
+        apiserver_args: more kube-apiserver flags (the differential test's short etcd compaction interval).
     """
 
     def __init__(self, state_dir: Path, *, binary: Path | None = None, node_monitor_grace_s: int = 20,
-                 verbosity: int = 1) -> None:
+                 verbosity: int = 1, apiserver_args: Sequence[str] = ()) -> None:
         self.state_dir = Path(state_dir).resolve()
+        self.apiserver_args = list(apiserver_args)
         self.binary = Path(binary) if binary else kube_binary()
         self.pki = ClusterPKI(self.state_dir / "pki")
         self.node_monitor_grace_s = node_monitor_grace_s
@@ -195,7 +197,7 @@ class ControlPlane:
             f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}", f"--service-account-key-file={pki.sa_pub}",
             f"--service-account-signing-key-file={pki.sa_key}",
             "--authorization-mode=Node,RBAC", "--enable-admission-plugins=NodeRestriction",
-            f"--service-cluster-ip-range={SERVICE_CIDR}", "--profiling=false",
+            f"--service-cluster-ip-range={SERVICE_CIDR}", "--profiling=false", *self.apiserver_args,
         ])
         apiserver.start()
         write_tls_kubeconfig(self.kubeconfig, self.url, ca=pki.ca_cert, cert=pki.path(ADMIN.stem, "crt"),

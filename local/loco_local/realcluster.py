@@ -168,14 +168,16 @@ class RealCluster(LocalCluster):
         pod_security: the Pod Security level the ``default`` namespace enforces (None: no label).
         node_monitor_grace_s: how long before a silent node is marked unreachable.
         heartbeat_s: the node agents' Lease renewal period.
+        apiserver_args: more kube-apiserver flags.
     """
 
     def __init__(self, state_dir: Path, nodes: Sequence[NodeSpec], *, crd_paths: Sequence[Path] | None = None,
                  pod_security: str | None = "restricted", node_monitor_grace_s: int = 20,
-                 heartbeat_s: float = 5.0, binary: Path | None = None) -> None:
+                 heartbeat_s: float = 5.0, binary: Path | None = None, apiserver_args: Sequence[str] = ()) -> None:
         super().__init__(state_dir, nodes, crd_paths=crd_paths, heartbeat_s=heartbeat_s)
         self.pod_security = pod_security
-        self.control_plane = ControlPlane(self.state_dir, binary=binary, node_monitor_grace_s=node_monitor_grace_s)
+        self.control_plane = ControlPlane(self.state_dir, binary=binary, node_monitor_grace_s=node_monitor_grace_s,
+                                          apiserver_args=apiserver_args)
         self.kubeconfig = self.control_plane.kubeconfig
         self.agents: dict[str, Component] = {}
         self._clients: list[ApiClient] = []

@@ -78,7 +78,15 @@ def method_not_allowed(message: str = "the server does not allow this method on 
 
 
 def gone(message: str) -> APIError:
-    return APIError(410, "Gone", message)
+    """410 for a resourceVersion older than the server still holds (kube-apiserver's reason: Expired)."""
+    return APIError(410, "Expired", message)
+
+
+def too_large_resource_version(requested: int, current: int) -> APIError:
+    """504, as kube-apiserver answers a list from a resourceVersion it has not reached within 3 s."""
+    return APIError(504, "Timeout", f"Timeout: Too large resource version: {requested}, current: {current}",
+                    {"causes": [{"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}],
+                     "retryAfterSeconds": 1})
 
 
 def invalid(kind: str, group: str, name: str, causes: list[tuple[str, str]]) -> APIError:

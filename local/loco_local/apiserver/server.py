@@ -34,6 +34,8 @@ from .store import Change, Store
 log = logging.getLogger(__name__)
 
 DEFAULT_WATCH_TIMEOUT_S = 1800
+#: how long a list waits for a resourceVersion not reached yet (kube-apiserver's blockTimeout)
+LIST_WAIT_S = 3.0
 INITIAL_EVENTS_END = "k8s.io/initial-events-end"
 JSON_TYPE = "application/json"
 _NO_NAMESPACE_SUBPATHS = ("status", "finalize")
@@ -320,6 +322,7 @@ class APIServer:
             if method == "GET" and watch:
                 return await self._watch(request, rt, namespace)
             if method == "GET":
+                await self._wait_for_version(q.get("resourceVersion"), q.get("resourceVersionMatch"))
                 listed = ops.list(rt, namespace, q.get("labelSelector"), q.get("fieldSelector"))
                 if _accept_table(request):
                     return _json(table.to_table(rt, listed["items"], listed["metadata"]["resourceVersion"],
@@ -362,6 +365,21 @@ class APIServer:
             lingering = self.store.get(rt.storage_key, result["metadata"].get("namespace", ""), name) is not None
             return _json(result, 202 if lingering else 200)
         raise errors.method_not_allowed()
+
+    async def _wait_for_version(self, version: str | None, match: str | None) -> None:
+        """A list from a resourceVersion this server has not reached waits for it, 3 s at most, then 504 (as
+        kube-apiserver). Older versions get the current state, or 410 when asked for exactly that version:
+        this server keeps no old snapshots (kube-apiserver's answer once etcd compacted them away)."""
+        if version in (None, "", "0"):
+            return
+        try:
+            wanted = int(version)
+        except ValueError as exc:
+            raise errors.bad_request(f"invalid resourceVersion {version!r}") from exc
+        if not await self.store.wait_for(wanted, LIST_WAIT_S):
+            raise errors.too_large_resource_version(wanted, self.store.resource_version)
+        if match == "Exact" and wanted < self.store.resource_version:
+            raise errors.gone("The resourceVersion for the provided list is too old.")
 
     async def _delete_options(self, request: web.Request) -> dict[str, Any]:
         body = await self._body(request) or {}
@@ -450,7 +468,7 @@ class APIServer:
                 if send_initial:
                     await send("BOOKMARK", bookmark({INITIAL_EVENTS_END: "true"}))
             for change in replay:
-                await self._send_change(change, rt, keep, send)
+                await self._send_change(change, rt, keep, send, since)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout_s
             next_bookmark = loop.time() + self.bookmark_interval_s
@@ -470,7 +488,7 @@ class APIServer:
                     continue
                 if change is None:
                     break
-                await self._send_change(change, rt, keep, send)
+                await self._send_change(change, rt, keep, send, since)
             await response.write_eof()
         except (ConnectionResetError, ConnectionError):
             pass
@@ -478,8 +496,11 @@ class APIServer:
             self.store.unwatch(watcher)
         return response
 
-    async def _send_change(self, change: Change, rt: ResourceType, keep: Any, send: Any) -> None:
-        """Translate a store change into what this watcher sees (selector transitions become ADDED/DELETED)."""
+    async def _send_change(self, change: Change, rt: ResourceType, keep: Any, send: Any, since: int | None) -> None:
+        """Translate a store change into what this watcher sees (selector transitions become ADDED/DELETED);
+        nothing up to ``since``, a version the watch asked to start after."""
+        if since is not None and change.resource_version <= since:
+            return
         new = self.ops.present(rt, dict(change.object))
         new_match = keep(change.object)
         old_match = keep(change.old)

@@ -188,14 +188,11 @@ class Store:
     def watch(self, key: Key, since: int | None) -> tuple[Watcher, list[Change]]:
         """Subscribe to ``key``; returns the watcher and the recorded changes after resourceVersion ``since``.
 
-        Raises 410 Gone when ``since`` is older than the history still held (or newer than any
-        version issued, e.g. a client of a previous server instance). ``since=None``
-        replays nothing (the caller sends the current state as synthetic ADDED events).
+        Raises 410 Gone when ``since`` is older than the history still held. A ``since`` not reached yet
+        replays nothing: the caller passes on only the changes after it, as kube-apiserver waits for it.
+        ``since=None`` replays nothing (the caller sends the current state as synthetic ADDED events).
         """
         replay: list[Change] = []
-        if since is not None and since > self._resource_version:
-            # a version this store never issued (the client watched an earlier server): make it relist
-            raise gone(f"too large resource version: {since}, current: {self._resource_version}")
         if since is not None and since < self._resource_version:
             oldest = self._history[0].resource_version if self._history else self._resource_version + 1
             if since < oldest - 1:
@@ -225,6 +222,14 @@ class Store:
     @property
     def watcher_count(self) -> int:
         return len(self._watchers)
+
+    async def wait_for(self, version: int, timeout_s: float) -> bool:
+        """Wait until ``version`` is reached (True) or ``timeout_s`` passes (False)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self._resource_version < version and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        return self._resource_version >= version
 
     def _emit(self, change: Change) -> None:
         self._history.append(change)
