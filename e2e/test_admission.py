@@ -26,5 +26,5 @@ def test_a_pod_refused_by_pod_security_fails_the_job_quoting_the_api(stack: Loca
     assert 'violates PodSecurity "restricted:latest"' in failed["message"], failed
     assert 'restricted volume type "hostPath"' in failed["message"], failed
     assert job["status"]["restarts"] == 0 and not stack.list_pods(name)
-    refused = [e for e in stack.events(name) if e["reason"] == "PodRefused"]
+    refused = stack.wait_for_events(name, "PodRefused")
     assert len(refused) == 1, refused  # said once, not on every reconcile

@@ -39,8 +39,7 @@ def test_quickstart_succeeds_with_checkpoint_on_disk(stack: LocalStack) -> None:
     ckpt_dirs = list((stack.state_dir / "volumes").rglob(f"step-{steps:08d}"))
     assert ckpt_dirs, f"no step-{steps:08d} checkpoint under {stack.state_dir / 'volumes'}"
     assert any(p.name == "manifest.json" for p in ckpt_dirs[0].iterdir())  # the commit record of the universal checkpoint
-    reasons = [e["reason"] for e in stack.events("quickstart")]
-    assert "Succeeded" in reasons, reasons
+    assert stack.wait_for_events("quickstart", "Succeeded")
     # kubectl shows the printer columns
     out = stack.kubectl("get", "tj", "quickstart").stdout
     assert "PHASE" in out and "Succeeded" in out and f"{steps}" in out, out

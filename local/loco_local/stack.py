@@ -210,6 +210,11 @@ class LocalStack:
         events = [e.to_dict() for e in items]
         return sorted(events, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
 
+    def wait_for_events(self, name: str, reason: str, timeout_s: float = 30.0) -> list[dict[str, Any]]:
+        """The job's events with ``reason``, once there is one: Kopf posts events after the status they tell of."""
+        return self.wait_for(lambda: [e for e in self.events(name) if e["reason"] == reason], timeout_s=timeout_s,
+                             what=f"a {reason} event of {name}")
+
     def wait_for(
         self, predicate: Callable[[], Any], *, timeout_s: float, interval_s: float = 0.5, what: str = "condition"
     ) -> Any:
