@@ -195,6 +195,11 @@ def test_a_cluster_killed_with_sigkill_comes_back_with_its_objects_and_reaps_wha
         assert kept.data == {"k": "v"} and kept.metadata.uid == created.metadata.uid
         newer = api.create_namespaced_config_map("default", {"metadata": {"name": "after"}})
         assert int(newer.metadata.resource_version) > int(kept.metadata.resource_version)
+        # its containers died with the old cluster: a restartPolicy Never pod fails, as after a node reboot
+        lost = wait_until(lambda: (p := api.read_namespaced_pod("parent", "default")).status.phase == "Failed" and p,
+                          "the parent pod to fail")
+        terminated = lost.status.container_statuses[0].state.terminated
+        assert (terminated.reason, terminated.exit_code) == ("ContainerStatusUnknown", 137)
     finally:
         loco("down", "--state-dir", str(state))
         with contextlib.suppress(psutil.Error, NameError):

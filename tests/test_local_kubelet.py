@@ -435,3 +435,24 @@ def test_stopping_the_cluster_leaves_no_orphan_processes(tmp_path: Path):
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [p for p in pids if _alive(p)]
+
+
+def test_a_pod_an_earlier_kubelet_ran_fails_or_restarts_as_after_a_reboot():
+    from loco_local.kubelet import lost_containers_status
+
+    def pod(policy: str, state: dict, restarts: int = 0) -> dict:
+        return {"spec": {"restartPolicy": policy, "containers": [{"name": "c"}]},
+                "status": {"phase": "Running", "containerStatuses": [
+                    {"name": "c", "state": state, "restartCount": restarts, "ready": True}]}}
+
+    running = {"running": {"startedAt": "2026-12-06T00:00:00Z"}}
+    lost = lost_containers_status(pod("Never", running))
+    assert lost is not None and lost["phase"] == "Failed"
+    terminated = lost["containerStatuses"][0]["state"]["terminated"]
+    assert (terminated["reason"], terminated["exitCode"], terminated["startedAt"]) == (
+        "ContainerStatusUnknown", 137, "2026-12-06T00:00:00Z")
+    assert lost["containerStatuses"][0]["ready"] is False
+    assert lost_containers_status(pod("Always", running)) is None  # started again, restarts counted
+    assert lost_containers_status(pod("OnFailure", running)) is None
+    assert lost_containers_status(pod("Never", {"waiting": {"reason": "ContainerCreating"}})) is None  # never ran
+    assert lost_containers_status({"spec": {"restartPolicy": "Never"}, "status": {"phase": "Pending"}}) is None

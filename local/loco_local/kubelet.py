@@ -180,6 +180,31 @@ def hosts_lines(pods: list[Obj]) -> list[str]:
     return sorted(lines)
 
 
+def lost_containers_status(pod: Obj) -> Obj | None:
+    """The status of a pod whose containers an earlier kubelet started and nobody runs any more (that kubelet
+    died, and its processes with it: a node reboot, to the pod), or None when it is not such a pod.
+
+    As the real kubelet after a reboot: a ``restartPolicy: Never`` pod fails, its containers terminated with
+    ``ContainerStatusUnknown`` (exit code 137); other pods are started again, their restarts counted.
+    """
+    status = pod.get("status") or {}
+    started = [cs for cs in status.get("containerStatuses") or []
+               if set(cs.get("state") or {}) & {"running", "terminated"} or cs.get("restartCount")]
+    if not started or (pod.get("spec") or {}).get("restartPolicy", "Always") != "Never":
+        return None
+    now = now_rfc3339()
+    lost = {"exitCode": 137, "reason": "ContainerStatusUnknown", "finishedAt": now,
+            "message": "The container could not be located when the pod was terminated"}
+    containers = [{**cs, "ready": False, "started": False,
+                   "state": {"terminated": (cs.get("state") or {}).get("terminated") or {**lost, "startedAt": (
+                       (cs.get("state") or {}).get("running") or {}).get("startedAt")}}}
+                  for cs in status.get("containerStatuses") or []]
+    return {"phase": "Failed", "reason": "ContainerStatusUnknown", "containerStatuses": containers,
+            "message": "The node's kubelet restarted and the pod's containers were gone",
+            "conditions": [{"type": t, "status": "False", "lastTransitionTime": now}
+                           for t in ("Ready", "ContainersReady")]}
+
+
 def atomic_write(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` via a temporary file and rename (readers never see half a file)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -981,6 +1006,11 @@ class Kubelet(Controller):
                                           {"gracePeriodSeconds": 0, "preconditions": {"uid": uid}})
                 continue
             if uid in self._done or phase in ("Succeeded", "Failed") or not node_alive:
+                continue
+            lost = lost_containers_status(pod)
+            if lost is not None:  # an earlier kubelet ran it and took its processes along when it died
+                self._done[uid] = pod_dir(self.state_dir, meta.get("namespace") or "default", meta["name"])
+                await self.api.patch_status(f"/api/v1/namespaces/{meta.get('namespace')}/pods/{meta['name']}", lost)
                 continue
             if self._worker_named(meta.get("namespace") or "default", meta["name"]):
                 continue  # a deleted namesake still tears down the directories it would use; next sync
