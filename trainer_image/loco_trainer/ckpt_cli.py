@@ -78,7 +78,8 @@ def verify_cmd(directory: str, as_json: bool) -> None:
         raise click.ClickException(f"{directory}: no committed checkpoint to verify")
     if as_json:
         click.echo(json.dumps([{"dir": r.dir, "step": r.step, "ok": r.ok, "fragments": r.fragments,
-                                "bytesChecked": r.bytes_checked, "problems": r.problems} for r in reports], indent=2))
+                                "bytesChecked": r.bytes_checked, "problems": r.problems, "reasons": r.reasons} for r in reports],
+                              indent=2))
     else:
         for r in reports:
             status = "OK" if r.ok else f"CORRUPT ({len(r.problems)} problems)"

@@ -18,6 +18,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 #: step-time buckets from 1 ms to 2 min
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+#: why a checkpoint is skipped at resume (``loco_trainer.ucp.SkipReason``; a test keeps the two equal, this
+#: module stays torch-free): each exists at 0 from the start, so ``increase()`` sees the first skip
+CHECKPOINT_SKIP_REASONS = ("manifest", "unsafe_path", "missing_file", "size", "checksum")
 #: collective-duration buckets from 10 µs to 2 min (the fault detector's latency scale)
 COLLECTIVE_BUCKETS = (1e-5, 5e-5, 1e-4, 5e-4, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120)
 
@@ -72,6 +75,14 @@ class TrainerMetrics:
             "loco_trainer_checkpoint_last_commit_timestamp_seconds",
             "Unix time this process last committed a checkpoint (time() minus it is the checkpoint age).",
         )
+        self._checkpoint_skipped = Counter(
+            "loco_trainer_checkpoint_skipped",
+            "Committed checkpoints passed over at resume because they failed verification, by reason "
+            "(manifest, unsafe_path, missing_file, size, checksum).",
+            names + ["reason"], registry=r,
+        )
+        for reason in CHECKPOINT_SKIP_REASONS:
+            self._checkpoint_skipped.labels(**labels, reason=reason)
         self.tokens = Counter("loco_trainer_tokens", "Training tokens processed by this process.", names, registry=r).labels(**labels)
         self._comm_sent = Counter(
             "loco_trainer_comm_bytes_sent", "Bytes sent through collectives, by kind of exchange.", names + ["kind"], registry=r,
@@ -172,6 +183,11 @@ class TrainerMetrics:
         self.checkpoint_stall_seconds.observe(stall_seconds)
         self.checkpoint_step.set(step)
         self.checkpoint_timestamp.set(time.time() if when_s is None else when_s)
+
+    def checkpoint_skipped(self, reason: str) -> None:
+        """A committed checkpoint failed verification at resume and an older one was taken
+        (``reason``: ``loco_trainer.ucp.SkipReason``)."""
+        self._checkpoint_skipped.labels(**self._labels, reason=reason).inc()
 
     def set_gpu_memory(self, allocated: float, reserved: float, max_allocated: float) -> None:
         """CUDA memory of this process's device in bytes (``torch.cuda.memory_allocated`` etc.)."""

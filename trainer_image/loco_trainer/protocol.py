@@ -17,8 +17,9 @@ Torch-free by contract: the operator imports this module.
 from __future__ import annotations
 
 from enum import Enum
+from typing import Any
 
-from pydantic import Field
+from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
 
 from loco_trainer.config import Model
 
@@ -43,6 +44,19 @@ class CheckpointRef(Model):
     step: int = Field(description="Inner step the checkpoint was taken after.")
     path: str = Field(description="Directory of the checkpoint (container path).")
     time: str = Field(description="Commit time, RFC 3339 UTC.")
+
+
+class SkippedCheckpoint(Model):
+    """A committed checkpoint the worker passed over at resume because it failed verification."""
+
+    step: int = Field(description="Step its directory name says.")
+    path: str = Field(description="Directory of the checkpoint (container path).")
+    reason: str = Field(description="manifest, unsafe_path, missing_file, size or checksum (loco_trainer.ucp.SkipReason).")
+    message: str = Field("", description="What was wrong (the file, atom and fragment), at most 240 characters.")
+
+
+#: at most this many skipped checkpoints are reported (the termination message holds 4096 bytes)
+MAX_SKIPPED_REPORTED = 4
 
 
 class CollectiveSummary(Model):
@@ -87,6 +101,11 @@ class ProgressReport(Model):
     last_checkpoint: CheckpointRef | None = None
     checkpoint_failures: int = Field(0, description="Checkpoint saves of this pod that failed and were not committed.")
     checkpoint_error: str = Field("", description="Why the latest failed checkpoint save failed (empty if none failed).")
+    skipped_checkpoints: list[SkippedCheckpoint] | None = Field(
+        None, description="Checkpoints newer than the one resumed from that failed verification and were skipped, "
+        "newest first (at most MAX_SKIPPED_REPORTED); absent when none was. The operator emits one Warning Event per "
+        "checkpoint path.",
+    )
     message: str = Field("", description="Human-readable detail (the error when state is failed).")
     time: str = Field("", description="When this report was made, RFC 3339 UTC.")
     # Fault detection (docs/fault-detection.md): filled only when /status is asked with
@@ -96,6 +115,17 @@ class ProgressReport(Model):
     )
     links: list[LinkSummary] | None = Field(None, description="Probe samples with id > sinceLink (at most 512).")
     clock_error_s: float | None = Field(None, description="Spread of the clock-offset estimate against global rank 0.")
+
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_optional(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Leave ``skippedCheckpoints`` out when there is none, so readers from before the field (which
+        refuse unknown fields) keep reading every report of a worker that skipped nothing."""
+        data = handler(self)
+        if isinstance(data, dict) and self.skipped_checkpoints is None:
+            data.pop("skippedCheckpoints", None)
+            data.pop("skipped_checkpoints", None)
+        return data
 
 
 class MembershipUpdate(Model):

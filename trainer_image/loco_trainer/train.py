@@ -48,7 +48,7 @@ from loco_trainer.data import Dataset, DataPosition, rank_slice
 from loco_trainer.metrics import TrainerMetrics
 from loco_trainer.model import build_model, num_params
 from loco_trainer.progress import ProgressState
-from loco_trainer.protocol import CheckpointRef, WorkerState
+from loco_trainer.protocol import MAX_SKIPPED_REPORTED, CheckpointRef, SkippedCheckpoint, WorkerState
 from loco_trainer.rendezvous import RankInfo
 
 log = logging.getLogger("loco_trainer")
@@ -305,13 +305,17 @@ class Trainer:
     # ------------------------------------------------------------------------ resume
 
     def choose_checkpoint(self) -> tuple[ucp.CheckpointInfo, ucp.Storage] | None:
-        """Rank 0 picks the newest committed checkpoint of this job (the operator's LOCO_RESUME_FROM
-        is only a hint, used when the job's directory holds none); every rank gets the same answer.
+        """Rank 0 picks the newest committed checkpoint of this job that verifies (the operator's
+        LOCO_RESUME_FROM is only a hint, used when the job's directory holds none); every rank gets
+        the same answer. Newer checkpoints that fail verification are skipped: logged, counted in
+        ``loco_trainer_checkpoint_skipped_total{reason}`` and reported in ``skippedCheckpoints``.
         Incomplete ``.tmp-*`` directories were removed when the engine was built."""
         assert self.engine is not None
         chosen: str | None = None
         if self.info.rank == 0:
-            newest = self.engine.latest()
+            selection = self.engine.newest_valid()
+            self._report_skipped(selection.skipped)
+            newest = selection.info
             hint = self.env.resume_from
             if newest is not None:
                 chosen = newest.url
@@ -321,7 +325,10 @@ class Trainer:
                 log.info("resuming from %s: %s", newest.url, why)
             elif hint:
                 try:
-                    _open_checkpoint(self.env.resolve_path(hint))
+                    hinted, hinted_storage = _open_checkpoint(self.env.resolve_path(hint))
+                    report = ucp.verify_checkpoint(hinted_storage, hinted)
+                    if not report.ok:
+                        raise ucp.FormatError(f"it does not verify ({report.reasons[0]}): {report.problems[0]}")
                     chosen = self.env.resolve_path(hint)
                     log.info("resuming from %s: LOCO_RESUME_FROM (no committed checkpoint in %s)", chosen, self.ckpt_dir)
                 except (ucp.FormatError, OSError) as exc:
@@ -330,6 +337,21 @@ class Trainer:
                 log.info("no committed checkpoint in %s: starting from step 0", self.ckpt_dir)
         chosen = self._agree(chosen)
         return _open_checkpoint(chosen) if chosen else None
+
+    def _report_skipped(self, skipped: list[ucp.SkippedCheckpoint]) -> None:
+        """Checkpoints passed over at resume (the engine logged a warning for each): the metric, and the
+        progress report, from which the operator makes an Event per checkpoint."""
+        if not skipped:
+            return
+        assert self.engine is not None
+        if self.metrics:
+            for s in skipped:
+                self.metrics.checkpoint_skipped(s.reason)
+        self._set_progress(skipped_checkpoints=[
+            SkippedCheckpoint(step=s.step, path=self.env.container_path(self.engine.storage.path(s.dir)),
+                              reason=s.reason, message=s.message[:240])
+            for s in skipped[:MAX_SKIPPED_REPORTED]
+        ])
 
     # --------------------------------------------------------------------------- run
 

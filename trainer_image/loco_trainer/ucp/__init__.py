@@ -3,6 +3,7 @@
 * :mod:`.format`   the versioned, FQN-keyed manifest/atom/fragment dataclasses (pure, no I/O)
 * :mod:`.storage`  the fsspec storage layer (local path, PVC, object stores later)
 * :mod:`.engine`   :class:`CheckpointEngine`: async sharded save, all-ranks commit, reshard-on-load
+* :mod:`.verify`   is a checkpoint whole; the newest valid one to resume from, and the ones skipped
 * :mod:`.tools`    inspect / verify / convert (DCP import, consolidated torch export)
 
 The format is specified in ``docs/checkpoint-format.md``.
@@ -12,12 +13,14 @@ from .engine import (
     CheckpointEngine, CheckpointInfo, CheckpointLoadError, CheckpointSaveError, LoadedState, Reason, SaveHandle,
     list_checkpoints, load_into, map_algorithm_state, read_info, read_rank_state,
 )
-from .format import FORMAT_VERSION, Atom, FormatError, Fragment, Manifest, WorldLayout
+from .format import FORMAT_VERSION, Atom, FormatError, Fragment, Manifest, UnsafePathError, WorldLayout
 from .storage import Storage
 from .tensorio import CorruptCheckpointError
+from .verify import Selection, SkippedCheckpoint, SkipReason, newest_valid, verify_checkpoint
 
 __all__ = [
     "FORMAT_VERSION", "Atom", "CheckpointEngine", "CheckpointInfo", "CheckpointLoadError", "CheckpointSaveError",
     "CorruptCheckpointError", "FormatError", "Fragment", "LoadedState", "Manifest", "Reason", "SaveHandle", "Storage",
-    "WorldLayout", "list_checkpoints", "load_into", "map_algorithm_state", "read_info", "read_rank_state",
+    "Selection", "SkipReason", "SkippedCheckpoint", "UnsafePathError", "WorldLayout", "list_checkpoints", "load_into",
+    "map_algorithm_state", "newest_valid", "read_info", "read_rank_state", "verify_checkpoint",
 ]

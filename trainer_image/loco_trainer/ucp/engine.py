@@ -44,7 +44,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -59,7 +59,16 @@ from .layout import FragmentReader, assign_owners, fill_tensor, is_dtensor, loca
 from .storage import Storage
 from .tensorio import StagingPool, dtype_name, write_safetensors
 
+if TYPE_CHECKING:
+    from .verify import Selection
+
 log = logging.getLogger("loco.ucp")
+
+#: the fault hook's phases in the order a save passes them (see ``fault_hook``)
+SAVE_PHASES = ("before_stage", "after_data", "before_commit", "moved_aside", "renamed", "root_synced", "committed",
+               "latest_written", "retired", "before_broadcast")
+#: the first phase at which the new checkpoint is the committed one
+COMMIT_POINT = "renamed"
 
 
 class Reason:
@@ -70,6 +79,10 @@ class Reason:
     LOADED = "CheckpointLoaded"
     STATE_RESET = "CheckpointStateReset"
     INCOMPLETE_REMOVED = "IncompleteCheckpointRemoved"
+    #: a committed checkpoint failed verification and was passed over (see :meth:`CheckpointEngine.newest_valid`)
+    SKIPPED = "CheckpointSkipped"
+    #: a replaced checkpoint was put back after a crash interrupted its replacement
+    RESTORED = "CheckpointRestored"
 
 
 class CheckpointSaveError(RuntimeError):
@@ -219,8 +232,11 @@ class CheckpointEngine:
         coordination_timeout_s: how long the commit may wait for a slow or dead rank.
         balance_replicated_writes: spread whole (non-DTensor) tensors over ranks; set False when
             replicas may differ at save time so that rank 0's copy is the one saved.
-        fault_hook: tests only: called in the background thread with the phase name
-            (``"before_stage"``, ``"after_data"``, ``"before_commit"``, ``"before_broadcast"``).
+        fault_hook: tests only: called in the background thread with the phase name, in this
+            order (:data:`SAVE_PHASES`; rank 0 alone passes the commit phases): ``"before_stage"``,
+            ``"after_data"``, ``"before_commit"``, ``"moved_aside"`` (only when the step exists
+            already), ``"renamed"`` (the commit point), ``"root_synced"``, ``"committed"``,
+            ``"latest_written"``, ``"retired"`` (once per checkpoint retired), ``"before_broadcast"``.
         staging: ``"eager"``: ``save_async`` returns after copying everything to host buffers;
             ``"lazy"``: parameters and optimizer states are copied in the background and the next
             ``optimizer.step()`` waits for that copy (needs the optimizer; parameters must change
@@ -287,7 +303,8 @@ class CheckpointEngine:
             dist.barrier(group=self._group)
 
     def _event(self, reason: str, message: str) -> None:
-        (log.warning if reason in (Reason.FAILED, Reason.STATE_RESET) else log.info)("%s: %s", reason, message)
+        warn = reason in (Reason.FAILED, Reason.STATE_RESET, Reason.SKIPPED, Reason.RESTORED)
+        (log.warning if warn else log.info)("%s: %s", reason, message)
         if self.on_event is not None:
             try:
                 self.on_event(reason, message)
@@ -305,16 +322,31 @@ class CheckpointEngine:
         return list_checkpoints(self.storage)
 
     def latest(self) -> CheckpointInfo | None:
-        """The newest committed checkpoint, or None."""
+        """The newest committed checkpoint, or None (not verified: see :meth:`newest_valid`)."""
         found = self.list()
         return found[-1] if found else None
 
+    def newest_valid(self, checksums: bool = True) -> "Selection":
+        """The newest committed checkpoint that verifies (what a resume should load) and the newer
+        ones skipped, each reported through ``on_event`` (reason ``CheckpointSkipped``).
+        Reads the chosen checkpoint's data once with ``checksums``; call it on one rank."""
+        from .verify import newest_valid  # verify builds on this module
+
+        selection = newest_valid(self.storage, checksums=checksums)
+        for s in selection.skipped:
+            self._event(Reason.SKIPPED, f"skipped checkpoint {s.dir} (step {s.step}, reason {s.reason}): {s.message}")
+        return selection
+
     def cleanup_incomplete(self) -> list[str]:
-        """Delete ``.tmp-*`` directories left by saves that never committed; returns their names.
-        Called by rank 0 at construction; call it only when no save of this job is running."""
+        """Put back a checkpoint whose replacement a crash interrupted, then delete ``.tmp-*``
+        directories (saves that never committed, retirements not finished) and stray ``*.partial``
+        files; returns the names deleted. Called by rank 0 at construction; call it only when no
+        save of this job is running."""
+        for name in self.storage.recover_replaced():
+            self._event(Reason.RESTORED, f"restored {self.storage.path(name)}: a crash interrupted its replacement")
         removed = []
         for name in self.storage.listdir(""):
-            if name.startswith(TMP_PREFIX):
+            if name.startswith(TMP_PREFIX) or name.endswith(".partial"):
                 self.storage.remove(name)
                 removed.append(name)
                 self._event(Reason.INCOMPLETE_REMOVED, f"removed incomplete checkpoint {self.storage.path(name)}")
@@ -523,6 +555,7 @@ class CheckpointEngine:
             blocks = write_safetensors(fh, staged.tensors, {"format": "loco-ucp", "step": str(staged.step), "rank": str(self.rank)})
         finally:
             self.storage.close_durable(fh)
+        self.storage.sync_dir(f"{tmp}/data")  # the file's directory entry, not only its bytes
         fragments = []
         for (name, gshape, dtype, layout, offsets, shape), b in zip(staged.pieces, blocks):
             frag = Fragment(data_rel, b.key, offsets, shape, b.byte_offset, b.nbytes, b.crc32, self.rank)
@@ -559,13 +592,21 @@ class CheckpointEngine:
                 time=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
                 meta=staged.meta,
             )
+            # every rank's data and index are durable (each synced its own); the entries of data/ and
+            # index/ in the directory must be too before the manifest says the checkpoint is whole
+            self.storage.sync_dir(tmp)
             self.storage.write_bytes(f"{tmp}/{MANIFEST_FILE}", manifest.dumps())
             self._hook("before_commit")
             final = step_dir_name(staged.step)
-            self.storage.commit(tmp, final)
+            self.storage.commit(tmp, final, hook=self._hook)
+            self._hook("committed")
             self.storage.write_bytes(LATEST_FILE, (final + "\n").encode())
-            for old in self.list()[:-self.keep]:
-                self.storage.remove(old.dir)
+            self._hook("latest_written")
+            # checkpoints newer than this one predate a fallback past them (they failed verification): they
+            # are neither counted nor retired here, and a save of their step replaces them
+            kept = [c for c in self.list() if c.step <= staged.step]
+            for old in kept[:-self.keep]:
+                self.storage.retire(old.dir, hook=self._hook)
             return "ok", final
         except Exception as exc:  # noqa: BLE001
             log.exception("commit of checkpoint step %d failed", staged.step)
@@ -703,6 +744,8 @@ def load_into(
             continue
         try:
             fill_tensor(atom.name, target, atom, reader, notes.append)
+        except FormatError:  # an unsafe file name: not a mismatch with the model
+            raise
         except ValueError as exc:
             raise CheckpointLoadError(str(exc)) from exc
     extra_model = sorted(set(m.model_atoms()) - set(model_sd))
@@ -723,6 +766,8 @@ def load_into(
                 elif isinstance(stored, _Lazy) and isinstance(value, torch.Tensor):
                     try:
                         fill_tensor(stored.name, value, m.atoms[stored.name], reader, notes.append)
+                    except FormatError:
+                        raise
                     except ValueError as exc:
                         raise CheckpointLoadError(str(exc)) from exc
                 elif isinstance(stored, _Lazy):

@@ -19,6 +19,7 @@ fragments with the block it needs, so any saved layout loads into any current on
 from __future__ import annotations
 
 import json
+import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +50,43 @@ ITEMSIZE: dict[str, int] = {
 
 class FormatError(ValueError):
     """A manifest or index that does not follow this format (the message names the field)."""
+
+
+class UnsafePathError(FormatError):
+    """A file a manifest names would be read from outside its checkpoint directory (an absolute
+    path, a ``..`` component, or a symlink pointing out); the message names the field and value."""
+
+
+def check_relative_name(value: str, field_name: str, where: str) -> None:
+    """Raise :class:`UnsafePathError` unless ``value`` is a plain relative ``/``-separated path that
+    stays inside the checkpoint directory. Pure: symlinks are checked where files are opened.
+
+    Writers only produce ``data/rank-RRRRR.safetensors``; anything not in normal form is refused
+    rather than interpreted, so a crafted manifest cannot make a loader read an arbitrary file.
+    """
+    problem = None
+    if not value:
+        problem = "is empty"
+    elif value.startswith("/") or "\\" in value or ":" in value:
+        problem = "is absolute or names a drive/URL"
+    elif ".." in value.split("/"):
+        problem = "has a '..' component"
+    elif posixpath.normpath(value) != value:
+        problem = f"is not in normal form (normalised: {posixpath.normpath(value)!r})"
+    if problem:
+        raise UnsafePathError(
+            f"{where}: {field_name} is {value!r}, which {problem}; a fragment file must be a relative path inside "
+            "the checkpoint directory (e.g. 'data/rank-00000.safetensors'). Refusing to read this checkpoint"
+        )
+
+
+def check_file_names(manifest: "Manifest", where: str) -> None:
+    """Every file ``manifest`` names (``files`` keys, fragment ``file`` fields) passes :func:`check_relative_name`."""
+    for atom_name, atom in manifest.atoms.items():
+        for i, frag in enumerate(atom.fragments):
+            check_relative_name(frag.file, f"atoms[{atom_name!r}].fragments[{i}].file", where)
+    for name in manifest.files:
+        check_relative_name(name, f"files[{name!r}]", where)
 
 
 def step_dir_name(step: int) -> str:
@@ -275,7 +313,7 @@ class Manifest:
                 f"{where}: formatVersion {version!r} is newer than this reader ({FORMAT_VERSION}); upgrade loco to read it"
             )
         try:
-            return cls(
+            manifest = cls(
                 step=int(d["step"]), layout=WorldLayout.from_json(d["layout"]),
                 atoms={name: Atom.from_json(name, a) for name, a in d["atoms"].items()},
                 algorithm=str(d.get("algorithm", "")), param_groups=list(d.get("paramGroups", [])),
@@ -287,6 +325,8 @@ class Manifest:
             if isinstance(exc, FormatError):
                 raise
             raise FormatError(f"{where}: missing or invalid field ({exc!r})") from exc
+        check_file_names(manifest, where)
+        return manifest
 
     @property
     def total_bytes(self) -> int:

@@ -18,7 +18,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from .format import Atom, Fragment, Manifest
+from .format import Atom, Fragment, Manifest, UnsafePathError
 from .storage import Storage
 from .tensorio import CorruptCheckpointError, check_fragment, tensor_bytes, torch_dtype
 
@@ -102,9 +102,24 @@ class FragmentReader:
         self.manifest = manifest
         self.verify = verify
         self.bytes_read = 0
+        self._inside: set[str] = set()  # files already checked not to lead out of step_dir
+
+    def _check_inside(self, atom: Atom, frag: Fragment) -> None:
+        """Refuse a fragment file that is (or sits under) a symlink pointing out of the checkpoint;
+        the manifest's names themselves were checked when it was parsed."""
+        if frag.file in self._inside:
+            return
+        if not self.storage.resolves_inside(f"{self.step_dir}/{frag.file}", self.step_dir):
+            index = atom.fragments.index(frag)
+            raise UnsafePathError(
+                f"{self.storage.path(self.step_dir)}: atoms[{atom.name!r}].fragments[{index}].file is {frag.file!r}, "
+                "a symlink that resolves outside the checkpoint directory; refusing to read it"
+            )
+        self._inside.add(frag.file)
 
     def _read_fragment_into(self, atom: Atom, frag: Fragment, dst: torch.Tensor) -> None:
         """Read ``frag`` straight into ``dst`` (contiguous CPU, fragment's shape and dtype), then check it."""
+        self._check_inside(atom, frag)
         view = tensor_bytes(dst)
         if len(view) != frag.nbytes:
             raise CorruptCheckpointError(

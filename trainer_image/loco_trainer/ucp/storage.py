@@ -6,15 +6,21 @@ object store (``s3://...`` with its fsspec driver installed) all work without fo
 
 Call order of one save (ranks named; every path is relative to the storage root)::
 
-    rank 0:      remove_incomplete()                       # at engine start, before any save
+    rank 0:      recover_replaced(), then remove the ``.tmp-*`` directories   # at engine start
     every rank:  makedirs(".tmp-step-N/data"), open_write(".tmp-step-N/data/rank-R.safetensors")
-                 -> write, then close (fsync on local filesystems)
-                 write_bytes(".tmp-step-N/index/rank-R.json")
+                 -> write, then close (fsync on local filesystems), sync_dir(".tmp-step-N/data")
+                 write_bytes(".tmp-step-N/index/rank-R.json")  # fsyncs the file and index/
     rank 0:      (after every rank reported success)
-                 write_bytes(".tmp-step-N/manifest.json")  # tmp name + rename
+                 write_bytes(".tmp-step-N/manifest.json")  # tmp name + rename, fsyncs .tmp-step-N
                  commit(".tmp-step-N", "step-N")           # rename: the commit point
                  write_bytes("latest")                     # tmp name + rename
-                 remove("step-M") for retention
+                 retire("step-M") for retention            # rename to .tmp-retired-*, then delete
+
+Every byte a manifest names is durable before the manifest is, and the manifest is durable before
+the directory is renamed, so a crash (``kill -9``, power loss) at any point leaves each ``step-N``
+either absent or complete. Replacing an existing ``step-N`` (the same step saved again) moves the
+old copy aside to ``.replaced-step-N`` first and deletes it only after the new one is in place;
+:meth:`Storage.recover_replaced` puts it back when a crash came between the two renames.
 
 Call order of one load: ``read_bytes("step-N/manifest.json")``, then ``read_range`` per fragment.
 
@@ -28,10 +34,16 @@ from __future__ import annotations
 import os
 import posixpath
 import uuid
-from typing import IO, Iterator
+from typing import IO, Callable, Iterator
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+#: prefix of a committed directory moved aside while a new copy of the same step replaces it
+REPLACED_PREFIX = ".replaced-"
+#: prefix a retired (to be deleted) checkpoint is renamed to first; starts with ``.tmp-`` so a
+#: deletion a crash interrupted is finished by the next engine start
+RETIRED_PREFIX = ".tmp-retired-"
 
 
 class Storage:
@@ -134,15 +146,83 @@ class Storage:
     def open_read(self, rel: str) -> IO[bytes]:
         return self.fs.open(self.path(rel), "rb")
 
-    def commit(self, src: str, dst: str) -> None:
-        """Rename directory ``src`` to ``dst`` (atomic on POSIX filesystems), replacing a stale ``dst``."""
-        if self.exists(dst):
-            self.fs.rm(self.path(dst), recursive=True)
+    def commit(self, src: str, dst: str, hook: Callable[[str], None] | None = None) -> None:
+        """Rename directory ``src`` to ``dst``: the commit point (atomic on POSIX filesystems).
+
+        A ``dst`` that exists already is renamed to ``.replaced-<dst>`` first and deleted only
+        after ``src`` is in its place, so a crash in between never loses both copies (see
+        :meth:`recover_replaced`). ``hook`` (tests only) is called with ``"moved_aside"``,
+        ``"renamed"`` and ``"root_synced"`` as each step is done.
+        """
+        def step(name: str) -> None:
+            if hook is not None:
+                hook(name)
+
+        aside = REPLACED_PREFIX + dst
+        moved = self.exists(dst)
+        if moved:
+            self.remove(aside)  # a leftover of an earlier crash: dst is the newer copy
+            self._rename(dst, aside)
+            step("moved_aside")
+        try:
+            self._rename(src, dst)
+        except BaseException:
+            if moved:  # the new copy did not make it: the old one is still the checkpoint
+                self._rename(aside, dst)
+            raise
+        step("renamed")
+        self.sync_dir("")
+        step("root_synced")
+        self.remove(aside)
+
+    def _rename(self, src: str, dst: str) -> None:
         if self.is_local:
             os.replace(self.path(src), self.path(dst))
         else:
             self.fs.mv(self.path(src), self.path(dst), recursive=True)
+
+    def recover_replaced(self) -> list[str]:
+        """Finish or undo a replacement a crash interrupted; returns the ``step-N`` names restored.
+
+        ``.replaced-step-N`` without ``step-N`` (the crash came between the two renames of
+        :meth:`commit`): renamed back. With ``step-N`` present the new copy is committed and the old
+        one is deleted. Call it only when no save of this root is running.
+        """
+        restored = []
+        for name in self.listdir(""):
+            if not name.startswith(REPLACED_PREFIX):
+                continue
+            dst = name[len(REPLACED_PREFIX):]
+            if self.exists(posixpath.join(dst, "manifest.json")):
+                self.remove(name)
+            else:
+                self.remove(dst)  # an incomplete directory cannot be there, but never rename onto one
+                self._rename(name, dst)
+                restored.append(dst)
+        if restored:
+            self.sync_dir("")
+        return restored
+
+    def retire(self, rel: str, hook: Callable[[str], None] | None = None) -> None:
+        """Delete the committed directory ``rel``: renamed to ``.tmp-retired-<rel>`` first, so a crash
+        during the (non-atomic) deletion never leaves a ``step-N`` with part of its files.
+        ``hook`` (tests only) is called with ``"retired"`` between the rename and the deletion."""
+        tmp = RETIRED_PREFIX + rel
+        self.remove(tmp)
+        self._rename(rel, tmp)
         self.sync_dir("")
+        if hook is not None:
+            hook("retired")
+        self.remove(tmp)
+
+    def resolves_inside(self, rel: str, base: str) -> bool:
+        """False when ``rel`` is a symlink (or under one) whose target lies outside directory ``base``.
+        Only local filesystems have symlinks here; elsewhere it is always True."""
+        if not self.is_local:
+            return True
+        real_base = os.path.realpath(self.path(base))
+        real = os.path.realpath(self.path(rel))
+        return real == real_base or real.startswith(real_base.rstrip(os.sep) + os.sep)
 
     def remove(self, rel: str) -> None:
         """Delete ``rel`` (file or directory tree); missing is fine."""

@@ -7,8 +7,6 @@ directories) or one ``step-N`` directory, as a local path or fsspec URL.
 from __future__ import annotations
 
 import posixpath
-import zlib
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,6 +20,7 @@ from .format import (
 from .layout import FragmentReader
 from .storage import Storage
 from .tensorio import dtype_name, write_safetensors
+from .verify import VerifyReport, check_one, verify_checkpoint
 
 
 def open_target(url: str) -> tuple[Storage, list[CheckpointInfo], list[str]]:
@@ -56,64 +55,18 @@ def inspect(url: str) -> dict[str, Any]:
     }
 
 
-@dataclass
-class VerifyReport:
-    """Outcome of :func:`verify` for one checkpoint."""
-
-    dir: str
-    step: int
-    problems: list[str] = field(default_factory=list)
-    fragments: int = 0
-    bytes_checked: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-
-def verify_checkpoint(storage: Storage, info: CheckpointInfo) -> VerifyReport:
-    """Check one checkpoint: files present with the recorded sizes, fragments tile every atom,
-    every fragment's crc32. Problems name the file, the atom and the fragment."""
-    m = info.manifest
-    report = VerifyReport(info.dir, info.step)
-    for rel, size in sorted(m.files.items()):
-        path = f"{info.dir}/{rel}"
-        if not storage.exists(path):
-            report.problems.append(f"{storage.path(path)}: missing data file")
-        elif storage.size(path) != size:
-            report.problems.append(f"{storage.path(path)}: {storage.size(path)} bytes, manifest says {size}")
-    for atom in m.atoms.values():
-        try:
-            atom.check_tiling()
-        except FormatError as exc:
-            report.problems.append(str(exc))
-    bad_files = {p.split(":")[0] for p in report.problems}
-    by_file: dict[str, list] = {}
-    for atom in m.atoms.values():
-        for frag in atom.fragments:
-            by_file.setdefault(frag.file, []).append((atom, frag))
-    for rel, frags in sorted(by_file.items()):
-        if storage.path(f"{info.dir}/{rel}") in bad_files:
-            continue
-        with storage.open_read(f"{info.dir}/{rel}") as fh:
-            for atom, frag in sorted(frags, key=lambda af: af[1].byte_offset):
-                fh.seek(frag.byte_offset)
-                data = fh.read(frag.nbytes)
-                report.fragments += 1
-                report.bytes_checked += len(data)
-                crc = zlib.crc32(data)
-                if len(data) != frag.nbytes or crc != frag.crc32:
-                    report.problems.append(
-                        f"{storage.path(f'{info.dir}/{rel}')}: fragment {frag.key} of {atom.name} is corrupt "
-                        f"(crc32 {crc:#010x}, manifest {frag.crc32:#010x}, {len(data)}/{frag.nbytes} bytes)"
-                    )
-    return report
-
-
 def verify(url: str) -> list[VerifyReport]:
-    """Verify every committed checkpoint under ``url`` (or the one it names)."""
-    storage, committed, _ = open_target(url)
-    return [verify_checkpoint(storage, c) for c in committed]
+    """Verify every committed checkpoint under ``url`` (or the one it names), by step. A ``step-N``
+    whose manifest exists but is refused (not parseable, an unsafe file name) is reported too."""
+    storage, committed, incomplete = open_target(url)
+    reports = [verify_checkpoint(storage, c) for c in committed]
+    for name in incomplete:
+        if parse_step_dir(name) is None or not storage.exists(f"{name}/{MANIFEST_FILE}"):
+            continue  # never committed: inspect lists it as incomplete
+        _, why = check_one(storage, name, checksums=False)
+        if why is not None:
+            reports.append(VerifyReport(name, why.step, [why.message], [why.reason]))
+    return sorted(reports, key=lambda r: r.step)
 
 
 def pick(url: str, step: int | None = None) -> tuple[Storage, CheckpointInfo]:
@@ -195,6 +148,8 @@ def write_consolidated(out_url: str, step: int, model: dict[str, torch.Tensor], 
         blocks = write_safetensors(fh, items, {"format": "loco-ucp", "step": str(step), "rank": "0"})
     finally:
         storage.close_durable(fh)
+    storage.sync_dir(f"{tmp}/data")
+    storage.sync_dir(tmp)  # data durable before the manifest says the checkpoint is whole
     records = []
     for (name, t), b in zip(tensors.items(), blocks):
         zeros = tuple(0 for _ in t.shape)
@@ -215,26 +170,25 @@ def write_consolidated(out_url: str, step: int, model: dict[str, torch.Tensor], 
 def from_dcp(dcp_dir: str, out_url: str, step: int | None = None) -> CheckpointInfo:
     """Import a ``torch.distributed.checkpoint`` directory as a committed UCP checkpoint.
 
-    The DCP state is consolidated with torch's own ``dcp_to_torch_save``. Recognised layouts:
+    The DCP state is read with :func:`.dcpsafe.load_state` (what torch's ``dcp_to_torch_save`` gives,
+    but refusing any pickled object other than tensors and plain values, with
+    :class:`.dcpsafe.UnsafePickleError`, a ValueError). Recognised layouts:
     ``{"model": {fqn: tensor}, "optim"|"optimizer": {...}, ...}`` (what ``get_state_dict`` gives;
     the rest becomes extra state, an integer ``step`` sets the step) or a flat ``{fqn: tensor}``
     model state dict. An optimizer dict keyed by parameter index (``optimizer.state_dict()``) is
     re-keyed by FQN using the model's key order when the counts agree.
     """
     import os
-    import tempfile
 
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from .dcpsafe import METADATA_FILE, load_state
 
     local = Storage(dcp_dir)
     if not local.is_local:
         raise ValueError(f"--from-dcp needs a local directory (got {dcp_dir}); copy it locally first")
-    if not os.path.isfile(os.path.join(dcp_dir, ".metadata")):
+    if not os.path.isfile(os.path.join(dcp_dir, METADATA_FILE)):
         raise FileNotFoundError(f"{dcp_dir}: no .metadata file, so it is not a torch.distributed.checkpoint directory")
-    with tempfile.TemporaryDirectory() as tmpdir:
-        path = os.path.join(tmpdir, "consolidated.pt")
-        dcp_to_torch_save(dcp_dir, path)
-        state = torch.load(path, map_location="cpu", weights_only=False)
+    # never unpickle code: restricted metadata, torch.load(weights_only=True) for non-tensor entries
+    state = load_state(dcp_dir)
     if not isinstance(state, dict):
         raise ValueError(f"{dcp_dir}: the checkpoint holds a {type(state).__name__}, expected a dict")
     if isinstance(state.get("model"), dict):
