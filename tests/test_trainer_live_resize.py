@@ -18,6 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,6 +32,7 @@ from dist_helpers import free_port_block
 pytestmark = [pytest.mark.multiproc, pytest.mark.timeout(240)]
 
 STEPS, H, BATCH = 72, 8, 4
+TOKEN = "test-membership-token"
 
 
 def _config(tmp_path, algorithm: dict, crash_at: int = 12) -> str:
@@ -51,7 +53,10 @@ def _config(tmp_path, algorithm: dict, crash_at: int = 12) -> str:
 
 
 def _start(config: str, index: int, replicas: int, epoch: int, port: int, status_port: int, log_path, join=False):
+    token_file = Path(config).parent / "membership-token"  # what the operator mounts from the job's Secret
+    token_file.write_text(TOKEN)
     env = {**os.environ, "LOCO_REPLICA_INDEX": str(index), "LOCO_NUM_REPLICAS": str(replicas),
+           "LOCO_MEMBERSHIP_TOKEN_FILE": str(token_file),
            "LOCO_EPOCH": str(epoch), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
            "LOCO_LIVE_RESIZE": "1", "LOCO_JOIN": "1" if join else "0", "LOCO_STALL_AFTER_S": "5",
            # what the operator sets for live jobs is 120 s: a survivor blocked in a point-to-point wait
@@ -73,7 +78,8 @@ def _status(port: int) -> dict | None:
 
 def _post(port: int, body: dict) -> int:
     request = urllib.request.Request(f"http://127.0.0.1:{port}/membership", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
+                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"},
+                                     method="POST")
     try:
         with urllib.request.urlopen(request, timeout=5) as r:
             return r.status

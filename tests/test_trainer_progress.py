@@ -96,3 +96,62 @@ def test_termination_message_skipped_when_its_directory_is_missing(tmp_path):
     env = RuntimeEnv()
     assert termination_message_path(env, str(tmp_path / "missing" / "termination-log")) is None
     assert termination_message_path(env, str(tmp_path / "termination-log")) == str(tmp_path / "termination-log")
+
+
+def _post_membership(base: str, body: bytes, headers: dict[str, str]) -> tuple[int, str]:
+    request = urllib.request.Request(base + "/membership", data=body, method="POST",
+                                     headers={"Content-Type": "application/json", **headers})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+UPDATE = json.dumps({"epoch": 1, "rank": 0, "worldSize": 2, "masterAddr": "10.0.0.1", "masterPort": 29500}).encode()
+
+
+@pytest.fixture()
+def guarded():
+    state = ProgressState(ProgressReport(job_name="job-a", replica_index=0, state=WorkerState.running, total_steps=10))
+    server = ProgressServer(state, lambda: b"", "127.0.0.1", 0, membership_token="s3cret-token").start()
+    yield state, f"http://127.0.0.1:{server.port}"
+    server.stop()
+
+
+def test_a_membership_update_needs_the_jobs_token(guarded):
+    state, base = guarded
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-token"},
+                    {"Authorization": "Basic s3cret-token"}):
+        code, body = _post_membership(base, UPDATE, headers)
+        assert code == 401 and "membership token" in body, headers
+    assert state.snapshot().epoch == 0 and state.pending_membership() is None
+    code, _ = _post_membership(base, UPDATE, {"Authorization": "Bearer s3cret-token"})
+    assert code == 202 and state.pending_membership().epoch == 1
+
+
+def test_a_membership_body_is_bounded(guarded):
+    _, base = guarded
+    code, body = _post_membership(base, b"{" + b" " * (64 * 1024) + b"}", {"Authorization": "Bearer s3cret-token"})
+    assert code == 413 and "at most" in body
+
+
+def test_a_worker_without_a_token_takes_no_membership_update(served):
+    _, _, base = served
+    code, body = _post_membership(base, UPDATE, {"Authorization": "Bearer anything"})
+    assert code == 403 and "LOCO_MEMBERSHIP_TOKEN_FILE" in body
+
+
+def test_the_token_is_read_from_the_file_the_operator_mounts(tmp_path):
+    from loco_trainer.progress import read_membership_token
+
+    (tmp_path / "root" / "var" / "run").mkdir(parents=True)
+    (tmp_path / "root" / "var" / "run" / "token").write_text("abc\n")
+    env = RuntimeEnv(membership_token_file="/var/run/token", local_root=str(tmp_path / "root"))
+    assert read_membership_token(env) == "abc"
+    assert read_membership_token(RuntimeEnv()) is None
+    with pytest.raises(RuntimeError, match="LOCO_MEMBERSHIP_TOKEN_FILE"):
+        read_membership_token(RuntimeEnv(membership_token_file="/nope"))
+    (tmp_path / "empty").write_text("")
+    with pytest.raises(RuntimeError, match="empty"):
+        read_membership_token(RuntimeEnv(membership_token_file=str(tmp_path / "empty")))

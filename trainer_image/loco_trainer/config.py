@@ -439,6 +439,9 @@ class EnvVar(str, Enum):
     POD_NAME = "POD_NAME"
     POD_IP = "POD_IP"
     NODE_NAME = "NODE_NAME"
+    # a file holding the job's membership token (a Secret the operator mounts): POST /membership needs it
+    # as a bearer token, and is refused without one (docs/security.md)
+    MEMBERSHIP_TOKEN_FILE = "LOCO_MEMBERSHIP_TOKEN_FILE"
     # Embedded cluster only (see docs/local-cluster.md): the local kubelet runs pods as processes on
     # one host, so it emulates the container filesystem root and cluster DNS for them.
     LOCAL_ROOT = "LOCO_LOCAL_ROOT"  # the pod's emulated container root (volumes are mounted under it)
@@ -474,6 +477,7 @@ class RuntimeEnv(Model):
     pod_name: str = ""
     pod_ip: str = ""
     node_name: str = ""
+    membership_token_file: str = ""
     local_root: str = ""
     local_hosts: str = ""
 

@@ -223,7 +223,7 @@ def run_rank(options: LaunchOptions, local_rank: int) -> NoReturn:
 
     from loco_trainer.faults import InjectedCrash
     from loco_trainer.metrics import TrainerMetrics
-    from loco_trainer.progress import ProgressServer, ProgressState, write_termination_message
+    from loco_trainer.progress import ProgressServer, ProgressState, read_membership_token, write_termination_message
     from loco_trainer.rendezvous import init_process_group, pick_backend, rank_info
     from loco_trainer.train import Trainer, resolve_device
 
@@ -244,7 +244,7 @@ def run_rank(options: LaunchOptions, local_rank: int) -> NoReturn:
         port = env.status_port if options.status_port is None else options.status_port
         if port >= 0:
             host = options.status_host or env.pod_ip or "0.0.0.0"
-            server = ProgressServer(progress, metrics.render, host, port).start()
+            server = ProgressServer(progress, metrics.render, host, port, read_membership_token(env)).start()
             host, bound = server.address
             log.info("progress endpoint: http://%s:%d/status and /metrics", host, bound)
 

@@ -7,7 +7,9 @@ Local rank 0 of every pod runs a :class:`ProgressServer` on a background thread:
 * ``GET /ready``   -> 200 while the worker trains (state ``running``), 503 otherwise (starting,
   finished, failed): the pod's readinessProbe, so a pod is Ready when its trainer is training;
 * ``POST /membership`` -> a :class:`loco_trainer.protocol.MembershipUpdate` from the operator (a live
-  resize, docs/elastic.md): kept in the state until the training loop switches to it.
+  resize, docs/elastic.md): kept in the state until the training loop switches to it. It needs the job's
+  membership token (``Authorization: Bearer``; 401 without, 403 when the worker has none) and a body of
+  at most :data:`MAX_MEMBERSHIP_BODY` bytes (413).
 
 The state moves starting -> running -> finished | failed. When the trainer exits it writes the
 final report to the termination message file (:func:`write_termination_message`).
@@ -16,6 +18,7 @@ final report to the termination message file (:func:`write_termination_message`)
 from __future__ import annotations
 
 import datetime as dt
+import hmac
 import json
 import logging
 import os
@@ -40,6 +43,11 @@ from loco_trainer.protocol import (
 )
 
 log = logging.getLogger(__name__)
+
+#: a membership update is a few numbers and a host name: anything longer is not one
+MAX_MEMBERSHIP_BODY = 16 * 1024
+#: seconds a client may take to send its request (a slow sender holds one thread, never the loop)
+REQUEST_TIMEOUT_S = 10.0
 
 
 def utc_now() -> str:
@@ -144,8 +152,44 @@ def _cursor(query: dict[str, list[str]], name: str) -> int | None:
         return None
 
 
-def _handler(state: ProgressState, render_metrics: Callable[[], bytes]) -> type[BaseHTTPRequestHandler]:
+def read_membership_token(env: RuntimeEnv) -> str | None:
+    """The job's membership token from ``LOCO_MEMBERSHIP_TOKEN_FILE`` (None when unset); a file named but
+    unreadable or empty is an error, never a worker that takes updates from anyone."""
+    if not env.membership_token_file:
+        return None
+    path = env.resolve_path(env.membership_token_file)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            token = fh.read().strip()
+    except OSError as exc:
+        raise RuntimeError(f"LOCO_MEMBERSHIP_TOKEN_FILE={env.membership_token_file}: cannot read it: {exc}") from exc
+    if not token:
+        raise RuntimeError(f"LOCO_MEMBERSHIP_TOKEN_FILE={env.membership_token_file}: the file is empty")
+    return token
+
+
+def membership_refusal(token: str | None, authorization: str | None, length: str | None) -> tuple[int, str] | None:
+    """Why a ``POST /membership`` is refused before its body is read, or None to read it."""
+    if token is None:
+        return 403, ("this worker takes no membership updates: it has no membership token "
+                     "(LOCO_MEMBERSHIP_TOKEN_FILE, which the operator sets)")
+    scheme, _, presented = (authorization or "").strip().partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(presented.strip().encode(), token.encode()):
+        return 401, "a membership update needs the job's membership token (Authorization: Bearer)"
+    try:
+        size = int(length or "")
+    except ValueError:
+        return 411, "a membership update needs a Content-Length"
+    if not 0 <= size <= MAX_MEMBERSHIP_BODY:
+        return 413, f"a membership update is at most {MAX_MEMBERSHIP_BODY} bytes, this one {size}"
+    return None
+
+
+def _handler(state: ProgressState, render_metrics: Callable[[], bytes],
+             membership_token: str | None) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
+        timeout = REQUEST_TIMEOUT_S
+
         def do_GET(self) -> None:  # noqa: N802 (http.server naming)
             path, _, query_text = self.path.partition("?")
             if path == STATUS_PATH:
@@ -177,7 +221,13 @@ def _handler(state: ProgressState, render_metrics: Callable[[], bytes]) -> type[
             if path != MEMBERSHIP_PATH:
                 self._reply(404, {"error": f"unknown path {path}; POST {MEMBERSHIP_PATH}"})
                 return
-            length = int(self.headers.get("Content-Length") or 0)
+            refusal = membership_refusal(membership_token, self.headers.get("Authorization"),
+                                         self.headers.get("Content-Length"))
+            if refusal is not None:
+                self.close_connection = True  # the body, if any, is never read
+                self._reply(refusal[0], {"error": refusal[1]})
+                return
+            length = int(self.headers["Content-Length"])
             try:
                 update = MembershipUpdate.model_validate_json(self.rfile.read(length) if length else b"")
             except ValidationError as exc:
@@ -211,11 +261,13 @@ def _handler(state: ProgressState, render_metrics: Callable[[], bytes]) -> type[
 
 class ProgressServer:
     """HTTP server for ``/status`` and ``/metrics`` on a daemon thread. ``port`` 0 picks a free
-    port (read :attr:`port` after :meth:`start`)."""
+    port (read :attr:`port` after :meth:`start`). ``membership_token``: what ``POST /membership`` must
+    carry (None: it is refused)."""
 
-    def __init__(self, state: ProgressState, render_metrics: Callable[[], bytes], host: str, port: int) -> None:
+    def __init__(self, state: ProgressState, render_metrics: Callable[[], bytes], host: str, port: int,
+                 membership_token: str | None = None) -> None:
         self.state = state
-        self._httpd = ThreadingHTTPServer((host, port), _handler(state, render_metrics))
+        self._httpd = ThreadingHTTPServer((host, port), _handler(state, render_metrics, membership_token))
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="loco-progress", daemon=True)
 
