@@ -1,15 +1,32 @@
 """Fault detection end to end: a straggler injected into one worker's communication layer ->
 the operator's live detector blames that worker's node -> FaultDetected event, status.faults,
-the node on status.avoidNodes -> the job restarts from its last checkpoint with every pod away from
-that node -> Succeeded."""
+the node on status.avoidNodes (and, as the job asks and the cluster operator allows, cordoned) -> the job
+restarts from its last checkpoint with every pod away from that node -> Succeeded."""
 
 from __future__ import annotations
 
-from e2e.conftest import dump_debug, small_job
-from loco_local.stack import LocalStack
+import copy
+from collections.abc import Iterator
+
+import pytest
+
+from e2e.conftest import CHECKPOINT_CLAIM, dump_debug, small_job
+from loco_local.stack import LocalStack, default_nodes
 
 TIMEOUT_S = 420
 CONTROL_PLANES = ("embedded", "kubernetes")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, control_plane: str) -> Iterator[LocalStack]:
+    """conftest's stack, with cordoning enabled by the cluster operator: `--cordon-nodes`, and on the real
+    control plane the chart value faultIsolation.cordonNodes, whose RBAC alone lets the operator patch nodes."""
+    state = tmp_path_factory.mktemp(f"loco-e2e-faults-{control_plane}")
+    env = {"LOCO_NODE_LOST_GRACE_SECONDS": "5"} if control_plane == "kubernetes" else {}
+    with LocalStack(state, default_nodes(3), control_plane=control_plane, operator_env=env, cordon_nodes=True) as s:
+        s.apply(copy.deepcopy(CHECKPOINT_CLAIM))
+        yield s
+        assert not s.rbac_denials(), "the API refused the operator (a chart RBAC bug):\n" + "\n".join(s.rbac_denials())
 
 
 def _status(stack: LocalStack, name: str) -> dict:
@@ -45,7 +62,8 @@ def test_straggler_is_blamed_isolated_and_the_job_resumes_from_checkpoint(stack:
     assert fault["epoch"] == 0 and fault["evidence"], fault
     assert status["avoidNodes"] == [straggler_node]
     assert fault["cordoned"] is True, fault
-    # the blamed node is cordoned through the API (on the real control plane: with the chart's RBAC)
+    # the blamed node is cordoned through the API (on the real control plane: with the RBAC of the chart's
+    # faultIsolation.cordonNodes; without it the ClusterRole cannot patch nodes)
     node = stack.resource("v1", "Node").get(name=straggler_node).to_dict()
     assert node["spec"].get("unschedulable") is True, node["spec"]
     assert any(t["key"] == "loco.dev/fault" and t["effect"] == "NoSchedule" for t in node["spec"].get("taints") or []), node["spec"]

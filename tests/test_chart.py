@@ -159,6 +159,7 @@ TOGGLES: dict[str, dict[str, Any]] = {
     "dashboards-elsewhere": {"dashboards": {"namespace": "monitoring", "annotations": {"grafana_folder": "Loco"}}},
     "no-metrics-service": {"metrics": {"service": {"enabled": False}}},
     "node-lost-grace": {"nodeLostGraceSeconds": 300},
+    "cordon-nodes": {"faultIsolation": {"cordonNodes": True}},
     "existing-serviceaccount": {"serviceAccount": {"create": False, "name": "ops-sa"}},
     "no-rbac": {"rbac": {"create": False}},
     "debug": {"logLevel": "debug"},
@@ -221,6 +222,7 @@ BAD_VALUES = {
     "port-out-of-range": ({"metrics": {"port": 70000}}, ["/metrics/port", "maximum"]),
     "bad-pull-policy": ({"image": {"pullPolicy": "Sometimes"}}, ["/image/pullPolicy"]),
     "bad-interval": ({"metrics": {"serviceMonitor": {"interval": "soon"}}}, ["/metrics/serviceMonitor/interval"]),
+    "cordon-not-a-boolean": ({"faultIsolation": {"cordonNodes": "yes"}}, ["/faultIsolation/cordonNodes", "boolean"]),
 }
 
 
@@ -414,6 +416,24 @@ def test_chart_arguments_are_accepted_by_the_operator_cli() -> None:
         assert params["all_namespaces"] is (not values.get("watchNamespaces"))
         assert params["peering_name"] == ("loco-operator" if values.get("replicaCount", 1) > 1 else None)
         assert params["node_lost_grace_s"] == values.get("nodeLostGraceSeconds", 60)
+        assert params["cordon_nodes"] is values.get("faultIsolation", {}).get("cordonNodes", False)
+
+
+def test_cordoning_is_the_cluster_operators_choice_off_by_default() -> None:
+    """Only the chart value faultIsolation.cordonNodes lets the operator cordon nodes: it passes
+    --cordon-nodes and grants nodes/patch; off (the default), neither (a job's own faultDetection.cordonNodes
+    is then answered with a Warning event, never a cordon)."""
+    def node_verbs(objects: list[dict[str, Any]]) -> set[str]:
+        return {v for role in by_kind(objects, "ClusterRole") for rule in role["rules"]
+                if "nodes" in rule["resources"] for v in rule["verbs"]}
+
+    for extra in ({}, {"watchNamespaces": ["team-a"]}):
+        off = render(extra)
+        assert "--cordon-nodes" not in container(off)["args"]
+        assert node_verbs(off) == {"get", "list"}, "nodes are only read without faultIsolation.cordonNodes"
+        on = render({**extra, "faultIsolation": {"cordonNodes": True}})
+        assert "--cordon-nodes" in container(on)["args"]
+        assert node_verbs(on) == {"get", "list", "patch"}
 
 
 # ------------------------------------------------------------------------------- metrics

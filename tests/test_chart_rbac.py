@@ -64,7 +64,7 @@ CLIENT_CALLS: dict[str, Rule] = {
     # core/v1 persistentvolumeclaims (checkpoint volumes)
     "read_namespaced_persistent_volume_claim": ("", "persistentvolumeclaims", "get"),
     "create_namespaced_persistent_volume_claim": ("", "persistentvolumeclaims", "create"),
-    # core/v1 nodes (cluster-scoped: fault handling may read or cordon a node)
+    # core/v1 nodes (cluster-scoped: fault handling reads a node; cordons one only with faultIsolation.cordonNodes)
     "read_node": ("", "nodes", "get"),
     "list_node": ("", "nodes", "list"),
     "patch_node": ("", "nodes", "patch"),
@@ -114,6 +114,9 @@ KOPF_FRAMEWORK: set[Rule] = {
 KOPF_NAMESPACE_OBSERVER: set[Rule] = {("", "namespaces", "list"), ("", "namespaces", "watch")}
 #: Kopf peering (replicaCount > 1): its own peering object is read, watched and patched (keep-alives).
 PEERING_VERBS = ("get", "list", "patch", "watch")
+#: Rules the operator's code holds but uses only when a chart value turns the feature on (value -> rules):
+#: cordoning a blamed node is the cluster operator's choice (faultIsolation.cordonNodes, `--cordon-nodes`).
+OPT_IN_RULES: dict[str, set[Rule]] = {"faultIsolation.cordonNodes": {("", "nodes", "patch")}}
 #: Resources that exist outside namespaces: always granted by the ClusterRole.
 CLUSTER_SCOPED = {"nodes", "namespaces", "customresourcedefinitions", "clusterkopfpeerings"}
 
@@ -208,11 +211,15 @@ def _uses_kopf_events() -> bool:
     return any(any(c + "(" in ast.unparse(tree) for c in calls) for _, tree in _sources())
 
 
-def required_rules(peering: bool, clusterwide: bool) -> set[Rule]:
-    """Every (apiGroup, resource, verb) the operator's code and Kopf need."""
+def required_rules(peering: bool, clusterwide: bool, opt_in: Iterable[str] = ()) -> set[Rule]:
+    """Every (apiGroup, resource, verb) the operator's code and Kopf need, with the features ``opt_in``
+    (keys of :data:`OPT_IN_RULES`) turned on."""
     unknown = {name: where for name, where in client_calls().items() if name not in CLIENT_CALLS}
     assert not unknown, f"kubernetes-client calls missing from CLIENT_CALLS (add them, then to the chart's RBAC): {unknown}"
     rules = {CLIENT_CALLS[name] for name in client_calls()}
+    for feature, feature_rules in OPT_IN_RULES.items():
+        if feature not in opt_in:
+            rules -= feature_rules
     handlers = kopf_handlers()
     for kind, group, plural, _ in handlers:
         rules |= {(group, plural, verb) for verb in KOPF_HANDLER_VERBS[kind]}
@@ -272,21 +279,42 @@ def test_custom_object_calls_name_the_trainingjob() -> None:
                 assert parent_call is not None, f"{path}:{node.lineno}: {node.attr} not called with PLURAL (TrainingJobs)"
 
 
+#: Chart values of each opt-in feature (OPT_IN_RULES) turned on.
+OPT_IN_VALUES: dict[str, dict[str, Any]] = {"faultIsolation.cordonNodes": {"faultIsolation": {"cordonNodes": True}}}
+CORDON = pytest.mark.parametrize("opt_in", [(), ("faultIsolation.cordonNodes",)], ids=["defaults", "cordon-nodes"])
+
+
+def _opt_in_values(opt_in: Iterable[str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for feature in opt_in:
+        values |= OPT_IN_VALUES[feature]
+    return values
+
+
+def test_every_opt_in_rule_is_used_by_the_code_and_has_chart_values() -> None:
+    used = {CLIENT_CALLS[name] for name in client_calls()}
+    assert set(OPT_IN_VALUES) == set(OPT_IN_RULES)
+    for feature, rules in OPT_IN_RULES.items():
+        assert rules <= used, f"{feature}: {_fmt(rules - used)} never called by the operator"
+
+
+@CORDON
 @pytest.mark.parametrize("replicas", [1, 3], ids=["standalone", "peering"])
-def test_clusterwide_role_grants_exactly_what_the_operator_uses(replicas: int) -> None:
-    objects = render({"replicaCount": replicas})
+def test_clusterwide_role_grants_exactly_what_the_operator_uses(replicas: int, opt_in: tuple[str, ...]) -> None:
+    objects = render({"replicaCount": replicas, **_opt_in_values(opt_in)})
     assert not by_kind(objects, "Role"), "every-namespace mode must not render namespaced Roles"
     have = granted(by_kind(objects, "ClusterRole"))
-    need = required_rules(peering=replicas > 1, clusterwide=True)
+    need = required_rules(peering=replicas > 1, clusterwide=True, opt_in=opt_in)
     assert _fmt(need - have) == [], "missing from the chart's ClusterRole"
     assert _fmt(have - need) == [], "granted but never used by the operator"
 
 
+@CORDON
 @pytest.mark.parametrize("replicas", [1, 2], ids=["standalone", "peering"])
-def test_namespaced_roles_grant_exactly_what_the_operator_uses(replicas: int) -> None:
+def test_namespaced_roles_grant_exactly_what_the_operator_uses(replicas: int, opt_in: tuple[str, ...]) -> None:
     namespaces = ["team-a", "team-b"]
-    objects = render({"replicaCount": replicas, "watchNamespaces": namespaces})
-    need = required_rules(peering=replicas > 1, clusterwide=False)
+    objects = render({"replicaCount": replicas, "watchNamespaces": namespaces, **_opt_in_values(opt_in)})
+    need = required_rules(peering=replicas > 1, clusterwide=False, opt_in=opt_in)
     need_cluster = {r for r in need if r[1] in CLUSTER_SCOPED} | cluster_wide_calls()
     need_namespaced = need - {r for r in need if r[1] in CLUSTER_SCOPED}
     roles = by_kind(objects, "Role")

@@ -204,7 +204,16 @@ async def test_reconcile_cordons_only_with_the_operators_permission(tmp_path, mo
         await asyncio.to_thread(core.create_node, {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-b"}})
         body = {"apiVersion": "loco.dev/v1alpha1", "kind": "TrainingJob", "metadata": {"name": "j"},
                 "spec": {"replicas": 2, "faultDetection": {"cordonNodes": True}}}
-        await asyncio.to_thread(custom.create_namespaced_custom_object, "loco.dev", "v1alpha1", "default", "trainingjobs", body)
+        job = await asyncio.to_thread(custom.create_namespaced_custom_object, "loco.dev", "v1alpha1", "default",
+                                      "trainingjobs", body)
+        owner = {"apiVersion": "loco.dev/v1alpha1", "kind": "TrainingJob", "name": "j", "uid": job["metadata"]["uid"]}
+        for rank in (0, 1):
+            await asyncio.to_thread(core.create_namespaced_pod, "default", {
+                "metadata": {"name": f"j-worker-{rank}", "ownerReferences": [owner],
+                             "labels": {"loco.dev/job": "j", "loco.dev/rank": str(rank), "loco.dev/epoch": "0"}},
+                "spec": {"containers": [{"name": "trainer", "image": "x"}]}})
+            await asyncio.to_thread(core.patch_namespaced_pod_status, f"j-worker-{rank}", "default",
+                                    {"status": {"phase": "Running"}})
         status = {"phase": "Running", "membershipEpoch": 0, "workers": {"desired": 2, "ready": 2}, "targetReplicas": 2}
         await asyncio.to_thread(custom.patch_namespaced_custom_object_status, "loco.dev", "v1alpha1", "default",
                                 "trainingjobs", "j", {"status": status})

@@ -49,8 +49,12 @@ class LocalStack:
         operator_args: Iterable[str] = (),
         operator_env: dict[str, str] | None = None,
         control_plane: str = "embedded",
+        cordon_nodes: bool = False,
     ) -> None:
+        """``cordon_nodes``: the cluster operator lets jobs cordon a blamed node (``--cordon-nodes``; on the
+        real control plane also the chart value ``faultIsolation.cordonNodes``, which grants ``patch`` on nodes)."""
         self.state_dir = Path(state_dir)
+        self.cordon_nodes = cordon_nodes
         self.namespace = namespace
         self.control_plane = control_plane
         if control_plane == "kubernetes":
@@ -61,7 +65,7 @@ class LocalStack:
             self.cluster = LocalCluster(self.state_dir, nodes or default_nodes())
         else:
             raise ValueError(f"control_plane must be 'embedded' or 'kubernetes', got {control_plane!r}")
-        self._operator_args = list(operator_args)
+        self._operator_args = list(operator_args) + (["--cordon-nodes"] if cordon_nodes else [])
         self._operator_env = dict(operator_env or {})
         self._operator: subprocess.Popen[bytes] | None = None
         self._operator_log_count = 0
@@ -104,7 +108,10 @@ class LocalStack:
             f"pod-security.kubernetes.io/{mode}": "restricted" for mode in ("enforce", "audit", "warn")}}})
         self.chart = ChartRelease(self.state_dir, self.kubeconfig)
         # namespaced mode (a Role in the job namespace), as the operator here is told --namespace
-        self.chart.install({"watchNamespaces": [self.namespace]})
+        values: dict[str, Any] = {"watchNamespaces": [self.namespace]}
+        if self.cordon_nodes:
+            values["faultIsolation"] = {"cordonNodes": True}
+        self.chart.install(values)
         cluster = self.cluster
         self.operator_kubeconfig = self.chart.operator_kubeconfig(cluster.url, cluster.control_plane.pki.ca_cert)
 

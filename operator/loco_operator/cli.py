@@ -55,6 +55,7 @@ async def run_operator(
     peering_name: str | None = None,
     priority: int = 0,
     node_lost_grace_s: float | None = None,
+    cordon_nodes: bool = False,
     status_port: int | None = None,
     ready_flag: asyncio.Event | threading.Event | None = None,
     stop_flag: asyncio.Event | threading.Event | None = None,
@@ -62,13 +63,14 @@ async def run_operator(
     """Run the operator until ``stop_flag`` is set (or forever). Embeddable: tests call it directly.
 
     ``metrics_port`` None disables metrics; 0 picks a free port (logged). ``status_port`` overrides
-    the workers' progress port (tests serve fake workers on a free port).
+    the workers' progress port (tests serve fake workers on a free port). ``cordon_nodes``: jobs asking
+    for it (``faultDetection.cordonNodes``) may have a blamed node cordoned.
     """
     import kopf
 
     from .handlers import OperatorContext, registry
 
-    ctx = OperatorContext(api_client=api_client)
+    ctx = OperatorContext(api_client=api_client, cordon_nodes=cordon_nodes)
     if node_lost_grace_s is not None:
         ctx.node_lost_grace_s = node_lost_grace_s
     if status_port is not None:
@@ -113,11 +115,16 @@ def operator() -> None:
               show_default=True, envvar="LOCO_NODE_LOST_GRACE_SECONDS",
               help="How long a worker's node may be not Ready before the worker counts as lost: the job restarts "
                    "(or shrinks) without it, and a pod stuck Terminating there is force-deleted.")
+@click.option("--cordon-nodes/--no-cordon-nodes", default=False, show_default=True, envvar="LOCO_CORDON_NODES",
+              help="Let a TrainingJob whose faultDetection.cordonNodes is true have the node its fault blamed cordoned "
+                   "(unschedulable, a loco.dev/fault taint). A cordon affects every tenant, so it is the cluster "
+                   "operator's choice; needs RBAC to patch nodes. Off: such a request gets a CordonNotEnabled Warning "
+                   "event and the node is only on the job's own avoid-list.")
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging.")
 def run(
     kubeconfig: str | None, context: str | None, namespaces: tuple[str, ...], all_namespaces: bool,
     metrics_port: int, liveness: str, peering_name: str | None, priority: int | None, node_lost_grace_s: float,
-    verbose: bool,
+    cordon_nodes: bool, verbose: bool,
 ) -> None:
     """Run the operator until interrupted."""
     if all_namespaces and namespaces:
@@ -143,6 +150,7 @@ def run(
             peering_name=peering_name,
             priority=peering_priority(priority),
             node_lost_grace_s=node_lost_grace_s,
+            cordon_nodes=cordon_nodes,
         )
     )
 

@@ -99,6 +99,9 @@ class OperatorContext:
     poll_timeout_s: float = POLL_TIMEOUT_S
     #: How long a pod's node may be not Ready before the pod counts as lost (``--node-lost-grace-seconds``).
     node_lost_grace_s: float = NODE_LOST_GRACE_S
+    #: The cluster operator lets jobs cordon the nodes their faults blame (``--cordon-nodes``); the chart
+    #: grants ``nodes`` ``patch`` only then.
+    cordon_nodes: bool = False
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     http: aiohttp.ClientSession | None = None
     #: Per-job live fault detectors (docs/fault-detection.md); rebuilt from scratch after a restart.
@@ -247,7 +250,7 @@ async def _reconcile_locked(ctx: OperatorContext, namespace: str, name: str, key
             return
         observed = await observe(ctx, job)
         now = datetime.now(timezone.utc)
-        result = plan(job, observed, now, node_lost_grace_s=ctx.node_lost_grace_s)
+        result = plan(job, observed, now, node_lost_grace_s=ctx.node_lost_grace_s, cordon_nodes=ctx.cordon_nodes)
         old_status = job.get("status") or {}
         stored, errors = await write_status(ctx, job, old_status, result.status)
         if stored is None:  # nothing was acted on: the retry plans the same from the same status
@@ -562,8 +565,9 @@ FAULT_TAINT = "loco.dev/fault"
 
 async def cordon_node(ctx: OperatorContext, action: CordonNode) -> None:
     """Cordon ``action.node``: ``spec.unschedulable``, a ``loco.dev/fault`` NoSchedule taint (added to
-    the existing ones) and an annotation with the reason. Forbidden (the chart's RBAC without
-    node patching) or a vanished node is logged, not retried: the avoid-list still applies."""
+    the existing ones) and an annotation with the reason. Planned only under ``--cordon-nodes``; Forbidden
+    (RBAC without ``nodes`` ``patch``: the chart grants it only with faultIsolation.cordonNodes) or a vanished
+    node is logged, not retried: the avoid-list still applies."""
     try:
         node = await _call(ctx, "read_node", ctx.core.read_node, action.node)
         taints = [t for t in ((node.get("spec") or {}).get("taints") or []) if t.get("key") != FAULT_TAINT]

@@ -3,10 +3,10 @@
 No I/O, no clock, no randomness: the planner takes the TrainingJob body (metadata, spec, status),
 what the handler observed (the job's pods, whether its Service and ConfigMap exist, the progress
 reports polled from the workers) and the current time, and returns the ordered actions to take
-plus the new status. :mod:`loco_operator.handlers` observes, calls :func:`plan`, applies the
-actions and patches the status. Everything the planner needs to carry on lives in ``status`` (the
-phase, the membership epoch, the restart count, the last checkpoint), so a restarted operator
-continues from the object alone.
+plus the new status. :mod:`loco_operator.handlers` observes, calls :func:`plan`, writes the
+status, then applies the actions (so a failed status write acts on nothing). Everything the
+planner needs to carry on lives in ``status`` (the phase, the membership epoch, the restart count,
+the last checkpoint), so a restarted operator continues from the object alone.
 
 Lifecycle (``status.phase``)::
 
@@ -94,6 +94,7 @@ class Reason(str, Enum):
     fault_detected = "FaultDetected"
     fault_suspected = "FaultSuspected"
     node_cordoned = "NodeCordoned"
+    cordon_not_enabled = "CordonNotEnabled"
     waiting_for_capacity = "WaitingForCapacity"
     node_avoidance_expired = "NodeAvoidanceExpired"
     force_deleted = "ForceDeleted"
@@ -276,7 +277,7 @@ class DeleteJob:
 @dataclass(frozen=True)
 class CordonNode:
     """Mark ``node`` unschedulable, taint it ``loco.dev/fault=<kind>:NoSchedule`` and annotate it
-    with ``reason`` (spec.faultDetection.cordonNodes)."""
+    with ``reason`` (spec.faultDetection.cordonNodes, honoured only under ``--cordon-nodes``)."""
 
     node: str
     kind: str
@@ -367,8 +368,10 @@ def parse_status(raw: Any) -> TrainingJobStatus:
 class _Planner:
     """Accumulates actions and status changes for one :func:`plan` call (never outlives it)."""
 
-    def __init__(self, body: Mapping[str, Any], observed: Observed, now: datetime):
+    def __init__(self, body: Mapping[str, Any], observed: Observed, now: datetime, *, cordon_nodes: bool = False):
         self.body = body
+        #: The cluster operator lets jobs cordon blamed nodes (``loco operator run --cordon-nodes``).
+        self.cordon_nodes = cordon_nodes
         self.ref = JobRef.from_body(dict(body))
         self.observed = observed
         self.now = now
@@ -493,17 +496,19 @@ def _summary(st: TrainingJobStatus, desired: int) -> None:
 
 
 def plan(job: Mapping[str, Any], observed: Observed, now: datetime, *,
-         node_lost_grace_s: float = NODE_LOST_GRACE_S) -> Plan:
+         node_lost_grace_s: float = NODE_LOST_GRACE_S, cordon_nodes: bool = False) -> Plan:
     """Decide what to do for one TrainingJob. Pure: same inputs, same plan.
 
     ``job`` is the TrainingJob body (camelCase dict with metadata, spec, status); ``observed`` the
     job's children and progress reports; ``now`` an aware datetime; ``node_lost_grace_s`` how long a
-    pod's node may be not Ready before the pod counts as lost (:func:`_lost_with_their_nodes`).
-    Returns the ordered actions and the complete new status (apply the actions, then write the
-    status if it changed).
+    pod's node may be not Ready before the pod counts as lost (:func:`_lost_with_their_nodes`);
+    ``cordon_nodes`` whether the cluster operator lets a job's ``faultDetection.cordonNodes`` cordon a
+    blamed node (``--cordon-nodes``; off, the request is answered with a ``CordonNotEnabled`` Warning).
+    Returns the ordered actions and the complete new status (write the status if it changed, then
+    apply the actions).
     """
     observed, force_deletions = _lost_with_their_nodes(observed, now, node_lost_grace_s)
-    p = _Planner(job, observed, now)
+    p = _Planner(job, observed, now, cordon_nodes=cordon_nodes)
     p.actions += force_deletions
     st = p.status
     meta = job.get("metadata") or {}
@@ -1067,12 +1072,13 @@ def _act_on_faults(p: _Planner, spec: TrainingJobSpec, findings: Sequence[FaultF
                    current: Sequence[ObservedPod] = (), size: int | None = None) -> None:
     """Turn detector verdicts into actions: a ``FaultDetected`` Warning event and a
     ``status.faults`` entry per verdict, the blamed nodes onto ``status.avoidNodes`` (the new pods
-    get a required node anti-affinity against them), optionally a cordon, and a restart of the job
+    get a required node anti-affinity against them), a cordon when both the job asks for it and the
+    operator allows it (:func:`_cordon`), and a restart of the job
     in a new epoch from the last committed checkpoint (which deletes the faulty pods). The restart
     counts against ``runPolicy.backoffLimit`` like any other. A live-capable job instead drops the
     blamed pods and continues with the others (:func:`_live_shrink`, not a restart) when enough remain."""
     st = p.status
-    cordon = spec.detector.cordon_nodes
+    cordon = spec.detector.cordon_nodes and p.cordon_nodes
     causes = []
     blamed_pods: list[str] = []
     blamed: list[str] = []
@@ -1088,9 +1094,8 @@ def _act_on_faults(p: _Planner, spec: TrainingJobSpec, findings: Sequence[FaultF
         for node in nodes:
             if node not in st.avoid_nodes:
                 st.avoid_nodes = [*st.avoid_nodes, node]
-            if cordon:
-                p.actions.append(CordonNode(node, v.kind.value, f"{p.ref.namespace}/{p.ref.name}: {v.kind.value}: {v.message}"))
-                p.event(EventType.warning, Reason.node_cordoned, f"Cordoned node {node}: {v.kind.value} blamed it")
+            if spec.detector.cordon_nodes:
+                _cordon(p, node, v.kind.value, v.message)
         record = FaultRecord(
             kind=v.kind.value, ranks=list(v.ranks), pods=list(finding.pods), nodes=nodes, epoch=finding.epoch,
             seq=v.seq, message=v.message, evidence=_plain(v.evidence), cordoned=cordon and bool(nodes),
@@ -1114,6 +1119,20 @@ def _act_on_faults(p: _Planner, spec: TrainingJobSpec, findings: Sequence[FaultF
         st.workers = WorkersStatus(desired=spec.replicas, ready=0)
         return
     _restart(p, spec, [], cause="; ".join(causes))
+
+
+def _cordon(p: _Planner, node: str, kind: str, message: str) -> None:
+    """The job asked to cordon ``node`` (``faultDetection.cordonNodes``). A cordon takes the node from every
+    tenant, so only the cluster operator may allow it (``--cordon-nodes``); otherwise a Warning event answers
+    the request and the node stays only on this job's avoid-list."""
+    if p.cordon_nodes:
+        p.actions.append(CordonNode(node, kind, f"{p.ref.namespace}/{p.ref.name}: {kind}: {message}"))
+        p.event(EventType.warning, Reason.node_cordoned, f"Cordoned node {node}: {kind} blamed it")
+        return
+    p.event(EventType.warning, Reason.cordon_not_enabled,
+            f"Not cordoning node {node} ({kind} blamed it) as faultDetection.cordonNodes asks: the cluster operator has "
+            "not enabled cordoning (loco operator run --cordon-nodes, chart value faultIsolation.cordonNodes); "
+            "the node stays on this job's avoid-list only")
 
 
 def _expire_avoided_nodes(p: _Planner, spec: TrainingJobSpec) -> None:

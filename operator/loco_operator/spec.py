@@ -218,7 +218,7 @@ class FaultRecord(Model):
     seq: int | None = Field(None, description="Collective the verdict was reached at.")
     message: str = Field("", description="The detector's one-sentence explanation.")
     evidence: dict[str, Any] = Field(default_factory=dict, description="Plain numbers behind the verdict (medians, thresholds, counts).")
-    cordoned: bool = Field(False, description="Whether the node was cordoned (faultDetection.cordonNodes).")
+    cordoned: bool = Field(False, description="Whether the node was cordoned (faultDetection.cordonNodes, under an operator run with --cordon-nodes).")
     time: str = Field(description="When the operator acted, RFC 3339 UTC.")
 
 

@@ -68,6 +68,9 @@ app.kubernetes.io/part-of: loco
 - --metrics-port={{ .Values.metrics.port }}
 - --liveness=http://0.0.0.0:{{ .Values.health.port }}/healthz
 - --node-lost-grace-seconds={{ .Values.nodeLostGraceSeconds }}
+{{- if .Values.faultIsolation.cordonNodes }}
+- --cordon-nodes
+{{- end }}
 {{- if eq .Values.logLevel "debug" }}
 - --verbose
 {{- end }}

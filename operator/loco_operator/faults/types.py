@@ -417,7 +417,7 @@ class DetectorConfig(Model):
     )
     cordon_nodes: bool = Field(
         False,
-        description="Also cordon a blamed node (spec.unschedulable, a loco.dev/fault taint and an annotation with the reason); needs RBAC to patch nodes. Off: the node is only avoided by this job's pods.",
+        description="Ask the operator to also cordon a blamed node (spec.unschedulable, a loco.dev/fault taint and an annotation with the reason). A cordon affects every tenant, so it is honoured only when the cluster operator enabled cordoning (loco operator run --cordon-nodes; chart value faultIsolation.cordonNodes); otherwise a CordonNotEnabled Warning event answers it. Either way the node is avoided by this job's own pods (status.avoidNodes).",
     )
 
     @model_validator(mode="after")
