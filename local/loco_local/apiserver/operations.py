@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import copy
 import datetime as dt
+import math
 import random
 import re
 import uuid
@@ -196,6 +197,9 @@ class Operations:
     def _decode(self, rt: ResourceType, body: Any) -> Obj:
         if not isinstance(body, dict):
             raise errors.bad_request(f"the body of the request must be a JSON object for {rt.kind}")
+        where = _non_finite(body)
+        if where is not None:  # Python's parser reads NaN and Infinity; JSON, and every Go client, does not
+            raise errors.bad_request(f"the request body is not valid JSON: {where[0]}: {where[1]} is not a JSON number")
         obj = copy.deepcopy(body)
         kind, api_version = obj.get("kind"), obj.get("apiVersion")
         if kind and kind != rt.kind or api_version and api_version != rt.api_version:
@@ -205,6 +209,9 @@ class Operations:
         obj["apiVersion"], obj["kind"] = rt.api_version, rt.kind
         if obj.get("metadata") is not None and not isinstance(obj["metadata"], dict):
             raise errors.bad_request("metadata must be an object")
+        undecodable = _metadata_decode_problem(obj.get("metadata") or {})
+        if undecodable:
+            raise errors.bad_request(f'{rt.kind} in version "{rt.version}" cannot be handled as a {rt.kind}: {undecodable}')
         if rt.stored_as is not None:
             return conversion.events_v1_to_core_event(obj)
         return obj
@@ -222,6 +229,9 @@ class Operations:
         if rt.is_custom:
             _warn(warnings, validation.prepare_custom_object(rt, obj, None, field_validation))
         elif rt.group == "" and rt.plural == "pods":
+            undecodable = _pod_decode_problem(obj)
+            if undecodable:
+                raise errors.bad_request(f"Pod in version \"v1\" cannot be handled as a Pod: {undecodable}")
             causes = _pod_problems(obj) + validation.pod_path_causes(obj)
             if causes:
                 raise self._invalid(rt, obj["metadata"]["name"], causes)
@@ -593,6 +603,49 @@ class Operations:
         return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}
 
 
+_META_STRINGS = ("name", "generateName", "namespace", "resourceVersion", "uid", "creationTimestamp", "deletionTimestamp")
+
+
+def _metadata_decode_problem(meta: Obj) -> str | None:
+    """A metadata field of a type kube-apiserver's decoder would not read into ObjectMeta (it answers 400): the
+    rest of this server (names, selectors, garbage collection) relies on these types."""
+    def wrong(field: str, value: Any, want: str) -> str:
+        return (f"json: cannot unmarshal {type(value).__name__} into Go struct field ObjectMeta.metadata.{field} "
+                f"of type {want}")
+
+    for field in _META_STRINGS:
+        if meta.get(field) is not None and not isinstance(meta[field], str):
+            return wrong(field, meta[field], "string")
+    for field in ("labels", "annotations"):
+        value = meta.get(field)
+        if value is not None and (not isinstance(value, dict)
+                                  or not all(v is None or isinstance(v, str) for v in value.values())):
+            return wrong(field, value, "map[string]string")
+    if meta.get("finalizers") is not None and (not isinstance(meta["finalizers"], list)
+                                               or not all(isinstance(f, str) for f in meta["finalizers"])):
+        return wrong("finalizers", meta["finalizers"], "[]string")
+    refs = meta.get("ownerReferences")
+    if refs is not None and (not isinstance(refs, list) or not all(
+            isinstance(r, dict) and all(isinstance(r.get(k, ""), str) for k in ("uid", "name", "kind", "apiVersion"))
+            for r in refs)):
+        return wrong("ownerReferences", refs, "[]v1.OwnerReference")
+    return None
+
+
+def _non_finite(body: Obj) -> tuple[str, float] | None:
+    """The path and value of a NaN or infinite number in ``body`` (walked without recursion), or None."""
+    stack: list[tuple[str, Any]] = [(str(k), v) for k, v in body.items()]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            return path, value
+        if isinstance(value, dict):
+            stack.extend((f"{path}.{k}", v) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", v) for i, v in enumerate(value))
+    return None
+
+
 def _warn(warnings: list[str] | None, unknown: list[str]) -> None:
     if warnings is not None:
         warnings.extend(f'unknown field "{path}"' for path in unknown)
@@ -621,6 +674,56 @@ def _pod_problems(pod: Obj) -> list[tuple[str, str]]:
                 causes.append((f"{path}.name", f'{path}.name: Duplicate value: "{name}"'))
             else:
                 seen.add(name)
+            if isinstance(container, dict):
+                causes += _container_problems(container, path)
+    return causes
+
+
+_QUANTITY = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)(([eE][+-]?[0-9]+)|[numkMGTPE]|[KMGTPE]i)?")
+
+
+def _containers(pod: Obj) -> list[tuple[str, Obj]]:
+    spec = pod.get("spec") if isinstance(pod.get("spec"), dict) else {}
+    return [(f"spec.{field}[{i}]", c) for field in ("initContainers", "containers")
+            for i, c in enumerate(spec.get(field) or []) if isinstance(c, dict)]
+
+
+def _pod_decode_problem(pod: Obj) -> str | None:
+    """What kube-apiserver's decoder would not read into a Pod (it answers 400 before validating): an env
+    variable that is not an object or whose value is not a string, a resource quantity that is not one."""
+    for path, container in _containers(pod):
+        env = container.get("env")
+        for index, var in enumerate(env if isinstance(env, list) else []):
+            if not isinstance(var, dict):
+                return f"{path}.env[{index}]: json: cannot unmarshal {type(var).__name__} into Go struct EnvVar"
+            if "value" in var and var["value"] is not None and not isinstance(var["value"], str):
+                return (f"{path}.env[{index}].value: json: cannot unmarshal {type(var['value']).__name__} into Go "
+                        f"struct field EnvVar.value of type string")
+        resources = container.get("resources")
+        for kind in ("limits", "requests"):
+            amounts = resources.get(kind) if isinstance(resources, dict) else None
+            for key, amount in (amounts.items() if isinstance(amounts, dict) else ()):
+                if isinstance(amount, bool) or not isinstance(amount, (str, int, float)) or \
+                        not _QUANTITY.fullmatch(str(amount)):
+                    return (f"{path}.resources.{kind}[{key}]: quantities must match the regular expression "
+                            f"'^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$'")
+    return None
+
+
+def _container_problems(container: Obj, path: str) -> list[tuple[str, str]]:
+    """Env names present; resource quantities not negative (as kube-apiserver's validation)."""
+    causes: list[tuple[str, str]] = []
+    env = container.get("env")
+    for index, var in enumerate(env if isinstance(env, list) else []):
+        if isinstance(var, dict) and not var.get("name"):
+            causes.append((f"{path}.env[{index}].name", f"{path}.env[{index}].name: Required value"))
+    resources = container.get("resources")
+    for kind in ("limits", "requests"):
+        amounts = resources.get(kind) if isinstance(resources, dict) else None
+        for key, amount in (amounts.items() if isinstance(amounts, dict) else ()):
+            if str(amount).startswith("-"):
+                field = f"{path}.resources.{kind}[{key}]"
+                causes.append((field, f'{field}: Invalid value: "{amount}": must be greater than or equal to 0'))
     return causes
 
 

@@ -160,11 +160,24 @@ def _to_json_schema(schema: Any) -> Any:
     return out
 
 
+_VALIDATORS: dict[int, tuple[dict[str, Any], jsonschema.Draft4Validator]] = {}
+
+
+def _validator(schema: dict[str, Any]) -> jsonschema.Draft4Validator:
+    """The body's validator for a CRD schema, built once per schema object (a re-registered CRD is a new one)."""
+    cached = _VALIDATORS.get(id(schema))
+    if cached is None or cached[0] is not schema:
+        body_schema = dict(schema)
+        body_schema["properties"] = {k: v for k, v in (schema.get("properties") or {}).items() if k not in _ROOT_META}
+        if len(_VALIDATORS) > 256:
+            _VALIDATORS.clear()
+        cached = _VALIDATORS[id(schema)] = (schema, jsonschema.Draft4Validator(_to_json_schema(body_schema)))
+    return cached[1]
+
+
 def _schema_causes(schema: dict[str, Any], obj: dict[str, Any]) -> list[Cause]:
-    body_schema = dict(schema)
-    body_schema["properties"] = {k: v for k, v in (schema.get("properties") or {}).items() if k not in _ROOT_META}
     body = {k: v for k, v in obj.items() if k not in _ROOT_META}
-    validator = jsonschema.Draft4Validator(_to_json_schema(body_schema))
+    validator = _validator(schema)
     causes = []
     for error in sorted(validator.iter_errors(body), key=lambda e: [str(p) for p in e.absolute_path]):
         path = ""
@@ -300,11 +313,42 @@ def prepare_custom_object(rt: ResourceType, obj: dict[str, Any], old: dict[str, 
             raise errors.APIError(400, "BadRequest", (
                 f'{rt.kind} in version "{rt.version}" cannot be handled as a {rt.kind}: strict decoding error: '
                 f"{listed} (remove it, or fix its spelling; `kubectl explain {rt.plural}` lists the fields)"))
-    causes = _schema_causes(schema, obj)
-    causes += _cel_causes(schema, _cel_root(obj), _cel_root(old) if old else None, "")
+    causes = _int64_causes(obj) + _schema_causes(schema, obj)
+    if any(_blocks_rules(message) for _, message in causes):
+        # as kube-apiserver: rules are not evaluated on values of the wrong type (CEL would fail on every
+        # rule that reads them, blaming fields that are fine)
+        causes.append(("", _RULES_NOT_CHECKED))
+    else:
+        causes += _cel_causes(schema, _cel_root(obj), _cel_root(old) if old else None, "")
     if causes:
         raise errors.invalid(rt.kind, rt.group, name, causes)
     return unknown if field_validation != "Ignore" else []
+
+
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
+_OUT_OF_INT64 = f"must fit in a 64-bit integer ({INT64_MIN} to {INT64_MAX})"
+_RULES_NOT_CHECKED = ("some validation rules were not checked because the object was invalid; correct the existing "
+                      "errors to complete validation")
+
+
+def _int64_causes(obj: dict[str, Any]) -> list[Cause]:
+    """Integers anywhere in the object (free-form fields too) that no Kubernetes client can hold: past int64.
+    Walked without recursion: a body may nest as deep as the JSON parser allows."""
+    causes: list[Cause] = []
+    stack: list[tuple[str, Any]] = [(k, v) for k, v in obj.items() if k != "metadata"]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend((_join(path, str(k)), v) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((_join(path, i), v) for i, v in enumerate(value))
+        elif isinstance(value, int) and not isinstance(value, bool) and not INT64_MIN <= value <= INT64_MAX:
+            causes.append((path, f"{path}: Invalid value: {value}: {path} in body {_OUT_OF_INT64}"))
+    return sorted(causes)
+
+
+def _blocks_rules(message: str) -> bool:
+    return " must be of type " in message or _OUT_OF_INT64 in message
 
 
 def _cel_root(obj: dict[str, Any]) -> dict[str, Any]:
