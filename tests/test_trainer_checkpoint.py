@@ -37,7 +37,7 @@ def test_loop_commits_universal_checkpoints_keeps_the_newest_and_cleans_incomple
     result = subprocess.run([sys.executable, "-m", "loco_trainer", "--config", str(path), "--nproc", "1"],
                             capture_output=True, text=True, timeout=150)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert sorted(os.listdir(job)) == ["latest", "step-00000004", "step-00000006"]  # keep=2, .tmp removed
+    assert sorted(os.listdir(job)) == ["fence", "latest", "step-00000004", "step-00000006"]  # keep=2, .tmp removed
     assert (job / "latest").read_text().strip() == "step-00000006"
     assert sorted(os.listdir(job / "step-00000006")) == ["data", "index", "manifest.json"]
     manifest = json.loads((job / "step-00000006" / "manifest.json").read_text())
@@ -82,7 +82,7 @@ def test_failed_background_save_is_reported_and_never_committed(tmp_path, monkey
     assert "step 2" in report.checkpoint_error and "No space left on device" in report.checkpoint_error
     assert report.last_checkpoint.step == 4 and result.last_checkpoint.step == 4
     job = tmp_path / "ckpt" / "test" / "tiny"
-    assert sorted(os.listdir(job)) == ["latest", "step-00000004"]
+    assert sorted(os.listdir(job)) == ["fence", "latest", "step-00000004"]
     text = metrics.render().decode()
     assert 'loco_checkpoint_saves_total{outcome="failed"} 1.0' in text
     assert 'loco_checkpoint_saves_total{outcome="committed"} 1.0' in text

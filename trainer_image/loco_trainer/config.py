@@ -406,6 +406,7 @@ class EnvVar(str, Enum):
 
     CONFIG = "LOCO_CONFIG"  # path of the TrainerConfig JSON (default /etc/loco/config.json)
     JOB_NAME = "LOCO_JOB_NAME"
+    JOB_UID = "LOCO_JOB_UID"  # the TrainingJob's uid: fences its checkpoint directory against an earlier job's writers
     NAMESPACE = "LOCO_NAMESPACE"
     REPLICA_INDEX = "LOCO_REPLICA_INDEX"  # this pod's index among the workers, 0-based
     NUM_REPLICAS = "LOCO_NUM_REPLICAS"  # workers (pods) in this epoch
@@ -457,6 +458,7 @@ class RuntimeEnv(Model):
     """The per-pod values, read from the environment (see :class:`EnvVar`)."""
 
     job_name: str = "local"
+    job_uid: str = ""
     namespace: str = "default"
     replica_index: int = 0
     num_replicas: int = 1

@@ -782,6 +782,7 @@ class Trainer:
                                         interrupted=interrupted, planned=planned)
         with self._group_lock:
             self._epoch, self._regrouping = update.epoch, False
+        self.engine.raise_fence()  # the old epoch's writers (a member lost but alive) may no longer commit
         self._publish_records(self._comm)
         self._set_progress(epoch=update.epoch, replica_index=self.info.rank, message="")
         if self.info.rank == 0:
@@ -896,6 +897,8 @@ class Trainer:
             balance_replicated_writes=not _replicas_diverge(algorithm),
             dtensor_writer=self.info.replica_index == 0,  # sharded: every pod holds a copy, pod 0's is saved
             coordination_timeout_s=self.env.collective_timeout_s,  # a commit waits no longer than a collective
+            # a worker of an earlier epoch (or job) that outlived its replacement may not commit (ucp.fence)
+            job_uid=self.env.job_uid, epoch=lambda: self._epoch,
         )
 
     def _on_checkpoint_event(self, reason: str, message: str) -> None:

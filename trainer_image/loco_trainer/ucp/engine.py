@@ -41,6 +41,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ from .format import (
     data_file_name, index_file_name, parse_step_dir, replica_atom, step_dir_name, tmp_dir_name,
 )
 from .layout import FragmentReader, assign_owners, fill_tensor, is_dtensor, local_block
+from .fence import StaleWriterError, check_fence, raise_fence
 from .storage import Storage
 from .tensorio import StagingPool, dtype_name, write_safetensors
 
@@ -83,6 +85,8 @@ class Reason:
     SKIPPED = "CheckpointSkipped"
     #: a replaced checkpoint was put back after a crash interrupted its replacement
     RESTORED = "CheckpointRestored"
+    #: a commit refused: a newer membership epoch (or another job) writes to the directory now (:mod:`.fence`)
+    FENCED = "CheckpointFenced"
 
 
 class CheckpointSaveError(RuntimeError):
@@ -150,6 +154,8 @@ class CheckpointMetrics:
         self.write = Histogram("loco_checkpoint_write_seconds", "Background write + commit time per save.", registry=r)
         self.bytes = Counter("loco_checkpoint_bytes_written_total", "Bytes this rank wrote to checkpoint data files.", registry=r)
         self.last_step = Gauge("loco_checkpoint_last_committed_step", "Step of the newest committed checkpoint.", registry=r)
+        self.fenced = Counter("loco_checkpoint_fenced_total", "Commits refused because a newer writer holds the "
+                              "checkpoint directory (a stale worker's).", registry=r)
 
 
 class SaveHandle:
@@ -244,6 +250,10 @@ class CheckpointEngine:
         dtensor_writer: False when this rank's DTensors are a copy of another rank's, on a mesh
             that does not span the replicas (FSDP inside each pod: only pod 0 writes its shards);
             True (default) when the DTensors' own Replicate placements say who writes.
+        job_uid, epoch: fence the directory (:mod:`.fence`): ``epoch()`` is the membership epoch this writer
+            runs in now; rank 0 raises the fence to ``(job_uid, epoch())`` at start (and at
+            :meth:`raise_fence`) and refuses to commit once a newer epoch or another job holds it.
+            ``epoch`` None: no fence (tools, tests).
     """
 
     def __init__(
@@ -262,6 +272,8 @@ class CheckpointEngine:
         fault_hook: Callable[[str], None] | None = None,
         staging: str = "eager",
         dtensor_writer: bool = True,
+        job_uid: str = "",
+        epoch: Callable[[], int] | None = None,
     ) -> None:
         if staging not in ("eager", "lazy"):
             raise ValueError(f"staging must be 'eager' or 'lazy' (got {staging!r})")
@@ -282,6 +294,7 @@ class CheckpointEngine:
         self.fault_hook = fault_hook
         self.staging = staging
         self.dtensor_writer = dtensor_writer
+        self.job_uid, self.epoch = job_uid, epoch
         self._pool = StagingPool()
         self._gate: Any = None
         self._pending: SaveHandle | None = None
@@ -293,6 +306,7 @@ class CheckpointEngine:
             self._group = dist.new_group(backend="gloo", timeout=dt.timedelta(seconds=coordination_timeout_s))
         if rank == 0:
             self.storage.makedirs("")
+            self.raise_fence()
             self.cleanup_incomplete()
         self._barrier()
 
@@ -303,13 +317,19 @@ class CheckpointEngine:
             dist.barrier(group=self._group)
 
     def _event(self, reason: str, message: str) -> None:
-        warn = reason in (Reason.FAILED, Reason.STATE_RESET, Reason.SKIPPED, Reason.RESTORED)
+        warn = reason in (Reason.FAILED, Reason.STATE_RESET, Reason.SKIPPED, Reason.RESTORED, Reason.FENCED)
         (log.warning if warn else log.info)("%s: %s", reason, message)
         if self.on_event is not None:
             try:
                 self.on_event(reason, message)
             except Exception:  # noqa: BLE001 - reporting must not break checkpointing
                 log.exception("on_event callback failed")
+
+    def raise_fence(self) -> None:
+        """Rank 0: this writer's epoch begins; older writers of the job may no longer commit here."""
+        if self.epoch is not None and self.rank == 0:
+            fence = raise_fence(self.storage, self.job_uid, self.epoch(), writer=os.environ.get("POD_NAME", ""))
+            log.info("checkpoint directory fenced: job uid %s, epoch %d", fence.job_uid or "<none>", fence.epoch)
 
     def _hook(self, phase: str) -> None:
         if self.fault_hook is not None:
@@ -597,6 +617,8 @@ class CheckpointEngine:
             self.storage.sync_dir(tmp)
             self.storage.write_bytes(f"{tmp}/{MANIFEST_FILE}", manifest.dumps())
             self._hook("before_commit")
+            if self.epoch is not None:
+                check_fence(self.storage, self.job_uid, self.epoch())
             final = step_dir_name(staged.step)
             self.storage.commit(tmp, final, hook=self._hook)
             self._hook("committed")
@@ -608,6 +630,11 @@ class CheckpointEngine:
             for old in kept[:-self.keep]:
                 self.storage.retire(old.dir, hook=self._hook)
             return "ok", final
+        except StaleWriterError as exc:
+            self.storage.remove(tmp)
+            self.metrics.fenced.inc()
+            self._event(Reason.FENCED, f"checkpoint step {staged.step} not committed: {exc}")
+            return "error", f"commit on rank 0 refused (stale writer): {exc}"
         except Exception as exc:  # noqa: BLE001
             log.exception("commit of checkpoint step %d failed", staged.step)
             self.storage.remove(tmp)
