@@ -360,8 +360,9 @@ def test_default_install_watches_every_namespace_standalone_with_recreate() -> N
     assert deployment["spec"]["strategy"] == {"type": "Recreate"}
     c = container(objects)
     assert c["command"] == ["loco", "operator", "run"]
-    assert c["args"] == ["--all-namespaces", "--metrics-port=9090", "--liveness=http://0.0.0.0:8081/healthz",
-                         "--node-lost-grace-seconds=60"]
+    assert c["args"][:4] == ["--all-namespaces", "--metrics-port=9090", "--liveness=http://0.0.0.0:8081/healthz",
+                             "--node-lost-grace-seconds=60"]
+    assert len(c["args"]) == 5 and c["args"][4].startswith("--network-policy=")
     assert c["image"] == "ghcr.io/loco-dev/loco-operator:0.1.0"
     assert not by_kind(objects, "ClusterKopfPeering") and not by_kind(objects, "KopfPeering")
 
@@ -486,3 +487,19 @@ def test_docs_cover_every_top_level_value() -> None:
         keys = list(chart.values)
     missing = [k for k in keys if f"`{k}" not in docs]
     assert missing == [], f"docs/helm.md does not document: {missing}"
+
+
+def test_network_policy_lets_the_operator_and_the_listed_peers_in() -> None:
+    from loco_operator.cli import parse_network_policy_peers
+
+    prometheus = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    args = container(render({"networkPolicy": {"from": [prometheus]}}))["args"]
+    flag = next(a for a in args if a.startswith("--network-policy="))
+    peers = parse_network_policy_peers(flag.split("=", 1)[1])
+    operator_labels = one(render(), "Deployment")["spec"]["selector"]["matchLabels"]
+    assert peers == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "loco-system"}},
+                      "podSelector": {"matchLabels": operator_labels}}, prometheus]
+    off = render({"networkPolicy": {"enabled": False}})
+    assert not any(a.startswith("--network-policy") for a in container(off)["args"])
+    rules = [r for o in by_kind(off, "ClusterRole") for r in o["rules"]]
+    assert not any("networkpolicies" in r["resources"] for r in rules)

@@ -57,6 +57,12 @@ CLIENT_CALLS: dict[str, Rule] = {
     "patch_namespaced_config_map": ("", "configmaps", "patch"),
     "replace_namespaced_config_map": ("", "configmaps", "update"),
     "delete_namespaced_config_map": ("", "configmaps", "delete"),
+    # core/v1 secrets (a job's membership token)
+    "create_namespaced_secret": ("", "secrets", "create"),
+    "read_namespaced_secret": ("", "secrets", "get"),
+    # networking.k8s.io/v1 networkpolicies (one per job with --network-policy)
+    "create_namespaced_network_policy": ("networking.k8s.io", "networkpolicies", "create"),
+    "read_namespaced_network_policy": ("networking.k8s.io", "networkpolicies", "get"),
     # core/v1 events
     "create_namespaced_event": ("", "events", "create"),
     "list_namespaced_event": ("", "events", "list"),

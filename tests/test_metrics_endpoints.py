@@ -153,7 +153,7 @@ class _Life:
         now = T0 + timedelta(seconds=seconds)
         body = _job(self.status, self.replicas)
         cfg = config_json(REF, TrainingJobSpec.model_validate(body["spec"]))
-        result = plan(body, Observed(pods=pods, service_exists=True, configmap_data=cfg, reports=reports or {}), now)
+        result = plan(body, Observed(pods=pods, service_exists=True, membership_token="tok", configmap_data=cfg, reports=reports or {}), now)
         events = [a for a in result.actions if isinstance(a, EmitEvent)]
         self.metrics.observe_reconcile(body, self.status or {}, result.status,
                                        events=[(e.reason, e.message) for e in events], now_s=now.timestamp())
@@ -196,7 +196,7 @@ def test_fault_kinds_follow_the_planner_messages():
     ]:
         body = _job({"phase": "Running", "workers": {"desired": 1, "ready": 1}}, replicas=1)
         cfg = config_json(REF, TrainingJobSpec.model_validate(body["spec"]))
-        result = plan(body, Observed(pods=pods, service_exists=True, configmap_data=cfg), T0)
+        result = plan(body, Observed(pods=pods, service_exists=True, membership_token="tok", configmap_data=cfg), T0)
         failed = [a.message for a in result.actions if isinstance(a, EmitEvent) and a.reason == "WorkerFailed"]
         assert len(failed) == 1, result.actions
         kinds.append(fault_kind(failed[0]))

@@ -57,7 +57,7 @@ def stuck(rank: int, epoch: int, since: datetime = NOW) -> ObservedPod:
 
 def seen(spec: dict[str, Any], *pods: ObservedPod, free: int | None = None) -> Observed:
     cfg = config_json(REF, TrainingJobSpec.model_validate(spec))
-    return Observed(pods=pods, service_exists=True, configmap_data=cfg, free_slots=free)
+    return Observed(pods=pods, service_exists=True, membership_token="tok", configmap_data=cfg, free_slots=free)
 
 
 def step(body: dict[str, Any], observed: Observed, now: datetime = NOW) -> tuple[dict[str, Any], Any]:
@@ -199,7 +199,7 @@ def test_pod_blamed_by_the_fault_detector_whose_replacement_cannot_be_placed_nam
     finding = rank2_hang()
     live = (pod(0), pod(1), pod(2))
     cfg = seen(spec, *live)
-    body, result = step(body, Observed(pods=live, service_exists=True, configmap_data=cfg.configmap_data, findings=(finding,)))
+    body, result = step(body, Observed(pods=live, service_exists=True, membership_token="tok", configmap_data=cfg.configmap_data, findings=(finding,)))
     st = body["status"]
     assert (st["phase"], st["restarts"], st["avoidNodes"]) == ("Restarting", 1, ["n2"])
     assert st["lastFailure"]["reason"] == "FaultDetected"
@@ -348,7 +348,7 @@ def live_seen(spec: dict[str, Any], *pods: ObservedPod, reported: dict[str, int]
     """``reported``: pod name -> the epoch its /status names (pods left out did not answer)."""
     by_name = {x.name: x for x in pods}
     reports = {name: report(by_name[name], e) for name, e in (reported or {}).items()}
-    return Observed(pods=pods, service_exists=True, configmap_data=seen(spec).configmap_data, reports=reports,
+    return Observed(pods=pods, service_exists=True, membership_token="tok", configmap_data=seen(spec).configmap_data, reports=reports,
                     free_slots=free, findings=findings)
 
 
@@ -558,7 +558,7 @@ def test_live_joiner_still_loading_does_not_pull_the_job_step_back():
     reports = {"j-worker-0": ProgressReport(job_name="j", replica_index=0, epoch=1, state="running", step=40),
                "j-worker-2": ProgressReport(job_name="j", replica_index=1, epoch=1, state="running", step=41),
                "j-worker-1": ProgressReport(job_name="j", replica_index=2, epoch=2, state="starting", step=0)}
-    observed = Observed(pods=pods, service_exists=True, configmap_data=seen(spec).configmap_data, reports=reports)
+    observed = Observed(pods=pods, service_exists=True, membership_token="tok", configmap_data=seen(spec).configmap_data, reports=reports)
     body, _ = step(body, observed, NOW + timedelta(seconds=32))
     assert body["status"]["step"] == 40
     # once it runs, it counts like any worker (a restarted job's workers all start together: min of all)

@@ -105,7 +105,7 @@ def _finding(epoch: int = 0, kind: VerdictKind = VerdictKind.slow_noncomm, rank:
 
 
 def _with_findings(observed: Observed, *findings: FaultFinding) -> Observed:
-    return Observed(pods=observed.pods, service_exists=True, configmap_data=observed.configmap_data,
+    return Observed(pods=observed.pods, service_exists=True, membership_token="tok", configmap_data=observed.configmap_data,
                     reports=observed.reports, findings=findings)
 
 

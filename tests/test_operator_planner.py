@@ -10,6 +10,8 @@ import pytest
 
 from loco_operator.planner import (
     CreateConfigMap,
+    CreateMembershipSecret,
+    CreateNetworkPolicy,
     CreatePod,
     CreateService,
     DeleteJob,
@@ -57,7 +59,7 @@ def report(rank: int, step: int, ckpt: int | None = None, **kw: Any) -> Progress
 
 
 def children(*pods: ObservedPod, reports: dict[str, ProgressReport] | None = None, spec: dict | None = None) -> Observed:
-    return Observed(pods=tuple(pods), service_exists=True, configmap_data=cfg(spec), reports=reports or {})
+    return Observed(pods=tuple(pods), service_exists=True, membership_token="tok", configmap_data=cfg(spec), reports=reports or {})
 
 
 def settle(body: dict[str, Any], observed: Observed, now: datetime = NOW) -> dict[str, Any]:
@@ -75,6 +77,7 @@ def test_plan_creates_service_configmap_and_pods_from_scratch():
     result = plan(job(), Observed(), NOW)
     assert list(result.actions) == [
         CreateService(),
+        CreateMembershipSecret(),
         CreateConfigMap(),
         CreatePod("j-worker-0", 0, 0),
         CreatePod("j-worker-1", 1, 0),
@@ -86,7 +89,7 @@ def test_plan_creates_service_configmap_and_pods_from_scratch():
     assert st["workersReady"] == "0/2"
     assert st["selector"] == "loco.dev/job=j"
     assert [c["type"] for c in st["conditions"]] == ["Created"]
-    assert json.loads(result.actions[1].body["data"]["config.json"])["jobName"] == "j"
+    assert json.loads(result.actions[2].body["data"]["config.json"])["jobName"] == "j"
 
 
 def test_plan_is_empty_when_children_match():
@@ -365,7 +368,7 @@ def test_observed_pod_from_manifest_reads_exit_code_and_termination_report():
 
 
 def test_pod_name_held_by_someone_else_blocks_creation():
-    observed = Observed(service_exists=True, configmap_data=cfg(), foreign_pods=frozenset({"j-worker-1"}))
+    observed = Observed(service_exists=True, membership_token="tok", configmap_data=cfg(), foreign_pods=frozenset({"j-worker-1"}))
     result = plan(job(), observed, NOW)
     assert result.actions == ()
     assert "j-worker-1" in result.status["message"] and "not owned" in result.status["message"]
@@ -395,5 +398,32 @@ def test_a_worker_pod_the_api_refuses_for_good_fails_the_job_quoting_the_api():
     failed = next(c for c in st["conditions"] if c["type"] == "Failed")
     assert (failed["status"], failed["reason"], failed["message"]) == ("True", "PodRefused", message)
     # and it stays failed: the next reconcile creates nothing
-    again = plan(job(status=st), Observed(service_exists=True, configmap_data=cfg()), NOW)
+    again = plan(job(status=st), Observed(service_exists=True, membership_token="tok", configmap_data=cfg()), NOW)
     assert not [a for a in again.actions if isinstance(a, CreatePod)]
+
+
+def test_the_membership_secret_and_the_network_policy_are_made_once():
+    first = plan(job(), Observed(), NOW, network_policy_peers=[{"podSelector": {"matchLabels": {"app": "op"}}}])
+    made = [a for a in first.actions if isinstance(a, (CreateMembershipSecret, CreateNetworkPolicy))]
+    assert made[0] == CreateMembershipSecret()
+    policy = made[1].body
+    assert policy["kind"] == "NetworkPolicy" and policy["metadata"]["name"] == "j-workers"
+    assert policy["spec"]["ingress"][1] == {"from": [{"podSelector": {"matchLabels": {"app": "op"}}}]}
+    # both exist: nothing more; without --network-policy, no NetworkPolicy at all
+    existing = Observed(service_exists=True, membership_token="tok", network_policy_exists=True, configmap_data=cfg())
+    again = plan(job(), existing, NOW, network_policy_peers=[])
+    assert not [a for a in again.actions if isinstance(a, (CreateMembershipSecret, CreateNetworkPolicy))]
+    assert not [a for a in plan(job(), Observed(), NOW).actions if isinstance(a, CreateNetworkPolicy)]
+
+
+def test_a_checkpoint_skipped_at_resume_is_a_warning_event_once():
+    skipped = {"step": 40, "path": "/ckpt/ns/j/step-00000040", "reason": "checksum", "message": "data/rank-00000 crc"}
+    reports = {"j-worker-0": report(0, 20, skippedCheckpoints=[skipped]), "j-worker-1": report(1, 20)}
+    body = job(status=running_status())
+    first = plan(body, children(pod(0), pod(1), reports=reports), NOW)
+    events = [a for a in first.actions if isinstance(a, EmitEvent) and a.reason == "CheckpointSkipped"]
+    assert len(events) == 1 and events[0].type == "Warning"
+    assert "/ckpt/ns/j/step-00000040" in events[0].message and "checksum" in events[0].message
+    assert first.status["skippedCheckpoints"] == ["/ckpt/ns/j/step-00000040"]
+    again = plan({**body, "status": first.status}, children(pod(0), pod(1), reports=reports), NOW)
+    assert not [a for a in again.actions if isinstance(a, EmitEvent) and a.reason == "CheckpointSkipped"]

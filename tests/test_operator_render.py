@@ -55,9 +55,12 @@ def test_pod_has_contract_labels_env_and_security():
     assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
     assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
     assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
-    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
-    assert mounts == {"loco-config": "/etc/loco"}
+    mounts = {m["name"]: (m["mountPath"], m["readOnly"]) for m in container["volumeMounts"]}
+    assert mounts == {"loco-config": ("/etc/loco", True), "loco-membership": ("/var/run/secrets/loco.dev/membership", True)}
     assert pod_spec["volumes"][0]["configMap"]["name"] == "gpt-trainer"
+    # the membership token comes from the job's Secret, as a file: never in the spec or the environment
+    assert pod_spec["volumes"][1]["secret"]["secretName"] == "gpt-membership"
+    assert values["LOCO_MEMBERSHIP_TOKEN_FILE"] == "/var/run/secrets/loco.dev/membership/token"
 
 
 def test_template_is_merged_and_contract_labels_win():
@@ -82,8 +85,8 @@ def test_template_is_merged_and_contract_labels_win():
     assert pod_spec["nodeSelector"] == {"pool": "gpu"} and pod_spec["tolerations"][0]["key"] == "gpu"
     assert pod_spec["affinity"] == {"nodeAffinity": {"x": 1}}
     assert (pod_spec["priorityClassName"], pod_spec["schedulerName"]) == ("high", "volcano")
-    assert [v["name"] for v in pod_spec["volumes"]] == ["loco-config", "ckpt"]
-    assert [m["mountPath"] for m in container["volumeMounts"]] == ["/etc/loco", "/checkpoints"]
+    assert [v["name"] for v in pod_spec["volumes"]] == ["loco-config", "loco-membership", "ckpt"]
+    assert [m["mountPath"] for m in container["volumeMounts"]] == ["/etc/loco", "/var/run/secrets/loco.dev/membership", "/checkpoints"]
     assert pod["metadata"]["labels"]["team"] == "a" and pod["metadata"]["labels"]["loco.dev/rank"] == "0"
     assert pod["metadata"]["annotations"] == {"note": "x"}
 
@@ -228,3 +231,21 @@ def test_probe_interval_and_size_are_passed_to_the_workers() -> None:
                        ({"probeBytes": 2}, "probeBytes|probe_bytes")):
         with pytest.raises(ValueError, match=field):
             TrainingJobSpec.model_validate({"replicas": 2, "faultDetection": bad})
+
+
+def test_membership_secret_and_network_policy():
+    from loco_operator.render import JobRef, render_membership_secret, render_network_policy
+
+    job = JobRef("gpt", "team-a", "uid-1")
+    secret = render_membership_secret(job, "tok")
+    assert secret["metadata"]["name"] == "gpt-membership" and secret["stringData"] == {"token": "tok"}
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == "uid-1"  # collected with the job
+    operator = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "loco-system"}},
+                "podSelector": {"matchLabels": {"app.kubernetes.io/name": "loco-operator"}}}
+    policy = render_network_policy(job, [operator])
+    assert policy["spec"]["podSelector"] == {"matchLabels": {"loco.dev/job": "gpt"}}
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    assert policy["spec"]["ingress"] == [{"from": [{"podSelector": {"matchLabels": {"loco.dev/job": "gpt"}}}]},
+                                         {"from": [operator]}]
+    assert render_network_policy(job, [])["spec"]["ingress"] == [
+        {"from": [{"podSelector": {"matchLabels": {"loco.dev/job": "gpt"}}}]}]

@@ -12,6 +12,7 @@ cluster, so killing and restarting it (``stack.restart_operator()``) is a real o
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -35,6 +36,11 @@ RBAC_DENIAL = re.compile(r'cannot [a-z]+ resource "|\bForbidden\b')
 def default_nodes(count: int = 3, *, cpu: str = "4", memory: str = "16Gi", gpus: int = 0) -> list[NodeSpec]:
     """``count`` identical fake nodes named node-0, node-1, ... sized for the demo and the e2e tests."""
     return uniform_nodes(count, cpu=cpu, memory=memory, gpus=gpus)
+
+
+#: the operator's pods, as the chart's NetworkPolicy peer names them (here the operator is a local process;
+#: nothing enforces NetworkPolicy on one machine, the policy is made and its RBAC proven)
+OPERATOR_PEER = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "loco-operator"}}}
 
 
 class LocalStack:
@@ -65,7 +71,9 @@ class LocalStack:
             self.cluster = LocalCluster(self.state_dir, nodes or default_nodes())
         else:
             raise ValueError(f"control_plane must be 'embedded' or 'kubernetes', got {control_plane!r}")
-        self._operator_args = list(operator_args) + (["--cordon-nodes"] if cordon_nodes else [])
+        self._operator_args = [*operator_args, *(["--cordon-nodes"] if cordon_nodes else []),
+                               # as the chart runs it (networkPolicy.enabled): each job gets its NetworkPolicy
+                               f"--network-policy={json.dumps([OPERATOR_PEER])}"]
         self._operator_env = dict(operator_env or {})
         self._operator: subprocess.Popen[bytes] | None = None
         self._operator_log_count = 0

@@ -9,6 +9,7 @@ liveness endpoint. ``loco crds`` prints the generated CRD; ``--write`` writes cr
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
@@ -56,6 +57,7 @@ async def run_operator(
     priority: int = 0,
     node_lost_grace_s: float | None = None,
     cordon_nodes: bool = False,
+    network_policy_peers: list[dict[str, Any]] | None = None,
     status_port: int | None = None,
     ready_flag: asyncio.Event | threading.Event | None = None,
     stop_flag: asyncio.Event | threading.Event | None = None,
@@ -64,13 +66,14 @@ async def run_operator(
 
     ``metrics_port`` None disables metrics; 0 picks a free port (logged). ``status_port`` overrides
     the workers' progress port (tests serve fake workers on a free port). ``cordon_nodes``: jobs asking
-    for it (``faultDetection.cordonNodes``) may have a blamed node cordoned.
+    for it (``faultDetection.cordonNodes``) may have a blamed node cordoned. ``network_policy_peers``: make a
+    NetworkPolicy per job that lets its own pods and these peers reach its workers (None: none).
     """
     import kopf
 
     from .handlers import OperatorContext, registry
 
-    ctx = OperatorContext(api_client=api_client, cordon_nodes=cordon_nodes)
+    ctx = OperatorContext(api_client=api_client, cordon_nodes=cordon_nodes, network_policy_peers=network_policy_peers)
     if node_lost_grace_s is not None:
         ctx.node_lost_grace_s = node_lost_grace_s
     if status_port is not None:
@@ -120,15 +123,21 @@ def operator() -> None:
                    "(unschedulable, a loco.dev/fault taint). A cordon affects every tenant, so it is the cluster "
                    "operator's choice; needs RBAC to patch nodes. Off: such a request gets a CordonNotEnabled Warning "
                    "event and the node is only on the job's own avoid-list.")
+@click.option("--network-policy", "network_policy", default=None, envvar="LOCO_NETWORK_POLICY", metavar="PEERS",
+              help="Give every job a NetworkPolicy: its workers' ports answer its own pods and these peers only, a JSON "
+                   "list of NetworkPolicyPeer objects (the operator's pods: it polls /status and posts /membership; a "
+                   "Prometheus). The chart sets it. Default: no NetworkPolicy (an operator outside the cluster could "
+                   "not reach the workers through one).")
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging.")
 def run(
     kubeconfig: str | None, context: str | None, namespaces: tuple[str, ...], all_namespaces: bool,
     metrics_port: int, liveness: str, peering_name: str | None, priority: int | None, node_lost_grace_s: float,
-    cordon_nodes: bool, verbose: bool,
+    cordon_nodes: bool, network_policy: str | None, verbose: bool,
 ) -> None:
     """Run the operator until interrupted."""
     if all_namespaces and namespaces:
         raise click.UsageError("use either --namespace or --all-namespaces, not both")
+    peers = parse_network_policy_peers(network_policy)
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -151,8 +160,29 @@ def run(
             priority=peering_priority(priority),
             node_lost_grace_s=node_lost_grace_s,
             cordon_nodes=cordon_nodes,
+            network_policy_peers=peers,
         )
     )
+
+
+NETWORK_POLICY_PEER_KEYS = frozenset({"podSelector", "namespaceSelector", "ipBlock"})
+
+
+def parse_network_policy_peers(text: str | None) -> list[dict[str, Any]] | None:
+    """``--network-policy``: a JSON list of NetworkPolicyPeer objects (None when not given)."""
+    if text is None or not text.strip():
+        return None
+    try:
+        peers = json.loads(text)
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="--network-policy") from None
+    if not isinstance(peers, list):
+        raise click.BadParameter("must be a JSON list of NetworkPolicyPeer objects", param_hint="--network-policy")
+    for i, peer in enumerate(peers):
+        if not isinstance(peer, dict) or not peer or set(peer) - NETWORK_POLICY_PEER_KEYS:
+            raise click.BadParameter(f"[{i}] must be an object with podSelector, namespaceSelector or ipBlock, "
+                                     f"got {json.dumps(peer)}", param_hint="--network-policy")
+    return peers
 
 
 def peering_priority(explicit: int | None, environ: dict[str, str] | None = None) -> int:

@@ -31,9 +31,11 @@ travels in the operator memo as ``memo.loco`` (:class:`OperatorContext`), never 
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import json
 import logging
+import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -56,6 +58,8 @@ from .planner import (
     Action,
     CordonNode,
     CreateConfigMap,
+    CreateMembershipSecret,
+    CreateNetworkPolicy,
     CreatePod,
     CreateService,
     DeleteJob,
@@ -73,7 +77,7 @@ from .planner import (
     plan_pod_refused,
     refusal_is_permanent,
 )
-from .render import CONFIG_KEY, LABEL_JOB, JobRef, render_pod
+from .render import CONFIG_KEY, LABEL_JOB, MEMBERSHIP_KEY, JobRef, render_membership_secret, render_pod
 from .spec import GROUP, PLURAL, VERSION, TrainingJobSpec
 
 log = logging.getLogger(__name__)
@@ -102,6 +106,9 @@ class OperatorContext:
     #: The cluster operator lets jobs cordon the nodes their faults blame (``--cordon-nodes``); the chart
     #: grants ``nodes`` ``patch`` only then.
     cordon_nodes: bool = False
+    #: Who besides a job's own pods may reach its workers: a NetworkPolicy per job allows them
+    #: (``--network-policy``, set by the chart); None makes none.
+    network_policy_peers: list[dict[str, Any]] | None = None
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     http: aiohttp.ClientSession | None = None
     #: Per-job live fault detectors (docs/fault-detection.md); rebuilt from scratch after a restart.
@@ -117,6 +124,10 @@ class OperatorContext:
     @property
     def custom(self) -> k8s.CustomObjectsApi:
         return k8s.CustomObjectsApi(self.api_client)
+
+    @property
+    def networking(self) -> k8s.NetworkingV1Api:
+        return k8s.NetworkingV1Api(self.api_client)
 
 
 def _ctx(memo: Any) -> OperatorContext:
@@ -250,7 +261,8 @@ async def _reconcile_locked(ctx: OperatorContext, namespace: str, name: str, key
             return
         observed = await observe(ctx, job)
         now = datetime.now(timezone.utc)
-        result = plan(job, observed, now, node_lost_grace_s=ctx.node_lost_grace_s, cordon_nodes=ctx.cordon_nodes)
+        result = plan(job, observed, now, node_lost_grace_s=ctx.node_lost_grace_s, cordon_nodes=ctx.cordon_nodes,
+                      network_policy_peers=ctx.network_policy_peers)
         old_status = job.get("status") or {}
         stored, errors = await write_status(ctx, job, old_status, result.status)
         if stored is None:  # nothing was acted on: the retry plans the same from the same status
@@ -321,10 +333,16 @@ async def observe(ctx: OperatorContext, job: dict[str, Any]) -> Observed:
                 return None
             raise kopf.TemporaryError(f"{operation} for {ref.namespace}/{ref.name}: {exc.reason}", delay=RECONCILE_INTERVAL_S) from exc
 
-    pod_list, service, configmap = await asyncio.gather(
+    async def _none() -> None:
+        return None
+
+    pod_list, service, configmap, secret, policy = await asyncio.gather(
         _get("list_pods", lambda: ctx.core.list_namespaced_pod(ref.namespace, label_selector=ref.selector)),
         _get("get_service", ctx.core.read_namespaced_service, ref.name, ref.namespace),
         _get("get_configmap", ctx.core.read_namespaced_config_map, ref.configmap_name, ref.namespace),
+        _get("get_secret", ctx.core.read_namespaced_secret, ref.membership_secret_name, ref.namespace),
+        _get("get_networkpolicy", ctx.networking.read_namespaced_network_policy, ref.network_policy_name, ref.namespace)
+        if ctx.network_policy_peers is not None else _none(),
     )
     pods: list[ObservedPod] = []
     foreign: set[str] = set()
@@ -346,11 +364,24 @@ async def observe(ctx: OperatorContext, job: dict[str, Any]) -> Observed:
         pods=tuple(pods),
         service_exists=service is not None,
         configmap_data=None if configmap is None else (configmap.get("data") or {}).get(CONFIG_KEY, ""),
+        membership_token=secret_token(secret),
+        network_policy_exists=policy is not None,
         reports=reports,
         foreign_pods=frozenset(foreign),
         findings=tuple(findings),
         free_slots=slots,
     )
+
+
+def secret_token(secret: dict[str, Any] | None) -> str | None:
+    """The membership token a job's Secret holds (None without the Secret; "" when it holds none)."""
+    if secret is None:
+        return None
+    encoded = (secret.get("data") or {}).get(MEMBERSHIP_KEY) or ""
+    try:
+        return base64.b64decode(encoded).decode()
+    except (ValueError, UnicodeDecodeError):
+        return ""
 
 
 async def observe_lost_nodes(ctx: OperatorContext, pods: list[ObservedPod]) -> list[ObservedPod]:
@@ -480,6 +511,12 @@ async def apply(ctx: OperatorContext, job: dict[str, Any], actions: Sequence[Act
                 await _create(ctx, "create_service", core.create_namespaced_service, ref.namespace, action.body)
             elif isinstance(action, CreateConfigMap):
                 await _create(ctx, "create_configmap", core.create_namespaced_config_map, ref.namespace, action.body)
+            elif isinstance(action, CreateMembershipSecret):
+                await _create(ctx, "create_secret", core.create_namespaced_secret, ref.namespace,
+                              render_membership_secret(ref, secrets.token_urlsafe(32)))
+            elif isinstance(action, CreateNetworkPolicy):
+                await _create(ctx, "create_networkpolicy", ctx.networking.create_namespaced_network_policy,
+                              ref.namespace, action.body)
             elif isinstance(action, UpdateConfigMap):
                 await _call(ctx, "patch_configmap", core.patch_namespaced_config_map, ref.configmap_name, ref.namespace,
                             {"data": action.body["data"]})
@@ -546,7 +583,7 @@ async def post_membership(ctx: OperatorContext, ref: JobRef, action: PostMembers
         log.warning(f"[{ref.namespace}/{ref.name}] no HTTP session: membership update for {action.name} not sent")
         return
     try:
-        async with ctx.http.post(url, json=action.body) as response:
+        async with ctx.http.post(url, json=action.body, headers={"Authorization": f"Bearer {action.token}"}) as response:
             if not 200 <= response.status < 300:
                 text = (await response.text())[:500]
                 log.warning(f"[{ref.namespace}/{ref.name}] {action.name} refused membership update for epoch "

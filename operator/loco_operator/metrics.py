@@ -33,8 +33,9 @@ FAULT_KINDS = ("worker-exit", "worker-oom", "worker-evicted", "worker-lost") + t
 #: ``operation`` label of ``loco_operator_api_errors_total``: every Kubernetes API call the handlers make
 #: (``handlers.py``; a test keeps the two in step). Each starts at 0, so ``rate()`` sees the first failure.
 API_OPERATIONS = (
-    "get_job", "list_pods", "get_service", "get_configmap", "list_nodes", "list_all_pods", "read_node",
-    "create_service", "create_configmap", "create_pod", "patch_configmap", "patch_pod", "patch_node",
+    "get_job", "list_pods", "get_service", "get_configmap", "get_secret", "get_networkpolicy", "list_nodes",
+    "list_all_pods", "read_node", "create_service", "create_configmap", "create_secret", "create_networkpolicy",
+    "create_pod", "patch_configmap", "patch_pod", "patch_node",
     "delete_pod", "force_delete_pod", "delete_job", "patch_status",
 )
 

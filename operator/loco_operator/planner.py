@@ -49,6 +49,7 @@ from .render import (
     JobRef,
     config_json,
     render_configmap,
+    render_network_policy,
     render_pod,
     render_service,
 )
@@ -78,6 +79,7 @@ class Reason(str, Enum):
     running = "Running"
     checkpoint_committed = "CheckpointCommitted"
     checkpoint_failed = "CheckpointFailed"
+    checkpoint_skipped = "CheckpointSkipped"
     worker_failed = "WorkerFailed"
     restarting = "Restarting"
     resizing = "Resizing"
@@ -216,6 +218,9 @@ class Observed:
     pods: tuple[ObservedPod, ...] = ()
     service_exists: bool = False
     configmap_data: str | None = None  # config.json of the ConfigMap, None when it does not exist
+    #: The job's membership token (its Secret), None when the Secret does not exist yet.
+    membership_token: str | None = None
+    network_policy_exists: bool = False
     reports: Mapping[str, ProgressReport] = field(default_factory=dict)
     #: Names of pods that carry the job's label but belong to someone else (e.g. a deleted job of the
     #: same name whose pods are still terminating): a worker with such a name cannot be created yet.
@@ -237,6 +242,17 @@ class CreateService:
 
 @dataclass(frozen=True)
 class CreateConfigMap:
+    body: dict[str, Any] = field(default_factory=dict, compare=False, repr=False, hash=False)
+
+
+@dataclass(frozen=True)
+class CreateMembershipSecret:
+    """Create the job's membership Secret with a fresh random token (made where the action is applied: the
+    planner stays pure)."""
+
+
+@dataclass(frozen=True)
+class CreateNetworkPolicy:
     body: dict[str, Any] = field(default_factory=dict, compare=False, repr=False, hash=False)
 
 
@@ -302,6 +318,8 @@ class PostMembership:
     name: str
     pod_ip: str
     body: dict[str, Any] = field(default_factory=dict, hash=False)
+    #: the job's membership token, sent as a bearer token (the worker refuses an update without it)
+    token: str = field(default="", compare=False, repr=False, hash=False)
 
 
 @dataclass(frozen=True)
@@ -311,9 +329,11 @@ class EmitEvent:
     message: str
 
 
-Action = (CreateService | CreateConfigMap | UpdateConfigMap | CreatePod | DeletePod | ForceDeletePod | DeleteJob | EmitEvent
-          | CordonNode | PatchPodLabels | PostMembership)
+Action = (CreateService | CreateConfigMap | UpdateConfigMap | CreateMembershipSecret | CreateNetworkPolicy | CreatePod
+          | DeletePod | ForceDeletePod | DeleteJob | EmitEvent | CordonNode | PatchPodLabels | PostMembership)
 
+#: How many status.skippedCheckpoints paths are kept (oldest dropped first).
+MAX_SKIPPED_RECORDS = 20
 #: How many status.faults entries are kept (oldest dropped first).
 MAX_FAULT_RECORDS = 20
 
@@ -368,10 +388,12 @@ def parse_status(raw: Any) -> TrainingJobStatus:
 class _Planner:
     """Accumulates actions and status changes for one :func:`plan` call (never outlives it)."""
 
-    def __init__(self, body: Mapping[str, Any], observed: Observed, now: datetime, *, cordon_nodes: bool = False):
+    def __init__(self, body: Mapping[str, Any], observed: Observed, now: datetime, *, cordon_nodes: bool = False,
+                 network_policy_peers: Sequence[Mapping[str, Any]] | None = None):
         self.body = body
         #: The cluster operator lets jobs cordon blamed nodes (``loco operator run --cordon-nodes``).
         self.cordon_nodes = cordon_nodes
+        self.network_policy_peers = network_policy_peers
         self.ref = JobRef.from_body(dict(body))
         self.observed = observed
         self.now = now
@@ -462,6 +484,14 @@ def _progress(p: _Planner, spec: TrainingJobSpec, current: Sequence[ObservedPod]
         if st.last_checkpoint is None or best.step > st.last_checkpoint.step:
             st.last_checkpoint = CheckpointStatus(step=best.step, path=best.path, time=best.time)
             p.event(EventType.normal, Reason.checkpoint_committed, f"Checkpoint committed at step {best.step}: {best.path}")
+    # a committed checkpoint that failed verification at resume: the workers took an older one
+    for report in p.observed.reports.values():
+        for skipped in report.skipped_checkpoints or []:
+            if skipped.path not in st.skipped_checkpoints:
+                st.skipped_checkpoints = [*st.skipped_checkpoints, skipped.path][-MAX_SKIPPED_RECORDS:]
+                p.event(EventType.warning, Reason.checkpoint_skipped,
+                        f"Checkpoint {skipped.path} (step {skipped.step}) failed verification and was skipped "
+                        f"({skipped.reason}): {skipped.message}")
     # a failed background save: the workers go on and the previous checkpoint stays the resume point
     errors = [r.checkpoint_error for r in p.observed.reports.values() if r.checkpoint_error]
     newest = max(errors, key=_checkpoint_error_order, default=None)
@@ -496,19 +526,22 @@ def _summary(st: TrainingJobStatus, desired: int) -> None:
 
 
 def plan(job: Mapping[str, Any], observed: Observed, now: datetime, *,
-         node_lost_grace_s: float = NODE_LOST_GRACE_S, cordon_nodes: bool = False) -> Plan:
+         node_lost_grace_s: float = NODE_LOST_GRACE_S, cordon_nodes: bool = False,
+         network_policy_peers: Sequence[Mapping[str, Any]] | None = None) -> Plan:
     """Decide what to do for one TrainingJob. Pure: same inputs, same plan.
 
     ``job`` is the TrainingJob body (camelCase dict with metadata, spec, status); ``observed`` the
     job's children and progress reports; ``now`` an aware datetime; ``node_lost_grace_s`` how long a
     pod's node may be not Ready before the pod counts as lost (:func:`_lost_with_their_nodes`);
     ``cordon_nodes`` whether the cluster operator lets a job's ``faultDetection.cordonNodes`` cordon a
-    blamed node (``--cordon-nodes``; off, the request is answered with a ``CordonNotEnabled`` Warning).
+    blamed node (``--cordon-nodes``; off, the request is answered with a ``CordonNotEnabled`` Warning);
+    ``network_policy_peers``: who besides the job's own pods may reach its workers (``--network-policy``;
+    None: no NetworkPolicy is made).
     Returns the ordered actions and the complete new status (write the status if it changed, then
     apply the actions).
     """
     observed, force_deletions = _lost_with_their_nodes(observed, now, node_lost_grace_s)
-    p = _Planner(job, observed, now, cordon_nodes=cordon_nodes)
+    p = _Planner(job, observed, now, cordon_nodes=cordon_nodes, network_policy_peers=network_policy_peers)
     p.actions += force_deletions
     st = p.status
     meta = job.get("metadata") or {}
@@ -770,7 +803,8 @@ def _membership_updates(p: _Planner, spec: TrainingJobSpec, current: Sequence[Ob
         if pod.pod_ip:
             update = MembershipUpdate(epoch=epoch, rank=pod.rank, world_size=size, master_addr=master,
                                       master_port=epoch_master_port(MASTER_PORT, epoch))
-            p.actions.append(PostMembership(pod.name, pod.pod_ip, update.model_dump(by_alias=True)))
+            p.actions.append(PostMembership(pod.name, pod.pod_ip, update.model_dump(by_alias=True),
+                                            token=p.observed.membership_token or ""))
 
 
 def _pod_names(p: _Planner, ranks: Sequence[int]) -> dict[int, str]:
@@ -933,6 +967,10 @@ def _reconcile(p: _Planner, spec: TrainingJobSpec) -> None:
     # 3. shared children
     if not p.observed.service_exists:
         p.actions.append(CreateService(render_service(p.ref)))
+    if p.observed.membership_token is None:
+        p.actions.append(CreateMembershipSecret())
+    if p.network_policy_peers is not None and not p.observed.network_policy_exists:
+        p.actions.append(CreateNetworkPolicy(render_network_policy(p.ref, p.network_policy_peers)))
     if p.observed.configmap_data is None:
         p.actions.append(CreateConfigMap(render_configmap(p.ref, spec)))
     elif p.observed.configmap_data != config_json(p.ref, spec):

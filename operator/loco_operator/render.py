@@ -1,4 +1,5 @@
-"""Render a TrainingJob's children: the headless Service, the trainer ConfigMap and the worker pods.
+"""Render a TrainingJob's children: the headless Service, the trainer ConfigMap, the membership Secret, the
+NetworkPolicy and the worker pods.
 
 Pure functions from (job identity, validated spec, per-pod values) to Kubernetes manifests (plain
 dicts), following the pod contract in docs/contracts.md. Every child carries the job's labels and a
@@ -33,6 +34,10 @@ CONTAINER_NAME = "trainer"
 CONFIG_VOLUME = "loco-config"
 CONFIG_DIR = DEFAULT_CONFIG_PATH.rsplit("/", 1)[0]  # /etc/loco
 CONFIG_KEY = DEFAULT_CONFIG_PATH.rsplit("/", 1)[1]  # config.json
+# the job's membership token: a Secret the operator makes, mounted read-only into every worker (never in the spec)
+MEMBERSHIP_VOLUME = "loco-membership"
+MEMBERSHIP_DIR = "/var/run/secrets/loco.dev/membership"
+MEMBERSHIP_KEY = "token"
 MASTER_PORT = 29500
 #: Seconds one collective may take before it fails (LOCO_COLLECTIVE_TIMEOUT_S): torch's default, and
 #: the bound for live-resize jobs (override with a template.env entry of the same name).
@@ -64,6 +69,14 @@ class JobRef:
     @property
     def configmap_name(self) -> str:
         return f"{self.name}-trainer"
+
+    @property
+    def membership_secret_name(self) -> str:
+        return f"{self.name}-membership"
+
+    @property
+    def network_policy_name(self) -> str:
+        return f"{self.name}-workers"
 
     def pod_name(self, rank: int) -> str:
         return f"{self.name}-worker-{rank}"
@@ -115,6 +128,28 @@ def render_service(job: JobRef) -> dict[str, Any]:
                 {"name": "status", "port": DEFAULT_STATUS_PORT, "targetPort": DEFAULT_STATUS_PORT, "protocol": "TCP"},
                 {"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT, "protocol": "TCP"},
             ],
+        },
+    }
+
+
+def render_membership_secret(job: JobRef, token: str) -> dict[str, Any]:
+    """Secret ``<job>-membership``: the token a ``POST /membership`` to the job's workers must carry. Only the
+    operator and the job's pods read it; it is garbage-collected with the job."""
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": _metadata(job, job.membership_secret_name), "stringData": {MEMBERSHIP_KEY: token}}
+
+
+def render_network_policy(job: JobRef, peers: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """NetworkPolicy ``<job>-workers``: the workers' ports answer the job's own pods and ``peers`` (the
+    operator, which polls ``/status`` and posts ``/membership``; a Prometheus, from the chart's values) only."""
+    return {
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": _metadata(job, job.network_policy_name),
+        "spec": {
+            "podSelector": {"matchLabels": {LABEL_JOB: job.name}},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {LABEL_JOB: job.name}}}]},
+                        *([{"from": [dict(peer) for peer in peers]}] if peers else [])],
         },
     }
 
@@ -178,6 +213,7 @@ def worker_env(
     values: dict[EnvVar, str] = {
         EnvVar.CONFIG: DEFAULT_CONFIG_PATH,
         EnvVar.JOB_NAME: job.name,
+        EnvVar.JOB_UID: job.uid,
         EnvVar.NAMESPACE: job.namespace,
         EnvVar.REPLICA_INDEX: str(rank),
         EnvVar.NUM_REPLICAS: str(spec.replicas if num_replicas is None else num_replicas),
@@ -196,6 +232,7 @@ def worker_env(
         EnvVar.JOIN: "1" if join else "0",
         # a live job's survivor stuck in a collective with a vanished peer recovers within this (docs/elastic.md)
         EnvVar.COLLECTIVE_TIMEOUT_S: str(LIVE_COLLECTIVE_TIMEOUT_S if spec.live_membership else COLLECTIVE_TIMEOUT_S),
+        EnvVar.MEMBERSHIP_TOKEN_FILE: f"{MEMBERSHIP_DIR}/{MEMBERSHIP_KEY}",
     }
     env: list[dict[str, Any]] = [{"name": k.value, "value": v} for k, v in values.items()]
     env += [
@@ -266,7 +303,8 @@ def render_pod(
         # which workers train, and the Ready change is a pod event, so the operator reconciles at once
         "readinessProbe": {"httpGet": {"path": READY_PATH, "port": "status"}, "periodSeconds": 1,
                            "timeoutSeconds": 1, "failureThreshold": 3},
-        "volumeMounts": [{"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": True}, *tpl.volume_mounts],
+        "volumeMounts": [{"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": True},
+                         {"name": MEMBERSHIP_VOLUME, "mountPath": MEMBERSHIP_DIR, "readOnly": True}, *tpl.volume_mounts],
         "terminationMessagePath": TERMINATION_MESSAGE_PATH,
         "terminationMessagePolicy": "File",
         "securityContext": {
@@ -292,6 +330,8 @@ def render_pod(
         "containers": [container],
         "volumes": [
             {"name": CONFIG_VOLUME, "configMap": {"name": job.configmap_name, "items": [{"key": CONFIG_KEY, "path": CONFIG_KEY}]}},
+            {"name": MEMBERSHIP_VOLUME, "secret": {"secretName": job.membership_secret_name, "defaultMode": 0o440,
+                                                   "items": [{"key": MEMBERSHIP_KEY, "path": MEMBERSHIP_KEY}]}},
             *tpl.volumes,
         ],
     }

@@ -250,6 +250,9 @@ class TrainingJobStatus(Model):
     last_checkpoint_error: str | None = Field(
         None, description="Why the newest failed checkpoint save failed (reported by a worker; a CheckpointFailed Warning event says so)."
     )
+    skipped_checkpoints: list[str] = Field(
+        default_factory=list, description="Checkpoints a worker passed over at resume because they failed verification "
+        "(paths, newest last, the last 20); a CheckpointSkipped Warning event names each once.")
     restarts: int = Field(0, description="Restarts so far (counted against runPolicy.backoffLimit).")
     membership_epoch: int = Field(0, description="Bumped on every restart or resize; pods carry it as label loco.dev/epoch.")
     start_time: str | None = Field(None, description="When the first workers were created.")

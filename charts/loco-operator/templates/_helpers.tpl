@@ -71,6 +71,9 @@ app.kubernetes.io/part-of: loco
 {{- if .Values.faultIsolation.cordonNodes }}
 - --cordon-nodes
 {{- end }}
+{{- if .Values.networkPolicy.enabled }}
+- --network-policy={{ include "loco.networkPolicyPeers" . }}
+{{- end }}
 {{- if eq .Values.logLevel "debug" }}
 - --verbose
 {{- end }}
@@ -80,4 +83,13 @@ app.kubernetes.io/part-of: loco
 {{- range .Values.extraArgs }}
 - {{ . | quote }}
 {{- end }}
+{{- end }}
+
+{{/*
+Who may reach a job's workers besides the job's own pods (--network-policy): this operator's pods, in the
+release namespace, and networkPolicy.from (e.g. a Prometheus), as one line of JSON.
+*/}}
+{{- define "loco.networkPolicyPeers" -}}
+{{- $operator := dict "namespaceSelector" (dict "matchLabels" (dict "kubernetes.io/metadata.name" .Release.Namespace)) "podSelector" (dict "matchLabels" (include "loco.selectorLabels" . | fromYaml)) -}}
+{{- prepend (.Values.networkPolicy.from | default list) $operator | toJson -}}
 {{- end }}

@@ -151,6 +151,9 @@ BUILTIN_TYPES: tuple[ResourceType, ...] = (
     _core("PersistentVolumeClaim", "persistentvolumeclaims", short_names=("pvc",), subresources=frozenset({"status"})),
     _core("Endpoints", "endpoints", short_names=("ep",)),
     ResourceType(group="coordination.k8s.io", version="v1", kind="Lease", plural="leases", singular="lease", namespaced=True),
+    # stored and served, not enforced: every pod here shares the host's network (docs/local-cluster.md)
+    ResourceType(group="networking.k8s.io", version="v1", kind="NetworkPolicy", plural="networkpolicies",
+                 singular="networkpolicy", namespaced=True, short_names=("netpol",)),
     ResourceType(group="events.k8s.io", version="v1", kind="Event", plural="events", singular="event", namespaced=True,
                  short_names=("ev",), stored_as=("", "events"),  # one storage, two representations
                  selectable_fields=(("regarding.kind", "involvedObject.kind"), ("regarding.name", "involvedObject.name"),
