@@ -11,8 +11,10 @@ What must hold:
 * the API server answers every POST with 201 or a 4xx ``Status`` that names the field (a
   ``details.causes[].field`` or a message under ``spec``); never a 5xx;
 * the operator's planner, given each accepted job as stored, returns a plan (no exception); a job it
-  cannot run ends ``Failed`` with a condition naming the field, or creates children the API takes;
-  children the API refuses (dry run) end the job ``Failed`` through ``plan_pod_refused``.
+  cannot run ends ``Failed`` with a condition naming the field, or creates children that the operator's
+  own client and the API take (dry run); a worker pod the API refuses ends the job ``Failed`` through
+  ``plan_pod_refused``. Planner errors that are known operator bugs (:data:`OPERATOR_BUGS`) are counted
+  apart.
 
 ``tests/test_fuzz_trainingjob.py`` runs 1,000 specs in CI (and the real operator on the known cases,
 then a good job); this script runs more and writes its section of docs/benchmarks.md::
@@ -55,7 +57,7 @@ CHECKED_PODS = 2  # worker pods of each plan dry-run through the API
 UNICODE = ["", "é", "日本語", "🚀🔥", "\u202eevil", "\x00", "a\nb", "\ud800", "Ω" * 70, "x" * 100_000, " ", "null",
            "../../etc/passwd", "${HOME}", "'; DROP TABLE jobs; --"]
 HUGE = [2**63 - 1, 2**63, -2**63, -2**63 - 1, 10**30, -10**30, 1e308, -1e308, 1.7976931348623157e308, 5e-324, -0.0,
-        2**53 + 1, 0, -1]
+        2**53 + 1, 0, -1, math.nan, math.inf, -math.inf]  # json.dumps writes the last three as NaN, Infinity
 
 
 def crd_spec_schema() -> dict[str, Any]:
@@ -334,8 +336,9 @@ OPERATOR_BUGS = {
         "the field"),
     "not for good": (
         "operator: refusal_is_permanent() takes only 422/403 as permanent, but the API answers 400 to a worker pod "
-        "it cannot decode (spec.template.env value not a string, a resources quantity that is not one; both "
-        "free-form in the CRD): the job stays Pending, retried every reconcile, no condition names the field"),
+        "it cannot decode (a resources quantity string that is not a quantity, e.g. "
+        "spec.template.resources.limits.memory: \"lots\"; free-form in the CRD, and the client passes any "
+        "string): the job stays Pending, retried every reconcile, no condition names the field"),
 }
 
 
