@@ -79,6 +79,7 @@ def diagnose(trace: str, as_json: bool, config_path: str | None, tick: float | N
         click.echo(json.dumps({
             "trace": trace, "worldSize": tr.topology.world_size, "records": len(tr.records),
             "linkSamples": len(tr.links), "verdicts": [v.to_dict() for v in verdicts],
+            "stopped": det.ended,
         }, indent=2))
     else:
         click.echo(f"{trace}: {tr.topology.world_size} ranks on {len(tr.topology.node_names)} nodes, "
@@ -87,5 +88,7 @@ def diagnose(trace: str, as_json: bool, config_path: str | None, tick: float | N
             click.echo("no fault found")
         for v in verdicts:
             click.echo(_render(v))
+        if det.ended is not None:
+            click.echo(f"detection stopped at t={det.ended['at_s']:.3f}s: {det.ended['reason']}")
     if verdicts:
         raise SystemExit(3)

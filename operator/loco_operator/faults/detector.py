@@ -6,7 +6,9 @@ fault, not noise (C4, arXiv 2406.04594). The detector applies four rules:
 
 1. **hang-noncomm** - all ranks but some entered collective #n and the others never do, for
    longer than the hang timeout: blame the missing ranks (a rank that also stopped reporting
-   is blamed the same way, see ``silenceTimeoutSeconds``).
+   is blamed the same way, see ``silenceTimeoutSeconds``). A rank still inside an earlier call
+   is held by it and not blamed, unless it has not been heard from since its peers began
+   waiting in #n: its in-flight record may be stale (it went on, then froze before reporting).
 2. **hang-comm** - every rank entered #n, it never completes: blame the stalled connection
    (``LinkSample.seconds = inf``, or the peers of unfinished send/recv), or its endpoint when
    all stalled connections share one rank or node.
@@ -43,7 +45,12 @@ interval after warm-up)``; the interval is the arrival spread (latest healthy en
 median entry) for hang-noncomm, and the transfer time (median exit minus last entry) for
 hang-comm; the hang-noncomm timeout is also at least ``hangTimeoutMinIntervals`` times the
 longest healthy interval between consecutive collectives, so a straggler is reported slow, not
-hung; before warm-up ends ``warmupHangTimeoutSeconds`` applies.
+hung; before warm-up ends ``warmupHangTimeoutSeconds`` applies. Only healthy collectives teach
+the baselines: none a hang rule fired on or a straggler verdict was reached on, none whose spread
+or transfer outlasted the timeout, nor the interval that follows such a collective.
+
+Once a rank reports that training finished (``RankHeartbeat.finished``) no verdict is reached any
+more (``Detector.ended`` says why): the others are winding down, not hung.
 
 Contract: :class:`Detector` is pure and deterministic. It performs no I/O and reads no clock:
 ``observe(records, links, now_s)`` folds a batch into its state and returns the verdicts that
@@ -149,6 +156,8 @@ class Detector:
         self._max_transfer_s = 0.0
         self._max_interval_s = 0.0
         self._prev_median_enter_s: float | None = None
+        self._prev_healthy = False  # the previous judged collective may start a healthy interval
+        self._hang_seqs: set[int] = set()  # open collectives a hang rule fired on (their timings are not healthy)
         # links
         self._link_keys = np.zeros(0, dtype=np.int64)  # sorted src * n + dst
         self._link_id_of_key = np.zeros(0, dtype=np.int64)
@@ -171,6 +180,8 @@ class Detector:
         self._last_heard = np.full(n, np.nan)
         self._emitted: set[tuple[Any, ...]] = set()
         self.history: list[Verdict] = []
+        #: why detection stopped (a rank reported that training finished), or None while it runs
+        self.ended: dict[str, Any] | None = None
         self._now_s = -math.inf
         self.stats = {"records": 0, "late_records_ignored": 0, "incomplete_dropped": 0, "link_samples": 0}
 
@@ -203,8 +214,16 @@ class Detector:
             self._check_rank(hb.rank, "heartbeat.rank")
             prev = self._last_heard[hb.rank]
             self._last_heard[hb.rank] = hb.last_report_s if np.isnan(prev) else max(prev, hb.last_report_s)
+            if hb.finished and self.ended is None:
+                self.ended = {"rank": hb.rank, "at_s": hb.last_report_s,
+                              "reason": f"rank {hb.rank} reported that training finished at {_p(hb.last_report_s)}: "
+                                        "the ranks still running are winding down, not hung; no further verdicts"}
         if len(batch):
             self._ingest(batch)
+        if self.ended is not None:
+            # training ended: peers waiting for a finished rank, or its last in-flight records,
+            # are the end of the run, not a fault
+            return []
         verdicts += self._finalize_complete(now_s)
         if len(link_batch):
             verdicts += self._ingest_links(link_batch, now_s)
@@ -274,6 +293,7 @@ class Detector:
             elif not (entered & ~exited).any() and (self._rank_max_seq > s).all() and (self._rank_max_exit_seq > s).all():
                 # every rank moved past it, none is still inside, but some records were lost: nothing to judge safely
                 del self._open[s]
+                self._hang_seqs.discard(s)
                 self.stats["incomplete_dropped"] += 1
             else:
                 continue
@@ -298,23 +318,41 @@ class Detector:
         enter = col.enter_s
         median = float(np.median(enter))
         prev_median, self._prev_median_enter_s = self._prev_median_enter_s, median
+        prev_healthy, self._prev_healthy = self._prev_healthy, False
+        hung = col.seq in self._hang_seqs
+        self._hang_seqs.discard(col.seq)
         if self._judged <= cfg.warmup_collectives:
             return []
-        if prev_median is not None:
-            self._max_interval_s = max(self._max_interval_s, median - prev_median)
+        noncomm_timeout, comm_timeout = self._hang_timeouts()
         lateness = enter - median
         mad = float(np.median(np.abs(lateness)))
         threshold = max(cfg.min_lateness_seconds, cfg.mad_multiplier * MAD_TO_SIGMA * mad)
         late = lateness > threshold
-        informative = float(enter.max() - enter.min()) > cfg.min_lateness_seconds
         self._lateness[self._lateness_ptr % cfg.window] = lateness
         self._lateness_ptr += 1
-        # hang baselines from the healthy part of this collective
-        healthy = lateness[~late]
-        if healthy.size:
-            self._max_healthy_spread_s = max(self._max_healthy_spread_s, float(healthy.max()))
         transfer = float(np.median(col.exit_s)) - float(enter.max())
-        self._max_transfer_s = max(self._max_transfer_s, transfer)
+        verdicts = self._judge_lateness(col, median, lateness, mad, threshold, late, now_s)
+        # Timeouts learn only from healthy timings: a collective a hang or straggler verdict was
+        # reached on, or whose wait or transfer outlasted the timeout, would stretch every later
+        # timeout by its stall (issue 29: one 60 s hang made the next one wait a minute).
+        healthy = not hung and not verdicts and float(lateness.max()) <= noncomm_timeout and transfer <= comm_timeout
+        if healthy:
+            self._max_healthy_spread_s = max(self._max_healthy_spread_s, float(lateness[~late].max(initial=0.0)))
+            self._max_transfer_s = max(self._max_transfer_s, transfer)
+        if prev_healthy and prev_median is not None:
+            # the interval since the previous collective holds that one's wait and transfer: healthy too
+            self._max_interval_s = max(self._max_interval_s, median - prev_median)
+        self._prev_healthy = healthy
+        return verdicts
+
+    def _judge_lateness(
+        self, col: _OpenCollective, median: float, lateness: np.ndarray, mad: float, threshold: float,
+        late: np.ndarray, now_s: float,
+    ) -> list[Verdict]:
+        """Straggler evidence of one judged collective (rule 3) and its verdicts."""
+        cfg = self.config
+        enter = col.enter_s
+        informative = float(enter.max() - enter.min()) > cfg.min_lateness_seconds
         if not informative:
             return []  # everyone arrived together (e.g. back-to-back buckets): says nothing about anyone
         ended = ~late & (self._late_streak > 0) & ~self._straggling  # one-off outliers, now over
@@ -403,11 +441,20 @@ class Detector:
             seen = ~np.isnan(col.enter_s)
             entered = seen | (self._rank_max_seq > s)
             if not entered.all():
-                waited = now_s - float(np.median(col.enter_s[seen]))
-                missing = ~entered & ~inside
+                waiting = seen & np.isnan(col.exit_s)
+                if not waiting.any():
+                    # everyone seen here has left it, so the others took part too (their records are
+                    # late or lost): nobody waits in this one; the peers wait where they are now
+                    continue
+                started = float(np.median(col.enter_s[seen]))
+                waited = now_s - started
+                # a rank not heard from since its peers began waiting here may have moved on after
+                # its last report: that report's in-flight call no longer vouches for it
+                stale = self._last_heard < started  # NaN (never heard: no heartbeats) compares False
+                missing = ~entered & ~(inside & ~stale)
                 if waited > noncomm_timeout and missing.any():
                     verdicts += self._noncomm_hang(col, np.flatnonzero(missing), int(entered.sum()), waited, noncomm_timeout, now_s)
-                inside |= seen & np.isnan(col.exit_s)
+                inside |= waiting
                 continue
             inside |= seen & np.isnan(col.exit_s)
             stuck = np.isnan(col.exit_s) & (self._rank_max_exit_seq <= s)
@@ -447,6 +494,7 @@ class Detector:
         roots = sorted({(r, p) if kind == _SEND else (p, r) for r, p, kind in behind if p >= 0 and kind in (_SEND, _RECV)}
                        & set(self._stalled))
         (a, b) = roots[0] if roots else order[0][0]
+        self._hang_seqs.update(open_inside)
         since = self._stalled[(a, b)]
         evidence = {
             "evidence_from": "stalled connections (the first of a chain)",
@@ -464,6 +512,7 @@ class Detector:
     def _noncomm_hang(
         self, col: _OpenCollective, missing: np.ndarray, n_entered: int, waited: float, timeout: float, now_s: float
     ) -> list[Verdict]:
+        self._hang_seqs.add(col.seq)
         silent = [int(r) for r in missing if not np.isnan(self._last_heard[r])
                   and now_s - self._last_heard[r] > self.config.silence_timeout_seconds]
         node = self._single_node(missing)
@@ -482,6 +531,7 @@ class Detector:
         ))
 
     def _comm_hang(self, col: _OpenCollective, stuck: np.ndarray, waited: float, timeout: float, now_s: float) -> list[Verdict]:
+        self._hang_seqs.add(col.seq)
         evidence: dict[str, Any] = {
             "collective": KINDS[col.kind], "nbytes": col.nbytes,
             "in_collective": int(stuck.sum()), "waited_s": _p(waited), "timeout_s": _p(timeout),

@@ -9,7 +9,8 @@ clock, see ``loco_trainer.comm.Comm.sync_clock``). :class:`LiveDetectors` keeps,
   sequence numbers restart with the new processes; so does a change of ``spec.faultDetection``);
 * per pod, the cursors to ask for next: the newest seq/link id seen, minus the records still in
   flight (so their completion is fetched again);
-* the time each pod was last heard from (its heartbeat).
+* the time each pod was last heard from (its heartbeat), and whether it said training finished
+  (from then on the detector reaches no verdicts: the other ranks are winding down, not hung).
 
 Detector ranks are **pod replica indices**: the pod leader (local rank 0) speaks for its pod, and
 with one process per pod (the usual low-communication setup) that is the global rank.
@@ -42,6 +43,9 @@ from loco_operator.faults.types import (
 
 #: Most records a single poll asks a pod for (the server also caps what it returns).
 MAX_RECORDS_PER_POLL = 512
+#: ``ProgressReport.state`` of a worker whose training ended (``loco_trainer.protocol.WorkerState``,
+#: a str enum, compares equal): from then on the job's detector reaches no verdicts.
+FINISHED = "finished"
 
 
 def _wire(item: Any) -> Any:
@@ -129,6 +133,8 @@ class _JobState:
     pods_by_rank: dict[int, tuple[str, str]]  # rank -> (pod, node)
     cursors: dict[str, _PodCursor] = dataclasses.field(default_factory=dict)
     heard: dict[int, float] = dataclasses.field(default_factory=dict)
+    #: ranks whose report said training finished (``ProgressReport.state``)
+    finished: set[int] = dataclasses.field(default_factory=set)
     last_now_s: float = -math.inf
     #: entry times per collective seq (recent ones only), for the collective interval
     enters: dict[int, list[float]] = dataclasses.field(default_factory=dict)
@@ -213,6 +219,8 @@ class LiveDetectors:
                 # a survivor of a live resize that has not switched yet: alive, but its records
                 # belong to the old membership (old ranks, old collective sequence)
                 continue
+            if getattr(report, "state", None) == FINISHED:
+                state.finished.add(rank)
             collectives = [_wire(x) for x in getattr(report, "collectives", None) or []]
             link_items = [_wire(x) for x in getattr(report, "links", None) or []]
             recs = records_from_wire(rank, collectives)
@@ -225,7 +233,7 @@ class LiveDetectors:
             ids = [int(x["id"]) for x in link_items if isinstance(x, Mapping) and "id" in x]
             if ids:
                 cursor.since_link = max(ids)
-        heartbeats = [RankHeartbeat(rank=r, last_report_s=t) for r, t in state.heard.items()]
+        heartbeats = [RankHeartbeat(rank=r, last_report_s=t, finished=r in state.finished) for r, t in state.heard.items()]
         state.note_enters(records)
         verdicts = state.detector.observe(records, links, now_s, heartbeats=heartbeats)
         return [self._resolve(state, v) for v in verdicts]

@@ -16,7 +16,8 @@ Format (version 1), one JSON object per line, optionally gzip-compressed (``.gz`
     (:class:`CollectiveRecord`; ``exitS``/``peer`` null when absent);
   - ``{"t": "l", "src", "dst", "seconds", "nbytes", "atS"}``: a connection sample
     (:class:`LinkSample`; ``"seconds": null`` means a stalled connection);
-  - ``{"t": "h", "rank", "lastReportS"}``: a heartbeat (:class:`RankHeartbeat`).
+  - ``{"t": "h", "rank", "lastReportS", "finished"}``: a heartbeat (:class:`RankHeartbeat`;
+    ``finished`` true when that report said training ended on the rank, else absent).
 
 Times are seconds on one common clock. Writing and reading are streaming (no whole-file JSON).
 """
@@ -111,7 +112,8 @@ def write_trace(
         for src, dst, sec, nbytes, at in zip(lb.src.tolist(), lb.dst.tolist(), lb.seconds.tolist(), lb.nbytes.tolist(), lb.at_s.tolist()):
             f.write(json.dumps({"t": "l", "src": src, "dst": dst, "seconds": _num(sec), "nbytes": nbytes, "atS": at}) + "\n")
         for hb in heartbeats:
-            f.write(json.dumps({"t": "h", "rank": hb.rank, "lastReportS": hb.last_report_s}) + "\n")
+            line = {"t": "h", "rank": hb.rank, "lastReportS": hb.last_report_s}
+            f.write(json.dumps({**line, "finished": True} if hb.finished else line) + "\n")
 
 
 class TraceError(ValueError):
@@ -171,7 +173,7 @@ def read_trace(path: str | Path) -> Trace:
                     lcols["nbytes"].append(int(obj.get("nbytes", 0)))
                     lcols["at"].append(float(obj.get("atS", 0.0)))
                 elif t == "h":
-                    heartbeats.append(RankHeartbeat(int(obj["rank"]), float(obj["lastReportS"])))
+                    heartbeats.append(RankHeartbeat(int(obj["rank"]), float(obj["lastReportS"]), bool(obj.get("finished", False))))
                 else:
                     raise TraceError(f"line {lineno}: unknown record type 't': {t!r} (expected 'c', 'l' or 'h')")
             except KeyError as exc:

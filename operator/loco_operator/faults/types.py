@@ -100,10 +100,15 @@ class LinkSample:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class RankHeartbeat:
-    """The last time (common clock) the operator heard from ``rank`` (e.g. a /status answer)."""
+    """The last time (common clock) the operator heard from ``rank`` (e.g. a /status answer).
+
+    ``finished``: that answer said training ended on the rank (``ProgressReport.state`` finished);
+    from then on the detector reaches no verdicts (the ranks still running are winding down).
+    """
 
     rank: int
     last_report_s: float
+    finished: bool = False
 
 
 def _f64(values: Any) -> np.ndarray:
