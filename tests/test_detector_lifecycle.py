@@ -228,3 +228,28 @@ def test_a_rank_still_reporting_from_inside_an_earlier_call_is_not_blamed_for_th
     for t in np.arange(t8 + PERIOD + 1.0, t8 + PERIOD + 40.0, 1.0):
         verdicts = det.observe((), (), float(t), heartbeats=[RankHeartbeat(r, float(t)) for r in range(4)])
         assert all(v.kind is not VerdictKind.hang_noncomm for v in verdicts), [v.message for v in verdicts]
+
+
+# ---------------------------------------------------------------- silence, judged against the other ranks
+
+
+def test_ranks_going_quiet_together_are_never_blamed_whenever_the_detector_looks() -> None:
+    """All 4 ranks stop reporting within 1.2 s (the job ended, or the operator was cut off). Old
+    rule: at the instant rank 0 was quiet for the timeout but the others not quite yet, rank 0
+    was blamed; a replay ticking a second later saw everyone quiet and blamed nobody."""
+    det = Detector(DetectorConfig(silence_timeout_seconds=40.0), Topology.uniform(4, 2))
+    det.observe(RecordBatch.from_arrays(rank=np.arange(4), seq=0, enter_s=1.0, exit_s=1.1), (), 1.1,
+                heartbeats=[RankHeartbeat(0, 14.7)] + [RankHeartbeat(r, 15.9) for r in (1, 2, 3)])
+    for t in np.arange(16.0, 120.0, 0.1):
+        assert det.observe((), (), float(t)) == [], t
+
+
+def test_a_rank_quiet_while_its_peers_keep_reporting_is_still_blamed() -> None:
+    det = Detector(DetectorConfig(silence_timeout_seconds=40.0), Topology.uniform(4, 2))
+    det.observe(RecordBatch.from_arrays(rank=np.arange(4), seq=0, enter_s=1.0, exit_s=1.1), (), 1.1,
+                heartbeats=[RankHeartbeat(r, 1.1) for r in range(4)])
+    verdicts = []
+    for t in np.arange(2.0, 60.0, 1.0):
+        verdicts += det.observe((), (), float(t), heartbeats=[RankHeartbeat(r, float(t)) for r in (0, 1, 3)])
+    assert [(v.kind, v.ranks, v.seq) for v in verdicts] == [(VerdictKind.hang_noncomm, (2,), None)]
+    assert 41.0 <= verdicts[0].at_s <= 43.0

@@ -588,11 +588,17 @@ class Detector:
     def _check_silence(self, now_s: float) -> list[Verdict]:
         heard = self._last_heard
         timeout = self.config.silence_timeout_seconds
-        silent = (now_s - heard) > timeout  # NaN (never heard) compares False
-        if not silent.any() or now_s - self._last_progress_s <= timeout:
+        if now_s - self._last_progress_s <= timeout:
             return []  # collectives still complete: a quiet rank is still taking part
-        if silent.sum() * 2 > self._n:
-            return []  # most ranks unreachable: the observer is cut off, not the ranks
+        # Silent = quiet for the timeout while at least half the ranks were still heard from after
+        # it; when most ranks went quiet together, the observer is cut off (or the job ended), not
+        # the ranks. Judged against the others' reports rather than the clock, so once true it stays
+        # true: a live poll and an offline replay tick see the same (issue 29).
+        k = (self._n + 1) // 2 - 1  # the ceil(n/2)-th most recently heard rank is the reference
+        reference = -np.partition(np.where(np.isnan(heard), np.inf, -heard), k)[k]
+        silent = (reference - heard) > timeout  # NaN (never heard) compares False
+        if not silent.any():
+            return []
 
         out: list[Verdict] = []
         for r in np.flatnonzero(silent):
