@@ -129,8 +129,16 @@ def generate(schema: dict[str, Any], rng: random.Random, depth: int = 0, strict:
     if kind == "boolean":
         return rng.random() < 0.5
     if kind == "string":
-        return rng.choice(["ok", "value-1", "gpt", *UNICODE[:5]])
+        options = ["ok", "value-1", "gpt", *UNICODE[:5]]
+        if "pattern" in schema or "minLength" in schema:  # a constrained string (checkpoint.path): a valid one
+            options = [o for o in options + ["/checkpoints", "/data/ck-1"] if _fits(schema, o)] or options
+        return rng.choice(options)
     return _junk(rng)
+
+
+def _fits(schema: dict[str, Any], text: str) -> bool:
+    return (schema.get("minLength", 0) <= len(text) <= schema.get("maxLength", len(text))
+            and re.search(schema.get("pattern", ""), text) is not None)
 
 
 def algorithm_fields(schema: dict[str, Any]) -> dict[str, set[str]]:
@@ -320,26 +328,15 @@ def generated_cases(count: int, seed: int) -> list[Case]:
 
 # ---------------------------------------------------------------------------------------------- checks
 
-#: Operator bugs this fuzzing found, for the operator's owners to fix (tests/test_fuzz_trainingjob.py marks
-#: their explicit cases xfail(strict=True)): a signature of the planner's error -> the bug.
-OPERATOR_BUGS = {
-    "Maximum serialization depth exceeded": (
-        "operator: plan() raises ValueError('Maximum serialization depth exceeded') for spec.model.kwargs nested "
-        "~1,000 deep, which the CRD accepts (free-form field): render.config_json -> TrainerConfig.to_wire() -> "
-        "pydantic model_dump; the job gets no status, Kopf retries the handler forever"),
-    "for CoreV1Api.create_namespaced_": (
-        "operator: the kubernetes client (v37, pydantic models) refuses a rendered child client-side with a "
-        "pydantic ValidationError (spec.template.resources.limits.memory: -1 is not a string, an env value that "
-        "is not a string, volumes/tolerations/affinity items of the wrong shape: all free-form in the CRD); "
-        "handlers.apply() catches only ApiException, so the reconcile raises after the status was written "
-        "(phase Pending, condition WorkersCreated, no pod), Kopf retries every 60 s forever, no condition names "
-        "the field"),
-    "not for good": (
-        "operator: refusal_is_permanent() takes only 422/403 as permanent, but the API answers 400 to a worker pod "
-        "it cannot decode (a resources quantity string that is not a quantity, e.g. "
-        "spec.template.resources.limits.memory: \"lots\"; free-form in the CRD, and the client passes any "
-        "string): the job stays Pending, retried every reconcile, no condition names the field"),
-}
+#: Operator bugs this fuzzing found and not fixed yet, for the operator's owners (tests/test_fuzz_trainingjob.py
+#: marks their explicit cases xfail(strict=True)): a signature of the planner's error -> the bug. The first three
+#: it found are fixed: spec.model.kwargs nested ~1,000 deep made plan() raise "Maximum serialization depth
+#: exceeded"; children the operator's client refused (a pydantic ValidationError "for CoreV1Api.create_namespaced_
+#: pod": negative or numeric quantities, env values that are not strings, env/volumes/tolerations/affinity items of
+#: the wrong shape) were retried forever; and a pod the API answered 400 (a quantity that is not one) was not taken
+#: as refused for good. Such jobs now fail at once with InvalidSpec naming the field (validate_job), a client
+#: refusal that slips past it is a PodRefused failure, and a 400 is permanent.
+OPERATOR_BUGS: dict[str, str] = {}
 
 
 def operator_bug(outcome: Outcome) -> str | None:
@@ -438,11 +435,13 @@ def plan_accepted(running: Running, job: dict[str, Any]) -> tuple[str | None, st
     """The planner on an accepted job (no children yet), then its children created as the handlers create
     them (the operator's client, here with ``dryRun=All``). Returns (the error, or None; the phase; the Failed
     condition's message). An error is an exception out of the planner or out of a child's creation that the
-    handlers do not turn into a status (:func:`loco_operator.handlers.apply` handles ``ApiException`` only),
-    or a refusal of a worker pod the operator does not take as final."""
+    handlers do not turn into a status (:func:`loco_operator.handlers.apply` handles an ``ApiException``, and the
+    client's own refusal of a worker pod, a pydantic ``ValidationError``, as final), or a refusal of a worker pod
+    the operator does not take as final."""
     from kubernetes.client.exceptions import ApiException
+    from pydantic import ValidationError
 
-    from loco_operator.handlers import api_message
+    from loco_operator.handlers import BY_CLIENT, api_message, client_message
     from loco_operator.planner import CreateConfigMap, CreatePod, CreateService, Observed, plan, plan_pod_refused, \
         refusal_is_permanent
 
@@ -471,6 +470,11 @@ def plan_accepted(running: Running, job: dict[str, Any]) -> tuple[str | None, st
                 if not refusal_is_permanent(exc.status, message):
                     return f"the API refused worker pod {action.name} ({exc.status}), not for good: {message}", "", ""
                 status = plan_pod_refused(job, status, action.name, message, NOW).status
+                break
+            except ValidationError as exc:  # the client refused it before sending: handlers.apply's safety net
+                if not isinstance(action, CreatePod):
+                    return f"the operator's client refused {type(action).__name__}: {client_message(exc)}", "", ""
+                status = plan_pod_refused(job, status, action.name, client_message(exc), NOW, by=BY_CLIENT).status
                 break
     except Exception:  # noqa: BLE001 - what this fuzzer looks for
         return traceback.format_exc(limit=-6), "", ""

@@ -4,11 +4,12 @@ the operator's planner takes every accepted job and its children pass the operat
 (a job it cannot run ends Failed naming the field); then the real operator, fed the testers' cases, jobs
 that hit the known bugs and a sample of the accepted fuzz, still reconciles a good job.
 
-The testers' reports, and what this fuzzing found, are explicit cases. Three operator bugs are not fixed
-here (the operator is not this change's to edit): their cases are ``xfail(strict=True)`` with the bug in
-the reason (:data:`fuzz_trainingjob.OPERATOR_BUGS`), so the day the operator is fixed the test says so;
-generated specs that hit them are counted as known (``test_known_operator_bugs_stay_visible``), any other
-planner error fails the run.
+The testers' reports, and what this fuzzing found, are explicit cases. The three operator bugs it found
+(kwargs nested too deep for the planner, children the operator's client refuses, a 400 for a pod retried
+forever) are fixed: each such job now fails at once with InvalidSpec naming the field. Operator bugs found
+later go to :data:`fuzz_trainingjob.OPERATOR_BUGS` (generated specs that hit them are counted as known,
+``test_known_operator_bugs_stay_visible``, their explicit cases ``xfail(strict=True)``); any other planner
+error fails the run.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import fuzz_trainingjob as ft  # noqa: E402
 
 SPECS = 1000
 SEED = 20261206
-DEPTH_BUG, CLIENT_BUG, POD_400_BUG = ft.OPERATOR_BUGS.values()
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +134,6 @@ def test_a_negative_memory_limit_is_accepted_and_its_pod_refused(running):
     assert r.status_code == 422 and "resources.limits[memory]" in r.json()["message"]
 
 
-@pytest.mark.xfail(strict=True, reason=CLIENT_BUG)
 def test_a_negative_memory_limit_fails_the_job_naming_the_limit(running):
     outcome = post_and_plan(running, "memory-limit-negative")
     assert outcome.plan_error is None, outcome.plan_error
@@ -146,7 +145,6 @@ def test_kwargs_nested_1000_deep_is_accepted(running):
     assert outcome.status == 201  # a free-form field, within the parser's depth: kube-apiserver takes it too
 
 
-@pytest.mark.xfail(strict=True, reason=DEPTH_BUG)
 def test_kwargs_nested_1000_deep_fails_the_job_naming_the_field(running):
     outcome = post_and_plan(running, "kwargs-nested-1000")
     assert outcome.plan_error is None, outcome.plan_error
@@ -163,14 +161,12 @@ def test_an_env_var_with_no_name_and_a_number_is_accepted_and_its_pod_refused(ru
     assert r.status_code == 400 and "env[0].value" in r.json()["message"]
 
 
-@pytest.mark.xfail(strict=True, reason=CLIENT_BUG)
 def test_an_env_var_with_no_name_and_a_number_fails_the_job_naming_the_field(running):
     outcome = post_and_plan(running, "env-empty-name-int-value")
     assert outcome.plan_error is None, outcome.plan_error
     assert outcome.phase == "Failed" and "env" in outcome.message
 
 
-@pytest.mark.xfail(strict=True, reason=CLIENT_BUG)
 def test_an_unknown_field_in_an_env_item_fails_the_job_naming_the_field(running):
     outcome = post_and_plan(running, "env-item-unknown-field")
     assert outcome.status == 201
@@ -178,7 +174,6 @@ def test_an_unknown_field_in_an_env_item_fails_the_job_naming_the_field(running)
     assert outcome.phase == "Failed" and "env" in outcome.message
 
 
-@pytest.mark.xfail(strict=True, reason=POD_400_BUG)
 def test_a_memory_limit_that_is_not_a_quantity_fails_the_job_naming_the_limit(running):
     outcome = post_and_plan(running, "memory-limit-not-a-quantity")
     assert outcome.status == 201
@@ -223,10 +218,9 @@ async def test_the_operator_survives_the_fuzz_and_still_reconciles_a_good_job(tm
     running = ft.Running(server.url, server.token, server)
     # the testers' cases the API accepts, and a sample of the accepted fuzz (refused ones never reach it)
     sample = [o for o in report.accepted() if not o.plan_error][:SAMPLE]
-    crashing = [o for o in report.planner_errors() if ft.operator_bug(o) == CLIENT_BUG][:2]
     cases = [KNOWN[label] for label in ("kwargs-nested-1000", "env-empty-name-int-value", "memory-limit-negative",
-                                        "memory-limit-not-a-quantity")]
-    cases += [o.case for o in crashing + sample]
+                                        "memory-limit-not-a-quantity", "env-item-unknown-field")]
+    cases += [o.case for o in sample]
 
     def post_all() -> list[str]:
         names = []
@@ -258,12 +252,11 @@ async def test_the_operator_survives_the_fuzz_and_still_reconciles_a_good_job(tm
             return (custom.get_namespaced_custom_object("loco.dev", "v1alpha1", OPERATOR_NS, "trainingjobs", name)
                     .get("status") or {}).get("phase")
 
-        # the operator gets through the fuzzed jobs: each that it can plan gets a phase (the ones the known bugs
-        # crash get theirs too, written before the crash, except the one the planner itself cannot plan)
-        plannable = [n for n in names if n != KNOWN["kwargs-nested-1000"].name]
-        await poll("a phase on every plannable fuzzed job", lambda: all(phase(n) for n in plannable), 90)
+        # the operator gets through the fuzzed jobs: each gets a phase; the testers' cases fail, naming the field
+        await poll("a phase on every fuzzed job", lambda: all(phase(n) for n in names), 90)
         seen = await asyncio.to_thread(lambda: {o.case.name: phase(o.case.name) for o in sample})
         assert seen == {o.case.name: o.phase for o in sample}  # as the in-process planner said
+        assert await asyncio.to_thread(lambda: {phase(n) for n in names[:5]}) == {"Failed"}
 
         await asyncio.to_thread(custom.create_namespaced_custom_object, "loco.dev", "v1alpha1", OPERATOR_NS,
                                 "trainingjobs", good_job("good"))

@@ -79,7 +79,7 @@ def test_template_is_merged_and_contract_labels_win():
     pod = render_pod(REF, spec(**tpl), rank=0, epoch=0)
     pod_spec, container = pod["spec"], pod["spec"]["containers"][0]
     assert container["image"] == "registry/loco:2" and container["imagePullPolicy"] == "IfNotPresent"
-    assert container["resources"] == {"limits": {"nvidia.com/gpu": 1}}
+    assert container["resources"] == {"limits": {"nvidia.com/gpu": "1"}}  # a quantity: the client takes strings only
     env = [(e["name"], e.get("value")) for e in container["env"]]
     assert ("NCCL_DEBUG", "INFO") in env and ("MASTER_PORT", "29600") in env and ("MASTER_PORT", "29500") not in env
     assert pod_spec["nodeSelector"] == {"pool": "gpu"} and pod_spec["tolerations"][0]["key"] == "gpu"

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import threading
 import zlib
 from pathlib import Path
@@ -23,6 +24,20 @@ import click
 from .apidoc import API_DOC_PATH, write_api_doc
 from .crd import CRD_PATH, render_crd_yaml, write_crd
 from .planner import NODE_LOST_GRACE_S
+
+
+#: Python recursion limit of the operator process. kube-apiserver takes JSON nested up to 10,000 levels
+#: in a custom resource's free-form fields (spec.model.kwargs); Kopf's watch decoder and the Kubernetes
+#: client recurse once or twice per level. At Python's default (1,000) one such object ended the watch
+#: with a RecursionError and the operator crash-looped; the planner then refuses the job (InvalidSpec).
+#: The operator's threads have the platform's default 8 MiB stack, enough for 10,000 levels.
+RECURSION_LIMIT = 30_000
+
+
+def allow_deep_objects(limit: int = RECURSION_LIMIT) -> None:
+    """Raise this process's recursion limit to ``limit`` (never lower it)."""
+    if sys.getrecursionlimit() < limit:
+        sys.setrecursionlimit(limit)
 
 
 def load_api_client(kubeconfig: str | None, context: str | None = None) -> Any:
@@ -73,6 +88,7 @@ async def run_operator(
 
     from .handlers import OperatorContext, registry
 
+    allow_deep_objects()
     ctx = OperatorContext(api_client=api_client, cordon_nodes=cordon_nodes, network_policy_peers=network_policy_peers)
     if node_lost_grace_s is not None:
         ctx.node_lost_grace_s = node_lost_grace_s

@@ -46,6 +46,7 @@ import aiohttp
 import kopf
 from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
+from pydantic import ValidationError
 
 from loco_trainer.config import DEFAULT_STATUS_PORT
 from loco_trainer.protocol import MEMBERSHIP_PATH, STATUS_PATH, ProgressReport
@@ -270,10 +271,11 @@ async def _reconcile_locked(ctx: OperatorContext, namespace: str, name: str, key
                 return  # deleted meanwhile
             ctx.metrics.observe_reconcile(job, old_status, old_status)
             raise kopf.TemporaryError("; ".join(errors), delay=RECONCILE_INTERVAL_S)
-        refused: list[tuple[str, str]] = []
+        refused: list[tuple[str, str, str]] = []
         errors = await apply(ctx, job, result.actions, refused)
-        if refused:  # a worker pod the API will never accept: fail now, quoting it, rather than retry forever
-            result = plan_pod_refused(job, result.status, *refused[0], now)
+        if refused:  # a worker pod the API (or our client) will never accept: fail now, quoting it, not retry forever
+            pod, message, by = refused[0]
+            result = plan_pod_refused(job, result.status, pod, message, now, by=by)
             written, errors = await write_status(ctx, job, stored, result.status)
             if written is not None:
                 stored = written
@@ -484,6 +486,20 @@ async def poll_reports(
     return {name: report for name, report in results if report is not None}
 
 
+def client_message(exc: ValidationError) -> str:
+    """What the Kubernetes client (v37 validates every body with pydantic before sending it) said when it
+    refused one: each field of the body it names and why."""
+    def field(loc: tuple[Any, ...]) -> str:
+        loc = loc[1:] if loc and isinstance(loc[0], int) else loc  # the argument's position (the body)
+        return ".".join(str(part) for part in loc)
+
+    return "; ".join(f"{field(err['loc'])}: {err['msg']}" for err in exc.errors(include_url=False))
+
+
+#: Who refused a worker pod, as the Failed condition says it.
+BY_API, BY_CLIENT = "The API", "The operator's Kubernetes client"
+
+
 def api_message(exc: ApiException) -> str:
     """The API's own words for a refusal (the Status message), else the HTTP reason."""
     try:
@@ -493,10 +509,11 @@ def api_message(exc: ApiException) -> str:
 
 
 async def apply(ctx: OperatorContext, job: dict[str, Any], actions: Sequence[Action],
-                refused: list[tuple[str, str]] | None = None) -> list[str]:
+                refused: list[tuple[str, str, str]] | None = None) -> list[str]:
     """Perform the actions in order; returns the errors (empty when all succeeded). A worker pod the API
-    refuses for good (:func:`refusal_is_permanent`) is added to ``refused`` as (pod, message), and the
-    remaining actions are skipped."""
+    refuses for good (:func:`refusal_is_permanent`), or the client refuses before sending it (it validates
+    bodies; the same body is refused every time), is added to ``refused`` as (pod, message, who refused it),
+    and the remaining actions are skipped."""
     ref = JobRef.from_body(job)
     core, custom = ctx.core, ctx.custom
     errors: list[str] = []
@@ -540,9 +557,15 @@ async def apply(ctx: OperatorContext, job: dict[str, Any], actions: Sequence[Act
                 await _delete(ctx, "delete_job", custom.delete_namespaced_custom_object, GROUP, VERSION, ref.namespace, PLURAL, ref.name)
         except ApiException as exc:
             if refused is not None and isinstance(action, CreatePod) and refusal_is_permanent(exc.status, api_message(exc)):
-                refused.append((action.name, api_message(exc)))
+                refused.append((action.name, api_message(exc), BY_API))
                 break
             errors.append(f"{type(action).__name__}: HTTP {exc.status} {exc.reason}")
+        except ValidationError as exc:  # validate_job should have caught it: this is the safety net
+            log.error(f"[{ref.namespace}/{ref.name}] the client refused {type(action).__name__}: {client_message(exc)}")
+            if refused is not None and isinstance(action, CreatePod):
+                refused.append((action.name, client_message(exc), BY_CLIENT))
+                break
+            errors.append(f"{type(action).__name__}: refused by the client: {client_message(exc)}")
     return errors
 
 

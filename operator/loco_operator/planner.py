@@ -565,21 +565,24 @@ def plan(job: Mapping[str, Any], observed: Observed, now: datetime, *,
 
 
 def refusal_is_permanent(status: int, message: str) -> bool:
-    """Whether the API's refusal of a worker pod will never change by itself: invalid (422), or forbidden (403)
-    by admission such as Pod Security or by RBAC, but not a ResourceQuota that frees up as pods finish."""
-    return status == 422 or (status == 403 and "exceeded quota" not in message)
+    """Whether the API's refusal of a worker pod will never change by itself: a body it cannot decode (400, e.g.
+    a resources quantity that is not one), invalid (422), or forbidden (403) by admission such as Pod Security or
+    by RBAC, but not a ResourceQuota that frees up as pods finish."""
+    return status in (400, 422) or (status == 403 and "exceeded quota" not in message)
 
 
-def plan_pod_refused(job: Mapping[str, Any], status: Mapping[str, Any], pod: str, message: str, now: datetime) -> Plan:
-    """The API permanently refused to create worker ``pod`` (:func:`refusal_is_permanent`): the job fails at once
-    with a ``Failed`` condition quoting the API, instead of trying to create the pod again every reconcile.
-    ``status`` is the status the last plan wrote; the job's other pods are cleaned up per its policy."""
+def plan_pod_refused(job: Mapping[str, Any], status: Mapping[str, Any], pod: str, message: str, now: datetime, *,
+                     by: str = "The API") -> Plan:
+    """The API (or, ``by``, the operator's own client, before sending it) permanently refused to create worker
+    ``pod`` (:func:`refusal_is_permanent`): the job fails at once with a ``Failed`` condition quoting the refusal,
+    instead of trying to create the pod again every reconcile. ``status`` is the status the last plan wrote; the
+    job's other pods are cleaned up per its policy."""
     p = _Planner({**job, "status": dict(status)}, Observed(), now)
     try:
         policy = TrainingJobSpec.model_validate(job.get("spec") or {}).run_policy.clean_pod_policy
     except ValidationError:
         policy = CleanPodPolicy.all
-    p.fail(Reason.pod_refused, f"The API refused worker pod {pod}: {message}", policy)
+    p.fail(Reason.pod_refused, f"{by} refused worker pod {pod}: {message}", policy)
     _summary(p.status, p.status.workers.desired if p.status.workers else 0)
     return Plan(actions=tuple(p.actions), status=p.status.to_wire())
 

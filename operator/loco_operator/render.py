@@ -317,7 +317,8 @@ def render_pod(
     if tpl.image_pull_policy:
         container["imagePullPolicy"] = tpl.image_pull_policy
     if tpl.resources:
-        container["resources"] = {k: dict(v) for k, v in tpl.resources.items()}
+        # a quantity may be written as a number (limits: {nvidia.com/gpu: 1}); the client takes strings only
+        container["resources"] = {k: {name: str(q) for name, q in v.items()} for k, v in tpl.resources.items()}
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "hostname": name,

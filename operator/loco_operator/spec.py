@@ -107,7 +107,9 @@ class CleanPodPolicy(str, Enum):
 class RunPolicy(Model):
     """Restarts, deadlines and clean-up."""
 
-    backoff_limit: int = Field(3, ge=0, description="Restarts from the last checkpoint before the job is Failed.")
+    backoff_limit: int = Field(
+        3, ge=0, le=10_000, description="Restarts from the last checkpoint before the job is Failed (at most 10000)."
+    )
     active_deadline_seconds: int | None = Field(None, ge=1, description="Fail the job when it has run longer than this.")
     ttl_seconds_after_finished: int | None = Field(
         None, ge=0, description="Delete the TrainingJob this long after it Succeeded or Failed (None: keep)."

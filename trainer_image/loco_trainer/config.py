@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import re
 from enum import Enum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
@@ -153,8 +153,8 @@ class LrScaling(str, Enum):
 class TrainingSpec(Model):
     """The inner training loop, identical for every algorithm."""
 
-    steps: int = Field(200, ge=1, description="Total inner optimizer steps per worker.")
-    batch_size: int = Field(8, ge=1, description="Sequences per process per step (micro-batch).")
+    steps: int = Field(200, ge=1, le=1_000_000_000, description="Total inner optimizer steps per worker (at most 10^9).")
+    batch_size: int = Field(8, ge=1, le=65_536, description="Sequences per process per step (micro-batch; at most 65536).")
     seq_len: int = Field(128, ge=2, description="Tokens per sequence; must be <= model.gpt.blockSize.")
     lr: float = Field(3e-3, gt=0.0, le=10.0, description="Peak learning rate of the inner AdamW optimizer (at the start world size; see lrScaling).")
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Final lr of the cosine schedule as a fraction of lr.")
@@ -166,7 +166,10 @@ class TrainingSpec(Model):
     eval_every: int = Field(50, ge=0, description="Evaluate every N steps (0: only at the end).")
     eval_batches: int = Field(4, ge=1, description="Batches per evaluation.")
     log_every: int = Field(10, ge=1, description="Log a progress line every N steps.")
-    seed: int = Field(1337, description="Seed for model init, data order and dropout.")
+    seed: int = Field(
+        1337, ge=0, le=2**32 - 1,
+        description="Seed for model init, data order and dropout (0 to 2^32-1; the trainer derives per-rank and per-epoch seeds from it).",
+    )
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Autocast dtype of forward/backward.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' uses CUDA when present, else CPU.")
     batch_rule: BatchRule = Field(
@@ -311,14 +314,24 @@ class AlgorithmSpec(Model):
 # ---------------------------------------------------------------------------------- checkpoint
 
 
+#: An absolute path with no empty, '.' or '..' segment and no NUL, an optional trailing '/' (RE2 and Python
+#: alike: no look-arounds, so the CRD's pattern is this one). A segment is anything without '/' or NUL that
+#: is not '.' or '..': it starts with another character, or is '.' plus one, or '..' plus at least one.
+CLEAN_ABSOLUTE_PATH = r"^(/([^/.\x00][^/\x00]*|\.[^/.\x00][^/\x00]*|\.\.[^/\x00]+))+/?$"
+
+
 class CheckpointSpec(Model):
     """Where and how often checkpoints are written."""
 
     path: str = Field(
         "/checkpoints",
+        min_length=2,
+        max_length=4096,
+        pattern=CLEAN_ABSOLUTE_PATH,
         description=(
             "Directory for checkpoints, shared by all workers (mount a PersistentVolumeClaim there through"
-            " template.volumes/volumeMounts). Each job writes under <path>/<namespace>/<job>."
+            " template.volumes/volumeMounts). Each job writes under <path>/<namespace>/<job>. An absolute, clean"
+            " path: starts with '/', no empty, '.' or '..' segments, no NUL (e.g. /checkpoints)."
         ),
     )
     every_steps: int = Field(50, ge=0, description="Save every N inner steps (0: only at the end).")
@@ -350,7 +363,7 @@ class FaultInjection(Model):
 
     crash_at_step: int | None = Field(None, ge=0, description="Exit with 'exitCode' when reaching this step.")
     exit_code: int = Field(1, ge=1, le=255, description="Exit code of an injected crash.")
-    ranks: list[int] = Field(default_factory=list, description="Global ranks the fault applies to.")
+    ranks: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, description="Global ranks the fault applies to (each >= 0).")
     only_first_attempt: bool = Field(
         True, description="Inject only on the job's first attempt (restart count 0), so the restarted job can succeed."
     )
