@@ -132,9 +132,18 @@ def test_no_verdict_after_a_rank_reported_that_training_finished() -> None:
 
 
 def test_without_the_finished_report_the_same_records_look_like_a_comm_hang() -> None:
-    """The control: what issue 29 saw (two healthy ranks blamed)."""
+    """The control: what issue 29 saw (two healthy ranks blamed), when ranks 0 and 1 still answer
+    after 2 and 3 left #12 but do not say that training finished."""
     det, t0 = _finished_job()
-    assert [(v.kind, v.ranks) for v in det.observe((), (), t0 + 1000.0)] == [(VerdictKind.hang_comm, (0, 1))]
+    hbs = [RankHeartbeat(0, t0 + 0.5), RankHeartbeat(1, t0 + 0.5)]
+    assert [(v.kind, v.ranks) for v in det.observe((), (), t0 + 1000.0, heartbeats=hbs)] == [(VerdictKind.hang_comm, (0, 1))]
+
+
+def test_quiet_ranks_whose_peers_left_the_collective_are_not_held_in_it() -> None:
+    """Ranks 0 and 1 are not heard from after 2 and 3 left #12: their in-flight records are stale
+    (they left too, then went quiet), so nothing holds the job in #12."""
+    det, t0 = _finished_job()
+    assert det.observe((), (), t0 + 1000.0) == []
 
 
 def test_the_live_detector_stops_at_a_finished_report_and_the_trace_says_why(tmp_path) -> None:  # noqa: ANN001
@@ -253,3 +262,23 @@ def test_a_rank_quiet_while_its_peers_keep_reporting_is_still_blamed() -> None:
         verdicts += det.observe((), (), float(t), heartbeats=[RankHeartbeat(r, float(t)) for r in (0, 1, 3)])
     assert [(v.kind, v.ranks, v.seq) for v in verdicts] == [(VerdictKind.hang_noncomm, (2,), None)]
     assert 41.0 <= verdicts[0].at_s <= 43.0
+
+
+def test_a_rank_frozen_inside_a_collective_before_reporting_it_is_the_one_blamed() -> None:
+    """Rank 2 entered #8 right after its last report and froze there; every rank waits inside #8.
+    Live, the entry never shipped and rank 2 is missing from #8 (hang-noncomm); a trace holding
+    the entry must blame rank 2 the same way, not every rank as a comm hang."""
+    det = Detector(DetectorConfig(hang_timeout_floor_seconds=10.0), Topology.uniform(4, 2))
+    offsets = np.array([0.0, 0.01, 0.02, 0.03])
+    for s in range(8):
+        enter = PERIOD * s + offsets
+        det.observe(RecordBatch.from_arrays(rank=np.arange(4), seq=s, enter_s=enter, exit_s=enter.max() + 0.01), (),
+                    enter.max() + 0.01, heartbeats=[RankHeartbeat(r, enter.max() + 0.01) for r in range(4)])
+    t8 = PERIOD * 8
+    det.observe(RecordBatch.from_arrays(rank=np.arange(4), seq=8, enter_s=t8 + offsets), (), t8 + 0.1,
+                heartbeats=[RankHeartbeat(r, t8 + 0.1) for r in (0, 1, 3)] + [RankHeartbeat(2, t8 - 0.5)])
+    verdicts = []
+    for t in np.arange(t8 + 1.0, t8 + 15.0, 1.0):
+        verdicts += det.observe((), (), float(t), heartbeats=[RankHeartbeat(r, float(t)) for r in (0, 1, 3)])
+    assert [(v.kind, v.ranks, v.seq) for v in verdicts] == [(VerdictKind.hang_noncomm, (2,), 8)], [v.message for v in verdicts]
+    assert "stopped reporting" in verdicts[0].message

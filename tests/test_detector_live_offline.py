@@ -4,8 +4,10 @@ replayed by ``loco diagnose`` (:func:`diagnose`), give the same verdicts at the 
 
 Random jobs: 3-6 ranks, one all-reduce per ~1 s step, and at most one of: a rank that freezes
 (SIGSTOP) at any moment, before or after its last answered poll, inside a collective or between
-two; a straggler; the end of training, where ranks exit one by one and may or may not get to
-report ``finished``. Polls come 0.3-2 s apart and a pod misses one now and then.
+two, for good or for a while (SIGCONT); a straggler; the end of training, where ranks exit one by
+one and may or may not get to report ``finished``. Polls come 0.3-2 s apart and a pod misses one
+now and then. A pause lasts either well under the 10 s hang timeout or well over it: one that
+ends within a poll interval of the timeout may be caught by one of the two and not the other.
 """
 
 from __future__ import annotations
@@ -32,11 +34,12 @@ class Pod:
     enter: list[float] = field(default_factory=list)  # by seq: when it entered (only the calls it entered)
     exit: list[float] = field(default_factory=list)  # by seq: when it left (inf: never)
     frozen_at: float = math.inf  # stops answering (and computing) from here
+    resumed_at: float = math.inf  # ... until here
     finished_at: float = math.inf  # training ended: answers "finished" until it exits
     gone_at: float = math.inf  # the process exited: no answer any more
 
     def report(self, t: float, since_seq: int) -> dict | None:
-        if t >= self.frozen_at or t >= self.gone_at:
+        if self.frozen_at <= t < self.resumed_at or t >= self.gone_at:
             return None
         recs = [{"seq": s, "kind": "all_reduce", "nbytes": 4096, "enterS": e, "exitS": x if x <= t else None}
                 for s, (e, x) in enumerate(zip(self.enter, self.exit)) if s > since_seq and e <= t]
@@ -54,15 +57,21 @@ def _job(rng: np.random.Generator) -> tuple[list[Pod], float]:
     if fault == "straggler":
         slow[victim] = rng.uniform(1.3, 2.0)
     ready = np.zeros(world)
-    t_freeze = math.inf
+    t_freeze = t_resume = math.inf
     if fault == "freeze":
         t_freeze = float(rng.uniform(2.0, steps * 1.1))
-        pods[victim].frozen_at = t_freeze
+        if rng.random() < 0.5:
+            t_resume = t_freeze + float(rng.uniform(3.0, 7.0) if rng.random() < 0.3 else rng.uniform(17.0, 80.0))
+        pods[victim].frozen_at, pods[victim].resumed_at = t_freeze, t_resume
     for _ in range(steps):
         enter = ready + rng.uniform(0.9, 1.1, world) * slow
-        entered = enter < np.where(np.arange(world) == victim, t_freeze, math.inf)
+        if t_freeze <= enter[victim] < t_resume:
+            enter[victim] += t_resume - t_freeze  # it computes nothing while stopped
+        entered = enter < math.inf
         done_at = float(enter.max()) + rng.uniform(0.01, 0.05)
-        completes = entered.all() and done_at < t_freeze
+        if enter[victim] < t_freeze < done_at:
+            done_at += t_resume - t_freeze  # stopped inside: nobody leaves until it wakes
+        completes = bool(entered.all()) and math.isfinite(done_at)
         for r in np.flatnonzero(entered):
             pods[r].enter.append(float(enter[r]))
             pods[r].exit.append(done_at + 0.001 * r if completes else math.inf)

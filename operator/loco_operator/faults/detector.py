@@ -11,7 +11,10 @@ fault, not noise (C4, arXiv 2406.04594). The detector applies four rules:
    waiting in #n: its in-flight record may be stale (it went on, then froze before reporting).
 2. **hang-comm** - every rank entered #n, it never completes: blame the stalled connection
    (``LinkSample.seconds = inf``, or the peers of unfinished send/recv), or its endpoint when
-   all stalled connections share one rank or node.
+   all stalled connections share one rank or node. A rank silent since its peers left #n left it
+   too (stale record); ranks silent since the last one entered, while all wait inside, froze
+   there and are blamed as hang-noncomm (what the live view, lacking their entry, says too).
+   One hang verdict per collective.
 3. **slow-noncomm** - a rank keeps *entering* collectives late: lateness
    ``enter - median(enter)`` above ``max(minLatenessSeconds, madMultiplier * 1.4826 * MAD)``
    in informative collectives in a row until its evidence score reaches ``consecutive`` (see
@@ -438,6 +441,9 @@ class Detector:
         inside = np.zeros(self._n, dtype=bool)
         for s in sorted(self._open):
             col = self._open[s]
+            # one verdict per stalled collective: once a hang rule fired on it, what the next reports
+            # show of the same stall (a frozen rank that woke up inside it) is not a second fault
+            reported = s in self._hang_seqs
             seen = ~np.isnan(col.enter_s)
             entered = seen | (self._rank_max_seq > s)
             if not entered.all():
@@ -452,7 +458,7 @@ class Detector:
                 # its last report: that report's in-flight call no longer vouches for it
                 stale = self._last_heard < started  # NaN (never heard: no heartbeats) compares False
                 missing = ~entered & ~(inside & ~stale)
-                if waited > noncomm_timeout and missing.any():
+                if waited > noncomm_timeout and missing.any() and not reported:
                     verdicts += self._noncomm_hang(col, np.flatnonzero(missing), int(entered.sum()), waited, noncomm_timeout, now_s)
                 inside |= waiting
                 continue
@@ -460,9 +466,26 @@ class Detector:
             stuck = np.isnan(col.exit_s) & (self._rank_max_exit_seq <= s)
             if not stuck.any() or (self._rank_max_exit_seq > s).any():
                 continue  # some rank completed a later collective: this one is not what blocks the job
-            waited = now_s - float(np.nanmax(col.enter_s))
-            if waited > comm_timeout:
-                verdicts += self._comm_hang(col, stuck, waited, comm_timeout, now_s)
+            left = ~np.isnan(col.exit_s)
+            if left.any():
+                # the ranks that left it say it completed; a rank still "inside" that has not been
+                # heard from since went on after its last report (later records unshipped), then
+                # stopped: it is not held here (the rule above finds it where its peers wait)
+                stuck &= ~(self._last_heard < float(np.nanmin(col.exit_s[left])))
+                if not stuck.any():
+                    continue
+            full_s = float(np.nanmax(col.enter_s))
+            waited = now_s - full_s
+            if waited > comm_timeout and not reported:
+                # ranks silent since before the last one entered may have entered and frozen there
+                # (a stopped process): they are the fault, as if they had never entered, which is
+                # how the live detector sees them when that entry was never shipped
+                quiet = stuck & (self._last_heard < full_s)
+                if quiet.any() and not left.any() and quiet.sum() * 2 <= self._n:
+                    verdicts += self._noncomm_hang(col, np.flatnonzero(quiet), self._n, waited, comm_timeout, now_s,
+                                                   frozen_inside=True)
+                else:
+                    verdicts += self._comm_hang(col, stuck, waited, comm_timeout, now_s)
         if not verdicts and self._stalled and inside.all():
             verdicts += self._chain_hang(comm_timeout, now_s)
         return verdicts
@@ -510,7 +533,8 @@ class Detector:
         ))
 
     def _noncomm_hang(
-        self, col: _OpenCollective, missing: np.ndarray, n_entered: int, waited: float, timeout: float, now_s: float
+        self, col: _OpenCollective, missing: np.ndarray, n_entered: int, waited: float, timeout: float, now_s: float,
+        *, frozen_inside: bool = False,
     ) -> list[Verdict]:
         self._hang_seqs.add(col.seq)
         silent = [int(r) for r in missing if not np.isnan(self._last_heard[r])
@@ -524,11 +548,15 @@ class Detector:
         }
         shown = ", ".join(str(int(r)) for r in missing[:16]) + (" ..." if missing.size > 16 else "")
         where = f" (node {node})" if node else ""
-        return self._once(self._verdict(
-            VerdictKind.hang_noncomm, missing, None, node, col.seq, evidence, now_s,
-            f"rank(s) {shown}{where} never entered collective #{col.seq} ({KINDS[col.kind]}) while {n_entered} peers "
-            f"have waited {evidence['waited_s']} s (timeout {evidence['timeout_s']} s)",
-        ))
+        if frozen_inside:
+            evidence["reason"] = "stopped reporting before every rank was inside; all wait inside it"
+            message = (f"rank(s) {shown}{where} stopped reporting before collective #{col.seq} ({KINDS[col.kind]}) was "
+                       f"entered by all, and every rank has waited inside it for {evidence['waited_s']} s (timeout "
+                       f"{evidence['timeout_s']} s): the stopped rank(s), not a connection")
+        else:
+            message = (f"rank(s) {shown}{where} never entered collective #{col.seq} ({KINDS[col.kind]}) while "
+                       f"{n_entered} peers have waited {evidence['waited_s']} s (timeout {evidence['timeout_s']} s)")
+        return self._once(self._verdict(VerdictKind.hang_noncomm, missing, None, node, col.seq, evidence, now_s, message))
 
     def _comm_hang(self, col: _OpenCollective, stuck: np.ndarray, waited: float, timeout: float, now_s: float) -> list[Verdict]:
         self._hang_seqs.add(col.seq)
