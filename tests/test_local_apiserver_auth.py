@@ -237,3 +237,11 @@ async def test_the_server_serves_tls_when_given_a_context(tmp_path):
         assert stat.S_IMODE(os.stat(tmp_path / "pki" / "loco-local-apiserver.key").st_mode) == 0o600
     finally:
         await srv.stop()
+
+
+@pytest.mark.parametrize("depth", [600, 2_000, 5_000])
+async def test_a_deeply_nested_body_is_400_never_500(server, depth):
+    body = '{"metadata": {"name": "deep"}, "data": {"k": ' + "[" * depth + "]" * depth + "}}"
+    status, answer, _ = await call(server, "POST", CMS, body.encode(), {**server.auth_headers, "Content-Type": "application/json"})
+    assert (status, answer["reason"]) == (400, "BadRequest")
+    assert (await call(server, "GET", "/healthz"))[0] == 200

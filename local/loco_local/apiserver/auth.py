@@ -28,6 +28,9 @@ BODY_TYPES = ("application/json", "application/yaml", "application/vnd.kubernete
 MAX_BODY_BYTES = 3 * 1024 * 1024
 #: how many nodes a YAML body may hold once its aliases are expanded (the same order as the JSON a 3 MiB body holds)
 MAX_YAML_NODES = 1_000_000
+#: how deep a body may nest: kube-apiserver reads 10,000 levels, this Python server copies objects recursively,
+#: so it stops well before its interpreter would (a difference listed in docs/local-cluster.md)
+MAX_DEPTH = 500
 
 
 def new_token() -> str:
@@ -87,3 +90,16 @@ def load_yaml(raw: bytes) -> Any:
 
     walk(doc)
     return doc
+
+
+def check_depth(doc: Any) -> None:
+    """400 for a body nested deeper than :data:`MAX_DEPTH` (walked without recursion)."""
+    stack = [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise APIError(400, "BadRequest", f"the request body is nested more than {MAX_DEPTH} levels deep")
+        if isinstance(node, dict):
+            stack.extend((value, depth + 1) for value in node.values())
+        elif isinstance(node, list):
+            stack.extend((item, depth + 1) for item in node)

@@ -283,9 +283,9 @@ class APIServer:
         if content_type == protobuf.CONTENT_TYPE:
             return protobuf.decode(raw)
         try:
-            if "yaml" in content_type:
-                return auth.load_yaml(raw)
-            return json.loads(raw)
+            doc = auth.load_yaml(raw) if "yaml" in content_type else json.loads(raw)
+            auth.check_depth(doc)
+            return doc
         except (ValueError, yaml.YAMLError) as exc:
             raise errors.bad_request(f"the request body is not valid JSON: {exc}") from exc
         except RecursionError as exc:
