@@ -4,18 +4,14 @@ with its messages, and the process kubelet refuses again (it also runs pods it d
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import textwrap
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 import pytest
 
-from loco_local.apiclient import ApiError
 from loco_local.apiserver.errors import APIError
 from loco_local.apiserver.operations import Operations
 from loco_local.apiserver.resources import Registry
@@ -25,6 +21,7 @@ from loco_local.cluster import LocalCluster
 from loco_local.nodes import NodeSpec
 from loco_local.podpaths import (PathError, container_path, local_path_problems, open_within, pod_path_problems,
                                  resolve_within, volume_path)
+from test_local_kubelet import wait_for  # the kubelet tests' poll
 
 pytestmark = pytest.mark.timeout(120)
 NS = "default"
@@ -159,21 +156,6 @@ async def cluster(tmp_path: Path) -> AsyncIterator[LocalCluster]:
         yield c
     finally:
         await c.stop()
-
-
-async def wait_for(fetch: Callable[[], Awaitable[Any]], check: Callable[[Any], bool], what: str,
-                   timeout_s: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    value: Any = None
-    while time.monotonic() < deadline:
-        try:
-            value = await fetch()
-            if check(value):
-                return value
-        except ApiError as exc:
-            value = exc
-        await asyncio.sleep(0.1)
-    pytest.fail(f"timed out waiting for {what}; last value: {json.dumps(value, default=str)[:3000]}")
 
 
 def python_pod(name: str, script: str, container: dict | None = None, volumes: list | None = None) -> dict:

@@ -7,17 +7,13 @@ import asyncio
 import json
 import os
 import textwrap
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 import pytest
 
-from loco_local.apiclient import ApiError
 from loco_local.cluster import LocalCluster
-from loco_local.nodes import NodeSpec
 from loco_local.podpaths import MountStep, plan_mounts
+from test_local_pod_paths import cluster, wait_for  # noqa: F401 - the fixture and the poll they share
 
 pytestmark = pytest.mark.timeout(120)
 NS = "default"
@@ -47,32 +43,6 @@ def test_directories_between_a_volume_and_a_nested_mount_show_the_volume():
 
 
 # ------------------------------------------------------------------------------ the kubelet
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[LocalCluster]:
-    c = LocalCluster(tmp_path / "state", [NodeSpec("node-0", cpu="8", memory="8Gi")], crd_paths=[],
-                     restart_backoff_s=0.2)
-    await c.start()
-    try:
-        yield c
-    finally:
-        await c.stop()
-
-
-async def wait_for(fetch: Callable[[], Awaitable[Any]], check: Callable[[Any], bool], what: str,
-                   timeout_s: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    value: Any = None
-    while time.monotonic() < deadline:
-        try:
-            value = await fetch()
-            if check(value):
-                return value
-        except ApiError as exc:
-            value = exc
-        await asyncio.sleep(0.1)
-    pytest.fail(f"timed out waiting for {what}; last value: {json.dumps(value, default=str)[:3000]}")
 
 
 def claim_pod(name: str, script: str, mounts: list[dict], volumes: list[dict]) -> dict:
