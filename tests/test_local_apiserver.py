@@ -112,6 +112,27 @@ async def test_generate_name_and_invalid_name(api):
     assert status == 422 and body["reason"] == "Invalid" and body["details"]["causes"][0]["field"] == "metadata.name"
 
 
+@pytest.mark.parametrize("plural, kind, field, value, go_kind", [
+    ("configmaps", "ConfigMap", "data", {"k": 1}, "number"),
+    ("configmaps", "ConfigMap", "binaryData", {"k": ["x"]}, "array"),
+    ("secrets", "Secret", "stringData", {"k": True}, "bool"),
+    ("secrets", "Secret", "data", {"k": {"x": "y"}}, "object"),
+])
+async def test_data_that_is_not_strings_is_a_400_and_nothing_is_stored(api, plural, kind, field, value, go_kind):
+    """kube-apiserver's decoder refuses these before validation; the embedded server once stored them."""
+    path = f"/api/v1/namespaces/default/{plural}"
+    status, body = await api.post(path, {"metadata": {"name": "d"}, field: value})
+    assert (status, body["reason"]) == (400, "BadRequest")
+    assert body["message"] == (f'{kind} in version "v1" cannot be handled as a {kind}: json: cannot unmarshal '
+                               f"{go_kind} into Go struct field {kind}.{field} of type string")
+    assert (await api.get(f"{path}/d"))[0] == 404
+    # nor can an update put it there
+    _, good = await api.post(path, {"metadata": {"name": "d"}, field: {"k": "MQ=="}})
+    good[field if field != "stringData" else "data"] = value  # stringData is folded into data on create
+    status, body = await api.put(f"{path}/d", good)
+    assert status == 400 and "cannot be handled" in body["message"]
+
+
 async def test_resource_version_changes_on_every_write_and_put_conflicts_when_stale(api):
     path = "/api/v1/namespaces/default/configmaps"
     _, first = await api.post(path, {"metadata": {"name": "c"}, "data": {"k": "1"}})

@@ -11,6 +11,7 @@ import shutil
 import ssl
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import aiohttp
@@ -18,7 +19,7 @@ import pytest
 from aiohttp import web
 from click.testing import CliRunner
 
-from loco_local.apiserver import APIServer
+from loco_local.apiserver import APIServer, auth
 from loco_local.apiserver.auth import MAX_BODY_BYTES
 from loco_local.cli import local as local_cli
 from loco_local.cluster import LocalCluster, is_loopback
@@ -239,9 +240,28 @@ async def test_the_server_serves_tls_when_given_a_context(tmp_path):
         await srv.stop()
 
 
-@pytest.mark.parametrize("depth", [600, 2_000, 5_000])
-async def test_a_deeply_nested_body_is_400_never_500(server, depth):
-    body = '{"metadata": {"name": "deep"}, "data": {"k": ' + "[" * depth + "]" * depth + "}}"
-    status, answer, _ = await call(server, "POST", CMS, body.encode(), {**server.auth_headers, "Content-Type": "application/json"})
-    assert (status, answer["reason"]) == (400, "BadRequest")
+@pytest.mark.parametrize("depth", [auth.MAX_DEPTH - 2, auth.MAX_DEPTH - 1, 2_000, 5_000, 50_000])
+@pytest.mark.parametrize("recursion_limit", [1_000, 30_000])  # Python's default; the operator's (loco_operator.cli)
+async def test_a_deeply_nested_body_is_400_never_500(server, depth, recursion_limit):
+    """Past MAX_DEPTH levels a body is a 400 naming the limit. Up to it, the body gets past the depth check where
+    the process allows the recursion, and is a 400 where the JSON decoder itself gives up first; never a 500."""
+    name = f"deep-{depth}-{recursion_limit}"
+    body = '{"metadata": {"name": "%s"}, "data": {"k": ' % name + "[" * depth + "]" * depth + "}}"  # depth + 2 levels
+    before = sys.getrecursionlimit()
+    sys.setrecursionlimit(recursion_limit)
+    try:
+        status, answer, _ = await call(server, "POST", CMS, body.encode(),
+                                       {**server.auth_headers, "Content-Type": "application/json"})
+    finally:
+        sys.setrecursionlimit(before)
+    if depth + 2 > auth.MAX_DEPTH:
+        assert (status, answer["reason"]) == (400, "BadRequest"), answer
+        assert "nested" in answer["message"]
+    elif recursion_limit > 10 * depth:
+        # past the depth check: what refuses it is the ConfigMap's type (its data holds strings), as on kube-apiserver
+        assert (status, answer["reason"]) == (400, "BadRequest")
+        assert "cannot unmarshal array into Go struct field ConfigMap.data of type string" in answer["message"]
+    else:
+        assert (status, answer["reason"]) == (400, "BadRequest"), answer
+        assert "nested too deeply" in answer["message"]
     assert (await call(server, "GET", "/healthz"))[0] == 200

@@ -10,7 +10,10 @@ cache=${LOCO_KUBE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/loco/kube}
 out=$cache/$key
 if [ -x "$out/loco-kube" ] && [ -x "$out/helm" ]; then echo "$out"; exit 0; fi
 command -v go >/dev/null || { echo "make kube: 'go' is not on PATH (Go 1.26 builds the control plane)" >&2; exit 1; }
-free_kb=$(df -Pk "$(go env GOMODCACHE | xargs dirname)" | awk 'NR==2 {print $4}')
+# a fresh machine has no module cache yet: create it so df measures the disk it will fill
+modcache=$(go env GOMODCACHE)
+mkdir -p "$modcache"
+free_kb=$(df -Pk "$modcache" | awk 'NR==2 {print $4}')
 if [ "$free_kb" -lt $((6 * 1024 * 1024)) ]; then
   echo "make kube: $((free_kb / 1024)) MiB free for the Go module and build caches; the cold build needs about 6 GiB" >&2
   exit 1

@@ -242,7 +242,10 @@ class Operations:
             obj.setdefault("spec", {}).setdefault("finalizers", ["kubernetes"])
             obj["status"] = {"phase": "Active"}
         elif rt.group == "" and rt.plural == "secrets":
+            _refuse_undecodable_string_maps(rt, obj)
             _fold_string_data(obj)
+        elif rt.group == "" and rt.plural == "configmaps":
+            _refuse_undecodable_string_maps(rt, obj)
         elif rt.plural == "customresourcedefinitions":
             self._prepare_crd(obj, None)
 
@@ -349,6 +352,8 @@ class Operations:
                     raise self._invalid(rt, name, [("metadata.finalizers", (
                         f"metadata.finalizers: Forbidden: no new finalizers can be added if the object is being "
                         f"deleted, found new finalizers {sorted(added)}"))])
+            if rt.group == "" and rt.plural in STRING_MAPS:
+                _refuse_undecodable_string_maps(rt, new)
             if rt.group == "" and rt.plural == "secrets":
                 _fold_string_data(new)
             if rt.plural == "customresourcedefinitions":
@@ -763,6 +768,37 @@ def _qos_class(spec: Obj) -> str:
         r.get("limits", {}).get(k) and r.get("requests", r.get("limits", {})).get(k) == r["limits"][k]
         for r in resources for k in ("cpu", "memory"))
     return "Guaranteed" if guaranteed else "Burstable"
+
+
+#: the string-to-string maps of the core kinds that hold data (Go: map[string]string or map[string][]byte)
+STRING_MAPS = {"configmaps": ("data", "binaryData"), "secrets": ("data", "stringData")}
+
+
+def _refuse_undecodable_string_maps(rt: ResourceType, obj: Obj) -> None:
+    """400 as kube-apiserver's decoder answers when a ConfigMap's or Secret's data holds anything but strings
+    (before validation: a list or a number there never reaches storage)."""
+    for field in STRING_MAPS[rt.plural]:
+        values = obj.get(field)
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            problem = f"json: cannot unmarshal {_json_kind(values)} into Go struct field {rt.kind}.{field} of type map"
+        else:
+            wrong = next(((k, v) for k, v in values.items() if not isinstance(v, str)), None)
+            if wrong is None:
+                continue
+            problem = (f"json: cannot unmarshal {_json_kind(wrong[1])} into Go struct field {rt.kind}.{field} "
+                       f"of type string")
+        raise errors.bad_request(f"{rt.kind} in version \"v1\" cannot be handled as a {rt.kind}: {problem}")
+
+
+def _json_kind(value: Any) -> str:
+    """The JSON kind Go's decoder names in its 'cannot unmarshal' message."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {dict: "object", list: "array", str: "string", type(None): "null"}.get(type(value), type(value).__name__)
 
 
 def _fold_string_data(secret: Obj) -> None:

@@ -124,6 +124,7 @@ class APIServer:
     async def start(self) -> None:
         """Serve in the running event loop; returns once the socket listens (``url`` is then final)."""
         self._stopping.clear()
+        auth.allow_max_depth()
         self.store.open()
         self._runner = web.AppRunner(self.build_app(), access_log=None, shutdown_timeout=2.0)
         await self._runner.setup()
