@@ -131,6 +131,10 @@ async def test_data_that_is_not_strings_is_a_400_and_nothing_is_stored(api, plur
     good[field if field != "stringData" else "data"] = value  # stringData is folded into data on create
     status, body = await api.put(f"{path}/d", good)
     assert status == 400 and "cannot be handled" in body["message"]
+    # a patch that would: 422 naming the field "patch" (kube-apiserver decodes the patched object)
+    status, body = await api.patch(f"{path}/d", {field: value})
+    assert (status, body["reason"], body["details"]["causes"][0]["field"]) == (422, "Invalid", "patch")
+    assert body["message"].endswith(f"into Go struct field {kind}.{field} of type string")
 
 
 async def test_resource_version_changes_on_every_write_and_put_conflicts_when_stale(api):

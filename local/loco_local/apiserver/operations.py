@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import copy
 import datetime as dt
+import json
 import math
 import random
 import re
@@ -313,6 +314,11 @@ class Operations:
         patched = patching.apply_patch(base, content_type, body, custom=rt.is_custom)
         if not isinstance(patched, dict):
             raise errors.bad_request("the patch result is not an object")
+        if rt.group == "" and rt.plural in STRING_MAPS and (problem := _undecodable_string_map(rt, patched)):
+            # a patch whose result cannot be decoded: kube-apiserver answers 422 naming the field "patch"
+            raise APIError(422, "Invalid", f' "" is invalid: patch: Invalid value: {json.dumps(json.dumps(patched))}: '
+                           f"{problem}", {"causes": [{"reason": "FieldValueInvalid", "field": "patch",
+                                                      "message": f"Invalid value: ...: {problem}"}]})
         new = self._decode(rt, patched)
         return self._write_update(rt, old, new, subresource, dry_run, field_validation, warnings)
 
@@ -774,22 +780,26 @@ def _qos_class(spec: Obj) -> str:
 STRING_MAPS = {"configmaps": ("data", "binaryData"), "secrets": ("data", "stringData")}
 
 
-def _refuse_undecodable_string_maps(rt: ResourceType, obj: Obj) -> None:
-    """400 as kube-apiserver's decoder answers when a ConfigMap's or Secret's data holds anything but strings
-    (before validation: a list or a number there never reaches storage)."""
+def _undecodable_string_map(rt: ResourceType, obj: Obj) -> str | None:
+    """What kube-apiserver's decoder says of a ConfigMap's or Secret's data holding anything but strings."""
     for field in STRING_MAPS[rt.plural]:
         values = obj.get(field)
         if values is None:
             continue
         if not isinstance(values, dict):
-            problem = f"json: cannot unmarshal {_json_kind(values)} into Go struct field {rt.kind}.{field} of type map"
-        else:
-            wrong = next(((k, v) for k, v in values.items() if not isinstance(v, str)), None)
-            if wrong is None:
-                continue
-            problem = (f"json: cannot unmarshal {_json_kind(wrong[1])} into Go struct field {rt.kind}.{field} "
-                       f"of type string")
-        raise errors.bad_request(f"{rt.kind} in version \"v1\" cannot be handled as a {rt.kind}: {problem}")
+            return f"json: cannot unmarshal {_json_kind(values)} into Go struct field {rt.kind}.{field} of type map"
+        wrong = next((v for v in values.values() if not isinstance(v, str)), None)
+        if wrong is not None:
+            return f"json: cannot unmarshal {_json_kind(wrong)} into Go struct field {rt.kind}.{field} of type string"
+    return None
+
+
+def _refuse_undecodable_string_maps(rt: ResourceType, obj: Obj) -> None:
+    """400 as kube-apiserver answers a create or update it cannot decode (before validation: a list or a
+    number in a ConfigMap's data never reaches storage)."""
+    problem = _undecodable_string_map(rt, obj)
+    if problem:
+        raise errors.bad_request(f'{rt.kind} in version "v1" cannot be handled as a {rt.kind}: {problem}')
 
 
 def _json_kind(value: Any) -> str:
