@@ -291,6 +291,21 @@ def test_last_checkpoint_never_goes_backwards():
     assert list(result.actions) == [EmitEvent("Normal", "CheckpointCommitted", "Checkpoint committed at step 120: /ckpt/ns/j/step-120")]
 
 
+def test_step_never_reads_0_while_the_workers_of_a_restart_start():
+    """Issue 30 #7: during a restart the starting workers report step 0 for a few seconds; the job's step
+    stays where it was until they report from the resumed checkpoint."""
+    status = running_status(step=150, membershipEpoch=1, lastCheckpoint={"step": 100, "path": "/c/100", "time": "t"})
+    starting = {f"j-worker-{r}": report(r, 0, state="starting", epoch=1) for r in (0, 1)}
+    result = plan(job(status=status), children(pod(0, epoch=1), pod(1, epoch=1), reports=starting), NOW)
+    assert result.status["step"] == 150
+    resumed = {**starting, "j-worker-1": report(1, 101, epoch=1)}
+    result = plan(job(status=result.status), children(pod(0, epoch=1), pod(1, epoch=1), reports=resumed), NOW)
+    assert result.status["step"] == 101  # the resumed checkpoint's work is redone: the step says where it is
+    # a fresh job's first reports are its step
+    fresh = plan(job(), children(pod(0), pod(1), reports={"j-worker-0": report(0, 0, state="starting")}), NOW)
+    assert fresh.status["step"] == 0
+
+
 def test_failed_checkpoint_save_emits_one_warning_and_keeps_the_resume_point():
     status = running_status(lastCheckpoint={"step": 40, "path": "/c/40", "time": "t"})
     error = "checkpoint step 60 failed: rank 1: OSError: [Errno 28] No space left on device"

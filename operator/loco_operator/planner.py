@@ -464,10 +464,14 @@ def _progress(p: _Planner, spec: TrainingJobSpec, current: Sequence[ObservedPod]
         if report is not None:
             reports.append(report)
     if reports:
-        # a worker still loading (a joiner of a live grow, state starting) reports step 0 until it
-        # adopts the running workers' step: the job's step comes from the others, so it never drops
-        counted = [r for r in reports if r.state != WorkerState.starting] or reports
-        st.step = min(r.step for r in counted)
+        # a worker still loading (a joiner of a live grow, the workers of a restart, state starting) reports
+        # step 0 until it has resumed or adopted the running workers' step: the job's step comes from the
+        # others, and while every worker is starting it stays where it was (a restart never shows step 0)
+        counted = [r for r in reports if r.state != WorkerState.starting]
+        if counted:
+            st.step = min(r.step for r in counted)
+        elif st.step is None:
+            st.step = min(r.step for r in reports)
         st.total_steps = max([spec.training.steps, *(r.total_steps for r in reports)])
         by_rank = sorted(reports, key=lambda r: r.replica_index)
         # rounded for display (`kubectl get tj` prints numbers as stored)
