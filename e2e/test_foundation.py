@@ -152,3 +152,55 @@ def test_suspend_deletes_the_workers_and_resume_carries_on_from_the_checkpoint(s
     assert "Suspended" in reasons and "Resumed" in reasons, reasons
     resumed = [e["message"] for e in stack.events(name) if e["reason"] == "WorkersCreated"][-1]
     assert f"resuming from step {kept}" in resumed, resumed
+
+
+def test_a_job_created_again_under_a_deleted_jobs_name_starts_fresh_unless_it_adopts_the_old_checkpoints(
+        stack: LocalStack) -> None:
+    """Issue 30 #6: the checkpoints live under <path>/<namespace>/<name>, so a new job of a deleted job's name
+    found them and, the old job having finished, 'succeeded' at once without training. Now it starts at
+    step 0 with the old checkpoints kept aside, or resumes from them when it asks to."""
+    name = "again"
+
+    def run(job: dict) -> dict:
+        stack.apply(job)
+        try:
+            done = stack.wait_for_phase(name, {"Succeeded", "Failed"}, timeout_s=TIMEOUT_S)
+        except TimeoutError:
+            raise AssertionError(dump_debug(stack, name)) from None
+        assert done["status"]["phase"] == "Succeeded", dump_debug(stack, name)
+        return done
+
+    def delete() -> None:
+        stack.kubectl("delete", "tj", name, "--wait=true", timeout_s=120)
+        stack.wait_for(lambda: stack.get_job(name) is None and not worker_processes(name), timeout_s=120,
+                       what="the job and its workers gone")
+
+    first = run(small_job(name, steps=20))
+    assert "previousJob" not in first["status"]
+    delete()
+
+    second = run(small_job(name, steps=20))
+    prev = second["status"]["previousJob"]
+    assert (prev["uid"], prev["steps"], prev["adopted"]) == (first["metadata"]["uid"], [10, 20], False), prev
+    cond = next(c for c in second["status"]["conditions"] if c["type"] == "ResumedFromPreviousJob")
+    assert (cond["status"], cond["reason"]) == ("False", "PreviousJobKept"), cond
+    # the first job's checkpoints are on the volume still, whole, where the condition says
+    kept = list((stack.state_dir / "volumes").rglob(f"previous-job-{prev['uid']}"))
+    assert kept and sorted(p.name for p in kept[0].glob("step-*")) == ["step-00000010", "step-00000020"], kept
+    assert prev["path"].endswith(f"/default/{name}/previous-job-{prev['uid']}")
+    # and this one trained from step 0: its own step 10 and 20 beside them, written after them
+    root = kept[0].parent
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-00000010", "step-00000020"]
+    written = {step: (root / f"step-000000{step}" / "manifest.json").stat().st_mtime for step in (10, 20)}
+    assert written[10] > (kept[0] / "step-00000020" / "manifest.json").stat().st_mtime
+    delete()
+
+    third = run(small_job(name, steps=30, checkpoint__adoptPreviousJob=True))
+    prev = third["status"]["previousJob"]
+    assert (prev["uid"], prev["adopted"]) == (second["metadata"]["uid"], True), prev
+    cond = next(c for c in third["status"]["conditions"] if c["type"] == "ResumedFromPreviousJob")
+    assert (cond["status"], cond["reason"]) == ("True", "PreviousJobAdopted"), cond
+    assert third["status"]["step"] == 30 and not list(root.glob(f"previous-job-{second['metadata']['uid']}"))
+    # it resumed from the second job's step 20 (left as it was) and wrote step 30
+    assert (root / "step-00000020" / "manifest.json").stat().st_mtime == written[20]
+    assert (root / "step-00000030" / "manifest.json").exists()

@@ -306,6 +306,25 @@ def test_step_never_reads_0_while_the_workers_of_a_restart_start():
     assert fresh.status["step"] == 0
 
 
+@pytest.mark.parametrize("adopted", [False, True])
+def test_a_previous_jobs_checkpoints_are_named_in_a_condition_and_one_event(adopted):
+    """Issue 30 #6: a job created under a deleted job's name says whether it started fresh or resumed from
+    the predecessor's checkpoints, and where they are."""
+    where = "/ckpt/ns/j/previous-job-old" if not adopted else "/ckpt/ns/j"
+    prev = {"uid": "old", "steps": [100, 200], "adopted": adopted, "path": where}
+    reports = {"j-worker-0": report(0, 0, state="starting", previousJob=prev), "j-worker-1": report(1, 0, state="starting")}
+    result = plan(job(status=running_status()), children(pod(0), pod(1), reports=reports), NOW)
+    cond = next(c for c in result.status["conditions"] if c["type"] == "ResumedFromPreviousJob")
+    assert cond["status"] == ("True" if adopted else "False")
+    assert cond["reason"] == ("PreviousJobAdopted" if adopted else "PreviousJobKept")
+    assert "uid old, steps 100, 200" in cond["message"] and where in cond["message"]
+    assert result.status["previousJob"] == prev
+    events = [a for a in result.actions if isinstance(a, EmitEvent) and a.reason == cond["reason"]]
+    assert [e.type for e in events] == ["Normal" if adopted else "Warning"]
+    again = plan(job(status=result.status), children(pod(0), pod(1), reports=reports), NOW)
+    assert not any(isinstance(a, EmitEvent) and a.reason == cond["reason"] for a in again.actions)  # said once
+
+
 def test_failed_checkpoint_save_emits_one_warning_and_keeps_the_resume_point():
     status = running_status(lastCheckpoint={"step": 40, "path": "/c/40", "time": "t"})
     error = "checkpoint step 60 failed: rank 1: OSError: [Errno 28] No space left on device"

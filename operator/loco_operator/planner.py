@@ -60,6 +60,7 @@ from .spec import (
     FailureRecord,
     FaultRecord,
     Phase,
+    PreviousJobStatus,
     TrainingJobSpec,
     TrainingJobStatus,
     WorkersStatus,
@@ -101,6 +102,8 @@ class Reason(str, Enum):
     node_avoidance_expired = "NodeAvoidanceExpired"
     force_deleted = "ForceDeleted"
     pod_refused = "PodRefused"
+    previous_job_kept = "PreviousJobKept"
+    previous_job_adopted = "PreviousJobAdopted"
 
 
 class ConditionType(str, Enum):
@@ -110,6 +113,7 @@ class ConditionType(str, Enum):
     succeeded = "Succeeded"
     failed = "Failed"
     suspended = "Suspended"
+    resumed_from_previous_job = "ResumedFromPreviousJob"
 
 
 class EventType(str, Enum):
@@ -405,8 +409,9 @@ class _Planner:
     def event(self, type_: EventType, reason: Reason, message: str) -> None:
         self.actions.append(EmitEvent(type_.value, reason.value, message))
 
-    def condition(self, type_: ConditionType, status: bool, reason: Reason, message: str) -> None:
-        """Set a condition; lastTransitionTime changes only when its status does."""
+    def condition(self, type_: ConditionType, status: bool, reason: Reason, message: str, *, record_false: bool = False) -> None:
+        """Set a condition; lastTransitionTime changes only when its status does. A condition that never held
+        is recorded as False only with ``record_false`` (when False is itself the news)."""
         value = "True" if status else "False"
         conditions = list(self.status.conditions)
         for i, cond in enumerate(conditions):
@@ -420,7 +425,7 @@ class _Planner:
                 )
                 break
         else:
-            if not status:
+            if not status and not record_false:
                 return  # a condition that never held is not worth recording as False
             conditions.append(
                 Condition(type=type_.value, status=value, reason=reason.value, message=message,
@@ -496,6 +501,7 @@ def _progress(p: _Planner, spec: TrainingJobSpec, current: Sequence[ObservedPod]
                 p.event(EventType.warning, Reason.checkpoint_skipped,
                         f"Checkpoint {skipped.path} (step {skipped.step}) failed verification and was skipped "
                         f"({skipped.reason}): {skipped.message}")
+    _previous_job(p)
     # a failed background save: the workers go on and the previous checkpoint stays the resume point
     errors = [r.checkpoint_error for r in p.observed.reports.values() if r.checkpoint_error]
     newest = max(errors, key=_checkpoint_error_order, default=None)
@@ -504,6 +510,30 @@ def _progress(p: _Planner, spec: TrainingJobSpec, current: Sequence[ObservedPod]
         p.event(EventType.warning, Reason.checkpoint_failed,
                 f"Checkpoint save failed (training continues; resume point stays "
                 f"{'step ' + str(st.last_checkpoint.step) if st.last_checkpoint else 'the start'}): {newest}")
+
+
+def _previous_job(p: _Planner) -> None:
+    """A job created under the name of a deleted one found its checkpoints: say once what was done with them
+    (set aside and started fresh, or resumed from: spec.checkpoint.adoptPreviousJob)."""
+    st = p.status
+    found = [r.previous_job for r in p.observed.reports.values() if r.previous_job is not None]
+    found += [pod.termination_report.previous_job for pod in p.observed.pods
+              if pod.termination_report is not None and pod.termination_report.previous_job is not None]
+    if not found or st.previous_job is not None:
+        return
+    prev = found[0]
+    st.previous_job = PreviousJobStatus(uid=prev.uid, steps=prev.steps, adopted=prev.adopted, path=prev.path)
+    steps = ", ".join(map(str, prev.steps))
+    if prev.adopted:
+        reason, message = Reason.previous_job_adopted, (
+            f"Resumed from the checkpoints of an earlier job of this name (uid {prev.uid}, steps {steps}) in {prev.path}, "
+            f"as spec.checkpoint.adoptPreviousJob asks")
+    else:
+        reason, message = Reason.previous_job_kept, (
+            f"Started from step 0: the checkpoints of an earlier job of this name (uid {prev.uid}, steps {steps}) are "
+            f"kept in {prev.path}; set spec.checkpoint.adoptPreviousJob to resume from them instead")
+    p.condition(ConditionType.resumed_from_previous_job, prev.adopted, reason, message, record_false=True)
+    p.event(EventType.normal if prev.adopted else EventType.warning, reason, message)
 
 
 def _checkpoint_error_order(message: str) -> tuple[int, str]:

@@ -209,6 +209,15 @@ class CheckpointStatus(Model):
     time: str | None = Field(None, description="Its commit time.")
 
 
+class PreviousJobStatus(Model):
+    """An earlier job of the same name whose checkpoints this job's workers found (loco_trainer.ucp.ownership)."""
+
+    uid: str = Field(description="The earlier job's uid.")
+    steps: list[int] = Field(default_factory=list, description="Steps of its checkpoints (the newest, at most 8).")
+    adopted: bool = Field(description="True: resumed from them (spec.checkpoint.adoptPreviousJob); false: kept aside, started at step 0.")
+    path: str = Field(description="Where they are (container path).")
+
+
 class FaultRecord(Model):
     """A fault the detector found and the operator acted on (docs/fault-detection.md)."""
 
@@ -255,6 +264,9 @@ class TrainingJobStatus(Model):
     skipped_checkpoints: list[str] = Field(
         default_factory=list, description="Checkpoints a worker passed over at resume because they failed verification "
         "(paths, newest last, the last 20); a CheckpointSkipped Warning event names each once.")
+    previous_job: PreviousJobStatus | None = Field(
+        None, description="Checkpoints of an earlier job of the same name found in this job's directory at its first "
+        "start, and what was done with them (the ResumedFromPreviousJob condition says it in words).")
     restarts: int = Field(0, description="Restarts so far (counted against runPolicy.backoffLimit).")
     membership_epoch: int = Field(0, description="Bumped on every restart or resize; pods carry it as label loco.dev/epoch.")
     start_time: str | None = Field(None, description="When the first workers were created.")

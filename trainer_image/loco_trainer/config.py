@@ -337,6 +337,14 @@ class CheckpointSpec(Model):
     every_steps: int = Field(50, ge=0, description="Save every N inner steps (0: only at the end).")
     keep: int = Field(3, ge=1, description="Keep the newest N committed checkpoints; older ones are deleted.")
     async_save: bool = Field(True, description="Write in the background; training stalls only for the copy to host memory.")
+    adopt_previous_job: bool = Field(
+        False,
+        description=(
+            "What a job does with checkpoints an earlier job of the same name (another uid) left in its directory:"
+            " false (default) keeps them aside in <path>/<namespace>/<job>/previous-job-<uid> and starts from step 0;"
+            " true resumes from the newest of them. The ResumedFromPreviousJob condition says which happened."
+        ),
+    )
 
 
 # ------------------------------------------------------------------------------ fault injection

@@ -57,6 +57,18 @@ class SkippedCheckpoint(Model):
 
 #: at most this many skipped checkpoints are reported (the termination message holds 4096 bytes)
 MAX_SKIPPED_REPORTED = 4
+#: at most this many steps of an earlier job's checkpoints are reported (the newest)
+MAX_PREVIOUS_STEPS_REPORTED = 8
+
+
+class PreviousJobReport(Model):
+    """Checkpoints of an earlier job of the same name (another uid) found in this job's directory at start
+    (``loco_trainer.ucp.ownership``), and what the trainer did with them."""
+
+    uid: str = Field(description="The earlier job's uid (from the directory's fence).")
+    steps: list[int] = Field(default_factory=list, description="Steps of its checkpoints (the newest, at most 8).")
+    adopted: bool = Field(description="True: this job resumed from them (checkpoint.adoptPreviousJob); false: set aside, started at step 0.")
+    path: str = Field(description="Where they are now (container path).")
 
 
 class CollectiveSummary(Model):
@@ -106,6 +118,9 @@ class ProgressReport(Model):
         "newest first (at most MAX_SKIPPED_REPORTED); absent when none was. The operator emits one Warning Event per "
         "checkpoint path.",
     )
+    previous_job: PreviousJobReport | None = Field(
+        None, description="An earlier job's checkpoints found in the directory at start and what was done with them "
+        "(pod 0 only; absent when there were none).")
     message: str = Field("", description="Human-readable detail (the error when state is failed).")
     time: str = Field("", description="When this report was made, RFC 3339 UTC.")
     # Fault detection (docs/fault-detection.md): filled only when /status is asked with

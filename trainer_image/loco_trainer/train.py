@@ -48,7 +48,9 @@ from loco_trainer.data import Dataset, DataPosition, rank_slice
 from loco_trainer.metrics import TrainerMetrics
 from loco_trainer.model import build_model, num_params
 from loco_trainer.progress import ProgressState
-from loco_trainer.protocol import MAX_SKIPPED_REPORTED, CheckpointRef, SkippedCheckpoint, WorkerState
+from loco_trainer.protocol import (
+    MAX_PREVIOUS_STEPS_REPORTED, MAX_SKIPPED_REPORTED, CheckpointRef, PreviousJobReport, SkippedCheckpoint, WorkerState,
+)
 from loco_trainer.rendezvous import RankInfo
 
 log = logging.getLogger("loco_trainer")
@@ -385,6 +387,7 @@ class Trainer:
         if self._live and self.progress is not None:
             self.progress.on_membership(self._on_membership_update)
         self.engine = self._build_engine(num_replicas, nproc)
+        self._report_previous_job(self.engine.previous_job)
         seed_everything(tr.seed + info.rank)  # dropout etc. differ per rank
 
         start_step, position, reference_world = 0, DataPosition(0), info.world_size
@@ -899,7 +902,19 @@ class Trainer:
             coordination_timeout_s=self.env.collective_timeout_s,  # a commit waits no longer than a collective
             # a worker of an earlier epoch (or job) that outlived its replacement may not commit (ucp.fence)
             job_uid=self.env.job_uid, epoch=lambda: self._epoch,
+            # an earlier job of the same name: its checkpoints set aside (default) or resumed from (ucp.ownership)
+            adopt_previous_job=self.config.checkpoint.adopt_previous_job,
         )
+
+    def _report_previous_job(self, previous: ucp.PreviousJob | None) -> None:
+        """An earlier job's checkpoints were found in this job's directory: the progress report says what was
+        done with them, and the operator's ResumedFromPreviousJob condition repeats it."""
+        if previous is None:
+            return
+        assert self.engine is not None
+        self._set_progress(previous_job=PreviousJobReport(
+            uid=previous.uid, steps=list(previous.steps[-MAX_PREVIOUS_STEPS_REPORTED:]), adopted=previous.adopted,
+            path=self.env.container_path(self.engine.storage.path(previous.kept_in))))
 
     def _on_checkpoint_event(self, reason: str, message: str) -> None:
         """Engine events (any thread): a failed background save reaches the progress report."""

@@ -5,6 +5,7 @@
 * :mod:`.engine`   :class:`CheckpointEngine`: async sharded save, all-ranks commit, reshard-on-load
 * :mod:`.verify`   is a checkpoint whole; the newest valid one to resume from, and the ones skipped
 * :mod:`.fence`    who may commit to a checkpoint directory now (the job's uid and newest membership epoch)
+* :mod:`.ownership` an earlier job's checkpoints in a new job's directory: set aside, or adopted
 * :mod:`.tools`    inspect / verify / convert (DCP import, consolidated torch export)
 
 The format is specified in ``docs/checkpoint-format.md``.
@@ -15,6 +16,7 @@ from .engine import (
     list_checkpoints, load_into, map_algorithm_state, read_info, read_rank_state,
 )
 from .fence import Fence, StaleWriterError, read_fence
+from .ownership import PreviousJob
 from .format import FORMAT_VERSION, Atom, FormatError, Fragment, Manifest, UnsafePathError, WorldLayout
 from .storage import Storage
 from .tensorio import CorruptCheckpointError
@@ -22,7 +24,7 @@ from .verify import Selection, SkippedCheckpoint, SkipReason, newest_valid, veri
 
 __all__ = [
     "FORMAT_VERSION", "Atom", "CheckpointEngine", "CheckpointInfo", "CheckpointLoadError", "CheckpointSaveError",
-    "CorruptCheckpointError", "Fence", "FormatError", "StaleWriterError", "read_fence", "Fragment", "LoadedState", "Manifest", "Reason", "SaveHandle", "Storage",
+    "CorruptCheckpointError", "Fence", "FormatError", "StaleWriterError", "read_fence", "Fragment", "LoadedState", "Manifest", "PreviousJob", "Reason", "SaveHandle", "Storage",
     "Selection", "SkipReason", "SkippedCheckpoint", "UnsafePathError", "WorldLayout", "list_checkpoints", "load_into",
     "map_algorithm_state", "newest_valid", "read_info", "read_rank_state", "verify_checkpoint",
 ]

@@ -58,6 +58,7 @@ from .format import (
 )
 from .layout import FragmentReader, assign_owners, fill_tensor, is_dtensor, local_block
 from .fence import StaleWriterError, check_fence, raise_fence
+from .ownership import PreviousJob, take_over
 from .storage import Storage
 from .tensorio import StagingPool, dtype_name, write_safetensors
 
@@ -254,6 +255,10 @@ class CheckpointEngine:
             runs in now; rank 0 raises the fence to ``(job_uid, epoch())`` at start (and at
             :meth:`raise_fence`) and refuses to commit once a newer epoch or another job holds it.
             ``epoch`` None: no fence (tools, tests).
+        adopt_previous_job: what rank 0 does, before it raises the fence, with the checkpoints of an earlier
+            job of another uid found in the directory (:mod:`.ownership`): False sets them aside into
+            ``previous-job-<uid>/`` and the job starts fresh, True resumes from them. :attr:`previous_job`
+            says what was found and done (rank 0; None elsewhere and when there was nothing).
     """
 
     def __init__(
@@ -274,6 +279,7 @@ class CheckpointEngine:
         dtensor_writer: bool = True,
         job_uid: str = "",
         epoch: Callable[[], int] | None = None,
+        adopt_previous_job: bool = False,
     ) -> None:
         if staging not in ("eager", "lazy"):
             raise ValueError(f"staging must be 'eager' or 'lazy' (got {staging!r})")
@@ -304,8 +310,11 @@ class CheckpointEngine:
             if not dist.is_initialized():
                 raise RuntimeError("CheckpointEngine with world_size > 1 needs torch.distributed initialised first")
             self._group = dist.new_group(backend="gloo", timeout=dt.timedelta(seconds=coordination_timeout_s))
+        self.previous_job: PreviousJob | None = None
         if rank == 0:
             self.storage.makedirs("")
+            if epoch is not None:
+                self.previous_job = take_over(self.storage, job_uid, adopt_previous_job)
             self.raise_fence()
             self.cleanup_incomplete()
         self._barrier()

@@ -175,6 +175,12 @@ class Storage:
         step("root_synced")
         self.remove(aside)
 
+    def rename(self, src: str, dst: str) -> None:
+        """Move ``src`` to ``dst`` inside this root; never onto something that exists (FileExistsError)."""
+        if self.exists(dst):
+            raise FileExistsError(f"{self.path(dst)} exists: {self.path(src)} is not moved onto it")
+        self._rename(src, dst)
+
     def _rename(self, src: str, dst: str) -> None:
         if self.is_local:
             os.replace(self.path(src), self.path(dst))
