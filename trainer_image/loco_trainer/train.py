@@ -978,7 +978,7 @@ class Trainer:
             algo_state = sharding.state_to_dtensors(algo_state, self._view)
         rank_state: dict[str, Any] = {"rng": rng_state()}
         extra = {"data": position.state_dict(), "referenceWorldSize": reference_world, "configHash": self.config_hash,
-                 "job": self.config.job_name, "namespace": self.config.namespace}
+                 "job": self.config.job_name, "namespace": self.config.namespace, "jobUid": self.env.job_uid}
         self._pending = self.engine.save_async(step, model, optimizer, algorithm_state=algo_state,
                                                extra_state=extra, rank_state=rank_state,
                                                per_replica=_replicas_diverge(algorithm))  # replicas' own params/optim
