@@ -64,12 +64,29 @@ def remove_data(tmp_path, step: int) -> None:
     path.unlink()
 
 
+def flip_header_byte(tmp_path, step: int) -> None:
+    """A byte of the safetensors header flipped: the fragments' bytes and crc32s are untouched (issue 29)."""
+    path, _ = weight_file(tmp_path, step)
+    raw = bytearray(path.read_bytes())
+    raw[8 + 5] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def retype_in_header(tmp_path, step: int) -> None:
+    """The header still parses but says float16 where the manifest (and the bytes) say float32."""
+    path, _ = weight_file(tmp_path, step)
+    raw = path.read_bytes()
+    assert b'"F32"' in raw[:200]
+    path.write_bytes(raw.replace(b'"F32"', b'"F16"', 1))
+
+
 def break_manifest(tmp_path, step: int) -> None:
     (tmp_path / step_dir_name(step) / "manifest.json").write_text('{"format": "loco-ucp", "formatVersion": 1, "st')
 
 
 @pytest.mark.parametrize("damage, reason", [(flip_byte, "checksum"), (truncate, "size"), (remove_data, "missing_file"),
-                                            (break_manifest, "manifest")])
+                                            (break_manifest, "manifest"), (flip_header_byte, "header"),
+                                            (retype_in_header, "header")])
 def test_resume_skips_a_corrupt_newest_checkpoint_and_names_it(tmp_path, damage, reason):
     events: list[tuple[str, str]] = []
     engine = saved_steps(tmp_path, events=events)
@@ -223,16 +240,17 @@ def test_the_kill_test_covers_every_phase_of_a_save():
     assert BEFORE_COMMIT + AFTER_COMMIT == list(SAVE_PHASES) and AFTER_COMMIT[0] == COMMIT_POINT
 
 
-@pytest.mark.parametrize("scenario", ["next", "same"])
-@pytest.mark.parametrize("phase", BEFORE_COMMIT + AFTER_COMMIT)
+#: the phases each scenario passes through: a new step moves nothing aside; replacing the same step under
+#: keep=1 retires nothing
+KILL_POINTS = [(phase, scenario) for scenario in ("next", "same") for phase in BEFORE_COMMIT + AFTER_COMMIT
+               if (scenario, phase) not in {("next", "moved_aside"), ("same", "retired")}]
+
+
+@pytest.mark.parametrize("phase, scenario", KILL_POINTS)
 def test_kill_at_every_commit_step_leaves_a_loadable_checkpoint(tmp_path, phase, scenario):
     """``next``: step 2 is saved over a root holding step 1 (keep=1, so step 1 is retired after the
     commit). ``same``: step 1 is saved again over itself (e.g. after a fallback). The child is killed
     with SIGKILL at ``phase``; a restarted engine then resumes the way the trainer does."""
-    if scenario == "next" and phase == "moved_aside":
-        pytest.skip("nothing to move aside when the step is new")
-    if scenario == "same" and phase == "retired":
-        pytest.skip("keep=1 retires nothing when the same step is replaced")
     CheckpointEngine(str(tmp_path), keep=1).save(1, make_model(1))
     step = 2 if scenario == "next" else 1
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(REPO, "trainer_image"), os.environ.get("PYTHONPATH", "")])}
@@ -339,6 +357,17 @@ def test_cli_verify_names_an_unsafe_fragment_file(tmp_path):
     assert reports[1]["reasons"] == ["unsafe_path"] and "'../../etc/passwd'" in reports[1]["problems"][0]
 
 
+@pytest.mark.parametrize("damage, says", [(flip_header_byte, "does not parse"), (retype_in_header, '"F16"')])
+def test_cli_verify_reads_every_safetensors_header(tmp_path, damage, says):
+    saved_steps(tmp_path, steps=(1, 2))
+    damage(tmp_path, 2)
+    result = CliRunner().invoke(ckpt, ["verify", str(tmp_path), "--json"])
+    assert result.exit_code == 1, result.output
+    reports = json.loads(result.output)
+    assert [(r["step"], r["ok"]) for r in reports] == [(1, True), (2, False)]
+    assert reports[1]["reasons"] == ["header"] and says in reports[1]["problems"][0], reports[1]
+
+
 def test_fragment_file_symlinked_outside_the_checkpoint_is_refused(tmp_path):
     root = tmp_path / "root"
     engine = saved_steps(root, steps=(1, 2))
@@ -416,3 +445,16 @@ def test_dcp_import_of_plain_state_still_works(tmp_path):
     assert info.step == 2 and tools.verify(str(tmp_path / "ucp"))[0].ok
     loaded = tools.consolidated_state(Storage(str(tmp_path / "ucp")), info)
     assert loaded["extra_state"]["note"] == {"lr_scale": 0.5, "tag": "x", "ids": [1, 2]}
+
+
+def test_an_imported_checkpoint_records_its_absolute_source_and_loading_it_says_so(tmp_path, monkeypatch):
+    """Issue 29: the load said 'rank 0 did not exist at save (1x1 (consolidated))' and importedFrom held the
+    path as typed (relative to wherever the command ran)."""
+    dcp_checkpoint(tmp_path / "dcp")
+    monkeypatch.chdir(tmp_path)
+    info = tools.from_dcp("dcp", str(tmp_path / "ucp"))
+    assert info.manifest.meta["importedFrom"] == f"dcp:{tmp_path / 'dcp'}"
+    loaded = load_into(Storage(str(tmp_path / "ucp")), info, make_model(0), None)
+    assert not any("did not exist at save" in n for n in loaded.notes), loaded.notes
+    assert any(n.startswith(f"the checkpoint holds no per-rank state (imported from dcp:{tmp_path / 'dcp'}")
+               for n in loaded.notes), loaded.notes

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 #: why a checkpoint is skipped at resume (``loco_trainer.ucp.SkipReason``; a test keeps the two equal, this
 #: module stays torch-free): each exists at 0 from the start, so ``increase()`` sees the first skip
-CHECKPOINT_SKIP_REASONS = ("manifest", "unsafe_path", "missing_file", "size", "checksum")
+CHECKPOINT_SKIP_REASONS = ("manifest", "unsafe_path", "missing_file", "size", "checksum", "header")
 #: collective-duration buckets from 10 µs to 2 min (the fault detector's latency scale)
 COLLECTIVE_BUCKETS = (1e-5, 5e-5, 1e-4, 5e-4, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120)
 
@@ -78,7 +78,7 @@ class TrainerMetrics:
         self._checkpoint_skipped = Counter(
             "loco_trainer_checkpoint_skipped",
             "Committed checkpoints passed over at resume because they failed verification, by reason "
-            "(manifest, unsafe_path, missing_file, size, checksum).",
+            "(manifest, unsafe_path, missing_file, size, checksum, header).",
             names + ["reason"], registry=r,
         )
         for reason in CHECKPOINT_SKIP_REASONS:

@@ -51,7 +51,7 @@ class SkippedCheckpoint(Model):
 
     step: int = Field(description="Step its directory name says.")
     path: str = Field(description="Directory of the checkpoint (container path).")
-    reason: str = Field(description="manifest, unsafe_path, missing_file, size or checksum (loco_trainer.ucp.SkipReason).")
+    reason: str = Field(description="manifest, unsafe_path, missing_file, size, checksum or header (loco_trainer.ucp.SkipReason).")
     message: str = Field("", description="What was wrong (the file, atom and fragment), at most 240 characters.")
 
 

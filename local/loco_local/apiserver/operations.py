@@ -314,12 +314,12 @@ class Operations:
         patched = patching.apply_patch(base, content_type, body, custom=rt.is_custom)
         if not isinstance(patched, dict):
             raise errors.bad_request("the patch result is not an object")
-        if rt.group == "" and rt.plural in STRING_MAPS and (problem := _undecodable_string_map(rt, patched)):
+        new = self._decode(rt, patched)
+        if rt.group == "" and rt.plural in STRING_MAPS and (problem := _undecodable_string_map(rt, new)):
             # a patch whose result cannot be decoded: kube-apiserver answers 422 naming the field "patch"
-            raise APIError(422, "Invalid", f' "" is invalid: patch: Invalid value: {json.dumps(json.dumps(patched))}: '
+            raise APIError(422, "Invalid", f' "" is invalid: patch: Invalid value: {json.dumps(json.dumps(new))}: '
                            f"{problem}", {"causes": [{"reason": "FieldValueInvalid", "field": "patch",
                                                       "message": f"Invalid value: ...: {problem}"}]})
-        new = self._decode(rt, patched)
         return self._write_update(rt, old, new, subresource, dry_run, field_validation, warnings)
 
     def _write_update(self, rt: ResourceType, old: Obj, new: Obj, subresource: str | None, dry_run: bool,

@@ -828,7 +828,13 @@ def load_into(
         rank_state = tree.decode(m.rank_states[rank], reader.read_full)
     else:
         rank_state = None
-        notes.append(f"rank {rank} did not exist at save ({m.layout.describe()}): its private state (RNG, data position) starts fresh")
+        if not m.rank_states:  # a consolidated export or an import: no rank saved private state at all
+            origin = f"imported from {m.meta['importedFrom']}" if m.meta.get("importedFrom") else "written without ranks"
+            notes.append(f"the checkpoint holds no per-rank state ({origin}, {m.layout.describe()}): "
+                         f"rank {rank}'s private state (RNG, data position) starts fresh")
+        else:
+            notes.append(f"rank {rank} did not exist at save ({m.layout.describe()}): its private state (RNG, data "
+                         f"position) starts fresh")
     loaded = LoadedState(m.step, algo_state, extra, rank_state, notes, reader.bytes_read, time.perf_counter() - t0)
     if on_event:
         on_event(Reason.LOADED, f"loaded checkpoint step {m.step} saved at {m.layout.describe()} ({len(notes)} notes)")

@@ -206,7 +206,7 @@ def from_dcp(dcp_dir: str, out_url: str, step: int | None = None) -> CheckpointI
     if step is None:
         saved_step = state.get("step")
         step = int(saved_step) if isinstance(saved_step, (int, torch.Tensor)) else 0
-    return write_consolidated(out_url, step, model, optim, extra=state or None, meta={"importedFrom": f"dcp:{dcp_dir}"})
+    return write_consolidated(out_url, step, model, optim, extra=state or None, meta={"importedFrom": f"dcp:{os.path.abspath(dcp_dir)}"})
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, torch.Tensor]:

@@ -3,8 +3,10 @@
 A checkpoint is valid when its manifest parses (with every file name inside the checkpoint, see
 :func:`~loco_trainer.ucp.format.check_file_names`), every data file it names exists, is no symlink
 leading out, has the size the manifest records (manifests without ``files`` are checked against
-their fragments' byte ranges), the fragments tile every atom, and, with ``checksums``, every
-fragment's bytes match its crc32.
+their fragments' byte ranges), the fragments tile every atom, every data file's safetensors header
+parses and names each fragment the manifest puts in it with the same dtype, shape and byte range (Loco
+reads by the manifest's offsets, but every other safetensors reader trusts the header), and, with
+``checksums``, every fragment's bytes match its crc32.
 
 :func:`newest_valid` walks the ``step-N`` directories from the newest down and returns the first
 valid one together with the ones it skipped and why (the trainer logs them, counts them in
@@ -13,11 +15,13 @@ valid one together with the ones it skipped and why (the trainer logs them, coun
 
 from __future__ import annotations
 
+import json
+import struct
 import zlib
 from dataclasses import dataclass, field
 
 from .engine import CheckpointInfo, read_info
-from .format import FormatError, UnsafePathError, parse_step_dir
+from .format import DTYPES, FormatError, UnsafePathError, parse_step_dir
 from .storage import Storage
 
 #: bytes read at once while checksumming (a fragment can be gigabytes)
@@ -32,8 +36,9 @@ class SkipReason:
     MISSING_FILE = "missing_file"    # a data file the manifest names is not there
     SIZE = "size"                    # a data file is shorter/longer than the manifest says
     CHECKSUM = "checksum"            # a fragment's bytes do not match its crc32
+    HEADER = "header"                # a data file's safetensors header does not parse or disagrees with the manifest
 
-    ALL = (MANIFEST, UNSAFE_PATH, MISSING_FILE, SIZE, CHECKSUM)
+    ALL = (MANIFEST, UNSAFE_PATH, MISSING_FILE, SIZE, CHECKSUM, HEADER)
 
 
 @dataclass
@@ -107,11 +112,44 @@ def verify_checkpoint(storage: Storage, info: CheckpointInfo, checksums: bool = 
             atom.check_tiling()
         except FormatError as exc:
             report.add(SkipReason.MANIFEST, f"{storage.path(info.dir)}: {exc}")
+    for rel, frags in sorted(by_file.items()):
+        if rel in usable:
+            _check_header(storage, f"{info.dir}/{rel}", usable[rel], frags, report)
     if checksums:
         for rel, frags in sorted(by_file.items()):
             if rel in usable:
                 _check_crcs(storage, f"{info.dir}/{rel}", frags, report)
     return report
+
+
+#: a safetensors header larger than this is refused unread (the format's own readers cap it at 100 MB)
+MAX_HEADER_BYTES = 100_000_000
+
+
+def _check_header(storage: Storage, path: str, size: int, frags: list, report: VerifyReport) -> None:
+    """The file's safetensors header parses and agrees with the manifest on every fragment in the file."""
+    where = storage.path(path)
+    head = storage.read_range(path, 0, 8) if size >= 8 else b""
+    length = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+    if not 0 < length <= min(size - 8, MAX_HEADER_BYTES):
+        report.add(SkipReason.HEADER, f"{where}: the safetensors header length ({length}) does not fit the file ({size} bytes)")
+        return
+    try:
+        header = json.loads(storage.read_range(path, 8, length))
+        if not isinstance(header, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as exc:
+        report.add(SkipReason.HEADER, f"{where}: the safetensors header does not parse: {exc}")
+        return
+    base = 8 + length
+    for atom, frag in sorted(frags, key=lambda af: af[1].byte_offset):
+        entry = header.get(frag.key)
+        expected = {"dtype": DTYPES.get(atom.dtype), "shape": list(frag.shape),
+                    "data_offsets": [frag.byte_offset - base, frag.byte_offset - base + frag.nbytes]}
+        found = {k: entry.get(k) for k in expected} if isinstance(entry, dict) else entry
+        if found != expected:
+            report.add(SkipReason.HEADER, f"{where}: the safetensors header says {frag.key} of {atom.name} is "
+                       f"{json.dumps(found)}, the manifest {json.dumps(expected)}")
 
 
 def _check_crcs(storage: Storage, path: str, frags: list, report: VerifyReport) -> None:
