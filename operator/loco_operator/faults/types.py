@@ -398,7 +398,7 @@ class DetectorConfig(Model):
     )
     silence_timeout_seconds: float = Field(
         60.0, gt=0,
-        description="A rank not heard from for this long, while the job makes no progress, is blamed as hung.",
+        description="The last resort for a silent rank: one not heard from for this long, measured against the reports of at least half the ranks (so a cut-off observer or a finished job blames nobody), while no collective completes, is blamed as hung (hang-noncomm). A rank that stops while its peers wait for it in a collective is blamed sooner, by the learned hang timeout.",
     )
     min_slowdown_to_act: float = Field(
         0.2, ge=0, le=100,
