@@ -32,10 +32,6 @@ MERGE, JSON_PATCH, STRATEGIC, APPLY = ("application/merge-patch+json", "applicat
                                         "application/strategic-merge-patch+json", "application/apply-patch+yaml")
 #: steps whose answers may differ, and why (the same words are in docs/local-cluster.md)
 ALLOWED: dict[str, str] = {
-    "server-side apply": "the embedded server answers 415 with a message naming the alternatives: it does not implement "
-                         "server-side apply (field ownership, conflicts); nothing on the embedded cluster uses it (kubectl "
-                         "apply is client-side by default, the operator merge-patches), and Helm v4, which applies "
-                         "server-side, runs against the real control plane",
 }
 
 
@@ -110,6 +106,25 @@ def configmap(name: str, **meta: Any) -> dict[str, Any]:
 def job(name: str, replicas: int = 2) -> dict[str, Any]:
     return {"apiVersion": "loco.dev/v1alpha1", "kind": "TrainingJob", "metadata": {"name": name},
             "spec": {"replicas": replicas}}
+
+
+def ownership(answer: Answer) -> list[tuple[str, str, Any]]:
+    """Who owns what: (manager, operation, fieldsV1) per managedFields entry, sorted."""
+    return sorted((m["manager"], m["operation"], json.dumps(m.get("fieldsV1"), sort_keys=True))
+                  for m in answer.body.get("metadata", {}).get("managedFields", []))
+
+
+def _apply(api: Api, data: dict[str, str], manager: str, force: str | None = None, **meta: Any) -> Answer:
+    body = {**configmap("applied", **meta), "data": data}
+    params = {"fieldManager": manager, **({"force": force} if force else {})}
+    return api("PATCH", f"{CM}/applied", yaml.safe_dump(body), APPLY, **params)
+
+
+def _reapplied(api: Api) -> Answer:
+    before = api("GET", f"{CM}/applied").body["metadata"]["resourceVersion"]
+    again = api("PATCH", f"{CM}/applied", yaml.safe_dump(
+        {**configmap("applied", labels={"app": "a"}), "data": {"k": "v", "drop": "1"}}), APPLY, fieldManager="diff")
+    return Answer(again.status, {"unchanged": again.body["metadata"]["resourceVersion"] == before})
 
 
 def names(answer: Answer) -> list[str]:
@@ -274,9 +289,27 @@ STEPS: list[Step] = [
                                                                                "value": "nope"}], JSON_PATCH), NOTHING),
     ("strategic merge patch", lambda api: api("PATCH", f"{CM}/cm1", {"data": {"s": "3"}}, STRATEGIC),
      lambda a: a.body["data"]),
-    ("server-side apply", lambda api: api("PATCH", f"{CM}/applied", yaml.safe_dump(configmap("applied")), APPLY,
-                                          fieldManager="diff"),
-     lambda a: (a.body["data"], [m["manager"] for m in a.body["metadata"].get("managedFields", [])])),
+    ("server-side apply creates", lambda api: api("PATCH", f"{CM}/applied", yaml.safe_dump(
+        {**configmap("applied", labels={"app": "a"}), "data": {"k": "v", "drop": "1"}}), APPLY, fieldManager="diff"),
+     lambda a: (a.body["data"], ownership(a))),
+    ("apply again: no change, no write", lambda api: _reapplied(api), lambda a: a.body),
+    ("apply a field another manager set differently: 409 Conflict", lambda api: _apply(api, {"k": "other"}, "rival"),
+     lambda a: (a.body["message"], a.body["details"]["causes"])),
+    ("apply the same value: both own it", lambda api: _apply(api, {"k": "v"}, "rival"), ownership),
+    ("apply with force: the field changes hands", lambda api: _apply(api, {"k": "forced"}, "bully", force="true"),
+     lambda a: (a.body["data"], ownership(a))),
+    ("apply without a field it applied before: removed", lambda api: _apply(
+        api, {"k": "v"}, "diff", labels={"app": "a"}, force="true"), lambda a: (a.body["data"], ownership(a))),
+    ("a merge patch moves ownership to its manager", lambda api: api(
+        "PATCH", f"{CM}/applied", {"metadata": {"labels": {"app": "edited"}}}, MERGE, fieldManager="editor"), ownership),
+    ("apply over an updater's field: 409 naming it with its version", lambda api: _apply(
+        api, {"k": "forced"}, "diff", labels={"app": "a"}), lambda a: (a.body["message"], a.body["details"]["causes"])),
+    ("apply without a fieldManager: 400", lambda api: api("PATCH", f"{CM}/applied", yaml.safe_dump(
+        configmap("applied")), APPLY), NOTHING),
+    ("force on a merge patch: refused", lambda api: api("PATCH", f"{CM}/applied", {"data": {"f": "1"}}, MERGE,
+                                                       force="true"), NOTHING),
+    ("apply to the status of a missing object: 404", lambda api: api(
+        "PATCH", f"{TJ}/nowhere/status", yaml.safe_dump(job("nowhere")), APPLY, fieldManager="diff"), NOTHING),
     ("update with a stale resourceVersion: 409 Conflict", _stale_update, NOTHING),
     ("delete held by a finalizer: still there, deletionTimestamp set", _finalized_delete,
      lambda a: (bool(a.body["metadata"].get("deletionTimestamp")), a.body["metadata"].get("finalizers"))),

@@ -29,7 +29,7 @@ import re
 import uuid
 from typing import Any, Callable
 
-from . import conversion, errors, patch as patching, validation
+from . import apply as applying, conversion, errors, patch as patching, validation
 from .errors import APIError
 from .resources import Registry, ResourceType, crd_types
 from .selectors import matches_fields, matches_labels, parse_field_selector, parse_label_selector
@@ -159,8 +159,10 @@ class Operations:
 
     # ---- create -----------------------------------------------------------------------------
     def create(self, rt: ResourceType, namespace: str | None, body: Any, *, dry_run: bool = False,
-               field_validation: str | None = None, warnings: list[str] | None = None) -> Obj:
-        """POST. Unknown custom-resource fields pruned (not Strict) are appended to ``warnings``."""
+               field_validation: str | None = None, warnings: list[str] | None = None,
+               manager: str = applying.DEFAULT_MANAGER, managed: list[Obj] | None = None) -> Obj:
+        """POST. Unknown custom-resource fields pruned (not Strict) are appended to ``warnings``. ``manager``
+        owns every field set (``managed``: the managedFields a server-side apply computed instead)."""
         obj = self._decode(rt, body)
         meta = obj.setdefault("metadata", {})
         if rt.namespaced:
@@ -186,6 +188,10 @@ class Operations:
         if rt.is_custom and rt.has_status:
             obj.pop("status", None)
         self._prepare_create(rt, obj, field_validation, warnings)
+        meta["managedFields"] = managed if managed is not None else applying.record_update(
+            None, obj, manager, rt.api_version, meta["creationTimestamp"])
+        if not meta["managedFields"]:
+            meta.pop("managedFields")
         if self.store.get(rt.storage_key, meta.get("namespace", ""), meta["name"]) is not None:
             raise errors.already_exists(rt.plural, rt.group, meta["name"])
         if dry_run:
@@ -298,15 +304,15 @@ class Operations:
     # ---- update / patch ---------------------------------------------------------------------
     def update(self, rt: ResourceType, namespace: str | None, name: str, body: Any, *,
                subresource: str | None = None, dry_run: bool = False, field_validation: str | None = None,
-               warnings: list[str] | None = None) -> Obj:
+               warnings: list[str] | None = None, manager: str = applying.DEFAULT_MANAGER) -> Obj:
         """PUT (``subresource`` None or ``"status"``)."""
         old = self._existing(rt, namespace, name)
         new = self._decode(rt, body)
-        return self._write_update(rt, old, new, subresource, dry_run, field_validation, warnings)
+        return self._write_update(rt, old, new, subresource, dry_run, field_validation, warnings, manager)
 
     def patch(self, rt: ResourceType, namespace: str | None, name: str, content_type: str, body: Any, *,
               subresource: str | None = None, dry_run: bool = False, field_validation: str | None = None,
-              warnings: list[str] | None = None) -> Obj:
+              warnings: list[str] | None = None, manager: str = applying.DEFAULT_MANAGER) -> Obj:
         """PATCH with one of the :mod:`.patch` content types, then the same rules as :meth:`update`."""
         patching.check_content_type(content_type)
         old = self._existing(rt, namespace, name)
@@ -320,10 +326,46 @@ class Operations:
             raise APIError(422, "Invalid", f' "" is invalid: patch: Invalid value: {json.dumps(json.dumps(new))}: '
                            f"{problem}", {"causes": [{"reason": "FieldValueInvalid", "field": "patch",
                                                       "message": f"Invalid value: ...: {problem}"}]})
-        return self._write_update(rt, old, new, subresource, dry_run, field_validation, warnings)
+        return self._write_update(rt, old, new, subresource, dry_run, field_validation, warnings, manager)
+
+    def apply(self, rt: ResourceType, namespace: str | None, name: str, body: Any, *, manager: str | None,
+              force: bool = False, subresource: str | None = None, dry_run: bool = False,
+              field_validation: str | None = None, warnings: list[str] | None = None) -> tuple[Obj, bool]:
+        """Server-side apply (PATCH ``application/apply-patch+yaml``, :mod:`.apply`); creates the object when it
+        does not exist. Returns the object and whether it was created."""
+        if not manager:
+            raise errors.invalid("PatchOptions", "meta.k8s.io", "", [
+                ("fieldManager", "fieldManager: Required value: is required for apply patch")])
+        if not isinstance(body, dict):
+            raise errors.bad_request("the apply configuration must be an object")
+        if body.get("apiVersion") != rt.api_version or body.get("kind") != rt.kind:
+            raise errors.bad_request(f"the apply configuration must name apiVersion {rt.api_version!r} and kind "
+                                     f"{rt.kind!r} (got {body.get('apiVersion')!r}, {body.get('kind')!r})")
+        meta = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
+        if meta.get("name") not in (None, name):
+            raise errors.bad_request(f'the name of the object ({meta["name"]}) does not match the name on the URL ({name})')
+        stamp = timestamp(self.clock())
+        existing = self.store.get(rt.storage_key, self._ns(rt, namespace), name)
+        if existing is None:
+            if subresource:
+                raise errors.not_found(rt.plural, rt.group, name)
+            obj = applying.apply(None, self._decode(rt, body), manager, force, rt.api_version, stamp)
+            obj["metadata"]["name"] = name
+            managed = obj["metadata"].pop("managedFields")
+            return self.create(rt, namespace, obj, dry_run=dry_run, field_validation=field_validation,
+                               warnings=warnings, managed=managed), True
+        base = self.present(rt, copy.deepcopy(existing))
+        new = self._decode(rt, applying.apply(base, self._decode(rt, body), manager, force, rt.api_version, stamp,
+                                              subresource))
+        if rt.group == "" and rt.plural in STRING_MAPS and (problem := _undecodable_string_map(rt, new)):
+            raise errors.bad_request(f'{rt.kind} in version "v1" cannot be handled as a {rt.kind}: {problem}')
+        managed = new["metadata"].pop("managedFields")
+        return self._write_update(rt, existing, new, subresource, dry_run, field_validation, warnings,
+                                  manager, managed), False
 
     def _write_update(self, rt: ResourceType, old: Obj, new: Obj, subresource: str | None, dry_run: bool,
-                      field_validation: str | None, warnings: list[str] | None = None) -> Obj:
+                      field_validation: str | None, warnings: list[str] | None = None,
+                      manager: str = applying.DEFAULT_MANAGER, managed: list[Obj] | None = None) -> Obj:
         old_meta, meta = old["metadata"], new.setdefault("metadata", {})
         name = old_meta["name"]
         if meta.get("name") and meta["name"] != name:
@@ -366,6 +408,11 @@ class Operations:
                 self._prepare_crd(new, old)
         if rt.is_custom:
             _warn(warnings, validation.prepare_custom_object(rt, new, old, field_validation))
+        # who set what (kube-apiserver records it on every write): an apply computed it already
+        meta["managedFields"] = managed if managed is not None else applying.record_update(
+            old, new, manager, rt.api_version, timestamp(self.clock()), subresource)
+        if not meta["managedFields"]:
+            meta.pop("managedFields")
         meta["resourceVersion"] = old_meta["resourceVersion"]
         if _content(new, not rt.has_status) != _content(old, not rt.has_status):
             meta["generation"] = int(old_meta.get("generation", 1)) + 1

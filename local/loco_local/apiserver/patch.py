@@ -145,12 +145,7 @@ def _smp_list(field: str, original: list[Any], patch: list[Any]) -> list[Any]:
 
 def check_content_type(content_type: str) -> None:
     """415 for a PATCH body this server cannot apply, before anything else is looked at (kube-apiserver answers
-    415 even when the object does not exist). Server-side apply is not implemented here (docs/local-cluster.md)."""
-    if content_type == APPLY:
-        raise APIError(415, "UnsupportedMediaType",
-                       "server-side apply (application/apply-patch+yaml) is not supported by the embedded API server; "
-                       "use client-side apply (kubectl apply without --server-side) or the real control plane "
-                       "(loco local up --control-plane kubernetes)")
+    415 even when the object does not exist). Server-side apply is :mod:`.apply`'s."""
     if content_type not in PATCH_TYPES:
         raise APIError(415, "UnsupportedMediaType",
                        f"the body of the request was in an unknown format - accepted media types include: {', '.join(PATCH_TYPES[:3])}")

@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 from aiohttp import web
 
-from . import auth, errors, openapi, patch, protobuf, table
+from . import apply as applying, auth, errors, openapi, patch, protobuf, table
 from .errors import APIError
 from .operations import Operations
 from .resources import Registry, ResourceType
@@ -301,6 +301,10 @@ class APIServer:
         field_validation = q.get("fieldValidation")
         ops = self.ops
         warnings: list[str] = []
+        if q.get("force") is not None and method == "PATCH" and request.content_type != patch.APPLY:
+            raise errors.invalid("PatchOptions", "meta.k8s.io", "", [
+                ("force", "force: Forbidden: may not be specified for non-apply patch")])
+        manager = applying.manager_from(q.get("fieldManager"), request.headers.get("User-Agent"))
 
         if sub == "log" and method == "GET":
             return await self._pod_log(request, rt, namespace or "default", name or "")
@@ -332,7 +336,7 @@ class APIServer:
             if method == "POST":
                 if not rt.namespaced or namespace is not None:
                     created = ops.create(rt, namespace, await self._body(request), dry_run=dry_run,
-                                         field_validation=field_validation, warnings=warnings)
+                                         field_validation=field_validation, warnings=warnings, manager=manager)
                     self._gc_wakeup.set()
                     return _json(created, 201, warnings)
                 raise errors.method_not_allowed()
@@ -352,12 +356,18 @@ class APIServer:
             return _json(obj)
         if method == "PUT":
             result = ops.update(rt, namespace, name, await self._body(request), subresource=sub, dry_run=dry_run,
-                                field_validation=field_validation, warnings=warnings)
+                                field_validation=field_validation, warnings=warnings, manager=manager)
             self._gc_wakeup.set()
             return _json(result, warnings=warnings)
+        if method == "PATCH" and request.content_type == patch.APPLY:
+            result, created = ops.apply(rt, namespace, name, await self._body(request), manager=q.get("fieldManager"),
+                                        force=q.get("force") in ("true", "1", "True"), subresource=sub,
+                                        dry_run=dry_run, field_validation=field_validation, warnings=warnings)
+            self._gc_wakeup.set()
+            return _json(result, 201 if created else 200, warnings)
         if method == "PATCH":
             result = ops.patch(rt, namespace, name, request.content_type, await self._body(request), subresource=sub,
-                               dry_run=dry_run, field_validation=field_validation, warnings=warnings)
+                               dry_run=dry_run, field_validation=field_validation, warnings=warnings, manager=manager)
             self._gc_wakeup.set()
             return _json(result, warnings=warnings)
         if method == "DELETE" and sub is None:
