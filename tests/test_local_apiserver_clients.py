@@ -128,6 +128,27 @@ async def test_kubectl_apply_get_describe_explain_scale_patch_logs_delete(cluste
     assert "No resources found" in (await kubectl(kc, "get", "widgets")).stderr
 
 
+@pytest.mark.skipif(KUBECTL is None, reason="kubectl is not on PATH")
+async def test_kubectl_server_side_apply_owns_fields_and_reports_conflicts(cluster, tmp_path):
+    """docs/helm.md tells users to `kubectl apply --server-side`: it works on the embedded cluster too."""
+    server, kc = cluster
+    crd_file = tmp_path / "crd.yaml"
+    crd_file.write_text(yaml.safe_dump(WIDGET_CRD))
+    assert "serverside-applied" in (await kubectl(kc, "apply", "--server-side", "-f", str(crd_file))).stdout
+    manifest = {"apiVersion": "example.dev/v1", "kind": "Widget", "metadata": {"name": "ssa"}, "spec": {"replicas": 2}}
+    out = (await kubectl(kc, "apply", "--server-side", "-f", "-", stdin=json.dumps(manifest))).stdout
+    assert "widget.example.dev/ssa serverside-applied" in out
+    got = json.loads((await kubectl(kc, "get", "widget", "ssa", "-o", "json", "--show-managed-fields")).stdout)
+    assert [(m["manager"], m["operation"]) for m in got["metadata"]["managedFields"]] == [("kubectl", "Apply")]
+    rival = dict(manifest, spec={"replicas": 5})
+    proc = await kubectl(kc, "apply", "--server-side", "--field-manager", "rival", "-f", "-",
+                         stdin=json.dumps(rival), check=False)
+    assert proc.returncode != 0 and 'conflict with "kubectl"' in proc.stderr and ".spec.replicas" in proc.stderr
+    await kubectl(kc, "apply", "--server-side", "--field-manager", "rival", "--force-conflicts", "-f", "-",
+                  stdin=json.dumps(rival))
+    assert (await kubectl(kc, "get", "widget", "ssa", "-o", "jsonpath={.spec.replicas}")).stdout == "5"
+
+
 # The machine image (developers and CI) ships kubectl, so this runs there; it can only skip on a
 # machine without one, where the Python-client and kopf tests still cover the server.
 @pytest.mark.skipif(KUBECTL is None, reason="kubectl is not on PATH")
