@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 from aiohttp import web
 
-from . import apply as applying, auth, errors, openapi, patch, protobuf, table
+from . import apply as applying, auth, errors, openapi, openapi_pb, patch, protobuf, table
 from .errors import APIError
 from .operations import Operations
 from .resources import Registry, ResourceType
@@ -230,9 +230,12 @@ class APIServer:
             return _json(resources)
         if path == "/openapi/v2":
             accept = request.headers.get("Accept", "")
-            if "json" not in accept and "*/*" not in accept and accept:
-                raise APIError(406, "NotAcceptable", "only application/json is served")
-            return _json(openapi.v2_document(self.registry))
+            if "json" in accept or "*/*" in accept or not accept:
+                return _json(openapi.v2_document(self.registry))
+            if "protobuf" in accept:  # kubectl 1.27 and 1.28 ask for nothing else
+                return web.Response(body=openapi_pb.document(openapi.v2_document(self.registry)),
+                                    content_type=openapi_pb.CONTENT_TYPE)
+            raise APIError(406, "NotAcceptable", "only application/json and the protobuf OpenAPI v2 are served")
         if path == "/openapi/v3":
             return _json(openapi.v3_root(self.registry))
         if parts[:2] == ["openapi", "v3"]:
