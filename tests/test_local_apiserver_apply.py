@@ -96,3 +96,18 @@ async def test_apply_needs_a_field_manager_and_force_needs_apply(api):
 async def test_a_bad_field_manager_is_refused(api, manager):
     status, body = await api.request("POST", f"{CMS}?fieldManager={manager}", cm("g"))
     assert status == 422 and "fieldManager" in body["message"]
+
+
+async def test_an_update_inside_a_list_element_takes_the_field_not_the_element(api):
+    pods = "/api/v1/namespaces/default/pods"
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+           "spec": {"containers": [{"name": "c", "image": "one"}]}}
+    status, _ = await api.request("PATCH", f"{pods}/p?fieldManager=alice", pod, APPLY)
+    assert status == 201
+    status, obj = await api.request("PATCH", f"{pods}/p?fieldManager=editor",
+                                    {"spec": {"containers": [{"name": "c", "image": "two"}]}},
+                                    "application/strategic-merge-patch+json")
+    assert status == 200 and obj["spec"]["containers"][0]["image"] == "two"
+    element = 'k:{"name":"c"}'
+    assert owners(obj)[("editor", "Update")] == {"f:spec": {"f:containers": {element: {"f:image": {}}}}}
+    assert owners(obj)[("alice", "Apply")]["f:spec"]["f:containers"][element] == {".": {}, "f:name": {}}

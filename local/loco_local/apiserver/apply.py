@@ -242,7 +242,8 @@ def record_update(old: Obj | None, new: Obj, manager: str, api_version: str, sta
     which the others no longer own; a removed field is no one's."""
     before = field_set(old, subresource) if old is not None else set()
     after = field_set(new, subresource)
-    changed = {p for p in after if p not in before or _lookup(old, p)[1] != _lookup(new, p)[1]}
+    # a list element's "." is its existence: it changes hands only when the element is new
+    changed = {p for p in after if p not in before or (p[-1] != "." and _lookup(old, p)[1] != _lookup(new, p)[1])}
     removed = before - after
     entries = _entries(old) if old is not None else []
     if not changed and not removed:
