@@ -118,7 +118,24 @@ def dump_debug(stack: LocalStack, job: str) -> str:
     parts = [yaml.safe_dump(stack.get_job(job) or {}, sort_keys=False)]
     parts += [f"{e.get('type')} {e.get('reason')}: {e.get('message')}" for e in stack.events(job)]
     for pod in stack.list_pods(job):
-        parts.append(f"pod {pod['metadata']['name']}: {(pod.get('status') or {}).get('phase')}")
+        # where it is and why it is not further: a Pending pod's PodScheduled condition says what the scheduler found
+        status, meta = pod.get("status") or {}, pod["metadata"]
+        waiting = [f"{c.get('type')}={c.get('status')} {c.get('reason') or ''} {c.get('message') or ''}".strip()
+                   for c in status.get("conditions") or [] if c.get("status") != "True"]
+        parts.append(f"pod {meta['name']}: {status.get('phase')} on {(pod.get('spec') or {}).get('nodeName') or '-'}"
+                     f" epoch {(meta.get('labels') or {}).get('loco.dev/epoch')} uid {meta.get('uid')}"
+                     + (f" deleting since {meta['deletionTimestamp']}" if meta.get("deletionTimestamp") else "")
+                     + (f"; {'; '.join(waiting)}" if waiting else ""))
+    try:
+        for node in stack.resource("v1", "Node").get().items:
+            node = node.to_dict()
+            ready = next((c for c in (node.get("status") or {}).get("conditions") or [] if c.get("type") == "Ready"), {})
+            spec = node.get("spec") or {}
+            parts.append(f"node {node['metadata']['name']}: Ready={ready.get('status')} {ready.get('reason') or ''}"
+                         f"{' cordoned' if spec.get('unschedulable') else ''} taints "
+                         f"{[t.get('key') + ':' + t.get('effect', '') for t in spec.get('taints') or []]}")
+    except Exception as exc:  # noqa: BLE001 - a debugging aid must not hide the failure it explains
+        parts.append(f"(nodes not listed: {exc})")
     log = stack.operator_log
     if log.exists():
         parts.append("--- operator log (tail) ---\n" + "\n".join(log.read_text(errors="replace").splitlines()[-60:]))
