@@ -165,6 +165,7 @@ async def test_every_kubectl_on_the_machine_applies_explains_and_diffs(cluster, 
     assert "Desired state of the widget." in explained.stdout and "Number of workers." in explained.stdout, explained
 
 
+# kubectl ships in the machine image (developers and CI), so this runs there; it skips only on a machine without one.
 @pytest.mark.skipif(KUBECTL is None, reason="kubectl is not on PATH")
 async def test_kubectl_server_side_apply_owns_fields_and_reports_conflicts(cluster, tmp_path):
     """docs/helm.md tells users to `kubectl apply --server-side`: it works on the embedded cluster too."""

@@ -19,7 +19,7 @@ import json
 from typing import Any
 
 from .errors import APIError
-from .patch import _PRIMITIVE_SET_LISTS, _merge_key
+from .patch import PRIMITIVE_SET_LISTS, merge_key
 
 Path = tuple[str, ...]
 Obj = dict[str, Any]
@@ -65,15 +65,15 @@ def field_set(obj: Obj, subresource: str | None = None) -> set[Path]:
     return out
 
 
-def _item_key(field: str, item: Any, key: str) -> str:
+def _item_key(item: Any, key: str) -> str:
     return "k:" + json.dumps({key: item[key]}, separators=(",", ":"), sort_keys=True)
 
 
 def _list_kind(field: str, items: list[Any]) -> tuple[str, str | None]:
     """("set", None), ("map", merge key) or ("atomic", None) for the list ``field``."""
-    if field in _PRIMITIVE_SET_LISTS and all(not isinstance(i, (dict, list)) for i in items):
+    if field in PRIMITIVE_SET_LISTS and all(not isinstance(i, (dict, list)) for i in items):
         return "set", None
-    key = _merge_key(field, items) if items else None
+    key = merge_key(field, items) if items else None
     if key and all(isinstance(i, dict) and key in i for i in items):
         return "map", key
     return "atomic", None
@@ -89,7 +89,7 @@ def _walk(value: Any, path: Path, field: str, out: set[Path]) -> None:
             out.update((*path, "v:" + json.dumps(v, separators=(",", ":"))) for v in value)
         elif kind == "map":
             for item in value:
-                element = (*path, _item_key(field, item, key))
+                element = (*path, _item_key(item, key))
                 out.add((*element, "."))
                 for child_key, child in item.items():
                     _walk(child, (*element, f"f:{child_key}"), child_key, out)

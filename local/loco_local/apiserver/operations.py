@@ -357,8 +357,8 @@ class Operations:
         base = self.present(rt, copy.deepcopy(existing))
         new = self._decode(rt, applying.apply(base, self._decode(rt, body), manager, force, rt.api_version, stamp,
                                               subresource))
-        if rt.group == "" and rt.plural in STRING_MAPS and (problem := _undecodable_string_map(rt, new)):
-            raise errors.bad_request(f'{rt.kind} in version "v1" cannot be handled as a {rt.kind}: {problem}')
+        if rt.group == "" and rt.plural in STRING_MAPS:
+            _refuse_undecodable_string_maps(rt, new)
         managed = new["metadata"].pop("managedFields")
         return self._write_update(rt, existing, new, subresource, dry_run, field_validation, warnings,
                                   manager, managed), False

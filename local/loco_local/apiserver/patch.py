@@ -63,10 +63,10 @@ _MERGE_KEYS = {
     "secrets": "name",
     "subsets": None,
 }
-_PRIMITIVE_SET_LISTS = {"finalizers"}
+PRIMITIVE_SET_LISTS = {"finalizers"}
 
 
-def _merge_key(field: str, items: list[Any]) -> str | None:
+def merge_key(field: str, items: list[Any]) -> str | None:
     if field == "ports":
         # container ports merge on containerPort, service ports on port
         sample = next((i for i in items if isinstance(i, dict)), {})
@@ -121,9 +121,9 @@ def _smp_map(original: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any] 
 def _smp_list(field: str, original: list[Any], patch: list[Any]) -> list[Any]:
     if any(isinstance(i, dict) and i.get("$patch") == "replace" for i in patch):
         return [copy.deepcopy(i) for i in patch if not (isinstance(i, dict) and i.get("$patch") == "replace")]
-    if field in _PRIMITIVE_SET_LISTS:
+    if field in PRIMITIVE_SET_LISTS:
         return list(original) + [v for v in patch if v not in original]
-    key = _merge_key(field, original + patch)
+    key = merge_key(field, original + patch)
     if key is None or not all(isinstance(i, dict) for i in patch):
         return copy.deepcopy(patch)
     result = copy.deepcopy(original)
