@@ -9,9 +9,9 @@ subcommand      defined in                            needs extra
 ``local``       ``loco_local.cli:local``              ``operator``
 ``operator``    ``loco_operator.cli:operator``        ``operator``
 ``crds``        ``loco_operator.cli:crds``            (none)
-``ckpt``        ``loco_trainer.cli:ckpt``             ``trainer``
+``ckpt``        ``loco_trainer.ckpt_cli:ckpt``        ``trainer``
 ``train``       ``loco_trainer.cli:train``            ``trainer``
-``diagnose``    ``loco_operator.faults.cli``          ``operator``
+``diagnose``    ``loco_detector.cli``                 ``operator``
 ==============  ====================================  =================================
 """
 
@@ -26,9 +26,9 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "local": ("loco_local.cli", "local", "Run the embedded local cluster (API server + kubelet)."),
     "operator": ("loco_operator.cli", "operator", "Run the TrainingJob operator."),
     "crds": ("loco_operator.cli", "crds", "Print or write the generated TrainingJob CRD."),
-    "ckpt": ("loco_trainer.cli", "ckpt", "Inspect, verify and convert checkpoints."),
+    "ckpt": ("loco_trainer.ckpt_cli", "ckpt", "Inspect, verify and convert checkpoints."),
     "train": ("loco_trainer.cli", "train", "Run the trainer locally (same as python -m loco_trainer)."),
-    "diagnose": ("loco_operator.faults.cli", "diagnose", "Find the faulty rank, link or node in a collective-timing trace."),
+    "diagnose": ("loco_detector.cli", "diagnose", "Find the faulty rank, link or node in a collective-timing trace."),
 }
 
 

@@ -581,7 +581,7 @@ def machine() -> dict[str, Any]:
 def num_params(config: dict[str, Any]) -> int:
     import torch
 
-    from loco_trainer.config import GPTSpec
+    from loco_contract.config import GPTSpec
     from loco_trainer.model import GPT
 
     with torch.device("meta"):

@@ -61,7 +61,7 @@ TIMEOUT_S = 300.0
 
 
 def _job(name: str, algorithm: str) -> dict[str, Any]:
-    from e2e.conftest import small_job
+    from loco_local.scenario import small_job
 
     restart = algorithm.endswith("-restart")
     return small_job(

@@ -225,7 +225,7 @@ def goal_from_step_ms(record_ns: float, timing_ms: float, transfer_ms: float) ->
 
 def fault_to_running() -> dict[str, float]:
     sys.path.insert(0, str(ROOT))
-    from e2e.conftest import small_job
+    from loco_local.scenario import small_job
     from loco_local.stack import LocalStack, default_nodes
 
     name = "bench-straggler"

@@ -66,7 +66,7 @@ def _job(name: str, algorithm: str, scale_up_delay_s: int) -> dict[str, Any]:
 
 def _kill_one_worker(job: str, rng: random.Random) -> str:
     """SIGKILL one of the job's trainer processes, drawn with ``rng``; returns its pod's name."""
-    from e2e.conftest import worker_processes
+    from loco_local.scenario import worker_processes
 
     procs = sorted(worker_processes(job), key=lambda p: p.pid)
     if not procs:

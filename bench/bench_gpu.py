@@ -50,7 +50,7 @@ BUCKET_BYTES = 25 << 20
 
 def lr_schedule(tr: dict[str, Any]) -> list[float]:
     """The trainer's lr for every step (its own ``lr_at``), computed before any timing."""
-    from loco_trainer.config import TrainingSpec
+    from loco_contract.config import TrainingSpec
     from loco_trainer.train import lr_at
 
     spec = TrainingSpec.model_validate(tr)
@@ -61,7 +61,7 @@ def build(config: dict[str, Any], device: Any) -> tuple[Any, Any, list[tuple[Any
     """(model, optimizer, staged batches) for the bare loop, mirroring the trainer's construction."""
     import torch
 
-    from loco_trainer.config import TrainerConfig
+    from loco_contract.config import TrainerConfig
     from loco_trainer.data import Dataset, DataPosition
     from loco_trainer.model import build_model
 

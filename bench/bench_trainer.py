@@ -102,7 +102,7 @@ def run_trainer(config: dict, nproc: int, workdir: Path, warmup: int) -> dict:
 
 def gpu_flops_per_token(config: dict) -> tuple[float, int]:
     """(training FLOPs per token, parameter count) of the config's GPT, built on the meta device."""
-    from loco_trainer.config import GPTSpec
+    from loco_contract.config import GPTSpec
     from loco_trainer.model import GPT
 
     import torch

@@ -59,7 +59,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "operator"))  # runnable from a checkout without installing
 
-from loco_operator.faults import (  # noqa: E402
+from loco_detector import (  # noqa: E402
     Detector,
     DetectorConfig,
     LinkBatch,

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import copy
-import os
 import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
 import psutil
 import pytest
 import yaml
 
+from loco_local.scenario import CHECKPOINT_CLAIM, worker_processes
 from loco_local.stack import LocalStack, default_nodes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,13 +19,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 #: the control planes a scenario module runs on unless it says otherwise (``CONTROL_PLANES = (...)`` in it)
 DEFAULT_CONTROL_PLANES = ("embedded",)
-#: the shared checkpoint claim of :func:`small_job` (a real scheduler keeps a pod whose claim is missing Pending)
-CHECKPOINT_CLAIM = {
-    "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "e2e-checkpoints"},
-    "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}},
-}
-
-
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--control-plane", choices=("embedded", "kubernetes", "both"), default="embedded",
@@ -61,56 +52,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory, control_plane: str) -> Itera
         yield s
         # on the real control plane the operator ran with the chart's ServiceAccount token: a missing verb shows here
         assert not s.rbac_denials(), "the API refused the operator (a chart RBAC bug):\n" + "\n".join(s.rbac_denials())
-
-
-def small_job(name: str, *, replicas: int = 2, steps: int = 40, algorithm: str = "diloco", **overrides: Any) -> dict[str, Any]:
-    """A TrainingJob small enough for a 2-core CI machine, checkpointing to a shared PVC."""
-    doc = {
-        "apiVersion": "loco.dev/v1alpha1",
-        "kind": "TrainingJob",
-        "metadata": {"name": name},
-        "spec": {
-            "replicas": replicas,
-            "algorithm": {"name": algorithm, **({"syncEvery": 10} if algorithm != "ddp" else {})},
-            "model": {"gpt": {"nLayer": 1, "nHead": 2, "nEmbd": 32, "blockSize": 32}},
-            "data": {"maxBytes": 300_000},
-            "training": {"steps": steps, "batchSize": 4, "seqLen": 32, "warmupSteps": 2, "evalEvery": 20,
-                         "evalBatches": 2, "logEvery": 5},
-            "checkpoint": {"path": "/checkpoints", "everySteps": 10, "keep": 2},
-            "runPolicy": {"backoffLimit": 2},
-            # Thresholds for a shared, CPU-starved host (docs/fault-detection.md, "Loaded hosts"): the
-            # 2-core CI machine runs every worker, the operator and the cluster, and a rank starved of
-            # CPU for a few tenths of a second there is noise, not a fault. A scenario about fault
-            # detection passes its own faultDetection (it replaces this one).
-            "faultDetection": {"minLatenessSeconds": 0.8, "minLinkExcessSeconds": 0.1},
-            "template": {
-                "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}},
-                "volumes": [{"name": "ckpt", "persistentVolumeClaim": {"claimName": "e2e-checkpoints"}}],
-                "volumeMounts": [{"name": "ckpt", "mountPath": "/checkpoints"}],
-            },
-        },
-    }
-    spec = doc["spec"]
-    for dotted, value in overrides.items():
-        node = spec
-        keys = dotted.split("__")
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-        node[keys[-1]] = copy.deepcopy(value)
-    return doc
-
-
-def worker_processes(job: str) -> list[psutil.Process]:
-    """The trainer processes of a job (found by the env the operator injected)."""
-    found = []
-    for proc in psutil.process_iter(["pid"]):
-        try:
-            env = proc.environ()
-        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
-            continue
-        if env.get("LOCO_JOB_NAME") == job and proc.pid != os.getpid():
-            found.append(proc)
-    return found
 
 
 def dump_debug(stack: LocalStack, job: str) -> str:

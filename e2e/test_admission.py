@@ -7,7 +7,8 @@ job runs there.
 
 from __future__ import annotations
 
-from e2e.conftest import dump_debug, small_job
+from e2e.conftest import dump_debug
+from loco_local.scenario import small_job
 from loco_local.stack import LocalStack
 
 CONTROL_PLANES = ("kubernetes",)

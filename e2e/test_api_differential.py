@@ -103,6 +103,17 @@ def configmap(name: str, **meta: Any) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, **meta}, "data": {"k": "v"}}
 
 
+#: what Pod validation refuses, in each of the template's Kubernetes types
+BAD_TEMPLATE = {
+    "env": [{"name": "", "value": 1}],
+    "resources": {"limits": {"memory": "-1Gi", "cpu": -1}},
+    "tolerations": [{"key": "k", "tolerationSeconds": "soon"}],
+    "volumeMounts": [{"name": "data"}],
+    "volumes": [{"name": "data", "persistentVolumeClaim": {}}],
+    "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": "any"}}},
+}
+
+
 def job(name: str, replicas: int = 2) -> dict[str, Any]:
     return {"apiVersion": "loco.dev/v1alpha1", "kind": "TrainingJob", "metadata": {"name": name},
             "spec": {"replicas": replicas}}
@@ -329,6 +340,18 @@ STEPS: list[Step] = [
      lambda a: sorted(c.get("field") for c in a.body["details"]["causes"])),
     ("custom resource: schema refused", lambda api: api("POST", TJ, job("j3", 0)),
      lambda a: sorted(c.get("field") for c in a.body["details"]["causes"])),
+    ("custom resource: the template's Kubernetes types refused, each field named", lambda api: api(
+        "POST", TJ, {**job("j4"), "spec": {"template": BAD_TEMPLATE}}),
+     lambda a: sorted((c.get("field"), c.get("reason")) for c in a.body["details"]["causes"])),
+    ("custom resource: a rule on two number fields written as integers compares numbers", lambda api: api(
+        "POST", TJ, {**job("j7"), "spec": {"faultDetection": {"warmupHangTimeoutSeconds": 5, "hangTimeoutFloorSeconds": 6}}}),
+     lambda a: sorted(c.get("field") for c in a.body["details"]["causes"])),
+    ("custom resource: an unknown key in a volume pruned, as in a Pod", lambda api: api(
+        "POST", TJ, {**job("j5"), "spec": {"template": {"volumes": [{"name": "v", "emptyDir": {}, "junk": 1}]}}}),
+     lambda a: a.body["spec"]["template"]["volumes"]),
+    ("custom resource: an unknown key in a volume, strict: 400 naming it", lambda api: api(
+        "POST", TJ, {**job("j6"), "spec": {"template": {"volumes": [{"name": "v", "emptyDir": {}, "junk": 1}]}}},
+        fieldValidation="Strict"), lambda a: 'unknown field "spec.template.volumes[0].junk"' in a.body["message"]),
     ("status subresource: spec ignored", lambda api: api("PATCH", f"{TJ}/j1/status",
                                                          {"spec": {"replicas": 5}, "status": {"phase": "Running"}}, MERGE),
      lambda a: (a.body["spec"]["replicas"], a.body["status"]["phase"], a.body["metadata"]["generation"])),

@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from e2e.conftest import dump_debug, small_job
+from e2e.conftest import dump_debug
+from loco_local.scenario import small_job
 from loco_local.stack import LocalStack
 
 TIMEOUT_S = 240

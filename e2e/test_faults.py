@@ -10,7 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from e2e.conftest import CHECKPOINT_CLAIM, dump_debug, small_job
+from e2e.conftest import dump_debug
+from loco_local.scenario import CHECKPOINT_CLAIM, small_job
 from loco_local.stack import LocalStack, default_nodes
 
 TIMEOUT_S = 420

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import yaml
 
-from e2e.conftest import REPO, dump_debug, small_job, worker_processes
+from e2e.conftest import REPO, dump_debug
+from loco_local.scenario import small_job, worker_processes
 from loco_local.stack import LocalStack
 
 TIMEOUT_S = 420

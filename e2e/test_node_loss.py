@@ -15,7 +15,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from e2e.conftest import CHECKPOINT_CLAIM, dump_debug, small_job, worker_processes
+from e2e.conftest import dump_debug
+from loco_local.scenario import CHECKPOINT_CLAIM, small_job, worker_processes
 from loco_local.stack import LocalStack, default_nodes
 
 CONTROL_PLANES = ("kubernetes",)

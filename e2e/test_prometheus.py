@@ -29,7 +29,8 @@ from typing import Any
 
 import pytest
 
-from e2e.conftest import REPO, dump_debug, small_job
+from e2e.conftest import REPO, dump_debug
+from loco_local.scenario import small_job
 from loco_local.prometheus import ALERT_RULES, PodTargetFollower, Prometheus, PrometheusError
 
 pytestmark = pytest.mark.timeout(400)

@@ -10,7 +10,7 @@ import torch
 from dist_helpers import rank_pool, flat_params, run_loop, single_process_reference, tiny_batch, tiny_model
 from loco_trainer.algorithms import ALGORITHMS, DDP, DiLoCo, make_strategy, num_parameters
 from loco_trainer.comm import Comm
-from loco_trainer.config import AlgorithmSpec
+from loco_contract.config import AlgorithmSpec
 
 STEPS = 6
 

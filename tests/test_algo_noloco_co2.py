@@ -239,7 +239,7 @@ def test_co2_refuses_a_state_format_it_does_not_know_and_keeps_its_own() -> None
 
 def test_noloco_spec_passes_mean_pull_and_group_seed_to_the_strategy() -> None:
     from loco_trainer.algorithms import make_strategy
-    from loco_trainer.config import AlgorithmSpec
+    from loco_contract.config import AlgorithmSpec
 
     model = tiny_model(seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -262,7 +262,7 @@ def test_noloco_spec_passes_mean_pull_and_group_seed_to_the_strategy() -> None:
 def test_noloco_parameters_are_refused_where_they_do_not_apply(bad, words) -> None:
     from pydantic import ValidationError
 
-    from loco_trainer.config import AlgorithmSpec
+    from loco_contract.config import AlgorithmSpec
 
     with pytest.raises(ValidationError) as err:
         AlgorithmSpec.model_validate(bad)
@@ -272,7 +272,7 @@ def test_noloco_parameters_are_refused_where_they_do_not_apply(bad, words) -> No
 
 def _noloco_from_spec(rank: int, world_size: int, group_seed: int, mean_pull: float) -> dict:
     from loco_trainer.algorithms import make_strategy
-    from loco_trainer.config import AlgorithmSpec
+    from loco_contract.config import AlgorithmSpec
 
     model = tiny_model(seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)

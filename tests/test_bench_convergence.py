@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 import bench_convergence as bc  # noqa: E402
-from loco_trainer.config import TrainerConfig  # noqa: E402
+from loco_contract.config import TrainerConfig  # noqa: E402
 
 
 def _history(evals: list[tuple[int, float]], final: float, bytes_per_step: int, steps: int) -> list[str]:

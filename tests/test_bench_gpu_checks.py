@@ -12,7 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 import gpu_checks as gc  # noqa: E402
-from loco_trainer.config import TrainerConfig  # noqa: E402
+from loco_contract.config import TrainerConfig  # noqa: E402
 
 
 @pytest.mark.parametrize("algorithm", gc.ALGORITHMS)

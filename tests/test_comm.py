@@ -187,7 +187,7 @@ def _probe_timing(rank: int, world_size: int) -> dict:
     t0 = time.monotonic()
     comm.probe()
     inline = time.monotonic() - t0
-    done_inline = not any(t.is_alive() for t in comm._probe_threads)
+    done_inline = not any(t.is_alive() for t in comm._prober.threads)
     comm.finish_probe()
     return {"inline_s": inline, "done_inline": done_inline, "links": comm.export_links()}
 
@@ -198,7 +198,7 @@ def test_probe_times_the_connection_not_the_senders_scheduling(rank_pool) -> Non
     1 -> 0: the connection itself takes 0.3 s: the sample shows it. Within probe_wait_s both
     transfers finish before probe() returns, so no rank trains while a peer still measures."""
     results = rank_pool.run(_probe_timing, 2)
-    samples = {(x["src"], x["dst"]): x["seconds"] for r in results for x in r["links"]}
+    samples = {(x.src, x.dst): x.seconds for r in results for x in r["links"]}
     assert set(samples) == {(0, 1), (1, 0)}, samples
     assert samples[(0, 1)] < 0.15, samples  # 0.3 s of sender lateness subtracted
     assert samples[(1, 0)] >= 0.3, samples  # a slow connection stays slow
@@ -244,10 +244,10 @@ def _probe_schedule(rank: int, world_size: int, interval_s: float, probes: int, 
         comm.probe(nbytes)
         comm.finish_probe()
         links = comm.export_links()
-        per_probe.append([(x["src"], x["dst"]) for x in links[before:]])
-    sizes = {x["nbytes"] for x in comm.export_links()}
-    barriers = [r for r in comm.export_records() if r["kind"] == "barrier"]
-    return {"per_probe": per_probe, "barriers": len(barriers), "closed": all(r["exitS"] is not None for r in barriers),
+        per_probe.append([(x.src, x.dst) for x in links[before:]])
+    sizes = {x.nbytes for x in comm.export_links()}
+    barriers = [r for r in comm.export_records() if r.kind == "barrier"]
+    return {"per_probe": per_probe, "barriers": len(barriers), "closed": all(r.exit_s is not None for r in barriers),
             "sizes": sizes}
 
 
@@ -323,7 +323,7 @@ def test_ring_all_reduce_matches_all_reduce_bytes_and_fills_the_ring_cells(rank_
             sizes = [len(c) for c in torch.tensor_split(torch.empty(numel), n)]
             sent_chunks += sum(sizes[(rank - s) % n] for s in range(n - 1)) + sum(sizes[(rank + 1 - s) % n] for s in range(n - 1))
         assert r["bytes_sent"] == 4 * sent_chunks
-        assert {(x["src"], x["dst"]) for x in r["links"]} == {((rank - 1) % n, rank)}  # its ring cell, from real traffic
+        assert {(x.src, x.dst) for x in r["links"]} == {((rank - 1) % n, rank)}  # its ring cell, from real traffic
     with pytest.raises(ValueError, match="op"):
         Comm().ring_all_reduce(torch.ones(4), op="max")
 

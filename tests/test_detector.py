@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 
-from loco_operator.faults import (
+from loco_detector import (
     CollectiveRecord,
     Detector,
     DetectorConfig,

@@ -95,7 +95,7 @@ def test_feeder_hands_over_records_timed_before_the_current_poll(sim) -> None:  
     """A probe barrier right after a sync is entered before the poll that delivered the sync's exit:
     it must still reach the detector, at the next poll (once it did not, and a rank that stopped
     there was never blamed)."""
-    from loco_operator.faults import Detector, RecordBatch, LinkBatch, Topology
+    from loco_detector import Detector, RecordBatch, LinkBatch, Topology
 
     class Spy(Detector):
         seen: list = []

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from click.testing import CliRunner
 
-from loco_operator.faults import (
+from loco_detector import (
     CollectiveRecord,
     Detector,
     DetectorConfig,
@@ -20,10 +20,10 @@ from loco_operator.faults import (
     VerdictKind,
     diagnose,
 )
-from loco_operator.faults.trace import Trace, read_trace, write_trace
-from loco_operator.faults.live import LiveDetectors
+from loco_detector.trace import Trace, read_trace, write_trace
+from loco_detector.live import LiveDetectors
 from loco_cli import main as loco
-from loco_trainer.protocol import ProgressReport
+from loco_contract.protocol import ProgressReport
 
 PERIOD = 2.0
 OFFSETS = np.linspace(-0.1, 0.1, 16)

@@ -19,10 +19,10 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loco_operator.faults import CollectiveRecord, DetectorConfig, RankHeartbeat, Topology, diagnose
-from loco_operator.faults.live import LiveDetectors
-from loco_operator.faults.trace import Trace
-from loco_operator.faults.types import RecordBatch
+from loco_detector import CollectiveRecord, DetectorConfig, RankHeartbeat, Topology, diagnose
+from loco_detector.live import LiveDetectors
+from loco_detector.trace import Trace
+from loco_detector.types import RecordBatch
 
 CFG = DetectorConfig(warmup_collectives=3, hang_timeout_floor_seconds=10.0, warmup_hang_timeout_seconds=10.0,
                      silence_timeout_seconds=40.0)

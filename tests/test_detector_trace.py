@@ -12,7 +12,7 @@ import yaml
 from click.testing import CliRunner
 
 from loco_cli import main as loco
-from loco_operator.faults import (
+from loco_detector import (
     CollectiveRecord,
     DetectorConfig,
     LinkSample,
@@ -131,11 +131,15 @@ def test_trainingjob_spec_carries_fault_detection_thresholds() -> None:
         TrainingJobSpec.model_validate({"faultDetection": {"window": 1}})
 
 
-def test_trainer_comm_records_convert_to_the_common_clock() -> None:
-    class CommRecord:  # the shape of loco_trainer.comm.CollectiveRecord, without importing torch
-        seq, kind, nbytes, enter_ns, exit_ns, peer = 4, "send", 128, 2_000_000_000, 2_500_000_000, 3
+def test_the_flight_recorders_summaries_become_detector_records_and_samples() -> None:
+    """One wire shape: what the trainer's flight recorder exports is what the detector reads (no dict round trip)."""
+    from loco_contract.protocol import CollectiveSummary, LinkSummary
+    from loco_detector.live import links_from_wire, records_from_wire
+    from loco_detector.types import LinkSample
 
-    rec = CollectiveRecord.from_comm(1, CommRecord(), offset_s=10.0)
-    assert rec == CollectiveRecord(1, 4, "send", 128, 12.0, 12.5, peer=3)
-    CommRecord.exit_ns, CommRecord.peer = None, None
-    assert CollectiveRecord.from_comm(1, CommRecord()).exit_s is None
+    summary = CollectiveSummary(seq=4, kind="send", nbytes=128, enter_s=12.0, exit_s=12.5, peer=3)
+    assert CollectiveRecord.from_summary(1, summary) == CollectiveRecord(1, 4, "send", 128, 12.0, 12.5, peer=3)
+    assert records_from_wire(1, [summary, summary.to_wire(), {"seq": "x"}]) == [CollectiveRecord(1, 4, "send", 128, 12.0, 12.5, peer=3)] * 2
+    stalled = LinkSummary(id=7, src=0, dst=2, seconds=None, nbytes=64, at_s=3.0)
+    assert links_from_wire([stalled, LinkSummary(id=8, src=0, dst=9, seconds=0.1)], 3) == [
+        LinkSample(src=0, dst=2, seconds=math.inf, nbytes=64, at_s=3.0)]

@@ -20,9 +20,9 @@ import pytest
 import torch.multiprocessing as mp
 
 from dist_helpers import free_port
-from loco_operator.faults import DetectorConfig, RecordBatch, LinkBatch, Topology, diagnose
-from loco_operator.faults.live import links_from_wire, records_from_wire
-from loco_operator.faults.trace import Trace
+from loco_detector import DetectorConfig, RecordBatch, LinkBatch, Topology, diagnose
+from loco_detector.live import links_from_wire, records_from_wire
+from loco_detector.trace import Trace
 
 WORLD = 4
 # Small thresholds so each scenario takes seconds (the defaults suit real jobs, see docs/fault-detection.md).
@@ -36,7 +36,7 @@ def _rank_main(rank: int, port: int, fault: dict, iterations: int, probe_every: 
     import torch.distributed as dist
 
     from loco_trainer.comm import Comm
-    from loco_trainer.config import FaultInjection
+    from loco_contract.config import FaultInjection
     from loco_trainer.faults import CommFaults, InjectedCrash, comm_faults
 
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -56,7 +56,7 @@ def _rank_main(rank: int, port: int, fault: dict, iterations: int, probe_every: 
     def dump() -> None:
         comm.finish_probe(timeout_s=5)
         with open(os.path.join(outdir, f"rank{rank}.json"), "w") as fh:
-            json.dump({"records": comm.export_records(), "links": comm.export_links(),
+            json.dump({"records": [r.to_wire() for r in comm.export_records()], "links": [x.to_wire() for x in comm.export_links()],
                        "clockError": comm.clock_error_s, "error": error}, fh)
 
     try:
@@ -172,7 +172,7 @@ def test_crash_is_hang_noncomm_of_the_crashed_rank(tmp_path) -> None:
 
 
 def test_comm_faults_apply_only_where_configured_and_cost_nothing_when_off() -> None:
-    from loco_trainer.config import FaultInjection
+    from loco_contract.config import FaultInjection
     from loco_trainer.faults import CommFaults, comm_faults
 
     assert comm_faults(None, 0, 0) is None
@@ -209,7 +209,7 @@ def test_comm_faults_apply_only_where_configured_and_cost_nothing_when_off() -> 
 def test_fault_injection_fields_are_validated_with_the_field_named() -> None:
     from pydantic import ValidationError
 
-    from loco_trainer.config import FaultInjection
+    from loco_contract.config import FaultInjection
 
     with pytest.raises(ValidationError, match="linkDelay.seconds|link_delay.seconds"):
         FaultInjection.model_validate({"linkDelay": {"peer": 1, "seconds": 0}})
@@ -237,10 +237,10 @@ def _exchange_main(rank: int, port: int, fault: dict, outdir: str, mode: str = "
     import torch.distributed as dist
 
     from loco_trainer.comm import Comm
-    from loco_trainer.config import FaultInjection
+    from loco_contract.config import FaultInjection
     from loco_trainer.faults import comm_faults
     from loco_trainer.progress import ProgressServer, ProgressState
-    from loco_trainer.protocol import ProgressReport, WorkerState
+    from loco_contract.protocol import ProgressReport, WorkerState
 
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
@@ -276,8 +276,8 @@ def test_stalled_link_is_hang_comm_of_that_pair_live(tmp_path, mode: str) -> Non
     point-to-point steps (faultDetection.ringAllReduce), localised to the connection."""
     import urllib.request
 
-    from loco_operator.faults.live import LiveDetectors
-    from loco_trainer.protocol import ProgressReport
+    from loco_detector.live import LiveDetectors
+    from loco_contract.protocol import ProgressReport
 
     # ring: 2(n-1) = 6 steps of (send, recv) per all-reduce; hold rank 1's first send of iteration 6
     hold_at = HOLD_AT if mode == "exchange" else 6 * 2 * 2 * (WORLD - 1)

@@ -153,6 +153,9 @@ def test_a_wrong_type_skips_the_rules_as_kube_apiserver_does(running):
     assert any("spec.replicas in body must be of type integer" in m for m in messages)
     assert not any("minReplicas must be <=" in m for m in messages)
     assert any("some validation rules were not checked" in m for m in messages)
+    # the causes as kube-apiserver words them (e2e/test_api_differential.py holds the two side by side)
+    reasons = {c["field"]: c["reason"] for c in body["details"]["causes"]}
+    assert reasons["spec.replicas"] == "FieldValueTypeInvalid" and reasons["<nil>"] == "FieldValueInvalid"
 
 
 def pod(name: str, **container: object) -> str:

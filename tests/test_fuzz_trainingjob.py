@@ -55,7 +55,7 @@ def test_no_spec_gets_a_5xx(report):
     assert len(report.outcomes) == SPECS
     assert [(o.case.origin, o.status, o.body) for o in report.server_errors()] == []
     # both sides are exercised: the mutations are refused, most plain specs accepted
-    assert 150 <= len(report.accepted()) <= SPECS - 300, report.by_status()
+    assert 100 <= len(report.accepted()) <= SPECS - 300, report.by_status()
 
 
 def test_every_refusal_is_a_status_naming_the_field(report):
@@ -124,20 +124,34 @@ def test_a_nan_literal_is_a_400_naming_the_field(running):
     assert outcome.status == 400 and "spec.algorithm.outerLr" in outcome.body["message"]
 
 
-def test_a_negative_memory_limit_is_accepted_and_its_pod_refused(running):
+def causes(outcome: ft.Outcome) -> set[str]:
+    return {str(c.get("field")) for c in (outcome.body.get("details") or {}).get("causes") or []}
+
+
+def pod_dry_run(running: ft.Running, container: dict[str, Any]) -> requests.Response:
+    """What Pod validation says of a container: the template's Kubernetes types must refuse what it refuses."""
+    return requests.post(f"{running.url}/api/v1/namespaces/default/pods?dryRun=All", timeout=10,
+                         headers=running.headers | {"Content-Type": "application/json"}, json={
+                             "metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "image": "i", **container}]}})
+
+
+def operator_verdict(label: str) -> list[str]:
+    """The operator's own check of a case (InvalidSpec), for an object stored before the CRD typed the
+    template or under a CRD installed by hand: the operator must fail it naming the field, not retry forever."""
+    from loco_operator.validation import validate_job
+
+    return [str(e) for e in validate_job(json.loads(KNOWN[label].raw))]
+
+
+def test_a_negative_memory_limit_is_refused_by_the_api_as_its_pod_would_be(running):
     outcome = post_and_plan(running, "memory-limit-negative")
-    assert outcome.status == 201  # spec.template.resources is free-form in the CRD
-    r = requests.post(f"{running.url}/api/v1/namespaces/default/pods?dryRun=All", timeout=10,
-                      headers=running.headers | {"Content-Type": "application/json"}, json={
-                          "metadata": {"name": "p"}, "spec": {"containers": [
-                              {"name": "c", "image": "i", "resources": {"limits": {"memory": -1}}}]}})
+    assert outcome.status == 422 and "spec.template.resources.limits.memory" in causes(outcome)
+    r = pod_dry_run(running, {"resources": {"limits": {"memory": -1}}})
     assert r.status_code == 422 and "resources.limits[memory]" in r.json()["message"]
 
 
-def test_a_negative_memory_limit_fails_the_job_naming_the_limit(running):
-    outcome = post_and_plan(running, "memory-limit-negative")
-    assert outcome.plan_error is None, outcome.plan_error
-    assert outcome.phase == "Failed" and "resources.limits[memory]" in outcome.message
+def test_a_negative_memory_limit_fails_the_job_naming_the_limit_where_the_crd_is_untyped():
+    assert any("resources.limits[memory]" in e and "negative" in e for e in operator_verdict("memory-limit-negative"))
 
 
 def test_kwargs_nested_1000_deep_is_accepted(running):
@@ -151,34 +165,38 @@ def test_kwargs_nested_1000_deep_fails_the_job_naming_the_field(running):
     assert outcome.phase == "Failed" and "spec.model.kwargs" in outcome.message
 
 
-def test_an_env_var_with_no_name_and_a_number_is_accepted_and_its_pod_refused(running):
+def test_an_env_var_with_no_name_and_a_number_is_refused_by_the_api_as_its_pod_would_be(running):
     outcome = post_and_plan(running, "env-empty-name-int-value")
-    assert outcome.status == 201  # spec.template.env items are free-form in the CRD
-    r = requests.post(f"{running.url}/api/v1/namespaces/default/pods?dryRun=All", timeout=10,
-                      headers=running.headers | {"Content-Type": "application/json"}, json={
-                          "metadata": {"name": "p"}, "spec": {"containers": [
-                              {"name": "c", "image": "i", "env": [{"name": "", "value": 1}]}]}})
+    assert outcome.status == 422
+    assert {"spec.template.env[0].name", "spec.template.env[0].value"} <= causes(outcome)
+    r = pod_dry_run(running, {"env": [{"name": "", "value": 1}]})
     assert r.status_code == 400 and "env[0].value" in r.json()["message"]
 
 
-def test_an_env_var_with_no_name_and_a_number_fails_the_job_naming_the_field(running):
-    outcome = post_and_plan(running, "env-empty-name-int-value")
-    assert outcome.plan_error is None, outcome.plan_error
-    assert outcome.phase == "Failed" and "env" in outcome.message
+def test_an_env_var_with_no_name_and_a_number_fails_the_job_naming_the_field_where_the_crd_is_untyped():
+    verdict = operator_verdict("env-empty-name-int-value")
+    assert any(e.startswith("spec.template.env[0].name") for e in verdict), verdict
 
 
-def test_an_unknown_field_in_an_env_item_fails_the_job_naming_the_field(running):
+def test_an_unknown_field_in_an_env_item_is_pruned_as_in_a_pod_and_the_job_runs(running):
     outcome = post_and_plan(running, "env-item-unknown-field")
     assert outcome.status == 201
-    assert outcome.plan_error is None, outcome.plan_error
-    assert outcome.phase == "Failed" and "env" in outcome.message
+    assert outcome.body["spec"]["template"]["env"] == [{"name": "A", "value": "1"}]
+    assert outcome.plan_error is None and outcome.phase != "Failed", (outcome.phase, outcome.message)
+    strict = requests.post(f"{running.url}{ft.COLLECTION}?fieldValidation=Strict", data=KNOWN["env-item-unknown-field"]
+                           .raw.replace(b'"known-env-item-unknown-field"', b'"strict-env"'), timeout=10,
+                           headers=running.headers | {"Content-Type": "application/json"})
+    assert strict.status_code == 400 and 'unknown field "spec.template.env[0].valu"' in strict.json()["message"]
 
 
-def test_a_memory_limit_that_is_not_a_quantity_fails_the_job_naming_the_limit(running):
+def test_an_unknown_field_in_an_env_item_fails_the_job_naming_the_field_where_the_crd_is_untyped():
+    assert any(e.startswith("spec.template.env[0].valu") for e in operator_verdict("env-item-unknown-field"))
+
+
+def test_a_memory_limit_that_is_not_a_quantity_is_refused_by_the_api(running):
     outcome = post_and_plan(running, "memory-limit-not-a-quantity")
-    assert outcome.status == 201
-    assert outcome.plan_error is None, outcome.plan_error
-    assert outcome.phase == "Failed" and "resources.limits[memory]" in outcome.message
+    assert outcome.status == 422 and "spec.template.resources.limits.memory" in causes(outcome)
+    assert any("resources.limits[memory]" in e for e in operator_verdict("memory-limit-not-a-quantity"))
 
 
 # ---- the real operator afterwards ------------------------------------------------------------------
@@ -203,6 +221,18 @@ async def poll(what: str, probe: Any, timeout_s: float = 60.0) -> Any:
     raise AssertionError(f"timed out waiting for {what}; last seen: {last!r}")
 
 
+def untyped_template(crd: dict[str, Any]) -> dict[str, Any]:
+    """``crd`` with spec.template's Kubernetes objects free-form again."""
+    template = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["template"]
+    free = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+    for name, prop in template["properties"].items():
+        if name in ("env", "tolerations", "volumes", "volumeMounts"):
+            prop["items"] = dict(free)
+        elif name in ("resources", "affinity"):
+            template["properties"][name] = {**free, "description": prop["description"]}
+    return crd
+
+
 @pytest.mark.timeout(180)
 async def test_the_operator_survives_the_fuzz_and_still_reconciles_a_good_job(tmp_path, report):
     from kubernetes import client as k8s
@@ -214,13 +244,20 @@ async def test_the_operator_survives_the_fuzz_and_still_reconciles_a_good_job(tm
     server = APIServer(port=0)
     await server.start()
     api_client = load_api_client(str(write_kubeconfig(tmp_path / "kubeconfig", server.url, token=server.token)))
-    await asyncio.to_thread(k8s.ApiextensionsV1Api(api_client).create_custom_resource_definition, build_crd())
+    # the CRD as it was before the template's Kubernetes types were typed (an old install, or one edited by hand):
+    # the operator's own checks then stand between the testers' cases and a crash loop
+    await asyncio.to_thread(k8s.ApiextensionsV1Api(api_client).create_custom_resource_definition,
+                            untyped_template(build_crd()))
     running = ft.Running(server.url, server.token, server)
     # the testers' cases the API accepts, and a sample of the accepted fuzz (refused ones never reach it)
-    sample = [o for o in report.accepted() if not o.plan_error][:SAMPLE]
+    # (not one with runPolicy.activeDeadlineSeconds: its phase depends on when it is looked at, so the live
+    # operator, a reconcile or two later on a loaded machine, may rightly say Failed where the plan said Pending)
+    sample = [o for o in report.accepted() if not o.plan_error
+              and ((o.body.get("spec") or {}).get("runPolicy") or {}).get("activeDeadlineSeconds") is None][:SAMPLE]
     cases = [KNOWN[label] for label in ("kwargs-nested-1000", "env-empty-name-int-value", "memory-limit-negative",
                                         "memory-limit-not-a-quantity", "env-item-unknown-field")]
-    cases += [o.case for o in sample]
+    # as the typed CRD stored them (it pruned unknown keys inside the template's Kubernetes objects)
+    cases += [ft.Case.of(o.case.name, o.body["spec"], o.case.origin) for o in sample]
 
     def post_all() -> list[str]:
         names = []

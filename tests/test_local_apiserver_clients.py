@@ -23,6 +23,8 @@ from loco_local.pki import serving_context
 
 from test_local_apiserver_crd import WIDGET_CRD  # the small test CRD
 
+#: the real kubectl; CI's machine has it on PATH (the 0-skipped CI runs show it), so the tests marked with it skip only
+#: on a developer's machine without kubectl, where they could not run at all
 KUBECTL = shutil.which("kubectl")
 
 
@@ -61,7 +63,7 @@ async def kubectl(kubeconfig: Path, *args: str, **kw) -> subprocess.CompletedPro
 
 # The machine image (developers and CI) ships kubectl, so this runs there; it can only skip on a
 # machine without one, where the Python-client and kopf tests still cover the server.
-@pytest.mark.skipif(KUBECTL is None, reason="kubectl is not on PATH")
+@pytest.mark.skipif(KUBECTL is None, reason="kubectl is not on PATH")  # see KUBECTL
 async def test_kubectl_apply_get_describe_explain_scale_patch_logs_delete(cluster, tmp_path):
     server, kc = cluster
     crd_file = tmp_path / "crd.yaml"
@@ -166,7 +168,7 @@ async def test_every_kubectl_on_the_machine_applies_explains_and_diffs(cluster, 
 
 
 # kubectl ships in the machine image (developers and CI), so this runs there; it skips only on a machine without one.
-@pytest.mark.skipif(KUBECTL is None, reason="kubectl is not on PATH")
+@pytest.mark.skipif(KUBECTL is None, reason="kubectl is not on PATH")  # see KUBECTL
 async def test_kubectl_server_side_apply_owns_fields_and_reports_conflicts(cluster, tmp_path):
     """docs/helm.md tells users to `kubectl apply --server-side`: it works on the embedded cluster too."""
     server, kc = cluster
@@ -189,7 +191,7 @@ async def test_kubectl_server_side_apply_owns_fields_and_reports_conflicts(clust
 
 # The machine image (developers and CI) ships kubectl, so this runs there; it can only skip on a
 # machine without one, where the Python-client and kopf tests still cover the server.
-@pytest.mark.skipif(KUBECTL is None, reason="kubectl is not on PATH")
+@pytest.mark.skipif(KUBECTL is None, reason="kubectl is not on PATH")  # see KUBECTL
 async def test_kubectl_get_watch_prints_rows_as_objects_change(cluster):
     server, kc = cluster
     proc = await asyncio.create_subprocess_exec(
@@ -315,3 +317,22 @@ async def test_kopf_operator_reconciles_and_deletion_collects_children(cluster, 
             proc.terminate()
             output, _ = await asyncio.wait_for(proc.communicate(), 30)
         assert b"Traceback" not in output, output.decode()[-3000:]
+
+
+# Skips only on a machine without kubectl (the project's machines and CI ship it, so it runs there).
+@pytest.mark.skipif(KUBECTL is None, reason="kubectl is not on PATH")  # see KUBECTL
+async def test_kubectl_explains_the_templates_kubernetes_types_and_apply_names_a_bad_one(cluster, tmp_path):
+    """spec.template's env, volumes... carry Kubernetes' own schemas: explain describes them, apply refuses early."""
+    _, kc = cluster
+    await kubectl(kc, "apply", "-f", str(Path(__file__).resolve().parents[1] / "crds" / "trainingjob.yaml"))
+    explained = (await kubectl(kc, "explain", "trainingjob.spec.template.env.valueFrom")).stdout
+    assert "configMapKeyRef" in explained and "secretKeyRef" in explained, explained
+    job = {"apiVersion": "loco.dev/v1alpha1", "kind": "TrainingJob", "metadata": {"name": "envy"},
+           "spec": {"template": {"env": [{"name": "A", "value": 1}],
+                                 "volumes": [{"name": "v", "emptyDir": {}, "hostPth": {"path": "/"}}]}}}
+    proc = await kubectl(kc, "apply", "-f", "-", stdin=json.dumps(job), check=False)
+    assert proc.returncode != 0, proc.stdout
+    assert 'unknown field "spec.template.volumes[0].hostPth"' in proc.stderr, proc.stderr  # kubectl asks for Strict
+    job["spec"]["template"]["volumes"][0].pop("hostPth")
+    proc = await kubectl(kc, "apply", "-f", "-", stdin=json.dumps(job), check=False)
+    assert proc.returncode != 0 and "spec.template.env[0].value" in proc.stderr, proc.stderr

@@ -309,3 +309,62 @@ async def test_every_example_trainingjob_is_accepted_by_the_real_crd(call, path)
         status, created = await call("POST", "/apis/loco.dev/v1alpha1/namespaces/default/trainingjobs", job)
         assert status == 201, created
 
+
+
+async def test_the_templates_kubernetes_objects_are_typed_so_the_api_refuses_what_pod_validation_would(call):
+    """The failures of issue 30 (2): env, resources, volumes... were free-form, so the API took what every worker
+    pod would be refused for, and the job only learnt of it at pod creation. Now the API names each field."""
+    status, body = await call("POST", CRDS, yaml.safe_load(TRAININGJOB_CRD.read_text()))
+    assert status == 201, body
+    jobs = "/apis/loco.dev/v1alpha1/namespaces/default/trainingjobs"
+    template = {"env": [{"name": "", "value": 1}, {"value": "x"}],
+                "resources": {"limits": {"memory": -1, "cpu": "lots"}, "requests": {"memory": "-1Gi"}},
+                "tolerations": [{"key": "k", "tolerationSeconds": "soon"}],
+                "volumeMounts": [{"name": "data"}],
+                "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": 7}}],
+                "affinity": {"nodeAffinity": "anywhere"}}
+    status, body = await call("POST", jobs, {"apiVersion": "loco.dev/v1alpha1", "kind": "TrainingJob",
+                                             "metadata": {"name": "typed"}, "spec": {"template": template}})
+    assert status == 422, body
+    fields = {c["field"] for c in body["details"]["causes"]}
+    assert {"spec.template.env[0].name", "spec.template.env[0].value", "spec.template.env[1].name",
+            "spec.template.resources.limits.memory", "spec.template.resources.limits.cpu",
+            "spec.template.resources.requests.memory", "spec.template.tolerations[0].tolerationSeconds",
+            "spec.template.volumeMounts[0].mountPath", "spec.template.volumes[0].persistentVolumeClaim.claimName",
+            "spec.template.affinity.nodeAffinity"} <= fields
+    status, _ = await call("GET", f"{jobs}/typed")
+    assert status == 404
+
+    # what Pod validation takes, the API takes: quantities as numbers or strings, a real volume, a toleration
+    good = {"env": [{"name": "A", "value": "1"}, {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+            "resources": {"limits": {"memory": "2Gi", "cpu": 2, "nvidia.com/gpu": "1"}, "requests": {"cpu": "500m"}},
+            "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule", "tolerationSeconds": 30}],
+            "volumes": [{"name": "data", "emptyDir": {"sizeLimit": "1Gi"}, "junk": True}],
+            "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+            "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}]}}}}
+    status, created = await call("POST", jobs, {"apiVersion": "loco.dev/v1alpha1", "kind": "TrainingJob",
+                                                "metadata": {"name": "typed"}, "spec": {"template": good}})
+    assert status == 201, created
+    # an unknown key inside a Kubernetes object is pruned, as kube-apiserver prunes it from a Pod
+    assert created["spec"]["template"]["volumes"] == [{"name": "data", "emptyDir": {"sizeLimit": "1Gi"}}]
+
+
+async def test_a_rule_on_number_fields_written_as_integers_compares_them_as_numbers(call):
+    """kube-apiserver's CEL types a `number` field as a double whatever the JSON wrote: `5 >= 6.0` is a verdict,
+    not "no matching overload" (the embedded server compared an int with a double and failed the rule's evaluation)."""
+    status, body = await call("POST", CRDS, yaml.safe_load(TRAININGJOB_CRD.read_text()))
+    assert status == 201, body
+    jobs = "/apis/loco.dev/v1alpha1/namespaces/default/trainingjobs"
+
+    def job(name: str, detection: dict[str, Any]) -> dict[str, Any]:
+        return {"apiVersion": "loco.dev/v1alpha1", "kind": "TrainingJob", "metadata": {"name": name},
+                "spec": {"faultDetection": detection}}
+
+    status, body = await call("POST", jobs, job("early", {"warmupHangTimeoutSeconds": 5, "hangTimeoutFloorSeconds": 6}))
+    assert status == 422 and "evaluation error" not in body["message"], body["message"]
+    assert [c["field"] for c in body["details"]["causes"]] == ["spec.faultDetection.warmupHangTimeoutSeconds"]
+    status, body = await call("POST", jobs, job("fine", {"warmupHangTimeoutSeconds": 300, "hangTimeoutFloorSeconds": 10}))
+    assert status == 201, body
+    status, body = await call("POST", jobs, job("greedy", {"consecutive": 40, "window": 32}))
+    assert status == 422 and [c["field"] for c in body["details"]["causes"]] == ["spec.faultDetection.consecutive"]

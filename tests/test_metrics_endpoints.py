@@ -32,7 +32,7 @@ from loco_operator.metrics import OperatorMetrics, fault_kind
 from loco_operator.planner import EmitEvent, Observed, ObservedPod, plan
 from loco_operator.render import JobRef, config_json
 from loco_operator.spec import TrainingJobSpec
-from loco_trainer.protocol import ProgressReport
+from loco_contract.protocol import ProgressReport
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "metrics.md"

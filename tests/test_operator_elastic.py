@@ -7,8 +7,8 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from loco_operator.capacity import free_slots
-from loco_operator.faults import Verdict, VerdictKind
-from loco_operator.faults.live import FaultFinding, LiveDetectors
+from loco_detector import Verdict, VerdictKind
+from loco_detector.live import FaultFinding, LiveDetectors
 from loco_operator.planner import (
     CreatePod,
     DeletePod,
@@ -20,7 +20,7 @@ from loco_operator.planner import (
     plan,
 )
 from loco_operator.render import JobRef, config_json, render_pod
-from loco_trainer.protocol import ProgressReport
+from loco_contract.protocol import ProgressReport
 from loco_operator.spec import TrainingJobSpec
 from loco_operator.validation import validate_job
 
@@ -649,7 +649,7 @@ def test_missing_rank_of_a_live_membership_never_takes_a_survivors_name():
 def test_live_detector_hears_a_survivor_of_the_old_epoch_but_ignores_its_records():
     """Until a survivor switches, its reports name the old epoch: the detector of the new epoch
     counts it as alive but takes none of its (old-membership) collectives, nor moves its cursor."""
-    from loco_operator.faults.types import DetectorConfig
+    from loco_contract.detection import DetectorConfig
 
     live = LiveDetectors()
     config = DetectorConfig(warmup_collectives=2, consecutive=3)
@@ -711,7 +711,7 @@ def test_resize_neither_skips_nor_repeats_data():
     rules) continues the global sequence stream exactly where it stopped."""
     import numpy as np
 
-    from loco_trainer.config import BatchRule, TrainingSpec
+    from loco_contract.config import BatchRule, TrainingSpec
     from loco_trainer.data import DataPosition, TokenWindows, TrainSampler, rank_slice
     from loco_trainer.train import global_batch_size
 

@@ -1,6 +1,6 @@
 """Live fault detection in the operator: progress reports -> detector -> findings -> planner actions.
 
-The feeding half (:class:`loco_operator.faults.live.LiveDetectors`) gets synthetic progress reports
+The feeding half (:class:`loco_detector.live.LiveDetectors`) gets synthetic progress reports
 shaped exactly like the trainer's (``ProgressReport.collectives``); the acting half is the pure
 planner: a finding becomes a ``FaultDetected`` Warning, a ``status.faults`` entry, the node on
 ``status.avoidNodes`` (a required node anti-affinity on the replacement pods), an optional cordon,
@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
-from loco_operator.faults import DetectorConfig, Verdict, VerdictKind
-from loco_operator.faults.live import FaultFinding, LiveDetectors, blamed_nodes
+from loco_detector import DetectorConfig, Verdict, VerdictKind
+from loco_detector.live import FaultFinding, LiveDetectors, blamed_nodes
 from loco_operator.planner import CordonNode, CreatePod, DeletePod, EmitEvent, Observed, plan
 from loco_trainer.progress import ProgressState
-from loco_trainer.protocol import ProgressReport
+from loco_contract.protocol import CollectiveSummary, LinkSummary, ProgressReport
 
 from test_operator_planner import NOW, children, job, pod, running_status, settle
 
@@ -86,11 +86,10 @@ def test_in_flight_records_are_asked_for_again() -> None:
 
 def test_progress_endpoint_serves_records_after_the_cursors_only_when_asked() -> None:
     state = ProgressState(_report(0, None))
-    records = [{"seq": s, "kind": "all_reduce", "nbytes": 8, "enterS": float(s), "exitS": s + 0.5, "peer": None}
-               for s in range(5)]
-    links = [{"id": i, "src": 1, "dst": 0, "seconds": 0.001, "nbytes": 4096, "atS": float(i)} for i in range(3)]
-    state.set_fault_source(lambda since_seq, since_link: ([r for r in records if r["seq"] > since_seq],
-                                                           [x for x in links if x["id"] > since_link], 0.0002))
+    records = [CollectiveSummary(seq=s, kind="all_reduce", nbytes=8, enter_s=float(s), exit_s=s + 0.5) for s in range(5)]
+    links = [LinkSummary(id=i, src=1, dst=0, seconds=0.001, nbytes=4096, at_s=float(i)) for i in range(3)]
+    state.set_fault_source(lambda since_seq, since_link: ([r for r in records if r.seq > since_seq],
+                                                           [x for x in links if x.id > since_link], 0.0002))
     assert state.snapshot().collectives is None  # a plain /status stays small
     snap = state.snapshot(since_seq=2, since_link=1)
     assert [c.seq for c in snap.collectives] == [3, 4] and [x.id for x in snap.links] == [2]

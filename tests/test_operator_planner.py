@@ -25,7 +25,7 @@ from loco_operator.planner import (
 )
 from loco_operator.render import JobRef, config_json
 from loco_operator.spec import TrainingJobSpec
-from loco_trainer.protocol import ProgressReport
+from loco_contract.protocol import ProgressReport
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
 REF = JobRef("j", "ns", "uid-1")

@@ -11,8 +11,8 @@ from prometheus_client import generate_latest
 from loco_operator.metrics import API_OPERATIONS, OperatorMetrics
 from loco_operator.render import JobRef, render_configmap, render_pod, render_service
 from loco_operator.spec import TrainingJobSpec
-from loco_trainer.config import EnvVar, TrainerConfig
-from loco_trainer.protocol import READY_PATH
+from loco_contract.config import EnvVar, TrainerConfig
+from loco_contract.protocol import READY_PATH
 
 REF = JobRef("gpt", "team-a", "uid-9")
 
@@ -152,42 +152,42 @@ def test_every_api_call_of_the_handlers_has_its_api_errors_series_from_the_start
     assert not re.findall(r'(?:_call|_create|_delete)\(ctx, [a-z]', source.replace("_call(ctx, operation", ""))
 
 
+def probes(fault_detection: dict | None):
+    """The probe settings a worker reads from its config, as the operator renders it for this faultDetection."""
+    from loco_contract.config import TrainerConfig
+    from loco_operator.render import config_json
+
+    spec = TrainingJobSpec.model_validate({"replicas": 2, **({"faultDetection": fault_detection} if fault_detection else {})})
+    return TrainerConfig.model_validate_json(config_json(JobRef("default", "j", "uid"), spec)).probes
+
+
 def test_stall_threshold_follows_the_hang_timeout_floor() -> None:
     """Workers report a stalled connection after half of faultDetection.hangTimeoutFloorSeconds
     (at most 5 s), so the sample reaches the detector before its hang-comm timeout expires."""
-    from loco_operator.render import worker_env
-    from loco_operator.spec import TrainingJobSpec
-    from loco_trainer.config import EnvVar, RuntimeEnv
-
-    def stall(fault_detection: dict | None) -> float:
-        spec = TrainingJobSpec.model_validate({"replicas": 2, **({"faultDetection": fault_detection} if fault_detection else {})})
-        env = {e["name"]: e["value"] for e in worker_env(JobRef("default", "j", "uid"), spec, 0, 0, 0, "") if "value" in e}
-        return RuntimeEnv.from_environ(env).stall_after_s
-
-    assert stall(None) == 5.0  # default floor 10 s
-    assert stall({"hangTimeoutFloorSeconds": 3}) == 1.5
-    assert stall({"hangTimeoutFloorSeconds": 60, "warmupHangTimeoutSeconds": 300}) == 5.0
-    assert RuntimeEnv.from_environ({EnvVar.STALL_AFTER_S.value: "2.5"}).stall_after_s == 2.5
+    assert probes(None).stall_after_s == 5.0  # default floor 10 s
+    assert probes({"hangTimeoutFloorSeconds": 3}).stall_after_s == 1.5
+    assert probes({"hangTimeoutFloorSeconds": 60, "warmupHangTimeoutSeconds": 300}).stall_after_s == 5.0
 
 
 def test_ring_all_reduce_is_passed_to_the_workers() -> None:
-    """faultDetection.ringAllReduce reaches the trainer as LOCO_RING_ALL_REDUCE (off by default)."""
+    """faultDetection.ringAllReduce reaches the trainer through its config (off by default)."""
+    assert probes(None).ring_all_reduce is False and probes({"ringAllReduce": False}).ring_all_reduce is False
+    assert probes({"ringAllReduce": True}).ring_all_reduce is True
+
+
+def test_no_fault_setting_travels_in_the_environment() -> None:
+    """The trainer reads the detector's settings from its config, never from LOCO_* variables (issue 23)."""
     from loco_operator.render import worker_env
-    from loco_trainer.config import RuntimeEnv
 
-    def ring(fault_detection: dict | None) -> bool:
-        spec = TrainingJobSpec.model_validate({"replicas": 2, **({"faultDetection": fault_detection} if fault_detection else {})})
-        env = {e["name"]: e["value"] for e in worker_env(JobRef("default", "j", "uid"), spec, 0, 0, 0, "") if "value" in e}
-        return RuntimeEnv.from_environ(env).ring_all_reduce
-
-    assert ring(None) is False and ring({"ringAllReduce": False}) is False
-    assert ring({"ringAllReduce": True}) is True
+    spec = TrainingJobSpec.model_validate({"replicas": 2, "faultDetection": {"ringAllReduce": True, "probeBytes": 8192}})
+    names = {e["name"] for e in worker_env(JobRef("default", "j", "uid"), spec, 0, 0, 0, "")}
+    assert not {n for n in names if "STALL" in n or "PROBE" in n or "RING" in n}, names
 
 
 def test_live_resize_joiner_pod_name_rendezvous_and_flags() -> None:
     """A live-capable job's pods say LOCO_LIVE_RESIZE=1; a joiner of a live grow has its own name
     (metadata.name and hostname), LOCO_JOIN=1 and the epoch's rendezvous (rank 0 by pod name)."""
-    from loco_trainer.config import RuntimeEnv
+    from loco_contract.config import RuntimeEnv
 
     live = TrainingJobSpec.model_validate({"replicas": 3, "elastic": {"minReplicas": 2}})
     assert live.live_membership
@@ -212,21 +212,12 @@ def _values(pod: dict) -> dict[str, str]:
 
 
 def test_probe_interval_and_size_are_passed_to_the_workers() -> None:
-    """faultDetection.probeIntervalSeconds and probeBytes reach the trainer as LOCO_PROBE_INTERVAL_S
-    (1 s by default, 0 = transfers at every log interval) and LOCO_PROBE_BYTES (4 KiB); a value out
-    of range is refused, naming the field."""
-    from loco_operator.render import worker_env
-    from loco_trainer.config import RuntimeEnv
-
-    def probe(fault_detection: dict | None) -> tuple[float, int]:
-        spec = TrainingJobSpec.model_validate({"replicas": 2, **({"faultDetection": fault_detection} if fault_detection else {})})
-        env = {e["name"]: e["value"] for e in worker_env(JobRef("default", "j", "uid"), spec, 0, 0, 0, "") if "value" in e}
-        runtime = RuntimeEnv.from_environ(env)
-        return runtime.probe_interval_s, runtime.probe_bytes
-
-    assert probe(None) == (1.0, 4096)
-    assert probe({"probeIntervalSeconds": 0}) == (0.0, 4096)
-    assert probe({"probeIntervalSeconds": 7.5, "probeBytes": 1 << 20}) == (7.5, 1 << 20)
+    """faultDetection.probeIntervalSeconds and probeBytes reach the trainer through its config (1 s by
+    default, 0 = transfers at every log interval; 4 KiB); a value out of range is refused, naming the field."""
+    assert (probes(None).probe_interval_s, probes(None).probe_bytes) == (1.0, 4096)
+    assert probes({"probeIntervalSeconds": 0}).probe_interval_s == 0.0
+    chosen = probes({"probeIntervalSeconds": 7.5, "probeBytes": 1 << 20})
+    assert (chosen.probe_interval_s, chosen.probe_bytes) == (7.5, 1 << 20)
     for bad, field in (({"probeIntervalSeconds": -1}, "probeIntervalSeconds|probe_interval_seconds"),
                        ({"probeBytes": 2}, "probeBytes|probe_bytes")):
         with pytest.raises(ValueError, match=field):

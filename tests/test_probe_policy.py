@@ -12,7 +12,7 @@ import torch
 from dist_helpers import tiny_model
 from loco_trainer.algorithms import NoLoCo, make_strategy
 from loco_trainer.comm import Comm
-from loco_trainer.config import AlgorithmSpec
+from loco_contract.config import AlgorithmSpec
 
 
 class _RecordingComm:
@@ -101,7 +101,7 @@ def test_loop_probes_unless_covered_and_keeps_the_periodic_clock_resync(tmp_path
     """The training loop probes at every log interval but the last; when the strategy's traffic
     covers the links the probe keeps only its cadence (``links=False``: the periodic clock
     re-estimate, tested in tests/test_comm.py), with no transfer."""
-    from loco_trainer.config import RuntimeEnv, TrainerConfig
+    from loco_contract.config import RuntimeEnv, TrainerConfig
     from loco_trainer.rendezvous import RankInfo
     from loco_trainer.train import Trainer
 

@@ -12,7 +12,7 @@ from pydantic import TypeAdapter
 
 from loco_operator.render import JobRef, render_configmap, render_pod
 from loco_operator.spec import TrainingJobSpec
-from loco_trainer.config import TrainerConfig
+from loco_contract.config import TrainerConfig
 from loco_operator.validation import FieldError, InvalidSpecError, parse_spec, validate_job
 
 

@@ -1,4 +1,4 @@
-"""Trainer._agree_membership, the survivors' check after a lost peer: they must have left the old group
+"""LiveMembership.agree, the survivors' check after a lost peer: they must have left the old group
 at the same step and data position; on whether the loss interrupted the algorithm's exchange they may
 differ only when the exchange completed on some of them (the lost worker died in its final hops) and
 the algorithm can hand its outcome over (Strategy.adopt_completed_exchange); otherwise the worker
@@ -13,7 +13,7 @@ import torch
 
 from loco_trainer.algorithms.base import Strategy
 from loco_trainer.data import DataPosition
-from loco_trainer.train import Trainer
+from loco_trainer.live_membership import LiveMembership
 
 
 class _Recorder(Strategy):
@@ -46,8 +46,8 @@ def _agree(strategy: Strategy, rows: list[list[int]], rank: int):
     comm = types.SimpleNamespace(world_size=len(rows), rank=rank,
                                  all_gather=lambda mine: [torch.tensor(r, dtype=torch.int64) for r in rows])
     me = rows[rank]
-    host = types.SimpleNamespace(_comm=comm, _strategy=strategy, info=types.SimpleNamespace(rank=rank))
-    return Trainer._agree_membership(host, me[1], DataPosition(me[2]), me[3], joining=bool(me[0]),
+    host = types.SimpleNamespace(comm=lambda: comm, strategy=strategy, info=types.SimpleNamespace(rank=rank))
+    return LiveMembership.agree(host, me[1], DataPosition(me[2]), me[3], joining=bool(me[0]),
                                      interrupted=bool(me[4]), planned=False)
 
 

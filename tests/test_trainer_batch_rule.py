@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from dist_helpers import flat_params, rank_pool, single_process_reference, tiny_batch, tiny_model  # noqa: F401 - rank_pool is a fixture
 from loco_trainer.algorithms import DDP
 from loco_trainer.comm import Comm
-from loco_trainer.config import AlgorithmName, LrScaling, TrainerConfig, TrainingSpec
+from loco_contract.config import AlgorithmName, LrScaling, TrainerConfig, TrainingSpec
 from loco_trainer.data import rank_slice
 from loco_trainer.train import Trainer, effective_lr, gradient_weight, inner_batch_ranks, lr_at
 
@@ -91,20 +91,21 @@ def _tiny_job(tmp_path, steps: int) -> TrainerConfig:
 def test_loop_resumed_at_another_world_size_schedules_the_scaled_lr_and_logs_it(tmp_path, monkeypatch, caplog):
     """A DDP job that started with 4 ranks (the checkpoint's reference world) resumes on 1: linear
     scaling gives a peak lr of lr/4, logged once, and every scheduled lr follows it."""
-    from loco_trainer.config import RuntimeEnv
+    from loco_contract.config import RuntimeEnv
+    from loco_trainer.checkpointer import Checkpointer
     from loco_trainer.rendezvous import RankInfo
 
     env = RuntimeEnv.from_environ({}).model_copy(update={"job_name": "tiny", "namespace": "test"})
     info, cpu = RankInfo(0, 0, 1, 0, 1), torch.device("cpu")
     Trainer(_tiny_job(tmp_path, steps=2), env, info, cpu).run()  # a committed checkpoint at step 2
 
-    real_restore = Trainer.restore
+    real_restore = Checkpointer.restore
 
     def restore_started_with_4_ranks(self, *args, **kwargs):
         step, position, _ = real_restore(self, *args, **kwargs)
         return step, position, 4
 
-    monkeypatch.setattr(Trainer, "restore", restore_started_with_4_ranks)
+    monkeypatch.setattr(Checkpointer, "restore", restore_started_with_4_ranks)
     history = tmp_path / "history.jsonl"
     config = _tiny_job(tmp_path, steps=5)
     with caplog.at_level(logging.INFO, logger="loco_trainer"):

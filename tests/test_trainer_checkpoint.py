@@ -12,9 +12,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from loco_trainer.cli import ckpt as ckpt_cli
-from loco_trainer.config import RuntimeEnv, TrainerConfig
-from loco_trainer.protocol import ProgressReport, WorkerState
+from loco_trainer.ckpt_cli import ckpt as ckpt_cli
+from loco_contract.config import RuntimeEnv, TrainerConfig
+from loco_contract.protocol import ProgressReport, WorkerState
 
 
 def tiny(tmp_path, steps: int = 6, keep: int = 2) -> dict:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from loco_trainer.config import FaultInjection, TrainingSpec
+from loco_contract.config import FaultInjection, TrainingSpec
 from loco_trainer.faults import crash_step
 from loco_trainer.launcher import ConfigError, apply_overrides, load_config
 from loco_trainer.train import global_batch_size, lr_at, format_progress_line

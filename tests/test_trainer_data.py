@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from loco_trainer.config import DataSpec
+from loco_contract.config import DataSpec
 from loco_trainer.data import (
     DataError,
     Dataset,

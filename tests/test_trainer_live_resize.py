@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from loco_trainer.ucp.tools import consolidated_state, pick
-from loco_trainer.protocol import epoch_master_port
+from loco_contract.protocol import epoch_master_port
 
 from dist_helpers import free_port_block
 
@@ -58,7 +58,7 @@ def _start(config: str, index: int, replicas: int, epoch: int, port: int, status
     env = {**os.environ, "LOCO_REPLICA_INDEX": str(index), "LOCO_NUM_REPLICAS": str(replicas),
            "LOCO_MEMBERSHIP_TOKEN_FILE": str(token_file),
            "LOCO_EPOCH": str(epoch), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-           "LOCO_LIVE_RESIZE": "1", "LOCO_JOIN": "1" if join else "0", "LOCO_STALL_AFTER_S": "5",
+           "LOCO_LIVE_RESIZE": "1", "LOCO_JOIN": "1" if join else "0",
            # what the operator sets for live jobs is 120 s: a survivor blocked in a point-to-point wait
            # (NoLoCo) is not woken by the group abort under gloo and recovers at this timeout
            "LOCO_COLLECTIVE_TIMEOUT_S": "30",

@@ -9,7 +9,7 @@ import types
 import pytest
 import torch
 
-from loco_trainer.config import GPTSpec, ModelSpec
+from loco_contract.config import GPTSpec, ModelSpec
 from loco_trainer.model import GPT, ModelBuildError, build_model
 
 TINY = GPTSpec(n_layer=2, n_head=2, n_embd=32, block_size=64)

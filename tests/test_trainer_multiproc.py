@@ -19,7 +19,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from loco_trainer import ucp
-from loco_trainer.protocol import ProgressReport, WorkerState
+from loco_contract.protocol import ProgressReport, WorkerState
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.timeout(180)]
 
@@ -134,7 +134,7 @@ def test_crash_then_rerun_resumes_and_reproduces_the_uninterrupted_run(tmp_path)
 def test_resume_into_another_model_is_refused_naming_the_tensor(tmp_path):
     """Any layout loads into any other, but not into another model: the error names the tensor and shapes."""
     from loco_trainer.model import build_model
-    from loco_trainer.config import ModelSpec
+    from loco_contract.config import ModelSpec
 
     cfg = tiny_config(tmp_path, {"name": "ddp"}, steps=8, evalEvery=0)
     other = build_model(ModelSpec.model_validate({"gpt": {**cfg["model"]["gpt"], "nEmbd": 16}}))

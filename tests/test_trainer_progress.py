@@ -9,10 +9,10 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from loco_trainer.config import RuntimeEnv
+from loco_contract.config import RuntimeEnv
 from loco_trainer.metrics import TrainerMetrics
 from loco_trainer.progress import ProgressServer, ProgressState, termination_message_path, write_termination_message
-from loco_trainer.protocol import READY_PATH, ProgressReport, WorkerState
+from loco_contract.protocol import READY_PATH, ProgressReport, WorkerState
 
 
 @pytest.fixture()

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from loco_trainer.config import RuntimeEnv
+from loco_contract.config import RuntimeEnv
 from loco_trainer.launcher import env_to_environ, local_runtime_env
-from loco_trainer.config import TrainerConfig
+from loco_contract.config import TrainerConfig
 from loco_trainer.rendezvous import (
     RendezvousError,
     local_address,

@@ -18,8 +18,9 @@ import time
 import pytest
 import yaml
 
-from loco_trainer.launcher import EXIT_SIGTERM, _call_interruptibly, _raise_terminated, _Terminated
-from loco_trainer.protocol import ProgressReport, WorkerState
+from loco_trainer.interruptible import Terminated, call_interruptibly, raise_terminated
+from loco_trainer.launcher import EXIT_SIGTERM
+from loco_contract.protocol import ProgressReport, WorkerState
 from loco_trainer.rendezvous import RendezvousError
 
 pytestmark = pytest.mark.timeout(120)
@@ -42,25 +43,25 @@ def _accepts_connections(port: int) -> bool:
         return False
 
 
-def test_call_interruptibly_returns_the_value_and_reraises_the_threads_error_unchanged():
-    assert _call_interruptibly(lambda a, b: a + b, 2, 3) == 5
+def testcall_interruptibly_returns_the_value_and_reraises_the_threads_error_unchanged():
+    assert call_interruptibly(lambda a, b: a + b, 2, 3) == 5
     cause = OSError("connection refused")
 
     def fail():
         raise RendezvousError("rank 1: joining the process group at 10.0.0.1:29500 failed") from cause
 
     with pytest.raises(RendezvousError, match=r"^rank 1: joining the process group at 10.0.0.1:29500 failed$") as info:
-        _call_interruptibly(fail)
+        call_interruptibly(fail)
     assert info.value.__cause__ is cause
 
 
 def test_sigterm_interrupts_the_main_thread_while_the_call_blocks():
     never = threading.Event()
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
-        with pytest.raises(_Terminated):
+        with pytest.raises(Terminated):
             threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
-            _call_interruptibly(never.wait, 60)  # a call that would block for a minute
+            call_interruptibly(never.wait, 60)  # a call that would block for a minute
     finally:
         signal.signal(signal.SIGTERM, previous)
         never.set()  # let the abandoned thread end

@@ -74,7 +74,7 @@ def job_dir(root) -> str:
 
 def consolidated(directory: str, step: int, tmp_path) -> dict:
     """The consolidated truth of checkpoint ``step``, through ``loco ckpt convert --to-torch``."""
-    from loco_trainer.cli import ckpt as ckpt_cli
+    from loco_trainer.ckpt_cli import ckpt as ckpt_cli
 
     out = tmp_path / f"consolidated-{abs(hash((directory, step)))}.pt"
     result = CliRunner().invoke(ckpt_cli, ["convert", directory, str(out), "--to-torch", "--step", str(step)])
@@ -97,7 +97,7 @@ def assert_state_identical(state: dict, truth: dict) -> None:
 
 def fixed_batch_loss(model_state: dict) -> float:
     """Loss of a model state on one fixed batch (the same for every run compared)."""
-    from loco_trainer.config import ModelSpec
+    from loco_contract.config import ModelSpec
     from loco_trainer.model import build_model
 
     torch.manual_seed(0)

@@ -159,7 +159,7 @@ def test_skipped_checkpoint_metric():
 
 
 def test_progress_report_skipped_checkpoints_is_optional_on_the_wire():
-    from loco_trainer.protocol import ProgressReport, SkippedCheckpoint, WorkerState
+    from loco_contract.protocol import ProgressReport, SkippedCheckpoint, WorkerState
 
     plain = ProgressReport(job_name="j", replica_index=0, state=WorkerState.running)
     assert "skippedCheckpoints" not in json.loads(plain.model_dump_json(by_alias=True))  # old readers see nothing new
@@ -172,10 +172,10 @@ def test_progress_report_skipped_checkpoints_is_optional_on_the_wire():
 
 
 def test_trainer_resumes_from_the_newest_valid_checkpoint_and_reports_the_skipped_one(tmp_path):
-    from loco_trainer.config import RuntimeEnv, TrainerConfig
+    from loco_contract.config import RuntimeEnv, TrainerConfig
     from loco_trainer.metrics import TrainerMetrics
     from loco_trainer.progress import ProgressState
-    from loco_trainer.protocol import ProgressReport, WorkerState
+    from loco_contract.protocol import ProgressReport, WorkerState
     from loco_trainer.rendezvous import RankInfo
     from loco_trainer.train import Trainer
 

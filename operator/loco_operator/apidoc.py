@@ -9,7 +9,9 @@ from typing import Any
 
 from .crd import build_crd
 from .rules import RULES
-from .spec import API_VERSION, KIND
+from pydantic.alias_generators import to_camel
+
+from .spec import API_VERSION, KIND, KUBERNETES_TYPE, TemplateSpec
 
 API_DOC_PATH = Path("docs") / "api.md"
 
@@ -35,6 +37,23 @@ spec:
   runPolicy: {{backoffLimit: 3, cleanPodPolicy: Running}}
 ```
 """
+
+
+def core_typed_fields() -> dict[str, str]:
+    """``spec.template`` fields typed as Kubernetes core types: camelCase name -> type (``[]EnvVar``).
+    The reference links them to Kubernetes' own instead of repeating a thousand lines of it."""
+    out = {}
+    for name, field in TemplateSpec.model_fields.items():
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        marker = extra.get("items", extra)
+        if isinstance(marker, dict) and KUBERNETES_TYPE in marker:
+            out[to_camel(name)] = ("[]" if "items" in extra else "") + str(marker[KUBERNETES_TYPE])
+    return out
+
+
+def _core_link(type_name: str) -> str:
+    bare = type_name.removeprefix("[]")
+    return f"{type_name[:len(type_name) - len(bare)]}[{bare}](https://kubernetes.io/docs/reference/kubernetes-api/)"
 
 
 def _type(node: dict[str, Any]) -> str:
@@ -79,7 +98,12 @@ def _sections(node: dict[str, Any], path: str, out: list[str]) -> None:
     out.append("| Field | Type | Default | Constraints | Description |")
     out.append("|---|---|---|---|---|")
     nested = []
+    core = core_typed_fields() if path == "spec.template" else {}
     for name, prop in props.items():
+        if name in core:
+            desc = prop.get("description", "").replace("|", "\\|")
+            out.append(f"| `{name}` | {_core_link(core[name])} (Kubernetes core/v1) | | | {desc} |")
+            continue
         if prop.get("properties"):
             nested.append((name, prop))
         elif prop.get("type") == "array" and (prop.get("items") or {}).get("properties"):

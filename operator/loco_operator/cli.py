@@ -223,8 +223,17 @@ def _quiet_routine_success(record: logging.LogRecord) -> bool:
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None, help=f"File for --write (default: {CRD_PATH} in the repository).")
 @click.option("--docs", "docs_path", is_flag=False, flag_value=str(API_DOC_PATH), default=None,
               help=f"Also write the API reference (default path: {API_DOC_PATH} in the repository).")
-def crds(write: bool, output: Path | None, docs_path: str | None) -> None:
+@click.option("--refresh-core-types", is_flag=True,
+              help="First rewrite operator/loco_operator/schemas/core-v1.json from the Kubernetes module local/kube pins "
+                   "(needs Go; run after bumping Kubernetes).")
+def crds(write: bool, output: Path | None, docs_path: str | None, refresh_core_types: bool) -> None:
     """Print (or write) the TrainingJob CRD generated from the API models."""
+    if refresh_core_types:
+        from . import kubetypes
+
+        module_dir, version = kubetypes.pinned_module(_repo_root() / "local" / "kube")
+        changed = kubetypes.refresh(module_dir, version)
+        click.echo(f"{'wrote' if changed else 'unchanged'} {kubetypes.VENDORED} (k8s.io/kubernetes@{version})")
     if docs_path is not None:
         doc = Path(docs_path) if Path(docs_path).is_absolute() else _repo_root() / docs_path
         click.echo(f"{'wrote' if write_api_doc(doc) else 'unchanged'} {doc}")

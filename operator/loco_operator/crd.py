@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
+from . import kubetypes
 from . import spec as api
 from .rules import rules_at
 
@@ -56,10 +57,19 @@ def structural_schema(model: type[BaseModel]) -> dict[str, Any]:
 
 def _convert(node: Mapping[str, Any], defs: Mapping[str, Any]) -> dict[str, Any]:
     node = dict(node)
+    # 0. a Kubernetes core type (spec.core_type): its own schema, with the field's description
+    if api.KUBERNETES_TYPE in node:
+        core = kubetypes.structural(node[api.KUBERNETES_TYPE])
+        if "description" in node:
+            core["description"] = _one_line(node["description"])
+        if any(option.get("type") == "null" for option in node.get("anyOf", ())):
+            core["nullable"] = True
+        return core
     # 1. inline $ref: the target's keywords, overridden by the referring node's (description, default).
+    #    The target is converted once: converting its output again would treat Kubernetes' schemas as pydantic's.
     if "$ref" in node:
         target = defs[node.pop("$ref").rsplit("/", 1)[-1]]
-        node = {**_convert(target, defs), **node}
+        return {**_convert(target, defs), **_convert(node, defs)}
     # 2. optionals: anyOf [X, null] -> X + nullable; int|str -> int-or-string; anything else free-form.
     if "anyOf" in node:
         options = node.pop("anyOf")
@@ -82,7 +92,7 @@ def _convert(node: Mapping[str, Any], defs: Mapping[str, Any]) -> dict[str, Any]
             node[exclusive] = True
     if node.get("default", 0) is None:
         del node["default"]
-    # 4. free-form objects: dict[str, Any] or an explicit FREE_FORM marker.
+    # 4. free-form objects: dict[str, Any] (model.kwargs...).
     additional = node.get("additionalProperties")
     if additional is True or additional == {}:
         node[PRESERVE] = True

@@ -48,13 +48,13 @@ from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
-from loco_trainer.config import DEFAULT_STATUS_PORT
-from loco_trainer.protocol import MEMBERSHIP_PATH, STATUS_PATH, ProgressReport
+from loco_contract.config import DEFAULT_STATUS_PORT
+from loco_contract.detection import DetectorConfig
+from loco_contract.protocol import MEMBERSHIP_PATH, STATUS_PATH, ProgressReport
 
 from .capacity import free_slots
 from .metrics import OperatorMetrics
-from .faults.live import LiveDetectors
-from .faults.types import DetectorConfig
+from loco_detector.live import LiveDetectors
 from .planner import (
     Action,
     CordonNode,

@@ -20,7 +20,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from .faults.types import VerdictKind
+from loco_detector.types import VerdictKind
 from .spec import CheckpointSpec, Phase
 
 #: Buckets of the job-level durations (creation -> running, fault -> running): 1 s to 2 h.
@@ -51,7 +51,7 @@ PHASE_TRANSITIONS = tuple(
 
 
 def fault_kind(message: str) -> str:
-    """The fault kind of a planner ``WorkerFailed`` event message (see ``planner._failure_message``):
+    """The fault kind of a planner ``WorkerFailed`` event message (see ``planner.lifecycle.failure_message``):
     ``worker-evicted`` (the pod was deleted under a live worker), ``worker-lost`` (the pod vanished),
     ``worker-oom`` (killed for memory), else ``worker-exit`` (the trainer exited non-zero)."""
     if " was deleted while " in message:

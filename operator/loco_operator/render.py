@@ -14,14 +14,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from loco_trainer.config import (
+from loco_contract.config import (
     DEFAULT_CONFIG_PATH,
     DEFAULT_STATUS_PORT,
     TERMINATION_MESSAGE_PATH,
+    TRAINER_COMMAND,
     EnvVar,
     TrainerConfig,
 )
-from loco_trainer.protocol import READY_PATH
+from loco_contract.detection import ProbeSettings
+from loco_contract.protocol import READY_PATH
 
 from .spec import API_VERSION, KIND, TrainingJobSpec
 
@@ -45,7 +47,7 @@ COLLECTIVE_TIMEOUT_S = 600
 LIVE_COLLECTIVE_TIMEOUT_S = 120
 RUN_AS_USER = 1000
 HOSTNAME_LABEL = "kubernetes.io/hostname"  # what status.avoidNodes is matched against
-DEFAULT_COMMAND = ["python", "-m", "loco_trainer", "--config", DEFAULT_CONFIG_PATH]
+DEFAULT_COMMAND = list(TRAINER_COMMAND)
 
 
 @dataclass(frozen=True)
@@ -165,6 +167,7 @@ def trainer_config(job: JobRef, spec: TrainingJobSpec) -> TrainerConfig:
         algorithm=spec.algorithm,
         checkpoint=spec.checkpoint,
         fault_injection=spec.fault_injection,
+        probes=ProbeSettings.of(spec.detector),
     )
 
 
@@ -185,14 +188,6 @@ def render_configmap(job: JobRef, spec: TrainingJobSpec) -> dict[str, Any]:
 
 def _field_ref(path: str) -> dict[str, Any]:
     return {"valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}}
-
-
-def stall_after_s(spec: TrainingJobSpec) -> float:
-    """How long a worker's send/recv may be in flight before it reports a stalled connection: half
-    the detector's ``hangTimeoutFloorSeconds`` (the sample must be there before the hang-comm
-    timeout, which is never shorter than the floor), at most 5 s."""
-    floor = spec.detector.hang_timeout_floor_seconds
-    return min(5.0, floor / 2)
 
 
 def worker_env(
@@ -224,10 +219,6 @@ def worker_env(
         EnvVar.MASTER_ADDR: master_addr or job.pod_dns(0),
         EnvVar.MASTER_PORT: str(MASTER_PORT if master_port is None else master_port),
         EnvVar.STATUS_PORT: str(DEFAULT_STATUS_PORT),
-        EnvVar.STALL_AFTER_S: f"{stall_after_s(spec):g}",
-        EnvVar.RING_ALL_REDUCE: "1" if spec.detector.ring_all_reduce else "0",
-        EnvVar.PROBE_INTERVAL_S: f"{spec.detector.probe_interval_seconds:g}",
-        EnvVar.PROBE_BYTES: str(spec.detector.probe_bytes),
         EnvVar.LIVE_RESIZE: "1" if spec.live_membership else "0",
         EnvVar.JOIN: "1" if join else "0",
         # a live job's survivor stuck in a collective with a vanished peer recovers within this (docs/elastic.md)

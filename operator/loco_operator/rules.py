@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from loco_trainer.config import ALGORITHM_PARAMETERS
+from loco_contract.config import ALGORITHM_PARAMETERS, SHARDABLE_ALGORITHMS
 
 from pydantic.alias_generators import to_camel
 
@@ -29,10 +29,6 @@ from pydantic.alias_generators import to_camel
 MAX_JOB_NAME_LENGTH = 63 - len("-worker-") - 4
 _DNS_1035 = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 _FACTORY = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$"
-#: Algorithms that can run sharded inside a pod (``nprocPerWorker > 1``, FSDP2). Mirrors
-#: ``loco_trainer.sharding.SHARDABLE_ALGORITHMS``, which cannot be imported here (that module imports
-#: torch; the operator never does); ``tests/test_crd.py`` checks the two agree.
-SHARDABLE_ALGORITHMS = ("ddp", "diloco")
 
 
 @dataclass(frozen=True)
@@ -198,6 +194,22 @@ RULES: tuple[CrossFieldRule, ...] = (
         cel=_present(("source",), "self.source != 'shards' || (has(self.path) && self.path != '')"),
         message="spec.data.path is required when spec.data.source is 'shards': set it to the directory of *.bin token shards",
         check=lambda d: d["source"] != "shards" or bool(d.get("path")),
+    ),
+    CrossFieldRule(
+        scope=("spec", "faultDetection"),
+        field="consecutive",
+        cel=_present(("consecutive", "window"), "self.consecutive <= self.window"),
+        message="spec.faultDetection.consecutive must be <= spec.faultDetection.window: raise window or lower consecutive",
+        check=lambda d: d["consecutive"] <= d["window"],
+    ),
+    CrossFieldRule(
+        scope=("spec", "faultDetection"),
+        field="warmupHangTimeoutSeconds",
+        cel=_present(("warmupHangTimeoutSeconds", "hangTimeoutFloorSeconds"),
+                     "self.warmupHangTimeoutSeconds >= self.hangTimeoutFloorSeconds"),
+        message="spec.faultDetection.warmupHangTimeoutSeconds must be >= spec.faultDetection.hangTimeoutFloorSeconds: "
+        "start-up is never judged more strictly than steady state",
+        check=lambda d: d["warmupHangTimeoutSeconds"] >= d["hangTimeoutFloorSeconds"],
     ),
     *(
         _alg_rule(param)

@@ -14,8 +14,8 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from loco_operator.faults.types import DetectorConfig
-from loco_trainer.config import (
+from loco_contract.detection import DetectorConfig
+from loco_contract.config import (
     AlgorithmSpec,
     LIVE_MEMBERSHIP_ALGORITHMS,
     CheckpointSpec,
@@ -33,9 +33,6 @@ KIND = "TrainingJob"
 PLURAL = "trainingjobs"
 SINGULAR = "trainingjob"
 SHORT_NAMES = ["tj"]
-
-#: Marks a free-form Kubernetes object (tolerations, affinity, volumes...) in the generated schema.
-FREE_FORM: dict[str, Any] = {"x-kubernetes-preserve-unknown-fields": True}
 
 DEFAULT_IMAGE = "ghcr.io/loco-dev/loco-trainer:0.1.0"
 
@@ -60,6 +57,17 @@ class ElasticSpec(Model):
     )
 
 
+def core_type(name: str, *, many: bool = False) -> dict[str, Any]:
+    """Marks a field as Kubernetes core type ``name`` (a list of them with ``many``): the CRD gets that
+    type's schema (:mod:`loco_operator.kubetypes`), so the API refuses what Pod validation would."""
+    marker = {KUBERNETES_TYPE: name}
+    return {"items": marker} if many else marker
+
+
+#: The key of :func:`core_type`'s marker in a field's JSON schema (replaced when the CRD is built).
+KUBERNETES_TYPE = "x-loco-kubernetes-type"
+
+
 class TemplateSpec(Model):
     """Merged into every worker pod."""
 
@@ -67,32 +75,37 @@ class TemplateSpec(Model):
     image_pull_policy: str | None = Field(None, description="Always | IfNotPresent | Never.")
     resources: dict[str, dict[str, int | str]] = Field(
         default_factory=dict,
-        description="Container resources: {requests: {...}, limits: {...}}; e.g. limits: {nvidia.com/gpu: 1}.",
-        json_schema_extra=FREE_FORM,
+        description="Container resources (a Kubernetes ResourceRequirements): {requests: {...}, limits: {...}}; e.g. limits: {nvidia.com/gpu: 1}.",
+        json_schema_extra=core_type("ResourceRequirements"),
     )
     env: list[dict[str, Any]] = Field(
         default_factory=list, description="Extra container environment variables (Kubernetes EnvVar objects).",
-        json_schema_extra={"items": {"type": "object", **FREE_FORM}},
+        json_schema_extra=core_type("EnvVar", many=True),
     )
     node_selector: dict[str, str] = Field(default_factory=dict, description="Pod nodeSelector.")
     tolerations: list[dict[str, Any]] = Field(
-        default_factory=list, description="Pod tolerations.", json_schema_extra={"items": {"type": "object", **FREE_FORM}}
+        default_factory=list, description="Pod tolerations (Kubernetes Toleration objects).",
+        json_schema_extra=core_type("Toleration", many=True),
     )
-    affinity: dict[str, Any] | None = Field(None, description="Pod affinity (node/pod affinity and anti-affinity).", json_schema_extra=FREE_FORM)
+    affinity: dict[str, Any] | None = Field(
+        None, description="Pod affinity (a Kubernetes Affinity: node/pod affinity and anti-affinity).",
+        json_schema_extra=core_type("Affinity"),
+    )
     priority_class_name: str | None = Field(None, description="PriorityClass of the worker pods.")
     scheduler_name: str | None = Field(None, description="Scheduler of the worker pods (e.g. a gang scheduler).")
     volumes: list[dict[str, Any]] = Field(
-        default_factory=list, description="Extra pod volumes (e.g. the checkpoint PVC).",
-        json_schema_extra={"items": {"type": "object", **FREE_FORM}},
+        default_factory=list, description="Extra pod volumes (Kubernetes Volume objects, e.g. the checkpoint PVC).",
+        json_schema_extra=core_type("Volume", many=True),
     )
     volume_mounts: list[dict[str, Any]] = Field(
-        default_factory=list, description="Extra container volumeMounts (e.g. the checkpoint PVC at checkpoint.path).",
-        json_schema_extra={"items": {"type": "object", **FREE_FORM}},
+        default_factory=list,
+        description="Extra container volumeMounts (Kubernetes VolumeMount objects, e.g. the checkpoint PVC at checkpoint.path).",
+        json_schema_extra=core_type("VolumeMount", many=True),
     )
     labels: dict[str, str] = Field(default_factory=dict, description="Extra labels on the worker pods.")
     annotations: dict[str, str] = Field(default_factory=dict, description="Extra annotations on the worker pods.")
     command: list[str] | None = Field(
-        None, description="Override of the container command (default: python -m loco_trainer --config /etc/loco/config.json)."
+        None, description="Override of the container command (default: the trainer image's own command, which reads /etc/loco/config.json)."
     )
 
 
@@ -210,7 +223,7 @@ class CheckpointStatus(Model):
 
 
 class PreviousJobStatus(Model):
-    """An earlier job of the same name whose checkpoints this job's workers found (loco_trainer.ucp.ownership)."""
+    """An earlier job of the same name whose checkpoints this job's workers found (the trainer's checkpoint ownership check)."""
 
     uid: str = Field(description="The earlier job's uid.")
     steps: list[int] = Field(default_factory=list, description="Steps of its checkpoints (the newest, at most 8).")

@@ -1,13 +1,13 @@
-"""``loco ckpt inspect|verify|convert``: universal checkpoint tools on the command line.
+"""``loco ckpt ls|inspect|verify|convert``: the universal checkpoint tools on the command line.
 
-The commands are registered on ``loco_trainer.cli.ckpt`` by :func:`register`; this module also
-exposes them as a standalone group (``ckpt``) for tests and for ``python -m loco_trainer.ckpt_cli``.
+``loco ckpt`` is :data:`ckpt` (also ``python -m loco_trainer.ckpt_cli``).
 Exit status: 0 success, 1 a checkpoint failed verification or cannot be converted, 2 bad usage.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -19,6 +19,37 @@ def _human(nbytes: float) -> str:
             return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
         nbytes /= 1024
     return f"{nbytes} B"
+
+
+@click.command("ls")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def ckpt_ls(directory: str, as_json: bool) -> None:
+    """List the committed checkpoints under DIRECTORY (a job's <path>/<namespace>/<job>)."""
+    from loco_trainer import ucp
+
+    storage = ucp.Storage(directory)
+    found = ucp.list_checkpoints(storage)
+    incomplete = sorted(n for n in os.listdir(directory) if n.startswith(".tmp-"))
+    rows = [{"step": c.step, "path": c.url, "layout": c.layout.to_json(), "worldSize": c.layout.world_size,
+             "algorithm": c.manifest.algorithm, "time": c.manifest.time,
+             "bytes": sum(c.manifest.files.values())} for c in found]
+    if as_json:
+        click.echo(json.dumps({"checkpoints": rows, "incomplete": incomplete}, indent=2))
+        return
+    if not found:
+        click.echo(f"no committed checkpoints in {directory}")
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("step", "layout", "algorithm", "time", "size", "path")
+        for c, row in zip(found, rows):
+            table.add_row(str(c.step), c.layout.describe(), row["algorithm"] or "?", row["time"],
+                          f"{row['bytes'] / 1e6:.1f} MB", c.url)
+        Console(width=200).print(table)
+    for name in incomplete:
+        click.echo(f"incomplete (ignored, cleaned at the next start): {name}")
 
 
 @click.command("inspect")
@@ -115,19 +146,13 @@ def convert_cmd(source: str, out: str, from_dcp: bool, to_torch: bool, step: int
         raise click.ClickException(str(exc)) from exc
 
 
-def register(group: click.Group) -> click.Group:
-    """Add inspect, verify and convert to ``group`` (the ``loco ckpt`` group); returns it."""
-    for cmd in (inspect_cmd, verify_cmd, convert_cmd):
-        group.add_command(cmd)
-    return group
-
-
 @click.group("ckpt", context_settings={"help_option_names": ["-h", "--help"]})
 def ckpt() -> None:
-    """Inspect, verify and convert universal checkpoints."""
+    """Inspect universal checkpoints: ls, inspect, verify, convert (see docs/checkpoint-format.md)."""
 
 
-register(ckpt)
+for _command in (ckpt_ls, inspect_cmd, verify_cmd, convert_cmd):
+    ckpt.add_command(_command)
 
 if __name__ == "__main__":  # pragma: no cover
     ckpt()

@@ -1,8 +1,7 @@
-"""Command line: ``loco train`` (= ``python -m loco_trainer``) and ``loco ckpt``."""
+"""Command line: ``loco train`` (= ``python -m loco_trainer``); ``loco ckpt`` is ckpt_cli.py."""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -35,12 +34,26 @@ from loco_trainer.launcher import (
 @click.option("--status-port", type=int, default=None,
               help="Port of /status and /metrics (default $LOCO_STATUS_PORT, 8080 in a pod, a free port locally; -1: off).")
 @click.option("--status-host", default=None, help="Address the endpoint binds to (default POD_IP, else all; 127.0.0.1 with --nproc).")
+@click.option("--fault-detection/--no-fault-detection", default=True, show_default=True,
+              help="Local mode: run the fault detector over the ranks, as the operator does in a cluster.")
+@click.option("--detector-config", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Local mode: the detector's settings (faultDetection fields, or a TrainingJob manifest).")
+@click.option("--on-fault", type=click.Choice(["report", "stop", "restart"]), default="report", show_default=True,
+              help="Local mode: on a verdict the operator would act on, log it (report), end the run with 75 (stop) or "
+                   "restart every rank from the newest checkpoint (restart; at most --max-restarts times, then 75).")
+@click.option("--max-restarts", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Local mode: restarts --on-fault restart may make (the operator's runPolicy.backoffLimit).")
+@click.option("--fault-trace", default=None, type=click.Path(dir_okay=False),
+              help="Local mode: keep the detector's trace here (`loco diagnose` replays it).")
 @click.option("--local-rank", type=int, default=None, hidden=True)
 @click.option("--termination-message/--no-termination-message", default=None, hidden=True)
+@click.option("--status-port-file", default=None, hidden=True)
 def train(config_path: str, nproc: int | None, nproc_per_worker: int, overrides: tuple[str, ...], history_path: str | None,
-          status_port: int | None, status_host: str | None, local_rank: int | None, termination_message: bool | None) -> None:
+          status_port: int | None, status_host: str | None, fault_detection: bool, detector_config: str | None,
+          on_fault: str, max_restarts: int, fault_trace: str | None, local_rank: int | None, termination_message: bool | None,
+          status_port_file: str | None) -> None:
     """Train: in a pod, this pod's LOCO_NPROC_PER_WORKER ranks; with --nproc N, N local ranks."""
-    from loco_trainer.config import RuntimeEnv
+    from loco_contract.config import RuntimeEnv
     from loco_trainer.progress import write_termination_message
 
     env = RuntimeEnv.from_environ()
@@ -62,52 +75,16 @@ def train(config_path: str, nproc: int | None, nproc_per_worker: int, overrides:
         # a local run writes no termination message unless it emulates a pod root
         termination_message = bool(env.local_root) if termination_message is None else termination_message
         status_host = status_host or env.pod_ip or "127.0.0.1"
+    detector = None
+    if nproc is not None and local_rank is None and fault_detection:
+        from loco_detector.cli import load_detector_config
+
+        detector = load_detector_config(detector_config, param_hint="--detector-config")
     options = LaunchOptions(config_path, config, env, history_path=os.path.abspath(history_path) if history_path else None,
-                            status_port=status_port, status_host=status_host, termination_message=termination_message is not False,
-                            local_pods=env.num_replicas if nproc is not None else 1)
+                            status_port=status_port, status_port_file=status_port_file, status_host=status_host,
+                            termination_message=termination_message is not False,
+                            local_pods=env.num_replicas if nproc is not None else 1, detector=detector, on_fault=on_fault, max_restarts=max_restarts,
+                            fault_trace=os.path.abspath(fault_trace) if fault_trace else None)
     if local_rank is not None:
         sys.exit(run_rank(options, local_rank))
     sys.exit(launch(options))
-
-
-@click.group("ckpt", context_settings={"help_option_names": ["-h", "--help"]})
-def ckpt() -> None:
-    """Inspect universal checkpoints: ls, inspect, verify, convert (see docs/checkpoint-format.md)."""
-
-
-@ckpt.command("ls")
-@click.argument("directory", type=click.Path(exists=True, file_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def ckpt_ls(directory: str, as_json: bool) -> None:
-    """List the committed checkpoints under DIRECTORY (a job's <path>/<namespace>/<job>)."""
-    from loco_trainer import ucp
-
-    storage = ucp.Storage(directory)
-    found = ucp.list_checkpoints(storage)
-    incomplete = sorted(n for n in os.listdir(directory) if n.startswith(".tmp-"))
-    rows = [{"step": c.step, "path": c.url, "layout": c.layout.to_json(), "worldSize": c.layout.world_size,
-             "algorithm": c.manifest.algorithm, "time": c.manifest.time,
-             "bytes": sum(c.manifest.files.values())} for c in found]
-    if as_json:
-        click.echo(json.dumps({"checkpoints": rows, "incomplete": incomplete}, indent=2))
-        return
-    if not found:
-        click.echo(f"no committed checkpoints in {directory}")
-    else:
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table("step", "layout", "algorithm", "time", "size", "path")
-        for c, row in zip(found, rows):
-            table.add_row(str(c.step), c.layout.describe(), row["algorithm"] or "?", row["time"],
-                          f"{row['bytes'] / 1e6:.1f} MB", c.url)
-        Console(width=200).print(table)
-    for name in incomplete:
-        click.echo(f"incomplete (ignored, cleaned at the next start): {name}")
-
-
-# universal checkpoint commands (inspect, verify, convert) live in loco_trainer.ckpt_cli
-from loco_trainer.ckpt_cli import register as _register_ucp_commands  # noqa: E402
-
-_register_ucp_commands(ckpt)
-

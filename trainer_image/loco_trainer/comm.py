@@ -5,17 +5,12 @@
 * **Accounting.** Every call counts the bytes this rank sends and receives, per kind of operation,
   following the cost model below, so the metrics and the benchmarks can compare algorithms by
   communication volume rather than by guesswork.
-* **A flight recorder.** Every call appends a :class:`CollectiveRecord` (sequence number, kind,
-  payload bytes, enter/exit times from :func:`time.monotonic_ns`, peer) to a bounded ring buffer.
-  A record is appended when the call is *entered*; its ``exit_ns`` is filled when the operation
-  completes (at once for a blocking call, at ``wait()``/future completion for an async one), so a
-  record whose ``exit_ns`` is ``None`` is an operation still in flight — what a hang detector reads.
+* **A flight recorder.** Every call is recorded, entered and completed, in the Comm's
+  :class:`~loco_trainer.flight_recorder.FlightRecorder` (:attr:`Comm.recorder`), which ships the records
+  and connection samples in the progress protocol's shape.
 
-**Fault detection** (docs/fault-detection.md). :meth:`Comm.sync_clock` estimates this rank's clock
-offset against global rank 0's wall clock, so :meth:`Comm.export_records` can ship entry/exit times
-on one common clock; :meth:`Comm.probe` adds a timing point per log interval and times small transfers on the ring's
-connections and on a rotating set of other pairs (the connection matrix when the algorithm has
-no point-to-point traffic); a
+**Fault detection** (docs/fault-detection.md). The clock sync and the probes live beside the collectives, in
+:mod:`loco_trainer.probes` (:meth:`Comm.sync_clock` and :meth:`Comm.probe` call them); a
 ``fault_hook`` (:class:`loco_trainer.faults.CommFaults`) injects hangs, stragglers, slow links and
 stalled connections for tests and demos, and costs one ``is None`` test per call when absent.
 
@@ -41,15 +36,20 @@ calling thread at enter time, and the completion only writes ``exit_ns`` of its 
 
 from __future__ import annotations
 
-import collections
-import dataclasses
-import math
 import threading
 import time
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
+
+from loco_contract.protocol import CollectiveSummary, LinkSummary
+from loco_trainer.flight_recorder import KINDS, CollectiveRecord, FlightRecorder
+from loco_trainer.probes import PROBE_ROTATING_SHIFTS, Prober, sync_clock
+from loco_trainer.waits import _INTERRUPTED, CommHandle, CommInterrupted, Interrupt, _HeldWork
+
+__all__ = ["Comm", "CommHandle", "CommInterrupted", "CollectiveRecord", "Interrupt", "KINDS", "PROBE_ROTATING_SHIFTS",
+           "REDUCE_OPS", "all_reduce_flat", "broadcast_flat", "buckets", "flatten", "unflatten_into"]
 
 #: Reduction names accepted by :meth:`Comm.all_reduce` (``avg`` is a sum divided by the group size,
 #: because gloo has no native average).
@@ -61,184 +61,6 @@ _NATIVE_OPS = {
     "max": dist.ReduceOp.MAX,
     "min": dist.ReduceOp.MIN,
 }
-
-#: How many different "rotating" shifts :meth:`Comm.probe` cycles through besides the ring (shift 1):
-#: shifts 2 .. 9, so every rank sends samples to up to 9 peers (shift 1 and 8 rotating ones) and the
-#: detector tracks at most 9 outgoing connections per rank, whatever the world size.
-PROBE_ROTATING_SHIFTS = 8
-KINDS = ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "send", "recv", "barrier")
-
-
-@dataclasses.dataclass(slots=True)
-class CollectiveRecord:
-    """One communication call as seen by this rank.
-
-    ``seq`` counts this Comm's calls from 0 (identical on every rank of a healthy group, since all
-    ranks issue collectives in the same order); ``nbytes`` is the payload size (the tensor's bytes,
-    the output's for all_gather); ``enter_ns``/``exit_ns`` are :func:`time.monotonic_ns` values,
-    ``exit_ns`` is ``None`` while the operation is in flight; ``peer`` is the group rank of the other
-    side of a send/recv, or the source of a broadcast.
-    """
-
-    seq: int
-    kind: str
-    nbytes: int
-    enter_ns: int
-    exit_ns: int | None = None
-    peer: int | None = None
-    probe: bool = False  # a fault-detection probe (Comm.probe): kept out of export_records
-    #: set when a thread starts waiting for it (CommHandle.wait): an in-flight call nobody waits on
-    #: yet may well have moved its data already (gloo completes a transfer only inside wait())
-    waited: bool = False
-
-    @property
-    def duration_ns(self) -> int | None:
-        return None if self.exit_ns is None else self.exit_ns - self.enter_ns
-
-
-class CommInterrupted(RuntimeError):
-    """A wait given up because :meth:`Comm.interrupt` was called (the group is being aborted: a
-    smaller membership arrived, or this worker saw a peer fail, and it must regroup)."""
-
-
-class Interrupt:
-    """The flag :meth:`Comm.interrupt` sets. Setting it wakes every wait in progress at once (no
-    polling): see :meth:`wait_for`."""
-
-    def __init__(self) -> None:
-        self._flag = threading.Event()
-        self._lock = threading.Lock()
-        self._wakers: set[threading.Event] = set()
-
-    def set(self) -> None:
-        with self._lock:
-            self._flag.set()
-            wakers = list(self._wakers)
-        for wake in wakers:
-            wake.set()
-
-    def is_set(self) -> bool:
-        return self._flag.is_set()
-
-    def wait_for(self, work: Any, p2p: bool = False) -> None:
-        """``work.wait()``, given up with :class:`CommInterrupted` as soon as the flag is set (or at
-        once when it is set already). gloo's abort of a process group does not wake this process's
-        own waits, and a wait posted on a connection whose peer is already gone can sit until the
-        group's timeout (observed: a survivor blocked in the outer all-reduce for the whole 120 s).
-
-        A collective is waited on through its future (completion or interrupt wakes this thread; no
-        extra thread). gloo's point-to-point work (``p2p``) has no usable future and does not survive
-        a timed ``wait`` (a timeout closes the connection), so it is waited on in a daemon helper
-        thread. An interrupted wait leaves the work in flight until the old group's connections close
-        or time out; it holds nothing else. Work that completed before the interrupt is not given up."""
-        if work.is_completed():  # done already (an async round waited on late): not given up, even when interrupted
-            work.wait()
-            return
-        wake = threading.Event()
-        with self._lock:
-            if self._flag.is_set():
-                raise CommInterrupted(_INTERRUPTED)
-            self._wakers.add(wake)
-        try:
-            if p2p:
-                self._wait_in_thread(work, wake)
-                return
-            future = work.get_future()
-            future.add_done_callback(lambda _: wake.set())
-            wake.wait()
-            if not future.done():
-                raise CommInterrupted(_INTERRUPTED)
-            work.wait()  # returns at once; raises the work's failure, if any
-        finally:
-            with self._lock:
-                self._wakers.discard(wake)
-
-    def _wait_in_thread(self, work: Any, wake: threading.Event) -> None:
-        finished, failure = threading.Event(), []
-
-        def run() -> None:
-            try:
-                work.wait()
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the waiting thread
-                failure.append(exc)
-            finally:
-                finished.set()
-                wake.set()
-
-        threading.Thread(target=run, name="loco-comm-wait", daemon=True).start()
-        wake.wait()
-        if not finished.is_set():
-            raise CommInterrupted(_INTERRUPTED)
-        if failure:
-            raise failure[0]
-
-
-_INTERRUPTED = "communicator was aborted: the wait was interrupted (this worker is leaving its process group)"
-
-
-class CommHandle:
-    """Handle of an async operation: ``wait()`` blocks until it completes and returns the result
-    tensor (averaged for ``op="avg"``). Waiting twice is harmless.
-
-    A handle given ``interrupt`` (every operation of an ``interruptible`` Comm but those on CUDA
-    tensors, see :meth:`Comm._async`) waits through :meth:`Interrupt.wait_for`, so it raises
-    :class:`CommInterrupted` as soon as the Comm is interrupted."""
-
-    __slots__ = ("_work", "_result", "_post", "_record", "_done", "_interrupt", "_p2p")
-
-    def __init__(
-        self,
-        work: Any | None,
-        result: Any,
-        record: CollectiveRecord | None,
-        post: Callable[[], None] | None = None,
-        interrupt: Interrupt | None = None,
-        p2p: bool = False,
-    ) -> None:
-        self._work = work
-        self._p2p = p2p
-        self._result = result
-        self._post = post
-        self._record = record
-        self._interrupt = interrupt
-        self._done = work is None
-        if self._done and record is not None and record.exit_ns is None:
-            record.exit_ns = time.monotonic_ns()
-
-    def wait(self) -> Any:
-        if not self._done:
-            if self._record is not None:
-                self._record.waited = True
-            if self._interrupt is not None:
-                self._interrupt.wait_for(self._work, self._p2p)
-            else:
-                self._work.wait()
-            if self._post is not None:
-                self._post()
-            if self._record is not None:
-                self._record.exit_ns = time.monotonic_ns()
-            self._done = True
-        return self._result
-
-    def is_completed(self) -> bool:
-        """True once the operation finished (``wait()`` then returns at once)."""
-        return self._done or bool(self._work.is_completed())
-
-
-class _HeldWork:
-    """The work of a transfer that fault injection holds (``hangLink``): never completes;
-    ``wait()`` calls ``hold`` (forever, unless a test bounds it)."""
-
-    def __init__(self, hold: Callable[[], None]) -> None:
-        self._hold = hold
-
-    def wait(self) -> bool:
-        self._hold()
-        return False
-
-    def is_completed(self) -> bool:
-        return False
-
 
 class _Counter:
     __slots__ = ("calls", "sent", "recv")
@@ -282,28 +104,20 @@ class Comm:
         2-core machine, a few waits per outer step and per log interval). ``probe_interval_s``:
         the shortest time between two :meth:`probe` calls that transfer data (the timing point runs
         at every call); 0 transfers at every call."""
-        if history < 1:
-            raise ValueError(f"history must be >= 1 (got {history})")
-        if not stall_after_s > 0:
-            raise ValueError(f"stall_after_s must be > 0 (got {stall_after_s})")
-        self.stall_after_s = float(stall_after_s)
         if not probe_wait_s >= 0:
             raise ValueError(f"probe_wait_s must be >= 0 (got {probe_wait_s})")
         self.probe_wait_s = float(probe_wait_s)
         if not probe_interval_s >= 0:
             raise ValueError(f"probe_interval_s must be >= 0 (got {probe_interval_s})")
         self.probe_interval_s = float(probe_interval_s)
-        self._last_transfer_probe = -math.inf
-        self._transfer_probes = 0
         if clock_resync_probes < 0:
             raise ValueError(f"clock_resync_probes must be >= 0 (got {clock_resync_probes})")
         self.clock_resync_probes = int(clock_resync_probes)
         self.ring_p2p = bool(ring_p2p)
-        #: how many times :meth:`sync_clock` ran (the first call plus the periodic re-estimates)
-        self.clock_syncs = 0
-        #: seqs of p2p records already turned into connection samples (completed / stalled)
-        self._p2p_sampled: set[int] = set()
-        self._p2p_stalled: set[int] = set()
+        #: every call this Comm makes, and the connection samples (loco_trainer.flight_recorder)
+        self.recorder = FlightRecorder(history, stall_after_s)
+        self.stall_after_s = self.recorder.stall_after_s
+        self._prober = Prober(self)
         #: set by :meth:`interrupt`: the waits of an ``interruptible`` Comm raise :class:`CommInterrupted`
         self.interrupted = Interrupt()
         self._interrupt = self.interrupted if interruptible else None
@@ -315,17 +129,9 @@ class Comm:
             self._world_size = dist.get_world_size(group)
             if self._rank < 0:
                 raise ValueError("this process is not a member of the given process group")
-        self._records: collections.deque[CollectiveRecord] = collections.deque(maxlen=history)
         self._counters = {kind: _Counter() for kind in KINDS}
-        self._seq = 0
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the byte counters
         self._fault_hook = fault_hook
-        #: seconds to add to ``monotonic_ns / 1e9`` to get global rank 0's wall clock (see sync_clock)
-        self.clock_offset_s = time.time() - time.monotonic()
-        self.clock_error_s: float | None = None
-        self._links: collections.deque[tuple[int, int, int, float, int, float]] = collections.deque(maxlen=history)
-        self._link_id = 0
-        self._probes = 0
 
     # ----------------------------------------------------------------------------- membership
 
@@ -407,17 +213,14 @@ class Comm:
         An interrupted Comm issues nothing more: it raises :class:`CommInterrupted` here."""
         self._refuse_if_interrupted()
         if self._fault_hook is not None:
-            self._fault_hook.before_enter(self._seq, kind, peer)
-        with self._lock:
-            if count:
+            self._fault_hook.before_enter(self.recorder.next_seq, kind, peer)
+        if count:
+            with self._lock:
                 counter = self._counters[kind]
                 counter.calls += 1
                 counter.sent += int(round(sent))
                 counter.recv += int(round(recv))
-            record = CollectiveRecord(self._seq, kind, nbytes, time.monotonic_ns(), None, peer)
-            self._seq += 1
-            self._records.append(record)
-        return record
+        return self.recorder.enter(kind, nbytes, peer)
 
     def stats(self) -> dict[str, Any]:
         """Counters: ``{"bytes_sent", "bytes_received", "calls", "by_kind": {kind: {calls, bytes_sent,
@@ -439,8 +242,7 @@ class Comm:
     def records(self) -> list[CollectiveRecord]:
         """A snapshot of the most recent records (at most ``history``), oldest first, in issue order.
         A record still in flight at the time of the call has ``exit_ns`` None in the snapshot."""
-        with self._lock:
-            return [dataclasses.replace(r) for r in self._records]
+        return self.recorder.records()
 
     # ------------------------------------------------------------------------------ collectives
 
@@ -662,251 +464,45 @@ class Comm:
                 time.sleep(delay)
 
     def sync_clock(self, rounds: int = 5) -> float:
-        """Estimate this rank's offset to global rank 0's wall clock; collective (every rank calls it).
-
-        Each round, all ranks leave a barrier together; rank 0's wall clock and every rank's
-        monotonic clock are read at that moment and gathered; the offset is the median over the
-        rounds of ``rank0_wall - my_monotonic``. Its error is the spread with which ranks leave a
-        barrier (sub-millisecond on one host, about one network latency across hosts), far below
-        the detector's ``minLatenessSeconds``. The calls go through plain ``torch.distributed`` so
-        they leave no record. Returns and stores :attr:`clock_offset_s`; :attr:`clock_error_s` is the
-        spread of the rounds (max - min of the estimates).
-        """
-        if self._world_size == 1:
-            self.clock_syncs += 1
-            self.clock_offset_s = time.time() - time.monotonic()
-            self.clock_error_s = 0.0
-            return self.clock_offset_s
-        estimates = []
-        root = self._global_rank(0)
-        for _ in range(max(1, rounds)):
-            self._blocking(dist.barrier, group=self._group)
-            mono = time.monotonic()
-            wall = time.time()
-            t = torch.tensor([wall if self._rank == 0 else 0.0], dtype=torch.float64)
-            self._blocking(dist.broadcast, t, src=root, group=self._group)
-            estimates.append(float(t.item()) - mono)
-        estimates.sort()
-        self.clock_syncs += 1
-        self.clock_offset_s = estimates[len(estimates) // 2]
-        self.clock_error_s = estimates[-1] - estimates[0]
-        return self.clock_offset_s
+        """Estimate this rank's offset to global rank 0's wall clock (collective; :func:`loco_trainer.probes.sync_clock`)."""
+        return sync_clock(self, rounds)
 
     def probe(self, nbytes: int = 4096, *, links: bool = True) -> None:
-        """A timing point for the detector and, at most every ``probe_interval_s``, one small timed
-        transfer per rank on each of two connections; collective (every rank calls it).
-
-        ``links=False`` (an algorithm whose own point-to-point traffic already samples every
-        connection, :meth:`Strategy.p2p_covers_links`) keeps only the probe's cadence: the periodic
-        clock re-estimate below, no timing point, no transfer.
-
-        **Timing point.** The call opens with an 8-byte all-reduce, recorded as a collective (kind
-        ``barrier``, not counted in :meth:`stats`) and shipped by :meth:`export_records`: each
-        rank's entry time is its arrival at the log boundary, a timing point between the
-        algorithm's own syncs. It also agrees, as the maximum over ranks, on whether the transfers
-        are due: a rank wants them when ``probe_interval_s`` passed since the last ones (every
-        call when 0), so on a job with short steps the transfers cost a bounded share of the time
-        while the timing point stays at every log interval.
-
-        **Transfers** (when due). Rank ``r`` sends to ``r + shift`` and receives from
-        ``r - shift`` for two shifts: 1, the ring the outer all-reduce runs on
-        (:meth:`ring_all_reduce`), whose connections are therefore sampled at every transfer
-        probe, so a slow connection the training uses is convicted within ``consecutive`` probes;
-        and a rotating shift ``2 + k % min(n - 2, PROBE_ROTATING_SHIFTS)`` (``k`` counts the
-        transfer probes; none when ``n == 2``), which gives every rank samples with several other
-        peers, so a slow node or NIC shows in its whole row, and with ``n <= 10`` covers every
-        ordered pair every ``n - 2`` probes. The number of connections sampled stays ``<= 2 n``
-        per probe and ``<= 9 n`` in all, however large the job. The receives are recorded
-        first, then the sends, shift by shift, on every rank, so the sequence numbers stay aligned;
-        injected faults apply to all of them. The call does not wait for the transfers: one helper
-        thread per transfer waits (so a slow link delays neither this rank nor its peer's
-        training, as it would not in a real asynchronous probe), and each receive time, from the
-        opening all-reduce's exit to arrival, becomes one connection sample ``(src, dst,
-        seconds)`` in global ranks for :meth:`export_links`. The next call first waits for the
-        previous one. Probe traffic is recorded but not counted in :meth:`stats`.
-
-        The call then waits up to ``probe_wait_s`` for its own transfers and leaves through a
-        barrier, so a healthy probe (about a millisecond) is measured while no rank trains:
-        neither a trainer's CPU work nor its hold on the GIL delays the helper threads' timestamps.
-        (Measured while training went on, on a shared 2-core host, healthy millisecond links read
-        20-40 ms, several probes in a row: false slow-link restarts.) A slower or stalled transfer
-        finishes in the background, so a bad connection delays training by at most ``probe_wait_s``.
-        Each sender also ships how late it posted the send after the opening all-reduce; the
-        receiver subtracts it, so a sender's scheduling delay is not counted as connection time.
-        """
-        if self._world_size == 1:
-            return
-        # The opening collective is one every rank enters at the same step: recorded (and shipped)
-        # as a barrier, it gives the detector a timing point per log interval between the
-        # algorithm's syncs, so a straggler or a stopped rank shows long before the next outer
-        # all-reduce (docs/fault-detection.md, "Probes"). Entered before waiting for the previous
-        # probe's transfers, so a slow connection never makes its endpoints look late.
-        opening = self._enter("barrier", 0, 0, 0, count=False) if links else None
-        self.finish_probe()
-        if self.clock_resync_probes and self._probes and self._probes % self.clock_resync_probes == 0:
-            self.sync_clock(rounds=3)  # collective: every rank probes the same number of times
-        self._probes += 1
-        if not links:
-            return
-        now = time.monotonic()
-        due = torch.tensor([1.0 if now - self._last_transfer_probe >= self.probe_interval_s else 0.0])
-        # the timing point; agrees on `due`
-        self._blocking(dist.all_reduce, due, op=dist.ReduceOp.MAX, group=self._group)
-        start = opening.exit_ns = time.monotonic_ns()
-        if not due.item():
-            return
-        self._last_transfer_probe = now
-        n = self._world_size
-        shifts = [1]
-        if n > 2:
-            shifts.append(2 + self._transfer_probes % min(n - 2, PROBE_ROTATING_SHIFTS))
-        self._transfer_probes += 1
-        threads: list[threading.Thread] = []
-        for shift in shifts:
-            threads += self._probe_transfer(shift, nbytes, start)
-        self._probe_threads = threads
-        for t in threads:
-            t.start()
-        if self.probe_wait_s:
-            deadline = time.monotonic() + self.probe_wait_s
-            for t in threads:
-                t.join(max(0.0, deadline - time.monotonic()))
-            # nobody resumes training while a peer still measures: a rank back at work would take
-            # the CPU from a peer whose receive thread has yet to wake up (on a shared host the
-            # healthy samples then read 20-40 ms instead of 1 ms)
-            self._blocking(dist.barrier, group=self._group)
-
-    def _probe_transfer(self, shift: int, nbytes: int, start: int) -> list[threading.Thread]:
-        """Post one probe transfer (send to ``rank + shift``, receive from ``rank - shift``) and
-        return its two not yet started helper threads (see :meth:`probe`)."""
-        n = self._world_size
-        out = torch.zeros(max(1, nbytes // 4), dtype=torch.float32)
-        inp = torch.empty_like(out)
-        dst, src = (self._rank + shift) % n, (self._rank - shift) % n
-        src_global, me_global = self._global_rank(src), self._global_rank(self._rank)
-        recv_record = self._enter("recv", _nbytes(inp), 0, 0, peer=src, count=False)
-        recv_record.probe = True
-        receive = CommHandle(dist.irecv(inp, src=src_global, group=self._group), inp, recv_record)
-        send_record = self._enter("send", _nbytes(out), 0, 0, peer=dst, count=False)
-        send_record.probe = True
-
-        def do_send() -> None:
-            if self._held(send_record.seq, "send", dst):
-                send_record.waited = True
-                self._fault_hook.hold()  # a stalled connection: the send never completes
-                return
-            # how late this rank posts the send after leaving the opening all-reduce (a CPU-starved
-            # process, a thread waiting for the GIL): shipped in the payload, the receiver subtracts
-            # it, so the sample times the connection, not the sender's scheduling. Taken before an
-            # injected link delay, which stands for the connection itself being slow.
-            out[0] = (time.monotonic_ns() - start) / 1e9
-            self._transfer_delay("send", dst)
-            CommHandle(dist.isend(out, dst=self._global_rank(dst), group=self._group), out, send_record).wait()
-
-        def do_receive() -> None:
-            receive.wait()
-            elapsed = (time.monotonic_ns() - start) / 1e9
-            sender_late = float(inp[0])
-            # a sender later than the whole wait (the receiver left the barrier after it): connection ~0
-            seconds = max(elapsed - sender_late, 1e-6) if sender_late >= 0.0 else elapsed
-            with self._lock:
-                self._links.append((self._link_id, src_global, me_global, seconds, _nbytes(inp), start / 1e9))
-                self._link_id += 1
-
-        return [threading.Thread(target=fn, name=f"loco-probe-{fn.__name__}-{shift}", daemon=True)
-                for fn in (do_send, do_receive)]
+        """A timing point for the detector and, at most every ``probe_interval_s``, small timed transfers
+        (collective; :meth:`loco_trainer.probes.Prober.probe`)."""
+        self._prober.probe(nbytes, links=links)
 
     def finish_probe(self, timeout_s: float | None = None) -> None:
-        """Wait for the transfers of the last :meth:`probe` (a no-op when none is outstanding); on an
-        interruptible Comm, raises :class:`CommInterrupted` when interrupted meanwhile (a transfer
-        to a peer that is gone may otherwise wait out the group's timeout)."""
-        threads, self._probe_threads = getattr(self, "_probe_threads", []), []
-        for t in threads:
-            if self._interrupt is None:
-                t.join(timeout_s)
-                continue
-            end = math.inf if timeout_s is None else time.monotonic() + timeout_s
-            while t.is_alive() and not self._interrupt.is_set() and time.monotonic() < end:
-                t.join(0.01)  # only while a transfer is still out: normally it finished long ago
-            if t.is_alive() and self._interrupt.is_set():
-                raise CommInterrupted(_INTERRUPTED)
+        """Wait for the transfers of the last :meth:`probe` (:meth:`loco_trainer.probes.Prober.finish`)."""
+        self._prober.finish(timeout_s)
 
-    def export_records(self, since_seq: int = -1, limit: int = 512) -> list[dict[str, Any]]:
-        """Records (probes excluded: they are shipped as :meth:`export_links` samples) with
-        ``seq > since_seq`` (at most the ``limit`` oldest of them; with a negative
-        ``since_seq``, the ``limit`` newest records), as wire dicts
-        ``{seq, kind, nbytes, enterS, exitS, peer}`` with times on the common clock (seconds of rank
-        0's wall clock, see :meth:`sync_clock`); ``exitS`` is null while in flight."""
-        off = self.clock_offset_s
-        with self._lock:
-            # probes are left out: their entry times measure a barrier's exit, not a rank's work
-            if since_seq < 0:  # a reader with no cursor yet starts from the newest records
-                picked = [r for r in self._records if not r.probe][-limit:]
-            else:
-                picked = [r for r in self._records if r.seq > since_seq and not r.probe][:limit]
-            return [
-                {"seq": r.seq, "kind": r.kind, "nbytes": r.nbytes, "enterS": r.enter_ns / 1e9 + off,
-                 "exitS": None if r.exit_ns is None else r.exit_ns / 1e9 + off, "peer": r.peer}
-                for r in picked
-            ]
+    @property
+    def clock_offset_s(self) -> float:
+        """Seconds to add to ``monotonic_ns / 1e9`` to get global rank 0's wall clock (see :meth:`sync_clock`)."""
+        return self.recorder.clock_offset_s
 
-    def export_links(self, since_id: int = -1, limit: int = 512) -> list[dict[str, Any]]:
-        """Connection samples with ``id > since_id`` (at most ``limit``), as wire dicts
-        ``{id, src, dst, seconds, nbytes, atS}`` (global ranks, common clock): probe samples, one
-        sample per completed point-to-point receive, and stalled connections (``seconds`` null),
-        see :meth:`scan_p2p`, which this calls first."""
+    @property
+    def clock_error_s(self) -> float | None:
+        return self.recorder.clock_error_s
+
+    @property
+    def clock_syncs(self) -> int:
+        """How many times :meth:`sync_clock` ran (the first call plus the periodic re-estimates)."""
+        return self.recorder.clock_syncs
+
+    def export_records(self, since_seq: int = -1, limit: int = 512) -> list[CollectiveSummary]:
+        """The records in the progress protocol's shape (:meth:`FlightRecorder.export_records`)."""
+        return self.recorder.export_records(since_seq, limit)
+
+    def export_links(self, since_id: int = -1, limit: int = 512) -> list[LinkSummary]:
+        """Connection samples in the progress protocol's shape, after :meth:`scan_p2p`
+        (:meth:`FlightRecorder.export_links`)."""
         self.scan_p2p()
-        off = self.clock_offset_s
-        with self._lock:
-            picked = list(self._links)[-limit:] if since_id < 0 else [x for x in self._links if x[0] > since_id][:limit]
-        return [{"id": i, "src": s, "dst": d, "seconds": None if sec == float("inf") else sec, "nbytes": nb,
-                 "atS": at + off} for i, s, d, sec, nb, at in picked]
+        return self.recorder.export_links(since_id, limit)
 
     def scan_p2p(self, now_ns: int | None = None) -> int:
-        """Turn the point-to-point records into connection samples; returns how many were added.
-
-        * A **completed receive** (``recv``, not a probe) from group rank ``p`` becomes the sample
-          ``(global(p) -> me, exit - enter)``: the transfer time of that connection, so send/recv
-          algorithms (NoLoCo's gossip) fill the connection matrix with no extra probe. It includes
-          the time the receiver waited for the sender to post (ranks post their exchange together,
-          so that is their arrival skew; a straggling sender is also named by the straggler rule).
-        * A **send or receive in flight** (probes included) for longer than ``stall_after_s``, that a
-          thread is waiting for, becomes a stalled sample ``seconds = inf`` (null on the wire) for
-          its direction, once: what lets the detector's hang-comm rule blame that connection. A call
-          nobody waits on yet is not judged (gloo completes a transfer only inside ``wait()``, so a
-          receive queued behind a stalled send would otherwise look stalled too). If it later
-          completes, the receive's sample tells the detector the connection moves data again.
-
-        Called from :meth:`export_links` (the progress server's thread); ``now_ns`` defaults to
-        :func:`time.monotonic_ns`.
-        """
-        now_ns = time.monotonic_ns() if now_ns is None else now_ns
-        stall_ns = int(self.stall_after_s * 1e9)
-        me = self._global_rank(self._rank)
-        added = 0
-        with self._lock:
-            oldest = self._records[0].seq if self._records else 0
-            for r in self._records:
-                if r.peer is None or r.kind not in ("send", "recv") or r.seq in self._p2p_sampled:
-                    continue
-                peer = self._global_rank(r.peer)
-                src, dst = (me, peer) if r.kind == "send" else (peer, me)
-                if r.exit_ns is None:
-                    if r.waited and now_ns - r.enter_ns > stall_ns and r.seq not in self._p2p_stalled:
-                        self._p2p_stalled.add(r.seq)
-                        self._links.append((self._link_id, src, dst, float("inf"), r.nbytes, r.enter_ns / 1e9))
-                        self._link_id += 1
-                        added += 1
-                    continue
-                if r.kind == "recv" and not r.probe:  # probes add their own sample (Comm.probe)
-                    self._links.append((self._link_id, src, dst, (r.exit_ns - r.enter_ns) / 1e9, r.nbytes, r.enter_ns / 1e9))
-                    self._link_id += 1
-                    added += 1
-                self._p2p_sampled.add(r.seq)
-            # forget seqs that left the ring buffer (bounded memory)
-            self._p2p_sampled = {q for q in self._p2p_sampled if q >= oldest}
-            self._p2p_stalled = {q for q in self._p2p_stalled if q >= oldest}
-        return added
+        """Turn the point-to-point records into connection samples (:meth:`FlightRecorder.scan_p2p`)."""
+        return self.recorder.scan_p2p(self._global_rank(self._rank), self._global_rank, now_ns)
 
     # ------------------------------------------------------------------------------- helpers
 

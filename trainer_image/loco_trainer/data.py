@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from loco_trainer.config import DataSpec
+from loco_contract.config import DataSpec
 
 
 class DataError(ValueError):

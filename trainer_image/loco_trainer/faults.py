@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from loco_trainer.config import FaultInjection
+from loco_contract.config import FaultInjection
 
 
 class InjectedCrash(SystemExit):

@@ -5,8 +5,13 @@ replica ``LOCO_REPLICA_INDEX``; ``--nproc N`` (locally) builds the same runtime 
 N ranks on 127.0.0.1 with a free port. One rank runs in this process; several run as child
 processes (``python -m loco_trainer --local-rank i``, same config file and environment).
 
+Locally (several emulated pods) the launcher also runs the fault detector over its ranks, as the operator
+does in a cluster (:mod:`loco_trainer.local_detect`): verdicts are logged with their evidence and, with
+``on_fault="stop"``, a verdict the operator would act on stops the run.
+
 Exit codes: 0 success; a child's code when a local rank fails (the others are terminated);
-``faultInjection.exitCode`` for an injected crash; 143 after SIGTERM; 2 for a bad config.
+``faultInjection.exitCode`` for an injected crash; 143 after SIGTERM; 2 for a bad config; 75 when the
+fault detector stopped the run (EX_TEMPFAIL: resume from the last checkpoint, without the blamed rank's cause).
 """
 
 from __future__ import annotations
@@ -22,24 +27,26 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, NoReturn, Sequence, TypeVar
+from typing import Any, NoReturn, Sequence
 
 import yaml
 from pydantic import ValidationError
 from pydantic.alias_generators import to_camel
 
-from loco_trainer.config import DEFAULT_CONFIG_PATH, EnvVar, RuntimeEnv, TrainerConfig
-from loco_trainer.protocol import ProgressReport, WorkerState
+from loco_contract.config import DEFAULT_CONFIG_PATH, EnvVar, RuntimeEnv, TrainerConfig
+from loco_contract.detection import DetectorConfig
+from loco_contract.protocol import ProgressReport, WorkerState
+from loco_trainer.interruptible import Terminated, call_interruptibly, raise_terminated
 
 log = logging.getLogger("loco_trainer")
 
 EXIT_SIGTERM = 143
 EXIT_CONFIG = 2
+EXIT_FAULT = 75
 #: seconds local ranks get to stop after SIGTERM before they are killed
 CHILD_GRACE_S = 20.0
 
 
-T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -116,13 +123,24 @@ class LaunchOptions:
     env: RuntimeEnv
     history_path: str | None = None
     status_port: int | None = None  # None: the env's (8080 in a pod); 0: any free port; <0: no endpoint
+    #: local mode: the pod leader writes the port it bound here (the launcher's detector reads it: a port
+    #: the launcher picked in advance could be taken by another socket before the rank binds it)
+    status_port_file: str | None = None
     status_host: str | None = None  # None: POD_IP when set, else all interfaces
     termination_message: bool = True
     extra_environ: dict[str, str] = field(default_factory=dict)
     #: local mode only: emulate this many pods of ``env.nproc_per_worker`` processes each (child
-    #: ``i`` is local rank ``i % nproc`` of pod ``i // nproc``; only pod 0 serves /status and
-    #: writes the termination message). 1 in a real pod.
+    #: ``i`` is local rank ``i % nproc`` of pod ``i // nproc``; only pod 0 writes the termination
+    #: message; with ``detector``, every pod leader serves /status for it). 1 in a real pod.
     local_pods: int = 1
+    #: local mode: the fault detector's settings (None: no detection; in a pod the operator detects)
+    detector: DetectorConfig | None = None
+    #: local mode: what a verdict the operator would act on does: "report" (log it), "stop" (end the run, 75)
+    #: or "restart" (every rank again, from the newest checkpoint, at most ``max_restarts`` times; then 75)
+    on_fault: str = "report"
+    max_restarts: int = 3
+    #: local mode: where the detector's trace goes (``loco diagnose`` replays it); None: not kept
+    fault_trace: str | None = None
 
 
 def local_runtime_env(nproc: int, config: TrainerConfig, environ: dict[str, str] | None = None,
@@ -168,50 +186,6 @@ def _configure_logging(rank: int | None) -> None:
 # ------------------------------------------------------------------------------- one rank
 
 
-class _Terminated(BaseException):
-    """SIGTERM arrived (raised from the signal handler in the main thread)."""
-
-
-def _raise_terminated(signum: int, frame: Any) -> None:
-    raise _Terminated()
-
-
-class Abandoned(Exception):
-    """:func:`_call_interruptibly` stopped waiting because its ``abandon`` predicate said so."""
-
-
-def _call_interruptibly(fn: Callable[..., T], *args: Any, poll_s: float = 0.2,
-                        abandon: Callable[[], bool] | None = None) -> T:
-    """``fn(*args)`` run in a worker thread while this (main) thread waits in short joins.
-
-    Why: Python signal handlers run only in the main thread, between bytecodes. A rank blocked in
-    C++ (the TCP store inside ``init_process_group`` waiting for peers that never come, e.g. while
-    the operator deletes all pods for a restart or resize) would ignore SIGTERM until the kubelet's
-    grace period kills it. Waiting here instead lets :func:`_raise_terminated` raise
-    :class:`_Terminated` at once; the still-blocked daemon thread dies with ``os._exit``.
-    An exception raised by ``fn`` is re-raised here unchanged (same object: type, message, cause).
-    ``abandon``: checked at every poll while ``fn`` runs; when it returns True the wait ends with
-    :class:`Abandoned` and ``fn`` is left to finish or fail in its daemon thread.
-    """
-    outcome: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            outcome["value"] = fn(*args)
-        except BaseException as exc:  # noqa: BLE001 - handed to the main thread below
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=target, daemon=True, name=f"loco-{getattr(fn, '__name__', 'call')}")
-    thread.start()
-    while thread.is_alive():
-        thread.join(poll_s)
-        if abandon is not None and thread.is_alive() and abandon():
-            raise Abandoned(getattr(fn, "__name__", "call"))
-    if "error" in outcome:
-        raise outcome.pop("error")
-    return outcome["value"]
-
-
 def run_rank(options: LaunchOptions, local_rank: int) -> NoReturn:
     """Run local rank ``local_rank`` of this pod to the end, then exit the process with its code
     (0 success, the failing code otherwise) without the interpreter's teardown (see the end).
@@ -232,7 +206,7 @@ def run_rank(options: LaunchOptions, local_rank: int) -> NoReturn:
     _configure_logging(info.rank)
     if not info.is_pod_leader:  # one voice per pod; progress lines come from global rank 0 only
         logging.getLogger().setLevel(logging.WARNING)
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: every thread's stack to stderr
     metrics = TrainerMetrics(cfg.job_name, cfg.namespace, info.replica_index, info.rank)
     progress = server = None
@@ -247,6 +221,8 @@ def run_rank(options: LaunchOptions, local_rank: int) -> NoReturn:
             server = ProgressServer(progress, metrics.render, host, port, read_membership_token(env)).start()
             host, bound = server.address
             log.info("progress endpoint: http://%s:%d/status and /metrics", host, bound)
+            if options.status_port_file:
+                _write_atomically(options.status_port_file, str(bound))
 
     code = 0
     try:
@@ -261,8 +237,8 @@ def run_rank(options: LaunchOptions, local_rank: int) -> NoReturn:
                 torch.cuda.set_device(device)  # the current CUDA device is per thread
             init_process_group(env, info, pick_backend(device), timeout_s=env.collective_timeout_s)
 
-        # in a thread, so SIGTERM is honoured while the rendezvous blocks (see _call_interruptibly)
-        _call_interruptibly(join_process_group)
+        # in a thread, so SIGTERM is honoured while the rendezvous blocks (see interruptible.py)
+        call_interruptibly(join_process_group)
         Trainer(cfg, env, info, device, progress=progress, metrics=metrics,
                 history_path=options.history_path).run()
         if progress:
@@ -271,7 +247,7 @@ def run_rank(options: LaunchOptions, local_rank: int) -> NoReturn:
         code = int(exc.code)
         if progress:
             progress.update(state=WorkerState.failed, message=f"injected crash (faultInjection) with exit code {code}")
-    except _Terminated:
+    except Terminated:
         code = EXIT_SIGTERM
         log.warning("SIGTERM: stopping")
         if progress:
@@ -308,6 +284,8 @@ def _child_command(options: LaunchOptions, config_path: str, local_rank: int) ->
         cmd += ["--history", options.history_path]
     if options.status_port is not None:
         cmd += ["--status-port", str(options.status_port)]
+    if options.status_port_file:
+        cmd += ["--status-port-file", options.status_port_file]
     if options.status_host:
         cmd += ["--status-host", options.status_host]
     if not options.termination_message:
@@ -321,12 +299,36 @@ def _exit_code(returncode: int) -> int:
 
 def launch(options: LaunchOptions) -> int:
     """Run this pod's ``nproc_per_worker`` ranks (locally: the ranks of all ``local_pods`` emulated
-    pods); returns the exit code (see module docstring)."""
+    pods); returns the exit code (see module docstring). Locally, with ``on_fault="restart"``, a fault
+    verdict restarts every rank in a new epoch (they resume from the newest committed checkpoint, as
+    after the operator's restart), at most ``max_restarts`` times."""
     per_pod = options.env.nproc_per_worker
     nproc = per_pod * options.local_pods
     if nproc == 1:
         return run_rank(options, 0)
     _configure_logging(None)
+    restarts = 0
+    while True:
+        code, failed_rank, faults = _run_ranks(options, nproc, per_pod, restarts)
+        if code != EXIT_FAULT or options.on_fault != "restart" or restarts >= options.max_restarts:
+            break
+        from loco_trainer.rendezvous import free_port
+
+        restarts += 1
+        options = replace(options, env=options.env.model_copy(update={
+            "epoch": options.env.epoch + 1, "restart_count": options.env.restart_count + 1, "master_port": free_port()}))
+        log.warning("restarting every rank from the last checkpoint (restart %d/%d, epoch %d): %s", restarts,
+                    options.max_restarts, options.env.epoch, faults[0].verdict.message)
+    if code == EXIT_FAULT and options.termination_message:
+        _amend_termination_message(options, f"stopped by the fault detector: {faults[0].verdict.message}")
+    elif failed_rank not in (None, 0) and options.termination_message:
+        _amend_termination_message(options, f"local rank {failed_rank} exited with code {code}")
+    return code
+
+
+def _run_ranks(options: LaunchOptions, nproc: int, per_pod: int, attempt: int) -> tuple[int, int | None, list[Any]]:
+    """Start the ``nproc`` local ranks (and the detector over them), wait for the outcome (see
+    :func:`_supervise`); returns it with the findings that stopped the run, if any."""
     with tempfile.TemporaryDirectory(prefix="loco-launch-") as tmp:
         config_path = os.path.join(tmp, "config.json")
         with open(config_path, "w", encoding="utf-8") as fh:
@@ -334,26 +336,70 @@ def launch(options: LaunchOptions) -> int:
         environ = {**os.environ, **options.extra_environ, **env_to_environ(options.env)}
         # Like torchrun: local ranks share the cores instead of each spawning one thread per core.
         environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+        ports = _detector_ports(options, tmp)
         children = []
         for i in range(nproc):
             pod, local_rank = divmod(i, per_pod)
             child_options = options if pod == 0 else replace(options, status_port=-1, termination_message=False)
+            if ports:
+                port, port_file = ports[pod]
+                child_options = replace(child_options, status_port=port, status_port_file=port_file)
             children.append(subprocess.Popen(_child_command(child_options, config_path, local_rank),
                                              env={**environ, EnvVar.REPLICA_INDEX.value: str(options.env.replica_index + pod)}))
         log.info("started %d local ranks (pids %s)", nproc, ", ".join(str(c.pid) for c in children))
-        terminated = []
+        terminated: list[int] = []
+        faults: list[Any] = []  # findings that end this attempt (on_fault "stop" or "restart")
+        detection = None
+        if ports:
+            from loco_trainer.local_detect import LocalDetection
+
+            detection = LocalDetection({pod: port_file for pod, (_, port_file) in ports.items()}, options.detector or DetectorConfig(),
+                                       trace_path=_attempt_path(options.fault_trace, attempt),
+                                       on_fault=faults.append if options.on_fault in ("stop", "restart") else None,
+                                       epoch=options.env.epoch).start()
+            log.info("fault detector: watching %d pods (on a fault: %s)", len(ports), options.on_fault)
 
         def on_sigterm(signum: int, frame: Any) -> None:
             terminated.append(signum)
 
         previous = signal.signal(signal.SIGTERM, on_sigterm)
         try:
-            code, failed_rank = _supervise(children, terminated)
+            code, failed_rank = _supervise(children, terminated, faults)
         finally:
             signal.signal(signal.SIGTERM, previous)
-    if failed_rank not in (None, 0) and options.termination_message:
-        _amend_termination_message(options, f"local rank {failed_rank} exited with code {code}")
-    return code
+            if detection is not None:
+                detection.stop()
+    return code, failed_rank, faults
+
+
+def _attempt_path(path: str | None, attempt: int) -> str | None:
+    """The trace of attempt ``attempt`` (0: ``path`` itself; a restart's: ``trace.restart-1.jsonl``)."""
+    if path is None or attempt == 0:
+        return path
+    stem, dot, ext = os.path.basename(path).partition(".")
+    return os.path.join(os.path.dirname(path), f"{stem}.restart-{attempt}{dot}{ext}")
+
+
+def _detector_ports(options: LaunchOptions, tmp: str) -> dict[int, tuple[int, str]]:
+    """pod index -> (the port its leader binds, the file it writes the bound port to), when the launcher
+    runs the detector (several emulated pods, detection on, the endpoint not switched off); else empty.
+    Port 0 (any free one) except where the user named pod 0's: ranks bind first and say where, so no
+    port picked in advance can be taken by another socket in between."""
+    if options.local_pods < 2 or options.detector is None or not options.detector.enabled:
+        return {}
+    if options.status_port is not None and options.status_port < 0:
+        return {}
+    first = options.status_port if options.status_port else options.env.status_port
+    return {pod: (first if pod == 0 and first > 0 else 0, os.path.join(tmp, f"status-port-{pod}"))
+            for pod in range(options.local_pods)}
+
+
+def _write_atomically(path: str, text: str) -> None:
+    """Readers see the whole text or no file (never a half-written port)."""
+    partial = f"{path}.partial"
+    with open(partial, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(partial, path)
 
 
 def _amend_termination_message(options: LaunchOptions, cause: str) -> None:
@@ -376,6 +422,7 @@ def _stop(children: list[subprocess.Popen], grace_s: float = CHILD_GRACE_S) -> N
     for child in children:
         if child.poll() is None:
             child.send_signal(signal.SIGTERM)
+            child.send_signal(signal.SIGCONT)  # a stopped rank (SIGSTOP: what a hang verdict may blame) can then exit
     deadline = time.monotonic() + grace_s
     for child in children:
         try:
@@ -385,9 +432,11 @@ def _stop(children: list[subprocess.Popen], grace_s: float = CHILD_GRACE_S) -> N
             child.wait()
 
 
-def _supervise(children: list[subprocess.Popen], terminated: list[int]) -> tuple[int, int | None]:
+def _supervise(children: list[subprocess.Popen], terminated: list[int], faults: list[Any] | None = None
+               ) -> tuple[int, int | None]:
     """Wait for the children: all succeed -> (0, None); one fails -> stop the rest, return (its
-    code, its local rank); SIGTERM -> stop all, (143, None).
+    code, its local rank); SIGTERM -> stop all, (143, None); a fault verdict in ``faults`` (the
+    detector appends to it) -> stop all, (75, None).
 
     When several fail, the first to exit is the root cause (its peers fail after it, on a broken
     collective), so exit times are taken by one waiter thread per child.
@@ -405,6 +454,11 @@ def _supervise(children: list[subprocess.Popen], terminated: list[int]) -> tuple
             log.warning("SIGTERM: stopping %d local ranks", len(children))
             _stop(children)
             return EXIT_SIGTERM, None
+        if faults:
+            log.error("stopping %d local ranks: the fault detector blamed ranks %s (%s)", len(children),
+                      list(faults[0].verdict.ranks), faults[0].verdict.kind.value)
+            _stop(children)
+            return EXIT_FAULT, None
         failed = sorted((t, i) for i, t in list(exited.items()) if children[i].returncode != 0)
         if failed:
             local_rank = failed[0][1]

@@ -1,7 +1,7 @@
 """The built-in GPT (a nanoGPT-style decoder-only transformer) and the model factory.
 
 Reads bottom-up: attention, MLP, block, then the model. Architecture knobs come from
-:class:`loco_trainer.config.GPTSpec`. Contract of every model the trainer accepts (built-in or
+:class:`loco_contract.config.GPTSpec`. Contract of every model the trainer accepts (built-in or
 ``name: custom``): ``forward(idx, targets=None) -> (logits, loss)`` where ``idx`` and ``targets``
 are ``(B, T)`` int64 token tensors and ``loss`` is the mean cross-entropy (None without targets).
 """
@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from loco_trainer.config import GPTSpec, ModelSpec
+from loco_contract.config import GPTSpec, ModelSpec
 
 
 class ModelBuildError(ValueError):

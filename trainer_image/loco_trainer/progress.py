@@ -2,11 +2,11 @@
 
 Local rank 0 of every pod runs a :class:`ProgressServer` on a background thread:
 
-* ``GET /status``  -> the current :class:`loco_trainer.protocol.ProgressReport` as JSON;
+* ``GET /status``  -> the current :class:`loco_contract.protocol.ProgressReport` as JSON;
 * ``GET /metrics`` -> the Prometheus text of :class:`loco_trainer.metrics.TrainerMetrics`;
 * ``GET /ready``   -> 200 while the worker trains (state ``running``), 503 otherwise (starting,
   finished, failed): the pod's readinessProbe, so a pod is Ready when its trainer is training;
-* ``POST /membership`` -> a :class:`loco_trainer.protocol.MembershipUpdate` from the operator (a live
+* ``POST /membership`` -> a :class:`loco_contract.protocol.MembershipUpdate` from the operator (a live
   resize, docs/elastic.md): kept in the state until the training loop switches to it. It needs the job's
   membership token (``Authorization: Bearer``; 401 without, 403 when the worker has none) and a body of
   at most :data:`MAX_MEMBERSHIP_BODY` bytes (413).
@@ -27,10 +27,10 @@ import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
-from loco_trainer.config import TERMINATION_MESSAGE_PATH, RuntimeEnv
+from loco_contract.config import TERMINATION_MESSAGE_PATH, RuntimeEnv
 from pydantic import ValidationError
 
-from loco_trainer.protocol import (
+from loco_contract.protocol import (
     MEMBERSHIP_PATH,
     METRICS_PATH,
     READY_PATH,
@@ -106,8 +106,8 @@ class ProgressState:
 
     def set_fault_source(self, source: "FaultSource | None") -> None:
         """Where :meth:`snapshot` takes collective records and probe samples from:
-        ``source(since_seq, since_link) -> (collectives, links, clock_error_s)`` as wire dicts
-        (``Comm.export_records``/``export_links``). Called on the HTTP thread."""
+        ``source(since_seq, since_link) -> (collectives, links, clock_error_s)``, in the protocol's shape
+        (``Comm.export_records``/``export_links``: the flight recorder's). Called on the HTTP thread."""
         self._fault_source = source
 
     def worker_state(self) -> WorkerState:
@@ -131,15 +131,15 @@ class ProgressState:
                 -1 if since_seq is None else since_seq, -1 if since_link is None else since_link
             )
             report = report.model_copy(update={
-                "collectives": [CollectiveSummary.model_validate(c) for c in collectives],
-                "links": [LinkSummary.model_validate(x) for x in links],
+                "collectives": list(collectives),
+                "links": list(links),
                 "clock_error_s": clock_error,
             })
         return report
 
 
 #: ``(since_seq, since_link) -> (collective wire dicts, link wire dicts, clock error seconds or None)``
-FaultSource = Callable[[int, int], "tuple[list[dict[str, Any]], list[dict[str, Any]], float | None]"]
+FaultSource = Callable[[int, int], "tuple[list[CollectiveSummary], list[LinkSummary], float | None]"]
 
 
 def _cursor(query: dict[str, list[str]], name: str) -> int | None:

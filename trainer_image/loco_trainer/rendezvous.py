@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from loco_trainer.config import RuntimeEnv
+from loco_contract.config import RuntimeEnv
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ def _tcp_store(master_ip: str, port: int, info: RankInfo, timeout_s: float) -> d
         # Build the process group only once every rank has reached the store (rank 0 says so). A
         # rendezvous that can never complete -- a live epoch whose joiner died -- then stays in the
         # store, where a newer epoch's rendezvous in another thread can still proceed; a pending
-        # process-group construction would block it (Trainer._join_newest).
+        # process-group construction would block it (LiveMembership.join_newest).
         store.wait([ALL_JOINED_KEY], timeout)
         return store
     family = socket.AF_INET6 if ":" in master_ip else socket.AF_INET

@@ -22,9 +22,8 @@ that it is saved once, in fragments, and loads into any other layout (:func:`sta
 Mid-round the pods' local parameters and inner optimizer states differ: each pod ``k >= 1`` also
 writes its own shards as ``replica/<k>/*`` atoms (``CheckpointEngine.save_async(per_replica=True)``).
 
-The API refuses ``nprocPerWorker > 1`` with other algorithms too (``loco_operator.rules``, which
-mirrors :data:`SHARDABLE_ALGORITHMS`; a test checks they agree); :func:`check_shardable` is the
-trainer's own guard for configs that did not pass through the API.
+The API refuses ``nprocPerWorker > 1`` with algorithms outside ``loco_contract.config.SHARDABLE_ALGORITHMS``
+too; :func:`check_shardable` is the trainer's own guard for configs that did not pass through the API.
 """
 
 from __future__ import annotations
@@ -33,8 +32,7 @@ from typing import Any, Iterator
 
 import torch
 
-#: algorithms whose hooks only use element-wise tensor math and collectives on parameters/gradients
-SHARDABLE_ALGORITHMS = ("ddp", "diloco")
+from loco_contract.config import SHARDABLE_ALGORITHMS
 
 
 def check_shardable(algorithm: str, nproc_per_worker: int) -> None:

@@ -113,4 +113,6 @@ def _cause_reason(message: str) -> str:
         return "FieldValueNotSupported"
     if "Forbidden" in message:
         return "FieldValueForbidden"
+    if " must be of type " in message:
+        return "FieldValueTypeInvalid"
     return "FieldValueInvalid"

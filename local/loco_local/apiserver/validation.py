@@ -229,6 +229,21 @@ def compile_rule(rule: str) -> celpy.Runner:
     return env.program(env.compile(rule))
 
 
+def _schema_typed(schema: dict[str, Any], value: Any) -> Any:
+    """``value`` with its numbers typed as the schema types them: kube-apiserver's CEL sees a ``number`` field as
+    a double even when the JSON wrote ``300``, so ``self.a >= self.b`` compares two doubles, not an int with one."""
+    if isinstance(value, dict):
+        props, extra = schema.get("properties") or {}, schema.get("additionalProperties")
+        return {k: _schema_typed(props[k] if k in props else extra if isinstance(extra, dict) else {}, v)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        items = schema.get("items") if isinstance(schema.get("items"), dict) else {}
+        return [_schema_typed(items, v) for v in value]
+    if schema.get("type") == "number" and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
 def _evaluate(rule: str, value: Any, old: Any) -> Any:
     activation = {"self": celpy.json_to_cel(value)}
     if old is not None:
@@ -317,9 +332,10 @@ def prepare_custom_object(rt: ResourceType, obj: dict[str, Any], old: dict[str, 
     if any(_blocks_rules(message) for _, message in causes):
         # as kube-apiserver: rules are not evaluated on values of the wrong type (CEL would fail on every
         # rule that reads them, blaming fields that are fine)
-        causes.append(("", _RULES_NOT_CHECKED))
+        causes.append(("<nil>", f"<nil>: Invalid value: null: {_RULES_NOT_CHECKED}"))  # kube-apiserver's words
     else:
-        causes += _cel_causes(schema, _cel_root(obj), _cel_root(old) if old else None, "")
+        causes += _cel_causes(schema, _schema_typed(schema, _cel_root(obj)),
+                              _schema_typed(schema, _cel_root(old)) if old else None, "")
     if causes:
         raise errors.invalid(rt.kind, rt.group, name, causes)
     return unknown if field_validation != "Ignore" else []

@@ -5,7 +5,7 @@
 ``ALGORITHMS`` maps ``algorithm.name`` (``ddp``, ``diloco``, ``streaming-diloco``, ``noloco``,
 ``co2``) to the :class:`~loco_trainer.algorithms.base.Strategy` subclass implementing it; each class
 has ``from_spec(spec, model, inner_optimizer, comm)`` taking the *resolved* spec (paper defaults
-filled in, see ``loco_trainer.config.ALGORITHM_DEFAULTS``).
+filled in, see ``loco_contract.config.ALGORITHM_DEFAULTS``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from loco_trainer.algorithms.diloco import DiLoCo
 from loco_trainer.algorithms.noloco import NoLoCo
 from loco_trainer.algorithms.streaming_diloco import StreamingDiLoCo
 from loco_trainer.comm import Comm
-from loco_trainer.config import AlgorithmSpec
+from loco_contract.config import AlgorithmSpec
 
 ALGORITHMS: dict[str, type[Strategy]] = {
     DDP.name: DDP,

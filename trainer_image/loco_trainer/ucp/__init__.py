@@ -11,9 +11,10 @@
 The format is specified in ``docs/checkpoint-format.md``.
 """
 
+from .catalog import CheckpointInfo, list_checkpoints, read_info
 from .engine import (
-    CheckpointEngine, CheckpointInfo, CheckpointLoadError, CheckpointSaveError, LoadedState, Reason, SaveHandle,
-    list_checkpoints, load_into, map_algorithm_state, read_info, read_rank_state,
+    CheckpointEngine, CheckpointLoadError, CheckpointSaveError, LoadedState, Reason, SaveHandle, load_into,
+    map_algorithm_state, read_rank_state,
 )
 from .fence import Fence, StaleWriterError, read_fence
 from .ownership import PreviousJob

@@ -45,7 +45,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -54,16 +54,16 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from . import tree
 from .format import (
     LATEST_FILE, MANIFEST_FILE, TMP_PREFIX, Fragment, FormatError, Manifest, WorldLayout, atoms_from_fragments,
-    data_file_name, index_file_name, parse_step_dir, replica_atom, step_dir_name, tmp_dir_name,
+    data_file_name, index_file_name, replica_atom, step_dir_name, tmp_dir_name,
 )
 from .layout import FragmentReader, assign_owners, fill_tensor, is_dtensor, local_block
 from .fence import StaleWriterError, check_fence, raise_fence
 from .ownership import PreviousJob, take_over
+from .catalog import CheckpointInfo, list_checkpoints, read_info
 from .storage import Storage
 from .tensorio import StagingPool, dtype_name, write_safetensors
+from .verify import Selection, newest_valid
 
-if TYPE_CHECKING:
-    from .verify import Selection
 
 log = logging.getLogger("loco.ucp")
 
@@ -96,20 +96,6 @@ class CheckpointSaveError(RuntimeError):
 
 class CheckpointLoadError(RuntimeError):
     """A checkpoint cannot be loaded into this model/optimizer (the message names the key)."""
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """A committed checkpoint: its step, directory (relative to the root) and manifest."""
-
-    step: int
-    dir: str
-    url: str
-    manifest: Manifest
-
-    @property
-    def layout(self) -> WorldLayout:
-        return self.manifest.layout
 
 
 @dataclass
@@ -359,8 +345,6 @@ class CheckpointEngine:
         """The newest committed checkpoint that verifies (what a resume should load) and the newer
         ones skipped, each reported through ``on_event`` (reason ``CheckpointSkipped``).
         Reads the chosen checkpoint's data once with ``checksums``; call it on one rank."""
-        from .verify import newest_valid  # verify builds on this module
-
         selection = newest_valid(self.storage, checksums=checksums)
         for s in selection.skipped:
             self._event(Reason.SKIPPED, f"skipped checkpoint {s.dir} (step {s.step}, reason {s.reason}): {s.message}")
@@ -706,32 +690,6 @@ def _json_safe(value: Any) -> Any:
     if value is None or isinstance(value, (str, bool, int, float)):
         return value
     return str(value)
-
-
-def read_info(storage: Storage, rel: str) -> CheckpointInfo:
-    """The committed checkpoint at ``rel`` (a ``step-N`` directory); raises FormatError if it is not one."""
-    step = parse_step_dir(rel.rstrip("/").rsplit("/", 1)[-1])
-    try:
-        data = storage.read_bytes(f"{rel}/{MANIFEST_FILE}")
-    except FileNotFoundError as exc:
-        raise FormatError(f"{storage.path(rel)} has no {MANIFEST_FILE}: it is not a committed checkpoint") from exc
-    manifest = Manifest.loads(data, where=storage.path(f"{rel}/{MANIFEST_FILE}"))
-    if step is not None and step != manifest.step:
-        raise FormatError(f"{storage.path(rel)}: directory says step {step}, manifest says {manifest.step}")
-    return CheckpointInfo(manifest.step, rel, storage.path(rel), manifest)
-
-
-def list_checkpoints(storage: Storage) -> list[CheckpointInfo]:
-    """Committed checkpoints under ``storage``'s root, oldest first; unreadable ones are skipped."""
-    found = []
-    for name in storage.listdir(""):
-        if parse_step_dir(name) is None:
-            continue
-        try:
-            found.append(read_info(storage, name))
-        except (FormatError, OSError) as exc:
-            log.debug("skipping %s: %s", name, exc)
-    return sorted(found, key=lambda c: c.step)
 
 
 def load_into(

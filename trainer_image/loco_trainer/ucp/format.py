@@ -19,6 +19,7 @@ fragments with the block it needs, so any saved layout loads into any current on
 from __future__ import annotations
 
 import json
+import math
 import posixpath
 from dataclasses import dataclass, field
 from typing import Any
@@ -140,10 +141,7 @@ class Fragment:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Fragment":
@@ -182,10 +180,7 @@ class Atom:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from . import tree
-from .engine import CheckpointInfo, list_checkpoints, read_info
+from .catalog import CheckpointInfo, list_checkpoints, read_info
 from .format import (
     LATEST_FILE, MANIFEST_FILE, TMP_PREFIX, FormatError, Manifest, WorldLayout, data_file_name, manifest_summary,
     parse_step_dir, replica_atom, step_dir_name,

@@ -20,7 +20,7 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 
-from .engine import CheckpointInfo, read_info
+from .catalog import CheckpointInfo, read_info
 from .format import DTYPES, FormatError, UnsafePathError, parse_step_dir
 from .storage import Storage
 

@@ -1,9 +1,10 @@
 """The live detector: feeds the workers' collective records to one :class:`Detector` per job.
 
-The operator polls every running worker's ``GET /status?sinceSeq=S&sinceLink=L`` (see
+Its callers are the operator (for every TrainingJob) and the trainer's local launcher (``--nproc``, for
+its own ranks). The caller polls every running worker's ``GET /status?sinceSeq=S&sinceLink=L`` (see
 docs/progress-protocol.md); each report carries the pod leader's collective records with
 ``seq > S`` and probe samples with ``id > L`` (bounded), times on the common clock (rank 0's wall
-clock, see ``loco_trainer.comm.Comm.sync_clock``). :class:`LiveDetectors` keeps, per job:
+clock, see the trainer's ``Comm.sync_clock``). :class:`LiveDetectors` keeps, per job:
 
 * one :class:`Detector` for the job's current membership epoch (a new epoch starts a fresh one:
   sequence numbers restart with the new processes; so does a change of ``spec.faultDetection``);
@@ -15,9 +16,10 @@ clock, see ``loco_trainer.comm.Comm.sync_clock``). :class:`LiveDetectors` keeps,
 Detector ranks are **pod replica indices**: the pod leader (local rank 0) speaks for its pod, and
 with one process per pod (the usual low-communication setup) that is the global rank.
 
-Nothing here talks to Kubernetes or reads a clock: the handler passes ``now_s`` (wall-clock
-seconds) and gets back :class:`FaultFinding` objects, which :func:`loco_operator.planner.plan`
-turns into actions (event, ``status.faults``, pod deletion, avoid-list, optional cordon).
+Nothing here talks to Kubernetes or reads a clock: the caller passes ``now_s`` (wall-clock
+seconds) and gets back :class:`FaultFinding` objects; the operator's planner turns them into actions
+(event, ``status.faults``, pod deletion, avoid-list, optional cordon), the launcher logs them and may
+stop the run.
 A restarted operator starts with empty state: the verdicts that already acted are in
 ``status.faults`` (and their pods are gone), and the detector of the running epoch warms up again.
 """
@@ -30,10 +32,13 @@ import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from loco_operator.faults.detector import Detector
-from loco_operator.faults.types import (
+from pydantic import ValidationError
+
+from loco_contract.detection import DetectorConfig
+from loco_contract.protocol import CollectiveSummary, LinkSummary
+from loco_detector.detector import Detector
+from loco_detector.types import (
     CollectiveRecord,
-    DetectorConfig,
     LinkSample,
     RankHeartbeat,
     Topology,
@@ -43,47 +48,35 @@ from loco_operator.faults.types import (
 
 #: Most records a single poll asks a pod for (the server also caps what it returns).
 MAX_RECORDS_PER_POLL = 512
-#: ``ProgressReport.state`` of a worker whose training ended (``loco_trainer.protocol.WorkerState``,
+#: ``ProgressReport.state`` of a worker whose training ended (``loco_contract.protocol.WorkerState``,
 #: a str enum, compares equal): from then on the job's detector reaches no verdicts.
 FINISHED = "finished"
 
 
-def _wire(item: Any) -> Any:
-    """A wire dict from a protocol model (``CollectiveSummary``/``LinkSummary``) or a dict."""
-    return item.to_wire() if hasattr(item, "to_wire") else item
-
-
-def records_from_wire(rank: int, items: Iterable[Mapping[str, Any]]) -> list[CollectiveRecord]:
-    """Detector records of ``rank`` from the wire dicts ``{seq, kind, nbytes, enterS, exitS, peer}``
-    (``ProgressReport.collectives``); malformed entries are skipped."""
+def records_from_wire(rank: int, items: Iterable[CollectiveSummary | Mapping[str, Any]]) -> list[CollectiveRecord]:
+    """Detector records of ``rank`` from the protocol's ``CollectiveSummary`` items (``ProgressReport.collectives``,
+    as the flight recorder exports them), or their wire dicts (validated into it); malformed entries are skipped."""
     out = []
     for item in items:
         try:
-            exit_s = item.get("exitS")
-            out.append(CollectiveRecord(
-                rank=rank, seq=int(item["seq"]), kind=str(item["kind"]), nbytes=int(item.get("nbytes", 0)),
-                enter_s=float(item["enterS"]), exit_s=None if exit_s is None else float(exit_s),
-                peer=None if item.get("peer") is None else int(item["peer"]),
-            ))
-        except (KeyError, TypeError, ValueError):
+            summary = item if isinstance(item, CollectiveSummary) else CollectiveSummary.model_validate(item)
+        except ValidationError:
             continue
+        out.append(CollectiveRecord.from_summary(rank, summary))
     return out
 
 
-def links_from_wire(items: Iterable[Mapping[str, Any]], world_size: int) -> list[LinkSample]:
-    """Connection samples from the wire dicts ``{id, src, dst, seconds, nbytes, atS}``
-    (``ProgressReport.links``); entries naming ranks outside the job, or malformed, are skipped."""
+def links_from_wire(items: Iterable[LinkSummary | Mapping[str, Any]], world_size: int) -> list[LinkSample]:
+    """Connection samples from the protocol's ``LinkSummary`` items (``ProgressReport.links``), or their wire dicts;
+    entries naming ranks outside the job, or malformed, are skipped."""
     out = []
     for item in items:
         try:
-            src, dst = int(item["src"]), int(item["dst"])
-            seconds = item.get("seconds")
-            sample = LinkSample(src=src, dst=dst, seconds=math.inf if seconds is None else float(seconds),
-                                nbytes=int(item.get("nbytes", 0)), at_s=float(item.get("atS", 0.0)))
-        except (KeyError, TypeError, ValueError):
+            summary = item if isinstance(item, LinkSummary) else LinkSummary.model_validate(item)
+        except ValidationError:
             continue
-        if 0 <= src < world_size and 0 <= dst < world_size and src != dst:
-            out.append(sample)
+        if 0 <= summary.src < world_size and 0 <= summary.dst < world_size and summary.src != summary.dst:
+            out.append(LinkSample.from_summary(summary))
     return out
 
 
@@ -221,16 +214,16 @@ class LiveDetectors:
                 continue
             if getattr(report, "state", None) == FINISHED:
                 state.finished.add(rank)
-            collectives = [_wire(x) for x in getattr(report, "collectives", None) or []]
-            link_items = [_wire(x) for x in getattr(report, "links", None) or []]
-            recs = records_from_wire(rank, collectives)
+            link_items = list(getattr(report, "links", None) or [])
+            recs = records_from_wire(rank, getattr(report, "collectives", None) or [])
             records += recs
             links += links_from_wire(link_items, world)
             cursor = state.cursors.setdefault(pod, _PodCursor())
             if recs:
                 in_flight = [r.seq for r in recs if r.exit_s is None]
                 cursor.since_seq = (min(in_flight) - 1) if in_flight else max(r.seq for r in recs)
-            ids = [int(x["id"]) for x in link_items if isinstance(x, Mapping) and "id" in x]
+            ids = [x.id for x in link_items if isinstance(x, LinkSummary)]
+            ids += [int(x["id"]) for x in link_items if isinstance(x, Mapping) and "id" in x]
             if ids:
                 cursor.since_link = max(ids)
         heartbeats = [RankHeartbeat(rank=r, last_report_s=t, finished=r in state.finished) for r, t in state.heard.items()]

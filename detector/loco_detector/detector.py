@@ -70,10 +70,10 @@ from typing import Any
 
 import numpy as np
 
-from loco_operator.faults.types import (
+from loco_contract.detection import DetectorConfig
+from loco_detector.types import (
     KINDS,
     CollectiveRecord,
-    DetectorConfig,
     LinkBatch,
     LinkSample,
     RankHeartbeat,
@@ -82,7 +82,7 @@ from loco_operator.faults.types import (
     Verdict,
     VerdictKind,
 )
-from loco_operator.faults.trace import Trace
+from loco_detector.trace import Trace
 
 #: Scale of the MAD that makes it a consistent estimator of a normal standard deviation.
 MAD_TO_SIGMA = 1.4826

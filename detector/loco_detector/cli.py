@@ -9,12 +9,13 @@ import click
 import yaml
 from pydantic import ValidationError
 
-from loco_operator.faults.detector import replay
-from loco_operator.faults.trace import TraceError, read_trace
-from loco_operator.faults.types import DetectorConfig, Verdict
+from loco_detector.detector import replay
+from loco_detector.trace import TraceError, read_trace
+from loco_contract.detection import DetectorConfig
+from loco_detector.types import Verdict
 
 
-def _load_config(path: str | None) -> DetectorConfig:
+def load_detector_config(path: str | None, param_hint: str = "--config") -> DetectorConfig:
     """A DetectorConfig from a YAML/JSON file: either the fields themselves (camelCase) or a
     TrainingJob manifest, whose ``spec.faultDetection`` is used."""
     if path is None:
@@ -22,18 +23,18 @@ def _load_config(path: str | None) -> DetectorConfig:
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
-        raise click.BadParameter(f"cannot read {path}: {exc}", param_hint="--config") from None
+        raise click.BadParameter(f"cannot read {path}: {exc}", param_hint=param_hint) from None
     if isinstance(data, dict) and "spec" in data:
         data = (data.get("spec") or {}).get("faultDetection") or {}
     if not isinstance(data, dict):
-        raise click.BadParameter(f"{path} must hold a mapping of DetectorConfig fields", param_hint="--config")
+        raise click.BadParameter(f"{path} must hold a mapping of DetectorConfig fields", param_hint=param_hint)
     try:
         return DetectorConfig.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(
             f"faultDetection.{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()
         )
-        raise click.BadParameter(f"{path}: {problems}", param_hint="--config") from None
+        raise click.BadParameter(f"{path}: {problems}", param_hint=param_hint) from None
 
 
 def _render(v: Verdict) -> str:
@@ -63,7 +64,7 @@ def diagnose(trace: str, as_json: bool, config_path: str | None, tick: float | N
     The trace is replayed as the operator would have seen it live; every verdict is printed with
     the numbers behind it. Exit status 0 when nothing was found, 3 when there are verdicts.
     """
-    config = _load_config(config_path)
+    config = load_detector_config(config_path)
     try:
         tr = read_trace(trace)
     except TraceError as exc:

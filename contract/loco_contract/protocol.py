@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
 
-from loco_trainer.config import Model
+from loco_contract.config import Model
 
 PROTOCOL_VERSION = 1
 STATUS_PATH = "/status"

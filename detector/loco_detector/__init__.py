@@ -1,6 +1,7 @@
 """C4-style fault detection: find the faulty rank, link or node from collective timings.
 
-Pure and torch-free (numpy only): the operator runs it live, ``loco diagnose`` runs it on a
+Pure and torch-free (numpy only), a library of its own (it imports only ``loco_contract``): the operator
+runs it live on every TrainingJob, the trainer's local launcher on its own ranks, ``loco diagnose`` on a
 recorded trace, ``bench/simulate_faults.py`` runs it on simulated clusters of up to 16,384
 ranks. Rules, thresholds and limits: docs/fault-detection.md.
 
@@ -11,12 +12,12 @@ Typical live use (the caller owns the clock and the I/O)::
         ...  # isolate verdict.ranks / verdict.node, restart from the last checkpoint
 """
 
-from loco_operator.faults.detector import Detector, diagnose, replay
-from loco_operator.faults.trace import Trace, TraceError, read_trace, write_trace
-from loco_operator.faults.types import (
+from loco_contract.detection import DetectorConfig
+from loco_detector.detector import Detector, diagnose, replay
+from loco_detector.trace import Trace, TraceError, read_trace, write_trace
+from loco_detector.types import (
     KINDS,
     CollectiveRecord,
-    DetectorConfig,
     LinkBatch,
     LinkSample,
     RankHeartbeat,

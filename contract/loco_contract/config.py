@@ -22,25 +22,13 @@ import re
 from enum import Enum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from pydantic.alias_generators import to_camel
 
+from loco_contract.base import Model
+from loco_contract.detection import ProbeSettings
+
 CONFIG_FORMAT_VERSION = 1
-
-
-class Model(BaseModel):
-    """Base for every wire model: camelCase aliases, unknown fields refused, defaults kept."""
-
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        populate_by_name=True,
-        extra="forbid",
-        validate_assignment=True,
-    )
-
-    def to_wire(self) -> dict[str, Any]:
-        """The JSON-ready camelCase dict (what goes into the CRD object or the ConfigMap)."""
-        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 # --------------------------------------------------------------------------------------- model
@@ -207,6 +195,12 @@ class AlgorithmName(str, Enum):
 #: resizing"); every other one resizes by a coordinated restart from the latest checkpoint.
 LIVE_MEMBERSHIP_ALGORITHMS = frozenset(
     {AlgorithmName.diloco, AlgorithmName.streaming_diloco, AlgorithmName.noloco, AlgorithmName.co2})
+
+
+#: Algorithms that can run sharded inside a pod (``nprocPerWorker > 1``, FSDP2): their hooks use only
+#: element-wise tensor math and collectives on parameters and gradients. The API refuses the others
+#: (``loco_operator.rules``); the trainer refuses them too for configs that did not pass through it.
+SHARDABLE_ALGORITHMS = ("ddp", "diloco")
 
 
 class Quantization(str, Enum):
@@ -408,6 +402,8 @@ class TrainerConfig(Model):
     algorithm: AlgorithmSpec = Field(default_factory=AlgorithmSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     fault_injection: FaultInjection | None = Field(None, description="Test/demo fault injection (off by default).")
+    probes: ProbeSettings = Field(default_factory=ProbeSettings,
+                                  description="How the communication layer probes connections (from spec.faultDetection).")
 
     @model_validator(mode="after")
     def _seq_fits_model(self) -> "TrainerConfig":
@@ -438,16 +434,6 @@ class EnvVar(str, Enum):
     MASTER_ADDR = "MASTER_ADDR"  # rendezvous host: replica 0's stable DNS name
     MASTER_PORT = "MASTER_PORT"
     STATUS_PORT = "LOCO_STATUS_PORT"  # port of the progress endpoint (/status, /metrics)
-    # a send/recv in flight this long is reported as a stalled connection (half of the job's
-    # faultDetection.hangTimeoutFloorSeconds, so the sample is there when the hang-comm timeout expires)
-    STALL_AFTER_S = "LOCO_STALL_AFTER_S"
-    # "1": the outer all-reduce runs as a ring of point-to-point steps (faultDetection.ringAllReduce)
-    RING_ALL_REDUCE = "LOCO_RING_ALL_REDUCE"
-    # shortest time between two probes that transfer data (faultDetection.probeIntervalSeconds): the
-    # probe's timing point runs at every log interval, its connection samples at most this often
-    PROBE_INTERVAL_S = "LOCO_PROBE_INTERVAL_S"
-    # payload of each probe transfer (faultDetection.probeBytes)
-    PROBE_BYTES = "LOCO_PROBE_BYTES"
     # "1": live membership changes (docs/elastic.md, "Live resizing"): at every outer-step boundary the
     # worker checks for a membership update (POST /membership) and, when a peer is lost, waits for one
     # instead of failing; set for elastic jobs of the DiLoCo family with one process per pod
@@ -471,6 +457,8 @@ class EnvVar(str, Enum):
 
 
 DEFAULT_CONFIG_PATH = "/etc/loco/config.json"
+#: How the trainer image starts a worker (the container command unless spec.template.command overrides it).
+TRAINER_COMMAND = ("python", "-m", "loco_trainer", "--config", DEFAULT_CONFIG_PATH)
 DEFAULT_STATUS_PORT = 8080
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 
@@ -490,10 +478,6 @@ class RuntimeEnv(Model):
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
     status_port: int = DEFAULT_STATUS_PORT
-    stall_after_s: float = Field(5.0, gt=0)
-    ring_all_reduce: bool = False
-    probe_interval_s: float = Field(1.0, ge=0)
-    probe_bytes: int = Field(4096, ge=4)
     live_resize: bool = False
     join: bool = False
     collective_timeout_s: float = Field(600.0, gt=0)

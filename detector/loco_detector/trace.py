@@ -35,7 +35,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from loco_operator.faults.types import (
+from loco_detector.types import (
     KINDS,
     CollectiveRecord,
     LinkBatch,

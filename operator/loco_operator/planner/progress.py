@@ -1,0 +1,101 @@
+"""What the object should say about training: the workers' reports folded into the status (step, losses,
+throughput, the newest committed checkpoint, skipped and failed checkpoints, a previous job's checkpoints
+found under this name) and the printer-column summary."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from loco_contract.protocol import ProgressReport, WorkerState
+
+from ..spec import CheckpointStatus, PreviousJobStatus, TrainingJobSpec, TrainingJobStatus
+from .context import Planner
+from .observe import ObservedPod
+from .vocabulary import MAX_SKIPPED_RECORDS, ConditionType, EventType, Reason
+
+
+def fold_progress(p: Planner, spec: TrainingJobSpec, current: Sequence[ObservedPod]) -> None:
+    """Fold the progress reports into the status: numbers from the current epoch's workers (the
+    final termination message wins over a poll), checkpoints from any worker (never backwards)."""
+    st = p.status
+    st.total_steps = spec.training.steps
+    reports: list[ProgressReport] = []
+    for pod in current:
+        report = pod.termination_report or p.observed.reports.get(pod.name)
+        if report is not None:
+            reports.append(report)
+    if reports:
+        # a worker still loading (a joiner of a live grow, the workers of a restart, state starting) reports
+        # step 0 until it has resumed or adopted the running workers' step: the job's step comes from the
+        # others, and while every worker is starting it stays where it was (a restart never shows step 0)
+        counted = [r for r in reports if r.state != WorkerState.starting]
+        if counted:
+            st.step = min(r.step for r in counted)
+        elif st.step is None:
+            st.step = min(r.step for r in reports)
+        st.total_steps = max([spec.training.steps, *(r.total_steps for r in reports)])
+        by_rank = sorted(reports, key=lambda r: r.replica_index)
+        # rounded for display (`kubectl get tj` prints numbers as stored)
+        st.loss = next((round(r.loss, 4) for r in by_rank if r.loss is not None), st.loss)
+        st.eval_loss = next((round(r.eval_loss, 4) for r in by_rank if r.eval_loss is not None), st.eval_loss)
+        rates = [r.tokens_per_second for r in reports if r.tokens_per_second is not None]
+        if rates:
+            st.tokens_per_second = round(sum(rates), 1)
+    candidates = [r.last_checkpoint for r in p.observed.reports.values() if r.last_checkpoint is not None]
+    candidates += [pod.termination_report.last_checkpoint for pod in p.observed.pods
+                   if pod.termination_report is not None and pod.termination_report.last_checkpoint is not None]
+    if candidates:
+        best = max(candidates, key=lambda c: c.step)
+        if st.last_checkpoint is None or best.step > st.last_checkpoint.step:
+            st.last_checkpoint = CheckpointStatus(step=best.step, path=best.path, time=best.time)
+            p.event(EventType.normal, Reason.checkpoint_committed, f"Checkpoint committed at step {best.step}: {best.path}")
+    # a committed checkpoint that failed verification at resume: the workers took an older one
+    for report in p.observed.reports.values():
+        for skipped in report.skipped_checkpoints or []:
+            if skipped.path not in st.skipped_checkpoints:
+                st.skipped_checkpoints = [*st.skipped_checkpoints, skipped.path][-MAX_SKIPPED_RECORDS:]
+                p.event(EventType.warning, Reason.checkpoint_skipped,
+                        f"Checkpoint {skipped.path} (step {skipped.step}) failed verification and was skipped "
+                        f"({skipped.reason}): {skipped.message}")
+    _previous_job(p)
+    # a failed background save: the workers go on and the previous checkpoint stays the resume point
+    errors = [r.checkpoint_error for r in p.observed.reports.values() if r.checkpoint_error]
+    newest = max(errors, key=_checkpoint_error_order, default=None)
+    if newest is not None and newest != st.last_checkpoint_error:
+        st.last_checkpoint_error = newest
+        p.event(EventType.warning, Reason.checkpoint_failed,
+                f"Checkpoint save failed (training continues; resume point stays "
+                f"{'step ' + str(st.last_checkpoint.step) if st.last_checkpoint else 'the start'}): {newest}")
+
+def _previous_job(p: Planner) -> None:
+    """A job created under the name of a deleted one found its checkpoints: say once what was done with them
+    (set aside and started fresh, or resumed from: spec.checkpoint.adoptPreviousJob)."""
+    st = p.status
+    found = [r.previous_job for r in p.observed.reports.values() if r.previous_job is not None]
+    found += [pod.termination_report.previous_job for pod in p.observed.pods
+              if pod.termination_report is not None and pod.termination_report.previous_job is not None]
+    if not found or st.previous_job is not None:
+        return
+    prev = found[0]
+    st.previous_job = PreviousJobStatus(uid=prev.uid, steps=prev.steps, adopted=prev.adopted, path=prev.path)
+    steps = ", ".join(map(str, prev.steps))
+    if prev.adopted:
+        reason, message = Reason.previous_job_adopted, (
+            f"Resumed from the checkpoints of an earlier job of this name (uid {prev.uid}, steps {steps}) in {prev.path}, "
+            f"as spec.checkpoint.adoptPreviousJob asks")
+    else:
+        reason, message = Reason.previous_job_kept, (
+            f"Started from step 0: the checkpoints of an earlier job of this name (uid {prev.uid}, steps {steps}) are "
+            f"kept in {prev.path}; set spec.checkpoint.adoptPreviousJob to resume from them instead")
+    p.condition(ConditionType.resumed_from_previous_job, prev.adopted, reason, message, record_false=True)
+    p.event(EventType.normal if prev.adopted else EventType.warning, reason, message)
+
+def _checkpoint_error_order(message: str) -> tuple[int, str]:
+    """Order of worker checkpoint errors: by the step in ``checkpoint step N failed: ...``, then text."""
+    match = re.search(r"checkpoint step (\d+)", message)
+    return (int(match.group(1)) if match else -1, message)
+
+def summarise(st: TrainingJobStatus, desired: int) -> None:
+    ready = st.workers.ready if st.workers else 0
+    st.workers_ready = f"{ready}/{desired}"

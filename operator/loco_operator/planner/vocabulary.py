@@ -1,0 +1,66 @@
+"""The words a plan speaks: event and condition reasons, condition types, event types, and the limits on
+what the status keeps."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from ..spec import Phase
+
+
+TERMINAL = (Phase.succeeded, Phase.failed)
+
+#: How long a pod's node may be not Ready before the pod counts as lost (the operator's
+#: ``--node-lost-grace-seconds``): after the node lifecycle controller's own grace (50 s by default).
+NODE_LOST_GRACE_S = 60.0
+
+#: How many status.skippedCheckpoints paths are kept (oldest dropped first).
+MAX_SKIPPED_RECORDS = 20
+
+#: How many status.faults entries are kept (oldest dropped first).
+MAX_FAULT_RECORDS = 20
+
+class Reason(str, Enum):
+    """Event and condition reasons (CamelCase, as Kubernetes expects)."""
+
+    workers_created = "WorkersCreated"
+    running = "Running"
+    checkpoint_committed = "CheckpointCommitted"
+    checkpoint_failed = "CheckpointFailed"
+    checkpoint_skipped = "CheckpointSkipped"
+    worker_failed = "WorkerFailed"
+    restarting = "Restarting"
+    resizing = "Resizing"
+    succeeded = "Succeeded"
+    backoff_limit_exceeded = "BackoffLimitExceeded"
+    deadline_exceeded = "DeadlineExceeded"
+    invalid_spec = "InvalidSpec"
+    suspended = "Suspended"
+    resumed = "Resumed"
+    config_updated = "ConfigUpdated"
+    ttl_expired = "TTLExpired"
+    cleanup = "CleanPodPolicy"
+    stale_epoch = "StaleEpoch"
+    fault_detected = "FaultDetected"
+    fault_suspected = "FaultSuspected"
+    node_cordoned = "NodeCordoned"
+    cordon_not_enabled = "CordonNotEnabled"
+    waiting_for_capacity = "WaitingForCapacity"
+    node_avoidance_expired = "NodeAvoidanceExpired"
+    force_deleted = "ForceDeleted"
+    pod_refused = "PodRefused"
+    previous_job_kept = "PreviousJobKept"
+    previous_job_adopted = "PreviousJobAdopted"
+
+class ConditionType(str, Enum):
+    created = "Created"
+    running = "Running"
+    restarting = "Restarting"
+    succeeded = "Succeeded"
+    failed = "Failed"
+    suspended = "Suspended"
+    resumed_from_previous_job = "ResumedFromPreviousJob"
+
+class EventType(str, Enum):
+    normal = "Normal"
+    warning = "Warning"
