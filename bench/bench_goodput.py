@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_elastic import ALGORITHMS, BATCH, SEQ, Tracker, _job as _elastic_job, _running, machine  # noqa: E402
+from bench_elastic import ALGORITHMS, Tracker, _job as _elastic_job, _running, machine  # noqa: E402
 from benchdoc import markers, parse_algorithms, write_section  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "bench_goodput.json"

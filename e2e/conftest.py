@@ -56,7 +56,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory, control_plane: str) -> Itera
 
 def dump_debug(stack: LocalStack, job: str) -> str:
     """Everything useful when a scenario fails: job status, events, pods, operator log tail."""
-    parts = [yaml.safe_dump(stack.get_job(job) or {}, sort_keys=False)]
+    # status, events, pods and nodes first, short: CI shows only the head and the tail of a long failure
+    obj = stack.get_job(job) or {}
+    parts = [f"job {job}: spec.replicas {(obj.get('spec') or {}).get('replicas')}",
+             yaml.safe_dump({"status": obj.get("status") or {}}, sort_keys=False)]
     parts += [f"{e.get('type')} {e.get('reason')}: {e.get('message')}" for e in stack.events(job)]
     for pod in stack.list_pods(job):
         # where it is and why it is not further: a Pending pod's PodScheduled condition says what the scheduler found

@@ -16,7 +16,7 @@ from dist_helpers import rank_pool, flat_params, run_loop, tiny_model
 from loco_trainer.algorithms import CO2, DDP, DiLoCo, NoLoCo, StreamingDiLoCo
 from loco_trainer.algorithms.base import membership_roles
 from loco_trainer.algorithms.noloco import gossip_groups
-from loco_trainer.comm import Comm, CommHandle, flatten
+from loco_trainer.comm import Comm, flatten
 
 H = 2
 ALPHA, BETA, GAMMA = 0.7, 0.5, 0.7  # NoLoCo α, β, γ

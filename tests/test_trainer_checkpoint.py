@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 import yaml
 from click.testing import CliRunner
 

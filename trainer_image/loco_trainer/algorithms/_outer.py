@@ -11,7 +11,7 @@ used by DDP (``bucket_mb``).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 
@@ -32,6 +32,19 @@ def validate_outer_args(sync_every: int, outer_lr: float, outer_momentum: float)
     require_positive("outer_lr", outer_lr)
     if not 0 <= outer_momentum < 1:
         raise ValueError(f"outer_momentum must be in [0, 1) (got {outer_momentum})")
+
+
+class OuterArgs(TypedDict):
+    """The keyword arguments every outer-loop strategy takes: H, η, μ (see :func:`validate_outer_args`)."""
+
+    sync_every: int
+    outer_lr: float
+    outer_momentum: float
+
+
+def outer_args(spec: Any) -> OuterArgs:
+    """H, η and μ from an algorithm spec (the trainer config's ``algorithm``), as constructor keywords."""
+    return OuterArgs(sync_every=spec.sync_every, outer_lr=spec.outer_lr, outer_momentum=spec.outer_momentum)
 
 
 def cpu_fp32(params: list[torch.Tensor], *, copy: bool = False) -> list[torch.Tensor]:
@@ -67,6 +80,14 @@ class OuterLoopStrategy(Strategy):
     def at_membership_boundary(self) -> bool:
         """Right after an outer step (DiLoCo, NoLoCo, CO2; Streaming DiLoCo has its own schedule)."""
         return self.steps_since_sync == 0
+
+    def _require_round_boundary(self, last: str) -> None:
+        """``RuntimeError`` unless this worker is at a round boundary (``last`` names what ended the round)."""
+        if self.steps_since_sync != 0:
+            raise RuntimeError(
+                f"on_membership_change must be called at a round boundary ({self.steps_since_sync} inner steps "
+                f"since the {last}); call finish() first"
+            )
 
     def _broadcast_model_from_rank0(self) -> None:
         """Every rank adopts rank 0's parameters (all of them, trainable or not) and buffers."""

@@ -50,11 +50,11 @@ starts with nothing pending, so its first round applies no update (the usual one
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 
-from loco_trainer.algorithms._outer import OuterLoopStrategy, cpu_fp32, require_positive
+from loco_trainer.algorithms._outer import OuterArgs, OuterLoopStrategy, cpu_fp32, outer_args, require_positive
 from loco_trainer.algorithms.base import membership_roles
 from loco_trainer.comm import Comm, CommHandle, broadcast_flat, flatten
 
@@ -68,27 +68,15 @@ class CO2(OuterLoopStrategy):
 
     name = "co2"
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        inner_optimizer: torch.optim.Optimizer | None,
-        comm: Comm,
-        *,
-        sync_every: int,
-        outer_lr: float,
-        outer_momentum: float,
-        staleness_penalty: float = 1.0,
-        clip_threshold: float = 1.0,
-        nesterov: bool = False,
-    ) -> None:
-        self._init_outer(
-            model, inner_optimizer, comm, sync_every=sync_every, outer_lr=outer_lr, outer_momentum=outer_momentum
-        )
+    def __init__(self, model: torch.nn.Module, inner_optimizer: torch.optim.Optimizer | None, comm: Comm, *,
+                 staleness_penalty: float = 1.0, clip_threshold: float = 1.0, nesterov: bool = False,
+                 **outer: Unpack[OuterArgs]) -> None:
+        self._init_outer(model, inner_optimizer, comm, **outer)
         require_positive("stalenessPenalty", staleness_penalty)
         require_positive("clipThreshold", clip_threshold)
         self.staleness_penalty = staleness_penalty
         self.clip_threshold = clip_threshold
-        self.nesterov = bool(nesterov) and outer_momentum > 0
+        self.nesterov = bool(nesterov) and self.outer_momentum > 0
         numel = sum(p.numel() for p in self.params)
         #: φ, the outer parameters (flat fp32, CPU)
         self.outer_params = flatten(cpu_fp32(self.params)).clone()
@@ -110,8 +98,7 @@ class CO2(OuterLoopStrategy):
 
     @classmethod
     def from_spec(cls, spec: Any, model: torch.nn.Module, inner_optimizer: Any, comm: Comm) -> "CO2":
-        return cls(model, inner_optimizer, comm, sync_every=spec.sync_every, outer_lr=spec.outer_lr,
-                   outer_momentum=spec.outer_momentum, staleness_penalty=spec.staleness_penalty,
+        return cls(model, inner_optimizer, comm, **outer_args(spec), staleness_penalty=spec.staleness_penalty,
                    clip_threshold=spec.clip_threshold, nesterov=bool(spec.nesterov))
 
     def setup(self) -> None:
@@ -169,13 +156,8 @@ class CO2(OuterLoopStrategy):
         states are kept. ``src`` must be a survivor unless every member joins. Raises ``RuntimeError``
         mid-round and ``ValueError`` (on every member alike) for a joining ``src``.
         """
-        if self.steps_since_sync != 0:
-            raise RuntimeError(
-                f"on_membership_change must be called at a round boundary ({self.steps_since_sync} inner steps "
-                f"since the last round end); call finish() first"
-            )
-        if joining is None:
-            joining = not self._active
+        self._require_round_boundary("last round end")
+        joining = not self._active if joining is None else joining
         if self._has_pending():  # completed, not dropped: see the module docstring
             self._apply(self._take_pending())
             self._adopt()

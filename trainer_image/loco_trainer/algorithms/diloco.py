@@ -20,11 +20,11 @@ Bytes per inner step per rank (N parameters, fp32 exchange, n ranks): 2(n−1)/n
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 
-from loco_trainer.algorithms._outer import OuterLoopStrategy, require_positive
+from loco_trainer.algorithms._outer import OuterArgs, OuterLoopStrategy, outer_args, require_positive
 from loco_trainer.algorithms.base import membership_roles
 from loco_trainer.comm import Comm, all_reduce_flat, broadcast_flat
 
@@ -50,26 +50,14 @@ class DiLoCo(OuterLoopStrategy):
 
     name = "diloco"
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        inner_optimizer: torch.optim.Optimizer | None,
-        comm: Comm,
-        *,
-        sync_every: int,
-        outer_lr: float,
-        outer_momentum: float,
-        nesterov: bool = True,
-        bucket_mb: float = 32.0,
-        offload: bool = True,
-    ) -> None:
-        self._init_outer(
-            model, inner_optimizer, comm, sync_every=sync_every, outer_lr=outer_lr, outer_momentum=outer_momentum
-        )
+    def __init__(self, model: torch.nn.Module, inner_optimizer: torch.optim.Optimizer | None, comm: Comm, *,
+                 nesterov: bool = True, bucket_mb: float = 32.0, offload: bool = True,
+                 **outer: Unpack[OuterArgs]) -> None:
+        self._init_outer(model, inner_optimizer, comm, **outer)
         require_positive("bucket_mb", bucket_mb)
         if not self.params:
             raise ValueError("the model has no trainable parameters")
-        self.nesterov = bool(nesterov) and outer_momentum > 0
+        self.nesterov = bool(nesterov) and self.outer_momentum > 0
         self.bucket_bytes = int(bucket_mb * (1 << 20))
         pin = offload and torch.cuda.is_available()
         self.global_params = [
@@ -82,7 +70,7 @@ class DiLoCo(OuterLoopStrategy):
             for p in self.params
         ]
         self.outer_optimizer = torch.optim.SGD(
-            self.global_params, lr=outer_lr, momentum=outer_momentum, nesterov=self.nesterov
+            self.global_params, lr=self.outer_lr, momentum=self.outer_momentum, nesterov=self.nesterov
         )
         #: outer steps taken so far
         self.outer_steps = 0
@@ -93,9 +81,7 @@ class DiLoCo(OuterLoopStrategy):
             model,
             inner_optimizer,
             comm,
-            sync_every=spec.sync_every,
-            outer_lr=spec.outer_lr,
-            outer_momentum=spec.outer_momentum,
+            **outer_args(spec),
             nesterov=spec.nesterov,
         )
 

@@ -41,11 +41,11 @@ both stay valid NoLoCo replicas (they differ by design), which is why each survi
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 
-from loco_trainer.algorithms._outer import OuterLoopStrategy, cpu_fp32
+from loco_trainer.algorithms._outer import OuterArgs, OuterLoopStrategy, cpu_fp32, outer_args
 from loco_trainer.algorithms.base import membership_roles
 from loco_trainer.comm import Comm, flatten, unflatten_into
 
@@ -80,26 +80,13 @@ class NoLoCo(OuterLoopStrategy):
     name = "noloco"
     interruption_is_local = True
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        inner_optimizer: torch.optim.Optimizer | None,
-        comm: Comm,
-        *,
-        sync_every: int,
-        outer_lr: float,
-        outer_momentum: float,
-        group_size: int = 2,
-        mean_pull: float | None = None,
-        seed: int = 0,
-        init_sync: bool = True,
-    ) -> None:
-        self._init_outer(
-            model, inner_optimizer, comm, sync_every=sync_every, outer_lr=outer_lr, outer_momentum=outer_momentum
-        )
+    def __init__(self, model: torch.nn.Module, inner_optimizer: torch.optim.Optimizer | None, comm: Comm, *,
+                 group_size: int = 2, mean_pull: float | None = None, seed: int = 0, init_sync: bool = True,
+                 **outer: Unpack[OuterArgs]) -> None:
+        self._init_outer(model, inner_optimizer, comm, **outer)
         if group_size < 2:
             raise ValueError(f"groupSize must be >= 2 (got {group_size})")
-        self.mean_pull = outer_lr if mean_pull is None else mean_pull
+        self.mean_pull = self.outer_lr if mean_pull is None else mean_pull
         self.group_size = group_size
         self.seed = seed
         self.init_sync = init_sync
@@ -120,8 +107,7 @@ class NoLoCo(OuterLoopStrategy):
 
     @classmethod
     def from_spec(cls, spec: Any, model: torch.nn.Module, inner_optimizer: Any, comm: Comm) -> "NoLoCo":
-        return cls(model, inner_optimizer, comm, sync_every=spec.sync_every, outer_lr=spec.outer_lr,
-                   outer_momentum=spec.outer_momentum, group_size=spec.group_size,
+        return cls(model, inner_optimizer, comm, **outer_args(spec), group_size=spec.group_size,
                    mean_pull=spec.mean_pull, seed=spec.group_seed if spec.group_seed is not None else 0)
 
     def setup(self) -> None:
@@ -196,13 +182,8 @@ class NoLoCo(OuterLoopStrategy):
         their gossip groups over the new ranks. Raises ``RuntimeError`` mid-round and ``ValueError``
         (on every member alike) for a joining ``src`` or survivors at different steps.
         """
-        if self.steps_since_sync != 0:
-            raise RuntimeError(
-                f"on_membership_change must be called at a round boundary ({self.steps_since_sync} inner steps "
-                f"since the last gossip round); call finish() first"
-            )
-        if joining is None:
-            joining = not self._active
+        self._require_round_boundary("last gossip round")
+        joining = not self._active if joining is None else joining
         joiners, (t, rounds) = membership_roles(comm, src, joining, (self.t, self.rounds))
         self.comm = comm
         me = comm.rank

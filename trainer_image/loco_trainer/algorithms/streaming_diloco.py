@@ -29,11 +29,12 @@ computes bit-identical global parameters). Bytes per inner step per rank (N para
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Sequence, Unpack
 
 import torch
 
 from loco_trainer import quant
+from loco_trainer.algorithms._outer import OuterArgs, outer_args
 from loco_trainer.algorithms.diloco import DiLoCo
 from loco_trainer.comm import Comm, CommHandle, broadcast_flat, flatten, unflatten_into
 
@@ -79,23 +80,11 @@ class StreamingDiLoCo(DiLoCo):
 
     name = "streaming-diloco"
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        inner_optimizer: torch.optim.Optimizer | None,
-        comm: Comm,
-        *,
-        sync_every: int,
-        outer_lr: float,
-        outer_momentum: float,
-        nesterov: bool = True,
-        fragments: int = 2,
-        overlap_steps: int = 1,
-        mixing_factor: float = 0.5,
-        quantization: str = "e3m0",
-        bucket_mb: float = 32.0,
-        offload: bool = True,
-    ) -> None:
+    def __init__(self, model: torch.nn.Module, inner_optimizer: torch.optim.Optimizer | None, comm: Comm, *,
+                 nesterov: bool = True, fragments: int = 2, overlap_steps: int = 1, mixing_factor: float = 0.5,
+                 quantization: str = "e3m0", bucket_mb: float = 32.0, offload: bool = True,
+                 **outer: Unpack[OuterArgs]) -> None:
+        sync_every = outer["sync_every"]
         if fragments < 1:
             raise ValueError(f"fragments (P) must be >= 1 (got {fragments})")
         if sync_every % fragments != 0:
@@ -113,10 +102,7 @@ class StreamingDiLoCo(DiLoCo):
         quantization = getattr(quantization, "value", quantization)
         if quantization not in quant.MODES:
             raise ValueError(f"quantization must be one of {', '.join(quant.MODES)} (got {quantization!r})")
-        super().__init__(
-            model, inner_optimizer, comm, sync_every=sync_every, outer_lr=outer_lr, outer_momentum=outer_momentum,
-            nesterov=nesterov, bucket_mb=bucket_mb, offload=offload,
-        )
+        super().__init__(model, inner_optimizer, comm, nesterov=nesterov, bucket_mb=bucket_mb, offload=offload, **outer)
         self.fragments = fragments
         self.overlap_steps = overlap_steps
         self.mixing_factor = mixing_factor
@@ -132,8 +118,7 @@ class StreamingDiLoCo(DiLoCo):
     @classmethod
     def from_spec(cls, spec: Any, model: torch.nn.Module, inner_optimizer: Any, comm: Comm) -> "StreamingDiLoCo":
         return cls(
-            model, inner_optimizer, comm, sync_every=spec.sync_every, outer_lr=spec.outer_lr,
-            outer_momentum=spec.outer_momentum, nesterov=spec.nesterov, fragments=spec.fragments,
+            model, inner_optimizer, comm, **outer_args(spec), nesterov=spec.nesterov, fragments=spec.fragments,
             overlap_steps=spec.overlap_steps, mixing_factor=spec.mixing_factor, quantization=spec.quantization,
         )
 

@@ -14,7 +14,7 @@ import torch
 from . import tree
 from .catalog import CheckpointInfo, list_checkpoints, read_info
 from .format import (
-    LATEST_FILE, MANIFEST_FILE, TMP_PREFIX, FormatError, Manifest, WorldLayout, data_file_name, manifest_summary,
+    LATEST_FILE, MANIFEST_FILE, TMP_PREFIX, Manifest, WorldLayout, data_file_name, manifest_summary,
     parse_step_dir, replica_atom, step_dir_name,
 )
 from .layout import FragmentReader
