@@ -16,15 +16,7 @@ from loco_contract.detection import DetectorConfig
 from loco_detector.detector import Detector, diagnose, replay
 from loco_detector.trace import Trace, TraceError, read_trace, write_trace
 from loco_detector.types import (
-    KINDS,
-    CollectiveRecord,
-    LinkBatch,
-    LinkSample,
-    RankHeartbeat,
-    RecordBatch,
-    Topology,
-    Verdict,
-    VerdictKind,
+    KINDS, CollectiveRecord, LinkBatch, LinkSample, RankHeartbeat, RecordBatch, Topology, Verdict, VerdictKind
 )
 
 __all__ = [

@@ -72,15 +72,7 @@ import numpy as np
 
 from loco_contract.detection import DetectorConfig
 from loco_detector.types import (
-    KINDS,
-    CollectiveRecord,
-    LinkBatch,
-    LinkSample,
-    RankHeartbeat,
-    RecordBatch,
-    Topology,
-    Verdict,
-    VerdictKind,
+    KINDS, CollectiveRecord, LinkBatch, LinkSample, RankHeartbeat, RecordBatch, Topology, Verdict, VerdictKind
 )
 from loco_detector.trace import Trace
 

@@ -36,14 +36,7 @@ from typing import IO, Any
 import numpy as np
 
 from loco_detector.types import (
-    KINDS,
-    CollectiveRecord,
-    LinkBatch,
-    LinkSample,
-    RankHeartbeat,
-    RecordBatch,
-    Topology,
-    kind_code,
+    KINDS, CollectiveRecord, LinkBatch, LinkSample, RankHeartbeat, RecordBatch, Topology, kind_code
 )
 
 FORMAT = "loco-fault-trace"

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .crd import build_crd
+from .crd import build_crd, write_if_changed
 from .rules import RULES
 from pydantic.alias_generators import to_camel
 
@@ -143,9 +143,4 @@ def render_api_markdown() -> str:
 
 def write_api_doc(path: Path) -> bool:
     """Write docs/api.md; returns True when the file changed."""
-    text = render_api_markdown()
-    if path.exists() and path.read_text() == text:
-        return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return True
+    return write_if_changed(path, render_api_markdown())

@@ -231,7 +231,11 @@ def render_crd_yaml() -> str:
 
 def write_crd(path: Path) -> bool:
     """Write the CRD to ``path``; returns True when the file changed."""
-    text = render_crd_yaml()
+    return write_if_changed(path, render_crd_yaml())
+
+
+def write_if_changed(path: Path, text: str) -> bool:
+    """Write ``text`` to ``path`` unless it already holds it; True when the file changed."""
     if path.exists() and path.read_text() == text:
         return False
     path.parent.mkdir(parents=True, exist_ok=True)

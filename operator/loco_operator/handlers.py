@@ -56,27 +56,10 @@ from .capacity import free_slots
 from .metrics import OperatorMetrics
 from loco_detector.live import LiveDetectors
 from .planner import (
-    Action,
-    CordonNode,
-    CreateConfigMap,
-    CreateMembershipSecret,
-    CreateNetworkPolicy,
-    CreatePod,
-    CreateService,
-    DeleteJob,
-    DeletePod,
-    EmitEvent,
-    ForceDeletePod,
-    NODE_LOST_GRACE_S,
-    Observed,
-    ObservedPod,
-    PatchPodLabels,
-    PostMembership,
-    UpdateConfigMap,
-    parse_report,
-    plan,
-    plan_pod_refused,
-    refusal_is_permanent,
+    Action, CordonNode, CreateConfigMap, CreateMembershipSecret, CreateNetworkPolicy, CreatePod,
+    CreateService, DeleteJob, DeletePod, EmitEvent, ForceDeletePod, NODE_LOST_GRACE_S, Observed, ObservedPod,
+    PatchPodLabels, PostMembership, UpdateConfigMap, parse_report, plan, plan_pod_refused,
+    refusal_is_permanent
 )
 from .render import CONFIG_KEY, LABEL_JOB, MEMBERSHIP_KEY, JobRef, render_membership_secret, render_pod
 from .spec import GROUP, PLURAL, VERSION, TrainingJobSpec

@@ -24,27 +24,27 @@ _RENAMES = (
 _SHARED = ("metadata", "eventTime", "series", "reportingInstance", "action", "reason", "related", "type")
 
 
-def core_event_to_events_v1(event: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {"apiVersion": "events.k8s.io/v1", "kind": "Event"}
+def _renamed(event: dict[str, Any], api_version: str, renames: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+    """``event`` as an ``api_version`` Event: the shared fields copied, each (from, to) field renamed."""
+    out: dict[str, Any] = {"apiVersion": api_version, "kind": "Event"}
     for key in _SHARED:
         if event.get(key) is not None:
             out[key] = copy.deepcopy(event[key])
-    for core, v1 in _RENAMES:
-        if event.get(core) is not None:
-            out[v1] = copy.deepcopy(event[core])
+    for source, target in renames:
+        if event.get(source) is not None:
+            out[target] = copy.deepcopy(event[source])
+    return out
+
+
+def core_event_to_events_v1(event: dict[str, Any]) -> dict[str, Any]:
+    out = _renamed(event, "events.k8s.io/v1", _RENAMES)
     if "reportingController" not in out and (event.get("source") or {}).get("component"):
         out["reportingController"] = event["source"]["component"]
     return out
 
 
 def events_v1_to_core_event(event: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {"apiVersion": "v1", "kind": "Event"}
-    for key in _SHARED:
-        if event.get(key) is not None:
-            out[key] = copy.deepcopy(event[key])
-    for core, v1 in _RENAMES:
-        if event.get(v1) is not None:
-            out[core] = copy.deepcopy(event[v1])
+    out = _renamed(event, "v1", tuple((v1, core) for core, v1 in _RENAMES))
     if "source" not in out and event.get("reportingController"):
         out["source"] = {"component": event["reportingController"]}
     return out

@@ -50,30 +50,18 @@ def _go_value(value: Any) -> str:
     """How kube-apiserver prints a bad value (``0``, ``"text"``, ``"object"``)."""
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, (int, float)):
+    if isinstance(value, (int, float, str)):
         return json.dumps(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, dict):
-        return '"object"'
-    if isinstance(value, list):
-        return '"array"'
-    return "null"
+    kind = _type_name(value)
+    return f'"{kind}"' if kind in ("object", "array") else "null"
 
 
 def _type_name(value: Any) -> str:
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, dict):
-        return "object"
-    if isinstance(value, list):
-        return "array"
+    """The JSON-schema type of a decoded value (bool before int: a bool is an int in Python)."""
+    for python_type, name in ((bool, "boolean"), (int, "integer"), (float, "number"), (str, "string"),
+                              (dict, "object"), (list, "array")):
+        if isinstance(value, python_type):
+            return name
     return "null"
 
 

@@ -37,21 +37,9 @@ while it is being made):
 """
 
 from .actions import (
-    Action,
-    CordonNode,
-    CreateConfigMap,
-    CreateMembershipSecret,
-    CreateNetworkPolicy,
-    CreatePod,
-    CreateService,
-    DeleteJob,
-    DeletePod,
-    EmitEvent,
-    ForceDeletePod,
-    PatchPodLabels,
-    Plan,
-    PostMembership,
-    UpdateConfigMap,
+    Action, CordonNode, CreateConfigMap, CreateMembershipSecret, CreateNetworkPolicy, CreatePod,
+    CreateService, DeleteJob, DeletePod, EmitEvent, ForceDeletePod, PatchPodLabels, Plan, PostMembership,
+    UpdateConfigMap
 )
 from .observe import Observed, ObservedPod, parse_report, parse_status, parse_time, rfc3339
 from .reconcile import plan, plan_pod_refused, refusal_is_permanent
