@@ -8,7 +8,7 @@ time on the embedded cluster.
    through a ``sitecustomize`` on ``PYTHONPATH``). Runs alternate on/off ``--repeats`` times; the
    median steps/s of each side are compared. On a shared 2-core machine the run-to-run noise is
    larger than the effect, so the bench also measures the cost directly: nanoseconds per recorded
-   call (``Comm._enter`` on a group of one, timed in-process) and wall time per probe, with and
+   call (``Comm.open_record`` on a group of one, timed in-process) and wall time per probe, with and
    without its transfers, and states the overhead they imply per step. It also times one blocking
    8-byte all-reduce with the ``Comm`` interruptible (live jobs) and not (``--waits-only``: just that).
 2. **Fault to running.** On the embedded cluster (3 nodes) a 3-worker DDP job gets a 0.5 s
@@ -63,11 +63,11 @@ if os.environ.get("LOCO_BENCH_RECORDS_OFF") == "1":
 
     class _Null:
         exit_ns = None
-    def _enter(self, kind, nbytes, sent, recv, peer=None, *, count=True):
+    def open_record(self, kind, nbytes, sent, recv, peer=None, *, count=True):
         counter = self._counters[kind]
         counter.calls += 1; counter.sent += int(round(sent)); counter.recv += int(round(recv))
         return _Null()
-    c.Comm._enter = _enter
+    c.Comm.open_record = open_record
     c.Comm.probe = lambda self, nbytes=4096, **kw: None
     c.Comm.sync_clock = lambda self, rounds=5: 0.0
 '''
@@ -108,11 +108,11 @@ def micro_costs() -> dict[str, float]:
     from loco_trainer.comm import Comm
 
     comm = Comm(history=4096)
-    comm._world_size = 2  # _enter only: no collective is issued
+    comm._world_size = 2  # open_record only: no collective is issued
     n = 200_000
     start = time.perf_counter_ns()
     for _ in range(n):
-        rec = comm._enter("all_reduce", 4096, 1.0, 1.0)
+        rec = comm.open_record("all_reduce", 4096, 1.0, 1.0)
         rec.exit_ns = time.monotonic_ns()
     per_call_ns = (time.perf_counter_ns() - start) / n
     start = time.perf_counter()

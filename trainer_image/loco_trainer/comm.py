@@ -120,6 +120,7 @@ class Comm:
         self._prober = Prober(self)
         #: set by :meth:`interrupt`: the waits of an ``interruptible`` Comm raise :class:`CommInterrupted`
         self.interrupted = Interrupt()
+        self.interruptible = bool(interruptible)
         self._interrupt = self.interrupted if interruptible else None
         self._group = group
         if group is None and not dist.is_initialized():
@@ -131,7 +132,7 @@ class Comm:
                 raise ValueError("this process is not a member of the given process group")
         self._counters = {kind: _Counter() for kind in KINDS}
         self._lock = threading.Lock()  # the byte counters
-        self._fault_hook = fault_hook
+        self.fault_hook = fault_hook
 
     # ----------------------------------------------------------------------------- membership
 
@@ -205,15 +206,15 @@ class Comm:
 
     # ----------------------------------------------------------------------------- accounting
 
-    def _enter(
+    def open_record(
         self, kind: str, nbytes: int, sent: float, recv: float, peer: int | None = None, *, count: bool = True
     ) -> CollectiveRecord:
         """Record a call being entered (``count=False``: recorded, but kept out of the byte counters,
         for the fault-detection probes, so algorithms are still compared on their own traffic).
         An interrupted Comm issues nothing more: it raises :class:`CommInterrupted` here."""
         self._refuse_if_interrupted()
-        if self._fault_hook is not None:
-            self._fault_hook.before_enter(self.recorder.next_seq, kind, peer)
+        if self.fault_hook is not None:
+            self.fault_hook.before_enter(self.recorder.next_seq, kind, peer)
         if count:
             with self._lock:
                 counter = self._counters[kind]
@@ -256,7 +257,7 @@ class Comm:
             return CommHandle(None, t, None) if async_op else t
         n = self._world_size
         size = _nbytes(t)
-        record = self._enter("all_reduce", size, 2 * (n - 1) / n * size, 2 * (n - 1) / n * size)
+        record = self.open_record("all_reduce", size, 2 * (n - 1) / n * size, 2 * (n - 1) / n * size)
         post = (lambda: t.div_(n)) if op == "avg" else None
         work = dist.all_reduce(t, op=native, group=self._group, async_op=self._async(async_op, t))
         if async_op:
@@ -277,7 +278,7 @@ class Comm:
             return fut
         n = self._world_size
         size = _nbytes(t)
-        record = self._enter("all_reduce", size, 2 * (n - 1) / n * size, 2 * (n - 1) / n * size)
+        record = self.open_record("all_reduce", size, 2 * (n - 1) / n * size, 2 * (n - 1) / n * size)
         work = dist.all_reduce(t, op=native, group=self._group, async_op=True)
 
         def done(fut: torch.futures.Future) -> torch.Tensor:
@@ -296,7 +297,7 @@ class Comm:
         this Comm, so an interrupt gives it up too."""
         if self._world_size > 1:
             self._refuse_if_interrupted()
-            self._blocking(dist.all_reduce, t, op=_op(op), group=self._group, tensor=t)
+            self.blocking(dist.all_reduce, t, op=_op(op), group=self._group, tensor=t)
             if op == "avg":
                 t.div_(self._world_size)
         return t
@@ -309,8 +310,8 @@ class Comm:
         n = self._world_size
         size = _nbytes(t)
         is_src = self._rank == src
-        record = self._enter("broadcast", size, (n - 1) * size if is_src else 0, 0 if is_src else size, peer=src)
-        work = dist.broadcast(t, src=self._global_rank(src), group=self._group, async_op=self._async(async_op, t))
+        record = self.open_record("broadcast", size, (n - 1) * size if is_src else 0, 0 if is_src else size, peer=src)
+        work = dist.broadcast(t, src=self.global_rank(src), group=self._group, async_op=self._async(async_op, t))
         return self._finish(work, t, record, async_op, t)
 
     def all_gather(self, t: torch.Tensor, *, async_op: bool = False) -> Any:
@@ -322,7 +323,7 @@ class Comm:
         n = self._world_size
         out = [torch.empty_like(t) for _ in range(n)]
         total = _nbytes(t) * n
-        record = self._enter("all_gather", total, (n - 1) / n * total, (n - 1) / n * total)
+        record = self.open_record("all_gather", total, (n - 1) / n * total, (n - 1) / n * total)
         work = dist.all_gather(out, t.contiguous(), group=self._group, async_op=self._async(async_op, t))
         return self._finish(work, out, record, async_op, t)
 
@@ -336,7 +337,7 @@ class Comm:
             return CommHandle(None, output, None) if async_op else output
         n = self._world_size
         total = sum(_nbytes(x) for x in inputs)
-        record = self._enter("reduce_scatter", total, (n - 1) / n * total, (n - 1) / n * total)
+        record = self.open_record("reduce_scatter", total, (n - 1) / n * total, (n - 1) / n * total)
         work = dist.reduce_scatter(output, inputs, op=native, group=self._group, async_op=self._async(async_op, output))
         post = (lambda: output.div_(n)) if op == "avg" else None
         if async_op:
@@ -358,18 +359,18 @@ class Comm:
     def isend(self, t: torch.Tensor, dst: int) -> CommHandle:
         self._check_peer(dst, "dst")
         size = _nbytes(t)
-        record = self._enter("send", size, size, 0, peer=dst)
-        if self._held(record.seq, "send", dst):
-            return CommHandle(_HeldWork(self._fault_hook.hold), t, record)
-        self._transfer_delay("send", dst)
-        work = dist.isend(t, dst=self._global_rank(dst), group=self._group)
+        record = self.open_record("send", size, size, 0, peer=dst)
+        if self.holds_send(record.seq, "send", dst):
+            return CommHandle(_HeldWork(self.fault_hook.hold), t, record)
+        self.delay_transfer("send", dst)
+        work = dist.isend(t, dst=self.global_rank(dst), group=self._group)
         return CommHandle(work, t, record, interrupt=self._interrupt, p2p=True)
 
     def irecv(self, t: torch.Tensor, src: int) -> CommHandle:
         self._check_peer(src, "src")
         size = _nbytes(t)
-        record = self._enter("recv", size, 0, size, peer=src)
-        work = dist.irecv(t, src=self._global_rank(src), group=self._group)
+        record = self.open_record("recv", size, 0, size, peer=src)
+        work = dist.irecv(t, src=self.global_rank(src), group=self._group)
         return CommHandle(work, t, record, interrupt=self._interrupt, p2p=True)
 
     def batch_isend_irecv(self, ops: Iterable[tuple[str, torch.Tensor, int]]) -> list[CommHandle]:
@@ -382,15 +383,15 @@ class Comm:
                 raise ValueError(f"batch_isend_irecv op kind must be 'send' or 'recv', got {kind!r}")
             self._check_peer(peer, "peer")
         # every op is recorded first (they are posted together), then injected faults apply
-        records = [self._enter(kind, _nbytes(t), _nbytes(t) if kind == "send" else 0,
+        records = [self.open_record(kind, _nbytes(t), _nbytes(t) if kind == "send" else 0,
                                _nbytes(t) if kind == "recv" else 0, peer=peer) for kind, t, peer in ops]
         p2p, posted = [], []
         for i, ((kind, t, peer), record) in enumerate(zip(ops, records)):
-            if self._held(record.seq, kind, peer):
+            if self.holds_send(record.seq, kind, peer):
                 continue  # a stalled connection: never posted, its handle never completes
-            self._transfer_delay(kind, peer)
+            self.delay_transfer(kind, peer)
             fn = dist.isend if kind == "send" else dist.irecv
-            p2p.append(dist.P2POp(fn, t, self._global_rank(peer), group=self._group))
+            p2p.append(dist.P2POp(fn, t, self.global_rank(peer), group=self._group))
             posted.append(i)
         handles: list[CommHandle | None] = [None] * len(ops)
         if p2p:
@@ -399,7 +400,7 @@ class Comm:
             works = works if len(works) == len(p2p) else [works[0]] * len(p2p)
             for i, w in zip(posted, works):
                 handles[i] = CommHandle(w, ops[i][1], records[i], interrupt=self._interrupt, p2p=True)
-        return [h if h is not None else CommHandle(_HeldWork(self._fault_hook.hold), ops[i][1], records[i])
+        return [h if h is not None else CommHandle(_HeldWork(self.fault_hook.hold), ops[i][1], records[i])
                 for i, h in enumerate(handles)]
 
     @torch.no_grad()
@@ -447,19 +448,20 @@ class Comm:
         """Block until every rank of the group reached the barrier."""
         if self._world_size == 1:
             return
-        record = self._enter("barrier", 0, 0, 0)
-        self._blocking(dist.barrier, group=self._group)
+        record = self.open_record("barrier", 0, 0, 0)
+        self.blocking(dist.barrier, group=self._group)
         record.exit_ns = time.monotonic_ns()
 
     # ------------------------------------------------------------------------- fault detection
 
-    def _held(self, seq: int, kind: str, peer: int) -> bool:
+    def holds_send(self, seq: int, kind: str, peer: int) -> bool:
         """Whether fault injection holds call ``seq`` (a ``kind`` to group rank ``peer``) forever."""
-        return self._fault_hook is not None and self._fault_hook.holds_send(seq, kind, self._global_rank(peer))
+        return self.fault_hook is not None and self.fault_hook.holds_send(seq, kind, self.global_rank(peer))
 
-    def _transfer_delay(self, kind: str, peer: int) -> None:
-        if self._fault_hook is not None:
-            delay = self._fault_hook.transfer_delay_s(kind, self._global_rank(peer))
+    def delay_transfer(self, kind: str, peer: int) -> None:
+        """Sleep as long as fault injection slows a ``kind`` to group rank ``peer`` (a slow link)."""
+        if self.fault_hook is not None:
+            delay = self.fault_hook.transfer_delay_s(kind, self.global_rank(peer))
             if delay:
                 time.sleep(delay)
 
@@ -502,7 +504,7 @@ class Comm:
 
     def scan_p2p(self, now_ns: int | None = None) -> int:
         """Turn the point-to-point records into connection samples (:meth:`FlightRecorder.scan_p2p`)."""
-        return self.recorder.scan_p2p(self._global_rank(self._rank), self._global_rank, now_ns)
+        return self.recorder.scan_p2p(self.global_rank(self._rank), self.global_rank, now_ns)
 
     # ------------------------------------------------------------------------------- helpers
 
@@ -529,9 +531,9 @@ class Comm:
         if self._interrupt is not None and self._interrupt.is_set():
             raise CommInterrupted(_INTERRUPTED)
 
-    def _blocking(self, collective: Callable[..., Any], *args: Any, tensor: torch.Tensor | None = None, **kwargs: Any) -> None:
+    def blocking(self, collective: Callable[..., Any], *args: Any, tensor: torch.Tensor | None = None, **kwargs: Any) -> None:
         """Run the ``torch.distributed`` call ``collective(*args, **kwargs)`` to completion, waiting
-        as :meth:`_block` does (interruptibly on an interruptible Comm, unless ``tensor`` is on CUDA)."""
+        as :meth:`_block` does; the probes use it too (interruptibly on an interruptible Comm, unless ``tensor`` is on CUDA)."""
         self._block(collective(*args, async_op=self._async(False, tensor), **kwargs))
 
     def _block(self, work: Any) -> None:
@@ -551,7 +553,8 @@ class Comm:
         if r == self._rank:
             raise ValueError(f"{what}={r} is this rank itself: point-to-point needs another rank")
 
-    def _global_rank(self, group_rank: int) -> int:
+    def global_rank(self, group_rank: int) -> int:
+        """The default group's rank of this group's ``group_rank`` (what torch.distributed's p2p calls take)."""
         if self._group is None:
             return group_rank
         return dist.get_global_rank(self._group, group_rank)

@@ -42,13 +42,13 @@ def sync_clock(comm: Any, rounds: int = 5) -> float:
         comm.recorder.set_clock(time.time() - time.monotonic(), 0.0)
         return comm.recorder.clock_offset_s
     estimates = []
-    root = comm._global_rank(0)
+    root = comm.global_rank(0)
     for _ in range(max(1, rounds)):
-        comm._blocking(dist.barrier, group=comm.group)
+        comm.blocking(dist.barrier, group=comm.group)
         mono = time.monotonic()
         wall = time.time()
         t = torch.tensor([wall if comm.rank == 0 else 0.0], dtype=torch.float64)
-        comm._blocking(dist.broadcast, t, src=root, group=comm.group)
+        comm.blocking(dist.broadcast, t, src=root, group=comm.group)
         estimates.append(float(t.item()) - mono)
     estimates.sort()
     comm.recorder.set_clock(estimates[len(estimates) // 2], estimates[-1] - estimates[0])
@@ -116,7 +116,7 @@ class Prober:
         # algorithm's syncs, so a straggler or a stopped rank shows long before the next outer
         # all-reduce (docs/fault-detection.md, "Probes"). Entered before waiting for the previous
         # probe's transfers, so a slow connection never makes its endpoints look late.
-        opening = self.comm._enter("barrier", 0, 0, 0, count=False) if links else None
+        opening = self.comm.open_record("barrier", 0, 0, 0, count=False) if links else None
         self.finish()
         if self.comm.clock_resync_probes and self.probes and self.probes % self.comm.clock_resync_probes == 0:
             sync_clock(self.comm, rounds=3)  # collective: every rank probes the same number of times
@@ -126,7 +126,7 @@ class Prober:
         now = time.monotonic()
         due = torch.tensor([1.0 if now - self.last_transfer_probe >= self.comm.probe_interval_s else 0.0])
         # the timing point; agrees on `due`
-        self.comm._blocking(dist.all_reduce, due, op=dist.ReduceOp.MAX, group=self.comm.group)
+        self.comm.blocking(dist.all_reduce, due, op=dist.ReduceOp.MAX, group=self.comm.group)
         start = opening.exit_ns = time.monotonic_ns()
         if not due.item():
             return
@@ -149,7 +149,7 @@ class Prober:
             # nobody resumes training while a peer still measures: a rank back at work would take
             # the CPU from a peer whose receive thread has yet to wake up (on a shared host the
             # healthy samples then read 20-40 ms instead of 1 ms)
-            self.comm._blocking(dist.barrier, group=self.comm.group)
+            self.comm.blocking(dist.barrier, group=self.comm.group)
 
     def _transfer(self, shift: int, nbytes: int, start: int) -> list[threading.Thread]:
         """Post one probe transfer (send to ``rank + shift``, receive from ``rank - shift``) and
@@ -158,25 +158,25 @@ class Prober:
         out = torch.zeros(max(1, nbytes // 4), dtype=torch.float32)
         inp = torch.empty_like(out)
         dst, src = (self.comm.rank + shift) % n, (self.comm.rank - shift) % n
-        src_global, me_global = self.comm._global_rank(src), self.comm._global_rank(self.comm.rank)
-        recv_record = self.comm._enter("recv", _nbytes(inp), 0, 0, peer=src, count=False)
+        src_global, me_global = self.comm.global_rank(src), self.comm.global_rank(self.comm.rank)
+        recv_record = self.comm.open_record("recv", _nbytes(inp), 0, 0, peer=src, count=False)
         recv_record.probe = True
         receive = CommHandle(dist.irecv(inp, src=src_global, group=self.comm.group), inp, recv_record)
-        send_record = self.comm._enter("send", _nbytes(out), 0, 0, peer=dst, count=False)
+        send_record = self.comm.open_record("send", _nbytes(out), 0, 0, peer=dst, count=False)
         send_record.probe = True
 
         def do_send() -> None:
-            if self.comm._held(send_record.seq, "send", dst):
+            if self.comm.holds_send(send_record.seq, "send", dst):
                 send_record.waited = True
-                self.comm._fault_hook.hold()  # a stalled connection: the send never completes
+                self.comm.fault_hook.hold()  # a stalled connection: the send never completes
                 return
             # how late this rank posts the send after leaving the opening all-reduce (a CPU-starved
             # process, a thread waiting for the GIL): shipped in the payload, the receiver subtracts
             # it, so the sample times the connection, not the sender's scheduling. Taken before an
             # injected link delay, which stands for the connection itself being slow.
             out[0] = (time.monotonic_ns() - start) / 1e9
-            self.comm._transfer_delay("send", dst)
-            CommHandle(dist.isend(out, dst=self.comm._global_rank(dst), group=self.comm.group), out, send_record).wait()
+            self.comm.delay_transfer("send", dst)
+            CommHandle(dist.isend(out, dst=self.comm.global_rank(dst), group=self.comm.group), out, send_record).wait()
 
         def do_receive() -> None:
             receive.wait()
@@ -195,13 +195,13 @@ class Prober:
         to a peer that is gone may otherwise wait out the group's timeout)."""
         threads, self.threads = getattr(self, "_probe_threads", []), []
         for t in threads:
-            if self.comm._interrupt is None:
+            if not self.comm.interruptible:
                 t.join(timeout_s)
                 continue
             end = math.inf if timeout_s is None else time.monotonic() + timeout_s
-            while t.is_alive() and not self.comm._interrupt.is_set() and time.monotonic() < end:
+            while t.is_alive() and not self.comm.interrupted.is_set() and time.monotonic() < end:
                 t.join(0.01)  # only while a transfer is still out: normally it finished long ago
-            if t.is_alive() and self.comm._interrupt.is_set():
+            if t.is_alive() and self.comm.interrupted.is_set():
                 raise CommInterrupted(_INTERRUPTED)
 
 
