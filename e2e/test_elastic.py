@@ -10,6 +10,7 @@ Every pod requests 3 of a node's 4 CPUs, so with three nodes two workers can nev
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -74,6 +75,11 @@ def test_node_failure_shrinks_capacity_grows_and_kubectl_scale_resizes(stack: Lo
         stack.cluster.set_node_ready(node, False)
         running_with(2, "the job to shrink to 2 workers and run")
         mark("shrunk to 2")
+        # the real kubectl tells the story: fewer workers than asked for, and why
+        described = stack.kubectl("describe", "tj", name).stdout
+        assert re.search(r"Message:\s+Running 2 of 3 workers: Resized 3→2 .*\s+Reason:\s+FewerWorkers\s+Status:\s+True\s+"
+                         r"Type:\s+Degraded", described), described
+        assert re.search(r"Reason:\s+ScaledDown\s+Status:\s+True\s+Type:\s+Resized", described), described
         live_uids = {p["metadata"]["uid"] for p in stack.list_pods(name) if not p["metadata"].get("deletionTimestamp")}
         # live: the same two pods run on
         assert (survivors <= live_uids) == live, f"{survivors} vs {live_uids}\n{dump_debug(stack, name)}"
@@ -107,6 +113,11 @@ def test_node_failure_shrinks_capacity_grows_and_kubectl_scale_resizes(stack: Lo
         assert resized[0].startswith(f"Resized 3→2 ({name}-worker-") and "cannot be placed" in resized[0], resized
         assert resized[1].startswith("Resized 2→3 (capacity)"), resized
     assert resized[2].startswith("Resized 3→2 (spec.replicas changed)"), resized
+    # sized as asked again (spec.replicas is 2 now): no longer degraded; the last resize says what it was
+    described = stack.kubectl("describe", "tj", name).stdout
+    assert re.search(r"Reason:\s+AllWorkers\s+Status:\s+False\s+Type:\s+Degraded", described), described
+    assert re.search(r"Message:\s+Resized 3→2 \(spec.replicas changed\).*\s+Reason:\s+ScaledDown\s+Status:\s+True\s+"
+                     r"Type:\s+Resized", described), described
     # the loss curve: after each change of the worker count, no value above the best before it + tolerance
     for i in range(1, len(samples)):
         if samples[i][0] != samples[i - 1][0]:

@@ -166,15 +166,20 @@ def check_kubectl_story(stack) -> None:
     """``kubectl get tj -o wide`` shows the columns; ``kubectl describe tj`` tells the run's story."""
     wide = stack.kubectl("get", "tj", JOB, "-o", "wide").stdout.splitlines()
     header = wide[0].split()
-    assert header == ["NAME", "PHASE", "WORKERS", "STEP", "LOSS", "ALGORITHM", "RESTARTS", "AGE", "CHECKPOINT", "TOKENS/S"], wide
+    assert header == ["NAME", "PHASE", "WORKERS", "STEP", "PROGRESS", "ETA", "LOSS", "ALGORITHM", "RESTARTS", "AGE",
+                      "CHECKPOINT", "TOKENS/S"], wide
     row = dict(zip(header, wide[1].split()))
     assert row["NAME"] == JOB and row["PHASE"] == "Succeeded" and row["STEP"] == str(STEPS)
+    assert row["PROGRESS"] == "100%" and row["ETA"] == "<none>", wide  # finished: no time left to guess
     assert row["ALGORITHM"] == "diloco" and row["RESTARTS"] == "1" and row["CHECKPOINT"] == str(STEPS)
     assert float(row["TOKENS/S"]) > 0 and float(row["LOSS"]) > 0
     plain = stack.kubectl("get", "tj", JOB).stdout.splitlines()[0].split()
     assert "CHECKPOINT" not in plain and {"RESTARTS", "ALGORITHM"} <= set(plain)
     described = stack.kubectl("describe", "tj", JOB).stdout
     assert "Conditions:" in described and "Events:" in described, described
+    conditions = described[described.index("Conditions:"):described.index("Events:")]
+    assert re.search(r"Message:\s+Step \d+ committed at \S+: \S+\s+Reason:\s+CheckpointCommitted\s+Status:\s+True\s+"
+                     r"Type:\s+Checkpointed", conditions), conditions
     events = described[described.index("Events:"):]
     story = ["WorkersCreated", "Running", "CheckpointCommitted", "WorkerFailed", "Restarting", "Succeeded"]
     for reason in story:

@@ -90,7 +90,8 @@ def test_crd_names_subresources_and_columns():
                   "labelSelectorPath": ".status.selector"},
     }
     cols = {c["name"]: c for c in version["additionalPrinterColumns"]}
-    assert list(cols) == ["Phase", "Workers", "Step", "Loss", "Algorithm", "Restarts", "Age", "Checkpoint", "Tokens/s"]
+    assert list(cols) == ["Phase", "Workers", "Step", "Progress", "ETA", "Loss", "Algorithm", "Restarts", "Age", "Checkpoint",
+                          "Tokens/s"]
     assert cols["Workers"]["jsonPath"] == ".status.workersReady"
     assert cols["Checkpoint"]["priority"] == 1 and cols["Tokens/s"]["priority"] == 1
     # every column's JSONPath points at a field of the schema

@@ -168,6 +168,8 @@ def printer_columns() -> list[dict[str, Any]]:
         {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Lifecycle phase."},
         {"name": "Workers", "type": "string", "jsonPath": ".status.workersReady", "description": "Ready/desired workers."},
         {"name": "Step", "type": "integer", "jsonPath": ".status.step", "description": "Inner steps completed."},
+        {"name": "Progress", "type": "string", "jsonPath": ".status.progress", "description": "Steps done of the total."},
+        {"name": "ETA", "type": "string", "jsonPath": ".status.eta", "description": "Time left at the recent step rate."},
         {"name": "Loss", "type": "number", "jsonPath": ".status.loss", "description": "Latest training loss."},
         {"name": "Algorithm", "type": "string", "jsonPath": ".spec.algorithm.name", "description": "Distributed algorithm."},
         {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts", "description": "Restarts so far."},

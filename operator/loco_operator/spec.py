@@ -202,11 +202,17 @@ class Phase(str, Enum):
 class Condition(Model):
     """A Kubernetes-style condition."""
 
-    type: str = Field(description="Created | Running | Restarting | Succeeded | Failed | Suspended | ...")
+    type: str = Field(description=(
+        "Created | Running | Restarting | Succeeded | Failed | Suspended (Kubeflow's names) | Checkpointed (the last "
+        "commit: step, time, path) | Resized (the last change of the worker count: from -> to and why; ScaledUp or "
+        "ScaledDown) | Degraded (True while running with fewer workers than spec.replicas, with how many) | "
+        "ResumedFromPreviousJob."))
     status: str = Field(description="True | False | Unknown.")
     reason: str = Field("", description="CamelCase reason.")
     message: str = Field("", description="Human-readable detail.")
     last_transition_time: str | None = Field(None, description="RFC 3339 time of the last status change.")
+    last_update_time: str | None = Field(
+        None, description="RFC 3339 time the reason or message last changed (a new checkpoint, another resize).")
 
 
 class WorkersStatus(Model):
@@ -258,6 +264,14 @@ class FailureRecord(Model):
     time: str = Field(description="When the operator saw it, RFC 3339 UTC.")
 
 
+class StepRate(Model):
+    """The recent step rate the ETA comes from: a moving average, and the sample the next one is measured from."""
+
+    steps_per_second: float | None = Field(None, description="Inner steps per second, recently (a moving average over ~30 s windows).")
+    step: int = Field(0, description="status.step when the sample was taken.")
+    time: str = Field(description="When the sample was taken, RFC 3339 UTC.")
+
+
 class TrainingJobStatus(Model):
     """Observed state, kept in the object so a restarted operator carries on."""
 
@@ -269,6 +283,10 @@ class TrainingJobStatus(Model):
     loss: float | None = Field(None, description="Latest training loss (worker 0).")
     eval_loss: float | None = Field(None, description="Latest held-out loss (worker 0).")
     tokens_per_second: float | None = Field(None, description="Tokens/s summed over the workers.")
+    progress: str | None = Field(None, description="status.step of the total as a percentage, e.g. '45%' (the Progress printer column).")
+    eta: str | None = Field(
+        None, description="Time left at the recent step rate while Running, e.g. '4m10s' (the ETA printer column); unset while it is unknown.")
+    step_rate: StepRate | None = Field(None, description="The recent step rate the ETA is computed from.")
     algorithm: str | None = Field(None, description="Algorithm in use.")
     last_checkpoint: CheckpointStatus | None = Field(None, description="Last committed checkpoint; every restart resumes from it.")
     last_checkpoint_error: str | None = Field(

@@ -47,6 +47,7 @@ class Planner:
                 conditions[i] = Condition(
                     type=type_.value, status=value, reason=reason.value, message=message,
                     last_transition_time=rfc3339(self.now) if changed else cond.last_transition_time,
+                    last_update_time=rfc3339(self.now),
                 )
                 break
         else:
@@ -54,9 +55,16 @@ class Planner:
                 return  # a condition that never held is not worth recording as False
             conditions.append(
                 Condition(type=type_.value, status=value, reason=reason.value, message=message,
-                          last_transition_time=rfc3339(self.now))
+                          last_transition_time=rfc3339(self.now), last_update_time=rfc3339(self.now))
             )
         self.status.conditions = conditions
+
+    def resized(self, before: int, after: int, message: str) -> None:
+        """Count a change of the worker count (``status.resizes``; never against backoffLimit) and say it in the
+        ``Resized`` condition: the last resize, from → to and why."""
+        self.status.resizes += 1
+        self.status.last_resize_time = rfc3339(self.now)
+        self.condition(ConditionType.resized, True, Reason.scaled_up if after > before else Reason.scaled_down, message)
 
     def delete_pods(self, pods: Sequence[ObservedPod], reason: str) -> None:
         for pod in sorted(pods, key=lambda p: (p.rank, p.name)):

@@ -63,8 +63,7 @@ def restart(
     if resize_from is not None:
         reason = Reason.resizing
         message = f"Resized {resize_from}→{size} ({cause or 'spec.replicas changed'}), resuming from {origin}"
-        st.resizes += 1
-        st.last_resize_time = rfc3339(p.now)
+        p.resized(resize_from, size, message)
     else:
         st.restarts += 1
         reason = Reason.restarting

@@ -14,7 +14,7 @@ from ..render import LABEL_EPOCH, LABEL_RANK, MASTER_PORT, render_pod
 from ..spec import Phase, TrainingJobSpec, WorkersStatus
 from .actions import CreatePod, PatchPodLabels, PostMembership
 from .context import Planner, requeue
-from .observe import ObservedPod, rfc3339
+from .observe import ObservedPod
 from .vocabulary import ConditionType, EventType, Reason
 
 
@@ -29,12 +29,11 @@ def min_replicas(spec: TrainingJobSpec) -> int:
     el = spec.elastic
     return spec.replicas if el is None or el.min_replicas is None else min(el.min_replicas, spec.replicas)
 
-def _begin_live_epoch(p: Planner, message: str) -> int:
+def _begin_live_epoch(p: Planner, before: int, after: int, message: str) -> int:
     """Count a live resize (``status.resizes``, not restarts) and start its epoch; phase stays Running."""
     st = p.status
     st.membership_epoch += 1
-    st.resizes += 1
-    st.last_resize_time = rfc3339(p.now)
+    p.resized(before, after, message)
     st.message = message
     p.condition(ConditionType.running, True, Reason.resizing, message)
     p.event(EventType.normal, Reason.resizing, message)
@@ -60,7 +59,7 @@ def live_shrink(
     for message in failures:
         p.event(EventType.warning, Reason.worker_failed, message)
     epoch = p.status.membership_epoch + 1
-    _begin_live_epoch(p, f"Resized {resize_from}→{size} ({cause}); {_count(size)} "
+    _begin_live_epoch(p, resize_from, size, f"Resized {resize_from}→{size} ({cause}); {_count(size)} "
                          f"{'continues' if size == 1 else 'continue'} without restarting (epoch {epoch})")
     keep = {pod.name for pod in survivors}
     p.delete_pods([pod for pod in members if pod.name not in keep], f"{Reason.resizing.value}: epoch {epoch}")
@@ -80,7 +79,7 @@ def live_grow(p: Planner, spec: TrainingJobSpec, members: Sequence[ObservedPod],
         return False
     n = len(ordered)
     epoch = p.status.membership_epoch + 1
-    _begin_live_epoch(p, f"Resized {resize_from}→{size} ({cause}); {_count(size - n)} {'joins' if size - n == 1 else 'join'} "
+    _begin_live_epoch(p, resize_from, size, f"Resized {resize_from}→{size} ({cause}); {_count(size - n)} {'joins' if size - n == 1 else 'join'} "
                          f"at the next outer step, {n} {'continues' if n == 1 else 'continue'} without restarting (epoch {epoch})")
     for pod in ordered:
         p.actions.append(PatchPodLabels(pod.name, {LABEL_RANK: str(pod.rank), LABEL_EPOCH: str(epoch)}))

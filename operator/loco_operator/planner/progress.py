@@ -9,9 +9,9 @@ from collections.abc import Sequence
 
 from loco_contract.protocol import ProgressReport, WorkerState
 
-from ..spec import CheckpointStatus, PreviousJobStatus, TrainingJobSpec, TrainingJobStatus
+from ..spec import CheckpointStatus, Phase, PreviousJobStatus, StepRate, TrainingJobSpec
 from .context import Planner
-from .observe import ObservedPod
+from .observe import ObservedPod, parse_time, rfc3339
 from .vocabulary import MAX_SKIPPED_RECORDS, ConditionType, EventType, Reason
 
 
@@ -50,6 +50,8 @@ def fold_progress(p: Planner, spec: TrainingJobSpec, current: Sequence[ObservedP
         if st.last_checkpoint is None or best.step > st.last_checkpoint.step:
             st.last_checkpoint = CheckpointStatus(step=best.step, path=best.path, time=best.time)
             p.event(EventType.normal, Reason.checkpoint_committed, f"Checkpoint committed at step {best.step}: {best.path}")
+            p.condition(ConditionType.checkpointed, True, Reason.checkpoint_committed,
+                        f"Step {best.step} committed at {best.time or rfc3339(p.now)}: {best.path}")
     # a committed checkpoint that failed verification at resume: the workers took an older one
     for report in p.observed.reports.values():
         for skipped in report.skipped_checkpoints or []:
@@ -96,6 +98,73 @@ def _checkpoint_error_order(message: str) -> tuple[int, str]:
     match = re.search(r"checkpoint step (\d+)", message)
     return (int(match.group(1)) if match else -1, message)
 
-def summarise(st: TrainingJobStatus, desired: int) -> None:
-    ready = st.workers.ready if st.workers else 0
-    st.workers_ready = f"{ready}/{desired}"
+#: How long a step-rate sample must be before it counts (shorter ones measure the report cadence, not training).
+RATE_WINDOW_S = 30.0
+#: No new step for this long: the ETA is unknown until training moves again.
+STALLED_AFTER_S = 4 * RATE_WINDOW_S
+#: Weight of the newest window in the moving average of the step rate.
+RATE_SMOOTHING = 0.5
+
+
+def summarise(p: Planner, spec: TrainingJobSpec | None) -> None:
+    """What `kubectl get tj` and `kubectl describe tj` read at a glance: ready/desired workers, progress as a
+    percentage, the ETA at the recent step rate, and whether the job runs with fewer workers than it asked for."""
+    st = p.status
+    desired = st.workers.desired if st.workers else 0
+    st.workers_ready = f"{st.workers.ready if st.workers else 0}/{desired}"
+    if st.step is not None and st.total_steps:
+        st.progress = f"{min(100, 100 * st.step // st.total_steps)}%"
+    _step_rate(p)
+    if spec is not None:
+        _degraded(p, spec.replicas, desired)
+
+
+def _step_rate(p: Planner) -> None:
+    """Update the moving-average step rate from a sample at least :data:`RATE_WINDOW_S` old, and the ETA from it.
+    Only while Running: a restart, a suspension or the end clears the ETA and starts the rate afresh (the step a
+    restart resumes from is behind the one the sample took)."""
+    st, now = p.status, p.now
+    if st.phase is not Phase.running or st.step is None:
+        st.eta, st.step_rate = None, None
+        return
+    sample = st.step_rate
+    if sample is None or st.step < sample.step:
+        st.step_rate = StepRate(step=st.step, time=rfc3339(now))
+    else:
+        elapsed = (now - parse_time(sample.time)).total_seconds()
+        if elapsed >= RATE_WINDOW_S and st.step > sample.step:
+            recent = (st.step - sample.step) / elapsed
+            rate = recent if sample.steps_per_second is None else (
+                RATE_SMOOTHING * recent + (1 - RATE_SMOOTHING) * sample.steps_per_second)
+            st.step_rate = StepRate(steps_per_second=round(rate, 4), step=st.step, time=rfc3339(now))
+    rate = st.step_rate.steps_per_second if st.step_rate else None
+    if st.step_rate and (now - parse_time(st.step_rate.time)).total_seconds() >= STALLED_AFTER_S:
+        rate = None  # no step for minutes: an ETA would be a guess
+    left = max(0, (st.total_steps or 0) - st.step)
+    st.eta = human_duration(left / rate) if rate and left else ("0s" if rate else None)
+
+
+def human_duration(seconds: float) -> str:
+    """``4m10s``, ``2h5m``, ``3d4h``: the two largest units, as kubectl prints ages."""
+    s = max(0, int(round(seconds)))
+    days, hours, minutes = s // 86400, s % 86400 // 3600, s % 3600 // 60
+    if days:
+        return f"{days}d{hours}h" if hours else f"{days}d"
+    if hours:
+        return f"{hours}h{minutes}m" if minutes else f"{hours}h"
+    if minutes:
+        return f"{minutes}m{s % 60}s" if s % 60 else f"{minutes}m"
+    return f"{s}s"
+
+
+def _degraded(p: Planner, replicas: int, size: int) -> None:
+    """``Degraded``: a live job running with fewer workers than spec.replicas (an elastic shrink), with how many
+    and why; False again once it is back to full size or has finished."""
+    st = p.status
+    if st.phase in (Phase.running, Phase.restarting) and 0 < size < replicas:
+        resized = next((c.message for c in st.conditions if c.type == ConditionType.resized.value), "")
+        p.condition(ConditionType.degraded, True, Reason.fewer_workers,
+                    f"Running {size} of {replicas} workers" + (f": {resized}" if resized else ""))
+    elif st.phase in (Phase.running, Phase.succeeded, Phase.failed, Phase.suspended):
+        p.condition(ConditionType.degraded, False, Reason.all_workers,
+                    f"Running all {replicas} workers" if st.phase is Phase.running else f"Job {st.phase.value}")

@@ -58,7 +58,7 @@ def plan(job: Mapping[str, Any], observed: Observed, now: datetime, *,
     desired = spec.replicas if spec else 0
     if st.workers is None:
         st.workers = WorkersStatus(desired=desired, ready=0)
-    summarise(st, st.workers.desired)
+    summarise(p, spec)
     return Plan(actions=tuple(p.actions), status=st.to_wire(), requeue_after_s=p.requeue_after_s)
 
 def refusal_is_permanent(status: int, message: str) -> bool:
@@ -79,7 +79,7 @@ def plan_pod_refused(job: Mapping[str, Any], status: Mapping[str, Any], pod: str
     except ValidationError:
         policy = CleanPodPolicy.all
     p.fail(Reason.pod_refused, f"{by} refused worker pod {pod}: {message}", policy)
-    summarise(p.status, p.status.workers.desired if p.status.workers else 0)
+    summarise(p, None)
     return Plan(actions=tuple(p.actions), status=p.status.to_wire())
 
 

@@ -51,6 +51,10 @@ class Reason(str, Enum):
     pod_refused = "PodRefused"
     previous_job_kept = "PreviousJobKept"
     previous_job_adopted = "PreviousJobAdopted"
+    scaled_down = "ScaledDown"
+    scaled_up = "ScaledUp"
+    fewer_workers = "FewerWorkers"
+    all_workers = "AllWorkers"
 
 class ConditionType(str, Enum):
     created = "Created"
@@ -60,6 +64,9 @@ class ConditionType(str, Enum):
     failed = "Failed"
     suspended = "Suspended"
     resumed_from_previous_job = "ResumedFromPreviousJob"
+    degraded = "Degraded"
+    resized = "Resized"
+    checkpointed = "Checkpointed"
 
 class EventType(str, Enum):
     normal = "Normal"
