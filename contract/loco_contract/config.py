@@ -370,6 +370,8 @@ class FaultInjection(Model):
         True, description="Inject only on the job's first attempt (restart count 0), so the restarted job can succeed."
     )
     step_delay_s: float = Field(0.0, ge=0.0, description="Sleep this long before every step (a slow trainer, for demos).")
+    nan_loss_at_step: int | None = Field(
+        None, ge=0, description="The training loss of this step reads NaN (a diverged run: the trainer exits with code 80).")
     # Communication-layer faults, honoured inside Comm (loco_trainer.faults.CommFaults); see docs/fault-detection.md.
     hang_before_collective: int | None = Field(
         None, ge=0, description="Stop forever before entering collective number N of the algorithm's Comm (a hang-noncomm fault)."

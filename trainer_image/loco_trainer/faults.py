@@ -23,13 +23,22 @@ def crash_step(fault: FaultInjection | None, rank: int, restart_count: int) -> i
     ``ranks`` empty means every rank; with ``onlyFirstAttempt`` the fault fires only while the
     job's restart count is 0, so the restarted job can succeed.
     """
-    if fault is None or fault.crash_at_step is None:
+    return _at_step(fault, fault.crash_at_step if fault else None, rank, restart_count)
+
+
+def nan_loss_step(fault: FaultInjection | None, rank: int, restart_count: int) -> int | None:
+    """The 0-based step whose loss ``rank`` must read as NaN (``nanLossAtStep``), or None; as :func:`crash_step`."""
+    return _at_step(fault, fault.nan_loss_at_step if fault else None, rank, restart_count)
+
+
+def _at_step(fault: FaultInjection | None, step: int | None, rank: int, restart_count: int) -> int | None:
+    if fault is None or step is None:
         return None
     if fault.ranks and rank not in fault.ranks:
         return None
     if fault.only_first_attempt and restart_count > 0:
         return None
-    return fault.crash_at_step
+    return step
 
 
 def step_delay_s(fault: FaultInjection | None) -> float:

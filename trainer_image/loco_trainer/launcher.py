@@ -9,9 +9,10 @@ Locally (several emulated pods) the launcher also runs the fault detector over i
 does in a cluster (:mod:`loco_trainer.local_detect`): verdicts are logged with their evidence and, with
 ``on_fault="stop"``, a verdict the operator would act on stops the run.
 
-Exit codes: 0 success; a child's code when a local rank fails (the others are terminated);
-``faultInjection.exitCode`` for an injected crash; 143 after SIGTERM; 2 for a bad config; 75 when the
-fault detector stopped the run (EX_TEMPFAIL: resume from the last checkpoint, without the blamed rank's cause).
+Exit codes (:class:`loco_contract.exits.ExitCode`): 0 success; a child's code when a local rank fails (the others
+are terminated); ``faultInjection.exitCode`` for an injected crash; 143 after SIGTERM; 2 for a bad config, 65 a
+data error, 76 a lost peer, 80 a non-finite loss, 81 out of memory, 1 anything else; 75 when the fault detector
+stopped the run (EX_TEMPFAIL: resume from the last checkpoint, without the blamed rank's cause).
 """
 
 from __future__ import annotations
@@ -35,22 +36,20 @@ from pydantic.alias_generators import to_camel
 
 from loco_contract.config import DEFAULT_CONFIG_PATH, EnvVar, RuntimeEnv, TrainerConfig
 from loco_contract.detection import DetectorConfig
+from loco_contract.exits import ExitCode, describe
 from loco_contract.protocol import ProgressReport, WorkerState
+from loco_trainer.failures import ConfigError, exit_code_for
 from loco_trainer.interruptible import Terminated, call_interruptibly, raise_terminated
 
 log = logging.getLogger("loco_trainer")
 
-EXIT_SIGTERM = 143
-EXIT_CONFIG = 2
-EXIT_FAULT = 75
+EXIT_SIGTERM = int(ExitCode.SIGTERM)
+EXIT_CONFIG = int(ExitCode.CONFIG)
+EXIT_FAULT = int(ExitCode.FAULT_STOP)
 #: seconds local ranks get to stop after SIGTERM before they are killed
 CHILD_GRACE_S = 20.0
 
 
-
-
-class ConfigError(ValueError):
-    """The config file cannot be used; the message names the file, the field and the fix."""
 
 
 # ------------------------------------------------------------------------------------- config
@@ -253,10 +252,11 @@ def run_rank(options: LaunchOptions, local_rank: int) -> NoReturn:
         if progress:
             progress.update(state=WorkerState.failed, message="terminated by SIGTERM")
     except Exception as exc:  # noqa: BLE001 - every failure must reach the report
-        code = 1
-        log.exception("rank %d failed", info.rank)
+        code = int(exit_code_for(exc))  # what the operator's failure policy matches on (loco_contract.exits)
+        log.exception("rank %d failed (%s, exit code %d)", info.rank, describe(code), code)
         if progress:
-            progress.update(state=WorkerState.failed, message=f"rank {info.rank}: {type(exc).__name__}: {exc}")
+            progress.update(state=WorkerState.failed,
+                            message=f"rank {info.rank}: {describe(code)}: {type(exc).__name__}: {exc}")
     finally:
         signal.signal(signal.SIGTERM, previous)
         if progress and options.termination_message:

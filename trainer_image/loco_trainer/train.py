@@ -42,7 +42,8 @@ from loco_trainer.algorithms.base import Strategy
 from loco_trainer.checkpointer import Checkpointer, replicas_diverge, seed_everything
 from loco_trainer.live_membership import LiveMembership
 from loco_contract.config import BatchRule, LrScaling, RuntimeEnv, TrainerConfig, TrainingSpec
-from loco_trainer.faults import InjectedCrash, comm_faults, crash_step, step_delay_s
+from loco_trainer.failures import NonFiniteLoss, configuration_errors
+from loco_trainer.faults import InjectedCrash, comm_faults, crash_step, nan_loss_step, step_delay_s
 from loco_trainer.data import Dataset, DataPosition, rank_slice
 from loco_trainer.metrics import TrainerMetrics
 from loco_trainer.model import build_model, num_params
@@ -281,10 +282,12 @@ class Trainer:
     def run(self) -> TrainResult:
         """Train from the start point to ``training.steps`` (the module docstring has the outline), then finish."""
         tr, faults = self.config.training, self.config.fault_injection
-        run = self._build()
+        with configuration_errors():  # a value the run cannot be built with is the spec's fault: exit code 2
+            run = self._build()
         self._start(run)
         self._announce(run)
         crash_at = crash_step(faults, self.info.rank, self.env.restart_count)
+        nan_at = nan_loss_step(faults, self.info.rank, self.env.restart_count)
         delay_s = step_delay_s(faults)
         run.interval_start = run.loop_start = time.perf_counter()
         step = run.start_step
@@ -298,6 +301,7 @@ class Trainer:
                 time.sleep(delay_s)
             step_start = time.perf_counter()
             loss, lr = self._train_step(run, step)
+            loss = math.nan if step == nan_at else loss  # fault injection: a diverged run
             completed = step + 1
             is_last = completed == tr.steps
             self._record_step(run, completed, loss, lr, time.perf_counter() - step_start)
@@ -443,6 +447,8 @@ class Trainer:
             run.deferred = self.members.leave_after_loss(exc, completed)
 
     def _record_step(self, run: "_Run", completed: int, loss: float, lr: float, seconds: float) -> None:
+        if not math.isfinite(loss):  # every later step would train on garbage: stop with exit code 80
+            raise NonFiniteLoss(completed, loss)
         run.losses.append(loss)
         run.interval_losses.append(loss)
         if self.metrics:
