@@ -121,7 +121,12 @@ def generate(schema: dict[str, Any], rng: random.Random, depth: int = 0, strict:
                     for i in range(rng.randint(0, 3))}
         return {f"k{i}": _junk(rng) for i in range(rng.randint(0, 3))}
     if kind == "array":
-        return [generate(schema.get("items") or {}, rng, depth + 1, strict) for _ in range(rng.randint(0, 3))]
+        low = schema.get("minItems", 0)
+        items = [generate(schema.get("items") or {}, rng, depth + 1, strict)
+                 for _ in range(rng.randint(low, min(max(low, 3), schema.get("maxItems", 3))))]
+        if schema.get("x-kubernetes-list-type") == "set":  # a set never repeats an item
+            items = [x for i, x in enumerate(items) if x not in items[:i]]
+        return items
     if kind == "integer":
         return int(_number(schema, rng, True, strict))
     if kind == "number":
@@ -185,6 +190,12 @@ def coherent(spec: dict[str, Any], only: dict[str, set[str]]) -> dict[str, Any]:
         spec["nprocPerWorker"] = 1
     if data.get("source") == "shards" and not data.get("path"):
         data["path"] = "/data/shards"
+    failure_policy = obj("runPolicy").get("failurePolicy")
+    for rule in (failure_policy or {}).get("rules") or [] if isinstance(failure_policy, dict) else []:
+        if isinstance(rule, dict) and rule.get("onExitCodes") and rule.get("onPodConditions"):  # exactly one matcher
+            del rule["onPodConditions"]
+        elif isinstance(rule, dict) and not rule.get("onExitCodes") and not rule.get("onPodConditions"):
+            rule["onPodConditions"] = [{"type": "DisruptionTarget"}]
     return spec
 
 

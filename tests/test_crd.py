@@ -21,7 +21,7 @@ ALLOWED = {
     "type", "description", "default", "enum", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
     "minLength", "maxLength", "pattern", "minItems", "maxItems", "format", "required", "nullable", "properties",
     "items", "additionalProperties", "x-kubernetes-preserve-unknown-fields", "x-kubernetes-int-or-string",
-    "x-kubernetes-validations",
+    "x-kubernetes-validations", "x-kubernetes-list-type",
 }
 
 

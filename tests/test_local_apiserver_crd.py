@@ -368,3 +368,32 @@ async def test_a_rule_on_number_fields_written_as_integers_compares_them_as_numb
     assert status == 201, body
     status, body = await call("POST", jobs, job("greedy", {"consecutive": 40, "window": 32}))
     assert status == 422 and [c["field"] for c in body["details"]["causes"]] == ["spec.faultDetection.consecutive"]
+
+
+async def test_a_failure_policy_the_job_api_would_refuse_is_refused_naming_the_field(call):
+    crd = yaml.safe_load(TRAININGJOB_CRD.read_text())
+    assert (await call("POST", CRDS, crd))[0] == 201
+    jobs = "/apis/loco.dev/v1alpha1/namespaces/default/trainingjobs"
+    example = next(d for d in yaml.safe_load_all(QUICKSTART.read_text()) if d and d["kind"] == "TrainingJob")
+    rules_path = "spec.runPolicy.failurePolicy.rules"
+    for name, rule, field, words in [
+        ("dup", {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [2, 80, 2]}},
+         f"{rules_path}[0].onExitCodes.values[2]", "Duplicate value: 2"),  # x-kubernetes-list-type: set
+        ("both", {"action": "Ignore", "onExitCodes": {"operator": "In", "values": [2]},
+                  "onPodConditions": [{"type": "DisruptionTarget"}]}, rules_path, "exactly one of onExitCodes"),
+        ("none", {"action": "Count"}, rules_path, "exactly one of onExitCodes"),
+    ]:
+        job = copy.deepcopy(example)
+        job["metadata"]["name"] = name
+        job["spec"].setdefault("runPolicy", {})["failurePolicy"] = {"rules": [rule]}
+        status, body = await call("POST", jobs, job)
+        assert status == 422 and [c["field"] for c in body["details"]["causes"]] == [field], body
+        assert words in body["message"], body["message"]
+    good = copy.deepcopy(example)
+    good["spec"].setdefault("runPolicy", {})["failurePolicy"] = {"rules": [
+        {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [2, 65]}},
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]}
+    status, body = await call("POST", jobs, good)
+    assert status == 201, body
+    assert body["spec"]["runPolicy"]["failurePolicy"]["rules"][1]["onPodConditions"] == [
+        {"type": "DisruptionTarget", "status": "True"}]  # defaulted

@@ -31,7 +31,7 @@ _KEEP = {
     "type", "description", "default", "enum", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
     "minLength", "maxLength", "pattern", "minItems", "maxItems", "format", "required", "nullable",
     "properties", "items", "additionalProperties",
-    "x-kubernetes-preserve-unknown-fields", "x-kubernetes-int-or-string", "x-kubernetes-validations",
+    "x-kubernetes-preserve-unknown-fields", "x-kubernetes-int-or-string", "x-kubernetes-validations", "x-kubernetes-list-type",
 }
 PRESERVE = "x-kubernetes-preserve-unknown-fields"
 

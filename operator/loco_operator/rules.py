@@ -211,6 +211,16 @@ RULES: tuple[CrossFieldRule, ...] = (
         "start-up is never judged more strictly than steady state",
         check=lambda d: d["warmupHangTimeoutSeconds"] >= d["hangTimeoutFloorSeconds"],
     ),
+    CrossFieldRule(
+        scope=("spec", "runPolicy", "failurePolicy"),
+        field="rules",
+        cel="!has(self.rules) || self.rules.all(r, has(r.onExitCodes) != (has(r.onPodConditions) && "
+        "r.onPodConditions.size() > 0))",
+        message="each rule of spec.runPolicy.failurePolicy.rules must set exactly one of onExitCodes and onPodConditions: "
+        "keep the matcher the rule is for and remove the other",
+        check=lambda fp: all((r.get("onExitCodes") is not None) != bool(r.get("onPodConditions"))
+                             for r in fp.get("rules") or []),
+    ),
     *(
         _alg_rule(param)
         for param in sorted({p for params in ALGORITHM_PARAMETERS.values() for p in params})

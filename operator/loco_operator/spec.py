@@ -10,7 +10,7 @@ Every field carries a description: ``kubectl explain trainingjob.spec`` reads th
 from __future__ import annotations
 
 from enum import Enum
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import Field, model_validator
 
@@ -117,6 +117,66 @@ class CleanPodPolicy(str, Enum):
     none = "None"
 
 
+class FailureAction(str, Enum):
+    """What a failed worker does to the job (as the Job API's podFailurePolicy)."""
+
+    fail_job = "FailJob"
+    ignore = "Ignore"
+    count = "Count"
+
+
+class ExitCodeOperator(str, Enum):
+    in_ = "In"
+    not_in = "NotIn"
+
+
+class OnExitCodes(Model):
+    """Matches a failed worker by its trainer container's exit code."""
+
+    operator: ExitCodeOperator = Field(description="In: the code is one of values; NotIn: it is none of them.")
+    values: list[Annotated[int, Field(ge=1, le=255)]] = Field(
+        min_length=1, max_length=255,
+        description="Exit codes, 1-255 (the trainer's: 2 configuration error, 65 data error, 76 peer lost, 80 non-finite "
+        "loss, 81 out of memory, 1 anything else; 128+N: killed by signal N).",
+        json_schema_extra={"x-kubernetes-list-type": "set"})
+
+    @model_validator(mode="after")
+    def _unique(self) -> "OnExitCodes":
+        if len(set(self.values)) != len(self.values):
+            raise ValueError("values must not repeat an exit code")
+        return self
+
+
+class OnPodCondition(Model):
+    """Matches a failed worker by a condition of its pod (e.g. DisruptionTarget: evicted, preempted, drained)."""
+
+    type: str = Field(min_length=1, max_length=316, description="Pod condition type, e.g. DisruptionTarget.")
+    status: str = Field("True", pattern="^(True|False|Unknown)$", description="True | False | Unknown.")
+
+
+class FailureRule(Model):
+    """One rule of the failure policy: a matcher (exit codes or pod conditions, exactly one) and an action."""
+
+    action: FailureAction = Field(
+        description="FailJob: the job fails at once, quoting the worker; Ignore: restart without counting against "
+        "backoffLimit; Count: restart and count (the default for a failure no rule matches).")
+    on_exit_codes: OnExitCodes | None = Field(None, description="Match by the trainer's exit code.")
+    on_pod_conditions: list[OnPodCondition] = Field(
+        default_factory=list, max_length=20, description="Match when the pod has any of these conditions.")
+
+    @model_validator(mode="after")
+    def _one_matcher(self) -> "FailureRule":
+        if (self.on_exit_codes is None) == (not self.on_pod_conditions):
+            raise ValueError("set exactly one of onExitCodes and onPodConditions")
+        return self
+
+
+class FailurePolicy(Model):
+    """Rules applied in order to each failed worker; the first that matches decides (none: Count)."""
+
+    rules: list[FailureRule] = Field(max_length=20, description="At most 20 rules, first match wins.")
+
+
 class RunPolicy(Model):
     """Restarts, deadlines and clean-up."""
 
@@ -132,6 +192,10 @@ class RunPolicy(Model):
         description="Which pods to delete when the job finishes: All, Running (still running ones), None.",
     )
     suspend: bool = Field(False, description="Suspend the job: delete its pods, keep its checkpoint; unsuspend resumes.")
+    failure_policy: FailurePolicy | None = Field(
+        None, description="How a failed worker counts, by its exit code or its pod's conditions. Unset: a configuration "
+        "error (exit code 2) fails the job at once; a disruption (DisruptionTarget: eviction, preemption, drain) "
+        "restarts without counting; anything else counts against backoffLimit. Set, the rules replace those defaults.")
 
 
 class TrainingJobSpec(Model):
@@ -299,6 +363,9 @@ class TrainingJobStatus(Model):
         None, description="Checkpoints of an earlier job of the same name found in this job's directory at its first "
         "start, and what was done with them (the ResumedFromPreviousJob condition says it in words).")
     restarts: int = Field(0, description="Restarts so far (counted against runPolicy.backoffLimit).")
+    ignored_failures: int = Field(
+        0, description="Worker failures runPolicy.failurePolicy ignored (a disruption by default): each restarted the job "
+        "without counting against backoffLimit.")
     membership_epoch: int = Field(0, description="Bumped on every restart or resize; pods carry it as label loco.dev/epoch.")
     start_time: str | None = Field(None, description="When the first workers were created.")
     completion_time: str | None = Field(None, description="When the job Succeeded or Failed.")

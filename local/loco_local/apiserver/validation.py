@@ -118,6 +118,21 @@ def unknown_fields(schema: dict[str, Any], value: Any, path: str = "", root: boo
     return found
 
 
+def _duplicate_set_items(schema: dict[str, Any], value: Any, path: str = "", root: bool = True) -> list[Cause]:
+    """Items repeated in a list the schema marks ``x-kubernetes-list-type: set`` (kube-apiserver: Duplicate value)."""
+    causes: list[Cause] = []
+    if isinstance(value, list) and schema.get("x-kubernetes-list-type") == "set":
+        seen: list[Any] = []
+        for index, item in enumerate(value):
+            if item in seen:
+                field = _join(path, index)
+                causes.append((field, f"{field}: Duplicate value: {_go_value(item)}"))
+            seen.append(item)
+    for child_schema, child, child_path, _, _ in _children(schema, value, path, root):
+        causes += _duplicate_set_items(child_schema, child, child_path, root=False)
+    return causes
+
+
 def prune(schema: dict[str, Any], value: Any, root: bool = True) -> None:
     """Drop unknown fields in place (``fieldValidation=Ignore``/``Warn``, the real default)."""
     if isinstance(value, dict) and schema.get("x-kubernetes-preserve-unknown-fields") is not True:
@@ -316,7 +331,7 @@ def prepare_custom_object(rt: ResourceType, obj: dict[str, Any], old: dict[str, 
             raise errors.APIError(400, "BadRequest", (
                 f'{rt.kind} in version "{rt.version}" cannot be handled as a {rt.kind}: strict decoding error: '
                 f"{listed} (remove it, or fix its spelling; `kubectl explain {rt.plural}` lists the fields)"))
-    causes = _int64_causes(obj) + _schema_causes(schema, obj)
+    causes = _int64_causes(obj) + _schema_causes(schema, obj) + _duplicate_set_items(schema, obj)
     if any(_blocks_rules(message) for _, message in causes):
         # as kube-apiserver: rules are not evaluated on values of the wrong type (CEL would fail on every
         # rule that reads them, blaming fields that are fine)

@@ -6,10 +6,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import timedelta
 
-from ..spec import CleanPodPolicy, FailureRecord, Phase, RunPolicy, TrainingJobSpec, WorkersStatus
+from ..spec import CleanPodPolicy, FailureAction, FailureRecord, Phase, RunPolicy, TrainingJobSpec, WorkersStatus
 from ..validation import FieldError
 from .actions import DeleteJob
 from .context import Planner
+from .failure_policy import judge, strongest
 from .membership import live_shrink
 from .observe import ObservedPod, parse_time, rfc3339
 from .vocabulary import ConditionType, EventType, Reason
@@ -49,11 +50,12 @@ def failure_message(pod: ObservedPod, phase: Phase | None) -> str:
 
 def restart(
     p: Planner, spec: TrainingJobSpec, failures: list[str], resize_from: int | None = None, cause: str | None = None,
-    size: int | None = None,
+    size: int | None = None, uncounted: str | None = None,
 ) -> None:
     """Start a new membership epoch of ``size`` workers (default ``spec.replicas``): delete every
     worker; they are recreated once all are gone. ``resize_from``: the worker count changes (a
-    ``Resizing`` event ``Resized 3→2 (cause)``; not counted against backoffLimit)."""
+    ``Resizing`` event ``Resized 3→2 (cause)``; not counted against backoffLimit). ``uncounted``: the failure
+    policy rule that says this restart does not count against backoffLimit either."""
     st = p.status
     size = spec.replicas if size is None else size
     for message in failures:
@@ -64,6 +66,11 @@ def restart(
         reason = Reason.resizing
         message = f"Resized {resize_from}→{size} ({cause or 'spec.replicas changed'}), resuming from {origin}"
         p.resized(resize_from, size, message)
+    elif uncounted is not None:
+        reason = Reason.restarting
+        message = f"Restarting from {origin} (not counted against backoffLimit: {uncounted})"
+        if failures:
+            message += f": {failures[0]}"
     else:
         st.restarts += 1
         reason = Reason.restarting
@@ -136,9 +143,19 @@ def act_on_failures(p: Planner, spec: TrainingJobSpec, current: Sequence[Observe
         reason=Reason.worker_failed.value, message="; ".join(failures), pods=[pod.name for pod in failed],
         nodes=list(dict.fromkeys(pod.node_name for pod in failed if pod.node_name)), epoch=epoch, time=rfc3339(p.now),
     )
+    judged = strongest([judge(pod, policy.failure_policy) for pod in failed])
+    if judged.action is FailureAction.fail_job:
+        for message in failures:
+            p.event(EventType.warning, Reason.worker_failed, message)
+        p.fail(Reason.failure_policy, f"{failure_message(judged.pod, st.phase)} ({judged.rule})", policy.clean_pod_policy)
+        st.workers = WorkersStatus(desired=spec.replicas, ready=0)
+        return True
     if live_shrink(p, spec, current, failed, size, "; ".join(failures), failures=failures):
         return True
-    if st.restarts + 1 > policy.backoff_limit:
+    if judged.action is FailureAction.ignore:
+        st.ignored_failures += 1
+        restart(p, spec, failures, size=size, uncounted=judged.rule)
+    elif st.restarts + 1 > policy.backoff_limit:
         for message in failures:
             p.event(EventType.warning, Reason.worker_failed, message)
         p.fail(Reason.backoff_limit_exceeded,

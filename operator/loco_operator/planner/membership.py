@@ -118,7 +118,7 @@ def render_joiner(p: Planner, spec: TrainingJobSpec, rank: int, size: int, name:
     """A pod joining the running membership of this epoch as ``rank`` of ``size``: it takes the state
     from rank 0 (the pod named ``rank0``), not from a checkpoint, at the epoch's rendezvous port."""
     st = p.status
-    return render_pod(p.ref, spec, rank, st.membership_epoch, restarts=st.restarts, resume_from="",
+    return render_pod(p.ref, spec, rank, st.membership_epoch, restarts=st.restarts + st.ignored_failures, resume_from="",
                       avoid_nodes=st.avoid_nodes, num_replicas=size, name=name, join=True,
                       master_addr=p.ref.pod_dns_by_name(rank0), master_port=epoch_master_port(MASTER_PORT, st.membership_epoch))
 

@@ -50,6 +50,8 @@ class ObservedPod:
     #: handlers from the Node, only for pods that are not Ready or are being deleted). On a real cluster
     #: a node that stops answering leaves its pods Running, or Terminating forever: no kubelet confirms.
     node_lost_since: str | None = None
+    #: The pod's conditions as (type, status) pairs (what runPolicy.failurePolicy's onPodConditions match).
+    conditions: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_manifest(cls, pod: Mapping[str, Any]) -> "ObservedPod | None":
@@ -94,6 +96,8 @@ class ObservedPod:
             unschedulable_since=since,
             disruption=disruption,
             ready=ready,
+            conditions=tuple((str(c.get("type")), str(c.get("status"))) for c in status.get("conditions") or []
+                             if isinstance(c, Mapping)),
         )
 
     @property

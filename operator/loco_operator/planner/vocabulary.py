@@ -51,6 +51,7 @@ class Reason(str, Enum):
     pod_refused = "PodRefused"
     previous_job_kept = "PreviousJobKept"
     previous_job_adopted = "PreviousJobAdopted"
+    failure_policy = "FailurePolicy"
     scaled_down = "ScaledDown"
     scaled_up = "ScaledUp"
     fewer_workers = "FewerWorkers"

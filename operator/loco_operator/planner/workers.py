@@ -66,7 +66,7 @@ def create_missing(p: Planner, spec: TrainingJobSpec, current: Sequence[Observed
         if joining:
             body = render_joiner(p, spec, rank, size, names[rank], by_rank[0].name)
         else:
-            body = render_pod(p.ref, spec, rank, epoch, restarts=st.restarts, resume_from=resume, avoid_nodes=st.avoid_nodes,
+            body = render_pod(p.ref, spec, rank, epoch, restarts=st.restarts + st.ignored_failures, resume_from=resume, avoid_nodes=st.avoid_nodes,
                               num_replicas=size, name=names[rank])
         p.actions.append(CreatePod(names[rank], rank, epoch, body))
     if missing or current:
