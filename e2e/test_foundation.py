@@ -205,3 +205,48 @@ def test_a_job_created_again_under_a_deleted_jobs_name_starts_fresh_unless_it_ad
     # it resumed from the second job's step 20 (left as it was) and wrote step 30
     assert (root / "step-00000020" / "manifest.json").stat().st_mtime == written[20]
     assert (root / "step-00000030" / "manifest.json").exists()
+
+
+def test_a_configuration_error_fails_the_job_within_one_attempt_quoting_the_trainer(stack: LocalStack) -> None:
+    """runPolicy.failurePolicy's default: the trainer exits 2 (the built-in data does not fit the model's vocabulary),
+    and the job is Failed at once, the condition saying why in the trainer's words, nothing retried."""
+    name = "bad-vocab"
+    stack.apply(small_job(name, model={"gpt": {"nLayer": 1, "nHead": 2, "nEmbd": 32, "blockSize": 32, "vocabSize": 100}}))
+    try:
+        job = stack.wait_for_phase(name, {"Succeeded", "Failed"}, timeout_s=TIMEOUT_S)
+    except TimeoutError:
+        raise AssertionError(dump_debug(stack, name)) from None
+    status = job["status"]
+    assert status["phase"] == "Failed" and status["restarts"] == 0 and status["membershipEpoch"] == 0, dump_debug(stack, name)
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "FailurePolicy", failed
+    assert "exited with code 2" in failed["message"] and "model.gpt.vocabSize is 100" in failed["message"], failed
+    assert "(FailJob on exit code 2, configuration error)" in failed["message"], failed
+    assert not [e for e in stack.events(name) if e["reason"] == "Restarting"]
+
+
+def test_a_drained_worker_restarts_the_job_without_counting_it(stack: LocalStack) -> None:
+    """`kubectl drain` evicts a worker (the Eviction API marks it DisruptionTarget): the job restarts from its
+    checkpoint on the other nodes, and the restart is not counted against backoffLimit."""
+    name = "drained"
+    stack.apply(small_job(name, steps=60, faultInjection={"stepDelayS": 0.05}, runPolicy={"backoffLimit": 0}))
+    node = None
+    try:
+        stack.wait_for(lambda: (_status(stack, name).get("lastCheckpoint") or {}).get("step", 0) >= 10,
+                       timeout_s=TIMEOUT_S, what="a first checkpoint")
+        node = next(p["spec"]["nodeName"] for p in stack.list_pods(name) if p["metadata"]["name"] == f"{name}-worker-1")
+        stack.kubectl("drain", node, "--ignore-daemonsets", "--delete-emptydir-data", "--force", "--timeout=120s",
+                      timeout_s=150)
+        job = stack.wait_for_phase(name, {"Succeeded", "Failed"}, timeout_s=TIMEOUT_S)
+    except TimeoutError:
+        raise AssertionError(dump_debug(stack, name)) from None
+    finally:
+        if node:
+            stack.kubectl("uncordon", node)
+    status = job["status"]
+    # backoffLimit 0: a counted restart would have failed the job
+    assert status["phase"] == "Succeeded" and status["step"] == 60, dump_debug(stack, name)
+    assert status["restarts"] == 0 and status["ignoredFailures"] >= 1, dump_debug(stack, name)
+    restarting = [e["message"] for e in stack.events(name) if e["reason"] == "Restarting"]
+    assert restarting and "not counted against backoffLimit" in restarting[0], restarting
+    assert "DisruptionTarget=True (EvictionByEvictionAPI" in restarting[0], restarting

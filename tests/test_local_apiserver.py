@@ -353,6 +353,29 @@ async def test_pod_logs_container_tail_and_follow(api, server, tmp_path):
             assert rest == b""
 
 
+async def test_eviction_marks_the_pod_disrupted_and_deletes_it_gracefully(api):
+    """pods/eviction, what `kubectl drain` posts: a DisruptionTarget condition (the operator's failure policy does not
+    count such a worker) and a graceful delete with the Eviction's deleteOptions."""
+    body = pod("drained")
+    body["spec"]["terminationGracePeriodSeconds"] = 30
+    await api.post(PODS, body)
+    await api.post(f"{PODS}/drained/binding", {"target": {"kind": "Node", "name": "node-1"}})
+    eviction = {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": "drained", "namespace": "default"},
+                "deleteOptions": {"gracePeriodSeconds": 5}}
+    status, result = await api.post(f"{PODS}/drained/eviction", eviction)
+    assert status == 201 and result["status"] == "Success", result
+    status, evicted = await api.get(f"{PODS}/drained")
+    assert status == 200 and evicted["metadata"]["deletionGracePeriodSeconds"] == 5
+    target = next(c for c in evicted["status"]["conditions"] if c["type"] == "DisruptionTarget")
+    assert (target["status"], target["reason"]) == ("True", "EvictionByEvictionAPI")
+    status, _ = await api.post(f"{PODS}/other/eviction", {**eviction, "metadata": {"name": "other"}})
+    assert status == 404
+    status, _ = await api.post(f"{PODS}/drained/eviction", {**eviction, "metadata": {"name": "someone-else"}})
+    assert status == 400
+    status, body = await api.get("/api/v1")
+    sub = next(r for r in body["resources"] if r["name"] == "pods/eviction")
+    assert (sub["group"], sub["version"], sub["kind"], sub["verbs"]) == ("policy", "v1", "Eviction", ["create"])
+
 async def test_discovery_and_version(api):
     status, body = await api.get("/api")
     assert body["versions"] == ["v1"]

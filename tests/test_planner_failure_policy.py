@@ -66,6 +66,16 @@ def test_other_failures_count_and_the_strongest_action_wins():
     assert both["phase"] == "Failed" and "j-worker-1 exited with code 2" in both["message"]
 
 
+def test_a_worker_that_lost_its_peer_follows_the_peers_cause():
+    body = job(status=running_status())
+    # worker 1 was drained; worker 0 noticed first and exited 76: the restart is not counted
+    drained = plan(body, children(failed(0, ExitCode.PEER_LOST), pod(1, deleting=True, **DISRUPTED)), NOW).status
+    assert (drained["phase"], drained["restarts"], drained["ignoredFailures"]) == ("Restarting", 0, 1)
+    # alone, a lost peer counts
+    alone = plan(body, children(failed(0, ExitCode.PEER_LOST), pod(1)), NOW).status
+    assert (alone["phase"], alone["restarts"]) == ("Restarting", 1)
+
+
 def test_user_rules_replace_the_defaults():
     rules = {"rules": [
         {"action": "Ignore", "onExitCodes": {"operator": "In", "values": [int(ExitCode.OUT_OF_MEMORY), 137]}},

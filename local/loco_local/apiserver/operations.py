@@ -661,6 +661,29 @@ class Operations:
         return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}
 
 
+    def evict(self, namespace: str, name: str, eviction: Any) -> Obj:
+        """``pods/eviction`` (what ``kubectl drain`` posts): the pod gets a ``DisruptionTarget`` condition saying why
+        and is deleted gracefully, with the Eviction's ``deleteOptions``. No PodDisruptionBudget exists here, so
+        nothing blocks an eviction (kube-apiserver answers 429 while a budget would be broken)."""
+        rt = self.registry.get("", "v1", "pods")
+        assert rt is not None
+        if not isinstance(eviction, dict) or eviction.get("kind") not in (None, "Eviction"):
+            raise errors.bad_request("the body of pods/eviction must be a policy/v1 Eviction")
+        if (eviction.get("metadata") or {}).get("name") not in (None, name):
+            raise errors.bad_request("name in URL does not match name in Eviction object")
+        pod = self._existing(rt, namespace, name)
+        if not pod["metadata"].get("deletionTimestamp") and (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed"):
+            conditions = [c for c in pod.setdefault("status", {}).get("conditions") or [] if c.get("type") != "DisruptionTarget"]
+            conditions.append({"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI",
+                               "message": "Eviction API: evicting", "lastProbeTime": None,
+                               "lastTransitionTime": timestamp(self.clock())})
+            pod["status"]["conditions"] = conditions
+            self.store.put(rt.storage_key, pod)
+        options = eviction.get("deleteOptions") if isinstance(eviction.get("deleteOptions"), dict) else {}
+        self.delete(rt, namespace, name, options)
+        return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}
+
+
 _META_STRINGS = ("name", "generateName", "namespace", "resourceVersion", "uid", "creationTimestamp", "deletionTimestamp")
 
 

@@ -111,6 +111,8 @@ class ResourceType:
                 sub_entry.update(kind="Pod", verbs=["get"])
             elif sub == "binding":
                 sub_entry.update(kind="Binding", verbs=["create"])
+            elif sub == "eviction":
+                sub_entry.update(group="policy", version="v1", kind="Eviction", verbs=["create"])
             entries.append(sub_entry)
         return entries
 
@@ -136,7 +138,7 @@ BUILTIN_TYPES: tuple[ResourceType, ...] = (
     _core("Namespace", "namespaces", namespaced=False, short_names=("ns",), subresources=frozenset({"status"}),
           selectable_fields=(("status.phase", "status.phase"),)),
     _core("Pod", "pods", short_names=("po",), categories=("all",),
-          subresources=frozenset({"status", "log", "binding"}),
+          subresources=frozenset({"status", "log", "binding", "eviction"}),
           selectable_fields=(("spec.nodeName", "spec.nodeName"), ("status.phase", "status.phase"),
                              ("spec.restartPolicy", "spec.restartPolicy"), ("spec.schedulerName", "spec.schedulerName"),
                              ("spec.serviceAccountName", "spec.serviceAccountName"), ("status.podIP", "status.podIP"),

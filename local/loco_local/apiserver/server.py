@@ -316,6 +316,10 @@ class APIServer:
                 raise errors.method_not_allowed()
             result = ops.bind(namespace or "default", name or "", await self._body(request))
             return _json(result, 201)
+        if sub == "eviction":
+            if method != "POST":
+                raise errors.method_not_allowed()
+            return _json(ops.evict(namespace or "default", name or "", await self._body(request)), 201)
         if sub == "scale":
             if method == "GET":
                 return _json(ops.get_scale(rt, namespace, name or ""))

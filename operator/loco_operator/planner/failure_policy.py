@@ -2,7 +2,9 @@
 
 As the Job API's podFailurePolicy: rules in order, the first that matches a failed worker decides its action;
 a worker no rule matches counts. Over the workers that failed together the strongest action wins (FailJob, then
-Count, then Ignore): one configuration error fails the job even when its peers only lost it.
+Count, then Ignore): one configuration error fails the job even when its peers only lost it. A worker that exited
+because it lost a peer (exit code 76) follows that peer's cause: when any worker failed otherwise, only those
+decide (a drained worker's peers are not counted against the restart budget).
 """
 
 from __future__ import annotations
@@ -44,9 +46,11 @@ def judge(pod: ObservedPod, policy: FailurePolicy | None) -> Judgement:
     return Judgement(pod, FailureAction.count, f"no rule of {where} matches: Count")
 
 
-def strongest(judgements: Sequence[Judgement]) -> Judgement:
-    """The judgement that decides for workers that failed together (the first of the strongest action)."""
-    return max(judgements, key=lambda j: _STRENGTH[j.action])
+def decide(pods: Sequence[ObservedPod], policy: FailurePolicy | None) -> Judgement:
+    """The judgement for workers that failed together: the first of the strongest action among the root causes."""
+    judgements = [judge(pod, policy) for pod in pods]
+    causes = [j for j in judgements if j.pod.exit_code != ExitCode.PEER_LOST] or judgements
+    return max(causes, key=lambda j: _STRENGTH[j.action])
 
 
 def _matches(rule: FailureRule, pod: ObservedPod) -> str | None:

@@ -10,7 +10,7 @@ from ..spec import CleanPodPolicy, FailureAction, FailureRecord, Phase, RunPolic
 from ..validation import FieldError
 from .actions import DeleteJob
 from .context import Planner
-from .failure_policy import judge, strongest
+from .failure_policy import decide
 from .membership import live_shrink
 from .observe import ObservedPod, parse_time, rfc3339
 from .vocabulary import ConditionType, EventType, Reason
@@ -143,7 +143,7 @@ def act_on_failures(p: Planner, spec: TrainingJobSpec, current: Sequence[Observe
         reason=Reason.worker_failed.value, message="; ".join(failures), pods=[pod.name for pod in failed],
         nodes=list(dict.fromkeys(pod.node_name for pod in failed if pod.node_name)), epoch=epoch, time=rfc3339(p.now),
     )
-    judged = strongest([judge(pod, policy.failure_policy) for pod in failed])
+    judged = decide(failed, policy.failure_policy)
     if judged.action is FailureAction.fail_job:
         for message in failures:
             p.event(EventType.warning, Reason.worker_failed, message)
