@@ -127,7 +127,9 @@ def render_api_markdown() -> str:
     for rule in RULES:
         cel, message = rule.cel.replace("|", r"\|"), rule.message.replace("|", r"\|")
         out.append(f"| `{rule.path}` | `{cel}` | {message} |")
+    out += _failure_policy_section()
     _sections(schema["properties"]["status"], "status", out)
+    out += _conditions_section()
     out.append("\n## `kubectl get trainingjobs` columns\n")
     out.append("| Column | JSONPath | Shown |")
     out.append("|---|---|---|")
@@ -139,6 +141,52 @@ def render_api_markdown() -> str:
         "epoch without counting as a restart.\n"
     )
     return "\n".join(out)
+
+
+def _failure_policy_section() -> list[str]:
+    """How a failed worker counts: the defaults, the rules, and the trainer's exit codes they match."""
+    from loco_contract.exits import ExitCode
+
+    out = ["\n## Failure policy (`spec.runPolicy.failurePolicy`)\n",
+           "As the Job API's `podFailurePolicy`: each failed worker is matched against the rules in order and the first "
+           "match decides: `FailJob` fails the job at once (condition `Failed`, reason `FailurePolicy`, quoting the "
+           "worker's exit and the trainer's own message), `Ignore` restarts from the last checkpoint without counting "
+           "against `backoffLimit` (`status.ignoredFailures`), `Count` restarts and counts. A worker no rule matches "
+           "counts. Over workers that failed together the strongest action wins (FailJob, Count, Ignore); a worker "
+           "that exited because it lost a peer (76) follows that peer's cause when another worker failed otherwise.\n",
+           "Unset, the policy is: a configuration error (exit code 2) fails the job; a pod with the condition "
+           "`DisruptionTarget=True` (an eviction: `kubectl drain`, preemption, a taint-based eviction) is ignored; "
+           "anything else counts. Rules given replace these defaults. Example:\n",
+           "```yaml", "runPolicy:", "  backoffLimit: 3", "  failurePolicy:", "    rules:",
+           "    - action: FailJob", "      onExitCodes: {operator: In, values: [2, 65]}     # configuration or data error",
+           "    - action: Ignore", "      onPodConditions: [{type: DisruptionTarget}]",
+           "    - action: Ignore", "      onExitCodes: {operator: In, values: [81]}        # out of memory: retry as is",
+           "```\n",
+           "The trainer's exit codes (`loco_contract.exits.ExitCode`); 128+N is death by signal N:\n",
+           "| Code | Meaning |", "|---|---|"]
+    out += [f"| {int(code)} | {code.meaning} |" for code in ExitCode]
+    return out
+
+
+def _conditions_section() -> list[str]:
+    from .planner.vocabulary import ConditionType
+
+    meanings = {
+        "Created": "the workers were created", "Running": "every worker of the epoch runs",
+        "Restarting": "a restart or a resize is under way (reason and message say why)",
+        "Succeeded": "every worker finished", "Failed": "the job failed (reason: BackoffLimitExceeded, FailurePolicy, "
+        "DeadlineExceeded, InvalidSpec, PodRefused)", "Suspended": "runPolicy.suspend: workers deleted, status kept",
+        "ResumedFromPreviousJob": "checkpoints of an earlier job of this name were adopted (True) or set aside (False)",
+        "Degraded": "True while running with fewer workers than spec.replicas (an elastic shrink), with how many and why",
+        "Resized": "the last change of the worker count: from -> to and why (ScaledUp, ScaledDown)",
+        "Checkpointed": "the last committed checkpoint: step, commit time, path",
+    }
+    out = ["\n## Conditions\n",
+           "Each has `status`, `reason`, `message`, `lastTransitionTime` (when the status last changed) and "
+           "`lastUpdateTime` (when the reason or message last changed); `kubectl describe tj` lists them.\n",
+           "| Type | Meaning |", "|---|---|"]
+    out += [f"| {c.value} | {meanings[c.value]} |" for c in ConditionType]
+    return out
 
 
 def write_api_doc(path: Path) -> bool:
