@@ -250,3 +250,40 @@ def test_a_drained_worker_restarts_the_job_without_counting_it(stack: LocalStack
     restarting = [e["message"] for e in stack.events(name) if e["reason"] == "Restarting"]
     assert restarting and "not counted against backoffLimit" in restarting[0], restarting
     assert "DisruptionTarget=True (EvictionByEvictionAPI" in restarting[0], restarting
+
+
+def _condition(status: dict, type_: str) -> dict | None:
+    return next((c for c in status.get("conditions") or [] if c["type"] == type_), None)
+
+
+def test_a_gang_that_cannot_fit_binds_no_worker_and_names_the_short_resource(stack: LocalStack) -> None:
+    """Gang start: 4 workers of 3 CPUs on 3 nodes of 4 CPUs never fit together, so none is bound (no worker sits
+    Running waiting for the others); past scheduleTimeoutSeconds GangScheduled=False says cpu is short. Lowered to
+    3 replicas, the gang is released together and the job finishes."""
+    name = "gang"
+    stack.apply(small_job(name, replicas=4, steps=20, template__resources={"requests": {"cpu": "3", "memory": "256Mi"}},
+                          runPolicy={"backoffLimit": 2, "schedulingPolicy": {"scheduleTimeoutSeconds": 5}}))
+    try:
+        short = stack.wait_for(lambda: (c := _condition(_status(stack, name), "GangScheduled")) and c["status"] == "False"
+                               and c, timeout_s=120, what="GangScheduled=False")
+        pods = stack.list_pods(name)
+        assert len(pods) == 4 and not [p for p in pods if p["spec"].get("nodeName")], dump_debug(stack, name)
+        for pod in pods:  # held by the gate, as the API server says (the scheduler has not even tried)
+            assert pod["spec"]["schedulingGates"] == [{"name": "loco.dev/gang"}], pod["spec"]
+            scheduled = next(c for c in pod["status"]["conditions"] if c["type"] == "PodScheduled")
+            assert (scheduled["status"], scheduled["reason"]) == ("False", "SchedulingGated"), scheduled
+        assert short["reason"] == "InsufficientCapacity", short
+        assert "cpu: 4 workers request 3 each, room for 3" in short["message"], short
+        assert stack.wait_for_events(name, "InsufficientCapacity")
+        described = stack.kubectl("describe", "tj", name).stdout
+        assert "GangScheduled" in described and "InsufficientCapacity" in described, described
+        stack.kubectl("patch", "tj", name, "--type=merge", "-p", '{"spec": {"replicas": 3}}')
+        job = stack.wait_for_phase(name, {"Succeeded", "Failed"}, timeout_s=TIMEOUT_S)
+    except TimeoutError:
+        raise AssertionError(dump_debug(stack, name)) from None
+    status = job["status"]
+    assert status["phase"] == "Succeeded" and status["step"] == 20 and status["restarts"] == 0, dump_debug(stack, name)
+    released = _condition(status, "GangScheduled")
+    assert released["status"] == "True" and released["reason"] == "GangReleased", released
+    assert "Released 3 workers" in released["message"], released
+    assert stack.wait_for_events(name, "GangReleased")

@@ -204,17 +204,19 @@ async def test_patch_types_including_kopf_resource_version_test(api):
     assert status == 200 and patched["metadata"]["finalizers"] == ["kopf.zalando.org/KopfFinalizerMarker"]
     status, body = await api.patch(f"{PODS}/a", ops, kind="json")  # rv is stale now
     assert status == 422
-    # strategic merge: containers and env merge by name, $patch: delete removes one
-    smp = {"spec": {"containers": [{"name": "main", "env": [{"name": "A", "value": "1"}]},
-                                   {"name": "side", "image": "busybox"}]}}
-    _, merged = await api.patch(f"{PODS}/a", smp, kind="strategic-merge")
-    assert [c["name"] for c in merged["spec"]["containers"]] == ["main", "side"]
-    assert merged["spec"]["containers"][0]["image"] == "busybox"
+    # strategic merge: containers merge by name (an image is one of the few fields a pod update may change) ...
+    await api.post(PODS, {**pod("two"), "spec": {"containers": [
+        {"name": "main", "image": "busybox", "env": [{"name": "A", "value": "1"}]}, {"name": "side", "image": "x"}]}})
+    _, merged = await api.patch(f"{PODS}/two", {"spec": {"containers": [{"name": "side", "image": "y"}]}},
+                                kind="strategic-merge")
+    assert [(c["name"], c["image"]) for c in merged["spec"]["containers"]] == [("main", "busybox"), ("side", "y")]
+    assert merged["spec"]["containers"][0]["env"] == [{"name": "A", "value": "1"}]
+    # ... and as kube-apiserver, any other change to a pod's spec is refused naming what changed
     smp = {"spec": {"containers": [{"name": "main", "env": [{"name": "B", "value": "2"}]},
                                    {"name": "side", "$patch": "delete"}]}}
-    _, merged = await api.patch(f"{PODS}/a", smp, kind="strategic-merge")
-    assert [c["name"] for c in merged["spec"]["containers"]] == ["main"]
-    assert [e["name"] for e in merged["spec"]["containers"][0]["env"]] == ["A", "B"]
+    status, body = await api.patch(f"{PODS}/two", smp, kind="strategic-merge")
+    assert status == 422 and "pod updates may not change fields other than" in body["message"], body
+    assert "spec.containers" in body["message"] and body["details"]["causes"][0]["field"] == "spec"
     # merge patch null deletes
     _, merged = await api.patch(f"{PODS}/a", {"metadata": {"finalizers": None}})
     assert "finalizers" not in merged["metadata"]
@@ -351,6 +353,37 @@ async def test_pod_logs_container_tail_and_follow(api, server, tmp_path):
             await api.patch(f"{PODS}/a/status", {"status": {"phase": "Succeeded"}})
             rest = await asyncio.wait_for(resp.content.read(), 10)  # stream ends once the pod finished
             assert rest == b""
+
+
+async def test_scheduling_gates_may_only_be_removed_and_a_gated_pod_cannot_be_bound(api):
+    gated = {**pod("gated"), "spec": {**pod("gated")["spec"], "schedulingGates": [{"name": "loco.dev/gang"}]}}
+    status, created = await api.post(PODS, gated)
+    assert status == 201 and [(c["type"], c["status"], c["reason"]) for c in created["status"]["conditions"]] == [
+        ("PodScheduled", "False", "SchedulingGated")]
+    status, body = await api.post(f"{PODS}/gated/binding", {"target": {"kind": "Node", "name": "node-1"}})
+    assert status == 409 and "non-empty .spec.schedulingGates" in body["message"], body
+    status, body = await api.patch(f"{PODS}/gated", {"spec": {"schedulingGates": [
+        {"name": "loco.dev/gang"}, {"name": "example.dev/more"}]}})
+    assert status == 422 and "only deletion is allowed, but found new scheduling gate 'example.dev/more'" in \
+        body["message"] and body["details"]["causes"][0]["field"] == "spec.schedulingGates[1].name", body
+    # what the operator sends to release a gang (a strategic merge patch deleting the list)
+    status, released = await api.patch(f"{PODS}/gated", {"spec": {"schedulingGates": None}}, kind="strategic-merge")
+    assert status == 200 and "schedulingGates" not in released["spec"]
+    status, _ = await api.post(f"{PODS}/gated/binding", {"target": {"kind": "Node", "name": "node-1"}})
+    assert status == 201
+
+
+def test_strategic_merge_patch_merges_lists_by_key_and_deletes_with_dollar_patch():
+    from loco_local.apiserver.patch import apply_patch
+
+    base = {"spec": {"containers": [{"name": "main", "image": "a", "env": [{"name": "A", "value": "1"}]},
+                                    {"name": "side", "image": "b"}]}}
+    smp = {"spec": {"containers": [{"name": "main", "env": [{"name": "B", "value": "2"}]},
+                                   {"name": "side", "$patch": "delete"}]}}
+    merged = apply_patch(base, "application/strategic-merge-patch+json", smp, custom=False)
+    assert [c["name"] for c in merged["spec"]["containers"]] == ["main"]
+    assert merged["spec"]["containers"][0]["image"] == "a"
+    assert [e["name"] for e in merged["spec"]["containers"][0]["env"]] == ["A", "B"]
 
 
 async def test_eviction_marks_the_pod_disrupted_and_deletes_it_gracefully(api):

@@ -335,6 +335,8 @@ class Scheduler(Controller):
         nodes = sorted(self.nodes.cache.values(), key=lambda n: n["metadata"]["name"])
         pending.sort(key=lambda p: (p["metadata"].get("creationTimestamp", ""), p["metadata"]["name"]))
         for pod in pending:
+            if (pod.get("spec") or {}).get("schedulingGates"):
+                continue  # as kube-scheduler: not tried until ungated (the API server said SchedulingGated)
             try:
                 placement = schedule(pod, nodes, bound)
             except ValueError as exc:

@@ -180,6 +180,9 @@ def _conditions_section() -> list[str]:
         "Degraded": "True while running with fewer workers than spec.replicas (an elastic shrink), with how many and why",
         "Resized": "the last change of the worker count: from -> to and why (ScaledUp, ScaledDown)",
         "Checkpointed": "the last committed checkpoint: step, commit time, path",
+        "GangScheduled": "gang start (runPolicy.schedulingPolicy.gang): True when the epoch's workers were released to "
+        "the scheduler together (GangReleased); False when they waited past scheduleTimeoutSeconds, naming the short "
+        "resource (InsufficientCapacity)",
     }
     out = ["\n## Conditions\n",
            "Each has `status`, `reason`, `message`, `lastTransitionTime` (when the status last changed) and "

@@ -1,4 +1,4 @@
-"""Can the cluster place more worker pods? A pure, conservative estimate for elastic growth.
+"""Can the cluster place more worker pods? A pure, conservative estimate for elastic growth and gang start.
 
 :func:`free_slots` answers "how many more copies of this worker pod would the scheduler bind right
 now", from the Nodes and the Pods as the API returns them (camelCase dicts). It follows the
@@ -8,7 +8,8 @@ the job's avoid list (``status.avoidNodes``), and the pod's resource requests (a
 slot) fit into allocatable minus the requests of the non-terminated pods bound to the node.
 Affinity other than the avoid list and topology spread are not evaluated, so the answer can be
 optimistic; a wrong guess costs one resize attempt: the new pod stays Unschedulable and the
-planner shrinks again after ``elastic.placementTimeoutSeconds``.
+planner shrinks again after ``elastic.placementTimeoutSeconds``. :func:`shortage` says, for a gang
+that does not fit, which resource is short and how much each usable node has left.
 """
 
 from __future__ import annotations
@@ -71,6 +72,38 @@ def node_usable(node: Mapping[str, Any], pod: Mapping[str, Any], avoid_nodes: It
     return all(labels.get(k) == v for k, v in (pod_spec.get("nodeSelector") or {}).items())
 
 
+def _free_by_node(pod: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[str, Any]],
+                  avoid_nodes: Iterable[str]) -> dict[str, dict[str, Decimal | None]]:
+    """For each node ``pod`` may use, what is left of each resource it requests (None: the node does not offer it;
+    a missing ``pods`` limit counts as unlimited)."""
+    used: dict[str, dict[str, Decimal]] = {}
+    for other in pods:
+        node = (other.get("spec") or {}).get("nodeName")
+        if not node or (other.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+            continue
+        acc = used.setdefault(node, {})
+        for name, value in pod_requests(other).items():
+            acc[name] = acc.get(name, Decimal(0)) + value
+    avoid = list(avoid_nodes)
+    free: dict[str, dict[str, Decimal | None]] = {}
+    for node in nodes:
+        if not node_usable(node, pod, avoid):
+            continue
+        status, node_name = node.get("status") or {}, (node.get("metadata") or {}).get("name", "")
+        allocatable = status.get("allocatable") or status.get("capacity") or {}
+        taken = used.get(node_name, {})
+        free[node_name] = {
+            name: (_quantity(allocatable[name]) - taken.get(name, Decimal(0)) if name in allocatable
+                   else (Decimal(1 << 30) if name == "pods" else None))
+            for name, need in pod_requests(pod).items() if need > 0
+        }
+    return free
+
+
+def _copies(free: Decimal | None, need: Decimal) -> int:
+    return 0 if free is None else max(int(free // need), 0)
+
+
 def free_slots(
     pod: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[str, Any]],
     avoid_nodes: Iterable[str] = (),
@@ -81,28 +114,37 @@ def free_slots(
     hold nothing). A resource the pod requests but a node does not offer makes the node unusable.
     """
     want = {k: v for k, v in pod_requests(pod).items() if v > 0}
-    used: dict[str, dict[str, Decimal]] = {}
-    for other in pods:
-        node = (other.get("spec") or {}).get("nodeName")
-        if not node or (other.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+    return sum(min((_copies(left[name], need) for name, need in want.items()), default=0)
+               for left in _free_by_node(pod, nodes, pods, avoid_nodes).values())
+
+
+def shortage(pod: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[str, Any]],
+             count: int, avoid_nodes: Iterable[str] = ()) -> str | None:
+    """Why ``count`` copies of ``pod`` cannot all be placed now, naming the resource that is short; None when they
+    can (:func:`free_slots` >= ``count``). What a gang waiting for room tells its user."""
+    room = free_slots(pod, nodes, pods, avoid_nodes)
+    if room >= count:
+        return None
+    free = _free_by_node(pod, nodes, pods, avoid_nodes)
+    if not free:
+        return (f"no node can take a worker: {len(nodes)} nodes, none Ready, schedulable, with every taint tolerated, "
+                f"the nodeSelector matched and not avoided")
+    short = []
+    for name, need in sorted(pod_requests(pod).items()):
+        if need <= 0 or name == "pods":
             continue
-        acc = used.setdefault(node, {})
-        for name, value in pod_requests(other).items():
-            acc[name] = acc.get(name, Decimal(0)) + value
-    avoid = list(avoid_nodes)
-    total = 0
-    for node in nodes:
-        if not node_usable(node, pod, avoid):
-            continue
-        status = node.get("status") or {}
-        allocatable = status.get("allocatable") or status.get("capacity") or {}
-        taken = used.get((node.get("metadata") or {}).get("name", ""), {})
-        fits: list[int] = []
-        for name, need in want.items():
-            if name not in allocatable:
-                fits.append(0 if name != "pods" else 1 << 30)  # a node without a pods limit takes any number
-                continue
-            free = _quantity(allocatable[name]) - taken.get(name, Decimal(0))
-            fits.append(max(int(free // need), 0))
-        total += min(fits) if fits else 0
-    return total
+        fits = sum(_copies(left[name], need) for left in free.values())
+        if fits < count:
+            listed = ", ".join(f"{node} {'none' if left[name] is None else _show(name, left[name])}"
+                               for node, left in sorted(free.items()))
+            short.append(f"{name}: {count} workers request {_show(name, need)} each, room for {fits} "
+                         f"(free on usable nodes: {listed})")
+    return "; ".join(short) or f"room for {room} of {count} workers"
+
+
+def _show(resource: str, value: Decimal) -> str:
+    """A quantity as people write it: memory in Mi or Gi, the rest as a plain number."""
+    if resource in ("memory", "ephemeral-storage") or resource.startswith("hugepages-"):
+        gib = value / (1 << 30)
+        return f"{gib.normalize():f}Gi" if gib >= 1 and gib == gib.to_integral() else f"{(value / (1 << 20)).quantize(Decimal(1))}Mi"
+    return f"{value.normalize():f}"

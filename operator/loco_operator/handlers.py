@@ -52,13 +52,13 @@ from loco_contract.config import DEFAULT_STATUS_PORT
 from loco_contract.detection import DetectorConfig
 from loco_contract.protocol import MEMBERSHIP_PATH, STATUS_PATH, ProgressReport
 
-from .capacity import free_slots
+from .capacity import free_slots, shortage
 from .metrics import OperatorMetrics
 from loco_detector.live import LiveDetectors
 from .planner import (
     Action, CordonNode, CreateConfigMap, CreateMembershipSecret, CreateNetworkPolicy, CreatePod,
     CreateService, DeleteJob, DeletePod, EmitEvent, ForceDeletePod, NODE_LOST_GRACE_S, Observed, ObservedPod,
-    PatchPodLabels, PostMembership, UpdateConfigMap, parse_report, plan, plan_pod_refused,
+    PatchPodLabels, PostMembership, UngatePods, UpdateConfigMap, parse_report, plan, plan_pod_refused,
     refusal_is_permanent
 )
 from .render import CONFIG_KEY, LABEL_JOB, MEMBERSHIP_KEY, JobRef, render_membership_secret, render_pod
@@ -345,6 +345,7 @@ async def observe(ctx: OperatorContext, job: dict[str, Any]) -> Observed:
     reports = await poll_reports(ctx, pods, cursors=lambda pod: ctx.faults.cursor(key, epoch, pod.name))
     findings = feed_detector(ctx, job, epoch, pods, reports)
     slots = await observe_capacity(ctx, job)
+    gang_shortage = await observe_gang_room(ctx, job, pods)
     return Observed(
         pods=tuple(pods),
         service_exists=service is not None,
@@ -355,6 +356,7 @@ async def observe(ctx: OperatorContext, job: dict[str, Any]) -> Observed:
         foreign_pods=frozenset(foreign),
         findings=tuple(findings),
         free_slots=slots,
+        gang_shortage=gang_shortage,
     )
 
 
@@ -418,6 +420,31 @@ async def observe_capacity(ctx: OperatorContext, job: dict[str, Any]) -> int | N
         log.warning(f"[{ref.namespace}/{ref.name}] cannot read cluster capacity for elastic growth: {exc.reason}")
         return None
     return free_slots(template, nodes.get("items") or [], pods.get("items") or [], status.get("avoidNodes") or ())
+
+
+async def observe_gang_room(ctx: OperatorContext, job: dict[str, Any], pods: Sequence[ObservedPod]) -> str | None:
+    """Why the job's gated workers would not all fit now (:func:`loco_operator.capacity.shortage`); None when they
+    would, when none is gated, or when the cluster cannot be read (the gang is then released: the scheduler decides)."""
+    gated = [pod for pod in pods if pod.gated and pod.live]
+    if not gated:
+        return None
+    status = job.get("status") or {}
+    try:
+        parsed = TrainingJobSpec.model_validate(job.get("spec") or {})
+    except ValueError:
+        return None
+    ref = JobRef.from_body(job)
+    template = render_pod(ref, parsed, 0, 0, avoid_nodes=status.get("avoidNodes") or ())
+    try:
+        nodes, all_pods = await asyncio.gather(
+            _call(ctx, "list_nodes", ctx.core.list_node),
+            _call(ctx, "list_all_pods", ctx.core.list_pod_for_all_namespaces),
+        )
+    except ApiException as exc:
+        log.warning(f"[{ref.namespace}/{ref.name}] cannot read cluster capacity for gang start: {exc.reason}")
+        return None
+    return shortage(template, nodes.get("items") or [], all_pods.get("items") or [], len(gated),
+                    status.get("avoidNodes") or ())
 
 
 def feed_detector(ctx: OperatorContext, job: dict[str, Any], epoch: int, pods: Sequence[ObservedPod],
@@ -531,6 +558,8 @@ async def apply(ctx: OperatorContext, job: dict[str, Any], actions: Sequence[Act
                               grace_period_seconds=0)
             elif isinstance(action, PatchPodLabels):
                 await patch_pod_labels(ctx, ref, action)
+            elif isinstance(action, UngatePods):
+                await ungate_pods(ctx, ref, action)
             elif isinstance(action, PostMembership):
                 await post_membership(ctx, ref, action)
             elif isinstance(action, CordonNode):
@@ -566,6 +595,19 @@ async def _delete(ctx: OperatorContext, operation: str, fn: Any, *args: Any, **k
     except ApiException as exc:
         if exc.status != 404:  # NotFound: already gone
             raise
+
+
+async def ungate_pods(ctx: OperatorContext, ref: JobRef, action: UngatePods) -> None:
+    """Remove the gang's scheduling gate from each pod (a JSON merge patch: the API lets gates only be removed).
+    A vanished pod is logged: the next reconcile sees the gang incomplete."""
+    for name in action.names:
+        try:
+            await _call(ctx, "patch_pod", ctx.core.patch_namespaced_pod, name, ref.namespace,
+                        {"spec": {"schedulingGates": None}})
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            log.info(f"[{ref.namespace}/{ref.name}] pod {name} is gone; its gate was not removed")
 
 
 async def patch_pod_labels(ctx: OperatorContext, ref: JobRef, action: PatchPodLabels) -> None:

@@ -261,10 +261,14 @@ def avoid_nodes_affinity(affinity: dict[str, Any] | None, avoid_nodes: Sequence[
     return out
 
 
+#: The scheduling gate a gang's workers are created with; the operator removes it from all of them at once.
+GANG_GATE = "loco.dev/gang"
+
+
 def render_pod(
     job: JobRef, spec: TrainingJobSpec, rank: int, epoch: int, restarts: int = 0, resume_from: str = "",
     avoid_nodes: Sequence[str] = (), num_replicas: int | None = None, *, name: str | None = None, join: bool = False,
-    master_addr: str | None = None, master_port: int | None = None,
+    master_addr: str | None = None, master_port: int | None = None, gated: bool = False,
 ) -> dict[str, Any]:
     """Worker pod of rank ``rank`` in membership epoch ``epoch``, named ``name`` (default
     ``<job>-worker-<rank>``; a pod keeps its name across live resizes, so a new one takes a free name).
@@ -276,6 +280,7 @@ def render_pod(
     reaches the trainer as ``LOCO_RESUME_FROM``. Contract labels win over template labels.
     ``avoid_nodes`` (``status.avoidNodes``: nodes blamed for faults) become a required node
     anti-affinity merged into the template's affinity (:func:`avoid_nodes_affinity`).
+    ``gated``: created with the scheduling gate :data:`GANG_GATE` (gang start; the operator removes it).
     """
     tpl = spec.template
     name = name or job.pod_name(rank)
@@ -327,6 +332,8 @@ def render_pod(
             *tpl.volumes,
         ],
     }
+    if gated:
+        pod_spec["schedulingGates"] = [{"name": GANG_GATE}]
     if tpl.node_selector:
         pod_spec["nodeSelector"] = dict(tpl.node_selector)
     if tpl.tolerations:

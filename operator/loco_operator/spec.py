@@ -177,6 +177,18 @@ class FailurePolicy(Model):
     rules: list[FailureRule] = Field(max_length=20, description="At most 20 rules, first match wins.")
 
 
+class SchedulingPolicy(Model):
+    """How the workers of an epoch start: together or one by one."""
+
+    gang: bool = Field(
+        True, description="Gang start: every worker of an epoch is created with the scheduling gate loco.dev/gang, "
+        "released only when all of them exist and the cluster has room for all; until then none is bound, so no "
+        "accelerator idles under a half-started job. Elastic jobs (spec.elastic) start with what fits instead.")
+    schedule_timeout_seconds: int = Field(
+        300, ge=1, le=86_400, description="How long a gang may wait for room before the GangScheduled condition turns "
+        "False naming the resource that is short (it keeps waiting).")
+
+
 class RunPolicy(Model):
     """Restarts, deadlines and clean-up."""
 
@@ -192,6 +204,7 @@ class RunPolicy(Model):
         description="Which pods to delete when the job finishes: All, Running (still running ones), None.",
     )
     suspend: bool = Field(False, description="Suspend the job: delete its pods, keep its checkpoint; unsuspend resumes.")
+    scheduling_policy: SchedulingPolicy = Field(default_factory=SchedulingPolicy, description="Gang start.")
     failure_policy: FailurePolicy | None = Field(
         None, description="How a failed worker counts, by its exit code or its pod's conditions. Unset: a configuration "
         "error (exit code 2) fails the job at once; a disruption (DisruptionTarget: eviction, preemption, drain) "

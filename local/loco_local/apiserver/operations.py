@@ -404,6 +404,8 @@ class Operations:
                 _refuse_undecodable_string_maps(rt, new)
             if rt.group == "" and rt.plural == "secrets":
                 _fold_string_data(new)
+            if rt.group == "" and rt.plural == "pods" and (causes := pod_update_causes(old, new)):
+                raise self._invalid(rt, name, causes)
             if rt.plural == "customresourcedefinitions":
                 self._prepare_crd(new, old)
         if rt.is_custom:
@@ -652,6 +654,8 @@ class Operations:
                                   f"pod {name} is already assigned to node \"{pod['spec']['nodeName']}\"")
         if pod["metadata"].get("deletionTimestamp"):
             raise errors.conflict("pods/binding", "", name, f"pod {name} is being deleted, cannot be assigned to a host")
+        if pod.get("spec", {}).get("schedulingGates"):
+            raise errors.conflict("pods/binding", "", name, f"pod {name} has non-empty .spec.schedulingGates")
         pod["spec"]["nodeName"] = target
         conditions = [c for c in pod.setdefault("status", {}).get("conditions") or [] if c.get("type") != "PodScheduled"]
         conditions.append({"type": "PodScheduled", "status": "True", "lastProbeTime": None,
@@ -833,6 +837,10 @@ def _default_pod(pod: Obj) -> None:
             if isinstance(port, dict):
                 port.setdefault("protocol", "TCP")
     pod["status"] = {"phase": "Pending", "qosClass": _qos_class(spec)}
+    if spec.get("schedulingGates"):  # as kube-apiserver's pod strategy: the scheduler will not look at it yet
+        pod["status"]["conditions"] = [{"type": "PodScheduled", "status": "False", "reason": "SchedulingGated",
+                                        "message": "Scheduling is blocked due to non-empty scheduling gates",
+                                        "lastProbeTime": None, "lastTransitionTime": None}]
 
 
 def _qos_class(spec: Obj) -> str:
@@ -890,3 +898,44 @@ def _fold_string_data(secret: Obj) -> None:
             data[key] = base64.b64encode(str(value).encode()).decode()
         secret["data"] = data
     secret.setdefault("type", "Opaque")
+
+
+#: What kube-apiserver lets an update change in a pod's spec (beyond these, it answers 422).
+_POD_MUTABLE = "`spec.containers[*].image`,`spec.initContainers[*].image`,`spec.activeDeadlineSeconds`," \
+    "`spec.tolerations` (only additions to existing tolerations),`spec.terminationGracePeriodSeconds` " \
+    "(allow it to be set to 1 if it was previously negative)"
+
+
+def pod_update_causes(old: Obj, new: Obj) -> list[tuple[str, str]]:
+    """kube-apiserver's ``ValidatePodUpdate``, the parts a pod's clients meet: scheduling gates may only be removed
+    (what a gang start or a queue does to release a pod), and the rest of the spec is fixed but for images, the
+    active deadline and added tolerations. The causes name the field, as the real server does."""
+    old_spec, new_spec = old.get("spec") or {}, new.get("spec") or {}
+    old_gates = [g.get("name") for g in old_spec.get("schedulingGates") or [] if isinstance(g, dict)]
+    new_gates = [g.get("name") for g in new_spec.get("schedulingGates") or [] if isinstance(g, dict)]
+    added = [(i, g) for i, g in enumerate(new_gates) if g not in old_gates]
+    if added:
+        return [(f"spec.schedulingGates[{i}].name", f"spec.schedulingGates[{i}].name: Forbidden: only deletion is "
+                 f"allowed, but found new scheduling gate '{g}'") for i, g in added]
+    if new_gates and new_spec.get("nodeName"):
+        return [("spec.nodeName", "spec.nodeName: Forbidden: cannot be set until all schedulingGates have been cleared")]
+
+    def fixed(spec: Obj) -> Obj:
+        rest = copy.deepcopy({k: v for k, v in spec.items()
+                              if k not in ("schedulingGates", "activeDeadlineSeconds", "tolerations",
+                                           "terminationGracePeriodSeconds")})
+        for group in ("containers", "initContainers"):
+            for container in rest.get(group) or []:
+                if isinstance(container, dict):
+                    container.pop("image", None)
+        return rest
+
+    old_tolerations = old_spec.get("tolerations") or []
+    kept = all(t in (new_spec.get("tolerations") or []) for t in old_tolerations)
+    if fixed(old_spec) != fixed(new_spec) or not kept:
+        changed = [k for k in sorted(set(old_spec) | set(new_spec))
+                   if (k == "tolerations" and not kept) or fixed({k: old_spec.get(k)}) != fixed({k: new_spec.get(k)})]
+        return [("spec", f"spec: Forbidden: pod updates may not change fields other than {_POD_MUTABLE} "
+                 f"(changed: {', '.join(f'spec.{k}' for k in changed)})")]
+    return []
+

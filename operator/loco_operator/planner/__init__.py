@@ -39,7 +39,7 @@ while it is being made):
 from .actions import (
     Action, CordonNode, CreateConfigMap, CreateMembershipSecret, CreateNetworkPolicy, CreatePod,
     CreateService, DeleteJob, DeletePod, EmitEvent, ForceDeletePod, PatchPodLabels, Plan, PostMembership,
-    UpdateConfigMap
+    UngatePods, UpdateConfigMap
 )
 from .observe import Observed, ObservedPod, parse_report, parse_status, parse_time, rfc3339
 from .reconcile import plan, plan_pod_refused, refusal_is_permanent
@@ -47,7 +47,8 @@ from .vocabulary import MAX_FAULT_RECORDS, MAX_SKIPPED_RECORDS, NODE_LOST_GRACE_
 
 __all__ = [
     "Action", "CordonNode", "CreateConfigMap", "CreateMembershipSecret", "CreateNetworkPolicy", "CreatePod", "CreateService",
-    "DeleteJob", "DeletePod", "EmitEvent", "ForceDeletePod", "PatchPodLabels", "Plan", "PostMembership", "UpdateConfigMap",
+    "DeleteJob", "DeletePod", "EmitEvent", "ForceDeletePod", "PatchPodLabels", "Plan", "PostMembership", "UngatePods",
+    "UpdateConfigMap",
     "Observed", "ObservedPod", "parse_report", "parse_status", "parse_time", "rfc3339",
     "plan", "plan_pod_refused", "refusal_is_permanent",
     "MAX_FAULT_RECORDS", "MAX_SKIPPED_RECORDS", "NODE_LOST_GRACE_S", "TERMINAL", "ConditionType", "EventType", "Reason",

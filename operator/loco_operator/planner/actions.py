@@ -77,6 +77,12 @@ class PatchPodLabels:
     labels: dict[str, str] = field(default_factory=dict, hash=False)
 
 @dataclass(frozen=True)
+class UngatePods:
+    """Remove the gang's scheduling gate from these pods, all at once: the scheduler may bind them now."""
+
+    names: tuple[str, ...]
+
+@dataclass(frozen=True)
 class PostMembership:
     """``POST /membership`` to a running worker (``body``: a :class:`MembershipUpdate` on the wire):
     its place in the new membership epoch of a live resize. Sent again on every reconcile until the
@@ -95,7 +101,7 @@ class EmitEvent:
     message: str
 
 Action = (CreateService | CreateConfigMap | UpdateConfigMap | CreateMembershipSecret | CreateNetworkPolicy | CreatePod
-          | DeletePod | ForceDeletePod | DeleteJob | EmitEvent | CordonNode | PatchPodLabels | PostMembership)
+          | DeletePod | ForceDeletePod | DeleteJob | EmitEvent | CordonNode | PatchPodLabels | PostMembership | UngatePods)
 
 @dataclass(frozen=True)
 class Plan:

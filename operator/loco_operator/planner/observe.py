@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from loco_contract.protocol import ProgressReport
 from loco_detector.live import FaultFinding
 
-from ..render import LABEL_EPOCH, LABEL_RANK
+from ..render import GANG_GATE, LABEL_EPOCH, LABEL_RANK
 from ..spec import TrainingJobStatus
 from .actions import Action, EmitEvent, ForceDeletePod
 from .vocabulary import EventType, Reason
@@ -52,6 +52,10 @@ class ObservedPod:
     node_lost_since: str | None = None
     #: The pod's conditions as (type, status) pairs (what runPolicy.failurePolicy's onPodConditions match).
     conditions: tuple[tuple[str, str], ...] = ()
+    #: The pod still carries the gang's scheduling gate (created, not yet released to the scheduler).
+    gated: bool = False
+    #: metadata.creationTimestamp.
+    created: str | None = None
 
     @classmethod
     def from_manifest(cls, pod: Mapping[str, Any]) -> "ObservedPod | None":
@@ -98,6 +102,9 @@ class ObservedPod:
             ready=ready,
             conditions=tuple((str(c.get("type")), str(c.get("status"))) for c in status.get("conditions") or []
                              if isinstance(c, Mapping)),
+            gated=any(isinstance(g, Mapping) and g.get("name") == GANG_GATE
+                      for g in (pod.get("spec") or {}).get("schedulingGates") or []),
+            created=meta.get("creationTimestamp"),
         )
 
     @property
@@ -134,6 +141,8 @@ class Observed:
     #: How many more worker pods the cluster could place right now (:func:`loco_operator.capacity.free_slots`);
     #: None when not computed (only elastic jobs below their target size need it).
     free_slots: int | None = None
+    #: Why the gated workers do not fit (:func:`loco_operator.capacity.shortage`), when they do not.
+    gang_shortage: str | None = None
 
 def rfc3339(t: datetime) -> str:
     return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -20,7 +20,7 @@ from .membership import membership_updates, switching
 from .observe import Observed, ObservedPod, lost_with_their_nodes
 from .progress import fold_progress, summarise
 from .vocabulary import NODE_LOST_GRACE_S, TERMINAL, Reason
-from .workers import create_missing, ensure_children, phase_from_workers, wait_for_stale
+from .workers import create_missing, ensure_children, phase_from_workers, release_gang, wait_for_stale
 
 
 def plan(job: Mapping[str, Any], observed: Observed, now: datetime, *,
@@ -111,6 +111,7 @@ def reconcile(p: Planner, spec: TrainingJobSpec) -> None:
         return
     missing = create_missing(p, spec, current, size)
     if missing is not None:
+        release_gang(p, spec, current, missing)
         phase_from_workers(p, current, missing, size)
         membership_updates(p, spec, current, size)  # the survivors of a live resize learn their place
 

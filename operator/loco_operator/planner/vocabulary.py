@@ -52,6 +52,8 @@ class Reason(str, Enum):
     previous_job_kept = "PreviousJobKept"
     previous_job_adopted = "PreviousJobAdopted"
     failure_policy = "FailurePolicy"
+    gang_released = "GangReleased"
+    insufficient_capacity = "InsufficientCapacity"
     scaled_down = "ScaledDown"
     scaled_up = "ScaledUp"
     fewer_workers = "FewerWorkers"
@@ -68,6 +70,7 @@ class ConditionType(str, Enum):
     degraded = "Degraded"
     resized = "Resized"
     checkpointed = "Checkpointed"
+    gang_scheduled = "GangScheduled"
 
 class EventType(str, Enum):
     normal = "Normal"

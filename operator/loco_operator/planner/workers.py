@@ -7,10 +7,12 @@ from collections.abc import Sequence
 
 from ..render import config_json, render_configmap, render_network_policy, render_pod, render_service
 from ..spec import Phase, TrainingJobSpec, WorkersStatus
-from .actions import CreateConfigMap, CreateMembershipSecret, CreateNetworkPolicy, CreatePod, CreateService, UpdateConfigMap
-from .context import Planner
+from .actions import (
+    CreateConfigMap, CreateMembershipSecret, CreateNetworkPolicy, CreatePod, CreateService, UngatePods, UpdateConfigMap
+)
+from .context import Planner, requeue
 from .membership import live_capable, pod_names, render_joiner
-from .observe import ObservedPod, rfc3339
+from .observe import ObservedPod, parse_time, rfc3339
 from .vocabulary import ConditionType, EventType, Reason
 
 
@@ -62,12 +64,14 @@ def create_missing(p: Planner, spec: TrainingJobSpec, current: Sequence[Observed
         return None
     resume = st.last_checkpoint.path if st.last_checkpoint else ""
     joining = live_capable(p, spec) and 0 in by_rank  # the membership runs: a new pod joins it
+    # a new epoch of a fixed-size job starts all or nothing; an elastic job starts with what fits
+    gated = spec.run_policy.scheduling_policy.gang and spec.elastic is None and not joining
     for rank in missing:
         if joining:
             body = render_joiner(p, spec, rank, size, names[rank], by_rank[0].name)
         else:
-            body = render_pod(p.ref, spec, rank, epoch, restarts=st.restarts + st.ignored_failures, resume_from=resume, avoid_nodes=st.avoid_nodes,
-                              num_replicas=size, name=names[rank])
+            body = render_pod(p.ref, spec, rank, epoch, restarts=st.restarts + st.ignored_failures, resume_from=resume,
+                              avoid_nodes=st.avoid_nodes, num_replicas=size, name=names[rank], gated=gated)
         p.actions.append(CreatePod(names[rank], rank, epoch, body))
     if missing or current:
         st.start_time = st.start_time or rfc3339(p.now)  # workers exist (or are about to) from now on
@@ -97,3 +101,32 @@ def phase_from_workers(p: Planner, current: Sequence[ObservedPod], missing: Sequ
         st.message = f"Waiting for {size - len(running)} of {size} workers to start"
     elif st.phase is Phase.restarting:
         st.message = st.message or f"Waiting for workers of epoch {epoch} to start"
+
+
+def release_gang(p: Planner, spec: TrainingJobSpec, current: Sequence[ObservedPod], missing: Sequence[int]) -> None:
+    """Gang start: once every worker of the epoch exists, remove their scheduling gates together, if the cluster has
+    room for all of them (``observed.gang_shortage`` is None); until then none is bound. Past
+    ``scheduleTimeoutSeconds`` the ``GangScheduled`` condition turns False naming the resource that is short."""
+    gated = sorted((pod for pod in current if pod.gated and pod.live), key=lambda pod: pod.rank)
+    if not gated or missing:
+        return
+    st, epoch, shortage = p.status, p.status.membership_epoch, p.observed.gang_shortage
+    if shortage is None:
+        p.actions.append(UngatePods(tuple(pod.name for pod in gated)))
+        message = f"Released {len(gated)} workers of epoch {epoch} to the scheduler together"
+        p.condition(ConditionType.gang_scheduled, True, Reason.gang_released, message)
+        p.event(EventType.normal, Reason.gang_released, message)
+        return
+    created = [t for t in (parse_time(pod.created) for pod in gated) if t is not None]
+    waited = (p.now - min(created)).total_seconds() if created else 0.0
+    timeout = spec.run_policy.scheduling_policy.schedule_timeout_seconds
+    st.message = f"Waiting for room for all {len(gated)} workers of epoch {epoch} (gang start): {shortage}"
+    if waited < timeout:
+        requeue(p, min(5.0, timeout - waited))
+        return
+    message = f"{len(gated)} workers of epoch {epoch} have waited {waited:.0f}s for room (gang start): {shortage}"
+    was_false = any(c.type == ConditionType.gang_scheduled.value and c.status == "False" for c in st.conditions)
+    p.condition(ConditionType.gang_scheduled, False, Reason.insufficient_capacity, message, record_false=True)
+    if not was_false:
+        p.event(EventType.warning, Reason.insufficient_capacity, message)
+    requeue(p, 5.0)
