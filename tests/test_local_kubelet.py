@@ -456,3 +456,32 @@ def test_a_pod_an_earlier_kubelet_ran_fails_or_restarts_as_after_a_reboot():
     assert lost_containers_status(pod("OnFailure", running)) is None
     assert lost_containers_status(pod("Never", {"waiting": {"reason": "ContainerCreating"}})) is None  # never ran
     assert lost_containers_status({"spec": {"restartPolicy": "Never"}, "status": {"phase": "Pending"}}) is None
+
+
+async def test_a_volume_source_the_api_refuses_for_now_is_retried_not_the_end_of_the_pod(cluster: LocalCluster,
+                                                                                       api: ApiClient):
+    """On a real control plane the Node authorizer refuses a just-bound pod's ConfigMap (403, "no relationship found
+    between node ...") until its graph has seen the binding; the kubelet retries the mount, as a real one does."""
+    await api.create(f"/api/v1/namespaces/{NS}/configmaps", {"metadata": {"name": "cfg"}, "data": {"k": "v"}})
+    kubelet_api = cluster.kubelet.api
+    real_get, refused = kubelet_api.get, []
+
+    async def refusing_get(path: str, *args: Any, **kwargs: Any) -> Any:
+        if path.endswith("/configmaps/cfg") and len(refused) < 2:
+            refused.append(path)
+            raise ApiError(403, 'configmaps "cfg" is forbidden: User "system:node:node-0" cannot get resource '
+                                '"configmaps": no relationship found between node', "GET", path)
+        return await real_get(path, *args, **kwargs)
+
+    kubelet_api.get = refusing_get
+    try:
+        script = "import os; assert open(os.path.join(os.environ['LOCO_LOCAL_ROOT'], 'cfg/k')).read() == 'v'"
+        pod = python_pod("mounted", script, volumes=[{"name": "c", "configMap": {"name": "cfg"}}],
+                         container={"volumeMounts": [{"name": "c", "mountPath": "/cfg"}]})
+        await create_pod(api, pod)
+        done = await wait_phase(api, "mounted", {"Succeeded", "Failed"})
+    finally:
+        kubelet_api.get = real_get
+    assert done["status"]["phase"] == "Succeeded" and len(refused) == 2, done["status"]
+    events = await api.get(f"/api/v1/namespaces/{NS}/events")
+    assert [e for e in events["items"] if e["reason"] == "FailedMount" and "no relationship" in e["message"]]

@@ -364,6 +364,7 @@ class PodWorker:
         self._reset_dirs()
         await self._publish()
         # 1. volumes and environments (retried until they resolve or the pod goes away)
+        backoff = 0.5
         while True:
             if await self._stop_requested():
                 return
@@ -376,6 +377,14 @@ class PodWorker:
                 await self.kubelet.api.event(self.pod, "Failed", f"Error: {exc}", type_="Warning", host=self._node)
                 await self._publish()
                 await self._sleep_or_wake(5.0)
+            except (ApiError, aiohttp.ClientError) as exc:
+                # as a real kubelet, a volume source the API would not give is retried, not the end of the pod: on a
+                # real control plane the Node authorizer refuses a just-bound pod's ConfigMap and Secret (403, "no
+                # relationship found between node ...") until its graph has seen the binding
+                await self.kubelet.api.event(self.pod, "FailedMount", f"MountVolume.SetUp failed: {exc}",
+                                             type_="Warning", host=self._node)
+                await self._sleep_or_wake(backoff)
+                backoff = min(backoff * 2, 30.0)
         # 2. init containers, in order
         for c in self.inits:
             while True:
