@@ -42,6 +42,8 @@ from pathlib import Path
 from typing import Any
 
 import requests
+from loco_contract.detection import DetectorConfig
+from pydantic.alias_generators import to_snake
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -196,6 +198,16 @@ def coherent(spec: dict[str, Any], only: dict[str, set[str]]) -> dict[str, Any]:
             del rule["onPodConditions"]
         elif isinstance(rule, dict) and not rule.get("onExitCodes") and not rule.get("onPodConditions"):
             rule["onPodConditions"] = [{"type": "DisruptionTarget"}]
+    detection, defaults = obj("faultDetection"), DetectorConfig.model_fields
+    for low, high in (("consecutive", "window"), ("hangTimeoutFloorSeconds", "warmupHangTimeoutSeconds")):
+        lo = detection.get(low, defaults[to_snake(low)].default)
+        hi = detection.get(high, defaults[to_snake(high)].default)
+        if (low in detection or high in detection) and isinstance(lo, (int, float)) and isinstance(hi, (int, float)) \
+                and lo > hi:
+            detection[high] = lo
+    placement = spec.get("placement")
+    if isinstance(placement, dict) and placement.get("pack") is not None and placement.get("spread") is not None:
+        del placement["spread"]  # pack or spread, not both
     return spec
 
 

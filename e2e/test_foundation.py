@@ -287,3 +287,30 @@ def test_a_gang_that_cannot_fit_binds_no_worker_and_names_the_short_resource(sta
     assert released["status"] == "True" and released["reason"] == "GangReleased", released
     assert "Released 3 workers" in released["message"], released
     assert stack.wait_for_events(name, "GangReleased")
+
+
+def _nodes_of(stack: LocalStack, name: str) -> list[str]:
+    return sorted(p["spec"].get("nodeName") or "" for p in stack.list_pods(name))
+
+
+def test_placement_packs_or_spreads_the_workers_as_the_scheduler_is_told(stack: LocalStack) -> None:
+    """spec.placement reaches the scheduler: pack (required, per node) with a node selector puts all three workers
+    on the selected node; spread (one per node) wins over a template affinity that prefers one node."""
+    packed, spread = "packed", "spread"
+    stack.apply(small_job(packed, replicas=3, steps=20, placement={"pack": {"topologyKey": "kubernetes.io/hostname",
+                                                                            "required": True}},
+                          template__nodeSelector={"kubernetes.io/hostname": "node-2"}))
+    prefer_node_0 = {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 100, "preference": {
+        "matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "In", "values": ["node-0"]}]}}]}}
+    stack.apply(small_job(spread, replicas=3, steps=20, placement={"spread": {}}, template__affinity=prefer_node_0))
+    try:
+        for name in (packed, spread):
+            stack.wait_for(lambda: all(_nodes_of(stack, name)) and len(_nodes_of(stack, name)) == 3, timeout_s=120,
+                           what=f"3 bound workers of {name}")
+        assert _nodes_of(stack, packed) == ["node-2"] * 3, dump_debug(stack, packed)
+        assert _nodes_of(stack, spread) == ["node-0", "node-1", "node-2"], dump_debug(stack, spread)
+        for name in (packed, spread):
+            job = stack.wait_for_phase(name, {"Succeeded", "Failed"}, timeout_s=TIMEOUT_S)
+            assert job["status"]["phase"] == "Succeeded", dump_debug(stack, name)
+    except TimeoutError:
+        raise AssertionError(dump_debug(stack, packed) + "\n" + dump_debug(stack, spread)) from None

@@ -189,3 +189,85 @@ def test_nodes_file_expands_counts_and_rejects_bad_fields(tmp_path: Path):
         load_nodes_file(bad)
     with pytest.raises(ValueError, match="memory 'lots'"):
         NodeSpec("a", memory="lots")
+
+
+# ------------------------------------------------------------------ placement: pack and spread (spec.placement)
+
+
+def worker(name: str, *, node_name=None, affinity=None, spread=None, job: str = "j") -> dict:
+    body = pod(name, requests={"cpu": "1"}, node_name=node_name, phase="Running" if node_name else "Pending")
+    body["metadata"]["labels"] = {"loco.dev/job": job}
+    if affinity:
+        body["spec"]["affinity"] = {"podAffinity": affinity}
+    if spread:
+        body["spec"]["topologySpreadConstraints"] = [spread]
+    return body
+
+
+JOB = {"matchLabels": {"loco.dev/job": "j"}}
+
+
+def zoned(name: str, zone: str) -> dict:
+    return node(name, labels={"topology.kubernetes.io/zone": zone})
+
+
+def test_spread_puts_one_worker_per_node_while_nodes_last_and_then_waits():
+    spread = {"maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "DoNotSchedule",
+              "labelSelector": JOB}
+    nodes, bound = [node("a"), node("b"), node("c")], []
+    for i in range(3):
+        placed = schedule(worker(f"w{i}", spread=spread), nodes, bound).node
+        bound.append(worker(f"w{i}", spread=spread, node_name=placed))
+    assert sorted(p["spec"]["nodeName"] for p in bound) == ["a", "b", "c"]
+    # a fourth fits on any node (skew 2-1 = 1); a worker of another job is not counted
+    other = worker("x", node_name="a", job="other")
+    assert schedule(worker("w3", spread=spread), nodes, bound + [other]).node in ("a", "b", "c")
+    # with b and c at 2 and a at 1, a fifth may only go to a... and a, too full, leaves none
+    crowded = bound + [worker("w3", node_name="b", spread=spread), worker("w4", node_name="c", spread=spread)]
+    assert schedule(worker("w5", spread=spread), nodes, crowded).node == "a"
+    placement = schedule(worker("w5", spread=spread), [node("a", cpu="1"), node("b"), node("c")], crowded)
+    assert placement.node is None
+    assert "2 node(s) didn't match pod topology spread constraints" in placement.message, placement.message
+    assert "1 Insufficient cpu" in placement.message
+
+
+def test_spread_schedule_anyway_only_prefers_the_emptier_domain():
+    spread = {"maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "ScheduleAnyway",
+              "labelSelector": JOB}
+    bound = [worker("w0", node_name="a"), worker("w1", node_name="a"), worker("w2", node_name="b")]
+    assert schedule(worker("w3", spread=spread), [node("a"), node("b"), node("c")], bound).node == "c"
+    assert schedule(worker("w3", spread=spread), [node("a"), node("b")], bound).node == "b"
+    assert schedule(worker("w3", spread=spread), [node("a")], bound).node == "a"  # not a filter
+
+
+def test_required_pack_follows_the_first_worker_into_its_zone():
+    pack = {"requiredDuringSchedulingIgnoredDuringExecution": [
+        {"labelSelector": JOB, "topologyKey": "topology.kubernetes.io/zone"}]}
+    nodes = [zoned("a", "z1"), zoned("b", "z2"), zoned("c", "z2")]
+    first = schedule(worker("w0", affinity=pack), nodes, []).node  # nothing matches yet: it may go first
+    assert first is not None
+    zone = {"a": "z1", "b": "z2", "c": "z2"}
+    bound = [worker("w0", affinity=pack, node_name=first)]
+    for i in range(1, 4):
+        placed = schedule(worker(f"w{i}", affinity=pack), nodes, bound).node
+        assert zone[placed] == zone[first]
+        bound.append(worker(f"w{i}", affinity=pack, node_name=placed))
+    # the zone full, the next waits rather than leave it; a node without the zone label never qualifies
+    full = [zoned("a", "z1"), zoned("b", "z2", ), zoned("c", "z2")]
+    for n in full:
+        if zone[n["metadata"]["name"]] == zone[first]:
+            n["status"]["allocatable"]["cpu"] = "0"
+    placement = schedule(worker("w9", affinity=pack), full, bound)
+    assert placement.node is None and "didn't match pod affinity rules" in placement.message, placement.message
+    assert schedule(worker("w0", affinity=pack), [node("plain")], []).node is None
+
+
+def test_preferred_pack_prefers_the_zone_of_the_jobs_workers_but_may_leave_it():
+    pack = {"preferredDuringSchedulingIgnoredDuringExecution": [
+        {"weight": 100, "podAffinityTerm": {"labelSelector": JOB, "topologyKey": "topology.kubernetes.io/zone"}}]}
+    nodes = [zoned("a", "z1"), zoned("b", "z2")]
+    bound = [worker("w0", node_name="b"), worker("w1", node_name="b")]
+    assert schedule(worker("w2", affinity=pack), nodes, bound).node == "b"  # least-allocated alone would pick a
+    assert schedule(worker("w2"), nodes, bound).node == "a"
+    nodes[1]["status"]["allocatable"]["cpu"] = "2"
+    assert schedule(worker("w2", affinity=pack), nodes, bound).node == "a"

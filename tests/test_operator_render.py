@@ -240,3 +240,29 @@ def test_membership_secret_and_network_policy():
                                          {"from": [operator]}]
     assert render_network_policy(job, [])["spec"]["ingress"] == [
         {"from": [{"podSelector": {"matchLabels": {"loco.dev/job": "gpt"}}}]}]
+
+
+def test_placement_pack_is_a_pod_affinity_and_spread_a_topology_spread_constraint_over_the_jobs_workers() -> None:
+    def placed(placement, **template):
+        parsed = TrainingJobSpec.model_validate({"replicas": 3, "placement": placement, "template": template})
+        return render_pod(REF, parsed, 0, 0, avoid_nodes=["bad-node"])["spec"]
+
+    job = {"matchLabels": {"loco.dev/job": "gpt"}}
+    spread = placed({"spread": {}})
+    assert spread["topologySpreadConstraints"] == [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+                                                    "whenUnsatisfiable": "DoNotSchedule", "labelSelector": job}]
+    loose = placed({"spread": {"topologyKey": "topology.kubernetes.io/zone", "maxSkew": 2, "required": False}})
+    assert loose["topologySpreadConstraints"][0]["whenUnsatisfiable"] == "ScheduleAnyway"
+    pack = placed({"pack": {}}, affinity={"podAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+        {"weight": 5, "podAffinityTerm": {"labelSelector": {}, "topologyKey": "rack"}}]}})
+    assert pack["affinity"]["podAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"] == [
+        {"weight": 5, "podAffinityTerm": {"labelSelector": {}, "topologyKey": "rack"}},  # the template's kept
+        {"weight": 100, "podAffinityTerm": {"labelSelector": job, "topologyKey": "topology.kubernetes.io/zone"}}]
+    # the avoided node still applies beside the placement
+    assert pack["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    strict = placed({"pack": {"topologyKey": "kubernetes.io/hostname", "required": True}})
+    assert strict["affinity"]["podAffinity"] == {"requiredDuringSchedulingIgnoredDuringExecution": [
+        {"labelSelector": job, "topologyKey": "kubernetes.io/hostname"}]}
+    unplaced = placed(None)
+    assert "topologySpreadConstraints" not in strict and "topologySpreadConstraints" not in unplaced
+    assert list(unplaced["affinity"]) == ["nodeAffinity"]  # only the avoided node

@@ -48,6 +48,18 @@ def test_every_shipped_example_is_valid_and_mounts_only_claims_it_defines(path):
         TypeAdapter(V1Pod).validate_python(pod)  # what the client checks before sending it
 
 
+def test_the_examples_cover_every_mode():
+    """An example for every algorithm, and CPU ones for elastic, sharded (FSDP) and plain DDP training (each CPU
+    example runs to Succeeded in e2e/test_examples_run.py, every one is dry-run in e2e/test_examples.py)."""
+    jobs = {p.name: [d for d in yaml.safe_load_all(p.read_text()) if d and d["kind"] == "TrainingJob"][0]["spec"]
+            for p in EXAMPLES}
+    assert {"ddp", "diloco", "streaming-diloco", "noloco", "co2"} <= {j["algorithm"]["name"] for j in jobs.values()}
+    cpu = [j for j in jobs.values() if "nvidia.com/gpu" not in (j["template"].get("resources") or {}).get("limits", {})]
+    assert any(j.get("elastic") for j in cpu), "no local elastic example"
+    assert any(j.get("nprocPerWorker", 1) > 1 for j in cpu), "no local FSDP (sharded) example"
+    assert any(j["algorithm"]["name"] == "ddp" for j in cpu), "no plain DDP example"
+
+
 def test_defaults_and_full_examples_are_valid():
     assert validate_job({"metadata": {"name": "job"}, "spec": {}}) == []
     full = {
@@ -86,6 +98,9 @@ def test_defaults_and_full_examples_are_valid():
          ["algorithm.name", "ddp | diloco", "set nprocPerWorker to 1"]),
         ({"runPolicy": {"cleanPodPolicy": "Some"}}, "spec.runPolicy.cleanPodPolicy", ["All", "Running", "None"]),
         ({"template": {"nodeSelector": {"a": 1}}}, "spec.template.nodeSelector.a", ["valid string"]),
+        ({"placement": {"pack": {}, "spread": {}}}, "spec.placement.spread", ["pack or spread, not both"]),
+        ({"placement": {"spread": {"topologyKey": "bad key!"}}}, "spec.placement.spread.topologyKey",
+         ["should match pattern"]),
     ],
 )
 def test_each_bad_input_names_the_field_and_the_fix(spec, path, words):

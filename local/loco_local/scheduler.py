@@ -13,9 +13,13 @@ already bound) with no I/O, so every rule is unit-testable. It applies the filte
 5. resources: requests of every container (limits stand in for missing requests, init containers
    count as the max of each) plus ``pods`` must fit in allocatable minus what bound, unfinished
    pods request -> "Insufficient cpu" / "Insufficient memory" / "Insufficient nvidia.com/gpu" /
-   "Too many pods".
+   "Too many pods";
+6. required pod affinity (the first pod of a self-affine group may go anywhere with the labels)
+   -> "node(s) didn't match pod affinity rules";
+7. ``DoNotSchedule`` topology spread constraints -> "node(s) didn't match pod topology spread constraints".
 
-Feasible nodes are scored by least-allocated (mean free share of cpu and memory, and GPUs when
+Feasible nodes are ranked first by placement preference (preferred pod-affinity weights met, fewer
+matching pods in the domain of a ``ScheduleAnyway`` spread constraint), then by least-allocated (mean free share of cpu and memory, and GPUs when
 requested, after placing the pod), ties broken by fewer pods then by name, so pods spread and
 placement is deterministic. When nothing fits, the explanation reads like the real one:
 ``0/3 nodes are available: 3 Insufficient nvidia.com/gpu.``
@@ -227,6 +231,102 @@ def filter_node(pod: Obj, node: Obj, bound_pods: list[Obj]) -> list[str]:
     return reasons
 
 
+# ------------------------------------------------------------------------ pods relative to pods
+
+
+def _labels(obj: Obj) -> dict[str, str]:
+    return (obj.get("metadata") or {}).get("labels") or {}
+
+
+def selector_matches(selector: Obj | None, labels: dict[str, str]) -> bool:
+    """A label selector (``matchLabels`` and ``matchExpressions``); a missing selector matches nothing, an empty
+    one everything (Kubernetes' rules for affinity terms and spread constraints)."""
+    if selector is None:
+        return False
+    if any(labels.get(key) != value for key, value in (selector.get("matchLabels") or {}).items()):
+        return False
+    return all(_match_expression(e, labels.get(e.get("key"))) for e in selector.get("matchExpressions") or [])
+
+
+def _peers(pod: Obj, selector: Obj | None, bound_pods: list[Obj]) -> list[Obj]:
+    """Active bound pods of ``pod``'s namespace that ``selector`` matches (a term's namespaces and
+    namespaceSelector are not read: a training job's workers share one namespace)."""
+    namespace = (pod.get("metadata") or {}).get("namespace")
+    return [p for p in bound_pods if _is_active(p) and (p.get("spec") or {}).get("nodeName")
+            and (p.get("metadata") or {}).get("namespace") == namespace and selector_matches(selector, _labels(p))]
+
+
+def _pod_affinity(pod: Obj) -> Obj:
+    return ((pod.get("spec") or {}).get("affinity") or {}).get("podAffinity") or {}
+
+
+def pod_affinity_fits(pod: Obj, node: Obj, nodes: dict[str, Obj], bound_pods: list[Obj]) -> bool:
+    """Required pod affinity, as kube-scheduler's InterPodAffinity filter: the node has every term's topology label
+    and shares each value with a matching pod; when no pod matches any term and the pod matches all of its own
+    terms, it may go first (the first worker of a packed job)."""
+    terms = _pod_affinity(pod).get("requiredDuringSchedulingIgnoredDuringExecution") or []
+    if not terms:
+        return True
+    labels = _labels(node)
+    if any(term.get("topologyKey") not in labels for term in terms):
+        return False
+    found_any, all_found = False, True
+    for term in terms:
+        key = term["topologyKey"]
+        peers = _peers(pod, term.get("labelSelector"), bound_pods)
+        found_any = found_any or bool(peers)
+        all_found = all_found and any(_labels(nodes.get(p["spec"]["nodeName"]) or {}).get(key) == labels[key]
+                                      for p in peers)
+    if all_found:
+        return True
+    return not found_any and all(selector_matches(t.get("labelSelector"), _labels(pod)) for t in terms)
+
+
+def _spread_counts(pod: Obj, constraint: Obj, nodes: dict[str, Obj], bound_pods: list[Obj]) -> dict[str, int]:
+    """Matching pods per domain of ``constraint.topologyKey``, over the nodes the pod's node selector and affinity
+    allow (nodeAffinityPolicy Honor; taints are ignored: nodeTaintsPolicy Ignore, the defaults)."""
+    key = constraint.get("topologyKey")
+    eligible = {name: _labels(n)[key] for name, n in nodes.items() if key in _labels(n) and matches_node_selector(pod, n)}
+    counts = {domain: 0 for domain in eligible.values()}
+    for peer in _peers(pod, constraint.get("labelSelector"), bound_pods):
+        domain = eligible.get(peer["spec"]["nodeName"])
+        if domain is not None:
+            counts[domain] += 1
+    return counts
+
+
+def spread_fits(pod: Obj, node: Obj, nodes: dict[str, Obj], bound_pods: list[Obj]) -> bool:
+    """Every ``DoNotSchedule`` topology spread constraint holds with the pod on ``node``: its domain would have at
+    most ``maxSkew`` more matching pods than the emptiest eligible domain (kube-scheduler's PodTopologySpread)."""
+    for constraint in (pod.get("spec") or {}).get("topologySpreadConstraints") or []:
+        if constraint.get("whenUnsatisfiable", "DoNotSchedule") != "DoNotSchedule":
+            continue
+        domain = _labels(node).get(constraint.get("topologyKey"))
+        if domain is None:
+            return False
+        counts = _spread_counts(pod, constraint, nodes, bound_pods)
+        itself = 1 if selector_matches(constraint.get("labelSelector"), _labels(pod)) else 0
+        if counts.get(domain, 0) + itself - min(counts.values(), default=0) > int(constraint.get("maxSkew", 1)):
+            return False
+    return True
+
+
+def _placement_preference(pod: Obj, node: Obj, nodes: dict[str, Obj], bound_pods: list[Obj]) -> int:
+    """Higher is better: the weights of preferred pod-affinity terms the node satisfies, less the matching pods
+    already in its domain of each ``ScheduleAnyway`` spread constraint."""
+    labels, score = _labels(node), 0
+    for weighted in _pod_affinity(pod).get("preferredDuringSchedulingIgnoredDuringExecution") or []:
+        term = weighted.get("podAffinityTerm") or {}
+        key = term.get("topologyKey")
+        if key in labels and any(_labels(nodes.get(p["spec"]["nodeName"]) or {}).get(key) == labels[key]
+                                 for p in _peers(pod, term.get("labelSelector"), bound_pods)):
+            score += int(weighted.get("weight", 1))
+    for constraint in (pod.get("spec") or {}).get("topologySpreadConstraints") or []:
+        if constraint.get("whenUnsatisfiable") == "ScheduleAnyway" and constraint.get("topologyKey") in labels:
+            score -= _spread_counts(pod, constraint, nodes, bound_pods).get(labels[constraint["topologyKey"]], 0)
+    return score
+
+
 def _score(pod: Obj, node: Obj, bound_pods: list[Obj]) -> tuple[Decimal, int, str]:
     allocatable = _allocatable(node)
     used, count = _used_by_bound_pods(node["metadata"]["name"], bound_pods)
@@ -253,14 +353,20 @@ def schedule(pod: Obj, nodes: list[Obj], bound_pods: list[Obj]) -> Placement:
     """
     reasons: Counter[str] = Counter()
     feasible = []
+    by_name = {n["metadata"]["name"]: n for n in nodes}
     for node in nodes:
         why = filter_node(pod, node, bound_pods)
+        if not why and not pod_affinity_fits(pod, node, by_name, bound_pods):
+            why = ["node(s) didn't match pod affinity rules"]
+        if not why and not spread_fits(pod, node, by_name, bound_pods):
+            why = ["node(s) didn't match pod topology spread constraints"]
         if why:
             reasons.update(why)
         else:
             feasible.append(node)
     if feasible:
-        best = min(feasible, key=lambda n: _score(pod, n, bound_pods))
+        best = min(feasible, key=lambda n: (-_placement_preference(pod, n, by_name, bound_pods),
+                                            *_score(pod, n, bound_pods)))
         return Placement(node=best["metadata"]["name"])
     parts = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items()))
     message = f"0/{len(nodes)} nodes are available" + (f": {parts}." if parts else ".")

@@ -128,6 +128,7 @@ def render_api_markdown() -> str:
         cel, message = rule.cel.replace("|", r"\|"), rule.message.replace("|", r"\|")
         out.append(f"| `{rule.path}` | `{cel}` | {message} |")
     out += _failure_policy_section()
+    out += _scheduling_section()
     _sections(schema["properties"]["status"], "status", out)
     out += _conditions_section()
     out.append("\n## `kubectl get trainingjobs` columns\n")
@@ -141,6 +142,35 @@ def render_api_markdown() -> str:
         "epoch without counting as a restart.\n"
     )
     return "\n".join(out)
+
+
+def _scheduling_section() -> list[str]:
+    """Gang start and placement: what the scheduler is told, and what the user sees while workers wait."""
+    from .render import GANG_GATE
+
+    return ["\n## Scheduling: gang start and placement\n",
+            f"**Gang start** (`spec.runPolicy.schedulingPolicy.gang`, on by default): the workers of each epoch of a "
+            f"fixed-size job are created with the scheduling gate `{GANG_GATE}`; the API server marks them "
+            "`PodScheduled=False` (reason `SchedulingGated`) and no scheduler binds them. When every worker exists and "
+            "the operator's capacity check finds room for all of them (Ready, schedulable nodes whose taints they "
+            "tolerate and whose labels match `template.nodeSelector`, with their requests free), it removes the gate "
+            "from all of them at once: condition `GangScheduled=True` (reason `GangReleased`) and an Event. A gang that "
+            "has not fitted within `scheduleTimeoutSeconds` gets `GangScheduled=False` (reason `InsufficientCapacity`) "
+            "naming the short resource and what each usable node has free, e.g. `cpu: 4 workers request 3 each, room "
+            "for 3 (free on usable nodes: node-0 4, node-1 4, node-2 4)`, and keeps waiting; lowering `replicas` or "
+            "freeing room releases it. The check does not reserve: two gangs released in the same instant may still "
+            "compete for the same room (all-or-nothing across jobs is a queue's work: Kueue). Elastic jobs "
+            "(`spec.elastic`) start ungated with what fits, and live-resize joiners are never gated.\n",
+            "**Placement** (`spec.placement`, one of): `pack` puts the workers in one domain of `topologyKey` "
+            "(default `topology.kubernetes.io/zone`; `kubernetes.io/hostname` for one node) with a pod affinity to "
+            "the job's own workers (`loco.dev/job`), required or preferred (weight 100); the first worker may go "
+            "anywhere, the rest follow it. `spread` adds a topology spread constraint over the job's workers "
+            "(`maxSkew`, default 1, on `kubernetes.io/hostname` by default: one worker per node while nodes last), "
+            "`DoNotSchedule` when `required` (the default) or `ScheduleAnyway`. Both merge with `template.affinity`, "
+            "`template.nodeSelector` and `template.tolerations` (the worker is the job's one role, so its node "
+            "selector and tolerations are the template's) and with the nodes the fault detector made the job avoid. "
+            "The real kube-scheduler and the embedded cluster's scheduler honour them "
+            "(`e2e/test_foundation.py::test_placement_packs_or_spreads_the_workers_as_the_scheduler_is_told`).\n"]
 
 
 def _failure_policy_section() -> list[str]:

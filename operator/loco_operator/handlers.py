@@ -37,7 +37,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -397,6 +397,28 @@ def node_not_ready_since(node: dict[str, Any]) -> str | None:
     return None
 
 
+async def _room(ctx: OperatorContext, job: dict[str, Any], why: str, judge: Callable[..., Any]) -> Any:
+    """``judge(worker_pod, nodes, pods, avoid_nodes)`` over the cluster as it is now (a :mod:`loco_operator.capacity`
+    function); None when the spec does not parse or the cluster cannot be read (``why`` names the caller in the log)."""
+    status = job.get("status") or {}
+    try:
+        parsed = TrainingJobSpec.model_validate(job.get("spec") or {})
+    except ValueError:
+        return None
+    ref = JobRef.from_body(job)
+    avoid = status.get("avoidNodes") or ()
+    template = render_pod(ref, parsed, 0, 0, avoid_nodes=avoid)
+    try:
+        nodes, pods = await asyncio.gather(
+            _call(ctx, "list_nodes", ctx.core.list_node),
+            _call(ctx, "list_all_pods", ctx.core.list_pod_for_all_namespaces),
+        )
+    except ApiException as exc:
+        log.warning(f"[{ref.namespace}/{ref.name}] cannot read cluster capacity for {why}: {exc.reason}")
+        return None
+    return judge(template, nodes.get("items") or [], pods.get("items") or [], avoid)
+
+
 async def observe_capacity(ctx: OperatorContext, job: dict[str, Any]) -> int | None:
     """How many more worker pods the cluster could place (:func:`loco_operator.capacity.free_slots`),
     only for a Running elastic job below ``spec.replicas`` (the one case the planner asks); None
@@ -405,21 +427,7 @@ async def observe_capacity(ctx: OperatorContext, job: dict[str, Any]) -> int | N
     desired = int((status.get("workers") or {}).get("desired") or 0)
     if not spec.get("elastic") or status.get("phase") != "Running" or not 0 < desired < int(spec.get("replicas") or 0):
         return None
-    try:
-        parsed = TrainingJobSpec.model_validate(spec)
-    except ValueError:
-        return None
-    ref = JobRef.from_body(job)
-    template = render_pod(ref, parsed, 0, 0, avoid_nodes=status.get("avoidNodes") or ())
-    try:
-        nodes, pods = await asyncio.gather(
-            _call(ctx, "list_nodes", ctx.core.list_node),
-            _call(ctx, "list_all_pods", ctx.core.list_pod_for_all_namespaces),
-        )
-    except ApiException as exc:
-        log.warning(f"[{ref.namespace}/{ref.name}] cannot read cluster capacity for elastic growth: {exc.reason}")
-        return None
-    return free_slots(template, nodes.get("items") or [], pods.get("items") or [], status.get("avoidNodes") or ())
+    return await _room(ctx, job, "elastic growth", free_slots)
 
 
 async def observe_gang_room(ctx: OperatorContext, job: dict[str, Any], pods: Sequence[ObservedPod]) -> str | None:
@@ -428,23 +436,8 @@ async def observe_gang_room(ctx: OperatorContext, job: dict[str, Any], pods: Seq
     gated = [pod for pod in pods if pod.gated and pod.live]
     if not gated:
         return None
-    status = job.get("status") or {}
-    try:
-        parsed = TrainingJobSpec.model_validate(job.get("spec") or {})
-    except ValueError:
-        return None
-    ref = JobRef.from_body(job)
-    template = render_pod(ref, parsed, 0, 0, avoid_nodes=status.get("avoidNodes") or ())
-    try:
-        nodes, all_pods = await asyncio.gather(
-            _call(ctx, "list_nodes", ctx.core.list_node),
-            _call(ctx, "list_all_pods", ctx.core.list_pod_for_all_namespaces),
-        )
-    except ApiException as exc:
-        log.warning(f"[{ref.namespace}/{ref.name}] cannot read cluster capacity for gang start: {exc.reason}")
-        return None
-    return shortage(template, nodes.get("items") or [], all_pods.get("items") or [], len(gated),
-                    status.get("avoidNodes") or ())
+    return await _room(ctx, job, "gang start",
+                       lambda pod, nodes, all_pods, avoid: shortage(pod, nodes, all_pods, len(gated), avoid))
 
 
 def feed_detector(ctx: OperatorContext, job: dict[str, Any], epoch: int, pods: Sequence[ObservedPod],

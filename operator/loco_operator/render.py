@@ -25,7 +25,7 @@ from loco_contract.config import (
 from loco_contract.detection import ProbeSettings
 from loco_contract.protocol import READY_PATH
 
-from .spec import API_VERSION, KIND, TrainingJobSpec
+from .spec import API_VERSION, KIND, Placement, TrainingJobSpec
 
 LABEL_JOB = "loco.dev/job"
 LABEL_RANK = "loco.dev/rank"
@@ -261,6 +261,33 @@ def avoid_nodes_affinity(affinity: dict[str, Any] | None, avoid_nodes: Sequence[
     return out
 
 
+def placement_affinity(affinity: dict[str, Any] | None, placement: Placement | None, job_name: str
+                       ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """``spec.placement`` as the scheduler reads it: ``pack`` adds a pod affinity to the job's own workers (required
+    or preferred, on its topology key; the first worker matches itself, as Kubernetes allows), ``spread`` a topology
+    spread constraint over them. Returns the affinity (``affinity`` with the term added; not modified) and the
+    constraints."""
+    if placement is None:
+        return affinity, []
+    selector = {"matchLabels": {LABEL_JOB: job_name}}
+    if placement.spread is not None:
+        spread = placement.spread
+        return affinity, [{"maxSkew": spread.max_skew, "topologyKey": spread.topology_key,
+                           "whenUnsatisfiable": "DoNotSchedule" if spread.required else "ScheduleAnyway",
+                           "labelSelector": selector}]
+    if placement.pack is None:
+        return affinity, []
+    out = copy.deepcopy(affinity) if affinity else {}
+    pod_affinity = out.setdefault("podAffinity", {})
+    term = {"labelSelector": selector, "topologyKey": placement.pack.topology_key}
+    if placement.pack.required:
+        pod_affinity.setdefault("requiredDuringSchedulingIgnoredDuringExecution", []).append(term)
+    else:
+        pod_affinity.setdefault("preferredDuringSchedulingIgnoredDuringExecution", []).append(
+            {"weight": 100, "podAffinityTerm": term})
+    return out, []
+
+
 #: The scheduling gate a gang's workers are created with; the operator removes it from all of them at once.
 GANG_GATE = "loco.dev/gang"
 
@@ -338,9 +365,12 @@ def render_pod(
         pod_spec["nodeSelector"] = dict(tpl.node_selector)
     if tpl.tolerations:
         pod_spec["tolerations"] = [dict(t) for t in tpl.tolerations]
-    affinity = avoid_nodes_affinity(dict(tpl.affinity) if tpl.affinity else None, avoid_nodes)
+    affinity, spread = placement_affinity(dict(tpl.affinity) if tpl.affinity else None, spec.placement, job.name)
+    affinity = avoid_nodes_affinity(affinity, avoid_nodes)
     if affinity:
         pod_spec["affinity"] = affinity
+    if spread:
+        pod_spec["topologySpreadConstraints"] = spread
     if tpl.priority_class_name:
         pod_spec["priorityClassName"] = tpl.priority_class_name
     if tpl.scheduler_name:

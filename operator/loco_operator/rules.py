@@ -221,6 +221,13 @@ RULES: tuple[CrossFieldRule, ...] = (
         check=lambda fp: all((r.get("onExitCodes") is not None) != bool(r.get("onPodConditions"))
                              for r in fp.get("rules") or []),
     ),
+    CrossFieldRule(
+        scope=("spec", "placement"),
+        field="spread",
+        cel="!has(self.pack) || !has(self.spread) || self.pack == null || self.spread == null",
+        message="spec.placement sets pack or spread, not both: keep the one you mean",
+        check=lambda pl: pl.get("pack") is None or pl.get("spread") is None,
+    ),
     *(
         _alg_rule(param)
         for param in sorted({p for params in ALGORITHM_PARAMETERS.values() for p in params})

@@ -189,6 +189,50 @@ class SchedulingPolicy(Model):
         "False naming the resource that is short (it keeps waiting).")
 
 
+#: A Kubernetes label key (a qualified name, optionally prefixed by a DNS subdomain): what a topologyKey must be.
+LABEL_KEY_PATTERN = (r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                     r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+
+
+class PackPlacement(Model):
+    """Workers close together: every worker goes where the job's other workers are, by a node label."""
+
+    topology_key: str = Field(
+        "topology.kubernetes.io/zone", max_length=316, pattern=LABEL_KEY_PATTERN,
+        description="The node label whose value the workers share (a zone, a rack, a fabric block; "
+        "kubernetes.io/hostname: one node).")
+    required: bool = Field(
+        False, description="True: a worker that cannot join the others' domain waits (required pod affinity); "
+        "False: it prefers to (preferred pod affinity, weight 100).")
+
+
+class SpreadPlacement(Model):
+    """Workers apart: at most maxSkew more workers in one domain than in another (topologySpreadConstraints)."""
+
+    topology_key: str = Field(
+        "kubernetes.io/hostname", max_length=316, pattern=LABEL_KEY_PATTERN,
+        description="The node label that defines the domains (kubernetes.io/hostname: one worker per node while "
+        "nodes last).")
+    max_skew: int = Field(1, ge=1, le=100, description="The largest allowed difference of worker counts between domains.")
+    required: bool = Field(
+        True, description="True: a worker that would break maxSkew waits (whenUnsatisfiable: DoNotSchedule); "
+        "False: the scheduler only prefers to spread (ScheduleAnyway).")
+
+
+class Placement(Model):
+    """Where the workers go relative to each other: pack or spread (one of them). The worker is the job's only role:
+    its node selector and tolerations are template.nodeSelector and template.tolerations."""
+
+    pack: PackPlacement | None = Field(None, description="Keep the workers in one topology domain.")
+    spread: SpreadPlacement | None = Field(None, description="Spread the workers over topology domains.")
+
+    @model_validator(mode="after")
+    def _one_way(self) -> "Placement":
+        if self.pack is not None and self.spread is not None:
+            raise ValueError("set pack or spread, not both")
+        return self
+
+
 class RunPolicy(Model):
     """Restarts, deadlines and clean-up."""
 
@@ -224,6 +268,8 @@ class TrainingJobSpec(Model):
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="Inner training loop.")
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpoint location and cadence.")
     run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Restarts, deadlines, clean-up and suspension.")
+    placement: Placement | None = Field(
+        None, description="Pack the workers into one topology domain or spread them over many (the scheduler honours it).")
     fault_injection: FaultInjection | None = Field(None, description="Faults injected into the trainer, for tests and demos only.")
     fault_detection: DetectorConfig | None = Field(
         None,
