@@ -44,6 +44,7 @@ tools:
 # Go modules pinned in local/kube, built once into ~/.cache/loco/kube/<hash of its sources>/ (docs/local-cluster.md).
 kube:
 	@local/kube/build.sh >/dev/null
+	@local/kube/kueue/build.sh >/dev/null
 
 # The e2e scenarios run on both control planes: the embedded API server and the real Kubernetes one.
 test: install tools kube
