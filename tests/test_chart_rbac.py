@@ -74,19 +74,20 @@ CLIENT_CALLS: dict[str, Rule] = {
     "read_node": ("", "nodes", "get"),
     "list_node": ("", "nodes", "list"),
     "patch_node": ("", "nodes", "patch"),
-    # TrainingJobs through CustomObjectsApi
-    "create_namespaced_custom_object": (*TRAININGJOBS, "create"),
-    "get_namespaced_custom_object": (*TRAININGJOBS, "get"),
-    "list_namespaced_custom_object": (*TRAININGJOBS, "list"),
-    "list_cluster_custom_object": (*TRAININGJOBS, "list"),
-    "patch_namespaced_custom_object": (*TRAININGJOBS, "patch"),
-    "replace_namespaced_custom_object": (*TRAININGJOBS, "update"),
-    "delete_namespaced_custom_object": (*TRAININGJOBS, "delete"),
-    "get_namespaced_custom_object_status": ("loco.dev", "trainingjobs/status", "get"),
-    "patch_namespaced_custom_object_status": ("loco.dev", "trainingjobs/status", "patch"),
-    "replace_namespaced_custom_object_status": ("loco.dev", "trainingjobs/status", "update"),
-    "patch_namespaced_custom_object_scale": ("loco.dev", "trainingjobs/scale", "patch"),
 }
+
+#: The custom resources the operator calls through CustomObjectsApi, by the name of the (group, version, plural)
+#: it passes: TrainingJobs (``GROUP, VERSION, ..., PLURAL``) and, for jobs queued in Kueue, its Workloads (and
+#: their status), ResourceFlavors and WorkloadPriorityClasses (``*KUEUE_WORKLOADS[:2], ..., KUEUE_WORKLOADS[2]``).
+CUSTOM_RESOURCES: dict[str, tuple[str, str]] = {
+    "PLURAL": TRAININGJOBS,
+    "KUEUE_WORKLOADS": ("kueue.x-k8s.io", "workloads"),
+    "KUEUE_FLAVORS": ("kueue.x-k8s.io", "resourceflavors"),
+    "KUEUE_PRIORITIES": ("kueue.x-k8s.io", "workloadpriorityclasses"),
+}
+#: CustomObjectsApi method prefix -> verb (``*_status``/``*_scale`` act on that subresource).
+CUSTOM_VERBS = {"create": "create", "get": "get", "list": "list", "patch": "patch", "replace": "update",
+                "delete": "delete"}
 
 #: Kopf decorator -> verbs Kopf needs on the handled resource.
 #: Change handlers (create/update/resume/delete/field) and timers/daemons watch the resource and
@@ -124,7 +125,8 @@ PEERING_VERBS = ("get", "list", "patch", "watch")
 #: cordoning a blamed node is the cluster operator's choice (faultIsolation.cordonNodes, `--cordon-nodes`).
 OPT_IN_RULES: dict[str, set[Rule]] = {"faultIsolation.cordonNodes": {("", "nodes", "patch")}}
 #: Resources that exist outside namespaces: always granted by the ClusterRole.
-CLUSTER_SCOPED = {"nodes", "namespaces", "customresourcedefinitions", "clusterkopfpeerings"}
+CLUSTER_SCOPED = {"nodes", "namespaces", "customresourcedefinitions", "clusterkopfpeerings", "resourceflavors",
+                  "workloadpriorityclasses"}
 
 
 # ------------------------------------------------------------------------------------ scanner
@@ -143,12 +145,34 @@ def _looks_like_client_method(name: str) -> bool:
 
 
 def client_calls() -> dict[str, list[str]]:
-    """kubernetes-client method names referenced in the operator (called or passed), with where."""
+    """kubernetes-client method names referenced in the operator (called or passed), with where; the
+    CustomObjectsApi ones are in :func:`custom_object_calls`."""
     found: dict[str, list[str]] = {}
     for path, tree in _sources():
         for node in ast.walk(tree):
-            if isinstance(node, ast.Attribute) and (node.attr in CLIENT_CALLS or _looks_like_client_method(node.attr)):
+            if isinstance(node, ast.Attribute) and "custom_object" not in node.attr and (
+                    node.attr in CLIENT_CALLS or _looks_like_client_method(node.attr)):
                 found.setdefault(node.attr, []).append(f"{path}:{node.lineno}")
+    return found
+
+
+def custom_object_calls() -> dict[Rule, list[str]]:
+    """(apiGroup, resource, verb) of every CustomObjectsApi call, read from the method's name and the resource
+    constant passed in the same call (:data:`CUSTOM_RESOURCES`), with where; a call passing none fails."""
+    found: dict[Rule, list[str]] = {}
+    for path, tree in _sources():
+        calls = [c for c in ast.walk(tree) if isinstance(c, ast.Call)]
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Attribute) and "custom_object" in node.attr):
+                continue
+            call = min((c for c in calls if node in ast.walk(c)), key=lambda c: len(list(ast.walk(c))), default=None)
+            names = {n.id for n in ast.walk(call) if isinstance(n, ast.Name)} if call is not None else set()
+            marked = [CUSTOM_RESOURCES[n] for n in CUSTOM_RESOURCES if n in names]
+            assert len(marked) == 1, f"{path}:{node.lineno}: {node.attr} must pass one of {sorted(CUSTOM_RESOURCES)}"
+            group, plural = marked[0]
+            verb = CUSTOM_VERBS[node.attr.split("_", 1)[0]]
+            sub = next((f"/{part}" for part in ("status", "scale") if node.attr.endswith("_" + part)), "")
+            found.setdefault((group, plural + sub, verb), []).append(f"{path}:{node.lineno}")
     return found
 
 
@@ -222,7 +246,7 @@ def required_rules(peering: bool, clusterwide: bool, opt_in: Iterable[str] = ())
     (keys of :data:`OPT_IN_RULES`) turned on."""
     unknown = {name: where for name, where in client_calls().items() if name not in CLIENT_CALLS}
     assert not unknown, f"kubernetes-client calls missing from CLIENT_CALLS (add them, then to the chart's RBAC): {unknown}"
-    rules = {CLIENT_CALLS[name] for name in client_calls()}
+    rules = {CLIENT_CALLS[name] for name in client_calls()} | set(custom_object_calls())
     for feature, feature_rules in OPT_IN_RULES.items():
         if feature not in opt_in:
             rules -= feature_rules
@@ -272,17 +296,13 @@ def test_scanner_finds_the_operators_api_calls() -> None:
     assert any(plural == "trainingjobs" and kind == "on.create" for kind, _, plural, _ in kopf_handlers())
 
 
-def test_custom_object_calls_name_the_trainingjob() -> None:
-    """CLIENT_CALLS maps every custom-object call to TrainingJobs; check the code passes GROUP/PLURAL."""
-    for path, tree in _sources():
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Attribute) and "custom_object" in node.attr:
-                parent_call = next(
-                    (c for c in ast.walk(tree) if isinstance(c, ast.Call) and node in ast.walk(c)
-                     and any(isinstance(a, ast.Name) and a.id == "PLURAL" for a in c.args)),
-                    None,
-                )
-                assert parent_call is not None, f"{path}:{node.lineno}: {node.attr} not called with PLURAL (TrainingJobs)"
+def test_custom_object_calls_name_their_resource() -> None:
+    """Every CustomObjectsApi call passes the constant of the resource it acts on: the TrainingJobs' status is
+    patched, Kueue's Workloads created, their status patched (a queued job's admission and end)."""
+    calls = custom_object_calls()
+    assert ("loco.dev", "trainingjobs/status", "patch") in calls
+    assert {("kueue.x-k8s.io", "workloads", "create"), ("kueue.x-k8s.io", "workloads/status", "patch"),
+            ("kueue.x-k8s.io", "resourceflavors", "get")} <= set(calls)
 
 
 #: Chart values of each opt-in feature (OPT_IN_RULES) turned on.

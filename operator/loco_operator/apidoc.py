@@ -159,7 +159,8 @@ def _scheduling_section() -> list[str]:
             "naming the short resource and what each usable node has free, e.g. `cpu: 4 workers request 3 each, room "
             "for 3 (free on usable nodes: node-0 4, node-1 4, node-2 4)`, and keeps waiting; lowering `replicas` or "
             "freeing room releases it. The check does not reserve: two gangs released in the same instant may still "
-            "compete for the same room (all-or-nothing across jobs is a queue's work: Kueue). Elastic jobs "
+            "compete for the same room (all-or-nothing across jobs is a queue's work: label the job "
+            "`kueue.x-k8s.io/queue-name` and Kueue admits it as one Workload, `docs/kueue.md`). Elastic jobs "
             "(`spec.elastic`) start ungated with what fits, and live-resize joiners are never gated.\n",
             "**Placement** (`spec.placement`, one of): `pack` puts the workers in one domain of `topologyKey` "
             "(default `topology.kubernetes.io/zone`; `kubernetes.io/hostname` for one node) with a pod affinity to "

@@ -58,10 +58,14 @@ from loco_detector.live import LiveDetectors
 from .planner import (
     Action, CordonNode, CreateConfigMap, CreateMembershipSecret, CreateNetworkPolicy, CreatePod,
     CreateService, DeleteJob, DeletePod, EmitEvent, ForceDeletePod, NODE_LOST_GRACE_S, Observed, ObservedPod,
-    PatchPodLabels, PostMembership, UngatePods, UpdateConfigMap, parse_report, plan, plan_pod_refused,
+    PatchPodLabels, PatchWorkloadStatus, PostMembership, UngatePods, UpdateConfigMap, CreateWorkload, DeleteWorkload,
+    ObservedWorkload, parse_report, plan, plan_pod_refused,
     refusal_is_permanent
 )
-from .render import CONFIG_KEY, LABEL_JOB, MEMBERSHIP_KEY, JobRef, render_membership_secret, render_pod
+from .render import (
+    CONFIG_KEY, LABEL_JOB, MEMBERSHIP_KEY, PRIORITY_LABEL, QUEUE_LABEL, JobRef, render_membership_secret, render_pod,
+    workload_name
+)
 from .spec import GROUP, PLURAL, VERSION, TrainingJobSpec
 
 log = logging.getLogger(__name__)
@@ -346,6 +350,7 @@ async def observe(ctx: OperatorContext, job: dict[str, Any]) -> Observed:
     findings = feed_detector(ctx, job, epoch, pods, reports)
     slots = await observe_capacity(ctx, job)
     gang_shortage = await observe_gang_room(ctx, job, pods)
+    workload, priorities = await observe_workload(ctx, job)
     return Observed(
         pods=tuple(pods),
         service_exists=service is not None,
@@ -357,6 +362,8 @@ async def observe(ctx: OperatorContext, job: dict[str, Any]) -> Observed:
         findings=tuple(findings),
         free_slots=slots,
         gang_shortage=gang_shortage,
+        workload=workload,
+        workload_priorities=priorities,
     )
 
 
@@ -438,6 +445,47 @@ async def observe_gang_room(ctx: OperatorContext, job: dict[str, Any], pods: Seq
         return None
     return await _room(ctx, job, "gang start",
                        lambda pod, nodes, all_pods, avoid: shortage(pod, nodes, all_pods, len(gated), avoid))
+
+
+#: (group, version, plural) of Kueue's Workloads, ResourceFlavors and WorkloadPriorityClasses.
+KUEUE_WORKLOADS = ("kueue.x-k8s.io", "v1beta2", "workloads")
+KUEUE_FLAVORS = ("kueue.x-k8s.io", "v1beta2", "resourceflavors")
+KUEUE_PRIORITIES = ("kueue.x-k8s.io", "v1beta2", "workloadpriorityclasses")
+
+
+async def observe_workload(ctx: OperatorContext, job: dict[str, Any]) -> tuple[ObservedWorkload | None, dict[str, int]]:
+    """A queued job's Workload (with the node labels and tolerations of its admitted flavors) and the value of the
+    WorkloadPriorityClass its label names; nothing for a job without a queue label (no Kueue needed then)."""
+    labels = (job.get("metadata") or {}).get("labels") or {}
+    if not labels.get(QUEUE_LABEL):
+        return None, {}
+    ref = JobRef.from_body(job)
+
+    async def _get(operation: str, fn: Any, *args: Any) -> dict[str, Any] | None:
+        try:
+            return await _call(ctx, operation, fn, *args)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    custom = ctx.custom
+    priorities: dict[str, int] = {}
+    if name := labels.get(PRIORITY_LABEL):
+        found = await _get("get_workloadpriorityclass", custom.get_cluster_custom_object, *KUEUE_PRIORITIES, name)
+        if found is not None and isinstance(found.get("value"), int):
+            priorities[name] = found["value"]
+    manifest = await _get("get_workload", custom.get_namespaced_custom_object, *KUEUE_WORKLOADS[:2], ref.namespace,
+                         KUEUE_WORKLOADS[2], workload_name(ref))
+    if manifest is None:
+        return None, priorities
+    assigned = {flavor for ps in ((manifest.get("status") or {}).get("admission") or {}).get("podSetAssignments") or []
+                for flavor in (ps.get("flavors") or {}).values()}
+    flavors = {}
+    for flavor in sorted(assigned):
+        if (found := await _get("get_resourceflavor", custom.get_cluster_custom_object, *KUEUE_FLAVORS, flavor)):
+            flavors[flavor] = found
+    return ObservedWorkload.from_manifest(manifest, flavors), priorities
 
 
 def feed_detector(ctx: OperatorContext, job: dict[str, Any], epoch: int, pods: Sequence[ObservedPod],
@@ -553,6 +601,20 @@ async def apply(ctx: OperatorContext, job: dict[str, Any], actions: Sequence[Act
                 await patch_pod_labels(ctx, ref, action)
             elif isinstance(action, UngatePods):
                 await ungate_pods(ctx, ref, action)
+            elif isinstance(action, CreateWorkload):
+                try:
+                    await _call(ctx, "create_workload", custom.create_namespaced_custom_object, *KUEUE_WORKLOADS[:2],
+                                ref.namespace, KUEUE_WORKLOADS[2], action.body)
+                except ApiException as exc:
+                    if exc.status != 409:  # AlreadyExists: it is there
+                        raise
+            elif isinstance(action, DeleteWorkload):
+                await _delete(ctx, "delete_workload", custom.delete_namespaced_custom_object, *KUEUE_WORKLOADS[:2],
+                              ref.namespace, KUEUE_WORKLOADS[2], action.name)
+            elif isinstance(action, PatchWorkloadStatus):
+                await _call(ctx, "patch_workload_status", custom.patch_namespaced_custom_object_status,
+                            *KUEUE_WORKLOADS[:2], ref.namespace, KUEUE_WORKLOADS[2], action.name,
+                            {"status": action.status})
             elif isinstance(action, PostMembership):
                 await post_membership(ctx, ref, action)
             elif isinstance(action, CordonNode):

@@ -36,7 +36,8 @@ API_OPERATIONS = (
     "get_job", "list_pods", "get_service", "get_configmap", "get_secret", "get_networkpolicy", "list_nodes",
     "list_all_pods", "read_node", "create_service", "create_configmap", "create_secret", "create_networkpolicy",
     "create_pod", "patch_configmap", "patch_pod", "patch_node",
-    "delete_pod", "force_delete_pod", "delete_job", "patch_status",
+    "delete_pod", "force_delete_pod", "delete_job", "patch_status", "get_workload", "create_workload",
+    "delete_workload", "patch_workload_status", "get_resourceflavor", "get_workloadpriorityclass",
 )
 
 #: ``(from, to)`` of ``loco_operator_job_transitions_total`` that a job can make: from a new job (``""``) or

@@ -380,3 +380,40 @@ def render_pod(
     if tpl.annotations:
         metadata["annotations"] = dict(tpl.annotations)
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
+
+
+#: Kueue's API (the Workload the operator creates for a queued job) and the labels users queue a job with.
+KUEUE_API_VERSION = "kueue.x-k8s.io/v1beta2"
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
+#: The one pod set of a job's Workload.
+WORKERS_POD_SET = "workers"
+
+
+def workload_name(job: JobRef) -> str:
+    return f"{job.name}-loco"
+
+
+def render_workload(job: JobRef, spec: TrainingJobSpec, queue: str, count: int,
+                    priority: tuple[str, int] | None = None) -> dict[str, Any]:
+    """The Kueue Workload of a queued job, as Kueue's own job integrations make one: a single pod set of ``count``
+    workers whose template carries the workers' requests, node selector, tolerations and affinity (what Kueue
+    admits against its quotas and flavors), queued in LocalQueue ``queue``; ``priority``: the
+    WorkloadPriorityClass named by the job's priority-class label and its value."""
+    pod = render_pod(job, spec, 0, 0, num_replicas=count)
+    template_spec = {k: v for k, v in pod["spec"].items() if k not in ("hostname", "schedulingGates")}
+    body: dict[str, Any] = {
+        "apiVersion": KUEUE_API_VERSION,
+        "kind": "Workload",
+        "metadata": _metadata(job, workload_name(job)),
+        "spec": {
+            "queueName": queue,
+            "podSets": [{"name": WORKERS_POD_SET, "count": count,
+                         "template": {"metadata": {"labels": job_labels(job)}, "spec": template_spec}}],
+        },
+    }
+    if priority is not None:
+        body["spec"]["priorityClassRef"] = {"group": "kueue.x-k8s.io", "kind": "WorkloadPriorityClass",
+                                            "name": priority[0]}
+        body["spec"]["priority"] = priority[1]
+    return body

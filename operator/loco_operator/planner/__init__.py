@@ -21,6 +21,7 @@ Lifecycle (``status.phase``)::
                 created under free names; each survivor is POSTed its new place (/membership)
     any -> Failed     (backoffLimit exhausted, activeDeadlineSeconds passed, invalid spec)
     any -> Suspended  (runPolicy.suspend: pods deleted, status kept) -> Pending on unsuspend
+    (new) -> Suspended (queued in Kueue: no worker until its Workload is admitted; again when evicted) -> Pending
 
 Idempotence: when the children match the status, the plan has no actions and the same status.
 
@@ -33,23 +34,24 @@ while it is being made):
 - :mod:`.elastic` and :mod:`.membership`: resizing, by restart or live.
 - :mod:`.faults`: what the detector found.
 - :mod:`.workers`: the children of a running job and the phase they add up to.
+- :mod:`.queue`: Kueue admission (one Workload per queued job).
 - :mod:`.actions`: the ordered actions a plan returns; :mod:`.reconcile`: the order of the decisions.
 """
 
 from .actions import (
     Action, CordonNode, CreateConfigMap, CreateMembershipSecret, CreateNetworkPolicy, CreatePod,
-    CreateService, DeleteJob, DeletePod, EmitEvent, ForceDeletePod, PatchPodLabels, Plan, PostMembership,
-    UngatePods, UpdateConfigMap
+    CreateService, CreateWorkload, DeleteJob, DeletePod, DeleteWorkload, EmitEvent, ForceDeletePod, PatchPodLabels,
+    PatchWorkloadStatus, Plan, PostMembership, UngatePods, UpdateConfigMap
 )
-from .observe import Observed, ObservedPod, parse_report, parse_status, parse_time, rfc3339
+from .observe import Observed, ObservedPod, ObservedWorkload, parse_report, parse_status, parse_time, rfc3339
 from .reconcile import plan, plan_pod_refused, refusal_is_permanent
 from .vocabulary import MAX_FAULT_RECORDS, MAX_SKIPPED_RECORDS, NODE_LOST_GRACE_S, TERMINAL, ConditionType, EventType, Reason
 
 __all__ = [
     "Action", "CordonNode", "CreateConfigMap", "CreateMembershipSecret", "CreateNetworkPolicy", "CreatePod", "CreateService",
     "DeleteJob", "DeletePod", "EmitEvent", "ForceDeletePod", "PatchPodLabels", "Plan", "PostMembership", "UngatePods",
-    "UpdateConfigMap",
-    "Observed", "ObservedPod", "parse_report", "parse_status", "parse_time", "rfc3339",
+    "UpdateConfigMap", "CreateWorkload", "DeleteWorkload", "PatchWorkloadStatus",
+    "Observed", "ObservedPod", "ObservedWorkload", "parse_report", "parse_status", "parse_time", "rfc3339",
     "plan", "plan_pod_refused", "refusal_is_permanent",
     "MAX_FAULT_RECORDS", "MAX_SKIPPED_RECORDS", "NODE_LOST_GRACE_S", "TERMINAL", "ConditionType", "EventType", "Reason",
 ]

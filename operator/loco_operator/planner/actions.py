@@ -83,6 +83,26 @@ class UngatePods:
     names: tuple[str, ...]
 
 @dataclass(frozen=True)
+class CreateWorkload:
+    """Create the job's Kueue Workload (one pod set of its workers), owned by the TrainingJob."""
+
+    body: dict[str, Any] = body_field()
+
+@dataclass(frozen=True)
+class DeleteWorkload:
+    """Delete the job's Workload (its pod sets are immutable: a new size is a new Workload)."""
+
+    name: str
+
+@dataclass(frozen=True)
+class PatchWorkloadStatus:
+    """Merge ``status`` into the Workload's status: clear an evicted admission once the workers are gone, or
+    say the job finished (Kueue then frees its quota)."""
+
+    name: str
+    status: dict[str, Any] = field(default_factory=dict, hash=False)
+
+@dataclass(frozen=True)
 class PostMembership:
     """``POST /membership`` to a running worker (``body``: a :class:`MembershipUpdate` on the wire):
     its place in the new membership epoch of a live resize. Sent again on every reconcile until the
@@ -101,7 +121,8 @@ class EmitEvent:
     message: str
 
 Action = (CreateService | CreateConfigMap | UpdateConfigMap | CreateMembershipSecret | CreateNetworkPolicy | CreatePod
-          | DeletePod | ForceDeletePod | DeleteJob | EmitEvent | CordonNode | PatchPodLabels | PostMembership | UngatePods)
+          | DeletePod | ForceDeletePod | DeleteJob | EmitEvent | CordonNode | PatchPodLabels | PostMembership | UngatePods
+          | CreateWorkload | DeleteWorkload | PatchWorkloadStatus)
 
 @dataclass(frozen=True)
 class Plan:

@@ -143,6 +143,73 @@ class Observed:
     free_slots: int | None = None
     #: Why the gated workers do not fit (:func:`loco_operator.capacity.shortage`), when they do not.
     gang_shortage: str | None = None
+    #: The job's Kueue Workload (None: not queued, or not created yet).
+    workload: ObservedWorkload | None = None
+    #: Values of the WorkloadPriorityClasses the job names (its kueue.x-k8s.io/priority-class label).
+    workload_priorities: Mapping[str, int] = field(default_factory=dict)
+
+@dataclass(frozen=True)
+class ObservedWorkload:
+    """The job's Kueue Workload as the handlers read it (only for a job labelled with a queue name)."""
+
+    name: str
+    queue: str
+    #: workers its one pod set asks for
+    count: int
+    #: Kueue admitted it (condition Admitted True and status.admission set)
+    admitted: bool = False
+    #: "ClusterQueue cq, flavors cpu=default": what admitted it, in words
+    admitted_by: str = ""
+    #: why Kueue evicted it (condition Evicted True: preempted, deactivated...), while its admission is still set
+    evicted: str | None = None
+    evicted_reason: str = ""
+    #: why it waits (condition QuotaReserved False), e.g. "insufficient unused quota for cpu ..."
+    pending: str | None = None
+    finished: bool = False
+    #: node labels and tolerations of the admitted flavors: the workers must go where the quota is
+    node_selector: Mapping[str, str] = field(default_factory=dict)
+    tolerations: tuple[Mapping[str, Any], ...] = ()
+    #: the Workload's conditions as read (a status patch replaces the list)
+    conditions: tuple[Mapping[str, Any], ...] = ()
+
+    @classmethod
+    def from_manifest(cls, wl: Mapping[str, Any], flavors: Mapping[str, Mapping[str, Any]] | None = None
+                      ) -> "ObservedWorkload":
+        """From the Workload and the ResourceFlavors by name (``spec.nodeLabels``, ``spec.tolerations``)."""
+        spec, status = wl.get("spec") or {}, wl.get("status") or {}
+        conditions = {c.get("type"): c for c in status.get("conditions") or [] if isinstance(c, Mapping)}
+
+        def holds(kind: str) -> bool:
+            return (conditions.get(kind) or {}).get("status") == "True"
+
+        admission = status.get("admission") or None
+        assigned = {resource: flavor for ps in (admission or {}).get("podSetAssignments") or []
+                    for resource, flavor in (ps.get("flavors") or {}).items()}
+        selector: dict[str, str] = {}
+        tolerations: list[Mapping[str, Any]] = []
+        for name in sorted(set(assigned.values())):
+            flavor = (flavors or {}).get(name, {}).get("spec") or {}
+            selector.update(flavor.get("nodeLabels") or {})
+            tolerations += [t for t in flavor.get("tolerations") or [] if t not in tolerations]
+        reserved = conditions.get("QuotaReserved") or {}
+        pod_sets = spec.get("podSets") or [{}]
+        return cls(
+            name=(wl.get("metadata") or {}).get("name", ""),
+            queue=spec.get("queueName", ""),
+            count=int(pod_sets[0].get("count") or 0),
+            admitted=admission is not None and holds("Admitted"),
+            admitted_by=(f"ClusterQueue {admission.get('clusterQueue')}, flavors "
+                         + ", ".join(f"{r}={f}" for r, f in sorted(assigned.items()))) if admission else "",
+            evicted=((conditions.get("Evicted") or {}).get("message") or "evicted")
+            if holds("Evicted") and admission is not None else None,
+            evicted_reason=(conditions.get("Evicted") or {}).get("reason") or "",
+            pending=reserved.get("message") if reserved.get("status") == "False" else None,
+            finished=holds("Finished"),
+            node_selector=selector,
+            tolerations=tuple(tolerations),
+            conditions=tuple(c for c in status.get("conditions") or [] if isinstance(c, Mapping)),
+        )
+
 
 def rfc3339(t: datetime) -> str:
     return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -20,6 +20,7 @@ from .membership import membership_updates, switching
 from .observe import Observed, ObservedPod, lost_with_their_nodes
 from .progress import fold_progress, summarise
 from .vocabulary import NODE_LOST_GRACE_S, TERMINAL, Reason
+from .queue import finish_workload, hold_until_admitted
 from .workers import create_missing, ensure_children, phase_from_workers, release_gang, wait_for_stale
 
 
@@ -55,6 +56,7 @@ def plan(job: Mapping[str, Any], observed: Observed, now: datetime, *,
     else:
         assert spec is not None
         reconcile(p, spec)
+    finish_workload(p)
     desired = spec.replicas if spec else 0
     if st.workers is None:
         st.workers = WorkersStatus(desired=desired, ready=0)
@@ -94,6 +96,8 @@ def reconcile(p: Planner, spec: TrainingJobSpec) -> None:
     expire_avoided_nodes(p, spec)
     if spec.run_policy.suspend:
         suspend(p, spec)
+        return
+    if hold_until_admitted(p, spec):
         return
     if st.phase is Phase.suspended:
         resume(p)

@@ -58,6 +58,9 @@ class Reason(str, Enum):
     scaled_up = "ScaledUp"
     fewer_workers = "FewerWorkers"
     all_workers = "AllWorkers"
+    queued = "Queued"
+    admitted = "Admitted"
+    evicted = "Evicted"
 
 class ConditionType(str, Enum):
     created = "Created"

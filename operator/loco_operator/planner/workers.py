@@ -13,6 +13,7 @@ from .actions import (
 from .context import Planner, requeue
 from .membership import live_capable, pod_names, render_joiner
 from .observe import ObservedPod, parse_time, rfc3339
+from .queue import placement_of
 from .vocabulary import ConditionType, EventType, Reason
 
 
@@ -72,6 +73,7 @@ def create_missing(p: Planner, spec: TrainingJobSpec, current: Sequence[Observed
         else:
             body = render_pod(p.ref, spec, rank, epoch, restarts=st.restarts + st.ignored_failures, resume_from=resume,
                               avoid_nodes=st.avoid_nodes, num_replicas=size, name=names[rank], gated=gated)
+        _admitted_placement(p, body)
         p.actions.append(CreatePod(names[rank], rank, epoch, body))
     if missing or current:
         st.start_time = st.start_time or rfc3339(p.now)  # workers exist (or are about to) from now on
@@ -101,6 +103,15 @@ def phase_from_workers(p: Planner, current: Sequence[ObservedPod], missing: Sequ
         st.message = f"Waiting for {size - len(running)} of {size} workers to start"
     elif st.phase is Phase.restarting:
         st.message = st.message or f"Waiting for workers of epoch {epoch} to start"
+
+
+def _admitted_placement(p: Planner, body: dict) -> None:
+    """A Kueue-admitted job's workers go where the admitted flavors are (their node labels and tolerations)."""
+    selector, tolerations = placement_of(p.observed.workload)
+    if selector:
+        body["spec"]["nodeSelector"] = {**body["spec"].get("nodeSelector", {}), **selector}
+    if tolerations:
+        body["spec"]["tolerations"] = [*body["spec"].get("tolerations", []), *tolerations]
 
 
 def release_gang(p: Planner, spec: TrainingJobSpec, current: Sequence[ObservedPod], missing: Sequence[int]) -> None:
