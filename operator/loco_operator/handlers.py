@@ -310,17 +310,24 @@ async def _call(ctx: OperatorContext, operation: str, fn: Any, *args: Any, **kwa
     return ctx.api_client.sanitize_for_serialization(result)
 
 
+async def _read(ctx: OperatorContext, ref: JobRef, operation: str, fn: Any, *args: Any) -> dict[str, Any] | None:
+    """One object the reconcile observes, None when it does not exist; any other API error ends this reconcile
+    (Kopf retries it after :data:`RECONCILE_INTERVAL_S`)."""
+    try:
+        return await _call(ctx, operation, fn, *args)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise kopf.TemporaryError(f"{operation} for {ref.namespace}/{ref.name}: {exc.reason}",
+                                  delay=RECONCILE_INTERVAL_S) from exc
+
+
 async def observe(ctx: OperatorContext, job: dict[str, Any]) -> Observed:
     """The job's pods (ours only), Service, ConfigMap and the running workers' progress reports."""
     ref = JobRef.from_body(job)
 
     async def _get(operation: str, fn: Any, *args: Any) -> dict[str, Any] | None:
-        try:
-            return await _call(ctx, operation, fn, *args)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise kopf.TemporaryError(f"{operation} for {ref.namespace}/{ref.name}: {exc.reason}", delay=RECONCILE_INTERVAL_S) from exc
+        return await _read(ctx, ref, operation, fn, *args)
 
     async def _none() -> None:
         return None
@@ -462,12 +469,7 @@ async def observe_workload(ctx: OperatorContext, job: dict[str, Any]) -> tuple[O
     ref = JobRef.from_body(job)
 
     async def _get(operation: str, fn: Any, *args: Any) -> dict[str, Any] | None:
-        try:
-            return await _call(ctx, operation, fn, *args)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        return await _read(ctx, ref, operation, fn, *args)
 
     custom = ctx.custom
     priorities: dict[str, int] = {}
