@@ -1,5 +1,6 @@
 """TrainingJobs queued in the real Kueue (v0.17.0) on the real control plane, the operator running with the chart's
-RBAC: two jobs that together exceed the ClusterQueue's quota run one after the other, never side by side; a
+RBAC: two jobs that together exceed the ClusterQueue's quota run one after the other, never side by side, on the
+node their flavor names; a
 higher-priority job preempts a running lower one, which stops, waits Suspended, and once re-admitted resumes from
 its checkpoint and finishes, its restart budget untouched."""
 
@@ -21,6 +22,7 @@ GROUP, VERSION = "kueue.x-k8s.io", "v1beta2"
 TIMEOUT_S = 420
 #: 2 workers of 300m each: one job fits the queue's 1 CPU, two do not
 WORKER = {"requests": {"cpu": "300m", "memory": "256Mi"}}
+FLAVOR_NODE = "node-1"
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +41,9 @@ def kueue(stack: LocalStack) -> Iterator[Kueue]:
             else:
                 api.create_cluster_custom_object(GROUP, VERSION, plural, body)
 
-        make("resourceflavors", {"kind": "ResourceFlavor", "metadata": {"name": "default"}, "spec": {}})
+        # the flavor's quota lives on node-1: admitted workers must go there (its nodeLabels become their selector)
+        make("resourceflavors", {"kind": "ResourceFlavor", "metadata": {"name": "default"},
+                                 "spec": {"nodeLabels": {"kubernetes.io/hostname": FLAVOR_NODE}}})
         make("clusterqueues", {"kind": "ClusterQueue", "metadata": {"name": "cq"}, "spec": {
             "namespaceSelector": {}, "preemption": {"withinClusterQueue": "LowerPriority"},
             "resourceGroups": [{"coveredResources": ["cpu", "memory"], "flavors": [{"name": "default", "resources": [
@@ -69,13 +73,16 @@ class Overlap:
 
     def __init__(self, stack: LocalStack, jobs: tuple[str, str]) -> None:
         self.stack, self.jobs, self.seen = stack, jobs, []
+        self.nodes: set[str] = set()  # every node a worker of either job was bound to
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(0.5):
-            running = {job: [p["metadata"]["name"] for p in self.stack.list_pods(job)
-                             if (p.get("status") or {}).get("phase") == "Running"] for job in self.jobs}
+            pods = {job: self.stack.list_pods(job) for job in self.jobs}
+            self.nodes.update(p["spec"].get("nodeName") for job in pods.values() for p in job if p["spec"].get("nodeName"))
+            running = {job: [p["metadata"]["name"] for p in found if (p.get("status") or {}).get("phase") == "Running"]
+                       for job, found in pods.items()}
             if all(running.values()):
                 self.seen.append(running)
 
@@ -104,6 +111,7 @@ def test_two_jobs_over_the_quota_run_one_after_the_other(stack: LocalStack, kueu
         except TimeoutError:
             raise AssertionError(dump_debug(stack, first) + "\n" + dump_debug(stack, second)) from None
     assert overlap.seen == [], f"both jobs had running workers at once: {overlap.seen[:3]}"
+    assert overlap.nodes == {FLAVOR_NODE}, overlap.nodes  # where the admitted flavor is, not least-allocated
     # each waited for Kueue, then was admitted; the later one was held for quota
     for name in (first, second):
         assert _events(stack, name, "Admitted"), stack.events(name)
