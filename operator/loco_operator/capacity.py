@@ -113,19 +113,23 @@ def free_slots(
     ``pods``: every pod in the cluster (those without ``spec.nodeName`` or already Succeeded/Failed
     hold nothing). A resource the pod requests but a node does not offer makes the node unusable.
     """
+    return _room(pod, _free_by_node(pod, nodes, pods, avoid_nodes))
+
+
+def _room(pod: Mapping[str, Any], free: Mapping[str, Mapping[str, Decimal | None]]) -> int:
+    """Copies of ``pod`` that fit into ``free`` (:func:`_free_by_node`): per node, as many as its scarcest resource allows."""
     want = {k: v for k, v in pod_requests(pod).items() if v > 0}
-    return sum(min((_copies(left[name], need) for name, need in want.items()), default=0)
-               for left in _free_by_node(pod, nodes, pods, avoid_nodes).values())
+    return sum(min((_copies(left[name], need) for name, need in want.items()), default=0) for left in free.values())
 
 
 def shortage(pod: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[str, Any]],
              count: int, avoid_nodes: Iterable[str] = ()) -> str | None:
     """Why ``count`` copies of ``pod`` cannot all be placed now, naming the resource that is short; None when they
     can (:func:`free_slots` >= ``count``). What a gang waiting for room tells its user."""
-    room = free_slots(pod, nodes, pods, avoid_nodes)
+    free = _free_by_node(pod, nodes, pods, avoid_nodes)
+    room = _room(pod, free)
     if room >= count:
         return None
-    free = _free_by_node(pod, nodes, pods, avoid_nodes)
     if not free:
         return (f"no node can take a worker: {len(nodes)} nodes, none Ready, schedulable, with every taint tolerated, "
                 f"the nodeSelector matched and not avoided")
