@@ -126,9 +126,11 @@ def _ready_pods(stack: LocalStack, name: str) -> int:
                if any(c.get("type") == "Ready" and c.get("status") == "True" for c in pod["status"].get("conditions") or []))
 
 
-def test_suspend_deletes_the_workers_and_resume_carries_on_from_the_checkpoint(stack: LocalStack) -> None:
+def test_suspend_saves_where_the_workers_are_deletes_them_and_resume_carries_on_from_there(stack: LocalStack) -> None:
+    """No periodic checkpoint (everySteps beyond the end): the only checkpoint to resume from is the one the workers
+    commit when the operator asks before it stops them (runPolicy.checkpointBeforeStopSeconds)."""
     name = "pausable"
-    stack.apply(small_job(name, steps=60, faultInjection={"stepDelayS": 0.05}))
+    stack.apply(small_job(name, steps=60, faultInjection={"stepDelayS": 0.05}, checkpoint__everySteps=1000))
     jobs = stack.resource("loco.dev/v1alpha1", "TrainingJob")
 
     def suspend(value: bool) -> None:
@@ -136,12 +138,15 @@ def test_suspend_deletes_the_workers_and_resume_carries_on_from_the_checkpoint(s
                    content_type="application/merge-patch+json")
 
     try:
-        stack.wait_for(lambda: (_status(stack, name).get("lastCheckpoint") or {}).get("step", 0) >= 10,
-                       timeout_s=TIMEOUT_S, what="a first checkpoint")
+        stack.wait_for(lambda: (_status(stack, name).get("step") or 0) >= 12, timeout_s=TIMEOUT_S,
+                       what="training under way")
+        assert not _status(stack, name).get("lastCheckpoint"), dump_debug(stack, name)
+        at = _status(stack, name)["step"]
         suspend(True)
         stack.wait_for(lambda: _status(stack, name).get("phase") == "Suspended" and not stack.list_pods(name)
                        and not worker_processes(name), timeout_s=120, what="the job suspended, its pods and processes gone")
         kept = _status(stack, name)["lastCheckpoint"]["step"]
+        assert at <= kept < 60, (at, kept)
         suspend(False)
         job = stack.wait_for_phase(name, {"Succeeded", "Failed"}, timeout_s=TIMEOUT_S)
     except TimeoutError:
@@ -150,7 +155,9 @@ def test_suspend_deletes_the_workers_and_resume_carries_on_from_the_checkpoint(s
     assert status["phase"] == "Succeeded" and status["step"] == 60, dump_debug(stack, name)
     assert status["restarts"] == 0, dump_debug(stack, name)  # a suspension is not a failure
     reasons = [e["reason"] for e in stack.events(name)]
-    assert "Suspended" in reasons and "Resumed" in reasons, reasons
+    assert "CheckpointBeforeStop" in reasons and "Suspended" in reasons and "Resumed" in reasons, reasons
+    assert "CheckpointBeforeStopTimedOut" not in reasons, reasons
+    assert reasons.index("CheckpointBeforeStop") < reasons.index("Suspended"), reasons
     resumed = [e["message"] for e in stack.events(name) if e["reason"] == "WorkersCreated"][-1]
     assert f"resuming from step {kept}" in resumed, resumed
 

@@ -121,11 +121,14 @@ def test_two_jobs_over_the_quota_run_one_after_the_other(stack: LocalStack, kueu
 
 def test_a_higher_priority_job_preempts_a_lower_one_which_resumes_from_its_checkpoint(stack: LocalStack,
                                                                                       kueue: Kueue) -> None:
+    """The low job has no periodic checkpoint (everySteps beyond the end): what it resumes from is the checkpoint its
+    workers commit when the operator asks, after Kueue evicts it and before the workers are stopped."""
     low, high = "prio-low", "prio-high"
-    stack.apply(queued(low, "low", steps=80, faultInjection={"stepDelayS": 0.1}, runPolicy={"backoffLimit": 0}))
+    stack.apply(queued(low, "low", steps=80, faultInjection={"stepDelayS": 0.1}, runPolicy={"backoffLimit": 0},
+                       checkpoint__everySteps=1000))
     try:
-        stack.wait_for(lambda: ((stack.get_job(low) or {}).get("status") or {}).get("lastCheckpoint", {}).get("step", 0)
-                       >= 20, timeout_s=TIMEOUT_S, what=f"{low} to commit step 20")
+        stack.wait_for(lambda: ((stack.get_job(low) or {}).get("status") or {}).get("step", 0) >= 20,
+                       timeout_s=TIMEOUT_S, what=f"{low} to train 20 steps")
         stack.apply(queued(high, "high", steps=20))
         stack.wait_for(lambda: _events(stack, low, "Evicted"), timeout_s=120, what=f"{low} evicted by Kueue")
         done = stack.wait_for_phase(high, {"Succeeded", "Failed"}, timeout_s=TIMEOUT_S)
@@ -136,8 +139,11 @@ def test_a_higher_priority_job_preempts_a_lower_one_which_resumes_from_its_check
     status = job["status"]
     # backoffLimit 0: a counted restart would have failed it; it resumed from what it had committed
     assert status["phase"] == "Succeeded" and status["step"] == 80 and status["restarts"] == 0, dump_debug(stack, low)
+    asked = _events(stack, low, "CheckpointBeforeStop")
+    assert asked and "evicted by Kueue: Preempted" in asked[0], asked
+    assert not _events(stack, low, "CheckpointBeforeStopTimedOut"), stack.events(low)
     evicted = _events(stack, low, "Evicted")
     assert "Preempted" in evicted[0], evicted
     resumed = _events(stack, low, "Resumed")
-    assert resumed and int(resumed[-1].split("from step ")[1].split()[0]) >= 20, resumed
+    assert resumed and 20 <= int(resumed[-1].split("from step ")[1].split()[0]) < 80, resumed
     assert len(_events(stack, low, "Admitted")) >= 2  # admitted, evicted, admitted again

@@ -117,6 +117,41 @@ async def test_apply_posts_membership_and_never_raises_on_a_refusal_or_a_dead_wo
             await runner.cleanup()
 
 
+async def test_apply_asks_a_worker_for_a_checkpoint_with_the_token_and_never_raises(caplog):
+    from loco_operator.handlers import apply
+    from loco_operator.planner import RequestCheckpoint
+
+    caplog.set_level("INFO", logger="loco_operator")
+    received: list[tuple[dict, str]] = []
+
+    async def checkpoint(request):
+        received.append((await request.json(), request.headers.get("Authorization", "")))
+        return web.json_response({"accepted": True}, status=202 if len(received) == 1 else 401)
+
+    app = web.Application()
+    app.router.add_post("/checkpoint", checkpoint)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    body = {"id": "e0-s37", "reason": "runPolicy.suspend"}
+    job = {"metadata": {"name": "j", "namespace": "ns", "uid": "u"}}
+    try:
+        ctx = OperatorContext(api_client=None, status_port=port, poll_timeout_s=1.0)
+        ctx.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0))
+        try:
+            for _ in range(2):
+                assert await apply(ctx, job, [RequestCheckpoint("j-worker-0", "127.0.0.1", body, token="tok")]) == []
+        finally:
+            await ctx.http.close()
+        assert received == [(body, "Bearer tok"), (body, "Bearer tok")]
+        assert "asked j-worker-0 for a checkpoint (runPolicy.suspend)" in caplog.text
+        assert "j-worker-0 refused the checkpoint request e0-s37: HTTP 401" in caplog.text
+    finally:
+        await runner.cleanup()
+
+
 async def test_apply_patches_pod_labels_on_the_embedded_api_server(tmp_path):
     """PatchPodLabels through the official client (a strategic-merge patch of metadata.labels) is
     accepted by the embedded API server; a vanished pod is not an error."""

@@ -98,8 +98,8 @@ def test_termination_message_skipped_when_its_directory_is_missing(tmp_path):
     assert termination_message_path(env, str(tmp_path / "termination-log")) == str(tmp_path / "termination-log")
 
 
-def _post_membership(base: str, body: bytes, headers: dict[str, str]) -> tuple[int, str]:
-    request = urllib.request.Request(base + "/membership", data=body, method="POST",
+def _post_membership(base: str, body: bytes, headers: dict[str, str], path: str = "/membership") -> tuple[int, str]:
+    request = urllib.request.Request(base + path, data=body, method="POST",
                                      headers={"Content-Type": "application/json", **headers})
     try:
         with urllib.request.urlopen(request, timeout=10) as resp:
@@ -140,6 +140,26 @@ def test_a_worker_without_a_token_takes_no_membership_update(served):
     _, _, base = served
     code, body = _post_membership(base, UPDATE, {"Authorization": "Bearer anything"})
     assert code == 403 and "LOCO_MEMBERSHIP_TOKEN_FILE" in body
+
+
+def test_a_checkpoint_request_needs_the_token_and_one_id_is_one_request(guarded, served):
+    state, base = guarded
+    ask = json.dumps({"id": "e0-s37", "reason": "runPolicy.suspend"}).encode()
+    code, body = _post_membership(base, ask, {"Authorization": "Bearer wrong"}, "/checkpoint")
+    assert code == 401 and "a checkpoint request needs the job's membership token" in body
+    assert state.take_checkpoint_request() is None
+    token = {"Authorization": "Bearer s3cret-token"}
+    code, body = _post_membership(base, json.dumps({"id": "has space"}).encode(), token, "/checkpoint")
+    assert code == 400 and "invalid checkpoint request: id:" in body
+    assert _post_membership(base, ask, token, "/checkpoint")[0] == 202
+    assert _post_membership(base, ask, token, "/checkpoint")[0] == 200  # held already: still one request
+    taken = state.take_checkpoint_request()
+    assert taken is not None and (taken.id, taken.reason) == ("e0-s37", "runPolicy.suspend")
+    assert state.take_checkpoint_request() is None
+    assert _post_membership(base, ask, token, "/checkpoint")[0] == 200  # taken already: not asked twice
+    assert state.take_checkpoint_request() is None
+    code, body = _post_membership(served[2], ask, {"Authorization": "Bearer anything"}, "/checkpoint")
+    assert code == 403 and "takes no checkpoint requests" in body
 
 
 def test_the_token_is_read_from_the_file_the_operator_mounts(tmp_path):

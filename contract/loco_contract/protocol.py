@@ -27,6 +27,8 @@ PROTOCOL_VERSION = 1
 STATUS_PATH = "/status"
 METRICS_PATH = "/metrics"
 MEMBERSHIP_PATH = "/membership"
+#: ``POST`` a :class:`CheckpointRequest`: save before the operator stops the workers (suspend, Kueue eviction)
+CHECKPOINT_PATH = "/checkpoint"
 #: 200 while the worker trains (state ``running``), 503 otherwise: the worker pod's readinessProbe
 READY_PATH = "/ready"
 
@@ -156,6 +158,18 @@ class MembershipUpdate(Model):
     world_size: int = Field(ge=1, description="Workers (pods) in the new epoch.")
     master_addr: str = Field(min_length=1, description="DNS name or IP of the new epoch's rank 0 pod.")
     master_port: int = Field(ge=1, le=65535, description="Rendezvous port of the new epoch (epoch_master_port).")
+
+
+class CheckpointRequest(Model):
+    """``POST /checkpoint``: the operator asks a running worker for a checkpoint of where it is now, because it is
+    about to stop the job's workers (``runPolicy.suspend``, a Kueue eviction; ``runPolicy.checkpointBeforeStopSeconds``).
+    Every rank saves at the same step: at each ``training.logEvery`` boundary the ranks agree whether any of them was
+    asked. The endpoint answers 202 for a new ``id``, 200 for one it holds or took already (the operator sends it
+    again on every reconcile until the checkpoint commits), 400 naming the bad field. Needs the membership token."""
+
+    id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$",
+                    description="Names the request: the same id asked again is one save.")
+    reason: str = Field("", max_length=256, description="Why, for the worker's log (e.g. 'runPolicy.suspend').")
 
 
 def epoch_master_port(base_port: int, epoch: int) -> int:

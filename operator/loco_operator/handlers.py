@@ -50,7 +50,7 @@ from pydantic import ValidationError
 
 from loco_contract.config import DEFAULT_STATUS_PORT
 from loco_contract.detection import DetectorConfig
-from loco_contract.protocol import MEMBERSHIP_PATH, STATUS_PATH, ProgressReport
+from loco_contract.protocol import CHECKPOINT_PATH, MEMBERSHIP_PATH, STATUS_PATH, ProgressReport
 
 from .capacity import free_slots, shortage
 from .metrics import OperatorMetrics
@@ -58,7 +58,7 @@ from loco_detector.live import LiveDetectors
 from .planner import (
     Action, CordonNode, CreateConfigMap, CreateMembershipSecret, CreateNetworkPolicy, CreatePod,
     CreateService, DeleteJob, DeletePod, EmitEvent, ForceDeletePod, NODE_LOST_GRACE_S, Observed, ObservedPod,
-    PatchPodLabels, PatchWorkloadStatus, PostMembership, UngatePods, UpdateConfigMap, CreateWorkload, DeleteWorkload,
+    PatchPodLabels, PatchWorkloadStatus, PostMembership, RequestCheckpoint, UngatePods, UpdateConfigMap, CreateWorkload, DeleteWorkload,
     ObservedWorkload, parse_report, plan, plan_pod_refused,
     refusal_is_permanent
 )
@@ -619,6 +619,8 @@ async def apply(ctx: OperatorContext, job: dict[str, Any], actions: Sequence[Act
                             {"status": action.status})
             elif isinstance(action, PostMembership):
                 await post_membership(ctx, ref, action)
+            elif isinstance(action, RequestCheckpoint):
+                await request_checkpoint(ctx, ref, action)
             elif isinstance(action, CordonNode):
                 await cordon_node(ctx, action)
             elif isinstance(action, DeleteJob):
@@ -682,23 +684,40 @@ async def patch_pod_labels(ctx: OperatorContext, ref: JobRef, action: PatchPodLa
 async def post_membership(ctx: OperatorContext, ref: JobRef, action: PostMembership) -> None:
     """``POST /membership`` to the worker (JSON). Never raises: a failure or a non-2xx answer is
     logged, and the next reconcile sends the update again (the worker still reports the old epoch)."""
-    host = f"[{action.pod_ip}]" if ":" in action.pod_ip else action.pod_ip
-    url = f"http://{host}:{ctx.status_port}{MEMBERSHIP_PATH}"
+    epoch = action.body.get("epoch")
+    if await _post_to_worker(ctx, ref, action.name, action.pod_ip, MEMBERSHIP_PATH, action.body, action.token,
+                             f"membership update for epoch {epoch}"):
+        log.info(f"[{ref.namespace}/{ref.name}] sent {action.name} its membership in epoch {epoch}: "
+                 f"rank {action.body.get('rank')} of {action.body.get('worldSize')}")
+
+
+async def request_checkpoint(ctx: OperatorContext, ref: JobRef, action: RequestCheckpoint) -> None:
+    """``POST /checkpoint`` to the worker (JSON). Never raises: the next reconcile asks again until the
+    checkpoint commits or the wait runs out (the worker takes one request id once)."""
+    if await _post_to_worker(ctx, ref, action.name, action.pod_ip, CHECKPOINT_PATH, action.body, action.token,
+                             f"checkpoint request {action.body.get('id')}"):
+        log.info(f"[{ref.namespace}/{ref.name}] asked {action.name} for a checkpoint ({action.body.get('reason')})")
+
+
+async def _post_to_worker(ctx: OperatorContext, ref: JobRef, name: str, pod_ip: str, path: str,
+                          body: dict[str, Any], token: str, what: str) -> bool:
+    """POST ``body`` as JSON to a worker's progress endpoint with the job's membership token. True on a 2xx answer;
+    anything else is logged (never raised)."""
+    host = f"[{pod_ip}]" if ":" in pod_ip else pod_ip
+    url = f"http://{host}:{ctx.status_port}{path}"
     if ctx.http is None:
-        log.warning(f"[{ref.namespace}/{ref.name}] no HTTP session: membership update for {action.name} not sent")
-        return
+        log.warning(f"[{ref.namespace}/{ref.name}] no HTTP session: {what} for {name} not sent")
+        return False
     try:
-        async with ctx.http.post(url, json=action.body, headers={"Authorization": f"Bearer {action.token}"}) as response:
-            if not 200 <= response.status < 300:
-                text = (await response.text())[:500]
-                log.warning(f"[{ref.namespace}/{ref.name}] {action.name} refused membership update for epoch "
-                            f"{action.body.get('epoch')}: HTTP {response.status} {text}")
-            else:
-                log.info(f"[{ref.namespace}/{ref.name}] sent {action.name} its membership in epoch {action.body.get('epoch')}: "
-                         f"rank {action.body.get('rank')} of {action.body.get('worldSize')}")
+        async with ctx.http.post(url, json=body, headers={"Authorization": f"Bearer {token}"}) as response:
+            if 200 <= response.status < 300:
+                return True
+            text = (await response.text())[:500]
+            log.warning(f"[{ref.namespace}/{ref.name}] {name} refused the {what}: HTTP {response.status} {text}")
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-        log.warning(f"[{ref.namespace}/{ref.name}] membership update to {action.name} ({url}) failed, "
-                    f"retrying on the next reconcile: {exc!r}")
+        log.warning(f"[{ref.namespace}/{ref.name}] {what} to {name} ({url}) failed, retrying on the next reconcile: "
+                    f"{exc!r}")
+    return False
 
 
 #: Taint key (and annotation) a cordoned node gets: ``loco.dev/fault=<verdict kind>:NoSchedule``.

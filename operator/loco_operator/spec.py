@@ -248,6 +248,11 @@ class RunPolicy(Model):
         description="Which pods to delete when the job finishes: All, Running (still running ones), None.",
     )
     suspend: bool = Field(False, description="Suspend the job: delete its pods, keep its checkpoint; unsuspend resumes.")
+    checkpoint_before_stop_seconds: int = Field(
+        60, ge=0, le=3600,
+        description="On a suspend or a Kueue eviction, how long the running workers get to commit a checkpoint of where "
+        "they are before they are stopped (the job resumes from it). 0: stop at once, resume from the last periodic "
+        "checkpoint.")
     scheduling_policy: SchedulingPolicy = Field(default_factory=SchedulingPolicy, description="Gang start.")
     failure_policy: FailurePolicy | None = Field(
         None, description="How a failed worker counts, by its exit code or its pod's conditions. Unset: a configuration "
@@ -395,6 +400,15 @@ class StepRate(Model):
     time: str = Field(description="When the sample was taken, RFC 3339 UTC.")
 
 
+class CheckpointBeforeStop(Model):
+    """A checkpoint the operator asked the workers for because it is about to stop them."""
+
+    id: str = Field(description="The request's id (sent to every worker in POST /checkpoint).")
+    asked_at: str = Field(description="When the workers were asked, RFC 3339.")
+    after_step: int = Field(description="status.step when asked: a checkpoint at this step or later is the one.")
+    reason: str = Field(description="Why the workers stop: runPolicy.suspend, or the Kueue eviction.")
+
+
 class TrainingJobStatus(Model):
     """Observed state, kept in the object so a restarted operator carries on."""
 
@@ -412,6 +426,9 @@ class TrainingJobStatus(Model):
     step_rate: StepRate | None = Field(None, description="The recent step rate the ETA is computed from.")
     algorithm: str | None = Field(None, description="Algorithm in use.")
     last_checkpoint: CheckpointStatus | None = Field(None, description="Last committed checkpoint; every restart resumes from it.")
+    checkpoint_before_stop: CheckpointBeforeStop | None = Field(
+        None, description="The workers were asked for a checkpoint before a suspend or an eviction stops them (cleared "
+        "once they are stopped).")
     last_checkpoint_error: str | None = Field(
         None, description="Why the newest failed checkpoint save failed (reported by a worker; a CheckpointFailed Warning event says so)."
     )

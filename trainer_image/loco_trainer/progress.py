@@ -10,6 +10,8 @@ Local rank 0 of every pod runs a :class:`ProgressServer` on a background thread:
   resize, docs/elastic.md): kept in the state until the training loop switches to it. It needs the job's
   membership token (``Authorization: Bearer``; 401 without, 403 when the worker has none) and a body of
   at most :data:`MAX_MEMBERSHIP_BODY` bytes (413).
+* ``POST /checkpoint`` -> a :class:`loco_contract.protocol.CheckpointRequest` (the operator is about to stop the
+  workers: save where you are): held until the training loop's next agreement on it. Same token and size rules.
 
 The state moves starting -> running -> finished | failed. When the trainer exits it writes the
 final report to the termination message file (:func:`write_termination_message`).
@@ -31,10 +33,12 @@ from loco_contract.config import TERMINATION_MESSAGE_PATH, RuntimeEnv
 from pydantic import ValidationError
 
 from loco_contract.protocol import (
+    CHECKPOINT_PATH,
     MEMBERSHIP_PATH,
     METRICS_PATH,
     READY_PATH,
     STATUS_PATH,
+    CheckpointRequest,
     CollectiveSummary,
     LinkSummary,
     MembershipUpdate,
@@ -66,6 +70,28 @@ class ProgressState:
         self._membership: MembershipUpdate | None = None
         self._membership_changed = threading.Condition(self._lock)
         self._membership_listener: Callable[[MembershipUpdate], None] | None = None
+        #: checkpoint requests: the one not yet taken by the loop, and every id seen (a repeat is one save)
+        self._checkpoint_request: CheckpointRequest | None = None
+        self._checkpoint_ids: set[str] = set()
+
+    # ------------------------------------------------------------------ checkpoint requests
+
+    def offer_checkpoint_request(self, request: CheckpointRequest) -> int:
+        """Hold ``request`` for the loop. Returns the HTTP status: 202 new, 200 an id held or taken already."""
+        with self._lock:
+            if request.id in self._checkpoint_ids:
+                return 200
+            if len(self._checkpoint_ids) >= 1024:  # ids are per stop: a worker sees a few in its life
+                self._checkpoint_ids.clear()
+            self._checkpoint_ids.add(request.id)
+            self._checkpoint_request = request
+            return 202
+
+    def take_checkpoint_request(self) -> CheckpointRequest | None:
+        """The request not yet taken, or None; taking it clears it."""
+        with self._lock:
+            request, self._checkpoint_request = self._checkpoint_request, None
+            return request
 
     # ------------------------------------------------------------------ membership updates
 
@@ -168,21 +194,27 @@ def read_membership_token(env: RuntimeEnv) -> str | None:
     return token
 
 
-def membership_refusal(token: str | None, authorization: str | None, length: str | None) -> tuple[int, str] | None:
-    """Why a ``POST /membership`` is refused before its body is read, or None to read it."""
+def membership_refusal(token: str | None, authorization: str | None, length: str | None,
+                       what: str = "a membership update") -> tuple[int, str] | None:
+    """Why a ``POST /membership`` (or another operator's ``POST``: ``what``) is refused before its body is read,
+    or None to read it."""
     if token is None:
-        return 403, ("this worker takes no membership updates: it has no membership token "
+        return 403, (f"this worker takes no {what.split(' ', 1)[1]}s: it has no membership token "
                      "(LOCO_MEMBERSHIP_TOKEN_FILE, which the operator sets)")
     scheme, _, presented = (authorization or "").strip().partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(presented.strip().encode(), token.encode()):
-        return 401, "a membership update needs the job's membership token (Authorization: Bearer)"
+        return 401, f"{what} needs the job's membership token (Authorization: Bearer)"
     try:
         size = int(length or "")
     except ValueError:
-        return 411, "a membership update needs a Content-Length"
+        return 411, f"{what} needs a Content-Length"
     if not 0 <= size <= MAX_MEMBERSHIP_BODY:
-        return 413, f"a membership update is at most {MAX_MEMBERSHIP_BODY} bytes, this one {size}"
+        return 413, f"{what} is at most {MAX_MEMBERSHIP_BODY} bytes, this one {size}"
     return None
+
+
+def _problems(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
 
 
 def _handler(state: ProgressState, render_metrics: Callable[[], bytes],
@@ -218,22 +250,26 @@ def _handler(state: ProgressState, render_metrics: Callable[[], bytes],
 
         def do_POST(self) -> None:  # noqa: N802 (http.server naming)
             path = self.path.partition("?")[0]
-            if path != MEMBERSHIP_PATH:
-                self._reply(404, {"error": f"unknown path {path}; POST {MEMBERSHIP_PATH}"})
+            if path not in (MEMBERSHIP_PATH, CHECKPOINT_PATH):
+                self._reply(404, {"error": f"unknown path {path}; POST {MEMBERSHIP_PATH} or {CHECKPOINT_PATH}"})
                 return
+            what = "a membership update" if path == MEMBERSHIP_PATH else "a checkpoint request"
             refusal = membership_refusal(membership_token, self.headers.get("Authorization"),
-                                         self.headers.get("Content-Length"))
+                                         self.headers.get("Content-Length"), what)
             if refusal is not None:
                 self.close_connection = True  # the body, if any, is never read
                 self._reply(refusal[0], {"error": refusal[1]})
                 return
             length = int(self.headers["Content-Length"])
+            body = self.rfile.read(length) if length else b""
+            if path == CHECKPOINT_PATH:
+                self._checkpoint_request(body)
+                return
             try:
-                update = MembershipUpdate.model_validate_json(self.rfile.read(length) if length else b"")
+                update = MembershipUpdate.model_validate_json(body)
             except ValidationError as exc:
-                problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
-                self._reply(400, {"error": f"invalid membership update: {problems} (expected JSON with epoch, rank, "
-                                           f"worldSize, masterAddr, masterPort)"})
+                self._reply(400, {"error": f"invalid membership update: {_problems(exc)} (expected JSON with epoch, "
+                                           f"rank, worldSize, masterAddr, masterPort)"})
                 return
             code = state.offer_membership(update)
             if code == 409:
@@ -244,6 +280,17 @@ def _handler(state: ProgressState, render_metrics: Callable[[], bytes],
             log.info("membership update: epoch %d, rank %d of %d, master %s:%d (%s)", update.epoch, update.rank,
                      update.world_size, update.master_addr, update.master_port, "new" if code == 202 else "held already")
             self._reply(code, {"accepted": True, "epoch": update.epoch})
+
+        def _checkpoint_request(self, body: bytes) -> None:
+            try:
+                request = CheckpointRequest.model_validate_json(body)
+            except ValidationError as exc:
+                self._reply(400, {"error": f"invalid checkpoint request: {_problems(exc)} (expected JSON with id, reason)"})
+                return
+            code = state.offer_checkpoint_request(request)
+            if code == 202:
+                log.info("checkpoint requested (%s): saving at the next step the ranks agree on", request.reason or request.id)
+            self._reply(code, {"accepted": True, "id": request.id})
 
         def _reply(self, code: int, payload: dict[str, Any]) -> None:
             body = json.dumps(payload).encode()

@@ -10,7 +10,8 @@ One :class:`Trainer` per process. :meth:`Trainer.run` is, in order::
         forward + backward (autocast when dtype is bfloat16)
         strategy.after_backward(step); clip; inner_optimizer.step(); strategy.after_inner_step(step)
         eval every evalEvery; log every logEvery
-        note a finished background save; checkpoint every checkpoint.everySteps (Checkpointer, loco_trainer.ucp)
+        note a finished background save; checkpoint every checkpoint.everySteps (Checkpointer, loco_trainer.ucp),
+            or at the logEvery boundary the ranks agree on after the operator asked (POST /checkpoint, before a stop)
         live resize: after a lost peer or at a membership update, regroup (LiveMembership)
     strategy.finish(); final eval; final checkpoint
 
@@ -494,15 +495,40 @@ class Trainer:
         run.interval_losses, run.interval_start = [], time.perf_counter()
 
     def _maybe_checkpoint(self, run: "_Run", completed: int, is_last: bool) -> None:
-        """Note a background save that finished; start one when the checkpointer says one is due."""
+        """Note a background save that finished; start one when the checkpointer says one is due, or when the
+        operator asked for one before it stops the workers."""
         self.ckpt.poll()
-        if not self.ckpt.due(completed, is_last) or run.quiet:
+        asked = self._asked_to_save(run, completed, is_last)
+        if not (asked or self.ckpt.due(completed, is_last)) or run.quiet:
             return
 
         def save() -> None:
             self.ckpt.save(completed, run.model, run.optimizer, run.strategy, run.position, run.reference_world)
 
         self._outside_exchange(run, completed, save)
+
+    def _asked_to_save(self, run: "_Run", completed: int, is_last: bool) -> bool:
+        """Whether some rank was asked for a checkpoint (``POST /checkpoint``: the operator is about to stop the
+        workers). Every ``training.logEvery`` steps the ranks agree on it with one 8-byte MAX all-reduce over every
+        process of the job, so they all save at the same step. Only under an operator (it alone can ask)."""
+        if (is_last or run.quiet or not self.env.membership_token_file
+                or completed % self.config.training.log_every != 0):
+            return False
+        request = self.progress.take_checkpoint_request() if self.progress is not None else None
+        flag = torch.tensor([1 if request is not None else 0], dtype=torch.int64)
+
+        def agree() -> None:
+            if self._mesh is not None:  # sharded: the comm spans one rank per pod; the request reached local rank 0
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            else:
+                self._comm.agree(flag, "max")
+
+        self._outside_exchange(run, completed, agree)
+        asked = not run.quiet and bool(flag.item())
+        if asked and (self.info.rank == 0 or request is not None):
+            log.info("saving at step %d: the operator asked for a checkpoint%s", completed,
+                     f" ({request.reason})" if request is not None and request.reason else "")
+        return asked
 
     def _regroup_if_needed(self, run: "_Run", completed: int, is_last: bool) -> None:
         """Live resize (docs/elastic.md), the one place a lost peer is acted on: after a lost peer, regroup with the

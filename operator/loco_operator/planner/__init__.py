@@ -20,7 +20,8 @@ Lifecycle (``status.phase``)::
                 pod): epoch += 1, the survivors' rank/epoch labels are patched, leavers deleted, joiners
                 created under free names; each survivor is POSTed its new place (/membership)
     any -> Failed     (backoffLimit exhausted, activeDeadlineSeconds passed, invalid spec)
-    any -> Suspended  (runPolicy.suspend: pods deleted, status kept) -> Pending on unsuspend
+    any -> Suspended  (runPolicy.suspend: the workers save where they are, then pods deleted, status kept)
+                      -> Pending on unsuspend
     (new) -> Suspended (queued in Kueue: no worker until its Workload is admitted; again when evicted) -> Pending
 
 Idempotence: when the children match the status, the plan has no actions and the same status.
@@ -35,13 +36,14 @@ while it is being made):
 - :mod:`.faults`: what the detector found.
 - :mod:`.workers`: the children of a running job and the phase they add up to.
 - :mod:`.queue`: Kueue admission (one Workload per queued job).
+- :mod:`.stop`: a checkpoint of where the workers are before a suspend or an eviction stops them.
 - :mod:`.actions`: the ordered actions a plan returns; :mod:`.reconcile`: the order of the decisions.
 """
 
 from .actions import (
     Action, CordonNode, CreateConfigMap, CreateMembershipSecret, CreateNetworkPolicy, CreatePod,
     CreateService, CreateWorkload, DeleteJob, DeletePod, DeleteWorkload, EmitEvent, ForceDeletePod, PatchPodLabels,
-    PatchWorkloadStatus, Plan, PostMembership, UngatePods, UpdateConfigMap
+    PatchWorkloadStatus, Plan, PostMembership, RequestCheckpoint, UngatePods, UpdateConfigMap
 )
 from .observe import Observed, ObservedPod, ObservedWorkload, parse_report, parse_status, parse_time, rfc3339
 from .reconcile import plan, plan_pod_refused, refusal_is_permanent
@@ -49,7 +51,8 @@ from .vocabulary import MAX_FAULT_RECORDS, MAX_SKIPPED_RECORDS, NODE_LOST_GRACE_
 
 __all__ = [
     "Action", "CordonNode", "CreateConfigMap", "CreateMembershipSecret", "CreateNetworkPolicy", "CreatePod", "CreateService",
-    "DeleteJob", "DeletePod", "EmitEvent", "ForceDeletePod", "PatchPodLabels", "Plan", "PostMembership", "UngatePods",
+    "DeleteJob", "DeletePod", "EmitEvent", "ForceDeletePod", "PatchPodLabels", "Plan", "PostMembership", "RequestCheckpoint",
+    "UngatePods",
     "UpdateConfigMap", "CreateWorkload", "DeleteWorkload", "PatchWorkloadStatus",
     "Observed", "ObservedPod", "ObservedWorkload", "parse_report", "parse_status", "parse_time", "rfc3339",
     "plan", "plan_pod_refused", "refusal_is_permanent",

@@ -115,13 +115,24 @@ class PostMembership:
     token: str = field(default="", compare=False, repr=False, hash=False)
 
 @dataclass(frozen=True)
+class RequestCheckpoint:
+    """``POST /checkpoint`` to a running worker (``body``: a :class:`CheckpointRequest` on the wire): save where you
+    are, the workers are about to be stopped. Sent again on every reconcile until the checkpoint commits (the worker
+    takes one id once); a failed POST is logged, never retried within the reconcile."""
+
+    name: str
+    pod_ip: str
+    body: dict[str, Any] = field(default_factory=dict, hash=False)
+    token: str = field(default="", compare=False, repr=False, hash=False)
+
+@dataclass(frozen=True)
 class EmitEvent:
     type: str
     reason: str
     message: str
 
 Action = (CreateService | CreateConfigMap | UpdateConfigMap | CreateMembershipSecret | CreateNetworkPolicy | CreatePod
-          | DeletePod | ForceDeletePod | DeleteJob | EmitEvent | CordonNode | PatchPodLabels | PostMembership | UngatePods
+          | DeletePod | ForceDeletePod | DeleteJob | EmitEvent | CordonNode | PatchPodLabels | PostMembership | RequestCheckpoint | UngatePods
           | CreateWorkload | DeleteWorkload | PatchWorkloadStatus)
 
 @dataclass(frozen=True)

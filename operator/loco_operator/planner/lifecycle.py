@@ -13,6 +13,7 @@ from .context import Planner
 from .failure_policy import decide
 from .membership import live_shrink
 from .observe import ObservedPod, parse_time, rfc3339
+from .stop import stopped_after_checkpoint
 from .vocabulary import ConditionType, EventType, Reason
 
 
@@ -88,8 +89,11 @@ def restart(
 
 
 def suspend(p: Planner, spec: TrainingJobSpec) -> None:
-    """``runPolicy.suspend``: every worker deleted, the status (and with it the resume point) kept."""
+    """``runPolicy.suspend``: every worker deleted (once they have saved a checkpoint of where they are, see
+    :mod:`.stop`), the status (and with it the resume point) kept."""
     st = p.status
+    if st.phase is not Phase.suspended and not stopped_after_checkpoint(p, spec, "runPolicy.suspend"):
+        return
     if st.phase is not Phase.suspended:
         st.phase = Phase.suspended
         st.message = "Suspended: workers deleted, status and checkpoint kept"

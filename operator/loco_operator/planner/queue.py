@@ -1,7 +1,7 @@
 """Kueue admission: a TrainingJob labelled ``kueue.x-k8s.io/queue-name`` is ONE Workload (all its workers or none),
 created by the operator and owned by the job. No worker exists until Kueue admits it; the workers then go where the
 admitted flavors say (their node labels and tolerations). When Kueue evicts it (preemption, a deactivated
-Workload), the workers are deleted (SIGTERM: the trainer stops at a step and the last committed checkpoint stays),
+Workload), the workers first save a checkpoint of where they are (:mod:`.stop`), then are deleted,
 the admission is cleared as Kueue's own job integrations do, and the job waits, Suspended, to be admitted again;
 then it resumes from its checkpoint. A finished job marks its Workload Finished, which frees the quota.
 
@@ -17,6 +17,7 @@ from ..spec import Phase, TrainingJobSpec, WorkersStatus
 from .actions import CreateWorkload, DeleteWorkload, PatchWorkloadStatus
 from .context import Planner
 from .observe import ObservedWorkload, rfc3339
+from .stop import stopped_after_checkpoint
 from .vocabulary import TERMINAL, ConditionType, EventType, Reason
 
 #: Evictions after which Kueue's own integrations mark the Workload Requeued (it goes back to its queue at once).
@@ -43,6 +44,9 @@ def hold_until_admitted(p: Planner, spec: TrainingJobSpec) -> bool:
         _hold(p, spec, Reason.queued, f"Waiting for Kueue to admit {spec.replicas} workers (LocalQueue {queue})")
         return True
     if wl.evicted is not None:
+        why = f"evicted by Kueue: {wl.evicted_reason or 'Evicted'}"
+        if p.status.phase is not Phase.suspended and not stopped_after_checkpoint(p, spec, why):
+            return True
         _hold(p, spec, Reason.evicted, f"Evicted by Kueue ({wl.evicted_reason or 'Evicted'}): {wl.evicted}; "
               "workers stopped, resuming from the last checkpoint once admitted again")
         if not any(pod.live or pod.deleting for pod in p.observed.pods):

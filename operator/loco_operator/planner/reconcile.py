@@ -99,6 +99,7 @@ def reconcile(p: Planner, spec: TrainingJobSpec) -> None:
         return
     if hold_until_admitted(p, spec):
         return
+    st.checkpoint_before_stop = None  # unsuspended (or the eviction withdrawn) while the workers were saving
     if st.phase is Phase.suspended:
         resume(p)
         current, stale = [], list(p.observed.pods)

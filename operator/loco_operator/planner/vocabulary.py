@@ -37,6 +37,8 @@ class Reason(str, Enum):
     invalid_spec = "InvalidSpec"
     suspended = "Suspended"
     resumed = "Resumed"
+    checkpoint_before_stop = "CheckpointBeforeStop"
+    checkpoint_before_stop_timed_out = "CheckpointBeforeStopTimedOut"
     config_updated = "ConfigUpdated"
     ttl_expired = "TTLExpired"
     cleanup = "CleanPodPolicy"
