@@ -348,6 +348,27 @@ class Comm:
         record.exit_ns = time.monotonic_ns()
         return output
 
+    def exchange_chunks(self, chunks: Sequence[torch.Tensor], *, async_op: bool = False) -> Any:
+        """Send ``chunks[i]`` to group rank ``i`` (one 1-D chunk per rank, all of one size and dtype) and receive one
+        chunk from every rank: returns a list of ``world_size`` tensors (or a handle whose ``wait()`` returns it),
+        entry ``j`` from group rank ``j``. The first half of a reduce-scatter whose reduction the caller does (the
+        chunks are encoded payloads, e.g. 4-bit ones, that a native reduce-scatter could not sum), so it is
+        recorded and counted as a ``reduce_scatter``: (n−1) chunks sent, (n−1) received."""
+        n = self._world_size
+        if len(chunks) != n:
+            raise ValueError(f"exchange_chunks needs {n} chunks (one per rank), got {len(chunks)}")
+        if n == 1:
+            out = [chunks[0].clone()]
+            return CommHandle(None, out, None) if async_op else out
+        if len({(c.numel(), c.dtype) for c in chunks}) != 1:
+            raise ValueError("exchange_chunks needs chunks of one size and dtype")
+        inputs = torch.cat([c.reshape(-1) for c in chunks])
+        output = torch.empty_like(inputs)
+        size = _nbytes(chunks[0])
+        record = self.open_record("reduce_scatter", size * n, (n - 1) * size, (n - 1) * size)
+        work = dist.all_to_all_single(output, inputs, group=self._group, async_op=self._async(async_op, inputs))
+        return self._finish(work, list(output.view(n, -1).unbind(0)), record, async_op, inputs)
+
     def send(self, t: torch.Tensor, dst: int) -> None:
         """Blocking send of ``t`` to group rank ``dst``."""
         self.isend(t, dst).wait()

@@ -19,16 +19,23 @@ Symbols -> arguments: H -> ``sync_every``, P -> ``fragments``, τ -> ``overlap_s
 ``mixing_factor``, q -> ``quantization`` (``none`` | ``bf16`` | ``e3m0``), η -> ``outer_lr``,
 μ -> ``outer_momentum``. Constraints: H divisible by P, τ < H/P (at most one fragment in flight).
 
-Wire: fp32 outer gradients are averaged with an all-reduce; bf16/E3M0 payloads are all-gathered and
-averaged in fp32 on every rank (so quantisation never accumulates error across ranks, and every rank
-computes bit-identical global parameters). Bytes per inner step per rank (N parameters, T tensors):
+Wire: fp32 outer gradients are averaged with an all-reduce. Quantised (bf16/E3M0) ones, with 2 workers, are
+all-gathered and averaged in fp32 on every rank; with n >= 3 workers they go as a reduce-scatter then an
+all-gather, so the bytes a rank sends stay bounded as n grows: each rank encodes the n chunks of its outer
+gradient and sends chunk j to rank j (an all-to-all), averages in fp32 the n encodings of its own chunk, encodes
+that average and all-gathers it. Accumulation is always in fp32, and every rank decodes the same payloads, so
+all compute bit-identical global parameters; the price is a second rounding (of the average). E3M0 chunks take
+one scale per 128 elements (``quant.pack_flat``). Bytes per inner step per rank (N parameters, T tensors):
 
-    none: 2(n−1)/n · 4N / H      bf16: (n−1) · 2N / H      e3m0: (n−1) · (N/2 + 4T) / H   (+≤1 byte/fragment)
+    none: 2(n−1)/n · 4N / H
+    n = 2:   bf16: 2N / H                 e3m0: (N/2 + 4T) / H                           (+≤1 byte/fragment)
+    n >= 3:  bf16: 2(n−1)/n · 2N / H      e3m0: 2(n−1)/n · (N/2 + 4N/128) / H  (< 1.07 N/H for any n)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Sequence, Unpack
 
 import torch
@@ -59,6 +66,12 @@ def fragment_assignment(param_names: Sequence[str], fragments: int) -> list[int]
             f"to at most {len(layers)}"
         )
     return out
+
+
+def _chunks(flat: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """``flat`` cut into ``n`` chunks of ``ceil(len/n)`` elements, the last zero-padded."""
+    length = -(-flat.numel() // n)
+    return list(torch.nn.functional.pad(flat, (0, n * length - flat.numel())).view(n, length).unbind(0))
 
 
 @dataclasses.dataclass
@@ -161,6 +174,12 @@ class StreamingDiLoCo(DiLoCo):
 
     # ------------------------------------------------------------------------------ exchange
 
+    def _reduce_scatter(self) -> bool:
+        """Whether a quantised exchange goes as a reduce-scatter then an all-gather (3 or more workers): each rank
+        then sends about 2(n−1)/n of the fragment's encoded size whatever n, where an all-gather sends n−1 times it.
+        With 2 workers the all-gather sends no more and quantises once, so it stays."""
+        return self.quantization != "none" and self.comm.world_size >= 3
+
     @torch.no_grad()
     def _start(self, p: int, sync_t: int) -> None:
         idx = self.fragment_params[p]
@@ -168,6 +187,9 @@ class StreamingDiLoCo(DiLoCo):
         if self.quantization == "none":
             flat = flatten(deltas)
             handle = self.comm.all_reduce(flat, op="avg", async_op=True)
+        elif self._reduce_scatter():
+            chunks = _chunks(flatten(deltas), self.comm.world_size)
+            handle = self.comm.exchange_chunks([quant.pack_flat(c, self.quantization) for c in chunks], async_op=True)
         else:
             handle = self.comm.all_gather(quant.pack(deltas, self.quantization), async_op=True)
         self._pending[p] = _Pending(p, sync_t, handle)
@@ -181,11 +203,26 @@ class StreamingDiLoCo(DiLoCo):
             if self.quantization == "none":
                 average = [torch.empty(s, dtype=torch.float32, device=result.device) for s in shapes]
                 unflatten_into(result, average)
+            elif self._reduce_scatter():
+                average = self._gather_chunk_averages(result, shapes)
             else:
                 decoded = [quant.unpack(payload, shapes, self.quantization) for payload in result]
                 average = [sum(parts[k] for parts in decoded) / len(decoded) for k in range(len(shapes))]
             pending.average, pending.handle = average, None
         return pending.average
+
+    def _gather_chunk_averages(self, received: list[torch.Tensor], shapes: Sequence[torch.Size]) -> list[torch.Tensor]:
+        """The reduce-scatter's second half: average the chunk every rank sent this one (decoded, in fp32), encode
+        the average, all-gather every rank's, decode. Every rank decodes the same payloads, its own included, so
+        all compute bit-identical global parameters."""
+        total = sum(math.prod(s) for s in shapes)
+        length = -(-total // len(received))
+        mine = sum(quant.unpack_flat(x, length, self.quantization) for x in received) / len(received)
+        gathered = self.comm.all_gather(quant.pack_flat(mine, self.quantization))
+        flat = torch.cat([quant.unpack_flat(x, length, self.quantization) for x in gathered])[:total]
+        average = [torch.empty(s, dtype=torch.float32, device=flat.device) for s in shapes]
+        unflatten_into(flat, average)
+        return average
 
     @torch.no_grad()
     def _merge(self, pending: _Pending, alpha: float) -> None:
@@ -312,6 +349,10 @@ class StreamingDiLoCo(DiLoCo):
             return 0.0
         if self.quantization == "none":
             return 2 * (n - 1) / n * 4 * num_params / self.sync_every
+        if n >= 3:  # reduce-scatter then all-gather: each half sends n−1 encoded chunks of each fragment
+            sizes = [sum(self.global_params[i].numel() for i in idx) for idx in self.fragment_params]
+            chunk_bytes = sum(quant.flat_payload_nbytes(-(-size // n), self.quantization) for size in sizes)
+            return 2 * (n - 1) * chunk_bytes / self.sync_every
         if self.quantization == "bf16":
             return (n - 1) * 2 * num_params / self.sync_every
         return (n - 1) * (num_params / 2 + 4 * len(self.params)) / self.sync_every
