@@ -12,17 +12,22 @@ from loco_operator.handlers import OperatorContext, _merge_patch, poll_reports
 from loco_operator.planner import ObservedPod
 
 
+async def serve(app: web.Application) -> tuple[web.AppRunner, int]:
+    """Serve ``app`` on a free loopback port: (its runner, to clean up, and the port)."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]
+
+
 async def test_poll_reports_reads_answering_workers_and_skips_silent_ones():
     async def status(_request):
         return web.json_response({"jobName": "j", "replicaIndex": 0, "state": "running", "step": 3})
 
     app = web.Application()
     app.router.add_get("/status", status)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
+    runner, port = await serve(app)
     ctx = OperatorContext(api_client=None, status_port=port, poll_timeout_s=2.0)
     ctx.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0))
     try:
@@ -92,12 +97,9 @@ async def test_apply_posts_membership_and_never_raises_on_a_refusal_or_a_dead_wo
     refusing.router.add_post("/membership", refuse)
     runners, ports = [], []
     for application in (app, refusing):
-        runner = web.AppRunner(application)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
+        runner, port = await serve(application)
         runners.append(runner)
-        ports.append(site._server.sockets[0].getsockname()[1])
+        ports.append(port)
     body = {"epoch": 4, "rank": 1, "worldSize": 2, "masterAddr": "j-worker-2.j.ns.svc", "masterPort": 29505}
     job = {"metadata": {"name": "j", "namespace": "ns", "uid": "u"}}
     try:
@@ -130,11 +132,7 @@ async def test_apply_asks_a_worker_for_a_checkpoint_with_the_token_and_never_rai
 
     app = web.Application()
     app.router.add_post("/checkpoint", checkpoint)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
+    runner, port = await serve(app)
     body = {"id": "e0-s37", "reason": "runPolicy.suspend"}
     job = {"metadata": {"name": "j", "namespace": "ns", "uid": "u"}}
     try:

@@ -150,3 +150,11 @@ def test_spec_that_is_not_an_object_is_refused():
 def test_python_spec_model_agrees_on_cross_field_rules():
     with pytest.raises(ValueError, match="seqLen"):
         TrainingJobSpec.model_validate({"training": {"seqLen": 1024}})
+
+
+def test_init_from_names_another_job_and_a_step_the_api_can_hold():
+    assert errors_of({"checkpoint": {"initFrom": {"jobName": "parent", "step": 40}}}) == {}
+    mine = errors_of({"checkpoint": {"initFrom": {"jobName": "job"}}}, name="job")
+    assert "names this job itself" in mine["spec.checkpoint.initFrom.jobName"].message
+    bad = errors_of({"checkpoint": {"initFrom": {"jobName": "Not_A_Name", "step": -1}}})
+    assert set(bad) >= {"spec.checkpoint.initFrom.jobName", "spec.checkpoint.initFrom.step"}, bad

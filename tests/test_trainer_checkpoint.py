@@ -85,3 +85,39 @@ def test_failed_background_save_is_reported_and_never_committed(tmp_path, monkey
     text = metrics.render().decode()
     assert 'loco_checkpoint_saves_total{outcome="failed"} 1.0' in text
     assert 'loco_checkpoint_saves_total{outcome="committed"} 1.0' in text
+
+
+def _run(config: dict, tmp_path, name: str, nproc: int, **env: str) -> subprocess.CompletedProcess:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return subprocess.run([sys.executable, "-m", "loco_trainer", "--config", str(path), "--nproc", str(nproc)],
+                          capture_output=True, text=True, timeout=150, env={**os.environ, **env})
+
+
+def test_init_from_starts_from_another_jobs_checkpoint_at_another_size_and_algorithm_and_leaves_it_untouched(tmp_path):
+    """checkpoint.initFrom (LOCO_INIT_FROM): DDP on 2 ranks saves; a DiLoCo job on 1 rank starts from its step-4
+    checkpoint (model, optimizer, data position, step) and trains on in its own directory; the source is only read.
+    A source that is not there is a configuration error (exit 2) naming the field, never a fresh start."""
+    source = {**tiny(tmp_path, steps=6, keep=3), "jobName": "source"}
+    result = _run(source, tmp_path, "source", 2)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    src_dir = tmp_path / "ckpt" / "test" / "source"
+    before = {p: p.stat().st_mtime_ns for p in src_dir.rglob("*")}
+
+    branch = {**tiny(tmp_path, steps=8), "jobName": "branch", "algorithm": {"name": "diloco", "syncEvery": 2}}
+    result = _run(branch, tmp_path, "branch", 1, LOCO_INIT_FROM=str(src_dir / "step-00000004"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "checkpoint.initFrom" in result.stderr + result.stdout
+    dst_dir = tmp_path / "ckpt" / "test" / "branch"
+    assert (dst_dir / "latest").read_text().strip() == "step-00000008"
+    assert not (dst_dir / "step-00000002").exists()  # it started at step 4: its first save is step 6
+    manifest = json.loads((dst_dir / "step-00000006" / "manifest.json").read_text())
+    # the source's data position (4 steps x 2 ranks x 2 sequences) and 2 more steps of the same global batch (the
+    # batch rule keeps the reference world the source saved at)
+    assert manifest["algorithm"] == "diloco" and manifest["extra"]["data"] == {"sequences": 20}
+    assert {p: p.stat().st_mtime_ns for p in src_dir.rglob("*")} == before  # read only
+
+    missing = _run({**branch, "jobName": "typo"}, tmp_path, "typo", 1, LOCO_INIT_FROM=str(src_dir / "step-00000099"))
+    assert missing.returncode == 2, missing.stdout[-3000:] + missing.stderr[-3000:]
+    assert "spec.checkpoint.initFrom: cannot start from" in missing.stdout + missing.stderr
+    assert not (tmp_path / "ckpt" / "test" / "typo" / "latest").exists()

@@ -314,6 +314,21 @@ class AlgorithmSpec(Model):
 CLEAN_ABSOLUTE_PATH = r"^(/([^/.\x00][^/\x00]*|\.[^/.\x00][^/\x00]*|\.\.[^/\x00]+))+/?$"
 
 
+#: A TrainingJob's name: a DNS-1035 label (what the API accepts for metadata.name, see loco_operator.rules).
+JOB_NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+
+
+class InitFrom(Model):
+    """Start from another TrainingJob's committed checkpoint (population-based training, a fine-tune, a branch)."""
+
+    job_name: str = Field(min_length=1, max_length=63, pattern=JOB_NAME_PATTERN,
+                          description="The TrainingJob (same namespace) whose checkpoint this job starts from.")
+    step: int | None = Field(
+        None, ge=0, le=10**9,
+        description="Its checkpoint at this step (still kept: checkpoint.keep rotates old ones out); unset: its newest "
+        "committed one.")
+
+
 class CheckpointSpec(Model):
     """Where and how often checkpoints are written."""
 
@@ -331,6 +346,15 @@ class CheckpointSpec(Model):
     every_steps: int = Field(50, ge=0, description="Save every N inner steps (0: only at the end).")
     keep: int = Field(3, ge=1, description="Keep the newest N committed checkpoints; older ones are deleted.")
     async_save: bool = Field(True, description="Write in the background; training stalls only for the copy to host memory.")
+    init_from: InitFrom | None = Field(
+        None,
+        description=(
+            "Start from another TrainingJob's committed checkpoint, read-only, at any world size, sharding or algorithm"
+            " (the universal format): its model, optimizer state, data position and step. Only while this job has no"
+            " checkpoint of its own. Both jobs must keep checkpoints under the same checkpoint.path (one volume). A"
+            " source that does not exist fails the job; one that has not committed the step yet holds it Pending."
+        ),
+    )
     adopt_previous_job: bool = Field(
         False,
         description=(
@@ -433,6 +457,9 @@ class EnvVar(str, Enum):
     EPOCH = "LOCO_EPOCH"  # membership epoch (bumped on every restart/resize)
     RESTART_COUNT = "LOCO_RESTART_COUNT"  # restarts of the job so far
     RESUME_FROM = "LOCO_RESUME_FROM"  # last committed checkpoint known to the operator ("" for none)
+    # another job's checkpoint to start from while this job's directory holds none (checkpoint.initFrom,
+    # resolved by the operator); unlike LOCO_RESUME_FROM a hint that fails is an error, not a fresh start
+    INIT_FROM = "LOCO_INIT_FROM"
     MASTER_ADDR = "MASTER_ADDR"  # rendezvous host: replica 0's stable DNS name
     MASTER_PORT = "MASTER_PORT"
     STATUS_PORT = "LOCO_STATUS_PORT"  # port of the progress endpoint (/status, /metrics)
@@ -477,6 +504,7 @@ class RuntimeEnv(Model):
     epoch: int = 0
     restart_count: int = 0
     resume_from: str = ""
+    init_from: str = ""
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
     status_port: int = DEFAULT_STATUS_PORT

@@ -59,7 +59,7 @@ from .planner import (
     Action, CordonNode, CreateConfigMap, CreateMembershipSecret, CreateNetworkPolicy, CreatePod,
     CreateService, DeleteJob, DeletePod, EmitEvent, ForceDeletePod, NODE_LOST_GRACE_S, Observed, ObservedPod,
     PatchPodLabels, PatchWorkloadStatus, PostMembership, RequestCheckpoint, UngatePods, UpdateConfigMap, CreateWorkload, DeleteWorkload,
-    ObservedWorkload, parse_report, plan, plan_pod_refused,
+    ObservedSource, ObservedWorkload, parse_report, plan, plan_pod_refused,
     refusal_is_permanent
 )
 from .render import (
@@ -358,6 +358,7 @@ async def observe(ctx: OperatorContext, job: dict[str, Any]) -> Observed:
     slots = await observe_capacity(ctx, job)
     gang_shortage = await observe_gang_room(ctx, job, pods)
     workload, priorities = await observe_workload(ctx, job)
+    init_source = await observe_init_source(ctx, job)
     return Observed(
         pods=tuple(pods),
         service_exists=service is not None,
@@ -371,6 +372,7 @@ async def observe(ctx: OperatorContext, job: dict[str, Any]) -> Observed:
         gang_shortage=gang_shortage,
         workload=workload,
         workload_priorities=priorities,
+        init_source=init_source,
     )
 
 
@@ -458,6 +460,19 @@ async def observe_gang_room(ctx: OperatorContext, job: dict[str, Any], pods: Seq
 KUEUE_WORKLOADS = ("kueue.x-k8s.io", "v1beta2", "workloads")
 KUEUE_FLAVORS = ("kueue.x-k8s.io", "v1beta2", "resourceflavors")
 KUEUE_PRIORITIES = ("kueue.x-k8s.io", "v1beta2", "workloadpriorityclasses")
+
+
+async def observe_init_source(ctx: OperatorContext, job: dict[str, Any]) -> ObservedSource | None:
+    """The TrainingJob ``spec.checkpoint.initFrom`` names (same namespace), read only while the job has not started
+    from it yet (no status.initializedFrom, no checkpoint of its own)."""
+    source = (((job.get("spec") or {}).get("checkpoint") or {}).get("initFrom") or {}).get("jobName")
+    status = job.get("status") or {}
+    if not isinstance(source, str) or not source or status.get("initializedFrom") or status.get("lastCheckpoint"):
+        return None
+    ref = JobRef.from_body(job)
+    found = await _read(ctx, ref, "get_trainingjob", ctx.custom.get_namespaced_custom_object, GROUP, VERSION,
+                        ref.namespace, PLURAL, source)
+    return ObservedSource.from_manifest(source, found)
 
 
 async def observe_workload(ctx: OperatorContext, job: dict[str, Any]) -> tuple[ObservedWorkload | None, dict[str, int]]:

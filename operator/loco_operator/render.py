@@ -192,7 +192,7 @@ def _field_ref(path: str) -> dict[str, Any]:
 
 def worker_env(
     job: JobRef, spec: TrainingJobSpec, rank: int, epoch: int, restarts: int, resume_from: str, num_replicas: int | None = None,
-    *, join: bool = False, master_addr: str | None = None, master_port: int | None = None,
+    *, join: bool = False, master_addr: str | None = None, master_port: int | None = None, init_from: str = "",
 ) -> list[dict[str, Any]]:
     """The container environment: the contract variables (EnvVar), then template.env.
 
@@ -216,6 +216,7 @@ def worker_env(
         EnvVar.EPOCH: str(epoch),
         EnvVar.RESTART_COUNT: str(restarts),
         EnvVar.RESUME_FROM: resume_from,
+        EnvVar.INIT_FROM: init_from,
         EnvVar.MASTER_ADDR: master_addr or job.pod_dns(0),
         EnvVar.MASTER_PORT: str(MASTER_PORT if master_port is None else master_port),
         EnvVar.STATUS_PORT: str(DEFAULT_STATUS_PORT),
@@ -295,7 +296,7 @@ GANG_GATE = "loco.dev/gang"
 def render_pod(
     job: JobRef, spec: TrainingJobSpec, rank: int, epoch: int, restarts: int = 0, resume_from: str = "",
     avoid_nodes: Sequence[str] = (), num_replicas: int | None = None, *, name: str | None = None, join: bool = False,
-    master_addr: str | None = None, master_port: int | None = None, gated: bool = False,
+    master_addr: str | None = None, master_port: int | None = None, gated: bool = False, init_from: str = "",
 ) -> dict[str, Any]:
     """Worker pod of rank ``rank`` in membership epoch ``epoch``, named ``name`` (default
     ``<job>-worker-<rank>``; a pod keeps its name across live resizes, so a new one takes a free name).
@@ -304,7 +305,8 @@ def render_pod(
     ``join``, ``master_addr``, ``master_port``: see :func:`worker_env` (a live grow's joiners).
 
     ``resume_from`` is the last committed checkpoint known to the operator (``""``: none); it
-    reaches the trainer as ``LOCO_RESUME_FROM``. Contract labels win over template labels.
+    reaches the trainer as ``LOCO_RESUME_FROM``. ``init_from``: another job's checkpoint to start from while this
+    job has none (``status.initializedFrom``, ``LOCO_INIT_FROM``). Contract labels win over template labels.
     ``avoid_nodes`` (``status.avoidNodes``: nodes blamed for faults) become a required node
     anti-affinity merged into the template's affinity (:func:`avoid_nodes_affinity`).
     ``gated``: created with the scheduling gate :data:`GANG_GATE` (gang start; the operator removes it).
@@ -317,7 +319,7 @@ def render_pod(
         "image": tpl.image,
         "command": list(tpl.command) if tpl.command else list(DEFAULT_COMMAND),
         "env": worker_env(job, spec, rank, epoch, restarts, resume_from, num_replicas,
-                          join=join, master_addr=master_addr, master_port=master_port),
+                          join=join, master_addr=master_addr, master_port=master_port, init_from=init_from),
         "ports": [
             {"name": "status", "containerPort": DEFAULT_STATUS_PORT, "protocol": "TCP"},
             {"name": "rendezvous", "containerPort": MASTER_PORT, "protocol": "TCP"},

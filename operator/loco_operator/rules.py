@@ -118,6 +118,16 @@ RULES: tuple[CrossFieldRule, ...] = (
         and re.match(_DNS_1035, o["metadata"]["name"]) is not None,
     ),
     CrossFieldRule(
+        scope=(),
+        field="spec.checkpoint.initFrom.jobName",
+        cel="!has(self.metadata) || !has(self.metadata.name) || !has(self.spec) || !has(self.spec.checkpoint) "
+        "|| !has(self.spec.checkpoint.initFrom) || self.spec.checkpoint.initFrom.jobName != self.metadata.name",
+        message="spec.checkpoint.initFrom.jobName names this job itself: a job resumes from its own checkpoints "
+        "anyway; name another TrainingJob, or remove initFrom",
+        check=lambda o: (((o.get("spec") or {}).get("checkpoint") or {}).get("initFrom") or {}).get("jobName")
+        != (o.get("metadata") or {}).get("name"),
+    ),
+    CrossFieldRule(
         scope=("spec",),
         field="elastic.minReplicas",
         cel="!has(self.elastic) || !has(self.elastic.minReplicas) || !has(self.elastic.maxReplicas) "

@@ -400,6 +400,14 @@ class StepRate(Model):
     time: str = Field(description="When the sample was taken, RFC 3339 UTC.")
 
 
+class InitializedFrom(Model):
+    """The other job's checkpoint this job started from (spec.checkpoint.initFrom), as the operator resolved it."""
+
+    job_name: str = Field(description="The source TrainingJob.")
+    step: int = Field(description="The step of its checkpoint.")
+    path: str = Field(description="The checkpoint's directory (container path), handed to the workers as LOCO_INIT_FROM.")
+
+
 class CheckpointBeforeStop(Model):
     """A checkpoint the operator asked the workers for because it is about to stop them."""
 
@@ -426,6 +434,8 @@ class TrainingJobStatus(Model):
     step_rate: StepRate | None = Field(None, description="The recent step rate the ETA is computed from.")
     algorithm: str | None = Field(None, description="Algorithm in use.")
     last_checkpoint: CheckpointStatus | None = Field(None, description="Last committed checkpoint; every restart resumes from it.")
+    initialized_from: InitializedFrom | None = Field(
+        None, description="The other job's checkpoint this job started from (spec.checkpoint.initFrom).")
     checkpoint_before_stop: CheckpointBeforeStop | None = Field(
         None, description="The workers were asked for a checkpoint before a suspend or an eviction stops them (cleared "
         "once they are stopped).")

@@ -22,6 +22,7 @@ from loco_contract.protocol import (
 )
 from loco_trainer import sharding, ucp
 from loco_trainer.data import DataPosition
+from loco_trainer.failures import ConfigError
 from loco_trainer.metrics import TrainerMetrics
 from loco_trainer.rendezvous import RankInfo
 
@@ -73,18 +74,32 @@ class Checkpointer:
                 log.info("resuming from %s: %s", newest.url, why)
             elif hint:
                 try:
-                    hinted, hinted_storage = _open_checkpoint(self.env.resolve_path(hint))
-                    report = ucp.verify_checkpoint(hinted_storage, hinted)
-                    if not report.ok:
-                        raise ucp.FormatError(f"it does not verify ({report.reasons[0]}): {report.problems[0]}")
-                    chosen = self.env.resolve_path(hint)
+                    chosen = _verified(self.env.resolve_path(hint))
                     log.info("resuming from %s: LOCO_RESUME_FROM (no committed checkpoint in %s)", chosen, self.dir)
                 except (ucp.FormatError, OSError) as exc:
                     log.warning("ignoring LOCO_RESUME_FROM=%s: %s; starting fresh", hint, exc)
-            else:
+            if chosen is None and self.env.init_from:
+                chosen = self._init_from()
+            elif chosen is None:
                 log.info("no committed checkpoint in %s: starting from step 0", self.dir)
-        chosen = agree_rank0(chosen)
-        return _open_checkpoint(chosen) if chosen else None
+        # as a container path, which each pod resolves in its own filesystem (the embedded cluster gives every pod
+        # its own root), so each reports the checkpoint it resumed from as the operator knows it
+        chosen = agree_rank0(self.env.container_path(chosen) if isinstance(chosen, str) else chosen)
+        if isinstance(chosen, ConfigError):  # rank 0's refusal, on every rank
+            raise ConfigError(str(chosen))
+        return _open_checkpoint(self.env.resolve_path(chosen)) if chosen else None
+
+    def _init_from(self) -> "str | ConfigError":
+        """``checkpoint.initFrom`` (``LOCO_INIT_FROM``, resolved by the operator): another job's committed checkpoint,
+        read only; one that is missing or does not verify is a configuration error, never a fresh start."""
+        source = self.env.resolve_path(self.env.init_from)
+        try:
+            chosen = _verified(source)
+        except (ucp.FormatError, OSError) as exc:
+            return ConfigError(f"spec.checkpoint.initFrom: cannot start from {self.env.init_from}: {exc} (a step that "
+                               f"checkpoint.keep rotated out of the source job, or a volume this job does not mount)")
+        log.info("starting from %s: checkpoint.initFrom (no committed checkpoint in %s yet)", chosen, self.dir)
+        return chosen
 
     def _report_skipped(self, skipped: list[ucp.SkippedCheckpoint]) -> None:
         """Checkpoints passed over at resume (the engine logged a warning for each): the metric, and the
@@ -309,6 +324,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def replicas_diverge(algorithm: str) -> bool:
     """True when replicas hold different parameters/inner optimizer state between syncs (all but DDP)."""
     return algorithm != "ddp"
+
+def _verified(path: str) -> str:
+    """``path`` when it is a committed checkpoint that verifies; ``ucp.FormatError`` or ``OSError`` otherwise."""
+    info, storage = _open_checkpoint(path)
+    report = ucp.verify_checkpoint(storage, info)
+    if not report.ok:
+        raise ucp.FormatError(f"it does not verify ({report.reasons[0]}): {report.problems[0]}")
+    return path
+
 
 def _open_checkpoint(path: str) -> tuple[ucp.CheckpointInfo, ucp.Storage]:
     """The committed checkpoint at ``path`` (a ``step-N`` directory) and the storage of its parent."""

@@ -36,6 +36,7 @@ while it is being made):
 - :mod:`.faults`: what the detector found.
 - :mod:`.workers`: the children of a running job and the phase they add up to.
 - :mod:`.queue`: Kueue admission (one Workload per queued job).
+- :mod:`.init_from`: which other job's checkpoint a new job starts from (spec.checkpoint.initFrom).
 - :mod:`.stop`: a checkpoint of where the workers are before a suspend or an eviction stops them.
 - :mod:`.actions`: the ordered actions a plan returns; :mod:`.reconcile`: the order of the decisions.
 """
@@ -45,7 +46,7 @@ from .actions import (
     CreateService, CreateWorkload, DeleteJob, DeletePod, DeleteWorkload, EmitEvent, ForceDeletePod, PatchPodLabels,
     PatchWorkloadStatus, Plan, PostMembership, RequestCheckpoint, UngatePods, UpdateConfigMap
 )
-from .observe import Observed, ObservedPod, ObservedWorkload, parse_report, parse_status, parse_time, rfc3339
+from .observe import Observed, ObservedPod, ObservedSource, ObservedWorkload, parse_report, parse_status, parse_time, rfc3339
 from .reconcile import plan, plan_pod_refused, refusal_is_permanent
 from .vocabulary import MAX_FAULT_RECORDS, MAX_SKIPPED_RECORDS, NODE_LOST_GRACE_S, TERMINAL, ConditionType, EventType, Reason
 
@@ -54,7 +55,7 @@ __all__ = [
     "DeleteJob", "DeletePod", "EmitEvent", "ForceDeletePod", "PatchPodLabels", "Plan", "PostMembership", "RequestCheckpoint",
     "UngatePods",
     "UpdateConfigMap", "CreateWorkload", "DeleteWorkload", "PatchWorkloadStatus",
-    "Observed", "ObservedPod", "ObservedWorkload", "parse_report", "parse_status", "parse_time", "rfc3339",
+    "Observed", "ObservedPod", "ObservedSource", "ObservedWorkload", "parse_report", "parse_status", "parse_time", "rfc3339",
     "plan", "plan_pod_refused", "refusal_is_permanent",
     "MAX_FAULT_RECORDS", "MAX_SKIPPED_RECORDS", "NODE_LOST_GRACE_S", "TERMINAL", "ConditionType", "EventType", "Reason",
 ]

@@ -123,6 +123,29 @@ def parse_report(text: Any) -> ProgressReport | None:
         return None
 
 @dataclass(frozen=True)
+class ObservedSource:
+    """The TrainingJob another job starts from (spec.checkpoint.initFrom), as the handlers read it."""
+
+    name: str
+    found: bool = False
+    phase: str | None = None
+    #: its spec.checkpoint.path: where its checkpoints are, <path>/<namespace>/<name>/step-NNNNNNNN
+    checkpoint_path: str = ""
+    #: its status.lastCheckpoint: the newest checkpoint it committed
+    last_step: int | None = None
+    last_path: str | None = None
+
+    @classmethod
+    def from_manifest(cls, name: str, job: Mapping[str, Any] | None) -> "ObservedSource":
+        if job is None:
+            return cls(name)
+        spec, status = job.get("spec") or {}, job.get("status") or {}
+        last = status.get("lastCheckpoint") or {}
+        return cls(name, True, status.get("phase"), str((spec.get("checkpoint") or {}).get("path") or "/checkpoints"),
+                   last.get("step") if isinstance(last.get("step"), int) else None, last.get("path"))
+
+
+@dataclass(frozen=True)
 class Observed:
     """The job's children as observed just now, plus the latest progress reports by pod name."""
 
@@ -147,6 +170,9 @@ class Observed:
     workload: ObservedWorkload | None = None
     #: Values of the WorkloadPriorityClasses the job names (its kueue.x-k8s.io/priority-class label).
     workload_priorities: Mapping[str, int] = field(default_factory=dict)
+    #: The TrainingJob spec.checkpoint.initFrom names, read while this job has not started from it yet (None:
+    #: not read; ``found`` False: not there).
+    init_source: ObservedSource | None = None
 
 @dataclass(frozen=True)
 class ObservedWorkload:

@@ -45,6 +45,9 @@ def fold_progress(p: Planner, spec: TrainingJobSpec, current: Sequence[ObservedP
     candidates = [r.last_checkpoint for r in p.observed.reports.values() if r.last_checkpoint is not None]
     candidates += [pod.termination_report.last_checkpoint for pod in p.observed.pods
                    if pod.termination_report is not None and pod.termination_report.last_checkpoint is not None]
+    # the checkpoint a job started from (checkpoint.initFrom) is another job's: the workers report it until they commit
+    started_from = st.initialized_from.path if st.initialized_from else None
+    candidates = [c for c in candidates if c.path != started_from]
     if candidates:
         best = max(candidates, key=lambda c: c.step)
         if st.last_checkpoint is None or best.step > st.last_checkpoint.step:

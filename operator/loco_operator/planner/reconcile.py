@@ -15,6 +15,7 @@ from .actions import Plan
 from .context import Planner
 from .elastic import elastic_shrink, epoch_size, grow_back, resize_to_spec
 from .faults import act_on_findings, expire_avoided_nodes
+from .init_from import hold_for_init_source
 from .lifecycle import act_on_failures, deadline_passed, finished, invalid, resume, succeed, suspend
 from .membership import membership_updates, switching
 from .observe import Observed, ObservedPod, lost_with_their_nodes
@@ -104,6 +105,8 @@ def reconcile(p: Planner, spec: TrainingJobSpec) -> None:
         resume(p)
         current, stale = [], list(p.observed.pods)
     if deadline_passed(p, spec.run_policy):
+        return
+    if hold_for_init_source(p, spec):
         return
     ensure_children(p, spec)
     if (resize_to_spec(p, spec, current, desired_before, size)

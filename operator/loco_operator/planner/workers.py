@@ -64,6 +64,7 @@ def create_missing(p: Planner, spec: TrainingJobSpec, current: Sequence[Observed
         st.workers = WorkersStatus(desired=size, ready=0)
         return None
     resume = st.last_checkpoint.path if st.last_checkpoint else ""
+    init_from = st.initialized_from.path if st.initialized_from and not resume else ""
     joining = live_capable(p, spec) and 0 in by_rank  # the membership runs: a new pod joins it
     # a new epoch of a fixed-size job starts all or nothing; an elastic job starts with what fits
     gated = spec.run_policy.scheduling_policy.gang and spec.elastic is None and not joining
@@ -72,13 +73,16 @@ def create_missing(p: Planner, spec: TrainingJobSpec, current: Sequence[Observed
             body = render_joiner(p, spec, rank, size, names[rank], by_rank[0].name)
         else:
             body = render_pod(p.ref, spec, rank, epoch, restarts=st.restarts + st.ignored_failures, resume_from=resume,
-                              avoid_nodes=st.avoid_nodes, num_replicas=size, name=names[rank], gated=gated)
+                              avoid_nodes=st.avoid_nodes, num_replicas=size, name=names[rank], gated=gated,
+                              init_from=init_from)
         _admitted_placement(p, body)
         p.actions.append(CreatePod(names[rank], rank, epoch, body))
     if missing or current:
         st.start_time = st.start_time or rfc3339(p.now)  # workers exist (or are about to) from now on
     if missing:
-        message = f"Created {len(missing)} worker pods for epoch {epoch}" + (f", resuming from step {st.last_checkpoint.step}" if st.last_checkpoint else "")
+        message = f"Created {len(missing)} worker pods for epoch {epoch}" + (
+            f", resuming from step {st.last_checkpoint.step}" if st.last_checkpoint
+            else f", starting from {st.initialized_from.job_name}'s step {st.initialized_from.step}" if init_from else "")
         p.condition(ConditionType.created, True, Reason.workers_created, f"Workers created for epoch {epoch}")
         p.event(EventType.normal, Reason.workers_created, message)
     return missing
