@@ -88,6 +88,9 @@ def test_single_rank_issues_nothing_and_counts_nothing() -> None:
     assert comm.broadcast(t, src=0) is t
     assert [g.tolist() for g in comm.all_gather(t)] == [[0, 1, 2, 3]]
     assert comm.all_reduce_future(t).wait() is t
+    assert [c.tolist() for c in comm.exchange_chunks([t])] == [[0, 1, 2, 3]]
+    with pytest.raises(ValueError, match="needs 1 chunks"):
+        comm.exchange_chunks([t, t])
     comm.barrier()
     all_reduce_flat(comm, [t])
     assert comm.records() == []
