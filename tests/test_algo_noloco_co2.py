@@ -44,6 +44,43 @@ def _noloco(rank: int, world_size: int) -> dict:
             "formula": strategy.bytes_per_inner_step(num_parameters(model), world_size) * h * rounds}
 
 
+def _noloco_merge(rank: int, world_size: int, merge: bool) -> dict:
+    h, steps = 2, 5  # two full rounds and a partial one, which finish() gossips
+    model = tiny_model(seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    comm = Comm()
+    strategy = NoLoCo(model, opt, comm, sync_every=h, outer_lr=0.7, outer_momentum=0.5, seed=5, final_merge=merge)
+    strategy.setup()
+    run_loop(strategy, model, opt, rank, 0, steps)
+    before = comm.stats()["by_kind"]["all_reduce"]["bytes_sent"]
+    merge_was = strategy.final_merge
+    strategy.final_merge = False  # the replicas as they end without the merge
+    strategy.finish()
+    unmerged = flat_params(model)
+    strategy.final_merge, strategy.steps_since_sync = merge_was, 0  # then the merge alone
+    strategy.finish()
+    return {"unmerged": unmerged, "final": flat_params(model),
+            "phi": torch.cat([o.reshape(-1) for o in strategy.outer_params]),
+            "merge_bytes": comm.stats()["by_kind"]["all_reduce"]["bytes_sent"] - before,
+            "n_params": num_parameters(model)}
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("merge", [True, False])
+def test_noloco_final_merge_averages_the_replicas_with_one_all_reduce(rank_pool, merge: bool) -> None:
+    results = rank_pool.run(_noloco_merge, 4, args=(merge,))
+    mean = torch.stack([r["unmerged"] for r in results]).mean(0)
+    assert not torch.equal(results[0]["unmerged"], results[1]["unmerged"])  # NoLoCo replicas differ...
+    for res in results:
+        if merge:  # ... until the merge: every worker holds their average, as θ and as φ
+            torch.testing.assert_close(res["final"], mean, rtol=0, atol=1e-6)
+            torch.testing.assert_close(res["final"], results[0]["final"], rtol=0, atol=0)
+            torch.testing.assert_close(res["phi"], res["final"], rtol=0, atol=0)
+            assert res["merge_bytes"] == 2 * 3 / 4 * 4 * res["n_params"]  # one ring all-reduce of fp32
+        else:
+            assert torch.equal(res["final"], res["unmerged"]) and res["merge_bytes"] == 0
+
+
 @pytest.mark.multiproc
 def test_noloco_gossips_in_seeded_pairs_without_any_collective(rank_pool) -> None:
     n, rounds = 4, 3

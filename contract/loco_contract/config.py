@@ -217,7 +217,7 @@ ALGORITHM_PARAMETERS: dict[str, set[str]] = {
         "sync_every", "outer_lr", "outer_momentum", "nesterov",
         "fragments", "overlap_steps", "mixing_factor", "quantization",
     },
-    "noloco": {"sync_every", "outer_lr", "outer_momentum", "group_size", "mean_pull", "group_seed"},
+    "noloco": {"sync_every", "outer_lr", "outer_momentum", "group_size", "mean_pull", "group_seed", "final_merge"},
     "co2": {"sync_every", "outer_lr", "outer_momentum", "nesterov", "staleness_penalty", "clip_threshold"},
 }
 
@@ -237,7 +237,8 @@ ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
     },
     # NoLoCo (2025): alpha (outer lr) 0.7, beta (momentum) 0.5, groups of 2; gamma (meanPull) is left
     # unset here on purpose: resolved() sets it to the resolved outerLr, as the authors' code does.
-    "noloco": {"sync_every": 50, "outer_lr": 0.7, "outer_momentum": 0.5, "group_size": 2, "group_seed": 0},
+    "noloco": {"sync_every": 50, "outer_lr": 0.7, "outer_momentum": 0.5, "group_size": 2, "group_seed": 0,
+               "final_merge": False},
     # CO2 (ICLR 2024): eta 1.0 and beta 0.5 as in the released code, penalty and clipping from the paper. With the
     # outer gradient measured from the current phi (co2.py), eta 1.0 no longer oscillates: gap vs DDP at
     # H = 10 / 50 / 100 of +9.1 / +15.3 / +14.2 %, against +10.2 / +18.4 / +14.6 % for the earlier rule's best eta
@@ -278,6 +279,9 @@ class AlgorithmSpec(Model):
     group_seed: int | None = Field(
         None, ge=0, description="Seed of the random gossip groups, identical on every rank (noloco; default 0)."
     )
+    final_merge: bool | None = Field(
+        None, description="End with one all-reduce average of the workers' weights, so all hold the same model "
+        "(noloco; default false: they end as different replicas and the job saves worker 0's).")
     staleness_penalty: float | None = Field(None, gt=0.0, description="lambda: staleness-gap penalty of the outer update (co2).")
     clip_threshold: float | None = Field(None, gt=0.0, description="c: outer momentum is clipped to [-c, c] (co2).")
 

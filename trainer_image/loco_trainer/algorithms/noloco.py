@@ -20,7 +20,9 @@ Symbols -> arguments: H -> ``sync_every``, α -> ``outer_lr`` (0.7), β -> ``out
 and ``groupSeed``.
 
 Bytes per inner step per rank: (G−1) · 2 · 4N / H (φ and θ−φ in fp32 to each peer), independent of
-the number of workers (exact when G divides n; a rank in the one larger group sends G · 8N / H).
+the number of workers (exact when G divides n; a rank in the one larger group sends G · 8N / H). With
+``final_merge`` the run ends with one all-reduce average of the weights (2(n−1)/n · 4N once), after which every
+worker holds the same model.
 
 Membership change (:meth:`NoLoCo.on_membership_change`, at a round boundary, called by every member
 of the new group). Survivors keep everything: their own φᵢ, mᵢ, θᵢ (= φᵢ at the boundary) and inner
@@ -75,6 +77,8 @@ class NoLoCo(OuterLoopStrategy):
         seed: seed of the group permutation (the same on all ranks).
         init_sync: ``setup()`` broadcasts rank 0's initial parameters (a one-time broadcast, before
             training; False relies on identically seeded initialisation and issues no collective at all).
+        final_merge: :meth:`finish` ends with one all-reduce average of the workers' weights, so every worker
+            holds the same model (the one a job saves and serves); off, they end as different NoLoCo replicas.
     """
 
     name = "noloco"
@@ -82,7 +86,7 @@ class NoLoCo(OuterLoopStrategy):
 
     def __init__(self, model: torch.nn.Module, inner_optimizer: torch.optim.Optimizer | None, comm: Comm, *,
                  group_size: int = 2, mean_pull: float | None = None, seed: int = 0, init_sync: bool = True,
-                 **outer: Unpack[OuterArgs]) -> None:
+                 final_merge: bool = False, **outer: Unpack[OuterArgs]) -> None:
         self._init_outer(model, inner_optimizer, comm, **outer)
         if group_size < 2:
             raise ValueError(f"groupSize must be >= 2 (got {group_size})")
@@ -90,6 +94,7 @@ class NoLoCo(OuterLoopStrategy):
         self.group_size = group_size
         self.seed = seed
         self.init_sync = init_sync
+        self.final_merge = final_merge
         #: φᵢ, this worker's outer weights (fp32, CPU)
         self.outer_params = cpu_fp32(self.params, copy=True)
         #: m, the outer momentum
@@ -108,7 +113,8 @@ class NoLoCo(OuterLoopStrategy):
     @classmethod
     def from_spec(cls, spec: Any, model: torch.nn.Module, inner_optimizer: Any, comm: Comm) -> "NoLoCo":
         return cls(model, inner_optimizer, comm, **outer_args(spec), group_size=spec.group_size,
-                   mean_pull=spec.mean_pull, seed=spec.group_seed if spec.group_seed is not None else 0)
+                   mean_pull=spec.mean_pull, seed=spec.group_seed if spec.group_seed is not None else 0,
+                   final_merge=bool(spec.final_merge))
 
     def setup(self) -> None:
         """Fresh start: (with ``init_sync``) every rank adopts rank 0's parameters, then φ = θ."""
@@ -128,10 +134,17 @@ class NoLoCo(OuterLoopStrategy):
             self.gossip((step + 1) // self.sync_every)
 
     def finish(self) -> None:
-        """One last gossip round over a partial round, if any. Workers still differ afterwards (that
-        is NoLoCo); the loop saves rank 0's model."""
+        """One last gossip round over a partial round, if any. Workers still differ afterwards (that is NoLoCo; the
+        loop saves rank 0's model), unless ``final_merge``: then one all-reduce averages their weights (φ = θ after
+        the round), the only all-reduce of the run."""
         if self.steps_since_sync > 0:
             self.gossip(self.t // self.sync_every + 1)  # the index the partial round would have had
+        if self.final_merge and self.comm.world_size > 1:
+            with torch.no_grad():
+                flat = self.comm.all_reduce(flatten(self.outer_params), op="avg")
+                unflatten_into(flat, self.outer_params)
+                for o, p in zip(self.outer_params, self.params):
+                    p.copy_(o.to(p.device, p.dtype))
 
     @torch.no_grad()
     def gossip(self, round_index: int) -> None:
