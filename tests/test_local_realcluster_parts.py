@@ -157,3 +157,16 @@ def test_a_child_started_with_die_with_parent_dies_when_its_parent_is_killed(tmp
             time.sleep(0.05)
     finally:
         parent.kill()
+
+
+def test_component_ports_come_from_below_the_ephemeral_range_and_the_trainers_ports() -> None:
+    """An ephemeral port picked for a component could be taken by an outgoing connection before the component binds
+    it; rendezvous ports start at 29500."""
+    import socket
+
+    from loco_local.controlplane import free_port
+
+    ports = {free_port() for _ in range(20)}
+    assert all(20000 <= port < 29000 for port in ports), ports
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", ports.pop()))  # free when handed out

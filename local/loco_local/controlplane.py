@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import random
 import socket
 import ssl
 import subprocess
@@ -70,10 +71,31 @@ def helm_binary() -> Path:
 
 
 def free_port() -> int:
-    """A TCP port free on loopback right now."""
-    with socket.socket() as s:
+    """A TCP port free on loopback right now, below the kernel's ephemeral range: a port the kernel hands out (bind to
+    port 0) can be taken by any outgoing connection between this check and the component's own bind, which then
+    fails to start; outgoing connections never take one below the range. Below 29000 too: the trainers' rendezvous
+    ports start at 29500 (MASTER_PORT, and one more per live-resize epoch)."""
+    high = min(_ephemeral_low(), 29000)
+    for _ in range(200):
+        port = random.randrange(20000, high)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # nothing free below the range: the kernel's pick
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (Linux; 32768, its default, where it cannot be read)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return max(20001, int(f.read().split()[0]))
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 @dataclass
