@@ -80,11 +80,7 @@ def pack(tensors: Sequence[torch.Tensor], mode: str) -> torch.Tensor:
     scales = torch.stack([t.detach().abs().max().float() if t.numel() else torch.zeros(()) for t in tensors])
     scales = torch.where(scales > 0, scales, torch.ones_like(scales))  # all-zero tensor: any scale works
     per_elem = torch.repeat_interleave(scales.to(flat.device), torch.tensor([t.numel() for t in tensors], device=flat.device))
-    codes = e3m0_encode(flat, per_elem)
-    if codes.numel() % 2:
-        codes = torch.cat([codes, codes.new_zeros(1)])
-    packed = codes[0::2] | (codes[1::2] << 4)  # element 2i in the low nibble, 2i+1 in the high
-    return torch.cat([packed, scales.to(flat.device).view(torch.uint8)])
+    return _to_payload(e3m0_encode(flat, per_elem), scales.to(flat.device))
 
 
 @torch.no_grad()
@@ -100,10 +96,7 @@ def unpack(payload: torch.Tensor, shapes: Sequence[torch.Size], mode: str) -> li
     if mode in ("none", "bf16"):
         flat = payload.float()
     else:
-        nbytes_codes = (total + 1) // 2
-        packed = payload[:nbytes_codes]
-        scales = payload[nbytes_codes:].clone().view(torch.float32)  # clone: realign to 4 bytes
-        codes = torch.stack([packed & 0xF, packed >> 4], dim=1).reshape(-1)[:total]
+        codes, scales = _from_payload(payload, total)
         per_elem = torch.repeat_interleave(scales, torch.tensor(numels, device=payload.device))
         flat = e3m0_decode(codes, per_elem)
     out, offset = [], 0
@@ -141,11 +134,7 @@ def pack_flat(flat: torch.Tensor, mode: str, block: int = BLOCK) -> torch.Tensor
     padded = torch.nn.functional.pad(flat, (0, blocks * block - n)).view(blocks, block)
     scales = padded.abs().amax(dim=1)
     scales = torch.where(scales > 0, scales, torch.ones_like(scales))  # an all-zero block: any scale works
-    codes = e3m0_encode(padded, scales[:, None]).reshape(-1)[:n]
-    if codes.numel() % 2:
-        codes = torch.cat([codes, codes.new_zeros(1)])
-    packed = codes[0::2] | (codes[1::2] << 4)
-    return torch.cat([packed, scales.view(torch.uint8)])
+    return _to_payload(e3m0_encode(padded, scales[:, None]).reshape(-1)[:n], scales)
 
 
 @torch.no_grad()
@@ -158,9 +147,21 @@ def unpack_flat(payload: torch.Tensor, numel: int, mode: str, block: int = BLOCK
         raise ValueError(f"payload has {got} bytes, {expected} expected for {numel} elements in {mode}")
     if mode in ("none", "bf16"):
         return payload.float()
-    nbytes_codes = (numel + 1) // 2
-    packed = payload[:nbytes_codes]
-    scales = payload[nbytes_codes:].clone().view(torch.float32)
-    codes = torch.stack([packed & 0xF, packed >> 4], dim=1).reshape(-1)[:numel]
+    codes, scales = _from_payload(payload, numel)
     per_elem = torch.repeat_interleave(scales, block)[:numel]
     return e3m0_decode(codes, per_elem)
+
+
+def _to_payload(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """4-bit ``codes`` two per byte (element 2i in the low nibble, 2i+1 in the high), then the fp32 ``scales``."""
+    if codes.numel() % 2:
+        codes = torch.cat([codes, codes.new_zeros(1)])
+    return torch.cat([codes[0::2] | (codes[1::2] << 4), scales.view(torch.uint8)])
+
+
+def _from_payload(payload: torch.Tensor, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``numel`` 4-bit codes and the fp32 scales of a :func:`_to_payload` payload."""
+    nbytes_codes = (numel + 1) // 2
+    packed = payload[:nbytes_codes]
+    scales = payload[nbytes_codes:].clone().view(torch.float32)  # clone: realign to 4 bytes
+    return torch.stack([packed & 0xF, packed >> 4], dim=1).reshape(-1)[:numel], scales
