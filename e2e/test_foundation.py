@@ -130,7 +130,10 @@ def test_suspend_saves_where_the_workers_are_deletes_them_and_resume_carries_on_
     """No periodic checkpoint (everySteps beyond the end): the only checkpoint to resume from is the one the workers
     commit when the operator asks before it stops them (runPolicy.checkpointBeforeStopSeconds)."""
     name = "pausable"
-    stack.apply(small_job(name, steps=60, faultInjection={"stepDelayS": 0.05}, checkpoint__everySteps=1000))
+    # 150 steps of 0.1 s: the ask has ~14 s to land before the end (CI once saw 20 steps of 0.05 s go by between the
+    # status read and the suspension, and the job finished before its workers were asked)
+    steps = 150
+    stack.apply(small_job(name, steps=steps, faultInjection={"stepDelayS": 0.1}, checkpoint__everySteps=1000))
     jobs = stack.resource("loco.dev/v1alpha1", "TrainingJob")
 
     def suspend(value: bool) -> None:
@@ -146,13 +149,13 @@ def test_suspend_saves_where_the_workers_are_deletes_them_and_resume_carries_on_
         stack.wait_for(lambda: _status(stack, name).get("phase") == "Suspended" and not stack.list_pods(name)
                        and not worker_processes(name), timeout_s=120, what="the job suspended, its pods and processes gone")
         kept = _status(stack, name)["lastCheckpoint"]["step"]
-        assert at <= kept < 60, (at, kept)
+        assert at <= kept < steps, (at, kept)
         suspend(False)
         job = stack.wait_for_phase(name, {"Succeeded", "Failed"}, timeout_s=TIMEOUT_S)
     except TimeoutError:
         raise AssertionError(dump_debug(stack, name)) from None
     status = job["status"]
-    assert status["phase"] == "Succeeded" and status["step"] == 60, dump_debug(stack, name)
+    assert status["phase"] == "Succeeded" and status["step"] == steps, dump_debug(stack, name)
     assert status["restarts"] == 0, dump_debug(stack, name)  # a suspension is not a failure
     reasons = [e["reason"] for e in stack.events(name)]
     assert "CheckpointBeforeStop" in reasons and "Suspended" in reasons and "Resumed" in reasons, reasons
