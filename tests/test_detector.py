@@ -555,3 +555,16 @@ def test_after_a_one_off_outlier_only_a_straggler_later_than_it_counts_as_clear(
     verdicts = _collective(det, 14, {6: 14.0})
     assert [(v.ranks, v.seq) for v in verdicts] == [((6,), 14)]
     assert verdicts[0].evidence["outlier_bar_s"] == pytest.approx(9.0, abs=0.05)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 7, 1024, 16_383, 16_384])
+def test_the_detectors_fast_median_is_numpys_to_the_bit(size: int) -> None:
+    """The judging rule's medians (entry times, lateness, exits) go through one partition instead of np.median:
+    the verdicts must not change, so neither may a single bit of the medians (odd and even sizes, ties)."""
+    from loco_detector.detector import _median
+
+    rng = np.random.default_rng(size)
+    for values in (rng.normal(1000.0, 5.0, size), np.round(rng.uniform(0, 3, size), 1), np.full(size, 2.5)):
+        before = values.copy()
+        assert _median(values) == float(np.median(values))
+        assert np.array_equal(values, before)  # the input is left as it was (the rank order of entry times matters)

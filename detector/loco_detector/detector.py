@@ -103,6 +103,38 @@ class _OpenCollective:
     exit_s: np.ndarray  # float64[world]
     peer: np.ndarray | None = None  # int64[world], -1 none (only allocated for p2p)
     rank_kind: np.ndarray | None = None  # int64[world] kind per rank (only allocated with peers)
+    # Kept by _ingest, so that a poll that brought nothing new costs O(open collectives), not O(world) each
+    # (16,384 ranks polled ~20 times a collective): ranks seen entering / leaving, the earliest entry, and
+    # the median entry of the ranks seen so far (None: not computed since the last entry arrived).
+    entered: int = 0
+    exited: int = 0
+    first_enter_s: float = math.inf
+    _seen_median_s: float | None = None
+
+    def note_ingested(self) -> None:
+        """Recount after records were folded in (O(world), once per batch that touched this collective)."""
+        self.entered = int(np.count_nonzero(~np.isnan(self.enter_s)))
+        self.exited = int(np.count_nonzero(~np.isnan(self.exit_s)))
+        self.first_enter_s = float(np.nanmin(self.enter_s)) if self.entered else math.inf
+        self._seen_median_s = None
+
+    def seen_median_enter_s(self) -> float:
+        """Median entry time of the ranks seen so far (cached until the next entry arrives)."""
+        if self._seen_median_s is None:
+            self._seen_median_s = _median(self.enter_s[~np.isnan(self.enter_s)])
+        return self._seen_median_s
+
+
+def _median(values: np.ndarray) -> float:
+    """``np.median`` of a NaN-free array, to the bit, without its NaN scan and reduction machinery: one
+    partition (two middle values for an even size, averaged as np.median does). Three per judged collective
+    over every rank: at 16,384 ranks the difference is most of the judging cost."""
+    n = values.size
+    k = n // 2
+    part = np.partition(values, k)
+    if n % 2:
+        return float(part[k])
+    return float((part[:k].max() + part[k]) / 2)
 
 
 def _p(values: np.ndarray | float, digits: int = 4) -> Any:
@@ -160,8 +192,14 @@ class Detector:
         self._link_dst = np.zeros(0, dtype=np.int64)
         self._link_streak = np.zeros(0, dtype=np.int64)  # slow samples in a row, by link id
         self._link_score = np.zeros(0)  # evidence score over that streak
+        self._scored = np.zeros(0, dtype=np.int64)  # sorted ids of the links whose score is >= consecutive
         self._link_count = np.zeros(0, dtype=np.int64)
-        self._link_ratio = np.zeros(0)  # flat ring: link i's samples at [i * window, (i + 1) * window)
+        # The ratios a verdict reports (evidence only): every link's latest one, and a flat ring of its last
+        # `window` *slow* ones at [i * window, (i + 1) * window). Written for slow samples only: a ring of every
+        # sample meant a scattered write into links x window per sample, most of the cost of a 16,384-rank batch.
+        self._link_last_ratio = np.zeros(0)
+        self._link_slow_ratio = np.zeros(0)
+        self._link_slow_count = np.zeros(0, dtype=np.int64)
         self._link_blamed = np.zeros(0, dtype=bool)
         self._link_last_at = np.zeros(0)  # time of the latest judged sample, by link id
         self._link_streak_from = np.zeros(0)  # time of the first sample of the current slow streak (while streak >= 1)
@@ -273,19 +311,20 @@ class Detector:
                     col.rank_kind = np.full(n, col.kind, dtype=np.int64)
                 col.peer[part.rank[has_peer]] = part.peer[has_peer]
                 col.rank_kind[part.rank[has_peer]] = part.kind[has_peer]
+            col.note_ingested()
 
     # ------------------------------------------------------------------------ stragglers
 
     def _finalize_complete(self, now_s: float) -> list[Verdict]:
         verdicts: list[Verdict] = []
+        n = self._n
         for s in sorted(self._open):
             col = self._open[s]
-            entered = ~np.isnan(col.enter_s)
-            exited = ~np.isnan(col.exit_s)
-            if entered.all() and exited.all():
+            if col.entered == n and col.exited == n:
                 del self._open[s]
                 verdicts += self._judge(col, now_s)
-            elif not (entered & ~exited).any() and (self._rank_max_seq > s).all() and (self._rank_max_exit_seq > s).all():
+            elif (col.entered == col.exited  # nobody inside (a rank's exit comes with its entry)
+                  and (self._rank_max_seq > s).all() and (self._rank_max_exit_seq > s).all()):
                 # every rank moved past it, none is still inside, but some records were lost: nothing to judge safely
                 del self._open[s]
                 self._hang_seqs.discard(s)
@@ -311,7 +350,7 @@ class Detector:
         cfg = self.config
         self._judged += 1
         enter = col.enter_s
-        median = float(np.median(enter))
+        median = _median(enter)
         prev_median, self._prev_median_enter_s = self._prev_median_enter_s, median
         prev_healthy, self._prev_healthy = self._prev_healthy, False
         hung = col.seq in self._hang_seqs
@@ -320,12 +359,12 @@ class Detector:
             return []
         noncomm_timeout, comm_timeout = self._hang_timeouts()
         lateness = enter - median
-        mad = float(np.median(np.abs(lateness)))
+        mad = _median(np.abs(lateness))
         threshold = max(cfg.min_lateness_seconds, cfg.mad_multiplier * MAD_TO_SIGMA * mad)
         late = lateness > threshold
         self._lateness[self._lateness_ptr % cfg.window] = lateness
         self._lateness_ptr += 1
-        transfer = float(np.median(col.exit_s)) - float(enter.max())
+        transfer = _median(col.exit_s) - float(enter.max())
         verdicts = self._judge_lateness(col, median, lateness, mad, threshold, late, now_s)
         # Timeouts learn only from healthy timings: a collective a hang or straggler verdict was
         # reached on, or whose wait or transfer outlasted the timeout, would stretch every later
@@ -428,6 +467,12 @@ class Detector:
         if not self._open:
             return verdicts
         noncomm_timeout, comm_timeout = self._hang_timeouts()
+        # Every rule below needs a wait past a timeout, measured from an entry into an open call (the median
+        # or the last one), so never from before its first entry; the chain rule needs a stalled connection.
+        # While no open call's first entry is that old, nothing can fire: skip the O(world) work per call.
+        oldest_entry_s = min(col.first_enter_s for col in self._open.values())
+        if not self._stalled and now_s - oldest_entry_s <= min(noncomm_timeout, comm_timeout):
+            return verdicts
         # ranks still inside an earlier open call: they did not skip the later one, they are held
         # by the earlier one (a comm hang there), so they are never blamed as hang-noncomm
         inside = np.zeros(self._n, dtype=bool)
@@ -444,7 +489,7 @@ class Detector:
                     # everyone seen here has left it, so the others took part too (their records are
                     # late or lost): nobody waits in this one; the peers wait where they are now
                     continue
-                started = float(np.median(col.enter_s[seen]))
+                started = col.seen_median_enter_s()
                 waited = now_s - started
                 # a rank not heard from since its peers began waiting here may have moved on after
                 # its last report: that report's in-flight call no longer vouches for it
@@ -690,7 +735,9 @@ class Detector:
             self._link_streak_from = np.concatenate([self._link_streak_from, np.full(grow, np.inf)])
             self._link_streak_bucket = np.concatenate([self._link_streak_bucket, np.full(grow, -1, np.int64)])
             self._link_last_large_at = np.concatenate([self._link_last_large_at, np.full(grow, -np.inf)])
-            self._link_ratio = np.concatenate([self._link_ratio, np.full(grow * self.config.window, np.nan)])
+            self._link_last_ratio = np.concatenate([self._link_last_ratio, np.full(grow, np.nan)])
+            self._link_slow_ratio = np.concatenate([self._link_slow_ratio, np.full(grow * self.config.window, np.nan)])
+            self._link_slow_count = np.concatenate([self._link_slow_count, np.zeros(grow, np.int64)])
             pos = np.searchsorted(self._link_keys, keys)
         return self._link_id_of_key[pos]
 
@@ -712,19 +759,19 @@ class Detector:
             for key in np.intersect1d(stalled_keys, lb.src * n + lb.dst).tolist():
                 self._stalled.pop((key // n, key % n), None)
         ids, classes = self._link_ids_and_classes(lb)
-        ratio = np.full(len(lb), np.nan)
-        excess = np.full(len(lb), np.nan)
         lo, hi = int(classes.min()), int(classes.max())
         present = [lo] if lo == hi else (lo + np.flatnonzero(np.bincount(classes - lo))).tolist()
+        reference = np.full(hi - lo + 1, np.nan)  # by class - lo: the median sample (NaN: too few samples yet)
         for c in present:
             sel = slice(None) if lo == hi else classes == c
             key = (c // 2, bool(c % 2))
             ref = np.concatenate([self._references.get(key, np.zeros(0)), lb.seconds[sel]])[-REFERENCE_SAMPLES:]
             self._references[key] = ref
             if ref.size >= MIN_REFERENCE_SAMPLES:
-                median = max(float(np.median(ref)), 1e-12)
-                ratio[sel] = lb.seconds[sel] / median
-                excess[sel] = lb.seconds[sel] - median
+                reference[c - lo] = max(float(np.median(ref)), 1e-12)
+        median = reference[0] if lo == hi else reference[classes - lo]
+        ratio = lb.seconds / median
+        excess = lb.seconds - median
         judged = ~np.isnan(ratio)
         if not judged.any():
             return []
@@ -745,6 +792,24 @@ class Detector:
         large = bucket >= LARGE_BUCKET
         if large.any():
             self._link_last_large_at[self._id_array(ids)[large]] = at[large]
+        self._link_last_ratio[ids] = ratio
+        self._link_count[ids] += 1
+        # No slow sample and no streak under way among these links (the healthy case): their streaks, buckets
+        # and scores stay 0 / -1 / 0, so the streak bookkeeping below would rewrite them unchanged.
+        if slow.any() or (prev_streak > 0).any():
+            self._update_streaks(ids, slow, prev_streak, bucket, ratio)
+        if self._slow_active:
+            for key in [k for k, covered in self._slow_active.items() if (self._link_streak[covered] == 0).all()]:
+                self._link_blamed[self._slow_active.pop(key)] = False
+                self._emitted.discard(key)
+        candidates = self._scored[~self._link_blamed[self._scored]]
+        if not candidates.size:
+            return []
+        return self._classify_slow_links(candidates, now_s)
+
+    def _update_streaks(self, ids: np.ndarray | slice, slow: np.ndarray, prev_streak: np.ndarray, bucket: np.ndarray,
+                        ratio: np.ndarray) -> None:
+        """Fold a batch's slow / healthy samples into the links' streaks, scores and slow-ratio rings."""
         # A healthy sample resets a link's streak, unless it is smaller than the slow ones: a
         # connection that lost bandwidth but not latency is slow for a ring chunk of megabytes and
         # healthy for a 4 KiB probe, and the probes in between must not wipe out that evidence.
@@ -755,18 +820,20 @@ class Detector:
         strength = np.clip(ratio / self.config.link_slowness_factor, 1.0, EVIDENCE_CAP)
         score = self._link_score[ids]
         self._link_score[ids] = np.where(slow, score + strength, np.where(keep, score, 0.0))
-        w = self.config.window
-        base = np.arange(0, self._link_src.size * w, w) if isinstance(ids, slice) else ids * w
-        self._link_ratio[base + self._link_count[ids] % w] = ratio
-        self._link_count[ids] += 1
-        if self._slow_active:
-            for key in [k for k, covered in self._slow_active.items() if (self._link_streak[covered] == 0).all()]:
-                self._link_blamed[self._slow_active.pop(key)] = False
-                self._emitted.discard(key)
-        candidates = (self._link_score >= self.config.consecutive) & ~self._link_blamed
-        if not candidates.any():
-            return []
-        return self._classify_slow_links(np.flatnonzero(candidates), now_s)
+        if slow.any():
+            w = self.config.window
+            slow_ids = self._id_array(ids)[slow]
+            self._link_slow_ratio[slow_ids * w + self._link_slow_count[slow_ids] % w] = ratio[slow]
+            self._link_slow_count[slow_ids] += 1
+        # The links whose score reached `consecutive` (blamed or not): only this batch's links changed score,
+        # so the set is kept from them alone instead of scanning every link ever seen (with probes rotating
+        # over pairs, hundreds of thousands at 16,384 ranks).
+        touched = self._id_array(ids)
+        reached = touched[self._link_score[touched] >= self.config.consecutive]
+        if self._scored.size:
+            self._scored = np.union1d(self._scored[~np.isin(self._scored, touched)], reached)
+        elif reached.size:
+            self._scored = np.unique(reached)
 
     def _classify_slow_links(self, candidates: np.ndarray, now_s: float) -> list[Verdict]:
         """Explain the candidate slow links by slow nodes, then slow NICs, then single links."""
@@ -870,16 +937,18 @@ class Detector:
         return verdicts
 
     def _streak_ratios(self, link_ids: np.ndarray) -> np.ndarray:
-        """Each link's slow ratios over its current slow streak (at most ``window`` samples back;
-        the healthy smaller samples a streak survives, see :meth:`_ingest_links`, left out)."""
+        """Each link's slow ratios over its current slow streak (its last ``window`` slow samples at most; the
+        healthy smaller samples a streak survives, see :meth:`_ingest_links`, are not among them), or its latest
+        ratio when it has no streak."""
         w = self.config.window
         out = []
         for i in np.atleast_1d(link_ids).tolist():
-            k = int(min(w, self._link_count[i]))
-            idx = (self._link_count[i] - 1 - np.arange(k)) % w
-            recent = self._link_ratio[i * w + idx]
-            slow = recent[recent > self.config.link_slowness_factor][: max(int(self._link_streak[i]), 1)]
-            out.append(slow if slow.size else recent[:1])
+            k = int(min(w, self._link_streak[i], self._link_slow_count[i]))
+            if k == 0:
+                out.append(self._link_last_ratio[i : i + 1])
+                continue
+            idx = (self._link_slow_count[i] - 1 - np.arange(k)) % w
+            out.append(self._link_slow_ratio[i * w + idx])
         return np.concatenate(out) if out else np.zeros(0)
 
     def _slow_endpoint(
