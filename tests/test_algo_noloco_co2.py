@@ -9,19 +9,20 @@ import torch
 import torch.nn.functional as F
 
 from dist_helpers import rank_pool, flat_params, run_loop, tiny_batch, tiny_model
-from loco_trainer.algorithms import CO2, NoLoCo, num_parameters
+from loco_trainer.algorithms import CO2, DiLoCo, NoLoCo, num_parameters
 from loco_trainer.algorithms.noloco import gossip_groups
 from loco_trainer.comm import Comm
 
 COLLECTIVES = ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "barrier")
 
 
-def _noloco(rank: int, world_size: int) -> dict:
+def _noloco(rank: int, world_size: int, nesterov: bool = False) -> dict:
     h, rounds = 2, 3
     model = tiny_model(seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     comm = Comm()
-    strategy = NoLoCo(model, opt, comm, sync_every=h, outer_lr=0.7, outer_momentum=0.5, mean_pull=0.3, seed=5)
+    strategy = NoLoCo(model, opt, comm, sync_every=h, outer_lr=0.7, outer_momentum=0.5, mean_pull=0.3, seed=5,
+                      nesterov=nesterov)
     strategy.setup()
     after_setup = comm.stats()["by_kind"]
     seen = []  # per round: inputs (φ, θ, m) and outputs (group, φ, θ, spread)
@@ -82,9 +83,10 @@ def test_noloco_final_merge_averages_the_replicas_with_one_all_reduce(rank_pool,
 
 
 @pytest.mark.multiproc
-def test_noloco_gossips_in_seeded_pairs_without_any_collective(rank_pool) -> None:
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_noloco_gossips_in_seeded_pairs_without_any_collective(rank_pool, nesterov: bool) -> None:
     n, rounds = 4, 3
-    results = rank_pool.run(_noloco, n)
+    results = rank_pool.run(_noloco, n, args=(nesterov,))
     expected_groups = [gossip_groups(n, 2, r, seed=5) for r in range(1, rounds + 1)]
     assert len({str(g) for g in expected_groups}) > 1, "the pairing must change between rounds"
     for rank, res in enumerate(results):
@@ -97,18 +99,51 @@ def test_noloco_gossips_in_seeded_pairs_without_any_collective(rank_pool) -> Non
             assert seen["group"] == group
             peer = next(x for x in group if x != rank)
             assert res["peers"][2 * r : 2 * r + 2] == [("send", peer), ("recv", peer)]
-            # the modified Nesterov step, recomputed from both members' inputs
+            # the step, recomputed from both members' inputs
             mine, other = seen, results[peer]["seen"][r]
             mean_phi = (mine["phi"] + other["phi"]) / 2
             mean_delta = (mine["theta"] - mine["phi"] + other["theta"] - other["phi"]) / 2
-            m = 0.5 * mine["m"] + 0.7 * mean_delta + 0.3 * (mean_phi - mine["phi"])
-            torch.testing.assert_close(seen["phi_after"], mine["phi"] + m, rtol=1e-5, atol=1e-6)
+            if nesterov:  # DiLoCo's Nesterov step on the pair's mean outer gradient, the pull kept out of m
+                m = 0.5 * mine["m"] + mean_delta
+                step = 0.7 * (mean_delta + 0.5 * m) + 0.3 * (mean_phi - mine["phi"])
+            else:  # the paper's modified Nesterov step: the pull goes through the momentum
+                m = 0.5 * mine["m"] + 0.7 * mean_delta + 0.3 * (mean_phi - mine["phi"])
+                step = m
+            torch.testing.assert_close(seen["phi_after"], mine["phi"] + step, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(seen["theta_after"], seen["phi_after"], rtol=0, atol=0)
             expected_spread = (mine["phi"] - mean_phi).pow(2).mean().sqrt()  # both members are equally far
             assert seen["spread"] == pytest.approx(float(expected_spread), rel=1e-4, abs=1e-9)
     # the workers are not identical (that is NoLoCo), yet each pair moved towards its mean
     assert not torch.equal(results[0]["seen"][-1]["phi_after"], results[1]["seen"][-1]["phi_after"])
     assert results[0]["seen"][-1]["spread"] > 0
+
+
+def _noloco_or_diloco(rank: int, world_size: int, algorithm: str) -> torch.Tensor:
+    model = tiny_model(seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    outer = {"sync_every": 2, "outer_lr": 0.7, "outer_momentum": 0.9}
+    if algorithm == "noloco":
+        strategy = NoLoCo(model, opt, Comm(), group_size=world_size, nesterov=True, mean_pull=0.3, **outer)
+    else:
+        strategy = DiLoCo(model, opt, Comm(), nesterov=True, **outer)
+    strategy.setup()
+    run_loop(strategy, model, opt, rank, 0, 8)
+    return flat_params(model)
+
+
+@pytest.mark.multiproc
+def test_noloco_nesterov_over_one_group_of_every_worker_is_diloco(rank_pool) -> None:
+    """With every worker in the one group, the replicas never differ (so the pull has nothing to do) and the
+    Nesterov form is DiLoCo's outer step, to rounding: what the option adds over DiLoCo is only the gossip."""
+    noloco = rank_pool.run(_noloco_or_diloco, 3, args=("noloco",))
+    diloco = rank_pool.run(_noloco_or_diloco, 3, args=("diloco",))
+    assert not torch.equal(noloco[0], tiny_model_params())  # it trained
+    for a, b in zip(noloco, diloco):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def tiny_model_params() -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in tiny_model(seed=0).parameters()])
 
 
 def test_gossip_groups_are_a_partition_and_odd_counts_make_a_triple() -> None:
