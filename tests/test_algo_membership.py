@@ -26,7 +26,7 @@ ETA, MU, LAMBDA, CLIP = 0.5, 0.5, 1.0, 1.0  # CO2 η, β, λ, c
 def _noloco(model, comm, init_sync: bool = True) -> NoLoCo:
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     return NoLoCo(model, opt, comm, sync_every=H, outer_lr=ALPHA, outer_momentum=BETA, mean_pull=GAMMA, seed=3,
-                  init_sync=init_sync), opt
+                  init_sync=init_sync, nesterov=False), opt
 
 
 def _noloco_state(s: NoLoCo) -> dict:
@@ -46,7 +46,7 @@ def _spy_gossip(strategy: NoLoCo, log: list) -> None:
 
 
 def _expected_noloco(results: list[dict], rank: int, entry: int) -> torch.Tensor:
-    """θᵢ after the logged gossip round ``entry``, by the module docstring's rule."""
+    """θᵢ after the logged gossip round ``entry``, by the paper's rule (``nesterov=False``, module docstring)."""
     me = results[rank]["log"][entry]
     group = me["group"]
     phis = torch.stack([results[j]["log"][entry]["phi"] for j in group])
@@ -338,7 +338,7 @@ def test_noloco_survivor_whose_gossip_was_interrupted_skips_that_update_and_goes
     model = tiny_model(seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     strategy = NoLoCo(model, opt, _LostPartnerComm(), sync_every=H, outer_lr=ALPHA, outer_momentum=BETA,
-                      mean_pull=GAMMA, init_sync=False)
+                      mean_pull=GAMMA, init_sync=False, nesterov=False)  # the paper's rule, spelled out below
     strategy.setup()
     phi0 = flatten(strategy.outer_params).clone()
     with pytest.raises(RuntimeError, match="Connection closed"):

@@ -3,30 +3,31 @@
 No collective at all: every H inner steps the ranks are split into random groups of G (2 in the
 paper) by a permutation drawn from an RNG seeded with (seed, round) — identical on every rank
 without any communication — and each group exchanges its members' outer weights φⱼ and outer
-gradients (θⱼ − φⱼ) point-to-point. Worker i then applies the modified Nesterov step
+gradients (θⱼ − φⱼ) point-to-point. Worker i then (``nesterov``, the default) takes DiLoCo's Nesterov
+step on the group's mean outer gradient, and pulls towards the group's mean outside the momentum (a
+one-off correction, not a direction to keep):
 
-    m  ← β·m + α·meanⱼ(θⱼ − φⱼ) + γ·(meanⱼ φⱼ − φᵢ)        j over i's group (i included)
-    φᵢ ← φᵢ + m
-    θᵢ ← φᵢ                                                  inner optimizer state is kept
+    m  ← β·m + meanⱼ(θⱼ − φⱼ)                                  j over i's group (i included)
+    φᵢ ← φᵢ + α·(meanⱼ(θⱼ − φⱼ) + β·m) + γ·(meanⱼ φⱼ − φᵢ)
+    θᵢ ← φᵢ                                                    inner optimizer state is kept
+
+or, with ``nesterov=False``, the paper's modified Nesterov step (β = 0.5 in the paper):
+
+    m  ← β·m + α·meanⱼ(θⱼ − φⱼ) + γ·(meanⱼ φⱼ − φᵢ)
+    φᵢ ← φᵢ + m ;  θᵢ ← φᵢ
 
 The γ term pulls the worker towards its group's mean and is what keeps the replicas from drifting
 apart; the authors' code uses γ = α, the paper writes it as a separate coefficient, so both are
 exposed. Workers never hold identical weights; :attr:`last_spread` (RMS distance of the group's
 outer weights from their mean, before the step) reports how far apart they are.
 
-With ``nesterov`` the step is DiLoCo's Nesterov step on the group's mean outer gradient, and the pull
-towards the group's mean stays out of the momentum (a one-off correction, not a direction to keep):
-
-    m  ← β·m + meanⱼ(θⱼ − φⱼ)
-    φᵢ ← φᵢ + α·(meanⱼ(θⱼ − φⱼ) + β·m) + γ·(meanⱼ φⱼ − φᵢ)
-
 Over one group of every worker the replicas never differ and this is DiLoCo to rounding (tested). Why it
 exists: the paper's rule (β = 0.5, no Nesterov) trailed DiLoCo by ~7 points at our 10,000-step setting,
 and neither groups of every worker (~6 points left) nor β = 0.9 alone (~6) closed it: DiLoCo's
 Nesterov step is what the gap was (docs/algorithms.md, "NoLoCo: why it trailed").
 
-Symbols -> arguments: H -> ``sync_every``, α -> ``outer_lr`` (0.7), β -> ``outer_momentum`` (0.5),
-γ -> ``mean_pull`` (default α), G -> ``group_size`` (2), seed -> ``seed``, ``nesterov`` (off); in a
+Symbols -> arguments: H -> ``sync_every``, α -> ``outer_lr`` (0.7), β -> ``outer_momentum`` (0.9; the paper's
+rule takes 0.5), γ -> ``mean_pull`` (default α), G -> ``group_size`` (2), seed -> ``seed``, ``nesterov`` (on); in a
 TrainingJob ``spec.algorithm`` these are ``syncEvery``, ``outerLr``, ``outerMomentum``, ``meanPull``,
 ``groupSize``, ``groupSeed`` and ``nesterov``.
 
@@ -91,7 +92,7 @@ class NoLoCo(OuterLoopStrategy):
         final_merge: :meth:`finish` ends with one all-reduce average of the workers' weights, so every worker
             holds the same model (the one a job saves and serves); off, they end as different NoLoCo replicas.
         nesterov: DiLoCo's Nesterov step on the group's mean outer gradient, the pull kept out of the momentum
-            (module docstring); off, the paper's modified Nesterov rule. m means different things in the two
+            (module docstring; the default); off, the paper's modified Nesterov rule. m means different things in the two
             forms: keep the setting for the life of a run.
     """
 
@@ -100,7 +101,7 @@ class NoLoCo(OuterLoopStrategy):
 
     def __init__(self, model: torch.nn.Module, inner_optimizer: torch.optim.Optimizer | None, comm: Comm, *,
                  group_size: int = 2, mean_pull: float | None = None, seed: int = 0, init_sync: bool = True,
-                 final_merge: bool = False, nesterov: bool = False, **outer: Unpack[OuterArgs]) -> None:
+                 final_merge: bool = False, nesterov: bool = True, **outer: Unpack[OuterArgs]) -> None:
         self._init_outer(model, inner_optimizer, comm, **outer)
         if group_size < 2:
             raise ValueError(f"groupSize must be >= 2 (got {group_size})")
