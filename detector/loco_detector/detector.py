@@ -111,11 +111,15 @@ class _OpenCollective:
     first_enter_s: float = math.inf
     _seen_median_s: float | None = None
 
-    def note_ingested(self) -> None:
-        """Recount after records were folded in (O(world), once per batch that touched this collective)."""
-        self.entered = int(np.count_nonzero(~np.isnan(self.enter_s)))
-        self.exited = int(np.count_nonzero(~np.isnan(self.exit_s)))
-        self.first_enter_s = float(np.nanmin(self.enter_s)) if self.entered else math.inf
+    def note_ingested(self, enter_s: np.ndarray, any_exit: bool) -> None:
+        """Recount after a batch's records (entries ``enter_s``, exits if ``any_exit``) were folded in: O(world),
+        once per batch that touched this collective. The first entry only moves down (a repeated record
+        carries its first report's entry), so the batch's own minimum updates it."""
+        self.entered = self.enter_s.size - int(np.count_nonzero(np.isnan(self.enter_s)))
+        if any_exit:
+            self.exited = self.exit_s.size - int(np.count_nonzero(np.isnan(self.exit_s)))
+        if enter_s.size:
+            self.first_enter_s = min(self.first_enter_s, float(np.fmin.reduce(enter_s)))  # fmin: NaN-blind
         self._seen_median_s = None
 
     def seen_median_enter_s(self) -> float:
@@ -125,15 +129,42 @@ class _OpenCollective:
         return self._seen_median_s
 
 
-def _median(values: np.ndarray) -> float:
+@dataclasses.dataclass(frozen=True)
+class _LinkLayout:
+    """What a batch of link samples with this (src, dst, nbytes) sequence maps to, worked out once: the
+    collectives and probes report the same few layouts again and again (the ring; the probe's ring and
+    rotating shifts), so per batch only the timings are new."""
+
+    src: np.ndarray
+    dst: np.ndarray
+    nbytes: np.ndarray
+    links: int  # known links when it was made: a ``slice`` of ids stays valid only while that holds
+    ids: np.ndarray | slice  # link ids (a slice: every known link, in id order)
+    bucket: np.ndarray  # log2 size bucket per sample
+    large: np.ndarray  # bucket >= LARGE_BUCKET
+    all_large: bool
+    classes: list[tuple[int, np.ndarray | slice]]  # (reference class = 2 * bucket + cross-node, its samples)
+    class_of: np.ndarray | None  # per sample: its class's index in ``classes`` (None: one class)
+
+    def matches(self, lb: "LinkBatch", links: int) -> bool:
+        return ((links == self.links or not isinstance(self.ids, slice)) and np.array_equal(self.src, lb.src)
+                and np.array_equal(self.dst, lb.dst) and np.array_equal(self.nbytes, lb.nbytes))
+
+
+def _median(values: np.ndarray, *, scratch: bool = False) -> float:
     """``np.median`` of a NaN-free array, to the bit, without its NaN scan and reduction machinery: one
     partition (the two middle values averaged for an even size, as np.median does). Three per judged
-    collective over every rank."""
+    collective over every rank. ``scratch``: ``values`` is a temporary the caller drops, partitioned in place
+    (no copy)."""
     n = values.size
     if n < 3:
         return float(np.median(values))
     k = n // 2
-    part = np.partition(values, [k - 1, k])  # two kth: numpy 2.4 selects them 2-4x faster than one, for either parity
+    if scratch:
+        part = values
+        part.partition([k - 1, k])
+    else:
+        part = np.partition(values, [k - 1, k])  # two kth: numpy 2.4 selects them 2-4x faster than one
     if n % 2:
         return float(part[k])
     return float((part[k - 1] + part[k]) / 2)
@@ -166,6 +197,7 @@ class Detector:
         window = self.config.window
         # collectives
         self._open: dict[int, _OpenCollective] = {}
+        self._records_changed = False  # records were folded in since the last completion check
         self._finalized_below = 0  # seqs below this are judged or dropped; their late records are ignored
         self._finalized_above: set[int] = set()  # judged seqs above the watermark (async completions out of order)
         self._rank_max_seq = np.full(n, -1, dtype=np.int64)
@@ -208,7 +240,7 @@ class Detector:
         self._link_streak_bucket = np.zeros(0, dtype=np.int64)  # largest size bucket of the streak's slow samples (-1: none)
         self._link_last_large_at = np.zeros(0)  # time of the latest judged sample of LARGE_BUCKET or more
         self._references: dict[tuple[int, bool], np.ndarray] = {}
-        self._link_lookups: dict[tuple[int, ...], list[tuple[Any, ...]]] = {}  # see _link_ids_and_classes
+        self._link_lookups: dict[tuple[int, ...], list[_LinkLayout]] = {}  # see _link_layout
         self._stalled: dict[tuple[int, int], float] = {}
         self._slow_active: dict[tuple[Any, ...], np.ndarray] = {}  # verdict key -> link ids it covers
         # liveness
@@ -259,7 +291,9 @@ class Detector:
             # training ended: peers waiting for a finished rank, or its last in-flight records,
             # are the end of the run, not a fault
             return []
-        verdicts += self._finalize_complete(now_s)
+        if self._records_changed:  # what it decides on (the open calls, the ranks' watermarks) changes only there
+            self._records_changed = False
+            verdicts += self._finalize_complete(now_s)
         if len(link_batch):
             verdicts += self._ingest_links(link_batch, now_s)
         verdicts += self._check_hangs(now_s)
@@ -289,8 +323,10 @@ class Detector:
             b = b.take(keep)
             if not len(b):
                 return
+        self._records_changed = True
         lo, hi = int(b.seq.min()), int(b.seq.max())
         done = ~np.isnan(b.exit_s)
+        any_done = bool(done.any())
         if lo == hi:  # one collective (the usual batch): a plain gather/scatter, repeated ranks write the same value
             self._rank_max_seq[b.rank] = np.maximum(self._rank_max_seq[b.rank], lo)
             if done.any():
@@ -311,8 +347,10 @@ class Detector:
                     s, int(part.kind[0]), int(part.nbytes[0]), np.full(n, np.nan), np.full(n, np.nan)
                 )
             col.enter_s[part.rank] = part.enter_s
-            finished = ~np.isnan(part.exit_s)
-            col.exit_s[part.rank[finished]] = part.exit_s[finished]
+            finished = done if lo == hi else ~np.isnan(part.exit_s)
+            part_done = any_done and bool(finished.any())
+            if part_done:
+                col.exit_s[part.rank[finished]] = part.exit_s[finished]
             has_peer = part.peer >= 0
             if has_peer.any():
                 if col.peer is None:
@@ -320,7 +358,7 @@ class Detector:
                     col.rank_kind = np.full(n, col.kind, dtype=np.int64)
                 col.peer[part.rank[has_peer]] = part.peer[has_peer]
                 col.rank_kind[part.rank[has_peer]] = part.kind[has_peer]
-            col.note_ingested()
+            col.note_ingested(part.enter_s, part_done)
 
     # ------------------------------------------------------------------------ stragglers
 
@@ -368,7 +406,7 @@ class Detector:
             return []
         noncomm_timeout, comm_timeout = self._hang_timeouts()
         lateness = enter - median
-        mad = _median(np.abs(lateness))
+        mad = _median(np.abs(lateness), scratch=True)
         threshold = max(cfg.min_lateness_seconds, cfg.mad_multiplier * MAD_TO_SIGMA * mad)
         late = lateness > threshold
         self._lateness[self._lateness_ptr % cfg.window] = lateness
@@ -691,30 +729,37 @@ class Detector:
 
     # ----------------------------------------------------------------------------- links
 
-    def _link_ids_and_classes(self, lb: LinkBatch) -> tuple[np.ndarray | slice, np.ndarray]:
-        """Link ids (a slice when the batch is every known link in id order) and reference classes
-        (``2 * log2 size bucket + is cross-node``) of a batch."""
-        # steady state: the collectives and probes report the same few sets of connections in the
-        # same order again and again (the ring; the probe's ring and rotating shifts), so the lookups
-        # of recent batch layouts are kept (link ids never change once given)
-        if len(lb):
-            sig = (len(lb), int(lb.src[0]), int(lb.dst[0]), int(lb.dst[-1]), int(lb.nbytes[0]))
-            for src, dst, nbytes, links, ids, classes in self._link_lookups.get(sig, ()):
-                if (links == self._link_src.size or not isinstance(ids, slice)) and np.array_equal(src, lb.src) \
-                        and np.array_equal(dst, lb.dst) and np.array_equal(nbytes, lb.nbytes):
-                    return ids, classes
-        ids = self._lookup_link_ids(lb.src * self._n + lb.dst)
+    def _link_layout(self, lb: LinkBatch) -> _LinkLayout:
+        """The batch's layout: kept for the recent layouts (link ids never change once given), made and
+        checked (every rank in range) on a miss; a batch equal to a kept layout was checked when it was made."""
+        sig = (len(lb), int(lb.src[0]), int(lb.dst[0]), int(lb.dst[-1]), int(lb.nbytes[0]))
+        for layout in self._link_lookups.get(sig, ()):
+            if layout.matches(lb, self._link_src.size):
+                return layout
+        n = self._n
+        for field, arr in (("link.src", lb.src), ("link.dst", lb.dst)):
+            if arr.min() < 0 or arr.max() >= n:
+                self._check_rank(int(arr[(arr < 0) | (arr >= n)][0]), field)
+        ids = self._lookup_link_ids(lb.src * n + lb.dst)
+        if ids.size == self._link_src.size and np.array_equal(ids, np.arange(ids.size)):
+            ids = slice(None)  # type: ignore[assignment]  # whole arrays: no gather/scatter
         cross = self._node_of[lb.src] != self._node_of[lb.dst]
         bucket = np.floor(np.log2(np.maximum(lb.nbytes, 1))).astype(np.int64)
         classes = bucket * 2 + cross
-        if ids.size == self._link_src.size and np.array_equal(ids, np.arange(ids.size)):
-            ids = slice(None)  # type: ignore[assignment]  # whole arrays: no gather/scatter
-        if len(lb):
-            if sum(map(len, self._link_lookups.values())) >= LINK_LOOKUPS:
-                self._link_lookups.clear()
-            self._link_lookups.setdefault(sig, []).append(
-                (lb.src.copy(), lb.dst.copy(), lb.nbytes.copy(), self._link_src.size, ids, classes))
-        return ids, classes
+        present = np.unique(classes)
+        if present.size == 1:
+            rows: list[tuple[int, np.ndarray | slice]] = [(int(present[0]), slice(None))]
+            class_of = None
+        else:
+            class_of = np.searchsorted(present, classes)
+            rows = [(int(c), np.flatnonzero(class_of == k)) for k, c in enumerate(present.tolist())]
+        large = bucket >= LARGE_BUCKET
+        layout = _LinkLayout(lb.src.copy(), lb.dst.copy(), lb.nbytes.copy(), self._link_src.size, ids, bucket, large,
+                             bool(large.all()), rows, class_of)
+        if sum(map(len, self._link_lookups.values())) >= LINK_LOOKUPS:
+            self._link_lookups.clear()
+        self._link_lookups.setdefault(sig, []).append(layout)
+        return layout
 
     def _id_array(self, ids: np.ndarray | slice) -> np.ndarray:
         """Link ids as an array (``slice(None)`` stands for every known link, in id order)."""
@@ -752,12 +797,12 @@ class Detector:
 
     def _ingest_links(self, lb: LinkBatch, now_s: float) -> list[Verdict]:
         n = self._n
-        for field, arr in (("link.src", lb.src), ("link.dst", lb.dst)):
-            if arr.min() < 0 or arr.max() >= n:
-                self._check_rank(int(arr[(arr < 0) | (arr >= n)][0]), field)
         self.stats["link_samples"] += len(lb)
         stalled = np.isinf(lb.seconds)
         if stalled.any():
+            for field, arr in (("link.src", lb.src[stalled]), ("link.dst", lb.dst[stalled])):
+                if arr.min() < 0 or arr.max() >= n:
+                    self._check_rank(int(arr[(arr < 0) | (arr >= n)][0]), field)
             for a, b, t in zip(lb.src[stalled].tolist(), lb.dst[stalled].tolist(), lb.at_s[stalled].tolist()):
                 self._stalled.setdefault((a, b), t)
             lb = lb.take(~stalled)
@@ -767,29 +812,30 @@ class Detector:
             stalled_keys = np.array([a * n + b for a, b in self._stalled], dtype=np.int64)
             for key in np.intersect1d(stalled_keys, lb.src * n + lb.dst).tolist():
                 self._stalled.pop((key // n, key % n), None)
-        ids, classes = self._link_ids_and_classes(lb)
-        lo, hi = int(classes.min()), int(classes.max())
-        present = [lo] if lo == hi else (lo + np.flatnonzero(np.bincount(classes - lo))).tolist()
-        reference = np.full(hi - lo + 1, np.nan)  # by class - lo: the median sample (NaN: too few samples yet)
-        for c in present:
-            sel = slice(None) if lo == hi else classes == c
+        layout = self._link_layout(lb)
+        ids = layout.ids
+        reference = np.full(len(layout.classes), np.nan)  # per class: the median sample (NaN: too few samples yet)
+        for k, (c, rows) in enumerate(layout.classes):
             key = (c // 2, bool(c % 2))
-            ref = np.concatenate([self._references.get(key, np.zeros(0)), lb.seconds[sel]])[-REFERENCE_SAMPLES:]
+            ref = np.concatenate([self._references.get(key, np.zeros(0)), lb.seconds[rows]])[-REFERENCE_SAMPLES:]
             self._references[key] = ref
             if ref.size >= MIN_REFERENCE_SAMPLES:
-                reference[c - lo] = max(float(np.median(ref)), 1e-12)
-        median = reference[0] if lo == hi else reference[classes - lo]
+                # np.median's NaN propagation, kept (a NaN sample leaves the class unjudged), without its cost: it
+                # takes ~80 us on a freshly built 1,024-sample array where one partition takes ~15
+                reference[k] = math.nan if np.isnan(ref).any() else max(_median(ref), 1e-12)
+        median = reference[0] if layout.class_of is None else reference[layout.class_of]
         ratio = lb.seconds / median
         excess = lb.seconds - median
         judged = ~np.isnan(ratio)
         if not judged.any():
             return []
-        at, bucket = lb.at_s, classes // 2
+        at, bucket, large, all_large = lb.at_s, layout.bucket, layout.large, layout.all_large
         if not judged.all():
             ids = self._id_array(ids)[judged]
             ratio = ratio[judged]
             excess = excess[judged]
-            at, bucket = at[judged], bucket[judged]
+            at, bucket, large = at[judged], bucket[judged], large[judged]
+            all_large = bool(large.all())
         # slow = relatively slow AND slower by more than the absolute floor (a CPU-starved probe
         # thread can double a millisecond sample; that is no reason to restart a job)
         slow = (ratio > self.config.link_slowness_factor) & (excess > self.config.min_link_excess_seconds)
@@ -798,8 +844,7 @@ class Detector:
         if starts.any():
             self._link_streak_from[self._id_array(ids)[starts]] = at[starts]
         self._link_last_at[ids] = at
-        large = bucket >= LARGE_BUCKET
-        if large.all():
+        if all_large:
             self._link_last_large_at[ids] = at
         elif large.any():
             self._link_last_large_at[self._id_array(ids)[large]] = at[large]
