@@ -411,7 +411,7 @@ class Detector:
         late = lateness > threshold
         self._lateness[self._lateness_ptr % cfg.window] = lateness
         self._lateness_ptr += 1
-        transfer = _median(col.exit_s) - float(enter.max())
+        transfer = _median(col.exit_s, scratch=True) - float(enter.max())  # the call is judged once: its exits go
         verdicts = self._judge_lateness(col, median, lateness, mad, threshold, late, now_s)
         # Timeouts learn only from healthy timings: a collective a hang or straggler verdict was
         # reached on, or whose wait or transfer outlasted the timeout, would stretch every later
@@ -817,7 +817,9 @@ class Detector:
         reference = np.full(len(layout.classes), np.nan)  # per class: the median sample (NaN: too few samples yet)
         for k, (c, rows) in enumerate(layout.classes):
             key = (c // 2, bool(c % 2))
-            ref = np.concatenate([self._references.get(key, np.zeros(0)), lb.seconds[rows]])[-REFERENCE_SAMPLES:]
+            # only the class's last REFERENCE_SAMPLES samples can stay in its reference: gather just those
+            tail = slice(-REFERENCE_SAMPLES, None) if isinstance(rows, slice) else rows[-REFERENCE_SAMPLES:]
+            ref = np.concatenate([self._references.get(key, np.zeros(0)), lb.seconds[tail]])[-REFERENCE_SAMPLES:]
             self._references[key] = ref
             if ref.size >= MIN_REFERENCE_SAMPLES:
                 # np.median's NaN propagation, kept (a NaN sample leaves the class unjudged), without its cost: it
