@@ -332,6 +332,8 @@ class Feeder:
 
 #: issue 27 #4: the detector's median CPU time per collective at 16,384 ranks must stay under this
 CPU_GOAL_MS = 2.0
+#: healthy runs timed at 16,384 ranks; their medians' median is the figure judged against CPU_GOAL_MS
+CPU_GOAL_RUNS = 3
 
 def simulator_detector_config() -> DetectorConfig:
     """The default thresholds, except the slow-link absolute floor, which is off: the simulated
@@ -431,8 +433,14 @@ def benchmark(scales: list[int], trials: dict[int, int], healthy_steps: dict[int
         healthy.append({"ranks": n, "steps": healthy_steps[n], "false_positives": len(h["verdicts"]),
                         "fragments": fragments, "probes": probes,
                         "examples": [v.message for v, _ in h["verdicts"][:3]]})
-        cpu.append({"ranks": n, "median_ms": 1e3 * float(np.median(step_cpu)), "p99_ms": 1e3 * float(np.quantile(step_cpu, 0.99)),
-                    "max_ms": 1e3 * float(step_cpu.max())})
+        run_medians = [float(np.median(step_cpu))]
+        if n >= 16384:  # the goal's scale: this 2-core machine moves one run's median by +-10 %, so take 3 runs'
+            for _ in range(CPU_GOAL_RUNS - 1):
+                again = run_trial(SimConfig(world=n, seed=seed + 7, jitter_model=jitter_model, fragments=fragments,
+                                            probes=probes), None, steps=healthy_steps[n] * per_period)
+                run_medians.append(float(np.median(np.array(again["step_cpu_s"][10 * per_period:]))))
+        cpu.append({"ranks": n, "median_ms": 1e3 * float(np.median(run_medians)), "p99_ms": 1e3 * float(np.quantile(step_cpu, 0.99)),
+                    "max_ms": 1e3 * float(step_cpu.max()), "run_medians_ms": [1e3 * m for m in run_medians]})
         log(f"  {n:>6} ranks healthy: {len(h['verdicts'])} verdicts in {healthy_steps[n]} steps; detector "
             f"{cpu[-1]['median_ms']:.2f} ms/step median, {cpu[-1]['p99_ms']:.2f} ms p99 ({time.perf_counter() - t0:.0f} s)")
     return {"rows": rows, "healthy": healthy, "cpu": cpu}
@@ -518,9 +526,12 @@ def render(result: dict[str, Any], sim: SimConfig, det: DetectorConfig, command:
     for h, c in zip(result["healthy"], result["cpu"]):
         lines.append(f"| {h['ranks']} | {_per_period(h)} | {h['steps']} | {h['false_positives']} | {c['median_ms']:.2f} | {c['p99_ms']:.2f} | {c['max_ms']:.2f} |")
     largest = [c["median_ms"] for h, c in zip(result["healthy"], result["cpu"]) if h["ranks"] >= 16384]
+    runs = "; ".join(", ".join(f"{m:.2f}" for m in c.get("run_medians_ms", [])) for h, c in zip(result["healthy"], result["cpu"])
+                     if h["ranks"] >= 16384)
     cpu_goal = (f" The CPU goal (issue 27 #4): a median under {CPU_GOAL_MS:g} ms per collective at 16,384 ranks: "
                 + ("**met**" if largest and max(largest) < CPU_GOAL_MS else "**missed**")
-                + f" ({' / '.join(f'{m:.2f}' for m in largest)} ms in the rows above; 3.81 / 3.33 ms before the"
+                + f" ({' / '.join(f'{m:.2f}' for m in largest)} ms in the rows above, each the median of {CPU_GOAL_RUNS}"
+                  f" healthy runs' medians: {runs}; 3.81 / 3.33 ms before the"
                   " 2026-12-07 rework; recall and precision unchanged: the faulty-run rows at 64 and 1,024 ranks, with"
                   " and without probes (recall, precision, latencies, wrong verdicts), are identical to the old"
                   " detector's)."

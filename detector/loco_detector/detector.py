@@ -774,10 +774,12 @@ class Detector:
             new_keys = uniq[np.argsort(first)]  # ids in order of first appearance: steady batches map to 0..L-1
             first = self._link_src.size
             new_ids = np.arange(first, first + new_keys.size, dtype=np.int64)
-            all_keys = np.concatenate([self._link_keys, new_keys])
-            all_ids = np.concatenate([self._link_id_of_key, new_ids])
-            order = np.argsort(all_keys)
-            self._link_keys, self._link_id_of_key = all_keys[order], all_ids[order]
+            # the new keys go in at their places (O(links)): sorting every key again (O(links log links), 40 ms
+            # at 16,384 ranks once the probes' pairs add up) was the whole p99 of a collective
+            by_key = np.argsort(new_keys)
+            at = np.searchsorted(self._link_keys, new_keys[by_key])
+            self._link_keys = np.insert(self._link_keys, at, new_keys[by_key])
+            self._link_id_of_key = np.insert(self._link_id_of_key, at, new_ids[by_key])
             self._link_src = np.concatenate([self._link_src, new_keys // self._n])
             self._link_dst = np.concatenate([self._link_dst, new_keys % self._n])
             grow = new_keys.size
