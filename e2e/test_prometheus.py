@@ -145,7 +145,10 @@ def test_real_prometheus_evaluates_every_dashboard_query_on_a_real_run(stack, tm
             # LocoTrainingJobStalled may be pending (seen on the real control plane); its `for: 5m` keeps it from firing
             others = prom.query('ALERTS{alertname!="LocoWorkerFault", alertstate="firing"}')
             assert not others, [s["metric"] for s in others]
-            assert value(prom, f'count(loco_trainer_step{{job="{JOB}"}})') == 2  # both workers scraped
+            # both workers scraped: waited for, since a worker the crash restarted is a new pod, a new target the
+            # follower adds within a second and Prometheus scrapes a second later (CI once read 1 here)
+            stack.wait_for(lambda: value(prom, f'count(loco_trainer_step{{job="{JOB}"}})') == 2, timeout_s=60,
+                           what="both workers' step scraped")
             assert value(prom, f'max(loco_operator_job_workers{{job="{JOB}", state="desired"}})') == 2
             job = stack.wait_for_phase(JOB, {"Succeeded", "Failed"}, timeout_s=240)
             assert job["status"]["phase"] == "Succeeded", dump_debug(stack, JOB)
