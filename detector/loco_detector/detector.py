@@ -329,14 +329,14 @@ class Detector:
         any_done = bool(done.any())
         if lo == hi:  # one collective (the usual batch): a plain gather/scatter, repeated ranks write the same value
             self._rank_max_seq[b.rank] = np.maximum(self._rank_max_seq[b.rank], lo)
-            if done.any():
+            if any_done:
                 finished = b.rank[done]
                 self._rank_max_exit_seq[finished] = np.maximum(self._rank_max_exit_seq[finished], lo)
         else:  # ufunc.at: the largest seq per rank whatever the order (it is several times slower)
             np.maximum.at(self._rank_max_seq, b.rank, b.seq)
-            if done.any():
+            if any_done:
                 np.maximum.at(self._rank_max_exit_seq, b.rank[done], b.seq[done])
-        if done.any():
+        if any_done:
             self._last_progress_s = max(self._last_progress_s, float(b.exit_s[done].max()))
         seqs = [lo] if lo == hi else np.unique(b.seq).tolist()
         for s in seqs:
@@ -737,9 +737,7 @@ class Detector:
             if layout.matches(lb, self._link_src.size):
                 return layout
         n = self._n
-        for field, arr in (("link.src", lb.src), ("link.dst", lb.dst)):
-            if arr.min() < 0 or arr.max() >= n:
-                self._check_rank(int(arr[(arr < 0) | (arr >= n)][0]), field)
+        self._check_link_ranks(lb.src, lb.dst)
         ids = self._lookup_link_ids(lb.src * n + lb.dst)
         if ids.size == self._link_src.size and np.array_equal(ids, np.arange(ids.size)):
             ids = slice(None)  # type: ignore[assignment]  # whole arrays: no gather/scatter
@@ -760,6 +758,12 @@ class Detector:
             self._link_lookups.clear()
         self._link_lookups.setdefault(sig, []).append(layout)
         return layout
+
+    def _check_link_ranks(self, src: np.ndarray, dst: np.ndarray) -> None:
+        """Refuse a sample whose end is outside the topology's ranks, naming the field."""
+        for field, arr in (("link.src", src), ("link.dst", dst)):
+            if arr.min() < 0 or arr.max() >= self._n:
+                self._check_rank(int(arr[(arr < 0) | (arr >= self._n)][0]), field)
 
     def _id_array(self, ids: np.ndarray | slice) -> np.ndarray:
         """Link ids as an array (``slice(None)`` stands for every known link, in id order)."""
@@ -802,9 +806,7 @@ class Detector:
         self.stats["link_samples"] += len(lb)
         stalled = np.isinf(lb.seconds)
         if stalled.any():
-            for field, arr in (("link.src", lb.src[stalled]), ("link.dst", lb.dst[stalled])):
-                if arr.min() < 0 or arr.max() >= n:
-                    self._check_rank(int(arr[(arr < 0) | (arr >= n)][0]), field)
+            self._check_link_ranks(lb.src[stalled], lb.dst[stalled])
             for a, b, t in zip(lb.src[stalled].tolist(), lb.dst[stalled].tolist(), lb.at_s[stalled].tolist()):
                 self._stalled.setdefault((a, b), t)
             lb = lb.take(~stalled)
