@@ -224,6 +224,11 @@ def run_loop(strategy, model, optimizer, rank: int, start: int, stop: int, on_st
 
     net = strategy.wrap(model)
     for step in range(start, stop):
+        if not strategy.takes_step(step):  # adaptive local steps: the loop passes over it
+            strategy.after_inner_step(step)
+            if on_step is not None:
+                on_step(step)
+            continue
         x, y = tiny_batch(step, rank)
         loss = F.mse_loss(net(x), y)
         loss.backward()

@@ -211,6 +211,12 @@ def test_operator_endpoint_exports_every_documented_metric_and_passes_promtool()
         metrics.observe_reconcile(_job(None), {"phase": "Running"}, {"phase": "Restarting"}, now_s=T0.timestamp(),
                                   events=[("FaultDetected", "hang-comm at collective #7: blamed rank(s) 1 (j-worker-1 on n1): ...")])
         drive_operator_life(metrics)
+        # adaptive local steps: worker 2 was measured slower and takes half of H; then worker 0 left
+        plan = [{"worker": 0, "steps": 50}, {"worker": 1, "steps": 50}, {"worker": 2, "steps": 25, "stepSeconds": 0.2}]
+        last = {"phase": "Restarting", "workers": {"desired": 3}, "lastCheckpoint": {"step": 20, "time": "2026-03-01T12:00:30Z"},
+                "startTime": "2026-03-01T12:00:00Z"}
+        metrics.observe_reconcile(_job(None), last, {**last, "localSteps": plan})
+        metrics.observe_reconcile(_job(None), last, {**last, "localSteps": plan[1:]})
         metrics.api_errors.labels(operation="create_pod").inc()
         text = scrape(f"http://127.0.0.1:{port}/metrics")
     finally:
@@ -238,6 +244,8 @@ def test_operator_endpoint_exports_every_documented_metric_and_passes_promtool()
         2026, 3, 1, 12, 0, 30, tzinfo=timezone.utc).timestamp()
     assert values[("loco_operator_jobs", (("phase", "Restarting"),))] == 1
     assert values[("loco_operator_reconciles_in_flight", ())] == 0
+    local = {dict(labels)["worker"]: v for (name, labels), v in values.items() if name == "loco_operator_job_worker_local_steps"}
+    assert local == {"1": 50, "2": 25}  # worker 0's series went with it
     # the job checkpoints every 50 steps (the default): its start is exported, for the checkpoint-age alert
     assert values[("loco_operator_job_start_timestamp_seconds", job)] == T0.timestamp()
     promtool_check(text)
@@ -246,6 +254,7 @@ def test_operator_endpoint_exports_every_documented_metric_and_passes_promtool()
     after = {f.name: f for f in text_string_to_metric_families(_render(metrics))}
     assert not after["loco_operator_job_workers"].samples and not after["loco_operator_job_checkpoint_step"].samples
     assert not after["loco_operator_job_start_timestamp_seconds"].samples
+    assert not after["loco_operator_job_worker_local_steps"].samples
 
 
 def test_a_job_that_checkpoints_only_at_the_end_exports_no_start_time():

@@ -60,6 +60,26 @@ def test_the_step_comes_from_workers_past_starting_and_checkpoints_never_go_back
     assert p.status.last_checkpoint.step == 35 and not p.actions  # 30 < 35: nothing committed since
 
 
+def test_each_workers_local_steps_are_in_status_and_a_change_is_an_event():
+    spec = {"algorithm": {"name": "diloco", "syncEvery": 40, "adaptiveSteps": {}}}
+    first = {"j-worker-0": report(0, 40, localSteps=40, stepSeconds=0.1), "j-worker-1": report(1, 40, localSteps=40)}
+    p, parsed = planner(spec, observed=Observed(reports=first))
+    fold_progress(p, parsed, [pod(0), pod(1)])
+    assert [(w.worker, w.steps) for w in p.status.local_steps] == [(0, 40), (1, 40)]
+    assert not p.actions  # a worker's first count is no change
+    later = {"j-worker-0": report(0, 80, localSteps=40, stepSeconds=0.1),
+             "j-worker-1": report(1, 80, localSteps=20, stepSeconds=0.2)}
+    p, parsed = planner(spec, status=p.status.to_wire(), observed=Observed(reports=later))
+    fold_progress(p, parsed, [pod(0), pod(1)])
+    assert [(w.worker, w.steps, w.step_seconds) for w in p.status.local_steps] == [(0, 40, 0.1), (1, 20, 0.2)]
+    (event,) = [a for a in p.actions if isinstance(a, EmitEvent)]
+    assert event.reason == "LocalStepsChanged"
+    assert event.message == "Worker 1 now takes 20 of 40 inner steps per round, was 40 (0.2 s per step, 2x the fastest worker's)"
+    p, parsed = planner(status=p.status.to_wire(), observed=Observed(reports={"j-worker-0": report(0, 90)}))
+    fold_progress(p, parsed, [pod(0)])
+    assert len(p.status.local_steps) == 2 and not p.actions  # reports without it (no adaptiveSteps) change nothing
+
+
 # -- elastic
 def test_a_shrunk_elastic_job_keeps_its_size_until_the_user_changes_replicas():
     spec = TrainingJobSpec.model_validate({"replicas": 4, "algorithm": {"name": "diloco"}, "elastic": {"minReplicas": 2}})

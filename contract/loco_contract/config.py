@@ -212,7 +212,7 @@ class Quantization(str, Enum):
 #: Which parameters apply to which algorithm (anything else set is refused with the field named).
 ALGORITHM_PARAMETERS: dict[str, set[str]] = {
     "ddp": set(),
-    "diloco": {"sync_every", "outer_lr", "outer_momentum", "nesterov"},
+    "diloco": {"sync_every", "outer_lr", "outer_momentum", "nesterov", "adaptive_steps"},
     "streaming-diloco": {
         "sync_every", "outer_lr", "outer_momentum", "nesterov",
         "fragments", "overlap_steps", "mixing_factor", "quantization",
@@ -252,6 +252,20 @@ ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+class AdaptiveSteps(Model):
+    """Heterogeneity-aware local steps (the FedCompass idea): a worker measured slower than the fastest takes
+    fewer inner steps per round, so that every worker reaches the outer step at about the same time instead of
+    the fast ones waiting for it; the outer gradient weights each worker by the steps it took."""
+
+    min_steps: int | None = Field(
+        None, ge=1, description="Fewest inner steps a worker takes per round (default: a quarter of syncEvery, at "
+        "least 1); a worker slower than that keeps the others waiting. At most syncEvery.")
+    tolerance: float = Field(
+        0.1, ge=0.0, le=1.0, description="A worker within this fraction of the fastest one's step time takes the full "
+        "syncEvery steps, and a worker's steps change only when the new count differs by more than this fraction of "
+        "syncEvery (measurement noise does not move them).")
+
+
 class AlgorithmSpec(Model):
     """The distributed algorithm and its parameters. Unset parameters take the paper's default
     for the chosen algorithm; a parameter that does not apply to the algorithm is refused."""
@@ -289,6 +303,10 @@ class AlgorithmSpec(Model):
         None, description="End with one all-reduce average of the workers' weights, so all hold the same model "
         "(noloco; default false: they end as different replicas and the job saves worker 0's).")
     staleness_penalty: float | None = Field(None, gt=0.0, description="lambda: staleness-gap penalty of the outer update (co2).")
+    adaptive_steps: AdaptiveSteps | None = Field(
+        None, description="Set each worker's inner steps per round from its measured step rate, so a slow worker "
+        "takes fewer steps instead of holding every sync (diloco; docs/algorithms.md, \"Adaptive local steps\"). "
+        "Unset: every worker takes syncEvery steps.")
     clip_threshold: float | None = Field(None, gt=0.0, description="c: outer momentum is clipped to [-c, c] (co2).")
 
     @model_validator(mode="after")
@@ -306,10 +324,25 @@ class AlgorithmSpec(Model):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _min_steps_within_round(self) -> "AlgorithmSpec":
+        if self.adaptive_steps is None or self.adaptive_steps.min_steps is None:
+            return self
+        sync_every = self.sync_every or ALGORITHM_DEFAULTS[self.name.value].get("sync_every", 1)
+        if self.adaptive_steps.min_steps > sync_every:
+            raise ValueError(f"'adaptiveSteps.minSteps' ({self.adaptive_steps.min_steps}) must be <= syncEvery "
+                             f"({sync_every}): a round has syncEvery inner steps")
+        return self
+
     def resolved(self) -> "AlgorithmSpec":
         """A copy with every applicable parameter filled from the paper defaults."""
         values = dict(ALGORITHM_DEFAULTS[self.name.value])
         values.update({k: v for k, v in self.model_dump().items() if v is not None and k != "name"})
+        if values.get("adaptive_steps") is not None:
+            adaptive = AdaptiveSteps.model_validate(values["adaptive_steps"])
+            if adaptive.min_steps is None:
+                adaptive = adaptive.model_copy(update={"min_steps": max(1, values["sync_every"] // 4)})
+            values["adaptive_steps"] = adaptive
         if "mean_pull" in ALGORITHM_PARAMETERS[self.name.value] and values.get("mean_pull") is None:
             values["mean_pull"] = values["outer_lr"]  # NoLoCo's gamma follows alpha unless set
         return AlgorithmSpec(name=self.name, **values)
@@ -403,7 +436,11 @@ class FaultInjection(Model):
     only_first_attempt: bool = Field(
         True, description="Inject only on the job's first attempt (restart count 0), so the restarted job can succeed."
     )
-    step_delay_s: float = Field(0.0, ge=0.0, description="Sleep this long before every step (a slow trainer, for demos).")
+    step_delay_s: float = Field(0.0, ge=0.0, description="Sleep this long before every step the worker computes (a slow trainer, for demos).")
+    slow_step_delay_s: float = Field(
+        0.0, ge=0.0, le=3600.0, description="Sleep this long before every inner step this worker computes, on the listed "
+        "ranks only (every rank when none is listed) and on every attempt: a slow but healthy worker (older hardware), "
+        "for the heterogeneity benchmarks and demos.")
     nan_loss_at_step: int | None = Field(
         None, ge=0, description="The training loss of this step reads NaN (a diverged run: the trainer exits with code 80).")
     # Communication-layer faults, honoured inside Comm (loco_trainer.faults.CommFaults); see docs/fault-detection.md.

@@ -112,6 +112,12 @@ class ProgressReport(Model):
     tokens_per_second: float | None = Field(None, description="Tokens/s of this pod over the last log interval.")
     algorithm: str = ""
     bytes_sent: int = Field(0, description="Bytes this pod's ranks sent through collectives so far.")
+    local_steps: int | None = Field(
+        None, description="Inner steps this worker takes per round under algorithm.adaptiveSteps (null: every worker "
+        "takes syncEvery).")
+    step_seconds: float | None = Field(
+        None, description="This worker's measured seconds per inner step it computes (algorithm.adaptiveSteps sets "
+        "localSteps from it).")
     last_checkpoint: CheckpointRef | None = None
     checkpoint_failures: int = Field(0, description="Checkpoint saves of this pod that failed and were not committed.")
     checkpoint_error: str = Field("", description="Why the latest failed checkpoint save failed (empty if none failed).")
@@ -136,12 +142,15 @@ class ProgressReport(Model):
 
     @model_serializer(mode="wrap")
     def _omit_unset_optional(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """Leave ``skippedCheckpoints`` out when there is none, so readers from before the field (which
-        refuse unknown fields) keep reading every report of a worker that skipped nothing."""
+        """Leave ``skippedCheckpoints``, ``localSteps`` and ``stepSeconds`` out when unset, so readers from before
+        those fields (which refuse unknown fields) keep reading every report that does not need them."""
         data = handler(self)
-        if isinstance(data, dict) and self.skipped_checkpoints is None:
-            data.pop("skippedCheckpoints", None)
-            data.pop("skipped_checkpoints", None)
+        if isinstance(data, dict):
+            for name, alias in (("skipped_checkpoints", "skippedCheckpoints"), ("local_steps", "localSteps"),
+                                ("step_seconds", "stepSeconds")):
+                if getattr(self, name) is None:
+                    data.pop(alias, None)
+                    data.pop(name, None)
         return data
 
 

@@ -155,6 +155,13 @@ class OperatorMetrics:
             "timestamp, the age of the newest thing a failure would fall back to.",
             ["namespace", "job"], registry=r,
         )
+        self.local_steps = Gauge(
+            "loco_operator_job_worker_local_steps",
+            "Inner steps per round a worker takes under spec.algorithm.adaptiveSteps (syncEvery for the fastest; fewer "
+            "for a slower worker), by replica index.", ["namespace", "job", "worker"], registry=r,
+        )
+        #: per job: the worker indices with a local-steps series, so a worker that left loses its series
+        self._local_steps_workers: dict[str, set[str]] = {}
         for phase in Phase:
             self.jobs.labels(phase=phase.value)
         for old, new in PHASE_TRANSITIONS:
@@ -220,6 +227,7 @@ class OperatorMetrics:
             self.start_time.labels(namespace=namespace, job=name).set(started)
         else:
             _remove(self.start_time, namespace, name)
+        self._set_local_steps(namespace, name, new_status.get("localSteps") or [])
         ckpt = new_status.get("lastCheckpoint") or {}
         if ckpt.get("step") is not None:
             self.checkpoint_step.labels(namespace=namespace, job=name).set(int(ckpt["step"]))
@@ -237,6 +245,17 @@ class OperatorMetrics:
             created_s = parse_rfc3339(meta.get("creationTimestamp"))
             if created_s is not None:
                 self.time_to_running.observe(max(0.0, now_s - created_s))
+
+    def _set_local_steps(self, namespace: str, name: str, entries: Iterable[Mapping[str, Any]]) -> None:
+        workers = {str(e["worker"]): int(e["steps"]) for e in entries if "worker" in e and "steps" in e}
+        key = f"{namespace}/{name}"
+        with self._lock:
+            gone = self._local_steps_workers.get(key, set()) - set(workers)
+            self._local_steps_workers[key] = set(workers)
+        for worker in gone:
+            _remove(self.local_steps, namespace, name, worker)
+        for worker, steps in workers.items():
+            self.local_steps.labels(namespace=namespace, job=name, worker=worker).set(steps)
 
     def _new_restarts(self, job: Mapping[str, Any], old_status: Mapping[str, Any], new_status: Mapping[str, Any]) -> int:
         """Restarts of ``job`` not counted yet: how far its stored ``status.restarts`` moved past the
@@ -264,7 +283,10 @@ class OperatorMetrics:
         with self._lock:
             self._phases.pop(key, None)
             self._restarts_counted.pop(key, None)
+            local_workers = self._local_steps_workers.pop(key, set())
             self._refresh()
+        for worker in local_workers:
+            _remove(self.local_steps, namespace, name, worker)
         for gauge, label_sets in ((self.workers, [(namespace, name, "desired"), (namespace, name, "ready")]),
                                   (self.checkpoint_step, [(namespace, name)]), (self.checkpoint_time, [(namespace, name)]),
                                   (self.start_time, [(namespace, name)])):

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from loco_contract.config import ALGORITHM_PARAMETERS, SHARDABLE_ALGORITHMS
+from loco_contract.config import ALGORITHM_DEFAULTS, ALGORITHM_PARAMETERS, SHARDABLE_ALGORITHMS
 
 from pydantic.alias_generators import to_camel
 
@@ -169,6 +169,24 @@ RULES: tuple[CrossFieldRule, ...] = (
             f"{' | '.join(SHARDABLE_ALGORITHMS)}: set nprocPerWorker to 1 or algorithm.name to one of those"
         ),
         check=lambda s: s["nprocPerWorker"] <= 1 or s["algorithm"]["name"] in SHARDABLE_ALGORITHMS,
+    ),
+    CrossFieldRule(
+        scope=("spec", "algorithm"),
+        field="adaptiveSteps.minSteps",
+        cel=_present(("adaptiveSteps.minSteps",), f"self.adaptiveSteps.minSteps <= (has(self.syncEvery) ? self.syncEvery "
+                     f": {ALGORITHM_DEFAULTS['diloco']['sync_every']})"),
+        message="spec.algorithm.adaptiveSteps.minSteps must be <= spec.algorithm.syncEvery (a round has syncEvery inner "
+                "steps): lower minSteps or raise syncEvery",
+        check=lambda a: (a.get("adaptiveSteps") or {}).get("minSteps") is None
+        or a["adaptiveSteps"]["minSteps"] <= (a.get("syncEvery") or ALGORITHM_DEFAULTS["diloco"]["sync_every"]),
+    ),
+    CrossFieldRule(
+        scope=("spec",),
+        field="algorithm.adaptiveSteps",
+        cel=_present(("algorithm.adaptiveSteps", "nprocPerWorker"), "self.nprocPerWorker <= 1"),
+        message="spec.algorithm.adaptiveSteps needs spec.nprocPerWorker 1 (a sharded pod's processes would have to "
+                "skip the same steps): remove adaptiveSteps or set nprocPerWorker to 1",
+        check=lambda s: (s.get("algorithm") or {}).get("adaptiveSteps") is None or s["nprocPerWorker"] <= 1,
     ),
     CrossFieldRule(
         scope=("spec", "model", "gpt"),

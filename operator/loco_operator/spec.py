@@ -417,6 +417,14 @@ class CheckpointBeforeStop(Model):
     reason: str = Field(description="Why the workers stop: runPolicy.suspend, or the Kueue eviction.")
 
 
+class WorkerLocalSteps(Model):
+    """One worker's share of each round under spec.algorithm.adaptiveSteps, as it last reported it."""
+
+    worker: int = Field(description="Replica index of the worker.")
+    steps: int = Field(description="Inner steps it takes per round (syncEvery for the fastest workers).")
+    step_seconds: float | None = Field(None, description="Its measured seconds per inner step the plan was made from.")
+
+
 class TrainingJobStatus(Model):
     """Observed state, kept in the object so a restarted operator carries on."""
 
@@ -433,6 +441,9 @@ class TrainingJobStatus(Model):
         None, description="Time left at the recent step rate while Running, e.g. '4m10s' (the ETA printer column); unset while it is unknown.")
     step_rate: StepRate | None = Field(None, description="The recent step rate the ETA is computed from.")
     algorithm: str | None = Field(None, description="Algorithm in use.")
+    local_steps: list[WorkerLocalSteps] | None = Field(
+        None, description="Each worker's inner steps per round under spec.algorithm.adaptiveSteps (a LocalStepsChanged "
+        "event says when one changes); unset without adaptiveSteps.")
     last_checkpoint: CheckpointStatus | None = Field(None, description="Last committed checkpoint; every restart resumes from it.")
     initialized_from: InitializedFrom | None = Field(
         None, description="The other job's checkpoint this job started from (spec.checkpoint.initFrom).")

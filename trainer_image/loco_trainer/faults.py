@@ -46,6 +46,14 @@ def step_delay_s(fault: FaultInjection | None) -> float:
     return fault.step_delay_s if fault is not None else 0.0
 
 
+def slow_step_delay_s(fault: FaultInjection | None, rank: int) -> float:
+    """Seconds ``rank`` sleeps before every inner step it computes (``slowStepDelayS``: a slow worker, on the listed
+    ranks or every rank when none is listed, on every attempt: the hardware stays slow across restarts)."""
+    if fault is None or (fault.ranks and rank not in fault.ranks):
+        return 0.0
+    return fault.slow_step_delay_s
+
+
 class CommFaults:
     """Communication-layer faults of one rank, honoured by :class:`loco_trainer.comm.Comm`.
 

@@ -9,6 +9,7 @@ One :class:`Trainer` per process. :meth:`Trainer.run` is, in order::
         x, y = this rank's slice of the global batch at the data position
         forward + backward (autocast when dtype is bfloat16)
         strategy.after_backward(step); clip; inner_optimizer.step(); strategy.after_inner_step(step)
+            (a step the strategy does not take, algorithm.adaptiveSteps: only strategy.after_inner_step(step))
         eval every evalEvery; log every logEvery
         note a finished background save; checkpoint every checkpoint.everySteps (Checkpointer, loco_trainer.ucp),
             or at the logEvery boundary the ranks agree on after the operator asked (POST /checkpoint, before a stop)
@@ -44,7 +45,7 @@ from loco_trainer.checkpointer import Checkpointer, replicas_diverge, seed_every
 from loco_trainer.live_membership import LiveMembership
 from loco_contract.config import BatchRule, LrScaling, RuntimeEnv, TrainerConfig, TrainingSpec
 from loco_trainer.failures import NonFiniteLoss, configuration_errors
-from loco_trainer.faults import InjectedCrash, comm_faults, crash_step, nan_loss_step, step_delay_s
+from loco_trainer.faults import InjectedCrash, comm_faults, crash_step, nan_loss_step, slow_step_delay_s, step_delay_s
 from loco_trainer.data import Dataset, DataPosition, rank_slice
 from loco_trainer.metrics import TrainerMetrics
 from loco_trainer.model import build_model, num_params
@@ -289,7 +290,7 @@ class Trainer:
         self._announce(run)
         crash_at = crash_step(faults, self.info.rank, self.env.restart_count)
         nan_at = nan_loss_step(faults, self.info.rank, self.env.restart_count)
-        delay_s = step_delay_s(faults)
+        delay_s, slow_s = step_delay_s(faults), slow_step_delay_s(faults, self.info.rank)
         run.interval_start = run.loop_start = time.perf_counter()
         step = run.start_step
         run.model.train()
@@ -298,11 +299,17 @@ class Trainer:
                 log.error("fault injection: rank %d crashes at step %d with exit code %d", self.info.rank, step,
                           faults.exit_code)
                 raise InjectedCrash(faults.exit_code)
-            if delay_s:
-                time.sleep(delay_s)
             step_start = time.perf_counter()
-            loss, lr = self._train_step(run, step)
-            loss = math.nan if step == nan_at else loss  # fault injection: a diverged run
+            if run.strategy.takes_step(step):
+                if delay_s:
+                    time.sleep(delay_s)  # fault injection: a slow trainer (outside the step's own time)
+                    step_start = time.perf_counter()
+                if slow_s:
+                    time.sleep(slow_s)  # fault injection: slow hardware (inside it)
+                loss, lr = self._train_step(run, step)
+                loss = math.nan if step == nan_at else loss  # fault injection: a diverged run
+            else:
+                loss, lr = self._pass_step(run, step)
             completed = step + 1
             is_last = completed == tr.steps
             self._record_step(run, completed, loss, lr, time.perf_counter() - step_start)
@@ -324,6 +331,9 @@ class Trainer:
         model = build_model(cfg.model).to(self.device)
         nproc, num_replicas = info.nproc_per_worker, info.world_size // info.nproc_per_worker
         sharding.check_shardable(cfg.algorithm.name.value, nproc)
+        if nproc > 1 and cfg.algorithm.adaptive_steps is not None:
+            raise ValueError("algorithm.adaptiveSteps needs nprocPerWorker 1 (a sharded pod's processes would have to "
+                             "skip the same steps): remove adaptiveSteps or set nprocPerWorker to 1")
         if nproc > 1:  # FSDP2 inside the pod, the algorithm across pods (loco_trainer.sharding)
             self._mesh = sharding.Mesh(self.device.type, num_replicas, nproc)
             sharding.shard_model(model, self._mesh)
@@ -415,6 +425,14 @@ class Trainer:
         run.position = run.position.advance(sz.global_batch)
         return float(loss.detach().float().item()), lr
 
+    def _pass_step(self, run: "_Run", step: int) -> tuple[None, float]:
+        """A step this worker does not compute (``algorithm.adaptiveSteps`` gave it fewer per round): no batch, no
+        forward or backward, but the algorithm's exchange and the data position move on as on every worker.
+        Returns (None, lr)."""
+        self._exchange(run, step)
+        run.position = run.position.advance(run.sz.global_batch)
+        return None, lr_at(step, self.config.training, run.sz.peak_lr)
+
     def _exchange(self, run: "_Run", step: int) -> None:
         """The algorithm's communication after the inner step (an outer step, a fragment, a gossip round), timed as
         an outer sync when it issued collectives. A peer lost in it is noted in ``run`` (see :class:`_Run`)."""
@@ -447,18 +465,21 @@ class Trainer:
         if run.deferred is None:
             run.deferred = self.members.leave_after_loss(exc, completed)
 
-    def _record_step(self, run: "_Run", completed: int, loss: float, lr: float, seconds: float) -> None:
-        if not math.isfinite(loss):  # every later step would train on garbage: stop with exit code 80
-            raise NonFiniteLoss(completed, loss)
-        run.losses.append(loss)
-        run.interval_losses.append(loss)
+    def _record_step(self, run: "_Run", completed: int, loss: float | None, lr: float, seconds: float) -> None:
+        """Note a step's loss and time (``loss`` None: a step this worker passed over, which counts only as progress)."""
+        if loss is not None:
+            if not math.isfinite(loss):  # every later step would train on garbage: stop with exit code 80
+                raise NonFiniteLoss(completed, loss)
+            run.losses.append(loss)
+            run.interval_losses.append(loss)
         if self.metrics:
-            self.metrics.step_seconds.observe(seconds)
-            self.metrics.tokens.inc(run.sz.tokens_per_step_local)
+            if loss is not None:
+                self.metrics.step_seconds.observe(seconds)
+                self.metrics.tokens.inc(run.sz.tokens_per_step_local)
             self.metrics.step.set(completed)
             self.metrics.lr.set(lr)
 
-    def _evaluate_and_record(self, run: "_Run", completed: int, is_last: bool, loss: float, lr: float) -> None:
+    def _evaluate_and_record(self, run: "_Run", completed: int, is_last: bool, loss: float | None, lr: float) -> None:
         """Evaluate every ``evalEvery`` steps (the last step's eval is the final one); one history line per step."""
         tr = self.config.training
         eval_due = bool(tr.eval_every) and completed % tr.eval_every == 0 and not is_last
@@ -482,10 +503,11 @@ class Trainer:
         if completed % tr.log_every != 0 and not is_last:
             self._set_progress(step=completed)
             return
+        # steps this worker computed in the interval (fewer than logEvery when adaptive steps pass some over)
         elapsed, steps = time.perf_counter() - run.interval_start, len(run.interval_losses)
-        mean_loss = sum(run.interval_losses) / steps
+        mean_loss = sum(run.interval_losses) / steps if steps else None
         local_tps = run.sz.tokens_per_step_local * steps / elapsed
-        if self.info.rank == 0:
+        if self.info.rank == 0 and steps:
             global_tps = run.sz.global_batch * tr.seq_len * steps / elapsed
             log.info(format_progress_line(completed, tr.steps, mean_loss, run.eval_loss, global_tps, 1000 * elapsed / steps))
         self._report_interval(completed, mean_loss, run.eval_loss, local_tps, run.strategy, self._comm)
@@ -687,10 +709,16 @@ class Trainer:
         if self.progress is not None:
             self.progress.update(**fields)
 
-    def _report_interval(self, step: int, loss: float, eval_loss: float | None, local_tps: float, strategy, comm) -> None:
+    def _report_interval(self, step: int, loss: float | None, eval_loss: float | None, local_tps: float, strategy,
+                         comm) -> None:
+        """The interval's report: metrics and the progress fields (``loss`` None: this worker computed no step in the
+        interval, its last loss stands)."""
         stats = comm.stats() if hasattr(comm, "stats") else {}
+        algorithm_metrics = getattr(strategy, "metrics", None)
+        gauges = algorithm_metrics() if callable(algorithm_metrics) else {}
         if self.metrics:
-            self.metrics.loss.set(loss)
+            if loss is not None:
+                self.metrics.loss.set(loss)
             self.metrics.tokens_per_second.set(local_tps)
             self.metrics.set_comm_stats(stats)
             if hasattr(comm, "records"):
@@ -698,14 +726,17 @@ class Trainer:
             if self.device.type == "cuda":
                 self.metrics.set_gpu_memory(torch.cuda.memory_allocated(self.device), torch.cuda.memory_reserved(self.device),
                                             torch.cuda.max_memory_allocated(self.device))
-            algorithm_metrics = getattr(strategy, "metrics", None)
-            if callable(algorithm_metrics):
-                self.metrics.set_algorithm_metrics(algorithm_metrics())
+            self.metrics.set_algorithm_metrics(gauges)
+        fields: dict[str, Any] = {"loss": loss} if loss is not None else {}
+        if "local_steps" in gauges:  # algorithm.adaptiveSteps: this worker's share of each round, for the operator
+            fields["local_steps"] = int(gauges["local_steps"])
+            fields["step_seconds"] = gauges.get("step_seconds")
         self._set_progress(
-            step=step, loss=loss, eval_loss=eval_loss,
+            step=step, eval_loss=eval_loss,
             # the pod leader speaks for its pod: its ranks run the same steps and collectives
             tokens_per_second=local_tps * self.info.nproc_per_worker,
             bytes_sent=int(stats.get("bytes_sent", 0)) * self.info.nproc_per_worker,
+            **fields,
         )
 
     def _append_history(self, record: dict[str, Any]) -> None:

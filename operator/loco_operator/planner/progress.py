@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from loco_contract.protocol import ProgressReport, WorkerState
 
-from ..spec import CheckpointStatus, Phase, PreviousJobStatus, StepRate, TrainingJobSpec
+from ..spec import CheckpointStatus, Phase, PreviousJobStatus, StepRate, TrainingJobSpec, WorkerLocalSteps
 from .context import Planner
 from .observe import ObservedPod, parse_time, rfc3339
 from .vocabulary import MAX_SKIPPED_RECORDS, ConditionType, EventType, Reason
@@ -42,6 +42,7 @@ def fold_progress(p: Planner, spec: TrainingJobSpec, current: Sequence[ObservedP
         rates = [r.tokens_per_second for r in reports if r.tokens_per_second is not None]
         if rates:
             st.tokens_per_second = round(sum(rates), 1)
+        _local_steps(p, spec, by_rank)
     candidates = [r.last_checkpoint for r in p.observed.reports.values() if r.last_checkpoint is not None]
     candidates += [pod.termination_report.last_checkpoint for pod in p.observed.pods
                    if pod.termination_report is not None and pod.termination_report.last_checkpoint is not None]
@@ -72,6 +73,35 @@ def fold_progress(p: Planner, spec: TrainingJobSpec, current: Sequence[ObservedP
         p.event(EventType.warning, Reason.checkpoint_failed,
                 f"Checkpoint save failed (training continues; resume point stays "
                 f"{'step ' + str(st.last_checkpoint.step) if st.last_checkpoint else 'the start'}): {newest}")
+
+def _local_steps(p: Planner, spec: TrainingJobSpec, reports: Sequence[ProgressReport]) -> None:
+    """Each worker's inner steps per round under algorithm.adaptiveSteps, from its reports; an event when the
+    trainers' plan gave a worker another count (not when a worker first reports its count)."""
+    if not any(r.local_steps is not None for r in reports):
+        return
+    before = {w.worker: w for w in p.status.local_steps or []}
+    now: dict[int, WorkerLocalSteps] = {}
+    for r in reports:
+        if r.local_steps is None:  # still starting: keep what it said before, if anything
+            if r.replica_index in before:
+                now[r.replica_index] = before[r.replica_index]
+            continue
+        seconds = None if r.step_seconds is None else round(r.step_seconds, 4)
+        now[r.replica_index] = WorkerLocalSteps(worker=r.replica_index, steps=r.local_steps, step_seconds=seconds)
+    sync_every = spec.algorithm.resolved().sync_every
+    timed = [w.step_seconds for w in now.values() if w.step_seconds]
+    fastest = min(timed) if timed else None
+    for worker, entry in sorted(now.items()):
+        old = before.get(worker)
+        if old is None or old.steps == entry.steps:
+            continue
+        pace = ""
+        if entry.step_seconds and fastest:
+            pace = f" ({entry.step_seconds:.3g} s per step, {entry.step_seconds / fastest:.2g}x the fastest worker's)"
+        p.event(EventType.normal, Reason.local_steps_changed,
+                f"Worker {worker} now takes {entry.steps} of {sync_every} inner steps per round, was {old.steps}{pace}")
+    p.status.local_steps = [now[w] for w in sorted(now)]
+
 
 def _previous_job(p: Planner) -> None:
     """A job created under the name of a deleted one found its checkpoints: say once what was done with them

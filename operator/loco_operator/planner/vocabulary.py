@@ -58,6 +58,7 @@ class Reason(str, Enum):
     previous_job_kept = "PreviousJobKept"
     previous_job_adopted = "PreviousJobAdopted"
     failure_policy = "FailurePolicy"
+    local_steps_changed = "LocalStepsChanged"
     gang_released = "GangReleased"
     insufficient_capacity = "InsufficientCapacity"
     scaled_down = "ScaledDown"

@@ -7,6 +7,7 @@ in this order, on every rank:
     strategy.setup()                       # once, after any checkpoint was loaded (e.g. broadcast
                                            # or adopt the global parameters)
     for step in range(start_step, total_steps):
+        if not strategy.takes_step(step): strategy.after_inner_step(step); continue   # adaptive local steps
         loss = forward/backward(...)       # the model may be strategy.wrap(model)'s result
         strategy.after_backward(step)      # DDP: gradients averaged (or nothing, if a comm hook did)
         clip, inner_optimizer.step(), zero_grad
@@ -76,6 +77,13 @@ class Strategy(abc.ABC):
 
     def setup(self) -> None:
         """Called once before the first step, after any checkpoint was loaded."""
+
+    def takes_step(self, step: int) -> bool:
+        """Whether this worker computes inner step ``step`` (asked before it). False: the loop passes over it at
+        once (no batch, no forward or backward) but still calls :meth:`after_inner_step` and runs every collective
+        of that step, so the workers stay in step: a slow worker under ``algorithm.adaptiveSteps`` takes fewer
+        steps per round. Default: always True."""
+        return True
 
     def after_backward(self, step: int) -> None:
         """Called after backward, before gradient clipping and the inner optimizer step."""
