@@ -492,6 +492,9 @@ class Trainer:
                                   "wallS": round(time.perf_counter() - run.loop_start, 6)}
         if eval_due:
             record["evalLoss"] = run.eval_loss
+            if getattr(run.strategy, "adaptive", None) is not None:  # every worker's share (the benchmark's plot)
+                record["localSteps"] = list(run.strategy.local_steps)
+                record["stepSeconds"] = [round(t, 6) for t in run.strategy.step_seconds]
         if self.history_path and hasattr(self._comm, "stats"):  # cumulative bytes this rank sent (convergence benchmark)
             record["bytesSent"] = int(self._comm.stats().get("bytes_sent", 0))
         self._append_history(record)
