@@ -190,9 +190,9 @@ def plot(results: dict[str, Any], path: Path = PLOT) -> None:
 
 def with_wall(history: list[str]) -> dict[str, Any]:
     """``parse_history`` plus each eval's ``wallS`` (the final eval at the run's last step time) and the slow
-    worker's slowdown the adaptive run measured (its step time over the fastest's)."""
+    worker's slowdown and the workers' steps per round the adaptive run last planned."""
     parsed = parse_history(history)
-    walls, slowdown = {}, None
+    walls, slowdown, shares = {}, None, None
     last_wall = 0.0
     for line in history:
         rec = json.loads(line) if line.strip() else {}
@@ -202,9 +202,11 @@ def with_wall(history: list[str]) -> dict[str, Any]:
             walls[rec["step"]] = rec["wallS"]
         if rec.get("stepSeconds") and min(rec["stepSeconds"]) > 0:
             slowdown = max(rec["stepSeconds"]) / min(rec["stepSeconds"])
+        if rec.get("localSteps"):
+            shares = rec["localSteps"]
     evals = [[step, loss, walls.get(step, last_wall)] for step, loss, _bytes in parsed["evals"]]
     return {"evals": evals, "final_eval": parsed["final_eval"], "wall_s": last_wall, "steps": parsed["steps"],
-            "slowdown": slowdown}
+            "slowdown": slowdown, "local_steps": shares}
 
 
 def run_one(mode: str, steps: int, seed: int, workdir: Path) -> dict[str, Any]:

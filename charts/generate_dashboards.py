@@ -198,6 +198,11 @@ def training_jobs_dashboard() -> DashboardSpec:
                                  f"sum by (namespace, job, replica) (rate(loco_trainer_step_seconds_count{{{SEL}}}[{rate}]))", "{{job}} r{{replica}}")]))
         .with_panel(timeseries("Learning rate", "Inner optimizer learning rate.", "none",
                                [(f"max by (namespace, job) (loco_trainer_learning_rate{{{SEL}}})", "{{job}}")]))
+        .with_panel(timeseries("Inner steps per round by worker", "Under algorithm.adaptiveSteps: the inner steps each "
+                               "worker takes per round (syncEvery for the fastest; fewer for a slower worker, so it "
+                               "keeps up instead of holding every sync).", "none",
+                               [(f"max by (namespace, job, worker) (loco_operator_job_worker_local_steps{{{SEL}}})",
+                                 "{{job}} w{{worker}}")]))
         .with_row(dash.Row("Communication"))
         .with_panel(timeseries("Bytes on the wire", "Bytes sent through collectives per second, by exchange kind.", "Bps",
                                [(f"sum by (namespace, job, kind) (rate(loco_trainer_comm_bytes_sent_total{{{SEL}}}[{rate}]))", "{{job}} {{kind}}")],

@@ -89,3 +89,49 @@ def test_straggler_is_blamed_isolated_and_the_job_resumes_from_checkpoint(stack:
         assert p["spec"]["nodeName"] != straggler_node, (p["metadata"]["name"], p["spec"]["nodeName"])
         terms = p["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
         assert {"key": "kubernetes.io/hostname", "operator": "NotIn", "values": [straggler_node]} in terms[0]["matchExpressions"]
+
+
+# -------------------------------------------------------------------- a slow worker under adaptive steps
+
+#: Worker 2 is about 3x slower than the others on every attempt (slower hardware, not a fault): every computed step
+#: sleeps 0.1 s, worker 2's 0.2 s more. Under a fixed H = 10 it reaches each outer step ~2 s after the others.
+SLOW_WORKER = {"stepDelayS": 0.1, "slowStepDelayS": 0.2, "ranks": [2]}
+#: The straggler scenario's thresholds: three late collectives in a row past 0.8 s.
+SLOW_DETECTION = {"warmupCollectives": 8, "consecutive": 3, "minLatenessSeconds": 0.8}
+
+
+def test_a_slow_worker_under_fixed_h_is_blamed_as_a_straggler(stack: LocalStack) -> None:
+    """The control for the next scenario: without adaptiveSteps the same slow worker is a straggler."""
+    name = "slow-fixed"
+    stack.apply(small_job(name, replicas=3, steps=60, faultInjection=dict(SLOW_WORKER), faultDetection=SLOW_DETECTION,
+                          runPolicy={"backoffLimit": 0}))
+    try:
+        detected = stack.wait_for_events(name, "FaultDetected", timeout_s=TIMEOUT_S)
+    except TimeoutError:
+        raise AssertionError(dump_debug(stack, name)) from None
+    assert detected[0]["message"].startswith("slow-noncomm") and "rank(s) 2" in detected[0]["message"], detected
+    stack.kubectl("delete", "trainingjob", name, "--wait=true", timeout_s=120)
+
+
+def test_a_slow_worker_under_adaptive_steps_is_healthy_and_a_hang_is_still_blamed(stack: LocalStack) -> None:
+    """algorithm.adaptiveSteps gives the slow worker fewer inner steps per round, so it reaches every outer step with
+    the others: the detector sees a healthy worker, the job never evicts it, and status shows each worker's share.
+    The same worker hanging (first attempt only) is still blamed, and the restarted job succeeds."""
+    name = "slow-adaptive"
+    stack.apply(small_job(
+        name, replicas=3, steps=60, algorithm__adaptiveSteps={}, checkpoint__everySteps=10,
+        faultInjection={**SLOW_WORKER, "hangBeforeCollective": 60, "onlyFirstAttempt": True},
+        faultDetection=SLOW_DETECTION))
+    try:
+        job = stack.wait_for_phase(name, {"Succeeded", "Failed"}, timeout_s=TIMEOUT_S)
+    except TimeoutError:
+        raise AssertionError(dump_debug(stack, name)) from None
+    status = job["status"]
+    assert status["phase"] == "Succeeded" and status["restarts"] == 1, dump_debug(stack, name)
+    # the one fault is the hang; the slow worker was never blamed for being slow, before or after the restart
+    (fault,) = status["faults"]
+    assert fault["kind"] == "hang-noncomm" and fault["ranks"] == [2], fault
+    shares = {w["worker"]: w["steps"] for w in status["localSteps"]}
+    assert shares[0] == shares[1] == 10 and 2 <= shares[2] <= 5, status["localSteps"]
+    changed = [e["message"] for e in stack.events(name) if e["reason"] == "LocalStepsChanged"]
+    assert any(m.startswith("Worker 2 now takes ") and "of 10 inner steps per round, was 10" in m for m in changed), changed

@@ -106,7 +106,8 @@ def test_real_prometheus_evaluates_every_dashboard_query_on_a_real_run(stack, tm
     queries = dashboard_queries()
     assert len([q for q in queries if q[2] == "panel"]) >= 30, "the dashboards lost panels"
     port = operator_metrics_port(stack.operator_log)
-    doc = small_job(JOB, steps=STEPS, training__evalEvery=10, checkpoint__everySteps=10,
+    # adaptiveSteps at equal speeds: every worker takes the full H, and the local-steps panel has data
+    doc = small_job(JOB, steps=STEPS, training__evalEvery=10, checkpoint__everySteps=10, algorithm__adaptiveSteps={},
                     faultInjection={"crashAtStep": 25, "ranks": [1], "exitCode": 3, "stepDelayS": 0.15})
     with Prometheus(tmp_path / "prometheus", [f"127.0.0.1:{port}"], interval_s=1.0, rule_files=[ALERT_RULES]) as prom:
         follower = PodTargetFollower(lambda: stack.list_pods(JOB), prom.workers_file, interval_s=1.0).start()
