@@ -44,13 +44,17 @@ def test_time_to_target_loss_at_equal_wall_clock_and_the_goal() -> None:
     assert row["modes"]["fixed"]["time_to_target_s"] == 20  # the first eval at or below the target
     assert row["modes"]["adaptive"]["time_to_target_s"] == 10
     assert row["modes"]["fixed"]["loss_at_equal_wall"] == 3.0 and row["modes"]["adaptive"]["loss_at_equal_wall"] == 2.6
-    speedup, gap, met = bs.verdict([row])
-    assert speedup == 2.0 and gap == pytest.approx(0.8) and met is True
+    v = bs.verdict([row])
+    assert v["speedups"] == [2.0] and v["steps_gaps"] == [pytest.approx(0.8)]
+    assert v["wall_gaps"] == [pytest.approx(100 * (2.6 - 3.0) / 3.0)]
+    assert v["speed_met"] and v["steps_met"] and v["wall_met"]
     slower = {**runs, "adaptive/seed1": _run([(5, 3.0), (10, 2.8), (15, 2.7)], 15)}
-    assert bs.verdict([bs.summarize(slower, 1)])[2] is False  # 8 % worse at the end: missed
+    assert not bs.verdict([bs.summarize(slower, 1)])["steps_met"]  # 8 % worse at the end: missed
     doc = bs.render({"runs": runs, "meta": {"cpu": "CPU", "cores": 2, "steps": 300}})
     assert "| 1 | adaptive | 15.0 | 10.0 | 2.6000 | 2.5200 |" in doc
-    assert "**met**: median speed-up 2.00x, median final-loss gap +0.80 %" in doc
+    assert "- speed-up to the target: 2.00x (median 2.00x): **met**;" in doc
+    assert "- final loss at equal steps (fixed H given its longer time): +0.80 %: within 1 % at 1 of 1 seeds: **met**." in doc
+    assert "the stricter reading): **met**." in doc
     assert "Goal: not measured yet" in bs.render({"runs": {"evict/seed1": runs["evict/seed1"]}})
 
 
