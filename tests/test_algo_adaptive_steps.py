@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from dist_helpers import flat_params, rank_pool, tiny_batch, tiny_model  # noqa: F401 (fixture)
 from loco_trainer.algorithms import DiLoCo, make_strategy
 from loco_trainer.algorithms.adaptive_steps import (StepClock, computes, outer_weights, plan_local_steps,
-                                                    steps_taken)
+                                                    steady_step_seconds, steps_taken)
 from loco_trainer.comm import Comm
 from loco_contract.config import AlgorithmSpec
 
@@ -57,6 +57,15 @@ def test_plan_gives_a_slower_worker_proportionally_fewer_steps_within_bounds() -
         plan([1.0, 1.0, 1.0])
 
 
+def test_a_worker_s_step_time_is_its_median_over_the_last_rounds() -> None:
+    assert steady_step_seconds([]) == []
+    assert steady_step_seconds([[1.0, 2.0]]) == [1.0, 2.0]  # the first round counts at once
+    # worker 1 slow for one round only (a passing neighbour): no change; worker 0 slow for two of three: it is
+    assert steady_step_seconds([[1.0, 1.0], [1.0, 1.8], [1.0, 1.0]]) == [1.0, 1.0]
+    assert steady_step_seconds([[1.0, 1.0], [2.0, 1.0], [2.0, 1.0]]) == [2.0, 1.0]
+    assert steady_step_seconds([[0.0, 1.0], [0.0, 1.0]]) == [0.0, 1.0]  # never measured: unknown
+
+
 def test_step_clock_measures_computed_steps_only_and_never_across_a_round() -> None:
     clock = StepClock()
     clock.restart(0.0)  # end of the outer step
@@ -77,7 +86,7 @@ def test_adaptive_steps_are_refused_with_the_field_named() -> None:
     with pytest.raises(ValueError, match="tolerance"):
         AlgorithmSpec.model_validate({"name": "diloco", "adaptiveSteps": {"tolerance": 2}})
     resolved = AlgorithmSpec.model_validate({"name": "diloco", "syncEvery": 40, "adaptiveSteps": {}}).resolved()
-    assert (resolved.adaptive_steps.min_steps, resolved.adaptive_steps.tolerance) == (10, 0.1)
+    assert (resolved.adaptive_steps.min_steps, resolved.adaptive_steps.tolerance) == (10, 0.2)
     with pytest.raises(ValueError, match=r"min_steps must be in \[1, sync_every=4\]"):
         DiLoCo(tiny_model(), None, SimpleNamespace(world_size=1, rank=0), sync_every=4, outer_lr=0.7, outer_momentum=0.9,
                adaptive_steps=(5, 0.1))

@@ -261,7 +261,7 @@ class AdaptiveSteps(Model):
         None, ge=1, description="Fewest inner steps a worker takes per round (default: a quarter of syncEvery, at "
         "least 1); a worker slower than that keeps the others waiting. At most syncEvery.")
     tolerance: float = Field(
-        0.1, ge=0.0, le=1.0, description="A worker within this fraction of the fastest one's step time takes the full "
+        0.2, ge=0.0, le=1.0, description="A worker within this fraction of the fastest one's step time takes the full "
         "syncEvery steps, and a worker's steps change only when the new count differs by more than this fraction of "
         "syncEvery (measurement noise does not move them).")
 

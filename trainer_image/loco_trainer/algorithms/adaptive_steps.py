@@ -14,6 +14,9 @@ others, instead of keeping them waiting until it has computed its whole share.
 The outer gradient weights each worker by the steps it took: Δ = Σᵢ Tᵢ·Δᵢ / Σⱼ Tⱼ, with Tᵢ the steps worker i
 computed in the round. With every Hᵢ = H the weights are exactly 1 and the outer step is DiLoCo's.
 
+The plan looks at each worker's median step time over the last ``HISTORY_ROUNDS`` rounds, so that one round made
+slow by something passing does not move a worker's share; a worker slower for good moves within two rounds.
+
 Pure decisions here (which position is computed, the weights, the next plan from measured step times); the
 strategy (``diloco.py``) measures and exchanges the step times with the outer step's all-reduce.
 """
@@ -70,6 +73,23 @@ def plan_local_steps(step_seconds: Sequence[float], current: Sequence[int], *, s
         moved = target == sync_every or abs(target - now) > tolerance * sync_every
         plan.append(target if moved else now)
     return plan
+
+
+#: Rounds of step times a plan looks back on: each worker's time is its median over the last ones, so one round
+#: made slow by something passing (a neighbour's burst, an eval, a checkpoint) does not move its share.
+HISTORY_ROUNDS = 3
+
+
+def steady_step_seconds(history: Sequence[Sequence[float]]) -> list[float]:
+    """Each worker's step time over the last rounds (``history``: one list per round, oldest first): the median
+    of its measured values (0: not measured in any of them). One round off either way cannot move it."""
+    if not history:
+        return []
+    steady = []
+    for worker in range(len(history[-1])):
+        seen = [row[worker] for row in history if len(row) > worker and row[worker] > 0]
+        steady.append(statistics.median(seen) if seen else 0.0)
+    return steady
 
 
 @dataclass

@@ -79,6 +79,8 @@ class DiLoCo(OuterLoopStrategy):
         self.local_steps = [self.sync_every] * comm.world_size
         #: the step times (s) the last plan was made from, by group rank (empty before the first one)
         self.step_seconds: list[float] = []
+        #: the step times each round measured, by group rank, oldest first (the last HISTORY_ROUNDS rounds)
+        self.step_history: list[list[float]] = []
         if not self.params:
             raise ValueError("the model has no trainable parameters")
         self.nesterov = bool(nesterov) and self.outer_momentum > 0
@@ -174,7 +176,8 @@ class DiLoCo(OuterLoopStrategy):
     def _replan(self, step_seconds: list[float]) -> None:
         """The next round's steps per worker from the step times every rank now holds (identical on every rank)."""
         min_steps, tolerance = self.adaptive
-        self.step_seconds = step_seconds
+        self.step_history = [*self.step_history, step_seconds][-adaptive.HISTORY_ROUNDS:]
+        self.step_seconds = step_seconds = adaptive.steady_step_seconds(self.step_history)
         self.local_steps = adaptive.plan_local_steps(step_seconds, self.local_steps, sync_every=self.sync_every,
                                                      min_steps=min_steps, tolerance=tolerance)
         self._step_clock.restart(self._clock())
@@ -182,7 +185,7 @@ class DiLoCo(OuterLoopStrategy):
     def _reset_local_steps(self) -> None:
         """A new group (membership change, lost peer): every worker takes H until the first round is measured."""
         self.local_steps = [self.sync_every] * self.comm.world_size
-        self.step_seconds = []
+        self.step_seconds, self.step_history = [], []
         self._step_clock.restart(None)
 
     @torch.no_grad()
@@ -274,7 +277,8 @@ class DiLoCo(OuterLoopStrategy):
             "steps_since_sync": self.steps_since_sync,
             "outer_steps": self.outer_steps,
             **({} if self.adaptive is None else {"local_steps": list(self.local_steps),
-                                                 "step_seconds": list(self.step_seconds)}),
+                                                 "step_seconds": list(self.step_seconds),
+                                                 "step_history": [list(row) for row in self.step_history]}),
         }
 
     @torch.no_grad()
@@ -300,6 +304,7 @@ class DiLoCo(OuterLoopStrategy):
         saved_steps = [int(h) for h in state.get("local_steps", [])]
         if self.adaptive is not None and len(saved_steps) == self.comm.world_size:  # same workers: keep their plan
             self.local_steps, self.step_seconds = saved_steps, [float(t) for t in state.get("step_seconds", [])]
+            self.step_history = [[float(t) for t in row] for row in state.get("step_history", [])]
         elif self.adaptive is not None:  # another world size (or a checkpoint without a plan): measure again
             self._reset_local_steps()
         self._loaded = True
