@@ -96,8 +96,9 @@ def test_straggler_is_blamed_isolated_and_the_job_resumes_from_checkpoint(stack:
 #: Worker 2 is about 3x slower than the others on every attempt (slower hardware, not a fault): every computed step
 #: sleeps 0.1 s, worker 2's 0.2 s more. Under a fixed H = 10 it reaches each outer step ~2 s after the others.
 SLOW_WORKER = {"stepDelayS": 0.1, "slowStepDelayS": 0.2, "ranks": [2]}
-#: The straggler scenario's thresholds: three late collectives in a row past 0.8 s.
-SLOW_DETECTION = {"warmupCollectives": 8, "consecutive": 3, "minLatenessSeconds": 0.8}
+#: The straggler scenario's thresholds (late collectives past 0.8 s), judged after the first round of 10 steps
+#: (about 11 collectives a round): adaptive steps measure the slow worker in that round and plan from it.
+SLOW_DETECTION = {"warmupCollectives": 20, "consecutive": 3, "minLatenessSeconds": 0.8}
 
 
 def test_a_slow_worker_under_fixed_h_is_blamed_as_a_straggler(stack: LocalStack) -> None:
@@ -120,7 +121,7 @@ def test_a_slow_worker_under_adaptive_steps_is_healthy_and_a_hang_is_still_blame
     name = "slow-adaptive"
     stack.apply(small_job(
         name, replicas=3, steps=60, algorithm__adaptiveSteps={}, checkpoint__everySteps=10,
-        faultInjection={**SLOW_WORKER, "hangBeforeCollective": 60, "onlyFirstAttempt": True},
+        faultInjection={**SLOW_WORKER, "hangBeforeCollective": 40, "onlyFirstAttempt": True},
         faultDetection=SLOW_DETECTION))
     try:
         job = stack.wait_for_phase(name, {"Succeeded", "Failed"}, timeout_s=TIMEOUT_S)
@@ -132,6 +133,6 @@ def test_a_slow_worker_under_adaptive_steps_is_healthy_and_a_hang_is_still_blame
     (fault,) = status["faults"]
     assert fault["kind"] == "hang-noncomm" and fault["ranks"] == [2], fault
     shares = {w["worker"]: w["steps"] for w in status["localSteps"]}
-    assert shares[0] == shares[1] == 10 and 2 <= shares[2] <= 5, status["localSteps"]
+    assert shares[0] == shares[1] == 10 and 2 <= shares[2] < 10, status["localSteps"]
     changed = [e["message"] for e in stack.events(name) if e["reason"] == "LocalStepsChanged"]
     assert any(m.startswith("Worker 2 now takes ") and "of 10 inner steps per round, was 10" in m for m in changed), changed
