@@ -17,19 +17,30 @@ CONTROL_PLANES = ("embedded", "kubernetes")
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 
 
+KINDS = ("TrainingJob", "Population")
+
+
 def _job(path: Path) -> dict:
-    return next(d for d in yaml.safe_load_all(path.read_text()) if d and d["kind"] == "TrainingJob")
+    """The file's TrainingJob, or its Population."""
+    return next(d for d in yaml.safe_load_all(path.read_text()) if d and d["kind"] in KINDS)
+
+
+def _job_spec(path: Path) -> dict:
+    """The TrainingJob spec the file runs (a Population's member template)."""
+    main = _job(path)
+    return main["spec"]["template"] if main["kind"] == "Population" else main["spec"]
 
 
 def _needs_gpu(path: Path) -> bool:
-    resources = _job(path)["spec"].get("template", {}).get("resources", {})
+    resources = _job_spec(path).get("template", {}).get("resources", {})
     return any("nvidia.com/gpu" in (resources.get(kind) or {}) for kind in ("limits", "requests"))
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_every_example_is_accepted_by_a_server_side_dry_run(stack: LocalStack, path: Path) -> None:
-    name = _job(path)["metadata"]["name"]
+    main = _job(path)
+    name = main["metadata"]["name"]
     done = stack.kubectl("apply", "--server-side", "--dry-run=server", "-f", str(path), check=False)
     assert done.returncode == 0, done.stderr
-    assert f"trainingjob.loco.dev/{name} serverside-applied (server dry run)" in done.stdout, done.stdout
+    assert f"{main['kind'].lower()}.loco.dev/{name} serverside-applied (server dry run)" in done.stdout, done.stdout
     assert stack.get_job(name) is None  # a dry run stores nothing

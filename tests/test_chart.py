@@ -203,7 +203,7 @@ def test_lint_is_clean_with_every_toggle(values: dict[str, Any]) -> None:
 def test_crds_validate_against_the_kubernetes_schema() -> None:
     crds = chart_crds()
     assert {c["metadata"]["name"] for c in crds} == {
-        "trainingjobs.loco.dev", "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev",
+        "trainingjobs.loco.dev", "populations.loco.dev", "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev",
     }
     for crd in crds:
         validate_object(crd)
@@ -310,10 +310,11 @@ def test_every_key_in_values_yaml_is_documented() -> None:
 # ------------------------------------------------------------------------------------- CRD
 
 
-def test_chart_crd_is_the_generated_file_not_a_copy() -> None:
-    link = CHART_DIR / "crds" / "trainingjob.yaml"
-    assert link.is_symlink(), "charts/loco-operator/crds/trainingjob.yaml must be a symlink to crds/trainingjob.yaml"
-    assert link.resolve() == CRD_FILE.resolve()
+@pytest.mark.parametrize("name", ["trainingjob.yaml", "population.yaml"])
+def test_chart_crd_is_the_generated_file_not_a_copy(name: str) -> None:
+    link = CHART_DIR / "crds" / name
+    assert link.is_symlink(), f"charts/loco-operator/crds/{name} must be a symlink to crds/{name}"
+    assert link.resolve() == (REPO / "crds" / name).resolve()
 
 
 def test_chart_installs_exactly_the_generated_crd_file() -> None:
@@ -329,6 +330,7 @@ def test_packaged_chart_carries_the_crd(tmp_path: Path) -> None:
     with helm.Chart.load(archive) as packaged:
         crd_texts = {entry["name"]: entry["data"] for entry in packaged.crds}
     assert crd_texts["crds/trainingjob.yaml"] == CRD_FILE.read_text()
+    assert crd_texts["crds/population.yaml"] == (REPO / "crds" / "population.yaml").read_text()
 
 
 # ------------------------------------------------------------------------------- deployment

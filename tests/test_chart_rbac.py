@@ -81,6 +81,7 @@ CLIENT_CALLS: dict[str, Rule] = {
 #: their status), ResourceFlavors and WorkloadPriorityClasses (``*KUEUE_WORKLOADS[:2], ..., KUEUE_WORKLOADS[2]``).
 CUSTOM_RESOURCES: dict[str, tuple[str, str]] = {
     "PLURAL": TRAININGJOBS,
+    "POPULATIONS": ("loco.dev", "populations"),
     "KUEUE_WORKLOADS": ("kueue.x-k8s.io", "workloads"),
     "KUEUE_FLAVORS": ("kueue.x-k8s.io", "resourceflavors"),
     "KUEUE_PRIORITIES": ("kueue.x-k8s.io", "workloadpriorityclasses"),

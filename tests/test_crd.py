@@ -258,10 +258,24 @@ def test_committed_crd_file_matches_the_models():
     assert yaml.safe_load(committed) == build_crd()
 
 
+def test_committed_population_crd_file_matches_the_models():
+    from loco_operator.population import crd as population_crd
+
+    committed = (REPO / population_crd.CRD_PATH).read_text()
+    assert committed == population_crd.render_crd_yaml(), "crds/population.yaml is stale: run `loco crds --write`"
+    crd = yaml.safe_load(committed)
+    assert crd["metadata"]["name"] == "populations.loco.dev" and crd["spec"]["names"]["shortNames"] == ["pop"]
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]
+    # the member template is a TrainingJob spec, the same schema as the TrainingJob's own
+    assert schema["spec"]["properties"]["template"]["properties"] == openapi_schema()["properties"]["spec"]["properties"]
+    assert schema["spec"]["x-kubernetes-validations"][0]["rule"] == "self == oldSelf"
+
+
 def test_loco_crds_prints_and_writes(tmp_path):
     runner = CliRunner()
     printed = runner.invoke(crds, [])
-    assert printed.exit_code == 0 and yaml.safe_load(printed.output)["kind"] == "CustomResourceDefinition"
+    assert printed.exit_code == 0
+    assert [d["spec"]["names"]["kind"] for d in yaml.safe_load_all(printed.output)] == ["TrainingJob", "Population"]
     target = tmp_path / "crd.yaml"
     written = runner.invoke(crds, ["--write", "-o", str(target)])
     assert written.exit_code == 0 and "wrote" in written.output

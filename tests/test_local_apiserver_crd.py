@@ -271,6 +271,7 @@ async def test_crd_whose_rule_fails_on_a_default_value_is_rejected_as_kube_apise
 
 
 TRAININGJOB_CRD = REPO / "crds" / "trainingjob.yaml"
+POPULATION_CRD = REPO / "crds" / "population.yaml"
 QUICKSTART = REPO / "examples" / "quickstart.yaml"
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 
@@ -301,13 +302,41 @@ async def test_real_trainingjob_crd_accepts_the_example_and_rejects_a_bad_job(ca
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
 async def test_every_example_trainingjob_is_accepted_by_the_real_crd(call, path):
     """What `kubectl apply -f examples/<file>` sends: the CRD's schema and CEL rules accept it."""
-    status, body = await call("POST", CRDS, yaml.safe_load(TRAININGJOB_CRD.read_text()))
-    assert status == 201, body
-    jobs = [d for d in yaml.safe_load_all(path.read_text()) if d and d["kind"] == "TrainingJob"]
-    assert jobs, f"{path.name} holds no TrainingJob"
-    for job in jobs:
-        status, created = await call("POST", "/apis/loco.dev/v1alpha1/namespaces/default/trainingjobs", job)
+    for crd in (TRAININGJOB_CRD, POPULATION_CRD):
+        status, body = await call("POST", CRDS, yaml.safe_load(crd.read_text()))
+        assert status == 201, body
+    plurals = {"TrainingJob": "trainingjobs", "Population": "populations"}
+    objects = [d for d in yaml.safe_load_all(path.read_text()) if d and d["kind"] in plurals]
+    assert objects, f"{path.name} holds no TrainingJob or Population"
+    for obj in objects:
+        status, created = await call("POST", f"/apis/loco.dev/v1alpha1/namespaces/default/{plurals[obj['kind']]}", obj)
         assert status == 201, created
+
+
+async def test_the_population_crd_refuses_a_bad_template_and_any_change_to_the_spec(call):
+    for crd in (TRAININGJOB_CRD, POPULATION_CRD):
+        status, body = await call("POST", CRDS, yaml.safe_load(crd.read_text()))
+        assert status == 201, body
+    pops = "/apis/loco.dev/v1alpha1/namespaces/default/populations"
+    example = next(d for d in yaml.safe_load_all((REPO / "examples" / "population-local.yaml").read_text())
+                   if d and d["kind"] == "Population")
+    bad = copy.deepcopy(example)
+    bad["metadata"]["name"] = "bad"
+    bad["spec"]["template"]["nprocPerWorker"] = 2  # the TrainingJob's CEL rule, inside the template
+    bad["spec"]["template"]["algorithm"]["name"] = "co2"
+    status, body = await call("POST", pops, bad)
+    assert status == 422 and "spec.template.nprocPerWorker" in [c["field"] for c in body["details"]["causes"]], body
+    bad = copy.deepcopy(example)
+    bad["metadata"]["name"] = "bad"
+    bad["spec"]["size"] = 1
+    status, body = await call("POST", pops, bad)
+    assert status == 422 and "spec.size" in [c["field"] for c in body["details"]["causes"]], body
+    status, created = await call("POST", pops, example)
+    assert status == 201, created
+    changed = {"spec": {"size": 6}}
+    status, body = await call("PATCH", f"{pops}/{example['metadata']['name']}", changed,
+                              content_type="application/merge-patch+json")
+    assert status == 422 and "spec is immutable" in body["message"], body
 
 
 

@@ -23,11 +23,22 @@ def errors_of(spec, name: str = "job") -> dict[str, FieldError]:
 EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.yaml"))
 
 
+def example_jobs(docs: list[dict]) -> list[dict]:
+    """The TrainingJobs a file makes: its own, and a Population's first-round members, as the operator renders them."""
+    from loco_operator.population.reconcile import plan_population, spec_errors
+
+    jobs = [d for d in docs if d["kind"] == "TrainingJob"]
+    for population in (d for d in docs if d["kind"] == "Population"):
+        assert spec_errors(population) == []
+        jobs += plan_population(population, []).create
+    return jobs
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_every_shipped_example_is_valid_and_mounts_only_claims_it_defines(path):
     docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
-    jobs = [d for d in docs if d["kind"] == "TrainingJob"]
-    assert jobs, f"{path.name} holds no TrainingJob"
+    jobs = example_jobs(docs)
+    assert jobs, f"{path.name} holds no TrainingJob or Population"
     defined = {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"}
     for job in jobs:
         assert validate_job(job) == [], path.name
@@ -51,8 +62,7 @@ def test_every_shipped_example_is_valid_and_mounts_only_claims_it_defines(path):
 def test_the_examples_cover_every_mode():
     """An example for every algorithm, and CPU ones for elastic, sharded (FSDP) and plain DDP training (each CPU
     example runs to Succeeded in e2e/test_examples_run.py, every one is dry-run in e2e/test_examples.py)."""
-    jobs = {p.name: [d for d in yaml.safe_load_all(p.read_text()) if d and d["kind"] == "TrainingJob"][0]["spec"]
-            for p in EXAMPLES}
+    jobs = {p.name: example_jobs([d for d in yaml.safe_load_all(p.read_text()) if d])[0]["spec"] for p in EXAMPLES}
     assert {"ddp", "diloco", "streaming-diloco", "noloco", "co2"} <= {j["algorithm"]["name"] for j in jobs.values()}
     cpu = [j for j in jobs.values() if "nvidia.com/gpu" not in (j["template"].get("resources") or {}).get("limits", {})]
     assert any(j.get("elastic") for j in cpu), "no local elastic example"

@@ -25,6 +25,16 @@ def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor():
     assert all(a >= b for a, b in zip(values, values[1:]))
 
 
+def test_a_part_of_a_longer_run_continues_the_runs_schedule():
+    """scheduleSteps: a job ending at step 40 of a 110-step run (a Population round) decays like the whole run."""
+    whole = TrainingSpec(steps=110, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
+    part = TrainingSpec(steps=40, schedule_steps=110, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
+    alone = TrainingSpec(steps=40, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
+    assert [lr_at(s, part) for s in range(40)] == [lr_at(s, whole) for s in range(40)]
+    assert lr_at(39, alone) == pytest.approx(0.1, abs=1e-2)  # without it the part decays to the floor
+    assert lr_at(39, part) > 0.7
+
+
 def test_lr_without_warmup_starts_at_peak():
     assert lr_at(0, TrainingSpec(steps=10, warmup_steps=0, lr=0.5)) == pytest.approx(0.5)
 

@@ -146,6 +146,14 @@ class TrainingSpec(Model):
     seq_len: int = Field(128, ge=2, description="Tokens per sequence; must be <= model.gpt.blockSize.")
     lr: float = Field(3e-3, gt=0.0, le=10.0, description="Peak learning rate of the inner AdamW optimizer (at the start world size; see lrScaling).")
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Final lr of the cosine schedule as a fraction of lr.")
+    schedule_steps: int | None = Field(
+        None, ge=1, le=1_000_000_000,
+        description=(
+            "Length of the cosine lr schedule in inner steps (default: steps). A job that trains one part of a longer"
+            " run (a Population's round, started through checkpoint.initFrom) sets the whole run's length here, so"
+            " that its lr continues the run's schedule instead of decaying within the part."
+        ),
+    )
     warmup_steps: int = Field(20, ge=0, description="Linear lr warm-up steps.")
     weight_decay: float = Field(0.1, ge=0.0, description="AdamW weight decay.")
     beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW beta1.")

@@ -88,7 +88,8 @@ def _default(node: dict[str, Any]) -> str:
     return f"`{json.dumps(node['default'])}`"
 
 
-def _sections(node: dict[str, Any], path: str, out: list[str]) -> None:
+def _sections(node: dict[str, Any], path: str, out: list[str], shallow: frozenset[str] = frozenset()) -> None:
+    """One table per object, then one per nested object (except the fields named in ``shallow``)."""
     props = node.get("properties") or {}
     if not props:
         return
@@ -104,7 +105,9 @@ def _sections(node: dict[str, Any], path: str, out: list[str]) -> None:
             desc = prop.get("description", "").replace("|", "\\|")
             out.append(f"| `{name}` | {_core_link(core[name])} (Kubernetes core/v1) | | | {desc} |")
             continue
-        if prop.get("properties"):
+        if name in shallow:
+            pass
+        elif prop.get("properties"):
             nested.append((name, prop))
         elif prop.get("type") == "array" and (prop.get("items") or {}).get("properties"):
             nested.append((name + "[]", prop["items"]))
@@ -141,7 +144,35 @@ def render_api_markdown() -> str:
         "(`kubectl scale trainingjob/NAME --replicas=N`); a change of replicas starts a new membership "
         "epoch without counting as a restart.\n"
     )
+    out += _population_section()
     return "\n".join(out)
+
+
+def _population_section() -> list[str]:
+    from .population import crd as population_crd
+    from .population.spec import KIND as POPULATION_KIND
+
+    version = population_crd.build_crd()["spec"]["versions"][0]
+    schema = version["schema"]["openAPIV3Schema"]
+    out = [f"\n# Population API reference (`{API_VERSION}`)\n",
+           f"A `{POPULATION_KIND}` (short name `pop`) trains `spec.size` TrainingJobs side by side and, every "
+           "`exploitEverySteps` inner steps, has the bottom members start over from a top member's checkpoint with "
+           "perturbed hyper-parameters (population-based training; docs/population.md). Its spec is fixed once "
+           "created. `spec.template` is a TrainingJob `spec` (above), with the same checks.\n",
+           "```yaml", f"apiVersion: {API_VERSION}", f"kind: {POPULATION_KIND}", "metadata:", "  name: pbt", "spec:",
+           "  size: 4", "  exploitEverySteps: 100", "  search:",
+           "  - {field: training.lr, min: 0.0003, max: 0.01}",
+           "  - {field: algorithm.outerLr, min: 0.3, max: 1.0, scale: linear}",
+           "  template:", "    replicas: 2", "    algorithm: {name: diloco, syncEvery: 20}",
+           "    training: {steps: 400, evalEvery: 100}", "```"]
+    _sections(schema["properties"]["spec"], "spec", out, shallow=frozenset({"template"}))
+    _sections(schema["properties"]["status"], "status", out)
+    out.append("\n## `kubectl get populations` columns\n")
+    out.append("| Column | JSONPath | Shown |")
+    out.append("|---|---|---|")
+    for col in version["additionalPrinterColumns"]:
+        out.append(f"| {col['name']} | `{col['jsonPath']}` | {'-o wide' if col.get('priority') else 'always'} |")
+    return out
 
 
 def _scheduling_section() -> list[str]:

@@ -3,7 +3,7 @@
 ``loco operator run`` embeds Kopf (``kopf.operator``) with the handlers of
 :mod:`loco_operator.handlers`: standalone by default (one operator per cluster, no peering),
 watching one namespace, several, or all; Prometheus metrics on ``--metrics-port``; an optional
-liveness endpoint. ``loco crds`` prints the generated CRD; ``--write`` writes crds/trainingjob.yaml.
+liveness endpoint. ``loco crds`` prints the generated CRDs; ``--write`` writes crds/trainingjob.yaml and crds/population.yaml.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 import click
 
 from .apidoc import API_DOC_PATH, write_api_doc
-from .crd import CRD_PATH, render_crd_yaml, write_crd
+from .crd import CRD_PATH, render_crd_yaml, write_crd, write_if_changed
 from .planner import NODE_LOST_GRACE_S
 
 
@@ -227,7 +227,10 @@ def _quiet_routine_success(record: logging.LogRecord) -> bool:
               help="First rewrite operator/loco_operator/schemas/core-v1.json from the Kubernetes module local/kube pins "
                    "(needs Go; run after bumping Kubernetes).")
 def crds(write: bool, output: Path | None, docs_path: str | None, refresh_core_types: bool) -> None:
-    """Print (or write) the TrainingJob CRD generated from the API models."""
+    """Print (or write) the CRDs generated from the API models: TrainingJob and Population (-o: the TrainingJob
+    CRD only, to that file)."""
+    from .population import crd as population_crd
+
     if refresh_core_types:
         from . import kubetypes
 
@@ -239,11 +242,15 @@ def crds(write: bool, output: Path | None, docs_path: str | None, refresh_core_t
         click.echo(f"{'wrote' if write_api_doc(doc) else 'unchanged'} {doc}")
     if not write:
         if docs_path is None:
-            click.echo(render_crd_yaml(), nl=False)
+            click.echo(render_crd_yaml() + "---\n" + population_crd.render_crd_yaml(), nl=False)
         return
     path = output or _repo_root() / CRD_PATH
     changed = write_crd(path)
     click.echo(f"{'wrote' if changed else 'unchanged'} {path}")
+    if output is None:
+        path = _repo_root() / population_crd.CRD_PATH
+        changed = write_if_changed(path, population_crd.render_crd_yaml())
+        click.echo(f"{'wrote' if changed else 'unchanged'} {path}")
 
 
 def _repo_root() -> Path:

@@ -38,6 +38,7 @@ API_OPERATIONS = (
     "create_pod", "patch_configmap", "patch_pod", "patch_node",
     "delete_pod", "force_delete_pod", "delete_job", "patch_status", "get_workload", "create_workload",
     "delete_workload", "patch_workload_status", "get_resourceflavor", "get_workloadpriorityclass",
+    "get_population", "list_jobs", "patch_population_status", "create_job",
 )
 
 #: ``(from, to)`` of ``loco_operator_job_transitions_total`` that a job can make: from a new job (``""``) or
@@ -160,6 +161,18 @@ class OperatorMetrics:
             "Inner steps per round a worker takes under spec.algorithm.adaptiveSteps (syncEvery for the fastest; fewer "
             "for a slower worker), by replica index.", ["namespace", "job", "worker"], registry=r,
         )
+        self.population_score = Gauge(
+            "loco_operator_population_score", "A Population's best and median member score (its spec.metric, lower is "
+            "better) at the end of its last finished round.", ["namespace", "population", "stat"], registry=r,
+        )
+        self.population_round = Gauge(
+            "loco_operator_population_round", "The round a Population's members train now (from 0).",
+            ["namespace", "population"], registry=r,
+        )
+        self.population_exploits = Gauge(
+            "loco_operator_population_exploits", "Exploits a Population has made so far (bottom members that took a top "
+            "member's checkpoint).", ["namespace", "population"], registry=r,
+        )
         #: per job: the worker indices with a local-steps series, so a worker that left loses its series
         self._local_steps_workers: dict[str, set[str]] = {}
         for phase in Phase:
@@ -275,6 +288,22 @@ class OperatorMetrics:
     def record_fault(self, namespace: str, job: str, kind: str) -> None:
         """Count one fault of ``kind`` in ``namespace/job`` (worker failures, detector verdicts)."""
         self.faults.labels(namespace=namespace, job=job, kind=kind).inc()
+
+    def observe_population(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+        """A Population's gauges from its status (a score appears once its first round has finished)."""
+        self.population_round.labels(namespace, name).set(status.get("round") or 0)
+        self.population_exploits.labels(namespace, name).set(len(status.get("lineage") or []))
+        best, median = (status.get("best") or {}).get("score"), status.get("medianScore")
+        for stat, value in (("best", best), ("median", median)):
+            if isinstance(value, (int, float)):
+                self.population_score.labels(namespace, name, stat).set(value)
+
+    def forget_population(self, namespace: str, name: str) -> None:
+        for gauge, label_sets in ((self.population_score, [(namespace, name, "best"), (namespace, name, "median")]),
+                                  (self.population_round, [(namespace, name)]),
+                                  (self.population_exploits, [(namespace, name)])):
+            for values in label_sets:
+                _remove(gauge, *values)
 
     def forget_job(self, key: str) -> None:
         """The job is gone: drop it from the phase gauge and remove its per-job gauges (its counters

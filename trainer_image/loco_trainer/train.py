@@ -66,15 +66,16 @@ def lr_at(step: int, training: TrainingSpec, peak_lr: float | None = None) -> fl
     """Learning rate of 0-based inner step ``step``, with lr = ``peak_lr`` (default ``training.lr``;
     the loop passes :func:`effective_lr`):
     1) linear warm-up from lr/warmup to lr over ``warmupSteps``;
-    2) cosine decay from lr to lr*minLrRatio until ``steps``;
+    2) cosine decay from lr to lr*minLrRatio until ``scheduleSteps`` (default ``steps``);
     3) lr*minLrRatio afterwards."""
     peak = training.lr if peak_lr is None else peak_lr
     floor = peak * training.min_lr_ratio
+    horizon = training.schedule_steps or training.steps
     if step < training.warmup_steps:
         return peak * (step + 1) / training.warmup_steps
-    if step >= training.steps:
+    if step >= horizon:
         return floor
-    span = max(1, training.steps - training.warmup_steps)
+    span = max(1, horizon - training.warmup_steps)
     progress = (step - training.warmup_steps) / span
     return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (peak - floor)
 

@@ -125,7 +125,10 @@ def member_job(population: dict[str, Any], spec: PopulationSpec, member: MemberS
     integer_fields = {f.value for f in INTEGER_FIELDS}
     for field, value in member.hyperparameters.items():
         _set(body, field, value, field in integer_fields)
-    body.setdefault("training", {})["steps"] = round_end_step(spec, round_)
+    training = body.setdefault("training", {})
+    training["steps"] = round_end_step(spec, round_)
+    # every round continues the whole run's lr schedule (training.scheduleSteps), not one of its own
+    training.setdefault("scheduleSteps", spec.template.training.steps)
     checkpoint = body.setdefault("checkpoint", {})
     if member.parent is not None and round_ > 0:
         checkpoint["initFrom"] = {"jobName": member.parent, "step": round_end_step(spec, round_ - 1)}

@@ -102,6 +102,12 @@ class PopulationSpec(Model):
         return -(-self.template.training.steps // self.exploit_every_steps)
 
 
+class Phase(str, Enum):
+    running = "Running"
+    succeeded = "Succeeded"
+    failed = "Failed"
+
+
 class MemberStatus(Model):
     """One member: its current TrainingJob, hyper-parameters, score and lineage."""
 
@@ -112,19 +118,43 @@ class MemberStatus(Model):
     score: float | None = Field(None, description="Its metric at the end of the last finished round.")
     parent: str | None = Field(None, description="The TrainingJob whose checkpoint its current job started from "
                                "(its own previous job, or a top member's after an exploit).")
+    phase: str | None = Field(None, description="Its current job's phase, as last observed.")
 
 
 class BestMember(Model):
-    index: int
-    job: str
-    score: float
+    index: int = Field(description="The best member's number.")
+    job: str = Field(description="Its TrainingJob of the finished round (its checkpoint holds the best weights).")
+    score: float = Field(description="Its metric.")
+    round: int = Field(0, description="The round it was best at the end of.")
+
+
+class ExploitRecord(Model):
+    """One exploit: a bottom member took a top member's checkpoint and a perturbation of its hyper-parameters."""
+
+    round: int = Field(description="The round at whose end it happened.")
+    member: int = Field(description="The member that copied.")
+    score: float = Field(description="Its score before.")
+    parent: int = Field(description="The member it copied.")
+    parent_job: str = Field(description="The job whose checkpoint it took.")
+    parent_score: float = Field(description="That member's score.")
+    step: int = Field(description="The checkpoint's step.")
+    hyperparameters: dict[str, float] = Field(default_factory=dict, description="Its new values.")
+
+
+#: ``status.lineage`` keeps the newest this many exploits (the events have them all).
+MAX_LINEAGE = 200
 
 
 class PopulationStatus(Model):
     """Observed state, kept in the object so a restarted operator resumes the round."""
 
     round: int = Field(0, description="The round the members train now, from 0.")
+    rounds: int | None = Field(None, description="Rounds in the whole run.")
     members: list[MemberStatus] = Field(default_factory=list, description="Each member, by index.")
     best: BestMember | None = Field(None, description="The best member at the end of the last finished round.")
-    phase: str | None = Field(None, description="Running | Succeeded | Failed.")
+    median_score: float | None = Field(None, description="The members' median score at the end of the last finished "
+                                       "round.")
+    lineage: list[ExploitRecord] = Field(default_factory=list, description=f"Every exploit so far, oldest first (the "
+                                         f"newest {MAX_LINEAGE}).")
+    phase: Phase | None = Field(None, description="Running | Succeeded | Failed.")
     message: str | None = Field(None, description="One line on where the population stands.")
