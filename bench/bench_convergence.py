@@ -40,7 +40,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -590,14 +589,11 @@ def num_params(config: dict[str, Any]) -> int:
 
 def run_one(config: dict[str, Any], workdir: Path, name: str) -> dict[str, Any]:
     """Run the trainer on ``config`` with 4 local ranks; return the parsed history."""
+    from benchdoc import run_trainer  # bench/ is on sys.path when run as a script
+
     cfg_path, history = workdir / f"{name}.json", workdir / f"{name}.jsonl"
     cfg_path.write_text(json.dumps(config))
-    history.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "loco_trainer", "--config", str(cfg_path), "--nproc", str(WORLD),
-           "--history", str(history), "--status-port", "-1"]
-    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if result.returncode != 0:
-        raise RuntimeError(f"trainer failed ({result.returncode}) for {name}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    run_trainer(cfg_path, history, nproc=WORLD, what=name)
     return parse_history(history.read_text().splitlines())
 
 

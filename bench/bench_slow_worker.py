@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +42,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_convergence import BASE_CONFIG, parse_history, warmup_for  # noqa: E402
-from benchdoc import cpu_model, markers, write_section  # noqa: E402
+from benchdoc import cpu_model, markers, run_trainer, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "bench_slow_worker.json"
@@ -227,11 +226,7 @@ def run_one(mode: str, steps: int, seed: int, workdir: Path) -> dict[str, Any]:
     config, world = build_config(mode, steps, seed, str(workdir / f"ckpt-{mode}-{seed}"))
     cfg_path, history = workdir / f"{mode}-{seed}.json", workdir / f"{mode}-{seed}.jsonl"
     cfg_path.write_text(json.dumps(config))
-    cmd = [sys.executable, "-m", "loco_trainer", "--config", str(cfg_path), "--nproc", str(world),
-           "--history", str(history), "--status-port", "-1"]
-    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if result.returncode != 0:
-        raise RuntimeError(f"trainer failed ({result.returncode}) for {mode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    run_trainer(cfg_path, history, nproc=world, what=mode)
     return with_wall(history.read_text().splitlines())
 
 

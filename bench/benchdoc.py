@@ -56,3 +56,21 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def run_trainer(config: Path, history: Path, *, nproc: int, env: dict[str, str] | None = None,
+                what: str = "") -> None:
+    """Run the trainer's real code path (``python -m loco_trainer --config FILE --nproc N --history FILE``, one thread
+    per process); RuntimeError with the output's tail when it fails."""
+    import os
+    import subprocess
+    import sys
+
+    history.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "loco_trainer", "--config", str(config), "--nproc", str(nproc),
+           "--history", str(history), "--status-port", "-1"]
+    result = subprocess.run(cmd, capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    if result.returncode != 0:
+        raise RuntimeError(f"trainer failed ({result.returncode}) for {what or config.stem}:\n"
+                           f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")

@@ -248,7 +248,7 @@ def training_jobs_dashboard() -> DashboardSpec:
 
 
 def operator_dashboard() -> DashboardSpec:
-    """"Loco / Operator": reconcile latency and rate, API errors, jobs by phase, transitions, restarts."""
+    """"Loco / Operator": reconcile latency and rate, API errors, jobs by phase, transitions, restarts, populations."""
     rate = "$__rate_interval"
     builder = (
         dash.Dashboard("Loco / Operator").uid("loco-operator")
@@ -286,6 +286,18 @@ def operator_dashboard() -> DashboardSpec:
                                [(f"max by (namespace, job, state) (loco_operator_job_workers{{{SEL}}})", "{{namespace}}/{{job}} {{state}}")]))
         .with_panel(timeseries("Trainer ranks reporting", "Worker ranks of the selected jobs whose /metrics Prometheus scrapes.", "none",
                                [(f"count by (namespace, job) (loco_trainer_step{{{SEL}}})", "{{namespace}}/{{job}}")]))
+        .with_row(dash.Row("Populations"))
+        .with_panel(timeseries("Population score: best and median", "Each Population's best and median member score "
+                               "(its spec.metric, lower is better) at the end of its last finished round.", "none",
+                               [('min by (namespace, population, stat) (loco_operator_population_score{namespace=~"$namespace"})',
+                                 "{{namespace}}/{{population}} {{stat}}")]))
+        .with_panel(timeseries("Population rounds and exploits", "The round each Population trains now (from 0), and "
+                               "the exploits it has made so far (bottom members that took a top member's checkpoint).",
+                               "none",
+                               [('max by (namespace, population) (loco_operator_population_round{namespace=~"$namespace"})',
+                                 "{{namespace}}/{{population}} round"),
+                                ('max by (namespace, population) (loco_operator_population_exploits{namespace=~"$namespace"})',
+                                 "{{namespace}}/{{population}} exploits")]))
         .with_row(dash.Row("Reconcile"))
         .with_panel(timeseries("Reconcile latency", "Duration of one reconcile (observe, plan, apply).", "s",
                                [(f"histogram_quantile(0.5, sum by (le) (rate(loco_operator_reconcile_duration_seconds_bucket[{rate}])))", "p50"),

@@ -218,6 +218,12 @@ def test_operator_endpoint_exports_every_documented_metric_and_passes_promtool()
         metrics.observe_reconcile(_job(None), last, {**last, "localSteps": plan})
         metrics.observe_reconcile(_job(None), last, {**last, "localSteps": plan[1:]})
         metrics.api_errors.labels(operation="create_pod").inc()
+        # a Population after its first round (scores), and one just created (none yet), then one deleted
+        metrics.observe_population("ns", "pbt", {"round": 1, "best": {"score": 2.5}, "medianScore": 2.75,
+                                                 "lineage": [{"member": 3}]})
+        metrics.observe_population("ns", "fresh", {"round": 0})
+        metrics.observe_population("ns", "gone", {"round": 2, "best": {"score": 1.0}, "medianScore": 1.5})
+        metrics.forget_population("ns", "gone")
         text = scrape(f"http://127.0.0.1:{port}/metrics")
     finally:
         metrics.close()
@@ -244,6 +250,14 @@ def test_operator_endpoint_exports_every_documented_metric_and_passes_promtool()
         2026, 3, 1, 12, 0, 30, tzinfo=timezone.utc).timestamp()
     assert values[("loco_operator_jobs", (("phase", "Restarting"),))] == 1
     assert values[("loco_operator_reconciles_in_flight", ())] == 0
+    pbt = (("namespace", "ns"), ("population", "pbt"))
+    assert values[("loco_operator_population_score", pbt + (("stat", "best"),))] == 2.5
+    assert values[("loco_operator_population_score", pbt + (("stat", "median"),))] == 2.75
+    assert values[("loco_operator_population_round", pbt)] == 1
+    assert values[("loco_operator_population_exploits", pbt)] == 1
+    assert values[("loco_operator_population_round", (("namespace", "ns"), ("population", "fresh")))] == 0
+    assert not [k for k in values if k[0].startswith("loco_operator_population") and ("population", "gone") in k[1]]
+    assert not [k for k in values if k[0] == "loco_operator_population_score" and ("population", "fresh") in k[1]]
     local = {dict(labels)["worker"]: v for (name, labels), v in values.items() if name == "loco_operator_job_worker_local_steps"}
     assert local == {"1": 50, "2": 25}  # worker 0's series went with it
     # the job checkpoints every 50 steps (the default): its start is exported, for the checkpoint-age alert
