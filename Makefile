@@ -15,7 +15,7 @@ INSTALL_MIN_FREE_GB := 8
 help:
 	@echo "make demo   - create .venv, install, run a real TrainingJob on the embedded local cluster"
 	@echo "make test   - create .venv, install, run the whole suite (unit, multi-process, e2e)"
-	@echo "make crds   - regenerate crds/trainingjob.yaml from the pydantic models"
+	@echo "make crds   - regenerate crds/trainingjob.yaml, crds/population.yaml and docs/api.md from the pydantic models"
 	@echo "make kube   - build the real Kubernetes control plane (Go) into ~/.cache/loco/kube"
 	@echo "make demo-fault - the demo with a straggler injected: blamed, isolated, resumed"
 	@echo "make bench  - the trainer CPU benchmark (others: bench/*.py, see docs/benchmarks.md)"
