@@ -124,6 +124,7 @@ def render(results: dict[str, Any]) -> str:
                 "Split-run gap: the largest difference, over the members that were never exploited, between a "
                 "member's final loss and the same configuration's loss trained in one job (the cost of ending a job "
                 "at each round and starting the next from its checkpoint)."]
+    out += [""] + [f"- {note}" for note in results.get("notes", [])] if results.get("notes") else []
     return "\n".join(out)
 
 

@@ -1,5 +1,5 @@
 """Population-based training on both control planes (issue 26 #2): examples/population-local.yaml, 4 members over
-3 rounds, applied from the file as a user would. The members exploit and explore through checkpoint.initFrom, the
+4 rounds (3 exploit steps), applied from the file as a user would. The members exploit and explore through checkpoint.initFrom, the
 lineage in the status matches the member jobs the operator made, an operator killed mid-round resumes it without
 duplicating a member, and deleting the Population deletes its members."""
 
@@ -44,13 +44,13 @@ def _debug(stack: LocalStack) -> str:
 def test_a_population_exploits_and_explores(stack: LocalStack) -> None:
     stack.apply_file(EXAMPLE)
 
-    # round 2 has started: kill the operator while its members train (or are still being created)
+    # round 3 has started: kill the operator while its members train (or are still being created)
     try:
-        stack.wait_for(lambda: ((_population(stack) or {}).get("status") or {}).get("round", 0) >= 1,
-                       timeout_s=TIMEOUT_S, what="round 2 to start")
+        stack.wait_for(lambda: ((_population(stack) or {}).get("status") or {}).get("round", 0) >= 2,
+                       timeout_s=TIMEOUT_S, what="round 3 to start")
     except TimeoutError:
         raise AssertionError(_debug(stack)) from None
-    before = {n: j["metadata"]["uid"] for n, j in _members(stack).items() if n.endswith("-g1")}
+    before = {n: j["metadata"]["uid"] for n, j in _members(stack).items() if n.endswith("-g2")}
     stack.restart_operator(kill=True)
 
     def done() -> dict[str, Any] | None:
@@ -63,20 +63,21 @@ def test_a_population_exploits_and_explores(stack: LocalStack) -> None:
         raise AssertionError(_debug(stack)) from None
     status = pop["status"]
     assert status["phase"] == "Succeeded", _debug(stack)
-    assert status["round"] == 2 and status["rounds"] == 3, status
+    assert status["round"] == 3 and status["rounds"] == 4, status
 
-    # no member was made twice: the round-2 jobs seen before the kill are the same objects, every round has 4
+    # no member was made twice: the round-3 jobs seen before the kill are the same objects
     members = _members(stack)
     assert {n: members[n]["metadata"]["uid"] for n in before} == before
-    assert sorted(members) == [f"{NAME}-m{i}-g{r}" for i in range(4) for r in (1, 2)], sorted(members)  # round 1 deleted
+    # the last two rounds' jobs: the older ones were deleted
+    assert sorted(members) == sorted(f"{NAME}-m{i}-g{r}" for i in range(4) for r in (2, 3)), sorted(members)
     events = stack.events(NAME)
     assert sum(e["reason"] == "MembersCreated" for e in events) == 1, events
 
     # the lineage: one exploit per round (the worst quarter of 4), each one a member job started from its parent's
     # checkpoint at the round's end, with the recorded hyper-parameters
     lineage = status["lineage"]
-    assert [r["round"] for r in lineage] == [0, 1], lineage
-    for record in lineage:
+    assert [r["round"] for r in lineage] == [0, 1, 2], lineage
+    for record in lineage[1:]:  # round 1's jobs are gone
         job = members[f"{NAME}-m{record['member']}-g{record['round'] + 1}"]
         assert job["spec"]["checkpoint"]["initFrom"] == {"jobName": record["parentJob"], "step": record["step"]}
         assert record["step"] == 20 * (record["round"] + 1) and record["parent"] != record["member"]
@@ -85,11 +86,11 @@ def test_a_population_exploits_and_explores(stack: LocalStack) -> None:
         assert job["spec"]["training"]["lr"] == record["hyperparameters"]["training.lr"]
         assert job["spec"]["algorithm"]["outerLr"] == record["hyperparameters"]["algorithm.outerLr"]
     exploited = [e["message"] for e in events if e["reason"] == "Exploited"]
-    assert len(exploited) >= 2 and all("checkpoint at step" in m for m in exploited), exploited
-    # every member of the last round trained on from step 40 to 60 and was scored
+    assert len(exploited) >= 3 and all("checkpoint at step" in m for m in exploited), exploited
+    # every member of the last round trained on from step 60 to 80 and was scored
     for m in status["members"]:
         job = members[m["job"]]
-        assert job["status"]["phase"] == "Succeeded" and job["status"]["step"] == 60, job["status"]
+        assert job["status"]["phase"] == "Succeeded" and job["status"]["step"] == 80, job["status"]
         assert m["score"] == job["status"]["evalLoss"]
     assert status["best"]["score"] == min(m["score"] for m in status["members"]) <= status["medianScore"]
 
