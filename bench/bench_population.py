@@ -23,6 +23,8 @@ import argparse
 import json
 import os
 import platform
+import random
+import socket
 import statistics
 import sys
 import tempfile
@@ -131,13 +133,28 @@ def render(results: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------- runs
 
 
+def master_port() -> int:
+    """A free port below the ephemeral range for one trainer: two trainers run side by side, and the launcher's own
+    choice (an ephemeral port, released before gloo listens on it) can be taken by the other's connections."""
+    for _ in range(200):
+        port = random.randrange(20000, 31000)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-31000")
+
+
 def run_member(job: dict[str, Any], workdir: Path) -> float:
     """Run one member job with the trainer; its final eval loss."""
     config, init_from = trainer_run(job)
     name = job["metadata"]["name"]
     cfg, history = workdir / f"{name}.json", workdir / f"{name}.jsonl"
     cfg.write_text(json.dumps(config))
-    run_trainer(cfg, history, nproc=1, env={"LOCO_INIT_FROM": init_from} if init_from else None, what=name)
+    env = {"MASTER_PORT": str(master_port()), **({"LOCO_INIT_FROM": init_from} if init_from else {})}
+    run_trainer(cfg, history, nproc=1, env=env, what=name)
     return parse_history(history.read_text().splitlines())["final_eval"]
 
 
