@@ -331,6 +331,18 @@ async def test_the_population_crd_refuses_a_bad_template_and_any_change_to_the_s
     bad["spec"]["size"] = 1
     status, body = await call("POST", pops, bad)
     assert status == 422 and "spec.size" in [c["field"] for c in body["details"]["causes"]], body
+    for field, value in (("checkpoint", {"initFrom": {"jobName": "pretrained"}}),
+                         ("runPolicy", {"ttlSecondsAfterFinished": 60})):
+        bad = copy.deepcopy(example)
+        bad["metadata"]["name"] = "bad"
+        bad["spec"]["template"][field] = {**bad["spec"]["template"].get(field, {}), **value}
+        status, body = await call("POST", pops, bad)
+        assert status == 422 and f"spec.template.{field}.{next(iter(value))}" in \
+            [c["field"] for c in body["details"]["causes"]], body
+    bad = copy.deepcopy(example)
+    bad["metadata"]["name"] = "p" * 42
+    status, body = await call("POST", pops, bad)
+    assert status == 422 and "at most 41 characters" in body["message"], body
     status, created = await call("POST", pops, example)
     assert status == 201, created
     changed = {"spec": {"size": 6}}

@@ -147,6 +147,8 @@ def test_ranking_by_training_loss_uses_it() -> None:
     ({"template": {**TEMPLATE, "training": {"steps": 0}}}, "spec.template.training.steps"),
     ({"template": {**TEMPLATE, "replicas": "two"}}, "spec.template.replicas"),
     ({"size": 1}, "spec.size"),
+    ({"template": {**TEMPLATE, "checkpoint": {"initFrom": {"jobName": "pretrained"}}}}, "spec"),
+    ({"template": {**TEMPLATE, "runPolicy": {"ttlSecondsAfterFinished": 60}}}, "spec"),
 ])
 def test_bad_specs_fail_with_the_field_named(spec: dict, field: str) -> None:
     body = population(**spec)
@@ -155,6 +157,11 @@ def test_bad_specs_fail_with_the_field_named(spec: dict, field: str) -> None:
     plan = plan_population(body, [])
     assert plan.status["phase"] == "Failed" and field in plan.status["message"] and plan.create == []
     assert plan.events[0][1] == "InvalidSpec"
+    template = spec.get("template", {})
+    if "initFrom" in template.get("checkpoint", {}):
+        assert "template.checkpoint.initFrom: a Population starts its members itself" in plan.status["message"]
+    if "ttlSecondsAfterFinished" in template.get("runPolicy", {}):
+        assert "template.runPolicy.ttlSecondsAfterFinished" in plan.status["message"]
 
 
 def test_a_name_too_long_for_member_jobs_is_refused() -> None:

@@ -13,7 +13,11 @@ import yaml
 from .. import spec as job_api
 from .. import crd as job_crd
 from ..crd import structural_schema
-from .spec import KIND, PLURAL, SHORT_NAMES, SINGULAR, PopulationSpec, PopulationStatus
+from ..rules import _DNS_1035 as DNS_1035
+from .plan import MAX_POPULATION_NAME_LENGTH
+from .spec import (
+    KIND, PLURAL, SHORT_NAMES, SINGULAR, TEMPLATE_INIT_FROM, TEMPLATE_TTL, PopulationSpec, PopulationStatus
+)
 
 CRD_PATH = Path("crds") / "population.yaml"
 HEADER = (
@@ -36,7 +40,13 @@ def openapi_schema() -> dict[str, Any]:
     # The rounds already trained were decided from this spec: a change would make a restarted operator decide
     # differently from the status it stored.
     spec_schema["x-kubernetes-validations"] = [
-        {"rule": "self == oldSelf", "message": "spec is immutable: create a new Population to change it"}]
+        {"rule": "self == oldSelf", "message": "spec is immutable: create a new Population to change it"},
+        {"rule": "!has(self.template.checkpoint) || !has(self.template.checkpoint.initFrom)",
+         "message": f"spec.{TEMPLATE_INIT_FROM}", "fieldPath": ".template.checkpoint.initFrom",
+         "reason": "FieldValueForbidden"},
+        {"rule": "!has(self.template.runPolicy) || !has(self.template.runPolicy.ttlSecondsAfterFinished)",
+         "message": f"spec.{TEMPLATE_TTL}", "fieldPath": ".template.runPolicy.ttlSecondsAfterFinished",
+         "reason": "FieldValueForbidden"}]
     status_schema = structural_schema(PopulationStatus)
     status_schema["description"] = "Observed state, written by the operator (a restarted operator resumes the round)."
     return {
@@ -52,6 +62,14 @@ def openapi_schema() -> dict[str, Any]:
             "status": status_schema,
         },
         "required": ["spec"],
+        # only name and generateName of metadata are visible to root rules
+        "x-kubernetes-validations": [{
+            "rule": f"!has(self.metadata) || !has(self.metadata.name) || (self.metadata.name.size() <= "
+                    f"{MAX_POPULATION_NAME_LENGTH} && self.metadata.name.matches('{DNS_1035}'))",
+            "message": f"metadata.name must be a DNS-1035 label of at most {MAX_POPULATION_NAME_LENGTH} characters "
+                       "(lowercase letters, digits and '-', starting with a letter): member jobs are named "
+                       "<name>-m<index>-g<round>",
+            "reason": "FieldValueInvalid"}],
     }
 
 

@@ -33,6 +33,12 @@ INTEGER_FIELDS = frozenset({SearchField.sync_every})
 OUTER_LOOP_FIELDS = frozenset({SearchField.outer_lr, SearchField.sync_every, SearchField.outer_momentum})
 
 
+TEMPLATE_INIT_FROM = ("template.checkpoint.initFrom: a Population starts its members itself (round 0 from scratch, "
+                      "every later round from a member's checkpoint): remove it")
+TEMPLATE_TTL = ("template.runPolicy.ttlSecondsAfterFinished: a Population needs each round's jobs until it has scored "
+                "them, and deletes the old ones itself: remove it")
+
+
 class Scale(str, Enum):
     linear = "linear"
     log = "log"
@@ -95,6 +101,10 @@ class PopulationSpec(Model):
                              f"({self.template.training.steps}): no round would end before the run does")
         if any(f <= 0 for f in self.perturb_factors):
             raise ValueError("perturbFactors: each must be > 0")
+        if self.template.checkpoint.init_from is not None:
+            raise ValueError(TEMPLATE_INIT_FROM)
+        if self.template.run_policy.ttl_seconds_after_finished is not None:
+            raise ValueError(TEMPLATE_TTL)
         return self
 
     def rounds(self) -> int:
