@@ -143,8 +143,9 @@ def test_every_api_call_of_the_handlers_has_its_api_errors_series_from_the_start
     from pathlib import Path
 
     import loco_operator.handlers as handlers
+    import loco_operator.population.handlers as population_handlers
 
-    source = Path(handlers.__file__).read_text()
+    source = "".join(Path(m.__file__).read_text() for m in (handlers, population_handlers))
     named = set(re.findall(r'(?:_call|_create|_delete)\(ctx, "(\w+)"|_get\("(\w+)"', source))
     operations = {a or b for a, b in named}
     assert len(operations) >= 15 and operations == set(API_OPERATIONS)

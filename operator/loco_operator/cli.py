@@ -87,6 +87,7 @@ async def run_operator(
     import kopf
 
     from .handlers import OperatorContext, registry
+    from .population import handlers as _population  # noqa: F401 - registers the Population's handlers on registry
 
     allow_deep_objects()
     ctx = OperatorContext(api_client=api_client, cordon_nodes=cordon_nodes, network_policy_peers=network_policy_peers)

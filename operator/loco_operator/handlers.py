@@ -758,7 +758,3 @@ async def cordon_node(ctx: OperatorContext, action: CordonNode) -> None:
                         "it stays on the job's avoid-list")
             return
         raise
-
-
-# The Population's handlers (population-based training, docs/population.md) register on the same registry.
-from .population import handlers as _population_handlers  # noqa: E402,F401
