@@ -202,6 +202,32 @@ def test_corrupt_data_file_is_named_by_verify_and_refused_by_load(tmp_path):
         engine.load(info, fresh, torch.optim.SGD(fresh.parameters(), lr=0.1))
 
 
+def test_checksums_checked_beside_the_reads_still_refuse_a_corrupt_fragment(tmp_path):
+    """load() computes each fragment's crc32 on a helper thread while it reads the next one: a bad byte in the
+    last fragments (the optimizer's moments) is still refused, naming the fragment, and the helper is gone after."""
+    import threading
+
+    model = make_model(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    train(model, opt, 1)
+    engine = CheckpointEngine(str(tmp_path))
+    info = engine.save(1, model, opt)
+    atom = next(name for name in info.manifest.atoms if name.startswith("optim/") and name.endswith("exp_avg_sq"))
+    frag = info.manifest.atoms[atom].fragments[0]
+    data_file = tmp_path / info.dir / frag.file
+    raw = bytearray(data_file.read_bytes())
+    raw[frag.byte_offset + frag.nbytes - 1] ^= 0x01
+    data_file.write_bytes(bytes(raw))
+    fresh = make_model(1)
+    with pytest.raises(CorruptCheckpointError, match=f"checksum mismatch in fragment {atom}"):
+        engine.load(info, fresh, torch.optim.AdamW(fresh.parameters(), lr=0.01))
+    assert not [t for t in threading.enumerate() if t.name.startswith("ucp-verify")]
+    raw[frag.byte_offset + frag.nbytes - 1] ^= 0x01  # repaired: loads, equal to the saved model
+    data_file.write_bytes(bytes(raw))
+    engine.load(info, fresh, torch.optim.AdamW(fresh.parameters(), lr=0.01))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters()))
+
+
 def test_data_files_are_standard_safetensors(tmp_path):
     from safetensors import safe_open
 

@@ -202,9 +202,11 @@ class Checkpointer:
         return bool(every) and completed % every == 0 and not is_last
 
     def save(self, step: int, model, optimizer, strategy, position: DataPosition, reference_world: int) -> None:
-        """:meth:`save_async`, and with ``checkpoint.asyncSave`` off, its commit waited for."""
-        self.save_async(step, model, optimizer, strategy, position, reference_world)
-        if not self.config.checkpoint.async_save:
+        """:meth:`save_async`, and with ``checkpoint.asyncSave`` off, its commit waited for (then the CPU tensors are
+        written in place: training waits for the save anyway)."""
+        in_place = not self.config.checkpoint.async_save
+        self.save_async(step, model, optimizer, strategy, position, reference_world, copy=not in_place)
+        if in_place:
             self.finish()
 
     def close(self) -> None:
@@ -221,9 +223,11 @@ class Checkpointer:
             uid=previous.uid, steps=list(previous.steps[-MAX_PREVIOUS_STEPS_REPORTED:]), adopted=previous.adopted,
             path=self.env.container_path(self.engine.storage.path(previous.kept_in))))
 
-    def save_async(self, step: int, model, optimizer, strategy, position: DataPosition, reference_world: int) -> None:
+    def save_async(self, step: int, model, optimizer, strategy, position: DataPosition, reference_world: int,
+                   copy: bool = True) -> None:
         """Start checkpoint ``step`` (collective). Waits for the previous save, stalls for the copy
-        to host memory only; the write and the all-ranks commit run in the background."""
+        to host memory only; the write and the all-ranks commit run in the background (``copy=False``: no copy,
+        the caller waits for the save before changing a tensor)."""
         assert self.engine is not None
         self.finish()
         algorithm = self.config.algorithm.name.value
@@ -235,7 +239,8 @@ class Checkpointer:
                  "job": self.config.job_name, "namespace": self.config.namespace, "jobUid": self.env.job_uid}
         self._pending = self.engine.save_async(step, model, optimizer, algorithm_state=algo_state,
                                                extra_state=extra, rank_state=rank_state,
-                                               per_replica=replicas_diverge(algorithm))  # replicas' own params/optim
+                                               per_replica=replicas_diverge(algorithm),  # replicas' own params/optim
+                                               copy=copy)
 
     def poll(self) -> ucp.CheckpointInfo | None:
         """Record the save in flight if it has finished (no waiting); returns the last committed."""

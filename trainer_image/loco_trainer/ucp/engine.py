@@ -375,8 +375,9 @@ class CheckpointEngine:
         return handle
 
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, **kwargs: Any) -> CheckpointInfo:
-        """Synchronous :meth:`save_async`: returns once the checkpoint is committed (or raises)."""
-        return self.save_async(step, model, optimizer, **kwargs).wait()
+        """Synchronous :meth:`save_async`: returns once the checkpoint is committed (or raises). Nothing changes the
+        tensors meanwhile, so CPU tensors are written from where they are, without a copy to host buffers."""
+        return self.save_async(step, model, optimizer, copy=False, **kwargs).wait()
 
     def save_async(
         self,
@@ -389,6 +390,7 @@ class CheckpointEngine:
         rank_state: Any = None,
         meta: dict[str, Any] | None = None,
         per_replica: bool = False,
+        copy: bool = True,
     ) -> SaveHandle:
         """Start saving checkpoint ``step`` (collective: every rank calls it with the same step).
 
@@ -410,9 +412,9 @@ class CheckpointEngine:
         if previous is not None and previous.error is not None:
             log.warning("previous checkpoint (step %d) failed: %s", previous.step, previous.error)
         t0 = time.perf_counter()
-        lazy = self.staging == "lazy" and optimizer is not None
+        lazy = self.staging == "lazy" and optimizer is not None and copy
         staged = self._stage(step, model, optimizer, algorithm_state, extra_state, rank_state, meta or {}, lazy,
-                             per_replica)
+                             per_replica, copy)
         stall = time.perf_counter() - t0
         handle = SaveHandle(step, stall)
         if staged.lazy:
@@ -448,7 +450,7 @@ class CheckpointEngine:
             self._gate = None
 
     def _stage(self, step, model, optimizer, algorithm_state, extra_state, rank_state, meta, lazy=False,
-               per_replica=False) -> _Staged:
+               per_replica=False, copy=True) -> _Staged:
         model_sd, optim_sd = collect_state(model, optimizer)
         param_ptrs = {_local(p).data_ptr() for p in model.parameters()} if lazy else set()
         optim_tree, optim_tensors = tree.encode(optim_sd.get("state", {}), "optim") if optim_sd else (None, {})
@@ -491,6 +493,8 @@ class CheckpointEngine:
             if lazy and (base in optim_tensors or (base in model_tensors and block.local.data_ptr() in param_ptrs)):
                 tensors.append((key, block.local))
                 lazy_keys.add(key)
+            elif not copy and block.local.device.type == "cpu":
+                tensors.append((key, block.local))  # written in place: the caller waits for the save
             else:
                 tensors.append((key, self._pool.stage(key, block.local)))
                 any_cuda = any_cuda or block.local.is_cuda
@@ -498,7 +502,7 @@ class CheckpointEngine:
             pieces.append((name, tuple(t.shape), dtype_name(t.dtype), block.layout, block.offsets, block.shape))
         if any_cuda:  # the non_blocking copies into pinned buffers must land before we return
             torch.cuda.synchronize()
-        if not lazy_keys:
+        if not lazy_keys and copy:  # an in-place save keeps the buffers for the next copying one
             self._pool.retain_only(keys)
         root_state: dict[str, Any] = {}
         if self.rank == 0:
@@ -721,7 +725,8 @@ def load_into(
             f"{info.url}: holds no own state of replica {replica} (saved replicas: {m.saved_replicas()}); "
             "load replica 0's shared state (replica=0)"
         )
-    reader = FragmentReader(storage, info.dir, m, verify=verify)
+    # checksums run beside the reads; reader.finish() checks them all before the state reaches the optimizer
+    reader = FragmentReader(storage, info.dir, m, verify=verify, overlap_checks=True)
     if optimizer is not None and not optimizer.state:
         _init_optimizer_state(optimizer)
     model_sd, optim_sd = collect_state(model, optimizer)
@@ -768,10 +773,12 @@ def load_into(
                     states[key] = reader.read_full(stored.name)
                 else:
                     states[key] = stored
+        reader.finish()  # raises the first checksum mismatch
         _restore_param_groups(optim_sd, m.param_groups, notes)
         set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
                        options=StateDictOptions(full_state_dict=False, strict=False))
     else:
+        reader.finish()  # raises the first checksum mismatch
         set_state_dict(model, (), model_state_dict=model_sd, optim_state_dict={},
                        options=StateDictOptions(full_state_dict=False, strict=False))
 

@@ -13,13 +13,14 @@ and :class:`FragmentReader` intersects it with the stored fragments.
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
 
 from .format import Atom, Fragment, Manifest, UnsafePathError
-from .storage import Storage
+from .storage import RangeReader, Storage
 from .tensorio import CorruptCheckpointError, check_fragment, tensor_bytes, torch_dtype
 
 try:  # DTensor exists in every torch >= 2.4; keep plain tensors working without it
@@ -94,15 +95,44 @@ class FragmentReader:
     """Reads blocks of atoms from one committed checkpoint directory (``step_dir`` under ``storage``).
 
     Each needed fragment is read once per call, checked against its crc32 and copied into place.
+
+    ``overlap_checks``: a fragment's crc32 is computed on a helper thread while the next fragment is read (both
+    release the GIL), so a load runs at the disk's speed rather than read + checksum in turn; :meth:`finish`
+    waits for them and raises the first mismatch. Until then the data read is unverified: call it before using
+    the data (a load calls it before handing the state to the model and optimizer).
     """
 
-    def __init__(self, storage: Storage, step_dir: str, manifest: Manifest, verify: bool = True) -> None:
+    def __init__(self, storage: Storage, step_dir: str, manifest: Manifest, verify: bool = True,
+                 overlap_checks: bool = False) -> None:
         self.storage = storage
         self.step_dir = step_dir
         self.manifest = manifest
         self.verify = verify
         self.bytes_read = 0
         self._inside: set[str] = set()  # files already checked not to lead out of step_dir
+        self._checker: ThreadPoolExecutor | None = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="ucp-verify") if verify and overlap_checks else None)
+        self._checks: list[Future[None]] = []
+        self._files: dict[str, RangeReader] = {}  # kept open from one fragment to the next
+
+    def close(self) -> None:
+        """Close the data files kept open (a later read opens them again)."""
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def finish(self) -> None:
+        """Wait for the checksums still running and raise the first mismatch; later reads are checked at once."""
+        checker, checks = self._checker, self._checks
+        self._checker, self._checks = None, []
+        self.close()
+        if checker is None:
+            return
+        try:
+            for check in checks:
+                check.result()
+        finally:
+            checker.shutdown(wait=True, cancel_futures=True)
 
     def _check_inside(self, atom: Atom, frag: Fragment) -> None:
         """Refuse a fragment file that is (or sits under) a symlink pointing out of the checkpoint;
@@ -127,9 +157,14 @@ class FragmentReader:
                 f"{len(view)} bytes, the manifest says {frag.nbytes}"
             )
         if frag.nbytes:
-            self.storage.read_range_into(f"{self.step_dir}/{frag.file}", frag.byte_offset, view)
+            reader = self._files.get(frag.file)
+            if reader is None:
+                reader = self._files[frag.file] = self.storage.range_reader(f"{self.step_dir}/{frag.file}")
+            reader.read_into(frag.byte_offset, view)
         self.bytes_read += frag.nbytes
-        if self.verify:
+        if self.verify and self._checker is not None:
+            self._checks.append(self._checker.submit(check_fragment, view, frag, atom, self.storage.path(self.step_dir)))
+        elif self.verify:
             check_fragment(view, frag, atom, self.storage.path(self.step_dir))
 
     def read_into(self, atom: Atom, offsets: tuple[int, ...], out: torch.Tensor) -> None:

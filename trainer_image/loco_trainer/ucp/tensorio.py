@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import struct
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO, Sequence
 
 import torch
+# zlib-ng's crc32: the same CRC-32 as zlib's (the format is unchanged), about 6x faster (SIMD): a checkpoint's
+# checksums keep pace with the disk
+from zlib_ng.zlib_ng import crc32
 
 from .format import DTYPES, Atom, Fragment
 
@@ -110,7 +112,7 @@ def write_safetensors(fh: IO[bytes], tensors: Sequence[tuple[str, torch.Tensor]]
     # while it is being written, so the checksum costs (almost) no wall time
     views = [tensor_bytes(t.contiguous()) for _, t in tensors]
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ucp-crc") as pool:
-        crcs = [pool.submit(zlib.crc32, v) for v in views]
+        crcs = [pool.submit(crc32, v) for v in views]
         for v in views:
             fh.write(v)
         blocks = []
@@ -127,7 +129,7 @@ def check_fragment(data: memoryview | bytes, frag: Fragment, atom: Atom, where: 
         raise CorruptCheckpointError(
             f"{where}/{frag.file}: fragment {frag.key} of {atom.name} is {len(data)} bytes, the manifest says {frag.nbytes}"
         )
-    crc = zlib.crc32(data)
+    crc = crc32(data)
     if crc != frag.crc32:
         raise CorruptCheckpointError(
             f"{where}/{frag.file}: checksum mismatch in fragment {frag.key} of {atom.name} "

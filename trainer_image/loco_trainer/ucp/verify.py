@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import json
 import struct
-import zlib
 from dataclasses import dataclass, field
 
 from .catalog import CheckpointInfo, read_info
 from .format import DTYPES, FormatError, UnsafePathError, parse_step_dir
 from .storage import Storage
+from .tensorio import crc32
 
 #: bytes read at once while checksumming (a fragment can be gigabytes)
 _CHUNK = 8 << 20
@@ -161,7 +161,7 @@ def _check_crcs(storage: Storage, path: str, frags: list, report: VerifyReport) 
                 chunk = fh.read(min(_CHUNK, frag.nbytes - got))
                 if not chunk:
                     break
-                crc = zlib.crc32(chunk, crc)
+                crc = crc32(chunk, crc)
                 got += len(chunk)
             report.fragments += 1
             report.bytes_checked += got
