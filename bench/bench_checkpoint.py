@@ -78,6 +78,28 @@ def dd_read(directory: str, nbytes: int) -> float:
     return read
 
 
+def raw_read(root: str) -> float:
+    """Reading the checkpoint's own data files into memory with nothing else, MB/s: ``os.preadv`` into one
+    buffer per file (where a load puts the bytes: the tensors), page cache dropped first. Unlike dd, which reads
+    into one small buffer over and over, this pays the copy into memory the size of the checkpoint."""
+    files = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.endswith(".safetensors")]
+    for f in files:
+        _drop_cache(f)
+    total, t0 = 0, time.perf_counter()
+    for f in files:
+        size = os.path.getsize(f)
+        buf = torch.empty(size, dtype=torch.uint8)
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            got, view = 0, memoryview(buf.numpy())
+            while got < size:
+                got += os.preadv(fd, [view[got:]], got)
+        finally:
+            os.close(fd)
+        total += size
+    return total / (time.perf_counter() - t0) / MB
+
+
 def _drop_cache(path: str) -> bool:
     """Evict ``path`` from the page cache (posix_fadvise); True when the kernel accepted it."""
     try:
@@ -145,10 +167,11 @@ def bench_save_load(params_m: float, repeats: int, workdir: str, device: str, ba
         handle.wait()
     shutil.rmtree(os.path.join(workdir, "ckpt-lazy"), ignore_errors=True)
 
-    load_s, dd_r = [], []
+    load_s, dd_r, raw_r = [], [], []
     info = engine.latest()
     for _ in range(repeats):
         dd_r.append(dd_read(workdir, nbytes))
+        raw_r.append(raw_read(os.path.join(root, info.dir)))
         drop_tree_cache(os.path.join(root, info.dir))
         fresh = make_model(params_m).to(device)
         fresh_opt = adam_with_state(fresh)
@@ -164,7 +187,8 @@ def bench_save_load(params_m: float, repeats: int, workdir: str, device: str, ba
         "params": n_params, "bytes": nbytes, "sync_s": med(sync_s), "stall_s": med(stall_s), "bg_s": med(bg_s),
         "load_s": med(load_s), "step_s": step_s, "lazy_stall_s": med(lazy_stall), "lazy_step_s": med(lazy_step),
         "batch": batch, "save_mbps": nbytes / med(sync_s) / MB, "load_mbps": nbytes / med(load_s) / MB,
-        "dd_write": dd_w, "dd_read": dd_r, "save_ratio": save_ratio, "load_ratio": load_ratio,
+        "dd_write": dd_w, "dd_read": dd_r, "save_ratio": save_ratio, "load_ratio": load_ratio, "raw_read": raw_r,
+        "load_raw_ratio": [nbytes / s / MB / d for s, d in zip(load_s, raw_r)],
     }
 
 
@@ -264,8 +288,11 @@ def render(res: dict, reshard: list[dict], args: argparse.Namespace) -> str:
         f"| synchronous save (write from the tensors in place + fsync + commit) | {r['sync_s']:.2f} s = "
         f"{r['save_mbps']:,.0f} MB/s; pairs: {spread(r['save_ratio'], '.0%')} of dd |",
         f"| disk read, `dd bs=4M` (page cache dropped with fadvise; each pair) | {spread(r['dd_read'], ',.0f')} MB/s |",
+        f"| raw read of the checkpoint's data files into memory (`os.preadv` into a buffer of their size; each pair) "
+        f"| {spread(r['raw_read'], ',.0f')} MB/s |",
         f"| load into the same layout (checksums verified beside the reads) | {r['load_s']:.2f} s = "
-        f"{r['load_mbps']:,.0f} MB/s; pairs: {spread(r['load_ratio'], '.0%')} of dd |",
+        f"{r['load_mbps']:,.0f} MB/s; pairs: {spread(r['load_ratio'], '.0%')} of dd, "
+        f"{spread(r['load_raw_ratio'], '.0%')} of the raw read |",
         f"| async save, eager staging: training stall (state collection + copy to host buffers) | {r['stall_s']:.3f} s = "
         f"**{ratio:.1%} of the synchronous save** |",
         f"| async save: background write + commit | {r['bg_s']:.2f} s |",
@@ -276,7 +303,9 @@ def render(res: dict, reshard: list[dict], args: argparse.Namespace) -> str:
         "Goals (issue 27 #2):",
         "",
         f"- sync save at least 80 % of the disk's write: **{goal(save_ratio >= 0.8)}** (median of the pairs: {save_ratio:.0%});",
-        f"- load at least 80 % of the disk's read: **{goal(load_ratio >= 0.8)}** (median of the pairs: {load_ratio:.0%});",
+        f"- load at least 80 % of the disk's read: **{goal(load_ratio >= 0.8)}** (median of the pairs: {load_ratio:.0%} "
+        f"of dd; {med(r['load_raw_ratio']):.0%} of the raw read into memory, which is what dd does not pay: dd reads "
+        "into one 4 MB buffer that stays in the CPU's cache, a load writes every byte to a different place in memory);",
         f"- async stall under 1 % of the sync save: **{goal(ratio < 0.01)}** with eager staging ({ratio:.1%}), "
         f"**{goal(lazy_ratio < 0.01)}** with lazy staging ({lazy_ratio:.1%}, `staging=\"lazy\"`: the copy overlaps "
         "the next forward and backward).",
