@@ -210,9 +210,9 @@ def training_jobs_dashboard() -> DashboardSpec:
         .with_panel(timeseries("Bytes on the wire per algorithm", "Bytes sent per second, summed per algorithm "
                                "(joined on loco_trainer_info).", "Bps",
                                [(f"sum by (algorithm) (rate(loco_trainer_comm_bytes_sent_total{{{SEL}}}[{rate}]) "
-                                 f"* on (namespace, job, replica, rank) group_left (algorithm) loco_trainer_info{{{SEL}}})", "{{algorithm}} sent"),
+                                 f"* on (namespace, job, replica, rank) group_left (algorithm) max by (namespace, job, replica, rank, algorithm) (loco_trainer_info{{{SEL}}}))", "{{algorithm}} sent"),
                                 (f"sum by (algorithm) (rate(loco_trainer_comm_bytes_received_total{{{SEL}}}[{rate}]) "
-                                 f"* on (namespace, job, replica, rank) group_left (algorithm) loco_trainer_info{{{SEL}}})", "{{algorithm}} received")]))
+                                 f"* on (namespace, job, replica, rank) group_left (algorithm) max by (namespace, job, replica, rank, algorithm) (loco_trainer_info{{{SEL}}}))", "{{algorithm}} received")]))
         .with_panel(timeseries("Bytes per inner step", "Communication per inner step: the low-communication algorithms' saving.", "bytes",
                                [(f"sum by (namespace, job) (rate(loco_trainer_comm_bytes_sent_total{{{SEL}}}[{rate}])) / "
                                  f"sum by (namespace, job) (rate(loco_trainer_step_seconds_count{{{SEL}}}[{rate}]))", "{{job}}")]))

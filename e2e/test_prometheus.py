@@ -43,6 +43,11 @@ VARIABLES = {"$__rate_interval": "10s", "$__interval": "1s", "$__range": "1h", "
 GPU_ONLY_PANELS = {"GPU memory"}
 JOB = "prom"
 STEPS = 60
+POPULATION = {
+    "apiVersion": "loco.dev/v1alpha1", "kind": "Population", "metadata": {"name": "prom-pbt"},
+    "spec": {"size": 2, "exploitEverySteps": 4, "template": small_job("x", replicas=1, steps=8)["spec"],
+             "search": [{"field": "training.lr", "min": 1e-3, "max": 1e-2}]},
+}
 CONTROL_PLANES = ("embedded", "kubernetes")
 
 
@@ -115,6 +120,10 @@ def test_real_prometheus_evaluates_every_dashboard_query_on_a_real_run(stack, tm
         try:
             # scraped before the job exists, so increase() sees every event of the run from 0
             stack.wait_for(lambda: prom.query('up{job="loco-operator"} == 1'), timeout_s=60, what="a first operator scrape")
+            # a tiny Population first (2 members, 2 rounds): the Populations panels get their series
+            stack.apply(POPULATION)
+            stack.wait_for(lambda: prom.query('loco_operator_population_score{population="prom-pbt", stat="best"}'),
+                           timeout_s=240, what="the population's first scored round")
             stack.apply(doc)
             missing: list[str] = []
 
